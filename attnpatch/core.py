@@ -1,0 +1,60 @@
+"""One attention call: method -> plan -> kernel. Shared by ``attend`` and every patcher."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import kernels
+from .kernels.base import check_qkv
+from .methods.base import Method
+from .plan import Plan
+from .site import Site
+
+
+def check_method(method) -> Method:
+    if isinstance(method, type) and issubclass(method, Method):
+        raise TypeError(f"pass a method instance, e.g. {method.__name__}(), not the class {method.__name__}")
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be an attnpatch Method instance (e.g. attnpatch.Dense()), got {type(method).__name__}")
+    return method
+
+
+def _softcapped(plan: Plan, softcap: float) -> Plan:
+    """Gemma-2 style logit soft-capping composed before the plan's own score_mod."""
+    inner = plan.score_mod
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        score = softcap * torch.tanh(score / softcap)
+        return score if inner is None else inner(score, b, h, q_idx, kv_idx)
+
+    return dataclasses.replace(plan, score_mod=score_mod)
+
+
+def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=None, softcap=None) -> torch.Tensor:
+    """Attention of ``method`` at ``site`` on ``(B, H, S, D)`` tensors; returns ``(B, H_q, S_q, D_v)``."""
+    plan = method.plan(q, k, site) or Plan()
+    plan = plan.with_site(site.causal, site.q_offset)
+    if softcap:
+        plan = _softcapped(plan, softcap)
+    kernel = kernels.select(q, k, v, plan, mask=mask, backend=backend)
+    return kernel.run(q, k, v, plan, mask=mask, scale=scale)
+
+
+def attend(q, k, v, method: Method, site: Site | None = None, *, backend: str | None = None, mask=None, scale=None):
+    """Functional attention: ``method`` applied at ``site`` to ``(B, H, S, D)`` tensors (GQA allowed).
+
+    ``mask`` is an optional boolean (True = keep) or additive mask broadcastable to
+    ``(B, H_q, S_q, S_kv)``, combined with the method's own pattern; ``scale`` defaults to
+    ``1/sqrt(D)``; ``backend`` names a kernel (``attnpatch.kernels.names()``), else the fastest
+    capable one is chosen.
+    """
+    check_qkv(q, k, v)
+    check_method(method)
+    if site is None:
+        site = Site()
+    if not isinstance(site, Site):
+        raise TypeError(f"site must be an attnpatch.Site, got {type(site).__name__}")
+    if backend is not None:
+        kernels.get(backend)  # unknown names raise here, listing the available ones
+    return run(q, k, v, method, site, backend=backend, mask=mask, scale=scale)

@@ -1,0 +1,45 @@
+"""The ``Kernel`` interface and the input checks every kernel shares."""
+from __future__ import annotations
+
+import torch
+
+from ..plan import Plan
+
+
+class Kernel:
+    """Computes attention on ``(B, H, S, D)`` tensors for a ``Plan``.
+
+    ``mask`` is the model's own mask (padding, causal from the framework): boolean (True =
+    keep) or additive float, broadcastable to ``(B, H_q, S_q, S_kv)``. GQA: ``H_q = n * H_kv``.
+    """
+
+    name = "kernel"
+
+    def why_not(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, mask=None) -> str | None:
+        """None when this kernel can run the call, else the reason it cannot."""
+        return None
+
+    def run(self, q, k, v, plan: Plan, *, mask=None, scale: float | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name}>"
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError naming the problem when q, k, v are not valid ``(B, H, S, D)`` inputs."""
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{n} must be a 4-D tensor (B, H, S, D), got {got}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share heads and length")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) for GQA; "
+            "pass (B, H, S, D) tensors, not (B, S, H, D)"
+        )

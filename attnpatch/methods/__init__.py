@@ -1,0 +1,16 @@
+"""Methods: WHAT changes. Each file is one pattern from ``METHODS.md``, loaded on first use
+(so ``python -m attnpatch.methods.<file>`` prints its mask without import warnings)."""
+import importlib
+
+from .base import Dense, Method, ascii_mask
+
+_FILES = {"SinkWindow": "sink_window"}  # public name -> module file
+
+
+def __getattr__(name):
+    if name in _FILES:
+        return getattr(importlib.import_module(f".{_FILES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Method", "Dense", "ascii_mask", *_FILES]

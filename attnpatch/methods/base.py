@@ -1,0 +1,51 @@
+"""``Method``: WHAT changes. One override, ``plan(q, k, site) -> Plan | None`` (None = dense)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import Plan, materialise_mask
+from ..site import Site
+
+
+@dataclass
+class Method:
+    """Base class of every attention method. Subclasses are dataclasses whose fields are the
+    method's parameters; ``__post_init__`` validates them and raises ``ValueError`` naming the
+    parameter."""
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, site: Site) -> Plan | None:
+        return None
+
+    def reset(self) -> None:
+        """Forget per-generation state; called at the start of every pipeline call."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+@dataclass
+class Dense(Method):
+    """The identity method: stock attention through attnpatch's kernels."""
+
+
+def check_int(method: str, param: str, value, minimum: int) -> None:
+    """ValueError naming ``method.param`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{method}({param}=...) must be an integer >= {minimum}, got {value!r}")
+
+
+def ascii_mask(method: Method, site: Site, Sq: int, Skv: int | None = None, max_cols: int = 96) -> str:
+    """The keep-mask of ``method`` at ``site`` as text: '#' attended, '.' skipped (head 0, row 0)."""
+    Skv = Sq if Skv is None else Skv
+    q = torch.zeros(1, 1, Sq, 1)
+    k = torch.zeros(1, 1, Skv, 1)
+    plan = method.plan(q, k, site) or Plan()
+    keep = materialise_mask(plan.with_site(site.causal, site.q_offset), 1, 1, Sq, Skv, "cpu")
+    if keep is None:
+        keep = torch.ones(1, 1, Sq, Skv, dtype=torch.bool)
+    keep = keep.expand(1, 1, Sq, Skv)[0, 0, :, :max_cols]  # (Sq, min(Skv, max_cols))
+    rows = ["".join("#" if x else "." for x in row.tolist()) for row in keep]
+    return f"{method} at {site.kind} site, {Sq}x{Skv}:\n" + "\n".join(rows)

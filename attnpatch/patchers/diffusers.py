@@ -1,0 +1,213 @@
+"""diffusers patcher: wraps each attention processor of a supported denoiser and derives the
+token grid, text segment and timestep for every call from a model-level pre-forward hook."""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import core
+from .._log import log_once
+from ..pipelines.steps import StepTracker
+from ..site import Site
+from . import SUPPORTED, layers as layer_sel, route
+
+
+def _latent(p_t: str | None, p: str, layout: str) -> Callable:
+    """Grid from a latent ``hidden_states`` whose dims are named by ``layout`` (e.g. "BCTHW")."""
+
+    def grid(model, args):
+        x = args["hidden_states"]
+        dims = dict(zip(layout, x.shape))  # e.g. {"B": 1, "C": 16, "T": 5, "H": 8, "W": 8}
+        cfg = model.config
+        ps = getattr(cfg, p)
+        ph, pw = (ps[-2], ps[-1]) if isinstance(ps, (tuple, list)) else (ps, ps)
+        spatial = (dims["H"] // ph, dims["W"] // pw)
+        if "T" not in dims:
+            return spatial
+        pt = ps[0] if isinstance(ps, (tuple, list)) else (getattr(cfg, p_t, None) or 1) if p_t else 1
+        return (math.ceil(dims["T"] / pt), *spatial)
+
+    return grid
+
+
+def _flux_grid(model, args):
+    ids = args.get("img_ids")
+    if ids is None:
+        return None
+    ids = ids[0] if ids.dim() == 3 else ids  # (S_img, 3): (frame, row, col); legacy 3-D ids are batched
+    rows, cols = ids[:, 1].long(), ids[:, 2].long()
+    rows, cols = rows - rows.min(), cols - cols.min()
+    H, W = int(rows.max()) + 1, int(cols.max()) + 1
+    if H * W != ids.shape[0] or not torch.equal(rows * W + cols, torch.arange(H * W, device=ids.device)):
+        log_once(logging.INFO, f"flux: img_ids ({ids.shape[0]} tokens) are not one row-major grid; no grid given to methods")
+        return None
+    return (H, W)
+
+
+def _ltx_grid(model, args):
+    cfg = model.config
+    f, h, w = args.get("num_frames"), args.get("height"), args.get("width")
+    if None in (f, h, w):
+        return None
+    return (f // cfg.patch_size_t, h // cfg.patch_size, w // cfg.patch_size)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    text_first: bool  # where joint attention puts the text segment
+    grid: Callable  # (model, bound forward args) -> grid tuple or None
+    t_scale: float = 1000.0  # the transformer's timestep / t_scale = noise level in [0, 1]
+    t_inverted: bool = False  # Mochi counts time up: noise level = 1 - t / t_scale
+    skip: tuple = ()  # module-name prefixes whose attention never touches visual tokens
+
+
+FAMILIES = {
+    "FluxTransformer2DModel": Family("flux", True, _flux_grid, t_scale=1.0),
+    "SD3Transformer2DModel": Family("sd3", False, _latent(None, "patch_size", "BCHW")),
+    "WanTransformer3DModel": Family("wan", True, _latent(None, "patch_size", "BCTHW")),
+    "HunyuanVideoTransformer3DModel": Family(
+        "hunyuan_video", False, _latent("patch_size_t", "patch_size", "BCTHW"), skip=("context_embedder.",)
+    ),
+    "CogVideoXTransformer3DModel": Family("cogvideox", True, _latent("patch_size_t", "patch_size", "BTCHW")),
+    "LTXVideoTransformer3DModel": Family("ltx", True, _ltx_grid),
+    "MochiTransformer3DModel": Family("mochi", False, _latent(None, "patch_size", "BCTHW"), t_inverted=True),
+}
+
+
+def family_of(model) -> Family:
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    raise TypeError(f"attnpatch does not support {type(model).__name__}; supported: {SUPPORTED}")
+
+
+class _ModelState:
+    """Per-forward facts of one patched model, written by its pre-forward hook."""
+
+    def __init__(self, model, family: Family, tracker: StepTracker):
+        self.family = family
+        self.tracker = tracker
+        self.signature = inspect.signature(model.forward)
+        self.grid = None
+        self.timestep = None
+
+    def pre_forward(self, model, args, kwargs):
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        self.grid = self.family.grid(model, bound)
+        t = bound.get("timestep")
+        if t is not None:
+            t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+            t = min(max(t / self.family.t_scale, 0.0), 1.0)
+            t = 1.0 - t if self.family.t_inverted else t
+            self.tracker.update(t)
+        self.timestep = t
+
+
+class _Call:
+    """One patched attention module: turns a primitive call into a Site and runs the method."""
+
+    def __init__(self, method, backend, layer: int, name: str, state: _ModelState):
+        self.method, self.backend, self.layer, self.name, self.state = method, backend, layer, name, state
+
+    def site(self, Sq: int, Skv: int, causal: bool) -> Site | None:
+        st = self.state
+        n = math.prod(st.grid) if st.grid else 0
+        text_len, kind = 0, "self"
+        if Sq != Skv:
+            kind = "cross"
+            if n and Sq != n:
+                return None  # text queries on other keys: not a visual call
+        elif n and Sq > n:
+            kind, text_len = "joint", Sq - n
+        elif n and Sq < n:
+            return None  # text-only self-attention (e.g. a text refiner)
+        return Site(grid=st.grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
+                    layer=self.layer, name=self.name, kind=kind, family=st.family.name,
+                    timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None)
+
+    def run(self, q, k, v, *, mask, scale, causal):
+        site = self.site(q.shape[2], k.shape[2], bool(causal))
+        if site is None:
+            return None
+        return core.run(q, k, v, self.method, site, backend=self.backend, mask=mask, scale=scale)
+
+
+def _attention_modules(model, family: Family, prefix: str = ""):
+    """``(layer, full name, module)`` for every attention module; layer = ordinal of its block."""
+    out, blocks = [], {}
+    for name, m in model.named_modules():
+        if not hasattr(m, "processor") or any(name.startswith(s) for s in family.skip):
+            continue
+        block = name.rsplit(".", 1)[0]  # "transformer_blocks.3.attn" -> "transformer_blocks.3"
+        layer = blocks.setdefault(block, len(blocks))
+        out.append((layer, prefix + name, m))
+    return out
+
+
+def _set_processor(module, processor) -> None:
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:  # e.g. MochiAttention, which has no AttentionMixin
+        module.processor = processor
+
+
+def _install(entries, chosen, method, backend, state) -> tuple[list[str], list]:
+    names, undo = [], []
+    for layer, name, m in entries:
+        if name not in chosen:
+            continue
+        proc = m.processor
+        modname = type(proc).__module__
+        if not route.interceptable(modname):
+            raise TypeError(
+                f"{name} uses processor {type(proc).__name__}, which does not call attention through "
+                "dispatch_attention_fn or F.scaled_dot_product_attention; restore the default processors first"
+            )
+        undo.append(route.install(modname))
+        _set_processor(m, route.wrap(proc, _Call(method, backend, layer, name, state)))
+        undo.append(lambda m=m, p=proc: _set_processor(m, p))
+        names.append(name)
+    return names, undo
+
+
+def _patch_models(models, method, backend, layers, tracker):
+    collected = []
+    for prefix, model in models:
+        fam = family_of(model)
+        collected.append((model, fam, _attention_modules(model, fam, prefix)))
+    chosen = layer_sel.select([(l, n) for *_, entries in collected for l, n, _ in entries], layers)
+    names, undo = [], []
+    for model, fam, entries in collected:
+        state = _ModelState(model, fam, tracker)
+        n, u = _install(entries, chosen, method, backend, state)
+        names += n
+        undo += u
+        undo.append(model.register_forward_pre_hook(state.pre_forward, with_kwargs=True).remove)
+    return names, undo
+
+
+def patch_model(model, method, backend, layers):
+    return _patch_models([("", model)], method, backend, layers, StepTracker(method))
+
+
+def patch_pipeline(pipe, method, backend, layers):
+    models = [(f"{n}.", getattr(pipe, n)) for n in ("transformer", "transformer_2") if getattr(pipe, n, None) is not None]
+    if not models:
+        raise TypeError(f"{type(pipe).__name__} has no transformer denoiser attnpatch can patch; supported: {SUPPORTED}")
+    tracker = StepTracker(method)
+    names, undo = _patch_models(models, method, backend, layers, tracker)
+    orig = pipe.progress_bar
+
+    def progress_bar(*args, **kwargs):  # every pipeline opens one progress bar per call
+        tracker.reset()
+        return orig(*args, **kwargs)
+
+    pipe.progress_bar = progress_bar
+    undo.append(lambda: delattr(pipe, "progress_bar"))
+    return names, undo

@@ -1,0 +1,84 @@
+"""transformers patcher: an ``AttentionInterface`` entry plus an ``AttentionMaskInterface``
+entry under one name, selected with ``model.set_attn_implementation``.
+
+The attention function receives ``(B, Hq, Sq, D)`` / ``(B, Hkv, Skv, D)`` after RoPE and the
+cache update. The mask entry is transformers' own SDPA mask builder: a boolean
+``(B, 1, Sq, Skv)`` mask, or None when the call is plainly causal (upper-left aligned, the
+``is_causal`` convention) or a single decode query without padding.
+"""
+from __future__ import annotations
+
+from .. import core
+from ..methods.base import Dense
+from ..site import Site
+from . import SUPPORTED, layers as layer_sel
+
+NAME = "attnpatch"
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+_DENSE = Dense()
+_registered = False
+
+
+class _Layer:
+    def __init__(self, method, backend, name, family):
+        self.method, self.backend, self.name, self.family = method, backend, name, family
+
+
+def _site(module, Sq: int, Skv: int, attention_mask, kwargs, layer: "_Layer | None") -> Site:
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    # key index of query 0: the cache before this call, except under the is_causal
+    # convention (no mask, Sq > 1) where SDPA aligns causality to the upper left
+    q_offset = Skv - Sq if (attention_mask is not None or Sq == 1) else 0
+    pad = None
+    pos = kwargs.get("position_ids")
+    if pos is not None and pos.dim() == 2:
+        pad = (q_offset + Sq - 1) - pos[:, -1]  # (B,) left padding: cache index - absolute position
+        pad = None if not bool(pad.any()) else pad.clamp_min(0)
+    return Site(causal=causal, layer=int(getattr(module, "layer_idx", 0) or 0), name=layer.name if layer else "",
+                kind="self", family=layer.family if layer else "", q_offset=q_offset, pad=pad, decode=Sq == 1)
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: ``(out (B, Sq, Hq, D), None)``."""
+    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError("attnpatch does not support learned attention sinks or position biases yet")
+    layer = getattr(module, "_attnpatch", None)
+    site = _site(module, query.shape[2], key.shape[2], attention_mask, kwargs, layer)
+    method, backend = (layer.method, layer.backend) if layer else (_DENSE, None)
+    out = core.run(query, key, value, method, site, backend=backend, mask=attention_mask, scale=scaling,
+                   softcap=kwargs.get("softcap"))  # (B, Hq, Sq, D)
+    return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D)
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def patch_model(model, method, backend, layers):
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in FAMILIES:
+        raise TypeError(f"attnpatch does not support {type(model).__name__} (model_type {family!r}); supported: {SUPPORTED}")
+    _register()
+    entries = [(m.layer_idx, name, m) for name, m in model.named_modules()
+               if getattr(m, "layer_idx", None) is not None and hasattr(m, "q_proj")]
+    chosen = layer_sel.select([(l, n) for l, n, _ in entries], layers)
+    orig_impl = config._attn_implementation
+    undo, names = [], []
+    for _, name, m in entries:
+        if name in chosen:
+            m._attnpatch = _Layer(method, backend, name, family)
+            undo.append(lambda m=m: delattr(m, "_attnpatch"))
+            names.append(name)
+    model.set_attn_implementation(NAME)
+    undo.insert(0, lambda: model.set_attn_implementation(orig_impl))
+    return names, undo

@@ -1,0 +1,4 @@
+"""Pipeline-level facts: step tracking, guidance wrappers, CLI runners."""
+from .steps import StepTracker
+
+__all__ = ["StepTracker"]

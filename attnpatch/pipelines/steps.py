@@ -1,0 +1,24 @@
+"""Denoising step tracking from the timestep the transformer receives."""
+from __future__ import annotations
+
+
+class StepTracker:
+    """Counts denoising steps: a new noise level is a new step; a level above the last one is a
+    new generation (``method.reset()``). Pipelines also call ``reset()`` at the start of a call.
+    Classifier-free guidance run as two forwards at one timestep stays one step."""
+
+    def __init__(self, method):
+        self.method = method
+        self.step = 0
+        self.last: float | None = None
+
+    def reset(self) -> None:
+        self.step, self.last = 0, None
+        self.method.reset()
+
+    def update(self, t: float) -> None:
+        if self.last is not None and t > self.last + 1e-9:
+            self.reset()
+        elif self.last is not None and t != self.last:
+            self.step += 1
+        self.last = t

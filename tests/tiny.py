@@ -1,0 +1,125 @@
+"""Tiny random-weight models of every supported family, with inputs and the layout facts
+(grid, text length, text position) read off those inputs, for tests. No downloads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Case:
+    family: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[], dict]
+    grid: tuple  # the visual grid the inputs imply
+    text_len: int  # text tokens the joint calls carry (0: text only through cross-attention)
+    text_first: bool
+    kinds: set  # the attention kinds its calls have
+
+
+def _g(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def _flux_inputs(H=3, W=5, T=7):
+    img_ids = torch.zeros(H * W, 3)
+    img_ids[:, 1] = torch.arange(H).repeat_interleave(W)
+    img_ids[:, 2] = torch.arange(W).repeat(H)
+    return dict(hidden_states=_g(2, H * W, 4), encoder_hidden_states=_g(2, T, 32), pooled_projections=_g(2, 32),
+                timestep=torch.tensor([0.75, 0.75]), img_ids=img_ids, txt_ids=torch.zeros(T, 3), return_dict=False)
+
+
+def _sd3():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                 joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                                 dual_attention_layers=(0,))
+
+
+def _sd3_inputs():
+    return dict(hidden_states=_g(2, 4, 6, 10), encoder_hidden_states=_g(2, 9, 32), pooled_projections=_g(2, 32),
+                timestep=torch.tensor([500.0, 500.0]), return_dict=False)
+
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                                 text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+
+def _wan_inputs():
+    return dict(hidden_states=_g(1, 4, 3, 6, 10), encoder_hidden_states=_g(1, 11, 16), timestep=torch.tensor([250]),
+                return_dict=False)
+
+
+def _hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+                                          num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
+                                          pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+
+
+def _hunyuan_inputs():
+    return dict(hidden_states=_g(1, 4, 3, 4, 5), timestep=torch.tensor([900]), encoder_hidden_states=_g(1, 6, 16),
+                encoder_attention_mask=torch.ones(1, 6), pooled_projections=_g(1, 8), guidance=torch.tensor([3.5]),
+                return_dict=False)
+
+
+def _cog():
+    from diffusers import CogVideoXTransformer3DModel
+
+    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+                                       text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                                       temporal_compression_ratio=4, max_text_seq_length=8)
+
+
+def _cog_inputs():
+    return dict(hidden_states=_g(1, 3, 4, 6, 8), encoder_hidden_states=_g(1, 8, 16), timestep=torch.tensor([400]),
+                return_dict=False)
+
+
+def _ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    return LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                                      attention_head_dim=8, cross_attention_dim=16, num_layers=1, caption_channels=16)
+
+
+def _ltx_inputs():
+    return dict(hidden_states=_g(1, 2 * 3 * 5, 8), encoder_hidden_states=_g(1, 7, 16), timestep=torch.tensor([600]),
+                encoder_attention_mask=torch.ones(1, 7), num_frames=2, height=3, width=5, return_dict=False)
+
+
+def _mochi():
+    from diffusers import MochiTransformer3DModel
+
+    return MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+                                   in_channels=4, text_embed_dim=16, time_embed_dim=4)
+
+
+def _mochi_inputs():
+    return dict(hidden_states=_g(1, 4, 2, 4, 6), encoder_hidden_states=_g(1, 5, 16), timestep=torch.tensor([300]),
+                encoder_attention_mask=torch.ones(1, 5), return_dict=False)
+
+
+CASES = {
+    "flux": Case("flux", _flux, _flux_inputs, (3, 5), 7, True, {"joint"}),
+    "sd3": Case("sd3", _sd3, _sd3_inputs, (3, 5), 9, False, {"joint", "self"}),
+    "wan": Case("wan", _wan, _wan_inputs, (3, 3, 5), 0, True, {"self", "cross"}),
+    "hunyuan_video": Case("hunyuan_video", _hunyuan, _hunyuan_inputs, (3, 4, 5), 6, False, {"joint"}),
+    "cogvideox": Case("cogvideox", _cog, _cog_inputs, (3, 3, 4), 8, True, {"joint"}),
+    "ltx": Case("ltx", _ltx, _ltx_inputs, (2, 3, 5), 0, True, {"self", "cross"}),
+    "mochi": Case("mochi", _mochi, _mochi_inputs, (2, 2, 3), 5, False, {"joint"}),
+}
