@@ -29,7 +29,9 @@ class Site:
     timestep: float | None = None  # denoising time in [0, 1]; 1 is pure noise
     step: int | None = None  # denoising step index within the current pipeline call
     q_offset: int = 0  # key index of query 0 (KV-cache length before this call)
-    pad: torch.Tensor | None = field(default=None, compare=False)  # (B,) left padding per row
+    # (B,) key index j holds absolute position j + kv_shift[b]: -left padding, or the tokens a
+    # rolling (sliding-window) cache has dropped; None means 0
+    kv_shift: torch.Tensor | None = field(default=None, compare=False)
     decode: bool = False  # LLM decode (one new query token per row)
 
     def __post_init__(self):

@@ -30,6 +30,8 @@ class Method:
 class Dense(Method):
     """The identity method: stock attention through attnpatch's kernels."""
 
+    source = "-"
+
 
 def check_int(method: str, param: str, value, minimum: int) -> None:
     """ValueError naming ``method.param`` unless ``value`` is an int >= ``minimum``."""

@@ -2,7 +2,8 @@
 
 Query at absolute position i sees key j iff j <= i and (j < sink or i - j < window): the
 first ``sink`` tokens plus the last ``window`` tokens, the query itself included. Positions are
-absolute: left padding (``Site.pad``) is removed so the sink is the first *real* tokens.
+absolute (``Site.kv_shift``): under left padding the sink is the first *real* tokens, and a
+rolling cache that has dropped them keeps no sink.
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from .base import Method, check_int
 
 @dataclass
 class SinkWindow(Method):
+    """Causal: the first ``sink`` tokens plus the last ``window`` tokens (A-shape)."""
+
+    source = "StreamingLLM; When Attention Sink Emerges (Gu et al. 2025); MInference A-shape"
+
     sink: int = 4
     window: int = 2048
 
@@ -28,11 +33,12 @@ class SinkWindow(Method):
                 f"SinkWindow is causal (LLM) attention but {site.name or 'this site'} is not causal; "
                 "for image / video models use a locality method such as Neighborhood"
             )
-        sink, window, offset, pad = self.sink, self.window, site.q_offset, site.pad
+        sink, window, offset, shift = self.sink, self.window, site.q_offset, site.kv_shift
 
         def mask_mod(b, h, q_idx, kv_idx):
-            kv_pos = kv_idx - pad[b] if pad is not None else kv_idx  # absolute key position
-            return (kv_pos < sink) | (q_idx + offset - kv_idx < window)
+            kv_pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute key position
+            sunk = (kv_pos < sink) & (kv_pos >= 0)  # negative positions are left padding
+            return sunk | (q_idx + offset - kv_idx < window)
 
         return Plan(mask_mod=mask_mod, name=f"SinkWindow(sink={sink}, window={window})")
 

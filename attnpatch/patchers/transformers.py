@@ -30,13 +30,15 @@ def _site(module, Sq: int, Skv: int, attention_mask, kwargs, layer: "_Layer | No
     # key index of query 0: the cache before this call, except under the is_causal
     # convention (no mask, Sq > 1) where SDPA aligns causality to the upper left
     q_offset = Skv - Sq if (attention_mask is not None or Sq == 1) else 0
-    pad = None
+    shift = None
     pos = kwargs.get("position_ids")
     if pos is not None and pos.dim() == 2:
-        pad = (q_offset + Sq - 1) - pos[:, -1]  # (B,) left padding: cache index - absolute position
-        pad = None if not bool(pad.any()) else pad.clamp_min(0)
+        # (B,) absolute position minus key index of the last query: -left padding, or what a
+        # rolling cache has dropped
+        shift = pos[:, -1] - (q_offset + Sq - 1)
+        shift = shift if bool(shift.any()) else None
     return Site(causal=causal, layer=int(getattr(module, "layer_idx", 0) or 0), name=layer.name if layer else "",
-                kind="self", family=layer.family if layer else "", q_offset=q_offset, pad=pad, decode=Sq == 1)
+                kind="self", family=layer.family if layer else "", q_offset=q_offset, kv_shift=shift, decode=Sq == 1)
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -1,5 +1,6 @@
 """Tiny random-weight models of every supported family, with inputs and the layout facts
-(grid, text length, text position) read off those inputs, for tests. No downloads."""
+(grid, text length, text position) read off those inputs: the embedded default of the demo
+and the models of the tests. No downloads."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -123,3 +124,51 @@ CASES = {
     "ltx": Case("ltx", _ltx, _ltx_inputs, (2, 3, 5), 0, True, {"self", "cross"}),
     "mochi": Case("mochi", _mochi, _mochi_inputs, (2, 2, 3), 5, False, {"joint"}),
 }
+
+
+def flux_pipeline():
+    """A FluxPipeline from tiny random components; call it with prompt embeddings (no tokenizer)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=1,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16, shift_factor=0.0, scaling_factor=1.0)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=_flux())
+
+
+def flux_call(pipe, steps=3):
+    return pipe(prompt_embeds=_g(1, 7, 32), pooled_prompt_embeds=_g(1, 32), height=16, width=24, num_inference_steps=steps,
+                output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+
+def wan22_pipeline():
+    """A Wan 2.2-style WanPipeline with two tiny transformers (high- and low-noise experts)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    sched = UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=sched, transformer=_wan(), transformer_2=_wan(),
+                       boundary_ratio=0.875)
+
+
+def wan_call(pipe, steps=4):
+    return pipe(prompt_embeds=_g(1, 11, 16), negative_prompt_embeds=_g(1, 11, 17)[:, :, :16], height=16, width=16, num_frames=5,
+                num_inference_steps=steps, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+
+
+def llm(model_type: str, **overrides):
+    """A tiny random decoder of a transformers family (GQA 4/2 unless overridden)."""
+    import transformers
+
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2"}
+    cfg_cls = getattr(transformers, f"{names[model_type]}Config")
+    model_cls = getattr(transformers, f"{names[model_type]}ForCausalLM")
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, max_position_embeddings=512, pad_token_id=0)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return model_cls(cfg_cls(**kw)).eval()

@@ -1,0 +1,160 @@
+"""diffusers: every supported family, tiny random weights. Dense through attnpatch equals the
+stock model, unpatch restores it bit for bit, and every Site carries the real layout."""
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import Method
+from attnpatch.pipelines.tiny import CASES, flux_call, flux_pipeline, wan22_pipeline, wan_call
+
+
+class Record(Method):
+    """Dense attention that remembers every site it was asked about."""
+
+    def __init__(self):
+        self.sites, self.resets = [], 0
+
+    def plan(self, q, k, site):
+        self.sites.append((site, q.shape[2], k.shape[2]))
+        return None
+
+    def reset(self):
+        self.resets += 1
+
+
+def _processors(model):
+    return {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    c = CASES[request.param]
+    model = c.build().eval()
+    inputs = c.inputs()
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+    return c, model, inputs, stock
+
+
+def test_dense_matches_stock_and_unpatch_restores(case):
+    c, model, inputs, stock = case
+    before = _processors(model)
+    with torch.no_grad():
+        with ap.patch(model, ap.Dense()) as h:
+            assert h.modules and all(type(p).__name__.startswith("AttnPatched") for n, p in _processors(model).items()
+                                     if n in h.modules)
+            out = model(**inputs)[0]
+        after = model(**inputs)[0]
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, stock)
+    assert all(p is before[n] for n, p in _processors(model).items())
+    assert not model._forward_pre_hooks
+
+
+def test_site_layout_from_real_inputs(case):
+    c, model, inputs, _ = case
+    rec = Record()
+    with torch.no_grad(), ap.patch(model, rec):
+        model(**inputs)
+    assert rec.sites, "no attention call reached the method"
+    kinds = {s.kind for s, _, _ in rec.sites}
+    assert kinds == c.kinds
+    n_vis = 1
+    for g in c.grid:
+        n_vis *= g
+    for site, Sq, Skv in rec.sites:
+        assert site.grid == c.grid and site.family == c.family
+        if site.kind == "joint":
+            assert site.text_len == c.text_len and site.text_first == c.text_first and Sq == n_vis + c.text_len
+        else:
+            assert site.text_len == 0 and Sq == n_vis
+        if site.kind == "cross":
+            assert Skv == inputs["encoder_hidden_states"].shape[1]
+    assert rec.sites[0][0].layer == 0 and rec.sites[-1][0].layer == len({s.name.rsplit(".", 1)[0] for s, _, _ in rec.sites}) - 1
+    t = inputs["timestep"].flatten()[0].item()
+    expect = {"flux": t, "mochi": 1 - t / 1000}.get(c.family, t / 1000)
+    assert rec.sites[0][0].timestep == pytest.approx(expect)
+
+
+def test_layers_selection(case):
+    c, model, inputs, _ = case
+    rec = Record()
+    with torch.no_grad(), ap.patch(model, rec, layers=[0]):
+        model(**inputs)
+    assert {s.layer for s, _, _ in rec.sites} == {0}
+    name = rec.sites[0][0].name
+    rec2 = Record()
+    with torch.no_grad(), ap.patch(model, rec2, layers=name):
+        model(**inputs)
+    assert {s.name for s, _, _ in rec2.sites} == {name}
+    with pytest.raises(ValueError, match="matches no attention layer"):
+        ap.patch(model, rec, layers=[99])
+    assert not model._forward_pre_hooks
+
+
+def test_llm_method_on_diffusion_model_is_a_clear_error(case):
+    c, model, inputs, _ = case
+    with torch.no_grad(), ap.patch(model, ap.SinkWindow(sink=1, window=4)):
+        with pytest.raises(ValueError, match="SinkWindow is causal"):
+            model(**inputs)
+
+
+def test_masked_method_changes_output():
+    """A real pattern reaches the computation (not a silent no-op)."""
+
+    class Diagonal(Method):
+        def plan(self, q, k, site):
+            return ap.Plan(mask_mod=lambda b, h, qi, kv: qi == kv, name="diagonal")
+
+    c = CASES["flux"]
+    model, inputs = c.build().eval(), c.inputs()
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        with ap.patch(model, Diagonal()):
+            out = model(**inputs)[0]
+    assert (out - stock).abs().max() > 1e-3
+
+
+def test_hunyuan_text_padding_mask_is_honoured():
+    c = CASES["hunyuan_video"]
+    model, inputs = c.build().eval(), c.inputs()
+    inputs["encoder_attention_mask"] = torch.tensor([[1.0, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        with ap.patch(model, ap.Dense(), backend="reference"):
+            out = model(**inputs)[0]
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_pipeline_steps_and_restore():
+    pipe = flux_pipeline()
+    stock = flux_call(pipe)
+    rec = Record()
+    with ap.patch(pipe, rec) as h:
+        assert all(n.startswith("transformer.") for n in h.modules)
+        out = flux_call(pipe)
+        first = len(rec.sites)
+        flux_call(pipe)
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+    steps = [s.step for s, _, _ in rec.sites[:first]]
+    assert steps[0] == 0 and steps[-1] == 2 and sorted(set(steps)) == [0, 1, 2]
+    assert rec.sites[first][0].step == 0  # a new pipeline call starts again at step 0
+    assert rec.resets >= 2
+    ts = [s.timestep for s, _, _ in rec.sites[:first]]
+    assert ts == sorted(ts, reverse=True) and 0 < ts[-1] < ts[0] <= 1
+    assert torch.equal(flux_call(pipe), stock)
+    assert "progress_bar" not in pipe.__dict__
+
+
+def test_wan22_pipeline_patches_both_transformers():
+    pipe = wan22_pipeline()
+    stock = wan_call(pipe)
+    rec = Record()
+    with ap.patch(pipe, rec) as h:
+        assert {n.split(".")[0] for n in h.modules} == {"transformer", "transformer_2"}
+        out = wan_call(pipe)
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+    names = {s.name.split(".")[0] for s, _, _ in rec.sites}
+    assert names == {"transformer", "transformer_2"}
+    assert max(s.step for s, _, _ in rec.sites) == 3
+    assert torch.equal(wan_call(pipe), stock)

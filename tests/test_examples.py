@@ -1,0 +1,41 @@
+"""The README's main job and examples run as a user runs them."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*cmd):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_demo_runs_and_checks_every_family():
+    r = _run(sys.executable, "-m", "attnpatch", "demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for family in ["flux", "sd3", "wan", "hunyuan_video", "cogvideox", "ltx", "mochi", "llama"]:
+        assert f"| {family}" in r.stdout
+    assert r.stdout.strip().endswith("OK")
+
+
+def test_methods_lists_parameters():
+    r = _run(sys.executable, "-m", "attnpatch", "methods")
+    assert r.returncode == 0 and "SinkWindow(sink=4, window=2048)" in r.stdout
+
+
+def test_bad_subcommand_exits_2():
+    r = _run(sys.executable, "-m", "attnpatch", "bogus")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_quickstart_example():
+    r = _run(sys.executable, "examples/quickstart.py")
+    assert r.returncode == 0, r.stderr
+    assert "restored: True" in r.stdout and "joint, grid (4, 6), 7 text tokens" in r.stdout
+
+
+def test_method_files_print_ascii_masks():
+    r = _run(sys.executable, "-m", "attnpatch.methods.sink_window")
+    assert r.returncode == 0 and r.stderr == ""
+    rows = r.stdout.splitlines()[1:]
+    assert rows[0] == "#" + "." * 15 and rows[-1] == "##" + "." * 10 + "####"

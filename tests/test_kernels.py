@@ -1,0 +1,172 @@
+"""Every method x every kernel x shapes against the float64 reference, with the flash-attn
+rule: a kernel's error is at most twice that of the same-dtype PyTorch reference."""
+import logging
+
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import Plan, Site, kernels
+from attnpatch.kernels import reference
+from zoo import ZOO
+
+# (B, Hq, Hkv, Sq, Skv, D, q_offset): odd lengths, GQA, decode-like and chunked-prefill shapes
+SHAPES = [
+    (1, 2, 2, 17, 17, 16, 0),
+    (2, 4, 2, 33, 33, 32, 0),  # GQA 4/2
+    (2, 6, 2, 1, 23, 16, 22),  # decode: one query against a 23-token cache, GQA 6/2
+    (1, 2, 1, 5, 29, 16, 24),  # chunked prefill: 5 new queries after 24 cached keys
+]
+DTYPES = {torch.float32: 1e-6, torch.bfloat16: 1e-3}  # absolute floor under the 2x rule
+
+
+def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype):
+    g = torch.Generator().manual_seed(Sq * 131 + Skv)
+    q, k, v = (torch.randn(B, h, s, D, generator=g, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _site_at(site: Site, q_offset: int) -> Site:
+    from dataclasses import replace
+
+    return replace(site, q_offset=q_offset, decode=False)
+
+
+def _oracle(q, k, v, method, site, mask=None, dtype=torch.float64):
+    plan = (method.plan(q, k, site) or Plan()).with_site(site.causal, site.q_offset)
+    return reference.attention(q, k, v, plan, mask=mask, dtype=dtype)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "reference"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", ZOO, ids=[z[0] for z in ZOO])
+def test_matrix(case, shape, dtype, kernel):
+    _, method, site = case
+    *dims, q_offset = shape
+    if not site.causal and q_offset:
+        pytest.skip("non-causal sites have no cache offset")
+    if site.kind == "joint" and dims[3] != dims[4]:
+        pytest.skip("joint sites are square")
+    site = _site_at(site, q_offset)
+    q, k, v = _inputs(*dims, dtype)
+    exact = _oracle(q.double(), k.double(), v.double(), method, site)
+    same_dtype = _oracle(q, k, v, method, site, dtype=dtype).double()
+    out = ap.attend(q, k, v, method, site, backend=kernel)
+    assert out.shape == q.shape and out.dtype == dtype
+    err = (out.double() - exact).abs().max().item()
+    err_ref = (same_dtype - exact).abs().max().item()
+    assert err <= 2 * err_ref + DTYPES[dtype], (err, err_ref)
+
+
+def test_sinkwindow_mask_matches_definition():
+    """The mask against a plain loop over the definition (j <= i and (j < sink or i - j < window))."""
+    sink, window, S = 3, 4, 19
+    method = ap.SinkWindow(sink=sink, window=window)
+    plan = method.plan(torch.zeros(1, 1, S, 1), torch.zeros(1, 1, S, 1), Site(causal=True)).with_site(True, 0)
+    from attnpatch.plan import materialise_mask
+
+    got = materialise_mask(plan, 1, 1, S, S, "cpu")[0, 0]
+    want = torch.tensor([[j <= i and (j < sink or i - j < window) for j in range(S)] for i in range(S)])
+    assert torch.equal(got, want)
+
+
+def test_sinkwindow_left_padding_keeps_real_sink():
+    """With left padding the sink is the first real tokens, not the pad slots."""
+    S, pad = 12, torch.tensor([0, 3])
+    site = Site(causal=True, kv_shift=-pad)
+    plan = ap.SinkWindow(sink=2, window=3).plan(None, None, site).with_site(True, 0)
+    from attnpatch.plan import materialise_mask
+
+    keep = materialise_mask(plan, 2, 1, S, S, "cpu")  # (2, 1, S, S)
+    assert keep[0, 0, 11, :2].all() and not keep[0, 0, 11, 2:9].any()
+    assert keep[1, 0, 11, 3:5].all() and not keep[1, 0, 11, 5:9].any()
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "reference"])
+def test_external_masks(kernel):
+    """The model's own boolean and additive masks combine with the method's pattern."""
+    q, k, v = _inputs(2, 4, 2, 9, 9, 16, torch.float32)
+    keep = torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[..., 0] = True
+    bias = torch.randn(2, 1, 9, 9, generator=torch.Generator().manual_seed(2))
+    site = Site(causal=True)
+    method = ap.SinkWindow(sink=1, window=3)
+    for mask in (keep, bias):
+        exact = _oracle(q.double(), k.double(), v.double(), method, site, mask=mask.double() if mask.is_floating_point() else mask)
+        out = ap.attend(q, k, v, method, site, backend=kernel, mask=mask)
+        torch.testing.assert_close(out.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_rows_are_zero():
+    q, k, v = _inputs(1, 2, 2, 4, 6, 8, torch.float32)
+    mask = torch.ones(1, 1, 4, 6, dtype=torch.bool)
+    mask[..., 2, :] = False
+    for kernel in kernels.names():
+        out = ap.attend(q, k, v, ap.Dense(), backend=kernel, mask=mask)
+        assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2])), kernel
+        assert out[:, :, 1].abs().sum() > 0
+
+
+def _score_plan_method():
+    class Tempered(ap.Method):
+        def plan(self, q, k, site):
+            return Plan(score_mod=lambda s, b, h, qi, kv: s * 0.5, name="tempered")
+
+    return Tempered()
+
+
+def test_fallback_logs_reason(caplog):
+    q, k, v = _inputs(1, 2, 2, 8, 8, 8, torch.float32)
+    caplog.set_level(logging.DEBUG, logger="attnpatch")
+    out = ap.attend(q, k, v, _score_plan_method())
+    exact = _oracle(q.double(), k.double(), v.double(), _score_plan_method(), Site())
+    torch.testing.assert_close(out.double(), exact, atol=1e-5, rtol=1e-5)
+    assert any("using reference" in r.message and "sdpa: plan.score_mod" in r.message for r in caplog.records)
+
+
+def test_named_backend_that_cannot_run_raises_with_reason():
+    q, k, v = _inputs(1, 2, 2, 8, 8, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="backend 'sdpa' cannot run.*score_mod"):
+        ap.attend(q, k, v, _score_plan_method(), backend="sdpa")
+    with pytest.raises(ValueError, match="unknown backend 'nope'; available: sdpa, reference"):
+        ap.attend(q, k, v, ap.Dense(), backend="nope")
+
+
+def test_no_capable_kernel_lists_every_reason():
+    q, k, v = _inputs(1, 2, 2, 8, 8, 8, torch.float32)
+
+    class Permuted(ap.Method):
+        def plan(self, q, k, site):
+            return Plan(perm=torch.arange(8), name="permuted")
+
+    with pytest.raises(RuntimeError, match=r"no kernel can run plan 'permuted'.*sdpa: .*perm.*reference: .*perm"):
+        ap.attend(q, k, v, Permuted())
+
+
+def test_register_orders_kernels():
+    class Fast(kernels.Kernel):
+        name = "fast-test"
+
+        def why_not(self, q, k, v, plan, mask=None):
+            return "only for this test"
+
+    try:
+        kernels.register(Fast(), before="sdpa")
+        assert kernels.names()[:2] == ["fast-test", "sdpa"]
+        q, k, v = _inputs(1, 2, 2, 8, 8, 8, torch.float32)
+        assert kernels.select(q, k, v, Plan()).name == "sdpa"
+    finally:
+        kernels._REGISTRY[:] = [k for k in kernels._REGISTRY if k.name != "fast-test"]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=torch.zeros(2, 3, 4)), "q must be a 4-D tensor"),
+    (dict(k=torch.zeros(1, 3, 5, 8), v=torch.zeros(1, 3, 5, 8)), "multiple of key/value heads"),
+    (dict(v=torch.zeros(1, 2, 6, 8)), "must share heads and length"),
+])
+def test_bad_tensors(bad, match):
+    t = dict(q=torch.zeros(1, 4, 5, 8), k=torch.zeros(1, 2, 5, 8), v=torch.zeros(1, 2, 5, 8))
+    t.update(bad)
+    with pytest.raises(ValueError, match=match):
+        ap.attend(t["q"], t["k"], t["v"], ap.Dense())

@@ -1,0 +1,16 @@
+"""The test zoo: every method with the sites it applies to. A new method adds its entries here
+and is then checked against the float64 reference through every kernel."""
+from __future__ import annotations
+
+import attnpatch as ap
+from attnpatch import Site
+
+# (id, method, site). Sites are plain by keyword, as users build them.
+ZOO = [
+    ("dense", ap.Dense(), Site()),
+    ("dense-causal", ap.Dense(), Site(causal=True)),
+    ("dense-joint", ap.Dense(), Site(grid=(3, 5), text_len=4, kind="joint")),
+    ("sinkwindow", ap.SinkWindow(sink=2, window=5), Site(causal=True)),
+    ("sinkwindow-nosink", ap.SinkWindow(sink=0, window=3), Site(causal=True)),
+    ("sinkwindow-wide", ap.SinkWindow(sink=4, window=10_000), Site(causal=True)),
+]
