@@ -164,9 +164,11 @@ def llm(model_type: str, **overrides):
     """A tiny random decoder of a transformers family (GQA 4/2 unless overridden)."""
     import transformers
 
-    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2"}
-    cfg_cls = getattr(transformers, f"{names[model_type]}Config")
-    model_cls = getattr(transformers, f"{names[model_type]}ForCausalLM")
+    names = {"llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"),
+             "qwen3": ("Qwen3", "Qwen3"), "gemma": ("Gemma", "Gemma"), "gemma2": ("Gemma2", "Gemma2"),
+             "gemma3_text": ("Gemma3Text", "Gemma3")}
+    cfg_cls = getattr(transformers, f"{names[model_type][0]}Config")
+    model_cls = getattr(transformers, f"{names[model_type][1]}ForCausalLM")
     kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, max_position_embeddings=512, pad_token_id=0)
     kw.update(overrides)
