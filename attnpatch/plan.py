@@ -25,8 +25,7 @@ class Plan:
     score_mod: ScoreMod | None = None
     causal: bool = False
     q_offset: int = 0
-    block_mask: Any = None  # torch BlockMask for block-sparse kernels (later issues)
-    perm: torch.Tensor | None = None  # token permutation into tile order (later issues)
+    blocks: Any = None  # BlockSparse: tile-order permutation + block structure (attnpatch.blocks)
     output: Callable | None = None  # (out, q, k, v) -> out, e.g. PAG identity (later issues)
     extra_kv: tuple | None = None  # shared-attention keys / values (later issues)
     name: str = "dense"
@@ -36,7 +35,7 @@ class Plan:
         """True when the plan is unmasked, unbiased attention (causality aside)."""
         return all(
             f is None
-            for f in (self.mask_mod, self.score_mod, self.block_mask, self.perm, self.output, self.extra_kv)
+            for f in (self.mask_mod, self.score_mod, self.blocks, self.output, self.extra_kv)
         )
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":

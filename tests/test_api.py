@@ -101,7 +101,7 @@ def test_fallback_is_logged_with_attnpatch_log_debug():
     env = dict(os.environ, ATTNPATCH_LOG="debug")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "using reference (sdpa: plan.score_mod cannot be expressed as an SDPA mask)" in r.stderr
+    assert "using reference (sdpa: plan.score_mod cannot be expressed as an SDPA mask;" in r.stderr
     env.pop("ATTNPATCH_LOG")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "using reference" not in r.stderr

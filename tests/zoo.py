@@ -13,4 +13,7 @@ ZOO = [
     ("sinkwindow", ap.SinkWindow(sink=2, window=5), Site(causal=True)),
     ("sinkwindow-nosink", ap.SinkWindow(sink=0, window=3), Site(causal=True)),
     ("sinkwindow-wide", ap.SinkWindow(sink=4, window=10_000), Site(causal=True)),
+    ("neighborhood-1d", ap.Neighborhood(window=5, dilation=2), Site()),  # grid-less: one axis
+    ("slidingtile-1d", ap.SlidingTile(tile=4, window=3), Site()),
 ]
+# Radial needs a (T, H, W) grid: its matrix is in test_sparse.py

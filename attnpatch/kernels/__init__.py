@@ -1,4 +1,5 @@
-"""The kernel registry: an ordered list, walked in preference order by ``select``.
+"""The kernel registry. ``select`` runs the capable kernel with the lowest ``priority`` for
+the plan on the device at hand (ties: registry order).
 
 A kernel that cannot run a call says why (``why_not``); ``select`` falls back to the next one
 and logs the reason (``ATTNPATCH_LOG=debug``). A named backend that cannot run raises.
@@ -8,9 +9,12 @@ from __future__ import annotations
 from .._log import debug_once
 from .base import Kernel, check_qkv
 from .reference import Reference
+from .flex import Flex
 from .sdpa import SDPA
+from .tiles import Tiles
+from .triton import Triton
 
-_REGISTRY: list[Kernel] = [SDPA(), Reference()]
+_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Flex(), Reference()]
 
 
 def register(kernel: Kernel, *, before: str | None = None) -> Kernel:
@@ -26,7 +30,7 @@ def register(kernel: Kernel, *, before: str | None = None) -> Kernel:
 
 
 def names() -> list[str]:
-    """Kernel names in preference order."""
+    """Kernel names in registry order."""
     return [k.name for k in _REGISTRY]
 
 
@@ -46,7 +50,7 @@ def select(q, k, v, plan, *, mask=None, backend: str | None = None) -> Kernel:
             raise RuntimeError(f"backend {backend!r} cannot run plan {plan.name!r}: {reason}")
         return kernel
     reasons = []
-    for kernel in _REGISTRY:
+    for kernel in sorted(_REGISTRY, key=lambda kern: kern.priority(q, plan)):
         reason = kernel.why_not(q, k, v, plan, mask)
         if reason is None:
             if reasons:

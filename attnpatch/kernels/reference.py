@@ -8,7 +8,7 @@ import torch
 from ..plan import Plan, index_grids, materialise_mask
 from .base import Kernel
 
-_UNSUPPORTED = ("perm", "output", "extra_kv", "block_mask")
+_UNSUPPORTED = ("output", "extra_kv")
 _MAX_ELEMENTS = 2**31  # scores beyond this would need tens of GB
 
 
@@ -49,6 +49,9 @@ class Reference(Kernel):
         if n > _MAX_ELEMENTS:
             return f"would materialise {n:,} scores (> {_MAX_ELEMENTS:,}); use a block-sparse kernel"
         return None
+
+    def priority(self, q, plan) -> int:
+        return 100  # the oracle: always capable, never fast
 
     def run(self, q, k, v, plan, *, mask=None, scale=None):
         return attention(q, k, v, plan, mask=mask, scale=scale)

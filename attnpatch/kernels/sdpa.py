@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..plan import Plan, materialise_mask
 from .base import Kernel
 
-_UNSUPPORTED = ("score_mod", "perm", "output", "extra_kv", "block_mask")
+_UNSUPPORTED = ("score_mod", "output", "extra_kv")
 
 
 class SDPA(Kernel):
@@ -19,6 +19,10 @@ class SDPA(Kernel):
             if getattr(plan, f) is not None:
                 return f"plan.{f} cannot be expressed as an SDPA mask"
         return None
+
+    def priority(self, q, plan) -> int:
+        # dense: nothing beats it; a masked plan materialises its mask: a block-sparse kernel wins
+        return 0 if plan.mask_mod is None else 50
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
         B, Hq, Sq, _ = q.shape

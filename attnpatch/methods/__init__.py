@@ -4,7 +4,12 @@ import importlib
 
 from .base import Dense, Method, ascii_mask
 
-_FILES = {"SinkWindow": "sink_window"}  # public name -> module file
+_FILES = {
+    "SinkWindow": "sink_window",
+    "Neighborhood": "neighborhood",
+    "SlidingTile": "sliding_tile",
+    "Radial": "radial",
+}  # public name -> module file
 
 
 def __getattr__(name):

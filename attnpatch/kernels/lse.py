@@ -1,0 +1,41 @@
+"""Dense attention that also returns the log-sum-exp of each row, so partial results over
+disjoint key ranges can be merged exactly (``merge``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sdpa_lse(q, k, v, bias=None, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, H, Lq, D), lse (B, H, Lq) float32)``; ``bias`` is additive (-inf = masked),
+    in q's dtype, broadcastable to (B, H, Lq, Lk). Rows with no key get lse = -inf when
+    ``bias`` marks them so (callers pass the row mask); the CPU flash kernel reports 0."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    if q.device.type == "cuda":
+        if bias is not None:
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
+        return out, lse[..., : q.shape[2]]  # the efficient kernel pads lse to a multiple of 32
+    return sdpa_lse_math(q, k, v, bias, scale)
+
+
+def sdpa_lse_math(q, k, v, bias=None, scale=None):
+    """The explicit version, for devices without a fused LSE-returning kernel."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    if bias is not None:
+        s = s + bias.float()
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(nan=0.0)
+    return (p @ v.float()).to(q.dtype), lse
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact softmax over the union of the parts' key ranges, in float32."""
+    lse = torch.stack([l for _, l in parts])  # (R, B, H, Lq)
+    total = torch.logsumexp(lse, dim=0)
+    w = torch.exp(lse - total).nan_to_num(nan=0.0)  # rows with no key anywhere: weight 0
+    out = sum(o.float() * w[r, ..., None] for r, (o, _) in enumerate(parts))
+    return out

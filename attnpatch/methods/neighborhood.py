@@ -1,0 +1,101 @@
+"""``Neighborhood``: generalized neighborhood attention (GNA / NATTEN) on 1-D, 2-D, 3-D grids.
+
+Each visual query attends the ``window`` neighbourhood (per axis) around the leader of its
+stride group, shifted inward at the borders so every window is full; ``stride == window`` is
+blocked attention, ``stride == 1`` a sliding window; ``dilation`` spreads the window;
+``causal`` (per axis) keeps only the past. Text tokens stay dense both ways. Matches NATTEN's
+``na1d / na2d / na3d``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import Plan
+from ..site import Site
+from . import _grid
+from .base import Method, check_int
+
+
+def _ints(value, method: str, name: str, minimum: int):
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+        check_int(method, name, v, minimum)
+
+
+def default_tile(grid: tuple, stride: tuple) -> tuple:
+    """Tiles of about 64-256 tokens; a stride > 1 sets that axis's tile (blocks follow groups)."""
+    base = {1: (128,), 2: (8, 8), 3: (2, 8, 8)}[len(grid)]
+    return tuple(min(n, s if s > 1 else b) for n, s, b in zip(grid, stride, base))
+
+
+@dataclass
+class Neighborhood(Method):
+    """Sliding / strided / dilated neighbourhood attention per grid axis (NATTEN semantics)."""
+
+    source = "Generalized Neighborhood Attention (NATTEN); Faster Neighborhood Attention; DiNAT"
+
+    window: int | tuple = 7
+    stride: int | tuple = 1
+    dilation: int | tuple = 1
+    causal: bool | tuple = False
+    tile: int | tuple | None = None  # executor tile per axis; default: default_tile()
+
+    def __post_init__(self):
+        _ints(self.window, "Neighborhood", "window", 1)
+        _ints(self.stride, "Neighborhood", "stride", 1)
+        _ints(self.dilation, "Neighborhood", "dilation", 1)
+        if self.tile is not None:
+            _ints(self.tile, "Neighborhood", "tile", 1)
+        self._plans = _grid.PlanCache(self._build)
+
+    def axes(self, grid: tuple):
+        """Per-axis (window, stride, dilation, causal), validated against ``grid``."""
+        nd = len(grid)
+        w, s, d = (_grid.per_axis(getattr(self, f), nd, f, "Neighborhood") for f in ("window", "stride", "dilation"))
+        c = _grid.per_axis(self.causal, nd, "causal", "Neighborhood")
+        for a in range(nd):
+            if s[a] > w[a]:
+                raise ValueError(f"Neighborhood(stride={self.stride!r}) must not exceed window={self.window!r} on axis {a}")
+        return w, s, d, c
+
+    def keep_tables(self, grid):
+        w, s, d, c = self.axes(grid)
+        return [_grid.na_keep(n, *p) for n, p in zip(grid, zip(w, s, d, c))]
+
+    def _build(self, site: Site, S: int, device) -> Plan:
+        grid = site.grid
+        w, s, d, _ = self.axes(grid)
+        keeps = self.keep_tables(grid)
+        tile = _grid.per_axis(self.tile, len(grid), "tile", "Neighborhood") if self.tile else default_tile(grid, s)
+        axes = [_grid.axis_tiling(n, t, dd) for n, t, dd in zip(grid, tile, d)]
+        perm, sizes, tile_axes = _grid.visual_layout(grid, axes)
+        states = [_grid.tile_states(kp, o, t) for kp, (o, t) in zip(keeps, axes)]
+        vis = torch.stack([st[ta[:, None], ta[None, :]] for st, ta in zip(states, tile_axes)]).amin(0)  # (nT, nT)
+        blocks = _grid.assemble(site, S, perm, sizes, vis)
+        tables = [kp.to(device) for kp in keeps]
+
+        def keep_fn(qc, kc):
+            keep = tables[0][qc[0], kc[0]]
+            for t, qa, ka in zip(tables[1:], qc[1:], kc[1:]):
+                keep = keep & t[qa, ka]
+            return keep
+
+        return Plan(mask_mod=_grid.grid_mask_mod(site, keep_fn), blocks=blocks, name=repr(self))
+
+    def plan(self, q, k, site: Site) -> Plan | None:
+        Sq, Skv = q.shape[2], k.shape[2]
+        site = _grid.site_grid(site, Sq)
+        if site is None:
+            return None
+        if Sq != Skv:
+            raise ValueError(f"{self.name} needs self / joint attention (query and key lengths {Sq} != {Skv}); "
+                             "for LLM decode use SinkWindow")
+        return self._plans.get(site, Sq, q.device)
+
+
+if __name__ == "__main__":
+    from .base import ascii_mask
+
+    print(ascii_mask(Neighborhood(window=(3, 3), stride=1), Site(grid=(4, 6)), 24))
+    print(ascii_mask(Neighborhood(window=3, dilation=2), Site(grid=(11,)), 11))
