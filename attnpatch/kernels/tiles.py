@@ -8,6 +8,8 @@ runs are merged into one call.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -57,27 +59,60 @@ class Tiles(Kernel):
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
         bs = plan.blocks
-        rep = q.shape[1] // k.shape[1]
-        if bs.perm is not None:
-            perm = bs.perm.to(q.device)
-            q, k, v = (t.index_select(2, perm) for t in (q, k, v))  # (B, H, S, D) in tile order
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, Hq, S, D)
-        out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+        B, Hq, S, _ = q.shape
+        rep = Hq // k.shape[1]
+        perm = None if bs.perm is None else _on(bs, "perm", bs.perm, q.device)
+        if perm is not None or rep > 1:
+            q, k, v = _gather(q, perm, 1, "q"), _gather(k, perm, rep, "k"), _gather(v, perm, rep, "v")
+        out = torch.empty(B, Hq, S, v.shape[3], dtype=q.dtype, device=q.device)  # original token order
         for qs, qe, runs in bs.runs():
             qv = q[:, :, qs:qe]
             if len(runs) == 1 and runs[0][2]:
                 ks, ke, _ = runs[0]
-                out[:, :, qs:qe] = F.scaled_dot_product_attention(qv, k[:, :, ks:ke], v[:, :, ks:ke], scale=scale)
-                continue
-            parts = []
-            for ks, ke, full in runs:
-                if full:
-                    parts.append(sdpa_lse(qv, k[:, :, ks:ke], v[:, :, ks:ke], None, scale))
-                else:
-                    bias, rows = _partial_bias(plan, bs, qs, qe, ks, ke, q.dtype, q.device)
-                    o, lse = sdpa_lse(qv, k[:, :, ks:ke], v[:, :, ks:ke], bias, scale)
-                    parts.append((o, lse.masked_fill(~rows, float("-inf"))))
-            out[:, :, qs:qe] = merge(parts).to(q.dtype)
-        inv = bs.inverse_perm()
-        return out if inv is None else out.index_select(2, inv.to(q.device))
+                o = F.scaled_dot_product_attention(qv, k[:, :, ks:ke], v[:, :, ks:ke], scale=scale)
+            else:
+                parts = []
+                for ks, ke, full in runs:
+                    if full:
+                        parts.append(sdpa_lse(qv, k[:, :, ks:ke], v[:, :, ks:ke], None, scale))
+                    else:
+                        bias, rows = _partial_bias(plan, bs, qs, qe, ks, ke, q.dtype, q.device)
+                        o, lse = sdpa_lse(qv, k[:, :, ks:ke], v[:, :, ks:ke], bias, scale)
+                        parts.append((o, lse.masked_fill(~rows, float("-inf"))))
+                o = merge(parts).to(q.dtype)
+            if perm is None:
+                out[:, :, qs:qe] = o
+            else:
+                out.index_copy_(2, perm[qs:qe], o)  # straight back to the original positions
+        return out
+
+
+_WORKSPACE = threading.local()
+
+
+def _on(bs: BlockSparse, name: str, t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``, cached on the block structure."""
+    key = (name, str(device))
+    if key not in bs.cache:
+        bs.cache[key] = t.to(device)
+    return bs.cache[key]
+
+
+def _gather(x: torch.Tensor, perm, rep: int, slot: str) -> torch.Tensor:
+    """x (B, H, S, D) in tile order with heads repeated ``rep`` times, written into a reused
+    per-thread buffer: fresh allocations of this size cost more in page faults than the copy."""
+    B, H, S, D = x.shape
+    shape = (B, H * rep, S, D)
+    key = (slot, shape, x.dtype, str(x.device))
+    ws = _WORKSPACE.__dict__
+    if key not in ws:
+        for old in [k for k in ws if k[0] == slot]:
+            del ws[old]  # one buffer per slot: keep only the latest shape
+        ws[key] = torch.empty(shape, dtype=x.dtype, device=x.device)
+    buf = ws[key]
+    src = x if rep == 1 else x[:, :, None].expand(B, H, rep, S, D).reshape(shape)  # (B, H*rep, S, D)
+    if perm is None:
+        buf.copy_(src)
+    else:
+        torch.index_select(src, 2, perm, out=buf)
+    return buf
