@@ -39,3 +39,18 @@ def test_method_files_print_ascii_masks():
     assert r.returncode == 0 and r.stderr == ""
     rows = r.stdout.splitlines()[1:]
     assert rows[0] == "#" + "." * 15 and rows[-1] == "##" + "." * 10 + "####"
+
+
+def test_locality_method_files_print_masks():
+    for mod in ("neighborhood", "sliding_tile", "radial"):
+        r = _run(sys.executable, "-m", f"attnpatch.methods.{mod}")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        body = [l for l in r.stdout.splitlines() if l and set(l) <= {"#", "."}]
+        assert body and any("." in l for l in body) and any("#" in l for l in body)
+
+
+def test_kernel_benchmark_quick(tmp_path):
+    r = _run(sys.executable, "benchmarks/kernels.py", "--quick", "--natten", "none", "--no-flex", "--out", str(tmp_path / "k"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "k.md").read_text()
+    assert "| 16x16 | sliding-tile |" in md and "tiles / ideal" in md

@@ -27,8 +27,8 @@ def _flex():
     return _COMPILED
 
 
-def _in_tile_order(fn, perm, nargs_before: int):
-    """fn on original indices -> the same fn on permuted positions."""
+def _in_tile_order(fn, perm):
+    """A score_mod on original indices -> the same score_mod on permuted positions."""
     if fn is None or perm is None:
         return fn
 
@@ -95,8 +95,8 @@ class Flex(Kernel):
         perm = plan.blocks.perm.to(q.device) if plan.blocks is not None and plan.blocks.perm is not None else None
         if perm is not None:
             q, k, v = (t.index_select(2, perm) for t in (q, k, v))  # (B, H, S, D) in tile order
-        bm = _block_mask(plan, perm, None, None, Sq, Skv, q.device)
-        score_mod = _in_tile_order(plan.score_mod, perm, 3)
+        bm = _block_mask(plan, perm, B, None, Sq, Skv, q.device)  # per batch row (padding); heads share it
+        score_mod = _in_tile_order(plan.score_mod, perm)
         out = _flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         if perm is not None:
             out = out.index_select(2, plan.blocks.inverse_perm().to(q.device))

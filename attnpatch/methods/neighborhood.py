@@ -23,10 +23,11 @@ def _ints(value, method: str, name: str, minimum: int):
         check_int(method, name, v, minimum)
 
 
-def default_tile(grid: tuple, stride: tuple) -> tuple:
-    """Tiles of about 64-256 tokens; a stride > 1 sets that axis's tile (blocks follow groups)."""
-    base = {1: (128,), 2: (8, 8), 3: (2, 8, 8)}[len(grid)]
-    return tuple(min(n, s if s > 1 else b) for n, s, b in zip(grid, stride, base))
+def default_tile(grid: tuple, window: tuple, stride: tuple) -> tuple:
+    """Tiles of about 256 tokens; a blocked axis (stride == window) or a stride > 1 sets that
+    axis's tile, so blocks follow the stride groups."""
+    base = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}[len(grid)]
+    return tuple(min(n, s if (s > 1 or s == w) else b) for n, w, s, b in zip(grid, window, stride, base))
 
 
 @dataclass
@@ -67,11 +68,10 @@ class Neighborhood(Method):
         grid = site.grid
         w, s, d, _ = self.axes(grid)
         keeps = self.keep_tables(grid)
-        tile = _grid.per_axis(self.tile, len(grid), "tile", "Neighborhood") if self.tile else default_tile(grid, s)
+        tile = _grid.per_axis(self.tile, len(grid), "tile", "Neighborhood") if self.tile else default_tile(grid, w, s)
         axes = [_grid.axis_tiling(n, t, dd) for n, t, dd in zip(grid, tile, d)]
-        perm, sizes, tile_axes = _grid.visual_layout(grid, axes)
         states = [_grid.tile_states(kp, o, t) for kp, (o, t) in zip(keeps, axes)]
-        vis = torch.stack([st[ta[:, None], ta[None, :]] for st, ta in zip(states, tile_axes)]).amin(0)  # (nT, nT)
+        perm, sizes, vis = _grid.best_layout(grid, axes, lambda tas: _grid.separable_state(states, tas))
         blocks = _grid.assemble(site, S, perm, sizes, vis)
         tables = [kp.to(device) for kp in keeps]
 

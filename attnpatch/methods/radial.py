@@ -78,11 +78,14 @@ class Radial(Method):
         T = grid[0]
         sp = self._spatial(grid)
         time_axis = (torch.arange(T), torch.arange(T))  # one frame per tile
-        perm, sizes, (tt, th, tw) = _grid.visual_layout(grid, [time_axis, sp[0][1], sp[1][1]])
-        band = band_of(T)[(tt[:, None] - tt[None, :]).abs()]  # (nT, nT)
-        vis = torch.minimum(sp[0][2][band, th[:, None], th[None, :]], sp[1][2][band, tw[:, None], tw[None, :]])
-        sink = (tt[:, None] < self.dense_frames) | (tt[None, :] < self.dense_frames)
-        vis = torch.where(sink, 2, vis).to(torch.uint8)
+        def state(tile_axes):
+            tt, th, tw = tile_axes
+            band = band_of(T)[(tt[:, None] - tt[None, :]).abs()]  # (nT, nT)
+            vis = torch.minimum(sp[0][2][band, th[:, None], th[None, :]], sp[1][2][band, tw[:, None], tw[None, :]])
+            sink = (tt[:, None] < self.dense_frames) | (tt[None, :] < self.dense_frames)
+            return torch.where(sink, 2, vis).to(torch.uint8)
+
+        perm, sizes, vis = _grid.best_layout(grid, [time_axis, sp[0][1], sp[1][1]], state)
         kh, kw, bands, nd = sp[0][0].to(device), sp[1][0].to(device), band_of(T).to(device), self.dense_frames
 
         def keep_fn(qc, kc):

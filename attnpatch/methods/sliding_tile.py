@@ -39,9 +39,8 @@ class SlidingTile(Method):
         window = _grid.per_axis(self.window, len(grid), "window", "SlidingTile")
         keeps = [_grid.tile_keep(n, t, w) for n, t, w in zip(grid, tile, window)]
         axes = [_grid.axis_tiling(n, t) for n, t in zip(grid, tile)]
-        perm, sizes, tile_axes = _grid.visual_layout(grid, axes)
         states = [_grid.tile_states(kp, o, t) for kp, (o, t) in zip(keeps, axes)]
-        vis = torch.stack([st[ta[:, None], ta[None, :]] for st, ta in zip(states, tile_axes)]).amin(0)  # (nT, nT)
+        perm, sizes, vis = _grid.best_layout(grid, axes, lambda tas: _grid.separable_state(states, tas))
         tables = [kp.to(device) for kp in keeps]
 
         def keep_fn(qc, kc):

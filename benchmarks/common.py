@@ -1,0 +1,60 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, result tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        cpu = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), cpu)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Markdown table of ``rows`` with ``(key, header)`` columns; floats to 2-3 digits."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(out: Path, title: str, intro: str, md_body: str, data: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    m = data["machine"]
+    head = f"# {title}\n\nMeasured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), " \
+           f"torch {m['torch']}{', GPU ' + m['gpu'] if 'gpu' in m else ''}.\n\n{intro}\n\n"
+    out.with_suffix(".md").write_text(head + md_body + "\n")

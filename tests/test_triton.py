@@ -1,0 +1,114 @@
+"""The Triton block-sparse kernel, on CPU under TRITON_INTERPRET=1 at small sizes, against the
+float64 reference; on a CUDA GPU the same tests run natively."""
+import math
+import os
+
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import Plan, Site, kernels
+from attnpatch.kernels.reference import attention as reference
+
+pytest.importorskip("triton", reason="pip install triton (the test extra has it)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_fwd = None
+
+
+@pytest.fixture(autouse=True)
+def _interpret():
+    """On CPU, conftest.py set TRITON_INTERPRET=1 before triton's first import."""
+    global triton_fwd
+    if DEVICE == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    import attnpatch.kernels.triton_fwd as mod
+
+    triton_fwd = mod
+
+
+CASES = [
+    ("na-partial", ap.Neighborhood(window=(3, 5)), Site(grid=(7, 11))),
+    ("sta-joint", ap.SlidingTile(tile=(4, 4), window=(1, 3)), Site(grid=(8, 12), text_len=5, kind="joint")),
+    ("radial", ap.Radial(window=1, tile=2, dense_frames=1), Site(grid=(5, 4, 6))),
+    ("na-3d-dilated", ap.Neighborhood(window=(3, 3, 3), dilation=(1, 2, 1), causal=(True, False, False)), Site(grid=(4, 6, 5))),
+]
+
+
+def _qkv(S, Hq=4, Hkv=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, Hq, S, D, generator=g).to(DEVICE), torch.randn(1, Hkv, S, D, generator=g).to(DEVICE),
+            torch.randn(1, Hkv, S, D, generator=g).to(DEVICE))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_matches_reference(case):
+    _, method, site = case
+    S = site.visual_len + site.text_len
+    q, k, v = _qkv(S, seed=S)
+    plan = method.plan(q, k, site).with_site(False, 0)
+    exact = reference(q.double(), k.double(), v.double(), plan)
+    same = reference(q, k, v, plan).double()
+    out = ap.attend(q, k, v, method, site, backend="triton")
+    err, err_ref = (out.double() - exact).abs().max().item(), (same - exact).abs().max().item()
+    assert err <= 2 * err_ref + 1e-6, (err, err_ref)
+
+
+def test_lse_and_fused_biases():
+    """Output and log-sum-exp with per-row and per-column biases against explicit math."""
+    method, site = ap.SlidingTile(tile=(4, 4), window=(3, 1)), Site(grid=(8, 12))
+    S, D = 96, 32
+    q, k, v = _qkv(S, Hq=2, Hkv=2, D=D, seed=3)
+    plan = method.plan(q, k, site)
+    layout = triton_fwd.uniform_layout(plan.blocks, 16, plan.mask_mod, q.device)
+    rb, cb = torch.randn(1, 2, S, device=DEVICE), torch.randn(1, 2, S, device=DEVICE)
+    perm = plan.blocks.perm.to(DEVICE)
+    qt, kt, vt = (t.index_select(2, perm).contiguous() for t in (q, k, v))
+    out, lse = triton_fwd.block_sparse_attention(qt, kt, vt, layout, None, rb, cb)
+    keep = plan.mask_mod(None, None, perm[:, None], perm[None, :])  # tile order
+    s = (qt.double() @ kt.double().transpose(-1, -2)) / math.sqrt(D) + rb.double()[..., None] + cb.double()[..., None, :]
+    s = s.masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ vt.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_uniform_layout_agrees_with_mask(case):
+    """Re-cut into 16-token blocks: empty pairs keep nothing, full pairs keep everything, and
+    each partial pair's bit mask is the exact mask."""
+    _, method, site = case
+    S = site.visual_len + site.text_len
+    q = torch.zeros(1, 1, S, 16)
+    plan = method.plan(q, q, site)
+    lay = triton_fwd.uniform_layout(plan.blocks, 16, plan.mask_mod, "cpu")
+    perm = torch.arange(S) if plan.blocks.perm is None else plan.blocks.perm
+    keep = plan.mask_mod(None, None, perm[:, None], perm[None, :])  # (S, S) tile order
+    nu = lay["nu"]
+    pad = torch.zeros(nu * 16, nu * 16, dtype=torch.bool)
+    pad[:S, :S] = keep
+    blocks = pad.view(nu, 16, nu, 16).permute(0, 2, 1, 3)  # (nu, nu, 16, 16)
+    ptr, idx, mid = lay["kv_ptr"].long(), lay["kv_idx"].long(), lay["mask_id"].long()
+    listed = torch.zeros(nu, nu, dtype=torch.bool)
+    for u in range(nu):
+        for j in range(ptr[u], ptr[u + 1]):
+            w = idx[j]
+            listed[u, w] = True
+            if mid[j] < 0:
+                valid = torch.zeros(16, 16, dtype=torch.bool)
+                valid[: max(0, min(16, S - u * 16)), : max(0, min(16, S - w * 16))] = True
+                assert blocks[u, w][valid].all()
+            else:
+                assert torch.equal(lay["masks"][mid[j]].bool()[: min(16, S - u * 16), : min(16, S - w * 16)],
+                                   blocks[u, w][: min(16, S - u * 16), : min(16, S - w * 16)])
+    assert not blocks[~listed].any()
+
+
+def test_triton_not_chosen_without_gpu_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if DEVICE == "cuda":
+        pytest.skip("a GPU is present")
+    q, k, v = _qkv(96)
+    plan = ap.SlidingTile(tile=4, window=1).plan(q, k, Site(grid=(8, 12)))
+    assert "CUDA" in kernels.get("triton").why_not(q, k, v, plan)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+        ap.attend(q, k, v, ap.SlidingTile(tile=4, window=1), Site(grid=(8, 12)), backend="triton")
