@@ -163,6 +163,7 @@ def main(argv=None):
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny grids, 1 rep: a smoke test")
     p.add_argument("--update", action="store_true", help="keep the rows of other grids already in the output JSON")
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown from the existing JSON")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels"))
     a = p.parse_args(argv)
     if a.quick:
@@ -170,6 +171,9 @@ def main(argv=None):
     grids = [tuple(int(x) for x in g.split("x")) for g in a.grids.split(",")]
     rows = []
     old = Path(a.out).with_suffix(".json")
+    if a.render:
+        data = json.loads(old.read_text())
+        return render(Path(a.out), data["rows"], data["machine"], data["args"])
     if a.update and old.exists():
         rows = [r for r in json.loads(old.read_text())["rows"] if r["grid"] not in a.grids.split(",")]
     for grid in grids:
@@ -177,15 +181,43 @@ def main(argv=None):
         rows += bench_grid(grid, a.heads, a.head_dim, a.reps, mode, not a.no_flex)
     order = {g: i for i, g in enumerate(["64x64", "128x128", "13x30x52"])}
     rows.sort(key=lambda r: order.get(r["grid"], 99))
+    render(Path(a.out), rows, machine(), vars(a))
+
+
+def summary(rows: list[dict]) -> str:
+    """The claims the table supports, counted from it."""
+    aligned = [r for r in rows if r["family"] != "window"]
+    ok = [r for r in aligned if r["fraction"] >= 0.85]
+    low = [f"{r['grid']} {r['method']} ({r['fraction']:.3f})" for r in aligned if r["fraction"] < 0.85]
+    win = [r for r in rows if r["family"] == "window" and r["token_density"] <= 0.25]
+    faster = [r for r in win if r["tiles_speedup"] > 1]
+    ahead = [r for r in rows if all(r["tiles_speedup"] > r.get(f"{o}_speedup", 0) for o in ("flex", "natten"))]
+    lines = [
+        f"- Block-aligned plans (blocked, sliding-tile, radial): tiles reaches >= 0.85 of the ideal speedup at "
+        f"{len(ok)} of {len(aligned)} points. Below it: " + ("; ".join(low) or "none") + ".",
+        f"- Stride-1 windows at token density <= 25 %: tiles is faster than dense SDPA at {len(faster)} of {len(win)} points.",
+        f"- tiles is faster than compiled FlexAttention and than NATTEN (where measured) at {len(ahead)} of {len(rows)} points.",
+        "- Why small tiles fall short on this CPU: PyTorch's CPU flash kernel splits queries into 256-row blocks only "
+        "when a call has >= 768 queries (64-row blocks below), which costs 10-30 % of its speed; tiles of 512-1024 "
+        "tokens reach 0.9-1.0 of ideal, 256-390-token tiles 0.72-0.84. Rates vary about +-10 % between runs on this "
+        "shared 2-core machine.",
+    ]
+    return "\n".join(lines)
+
+
+def render(out: Path, rows: list[dict], mach: dict, args: dict) -> None:
     cols = [("grid", "grid"), ("family", "family"), ("method", "method"), ("block_density", "block density"),
             ("token_density", "token density"), ("ideal", "ideal speedup"), ("tiles_speedup", "tiles speedup"),
             ("fraction", "tiles / ideal"), ("flex_speedup", "flex speedup"), ("natten_speedup", "NATTEN speedup")]
+    a = argparse.Namespace(**{"heads": 4, "head_dim": 128, "reps": 3, **args})
     intro = (f"B=1, {a.heads} heads, head_dim {a.head_dim}, float32; median of {a.reps} runs after a warm-up "
              "(NATTEN: one run). Speedups are dense SDPA time / kernel time in the same process; ideal = 1 / block "
              "density. flex is attnpatch's FlexAttention kernel compiled with torch.compile (compile time excluded); "
              "NATTEN is natten's na2d / na3d with its default (flex, uncompiled) CPU backend.")
-    write(Path(a.out), "Kernel speed: block-sparse attention vs dense SDPA", intro, table(rows, cols),
-          {"machine": machine(), "args": vars(a), "rows": rows})
+    intro += (" On grids above 8K tokens NATTEN ran at one point per family: its unfused CPU path costs the same at "
+              "every density (see the 64x64 rows).\n\n" + summary(rows))
+    write(out, "Kernel speed: block-sparse attention vs dense SDPA", intro, table(rows, cols),
+          {"machine": mach, "args": args, "rows": rows})
 
 
 if __name__ == "__main__":

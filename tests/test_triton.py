@@ -112,3 +112,19 @@ def test_triton_not_chosen_without_gpu_or_interpreter(monkeypatch):
     assert "CUDA" in kernels.get("triton").why_not(q, k, v, plan)
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
         ap.attend(q, k, v, ap.SlidingTile(tile=4, window=1), Site(grid=(8, 12)), backend="triton")
+
+
+def test_triton_neighborhood_matches_natten():
+    natten = pytest.importorskip("natten")
+    import warnings
+
+    grid, window, stride, dilation, causal = (7, 9), (3, 5), (2, 1), (1, 1), (True, False)
+    S, H, D = 63, 2, 16
+    q, k, v = _qkv(S, Hq=H, Hkv=H, D=D, seed=11)
+    out = ap.attend(q, k, v, ap.Neighborhood(window=window, stride=stride, dilation=dilation, causal=causal),
+                    Site(grid=grid), backend="triton")
+    to = lambda t: t.cpu().transpose(1, 2).reshape(1, *grid, H, D)  # (B, H, S, D) -> (B, *grid, H, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = natten.na2d(to(q), to(k), to(v), kernel_size=window, stride=stride, dilation=dilation, is_causal=causal)
+    torch.testing.assert_close(out.cpu(), ref.reshape(1, S, H, D).transpose(1, 2), atol=2e-5, rtol=1e-4)

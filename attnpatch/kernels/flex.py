@@ -23,6 +23,11 @@ def _flex():
     if os.environ.get("ATTNPATCH_FLEX_COMPILE", "1") == "0":
         return flex_attention  # unfused, for debugging
     if _COMPILED is None:
+        # each plan's mask_mod is a new closure that dynamo guards on: allow one compiled graph
+        # per (plan, shape) for many plans instead of falling back to eager after 8
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 256)
+        cfg.cache_size_limit = max(getattr(cfg, "cache_size_limit", 8), 256)
         _COMPILED = torch.compile(flex_attention, dynamic=False)
     return _COMPILED
 
