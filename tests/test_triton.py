@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnpatch as ap
-from attnpatch import Plan, Site, kernels
+from attnpatch import Site, kernels
 from attnpatch.kernels.reference import attention as reference
 
 pytest.importorskip("triton", reason="pip install triton (the test extra has it)")

@@ -47,3 +47,22 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) for GQA; "
             "pass (B, H, S, D) tensors, not (B, S, H, D)"
         )
+
+
+def block_sparse_why_not(q, k, v, plan: Plan, mask) -> str | None:
+    """Why a block-sparse kernel (tiles, triton) cannot run a call, or None."""
+    bs = plan.blocks
+    if bs is None:
+        return "plan has no block structure"
+    if mask is not None:
+        return "an external attention mask (e.g. text padding) is not supported"
+    for f in ("score_mod", "output", "extra_kv"):
+        if getattr(plan, f) is not None:
+            return f"plan.{f} is not supported"
+    if plan.causal:
+        return "causal plans need a causal block structure"
+    if not (q.shape[2] == k.shape[2] == bs.seq_len):
+        return f"sequence lengths ({q.shape[2]}, {k.shape[2]}) differ from the block layout ({bs.seq_len})"
+    if not bs.kv_full.all() and plan.mask_mod is None:
+        return "partial blocks need the plan's mask_mod"
+    return None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..blocks import BlockSparse
 from ..plan import Plan
-from .base import Kernel
+from .base import Kernel, block_sparse_why_not
 from .lse import merge, sdpa_lse
 
 
@@ -38,21 +38,7 @@ class Tiles(Kernel):
     name = "tiles"
 
     def why_not(self, q, k, v, plan, mask=None):
-        bs = plan.blocks
-        if bs is None:
-            return "plan has no block structure"
-        if mask is not None:
-            return "an external attention mask (e.g. text padding) is not supported"
-        for f in ("score_mod", "output", "extra_kv"):
-            if getattr(plan, f) is not None:
-                return f"plan.{f} is not supported"
-        if plan.causal:
-            return "causal plans need a causal block structure"
-        if not (q.shape[2] == k.shape[2] == bs.seq_len):
-            return f"sequence lengths ({q.shape[2]}, {k.shape[2]}) differ from the block layout ({bs.seq_len})"
-        if bs.perm is not None and not bs.kv_full.all() and plan.mask_mod is None:
-            return "partial blocks need the plan's mask_mod"
-        return None
+        return block_sparse_why_not(q, k, v, plan, mask)
 
     def priority(self, q, plan) -> int:
         return 10 if q.device.type == "cpu" else 30

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Kernel
+from .base import Kernel, block_sparse_why_not
 
 BLOCK = 64
 
@@ -26,24 +26,10 @@ class Triton(Kernel):
             return "triton is not installed (pip install attnpatch[triton])"
         if q.device.type != "cuda" and not _interpreting():
             return "needs a CUDA GPU (or TRITON_INTERPRET=1 for the CPU interpreter)"
-        bs = plan.blocks
-        if bs is None:
-            return "plan has no block structure"
-        if mask is not None:
-            return "an external attention mask (e.g. text padding) is not supported"
-        for f in ("score_mod", "output", "extra_kv"):
-            if getattr(plan, f) is not None:
-                return f"plan.{f} is not supported"
-        if plan.causal:
-            return "causal plans need a causal block structure"
         d = q.shape[-1]
         if d < 16 or d > 256 or d & (d - 1) or v.shape[-1] != d:
             return f"head_dim {d} must be a power of two in [16, 256] (and equal for k and v)"
-        if not (q.shape[2] == k.shape[2] == bs.seq_len):
-            return f"sequence lengths ({q.shape[2]}, {k.shape[2]}) differ from the block layout ({bs.seq_len})"
-        if not bs.kv_full.all() and plan.mask_mod is None:
-            return "partial blocks need the plan's mask_mod"
-        return None
+        return block_sparse_why_not(q, k, v, plan, mask)
 
     def priority(self, q, plan) -> int:
         return 5 if q.device.type == "cuda" else 90

@@ -171,6 +171,23 @@ def grid_mask_mod(site: Site, keep_fn: Callable) -> Callable:
     return mask_mod
 
 
+def separable_plan(site: Site, S: int, keeps: list, axes: list, device, name: str):
+    """The Plan of a product pattern: per-axis keep tables (exact mask) and tilings (blocks)."""
+    from ..plan import Plan
+
+    states = [tile_states(kp, o, t) for kp, (o, t) in zip(keeps, axes)]
+    perm, sizes, vis = best_layout(site.grid, axes, lambda tas: separable_state(states, tas))
+    tables = [kp.to(device) for kp in keeps]
+
+    def keep_fn(qc, kc):
+        keep = tables[0][qc[0], kc[0]]
+        for t, qa, ka in zip(tables[1:], qc[1:], kc[1:]):
+            keep = keep & t[qa, ka]
+        return keep
+
+    return Plan(mask_mod=grid_mask_mod(site, keep_fn), blocks=assemble(site, S, perm, sizes, vis), name=name)
+
+
 def per_axis(value, nd: int, name: str, method: str) -> tuple:
     """Broadcast an int parameter to every grid axis or check a tuple's length."""
     vals = tuple(value) if isinstance(value, (tuple, list)) else (value,) * nd

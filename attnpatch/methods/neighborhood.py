@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..plan import Plan
 from ..site import Site
 from . import _grid
@@ -70,18 +68,7 @@ class Neighborhood(Method):
         keeps = self.keep_tables(grid)
         tile = _grid.per_axis(self.tile, len(grid), "tile", "Neighborhood") if self.tile else default_tile(grid, w, s)
         axes = [_grid.axis_tiling(n, t, dd) for n, t, dd in zip(grid, tile, d)]
-        states = [_grid.tile_states(kp, o, t) for kp, (o, t) in zip(keeps, axes)]
-        perm, sizes, vis = _grid.best_layout(grid, axes, lambda tas: _grid.separable_state(states, tas))
-        blocks = _grid.assemble(site, S, perm, sizes, vis)
-        tables = [kp.to(device) for kp in keeps]
-
-        def keep_fn(qc, kc):
-            keep = tables[0][qc[0], kc[0]]
-            for t, qa, ka in zip(tables[1:], qc[1:], kc[1:]):
-                keep = keep & t[qa, ka]
-            return keep
-
-        return Plan(mask_mod=_grid.grid_mask_mod(site, keep_fn), blocks=blocks, name=repr(self))
+        return _grid.separable_plan(site, S, keeps, axes, device, repr(self))
 
     def plan(self, q, k, site: Site) -> Plan | None:
         Sq, Skv = q.shape[2], k.shape[2]

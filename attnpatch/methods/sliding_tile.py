@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..plan import Plan
 from ..site import Site
 from . import _grid
@@ -39,17 +37,7 @@ class SlidingTile(Method):
         window = _grid.per_axis(self.window, len(grid), "window", "SlidingTile")
         keeps = [_grid.tile_keep(n, t, w) for n, t, w in zip(grid, tile, window)]
         axes = [_grid.axis_tiling(n, t) for n, t in zip(grid, tile)]
-        states = [_grid.tile_states(kp, o, t) for kp, (o, t) in zip(keeps, axes)]
-        perm, sizes, vis = _grid.best_layout(grid, axes, lambda tas: _grid.separable_state(states, tas))
-        tables = [kp.to(device) for kp in keeps]
-
-        def keep_fn(qc, kc):
-            keep = tables[0][qc[0], kc[0]]
-            for t, qa, ka in zip(tables[1:], qc[1:], kc[1:]):
-                keep = keep & t[qa, ka]
-            return keep
-
-        return Plan(mask_mod=_grid.grid_mask_mod(site, keep_fn), blocks=_grid.assemble(site, S, perm, sizes, vis), name=repr(self))
+        return _grid.separable_plan(site, S, keeps, axes, device, repr(self))
 
     def plan(self, q, k, site: Site) -> Plan | None:
         site = _grid.site_grid(site, q.shape[2])

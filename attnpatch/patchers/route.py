@@ -13,7 +13,6 @@ import functools
 import sys
 import types
 
-import torch
 import torch.nn.functional as F
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("attnpatch_call", default=None)
