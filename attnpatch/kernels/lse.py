@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .._log import debug_once
+
 
 def sdpa_lse(q, k, v, bias=None, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, H, Lq, D), lse (B, H, Lq) float32)``; ``bias`` is additive (-inf = masked),
@@ -14,10 +16,12 @@ def sdpa_lse(q, k, v, bias=None, scale=None) -> tuple[torch.Tensor, torch.Tensor
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     if q.device.type == "cuda":
-        if bias is not None:
-            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
-        return out, lse[..., : q.shape[2]]  # the efficient kernel pads lse to a multiple of 32
+        try:
+            b = None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, b, True, 0.0, False, scale=scale)
+            return out, lse[..., : q.shape[2]]  # the efficient kernel may pad lse to a multiple of 32
+        except RuntimeError as e:  # e.g. unsupported head_dim or bias alignment: the explicit path is exact
+            debug_once(f"efficient attention with LSE unavailable ({e}); using the explicit path")
     return sdpa_lse_math(q, k, v, bias, scale)
 
 
