@@ -158,3 +158,24 @@ def test_wan22_pipeline_patches_both_transformers():
     assert names == {"transformer", "transformer_2"}
     assert max(s.step for s, _, _ in rec.sites) == 3
     assert torch.equal(wan_call(pipe), stock)
+
+
+def test_sparse_methods_inside_every_family(case):
+    """Locality methods run inside the real model: the auto-selected kernel equals the float
+    reference kernel, a window covering everything equals stock, a narrow one changes it."""
+    c, model, inputs, stock = case
+    narrow = ap.SlidingTile(tile=2, window=1)
+    with torch.no_grad():
+        with ap.patch(model, narrow):
+            fast = model(**inputs)[0]
+        with ap.patch(model, narrow, backend="reference"):
+            ref = model(**inputs)[0]
+        with ap.patch(model, ap.Neighborhood(window=99)):
+            wide = model(**inputs)[0]
+        if len(c.grid) == 3:
+            with ap.patch(model, ap.Radial(window=1, tile=1, dense_frames=0)):
+                radial = model(**inputs)[0]
+            assert (radial - stock).abs().max() > 1e-4
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wide, stock, atol=1e-5, rtol=1e-5)
+    assert (fast - stock).abs().max() > 1e-4
