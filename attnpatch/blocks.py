@@ -42,14 +42,27 @@ class BlockSparse:
         qs, ks = self.pair_sizes()
         return float((qs * ks).sum()) / self.seq_len**2
 
-    def inverse_perm(self) -> torch.Tensor | None:
+    def perm_on(self, device) -> torch.Tensor | None:
+        """The permutation on ``device`` (cached: kernels need it on every call)."""
+        return self._on("perm", self.perm, device)
+
+    def inverse_perm_on(self, device) -> torch.Tensor | None:
+        """Tile-order position of every original token, on ``device`` (cached)."""
         if self.perm is None:
             return None
         if "inv" not in self.cache:
             inv = torch.empty_like(self.perm)
             inv[self.perm] = torch.arange(self.perm.numel())
             self.cache["inv"] = inv
-        return self.cache["inv"]
+        return self._on("inv", self.cache["inv"], device)
+
+    def _on(self, name: str, t: torch.Tensor | None, device) -> torch.Tensor | None:
+        if t is None:
+            return None
+        key = (name, str(device))
+        if key not in self.cache:
+            self.cache[key] = t.to(device)
+        return self.cache[key]
 
     def runs(self) -> list[tuple[int, int, list[tuple[int, int, bool]]]]:
         """``[(q_start, q_end, [(kv_start, kv_end, full), ...]), ...]`` in permuted token

@@ -75,27 +75,20 @@ def _sparse_rows(ap, torch):
     """Block-sparse attention vs dense SDPA on a 64x64 latent grid, timed here, one process."""
     import torch.nn.functional as F
 
+    from .pipelines.timing import timeit
+
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 4096, 128, generator=g) for _ in range(3))  # (B, H, S, D)
     site, rows, ok = ap.Site(grid=(64, 64)), [], True
 
-    def best(fn, n=3):
-        fn()
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    t_dense = best(lambda: F.scaled_dot_product_attention(q, k, v))
+    t_dense = timeit(lambda: F.scaled_dot_product_attention(q, k, v), reduce=min)
     for method in (ap.SlidingTile(tile=(16, 32), window=(1, 3)), ap.Neighborhood(window=21)):
         plan = method.plan(q, k, site)
         out = ap.attend(q, k, v, method, site)
         ref = ap.attend(q, k, v, method, site, backend="sdpa")
         err = (out - ref).abs().max().item()
         ok &= err < 1e-4
-        t = best(lambda: ap.attend(q, k, v, method, site))
+        t = timeit(lambda: ap.attend(q, k, v, method, site), reduce=min)
         rows.append((str(method).replace(", dilation=1, causal=False, tile=None", ""), f"{plan.blocks.density():.3f}",
                      f"{t_dense / t:.2f}x", f"{1 / plan.blocks.density():.2f}x", f"{err:.1e}"))
     return rows, ok

@@ -4,24 +4,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 
-
-def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from attnpatch.pipelines.timing import timeit  # noqa: F401  (re-exported for the scripts)
 
 
 def machine() -> dict:

@@ -97,12 +97,12 @@ class Flex(Kernel):
     def run(self, q, k, v, plan, *, mask=None, scale=None):
         B, H, Sq, _ = q.shape
         Skv = k.shape[2]
-        perm = plan.blocks.perm.to(q.device) if plan.blocks is not None and plan.blocks.perm is not None else None
+        perm = None if plan.blocks is None else plan.blocks.perm_on(q.device)
         if perm is not None:
             q, k, v = (t.index_select(2, perm) for t in (q, k, v))  # (B, H, S, D) in tile order
         bm = _block_mask(plan, perm, B, None, Sq, Skv, q.device)  # per batch row (padding); heads share it
         score_mod = _in_tile_order(plan.score_mod, perm)
         out = _flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         if perm is not None:
-            out = out.index_select(2, plan.blocks.inverse_perm().to(q.device))
+            out = out.index_select(2, plan.blocks.inverse_perm_on(q.device))
         return out

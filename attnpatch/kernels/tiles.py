@@ -23,7 +23,7 @@ def _partial_bias(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, dtype, device):
     """(additive bias (1|B, 1|H, Lq, Lk), rows with any key (…, Lq)) for one partial run."""
     key = ("bias", qs, qe, ks, ke, dtype, str(device))
     if key not in bs.cache:
-        perm = bs.perm.to(device) if bs.perm is not None else None
+        perm = bs.perm_on(device)
         qi = torch.arange(qs, qe, device=device) if perm is None else perm[qs:qe]
         ki = torch.arange(ks, ke, device=device) if perm is None else perm[ks:ke]
         z = torch.zeros(1, dtype=torch.long, device=device).view(1, 1, 1, 1)
@@ -47,7 +47,7 @@ class Tiles(Kernel):
         bs = plan.blocks
         B, Hq, S, _ = q.shape
         rep = Hq // k.shape[1]
-        perm = None if bs.perm is None else _on(bs, "perm", bs.perm, q.device)
+        perm = bs.perm_on(q.device)
         if perm is not None or rep > 1:
             q, k, v = _gather(q, perm, 1, "q"), _gather(k, perm, rep, "k"), _gather(v, perm, rep, "v")
         out = torch.empty(B, Hq, S, v.shape[3], dtype=q.dtype, device=q.device)  # original token order
@@ -74,14 +74,6 @@ class Tiles(Kernel):
 
 
 _WORKSPACE = threading.local()
-
-
-def _on(bs: BlockSparse, name: str, t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device``, cached on the block structure."""
-    key = (name, str(device))
-    if key not in bs.cache:
-        bs.cache[key] = t.to(device)
-    return bs.cache[key]
 
 
 def _gather(x: torch.Tensor, perm, rep: int, slot: str) -> torch.Tensor:

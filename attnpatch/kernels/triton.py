@@ -39,8 +39,8 @@ class Triton(Kernel):
 
         bs = plan.blocks
         layout = uniform_layout(bs, BLOCK, plan.mask_mod, q.device)
-        perm = None if bs.perm is None else bs.perm.to(q.device)
+        perm = bs.perm_on(q.device)
         if perm is not None:
             q, k, v = (t.index_select(2, perm) for t in (q, k, v))  # (B, H, S, D) in tile order
         out, _ = block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale)
-        return out if perm is None else out.index_select(2, bs.inverse_perm().to(q.device))
+        return out if perm is None else out.index_select(2, bs.inverse_perm_on(q.device))

@@ -196,11 +196,16 @@ def per_axis(value, nd: int, name: str, method: str) -> tuple:
     return vals
 
 
-def site_grid(site: Site, Sq: int) -> Site | None:
+def site_grid(site: Site, q, k, method: str) -> Site | None:
     """The site a locality pattern applies to: self / joint calls; a grid-less self call is
-    treated as one 1-D axis. None for cross attention (dense)."""
+    treated as one 1-D axis. None for cross attention (dense); ValueError for unequal query
+    and key lengths (LLM decode)."""
+    Sq, Skv = q.shape[2], k.shape[2]
     if site.kind == "cross":
         return None
+    if Sq != Skv:
+        raise ValueError(f"{method} needs self / joint attention (query and key lengths {Sq} != {Skv}); "
+                         "for LLM decode use SinkWindow")
     if site.grid is None:
         from dataclasses import replace
 

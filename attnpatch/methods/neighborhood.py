@@ -58,27 +58,17 @@ class Neighborhood(Method):
                 raise ValueError(f"Neighborhood(stride={self.stride!r}) must not exceed window={self.window!r} on axis {a}")
         return w, s, d, c
 
-    def keep_tables(self, grid):
-        w, s, d, c = self.axes(grid)
-        return [_grid.na_keep(n, *p) for n, p in zip(grid, zip(w, s, d, c))]
-
     def _build(self, site: Site, S: int, device) -> Plan:
         grid = site.grid
-        w, s, d, _ = self.axes(grid)
-        keeps = self.keep_tables(grid)
+        w, s, d, c = self.axes(grid)
+        keeps = [_grid.na_keep(n, *p) for n, p in zip(grid, zip(w, s, d, c))]
         tile = _grid.per_axis(self.tile, len(grid), "tile", "Neighborhood") if self.tile else default_tile(grid, w, s)
         axes = [_grid.axis_tiling(n, t, dd) for n, t, dd in zip(grid, tile, d)]
         return _grid.separable_plan(site, S, keeps, axes, device, repr(self))
 
     def plan(self, q, k, site: Site) -> Plan | None:
-        Sq, Skv = q.shape[2], k.shape[2]
-        site = _grid.site_grid(site, Sq)
-        if site is None:
-            return None
-        if Sq != Skv:
-            raise ValueError(f"{self.name} needs self / joint attention (query and key lengths {Sq} != {Skv}); "
-                             "for LLM decode use SinkWindow")
-        return self._plans.get(site, Sq, q.device)
+        site = _grid.site_grid(site, q, k, self.name)
+        return None if site is None else self._plans.get(site, q.shape[2], q.device)
 
 
 if __name__ == "__main__":

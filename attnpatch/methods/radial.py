@@ -95,13 +95,10 @@ class Radial(Method):
         return Plan(mask_mod=_grid.grid_mask_mod(site, keep_fn), blocks=_grid.assemble(site, S, perm, sizes, vis), name=repr(self))
 
     def plan(self, q, k, site: Site) -> Plan | None:
-        if site.kind == "cross":
-            return None
-        if site.grid is None or len(site.grid) != 3:
+        if site.kind != "cross" and (site.grid is None or len(site.grid) != 3):
             raise ValueError(f"Radial needs a video grid (T, H, W); this site has grid {site.grid}")
-        if q.shape[2] != k.shape[2]:
-            raise ValueError(f"Radial needs self / joint attention, got query / key lengths {q.shape[2]} / {k.shape[2]}")
-        return self._plans.get(site, q.shape[2], q.device)
+        site = _grid.site_grid(site, q, k, self.name)
+        return None if site is None else self._plans.get(site, q.shape[2], q.device)
 
 
 if __name__ == "__main__":

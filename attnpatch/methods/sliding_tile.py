@@ -40,12 +40,8 @@ class SlidingTile(Method):
         return _grid.separable_plan(site, S, keeps, axes, device, repr(self))
 
     def plan(self, q, k, site: Site) -> Plan | None:
-        site = _grid.site_grid(site, q.shape[2])
-        if site is None:
-            return None
-        if q.shape[2] != k.shape[2]:
-            raise ValueError(f"SlidingTile needs self / joint attention, got query / key lengths {q.shape[2]} / {k.shape[2]}")
-        return self._plans.get(site, q.shape[2], q.device)
+        site = _grid.site_grid(site, q, k, self.name)
+        return None if site is None else self._plans.get(site, q.shape[2], q.device)
 
 
 if __name__ == "__main__":
