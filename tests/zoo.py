@@ -15,5 +15,7 @@ ZOO = [
     ("sinkwindow-wide", ap.SinkWindow(sink=4, window=10_000), Site(causal=True)),
     ("neighborhood-1d", ap.Neighborhood(window=5, dilation=2), Site()),  # grid-less: one axis
     ("slidingtile-1d", ap.SlidingTile(tile=4, window=3), Site()),
+    ("topk-1d", ap.TopKBlocks(keep=0.4, block=4), Site()),  # data dependent: the plan comes from q, k
+    ("topk-mass-1d", ap.TopKBlocks(mass=0.6, block=3, local=1), Site()),  # joint / 3-D sites: test_topk.py
 ]
 # Radial needs a (T, H, W) grid: its matrix is in test_sparse.py

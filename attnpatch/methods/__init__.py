@@ -9,6 +9,7 @@ _FILES = {
     "Neighborhood": "neighborhood",
     "SlidingTile": "sliding_tile",
     "Radial": "radial",
+    "TopKBlocks": "topk_blocks",
 }  # public name -> module file
 
 

@@ -1,0 +1,120 @@
+"""``TopKBlocks``: data-dependent block sparsity for DiTs. Tokens are grouped in grid tiles
+(about 256 tokens); the block logits are the mean-pooled queries times the mean-pooled keys,
+``q_blk @ k_blk^T * scale + log |k_blk|`` (the log-size term makes a block's softmax share
+estimate its total attention mass). Each query tile keeps the ``keep`` fraction of tiles with
+the largest estimated mass, or the smallest set reaching ``mass``, plus its own tile (and its
+``local`` tile neighbourhood) and the text, both ways. The estimate is averaged over batch and
+heads, so one block structure serves the whole call (what block-sparse kernels run).
+Estimation is O(S * D + tiles^2 * D): well under 1 % of dense attention at 16K tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import Plan
+from ..site import Site
+from . import _grid
+from .base import Method, check_int
+
+BASE_TILE = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}
+
+
+@dataclass
+class TopKBlocks(Method):
+    """Keep, per query tile, the key tiles with the largest estimated attention mass."""
+
+    source = "VMoBA (training-free), SpargeAttn, DHSA, SEA, HiP"
+
+    keep: float | None = 0.25  # fraction of key tiles per query tile (ignored when mass is set)
+    mass: float | None = None  # or: the smallest set of tiles whose estimated mass reaches this
+    block: int | tuple | None = None  # tile per grid axis; default about 256 tokens
+    local: int = 0  # also keep tiles within this Chebyshev tile distance (0: own tile only)
+
+    def __post_init__(self):
+        if self.mass is not None:
+            if not 0 < self.mass <= 1:
+                raise ValueError(f"TopKBlocks(mass={self.mass!r}) must be in (0, 1]")
+        elif self.keep is None or not 0 < self.keep <= 1:
+            raise ValueError(f"TopKBlocks(keep={self.keep!r}) must be in (0, 1] (or pass mass=...)")
+        if self.block is not None:
+            for b in self.block if isinstance(self.block, (tuple, list)) else (self.block,):
+                check_int("TopKBlocks", "block", b, 1)
+        check_int("TopKBlocks", "local", self.local, 0)
+        self._layouts = _grid.PlanCache(self._layout)
+
+    def _layout(self, site: Site, S: int, device) -> dict:
+        """Tile order of the grid (cached per layout): permutation, sizes, tile of every visual
+        token (row-major), per-axis tile coordinates, and the always-kept tile pairs."""
+        grid = site.grid
+        tile = (_grid.per_axis(self.block, len(grid), "block", "TopKBlocks") if self.block
+                else tuple(min(n, b) for n, b in zip(grid, BASE_TILE[len(grid)])))
+        axes = [_grid.axis_tiling(n, t) for n, t in zip(grid, tile)]
+        perm, sizes, tile_axes = _grid.visual_layout(grid, axes)
+        n = site.visual_len
+        tile_of = torch.empty(n, dtype=torch.long)
+        order = torch.arange(n) if perm is None else perm
+        tile_of[order] = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)  # row-major token -> tile
+        ta = torch.stack(tile_axes, 1)  # (nT, axes)
+        forced = (ta[:, None] - ta[None, :]).abs().amax(-1) <= self.local  # (nT, nT)
+        return dict(perm=perm, sizes=sizes, tile_of=tile_of.to(device), forced=forced.to(device))
+
+    def estimate(self, q, k, site: Site, lay: dict) -> torch.Tensor:
+        """(nT, nT) estimated share of each query tile's attention mass per key tile."""
+        B, H, S, D = q.shape
+        v0, n = site.visual_start, site.visual_len
+        sizes = lay["sizes"].to(q.device, torch.float32)
+        nT = sizes.numel()
+
+        def pool(x):  # (B, h, n, D) -> (B, h, nT, D) tile means
+            out = torch.zeros(*x.shape[:2], nT, D, device=x.device, dtype=torch.float32)
+            return out.index_add_(2, lay["tile_of"], x[:, :, v0:v0 + n].float()) / sizes[:, None]
+
+        pq, pk = pool(q), pool(k).repeat_interleave(H // k.shape[1], 1)  # GQA: (B, H, nT, D)
+        logits = pq @ pk.transpose(-1, -2) * D**-0.5 + sizes.log()  # (B, H, nT, nT)
+        return torch.softmax(logits, -1).mean((0, 1))
+
+    def select(self, est: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """(nT, nT) boolean tiles kept: forced ones, then by estimated mass."""
+        nT = est.shape[0]
+        score = est.masked_fill(forced, float("inf"))
+        order = score.argsort(-1, descending=True)
+        if self.mass is not None:
+            sorted_mass = est.gather(-1, order).masked_fill(forced.gather(-1, order), 0.0)
+            before = sorted_mass.cumsum(-1) - sorted_mass + est.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
+            take = before < self.mass  # a tile is taken while the mass before it falls short
+        else:
+            k = max(1, math.ceil(self.keep * nT))
+            take = (torch.arange(nT, device=est.device)[None, :] < k).expand(nT, nT)
+        keep = torch.zeros_like(forced).scatter_(-1, order, take)
+        return keep | forced
+
+    def plan(self, q, k, site: Site) -> Plan | None:
+        site = _grid.site_grid(site, q, k, self.name)
+        if site is None:
+            return None
+        lay = self._layouts.get(site, q.shape[2], q.device)
+        keep = self.select(self.estimate(q, k, site, lay), lay["forced"])
+        blocks = _grid.assemble(site, q.shape[2], lay["perm"], lay["sizes"], keep.cpu().to(torch.uint8) * 2)
+        v0, n, tile_of = site.visual_start, site.visual_len, lay["tile_of"]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            qv, kv = q_idx - v0, kv_idx - v0
+            text = (qv < 0) | (qv >= n) | (kv < 0) | (kv >= n)
+            return keep[tile_of[qv.clamp(0, n - 1)], tile_of[kv.clamp(0, n - 1)]] | text
+
+        return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
+
+
+if __name__ == "__main__":
+    from ..plan import materialise_mask
+
+    torch.manual_seed(0)
+    site, m = Site(grid=(4, 8)), TopKBlocks(keep=0.25, block=2)
+    q = torch.randn(1, 1, 32, 8)
+    k = q + 0.5 * torch.randn(1, 1, 32, 8)  # keys near their queries: the estimate should find the diagonal
+    keep = materialise_mask(m.plan(q, k, site), 1, 1, 32, 32, "cpu")[0, 0]
+    print(f"{m} on random q, k at a 4x8 grid (tiles of 2x2):")
+    print("\n".join("".join("#" if x else "." for x in row.tolist()) for row in keep))
