@@ -33,8 +33,19 @@ def _softcapped(plan: Plan, softcap: float) -> Plan:
 
 def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=None, softcap=None) -> torch.Tensor:
     """Attention of ``method`` at ``site`` on ``(B, H, S, D)`` tensors; returns ``(B, H_q, S_q, D_v)``."""
-    plan = method.plan(q, k, site) or Plan()
-    plan = plan.with_site(site.causal, site.q_offset)
+    groups = method.head_plans(q, k, site)
+    if len(groups) == 1 and groups[0][0] is None:
+        return _run_plan(q, k, v, groups[0][1], site, backend, mask, scale, softcap)
+    rep = q.shape[1] // k.shape[1]
+    out = q.new_empty(*q.shape[:3], v.shape[3])
+    for heads, plan in groups:  # per-head profiles: one plan per group of heads with equal parameters
+        m = mask[:, heads] if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[1] > 1 else mask
+        out[:, heads] = _run_plan(q[:, heads], k[:, heads // rep], v[:, heads // rep], plan, site, backend, m, scale, softcap)
+    return out
+
+
+def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
+    plan = (plan or Plan()).with_site(site.causal, site.q_offset)
     if softcap:
         plan = _softcapped(plan, softcap)
     kernel = kernels.select(q, k, v, plan, mask=mask, backend=backend)

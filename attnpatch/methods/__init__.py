@@ -10,6 +10,7 @@ _FILES = {
     "SlidingTile": "sliding_tile",
     "Radial": "radial",
     "TopKBlocks": "topk_blocks",
+    "Sparse": "schedule",
 }  # public name -> module file
 
 

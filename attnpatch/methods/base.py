@@ -18,6 +18,11 @@ class Method:
     def plan(self, q: torch.Tensor, k: torch.Tensor, site: Site) -> Plan | None:
         return None
 
+    def head_plans(self, q: torch.Tensor, k: torch.Tensor, site: Site) -> list:
+        """``[(head indices or None, Plan | None)]``; one group of all heads unless a per-head
+        profile splits them (``Sparse``)."""
+        return [(None, self.plan(q, k, site))]
+
     def reset(self) -> None:
         """Forget per-generation state; called at the start of every pipeline call."""
 

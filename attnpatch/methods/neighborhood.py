@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from ..plan import Plan
 from ..site import Site
 from . import _grid
-from .base import Method, check_int
+from .base import check_int
+from .schedule import Sparse
 
 
 def _ints(value, method: str, name: str, minimum: int):
@@ -29,7 +30,7 @@ def default_tile(grid: tuple, window: tuple, stride: tuple) -> tuple:
 
 
 @dataclass
-class Neighborhood(Method):
+class Neighborhood(Sparse):
     """Sliding / strided / dilated neighbourhood attention per grid axis (NATTEN semantics)."""
 
     source = "Generalized Neighborhood Attention (NATTEN); Faster Neighborhood Attention; DiNAT"
@@ -41,6 +42,7 @@ class Neighborhood(Method):
     tile: int | tuple | None = None  # executor tile per axis; default: default_tile()
 
     def __post_init__(self):
+        super().__post_init__()
         _ints(self.window, "Neighborhood", "window", 1)
         _ints(self.stride, "Neighborhood", "stride", 1)
         _ints(self.dilation, "Neighborhood", "dilation", 1)

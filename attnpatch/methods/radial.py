@@ -18,7 +18,8 @@ import torch
 from ..plan import Plan
 from ..site import Site
 from . import _grid
-from .base import Method, check_int
+from .base import check_int
+from .schedule import Sparse
 
 
 def band_of(T: int) -> torch.Tensor:
@@ -28,7 +29,7 @@ def band_of(T: int) -> torch.Tensor:
 
 
 @dataclass
-class Radial(Method):
+class Radial(Sparse):
     """Spatial window shrinking with temporal distance, plus sink frames (video only)."""
 
     source = "Radial Attention: O(n log n) Sparse Attention with Energy Decay (Li et al. 2025)"
@@ -39,6 +40,7 @@ class Radial(Method):
     tile: int | tuple = 8  # spatial tile per axis, in tokens
 
     def __post_init__(self):
+        super().__post_init__()
         if self.window is not None:
             for w in self.window if isinstance(self.window, (tuple, list)) else (self.window,):
                 check_int("Radial", "window", w, 1)

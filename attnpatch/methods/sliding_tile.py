@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from ..plan import Plan
 from ..site import Site
 from . import _grid
-from .base import Method, check_int
+from .base import check_int
+from .schedule import Sparse
 
 
 @dataclass
-class SlidingTile(Method):
+class SlidingTile(Sparse):
     """Tile-granular sliding window: ``window`` tiles of ``tile`` tokens per axis."""
 
     source = "Fast Video Generation with Sliding Tile Attention (FastVideo, Zhang et al. 2025)"
@@ -22,6 +23,7 @@ class SlidingTile(Method):
     window: int | tuple = 3
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("tile", "window"):
             v = getattr(self, name)
             for x in v if isinstance(v, (tuple, list)) else (v,):

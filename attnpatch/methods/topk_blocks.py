@@ -17,13 +17,14 @@ import torch
 from ..plan import Plan
 from ..site import Site
 from . import _grid
-from .base import Method, check_int
+from .base import check_int
+from .schedule import Sparse
 
 BASE_TILE = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}
 
 
 @dataclass
-class TopKBlocks(Method):
+class TopKBlocks(Sparse):
     """Keep, per query tile, the key tiles with the largest estimated attention mass."""
 
     source = "VMoBA (training-free), SpargeAttn, DHSA, SEA, HiP"
@@ -34,6 +35,7 @@ class TopKBlocks(Method):
     local: int = 0  # also keep tiles within this Chebyshev tile distance (0: own tile only)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mass is not None:
             if not 0 < self.mass <= 1:
                 raise ValueError(f"TopKBlocks(mass={self.mass!r}) must be in (0, 1]")

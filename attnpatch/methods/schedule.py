@@ -1,0 +1,115 @@
+"""``Sparse``: the base of every sparse method, carrying its schedule as data (METHODS.md,
+"schedules on every sparse method"):
+
+- ``dense_steps=n``: the first n denoising steps of every pipeline call run dense (by the step
+  index the pipeline's own scheduler loop gives, reset per call);
+- ``dense_layers=(0, 1, ...)``: these layers always run dense;
+- ``profile=``: per-layer or per-head parameter tables, a dict of tensors or a safetensors file
+  written by ``save_profile``. A table is named after the parameter; shape (layers,) gives a
+  scalar per layer, (layers, heads) one per head, (layers, heads, axes) a per-axis tuple per
+  head; heads = 1 means the same for every head. Heads with equal parameters run together
+  (one plan per group).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from ..site import Site
+from .base import Method
+
+
+def save_profile(path, method: "Sparse", tables: dict) -> None:
+    """Write ``tables`` (parameter name -> tensor (layers, [heads,] [axes])) for ``method``'s
+    class to a safetensors file; ``load`` checks the class and parameter names."""
+    from safetensors.torch import save_file
+
+    _check_tables(type(method), tables)
+    save_file({k: torch.as_tensor(v).contiguous() for k, v in tables.items()}, str(path), metadata={"method": type(method).__name__})
+
+
+def _check_tables(cls, tables: dict) -> None:
+    names = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("dense_steps", "dense_layers", "profile")}
+    for k, t in tables.items():
+        if k not in names:
+            raise ValueError(f"profile sets {k!r}, which is not a parameter of {cls.__name__}; parameters: {sorted(names)}")
+        if torch.as_tensor(t).dim() not in (1, 2, 3):
+            raise ValueError(f"profile table {k!r} must be (layers,), (layers, heads) or (..., axes); got {tuple(torch.as_tensor(t).shape)}")
+
+
+def _load(cls, profile) -> dict:
+    if isinstance(profile, dict):
+        tables = {k: torch.as_tensor(v) for k, v in profile.items()}
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(profile), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("method") not in (None, cls.__name__):
+                raise ValueError(f"profile {profile} was written for {meta['method']}, not {cls.__name__}")
+            tables = {k: f.get_tensor(k) for k in f.keys()}
+    _check_tables(cls, tables)
+    return tables
+
+
+@dataclass
+class Sparse(Method):
+    """A sparse method with a schedule; subclasses implement ``plan``."""
+
+    dense_steps: int = field(default=0, kw_only=True, repr=False)
+    dense_layers: tuple = field(default=(), kw_only=True, repr=False)
+    profile: object = field(default=None, kw_only=True, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise ValueError(f"{self.name}(dense_steps={self.dense_steps!r}) must be an integer >= 0")
+        self.dense_layers = tuple(int(x) for x in self.dense_layers)
+        self._tables = None if self.profile is None else _load(type(self), self.profile)
+        self._variants: dict = {}
+
+    def dense_at(self, site: Site) -> bool:
+        """True where the schedule says dense."""
+        return site.layer in self.dense_layers or (site.step is not None and site.step < self.dense_steps)
+
+    def _variant(self, values: dict) -> "Sparse":
+        key = tuple(sorted(values.items()))
+        if key not in self._variants:
+            self._variants[key] = dataclasses.replace(self, profile=None, **values)  # validated by __post_init__
+        return self._variants[key]
+
+    def _values(self, layer: int, heads: int) -> list[dict] | None:
+        """Parameter overrides for each head at ``layer`` (None: no profile)."""
+        if self._tables is None:
+            return None
+        out = [{} for _ in range(heads)]
+        for name, t in self._tables.items():
+            if layer >= t.shape[0]:
+                raise ValueError(f"{self.name} profile has {t.shape[0]} layers for {name!r}, but layer {layer} was called")
+            row = t[layer]  # (), (heads | 1,) or (heads | 1, axes)
+            if row.dim() and row.shape[0] not in (1, heads):
+                raise ValueError(f"{self.name} profile table {name!r} has {row.shape[0]} heads, the model has {heads}")
+            for h in range(heads):
+                v = row if not row.dim() else row[h if row.shape[0] > 1 else 0]
+                out[h][name] = tuple(v.tolist()) if v.dim() else v.item()
+        return out
+
+    def head_plans(self, q, k, site: Site):
+        """``[(head indices or None, Plan | None)]``: the plans of this call by head group."""
+        if self.dense_at(site):
+            return [(None, None)]
+        values = self._values(site.layer, q.shape[1])
+        if values is None:
+            return [(None, self.plan(q, k, site))]
+        groups: dict = {}
+        for h, v in enumerate(values):
+            groups.setdefault(tuple(sorted(v.items())), []).append(h)
+        if len(groups) == 1:
+            return [(None, self._variant(values[0]).plan(q, k, site))]
+        rep = q.shape[1] // k.shape[1]
+        out = []
+        for key, heads in groups.items():
+            idx = torch.tensor(heads, device=q.device)
+            out.append((idx, self._variant(dict(key)).plan(q[:, idx], k[:, idx // rep], site)))
+        return out
