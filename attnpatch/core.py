@@ -48,8 +48,20 @@ def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
     plan = (plan or Plan()).with_site(site.causal, site.q_offset)
     if softcap:
         plan = _softcapped(plan, softcap)
-    kernel = kernels.select(q, k, v, plan, mask=mask, backend=backend)
-    return kernel.run(q, k, v, plan, mask=mask, scale=scale)
+    output, extra = plan.output, plan.extra_kv
+    if output is not None or extra is not None:  # kernels run the plain part; these two are applied here
+        plan = dataclasses.replace(plan, output=None, extra_kv=None)
+    k_all, v_all = k, v
+    if extra is not None:  # shared attention: more keys / values per row, always visible
+        ek, ev = extra
+        k_all, v_all = torch.cat([k, ek], 2), torch.cat([v, ev], 2)
+        if mask is not None:  # the model's own mask does not cover the extra keys: keep them
+            pad = torch.ones if mask.dtype == torch.bool else torch.zeros
+            mask = torch.cat([mask, pad(*mask.shape[:-1], ek.shape[2], dtype=mask.dtype, device=mask.device)
+                              .expand(*mask.shape[:-1], ek.shape[2])], -1)
+    kernel = kernels.select(q, k_all, v_all, plan, mask=mask, backend=backend)
+    out = kernel.run(q, k_all, v_all, plan, mask=mask, scale=scale)
+    return out if output is None else output(out, q, k, v, scale)
 
 
 def attend(q, k, v, method: Method, site: Site | None = None, *, backend: str | None = None, mask=None, scale=None):

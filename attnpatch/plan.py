@@ -26,8 +26,8 @@ class Plan:
     causal: bool = False
     q_offset: int = 0
     blocks: Any = None  # BlockSparse: tile-order permutation + block structure (attnpatch.blocks)
-    output: Callable | None = None  # (out, q, k, v) -> out, e.g. PAG identity (later issues)
-    extra_kv: tuple | None = None  # shared-attention keys / values (later issues)
+    output: Callable | None = None  # (out, q, k, v, scale) -> out, applied after the kernel (PAG identity)
+    extra_kv: tuple | None = None  # (k_extra, v_extra) (B, H_kv, E, D) appended to every row's keys (shared attention)
     name: str = "dense"
 
     @property

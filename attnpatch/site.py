@@ -33,6 +33,8 @@ class Site:
     # rolling (sliding-window) cache has dropped; None means 0
     kv_shift: torch.Tensor | None = field(default=None, compare=False)
     decode: bool = False  # LLM decode (one new query token per row)
+    # role of every batch row when a guidance wrapper set them: "cond", "uncond" or "perturbed"
+    roles: tuple = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -11,6 +11,7 @@ _FILES = {
     "Radial": "radial",
     "TopKBlocks": "topk_blocks",
     "Sparse": "schedule",
+    "PAG": "pag",
 }  # public name -> module file
 
 

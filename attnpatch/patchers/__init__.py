@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 SUPPORTED = (
-    "diffusers pipelines and models: Flux, SD3, Wan (2.1 / 2.2), HunyuanVideo, CogVideoX, LTX-Video, Mochi; "
+    "diffusers pipelines and models: Flux, SD3, Wan (2.1 / 2.2), HunyuanVideo, CogVideoX, LTX-Video, Mochi, "
+    "Stable Diffusion UNets (attention methods that need no token grid, e.g. PAG); "
     "transformers decoders: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3"
 )
 

@@ -49,6 +49,11 @@ def _flux_grid(model, args):
     return (H, W)
 
 
+def _unet_grid(model, args):
+    x = args.get("sample")
+    return None if x is None else tuple(x.shape[-2:])  # (H, W) of the latent; deeper levels are derived per call
+
+
 def _ltx_grid(model, args):
     cfg = model.config
     f, h, w = args.get("num_frames"), args.get("height"), args.get("width")
@@ -65,6 +70,7 @@ class Family:
     t_scale: float = 1000.0  # the transformer's timestep / t_scale = noise level in [0, 1]
     t_inverted: bool = False  # Mochi counts time up: noise level = 1 - t / t_scale
     skip: tuple = ()  # module-name prefixes whose attention never touches visual tokens
+    multires: bool = False  # UNets: attention at several resolutions, each level halves the grid (ceil)
 
 
 FAMILIES = {
@@ -77,6 +83,7 @@ FAMILIES = {
     "CogVideoXTransformer3DModel": Family("cogvideox", True, _latent("patch_size_t", "patch_size", "BTCHW")),
     "LTXVideoTransformer3DModel": Family("ltx", True, _ltx_grid),
     "MochiTransformer3DModel": Family("mochi", False, _latent(None, "patch_size", "BCTHW"), t_inverted=True),
+    "UNet2DConditionModel": Family("unet", True, _unet_grid, multires=True),
 }
 
 
@@ -96,6 +103,7 @@ class _ModelState:
         self.signature = inspect.signature(model.forward)
         self.grid = None
         self.timestep = None
+        self.roles: tuple = ()  # batch-row roles set by a guidance wrapper around forward
 
     def pre_forward(self, model, args, kwargs):
         bound = self.signature.bind_partial(*args, **kwargs).arguments
@@ -109,6 +117,18 @@ class _ModelState:
         self.timestep = t
 
 
+def _level(grid, S: int):
+    """The grid of the UNet level with S tokens (each level halves H and W, rounding up)."""
+    if not grid:
+        return grid
+    h, w = grid
+    for _ in range(8):
+        if h * w == S:
+            return (h, w)
+        h, w = -(-h // 2), -(-w // 2)
+    return None
+
+
 class _Call:
     """One patched attention module: turns a primitive call into a Site and runs the method."""
 
@@ -117,7 +137,8 @@ class _Call:
 
     def site(self, Sq: int, Skv: int, causal: bool) -> Site | None:
         st = self.state
-        n = math.prod(st.grid) if st.grid else 0
+        grid = _level(st.grid, Sq) if st.family.multires else st.grid
+        n = math.prod(grid) if grid else 0
         text_len, kind = 0, "self"
         if Sq != Skv:
             kind = "cross"
@@ -127,9 +148,9 @@ class _Call:
             kind, text_len = "joint", Sq - n
         elif n and Sq < n:
             return None  # text-only self-attention (e.g. a text refiner)
-        return Site(grid=st.grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
+        return Site(grid=grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
                     layer=self.layer, name=self.name, kind=kind, family=st.family.name,
-                    timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None)
+                    timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None, roles=st.roles)
 
     def run(self, q, k, v, *, mask, scale, causal):
         site = self.site(q.shape[2], k.shape[2], bool(causal))
@@ -176,7 +197,7 @@ def _install(entries, chosen, method, backend, state) -> tuple[list[str], list]:
     return names, undo
 
 
-def _patch_models(models, method, backend, layers, tracker):
+def _patch_models(models, method, backend, layers, tracker, pipe=None):
     collected = []
     for prefix, model in models:
         fam = family_of(model)
@@ -189,6 +210,10 @@ def _patch_models(models, method, backend, layers, tracker):
         names += n
         undo += u
         undo.append(model.register_forward_pre_hook(state.pre_forward, with_kwargs=True).remove)
+        if getattr(method, "guidance", False):
+            from ..pipelines import guidance
+
+            undo.append(guidance.install(model, method, state, tracker, pipe))
     return names, undo
 
 
@@ -197,11 +222,11 @@ def patch_model(model, method, backend, layers):
 
 
 def patch_pipeline(pipe, method, backend, layers):
-    models = [(f"{n}.", getattr(pipe, n)) for n in ("transformer", "transformer_2") if getattr(pipe, n, None) is not None]
+    models = [(f"{n}.", getattr(pipe, n)) for n in ("transformer", "transformer_2", "unet") if getattr(pipe, n, None) is not None]
     if not models:
         raise TypeError(f"{type(pipe).__name__} has no transformer denoiser attnpatch can patch; supported: {SUPPORTED}")
     tracker = StepTracker(method)
-    names, undo = _patch_models(models, method, backend, layers, tracker)
+    names, undo = _patch_models(models, method, backend, layers, tracker, pipe)
     orig = pipe.progress_bar
 
     def progress_bar(*args, **kwargs):  # every pipeline opens one progress bar per call

@@ -91,3 +91,50 @@ class AttentionStats(Method):
     def summary(self) -> dict:
         """{layer: {"sink": share of the most-attended key, "text": share of text keys}}."""
         return {layer: {"sink": d["sink"] / d["rows"], "text": d["text"] / d["rows"]} for layer, d in sorted(self.data.items())}
+
+
+@dataclass
+class Recall(Method):
+    """Runs ``inner`` and measures, per call, the fraction of the dense attention mass its plan
+    keeps (recall) and the plan's block density; the generation follows the sparse plans.
+    Exact (materialises the S x S probabilities): meant for small models and benchmarks."""
+
+    inner: Method = None
+    max_queries: int = 512
+    records: list = field(default_factory=list, repr=False)
+
+    source = "-"
+
+    def head_plans(self, q, k, site: Site):
+        groups = self.inner.head_plans(q, k, site)
+        if site.kind == "cross":
+            return groups
+        for heads, plan in groups:
+            qq = q if heads is None else q[:, heads]
+            kk = k if heads is None else k[:, heads // (q.shape[1] // k.shape[1])]
+            self._record(qq, kk, site, plan)
+        return groups
+
+    @torch.no_grad()
+    def _record(self, q, k, site: Site, plan) -> None:
+        from ..plan import materialise_mask
+
+        B, H, S, D = q.shape
+        if plan is None or plan.mask_mod is None:
+            self.records.append(dict(layer=site.layer, step=site.step, recall=1.0, density=1.0))
+            return
+        rows = torch.linspace(0, S - 1, min(S, self.max_queries), device=q.device).round().long()
+        kk = k.repeat_interleave(H // k.shape[1], 1).float()
+        p = torch.softmax(q[:, :, rows].float() @ kk.transpose(-1, -2) * D**-0.5, -1)  # (B, H, R, Skv)
+        keep = materialise_mask(plan.with_site(site.causal, site.q_offset), 1, 1, S, k.shape[2], q.device)[..., rows, :]
+        density = plan.blocks.density() if plan.blocks is not None else keep.float().mean().item()
+        self.records.append(dict(layer=site.layer, step=site.step, recall=(p * keep).sum(-1).mean().item(), density=density))
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def summary(self) -> dict:
+        """Mean recall and density over all recorded calls."""
+        n = max(1, len(self.records))
+        return dict(recall=sum(r["recall"] for r in self.records) / n, density=sum(r["density"] for r in self.records) / n,
+                    calls=len(self.records))

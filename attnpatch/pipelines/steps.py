@@ -11,9 +11,10 @@ class StepTracker:
         self.method = method
         self.step = 0
         self.last: float | None = None
+        self.calls = 0  # denoiser calls at the current step (guidance: the first is the cond one)
 
     def reset(self) -> None:
-        self.step, self.last = 0, None
+        self.step, self.last, self.calls = 0, None, 0
         self.method.reset()
 
     def update(self, t: float) -> None:
@@ -21,4 +22,5 @@ class StepTracker:
             self.reset()
         elif self.last is not None and t != self.last:
             self.step += 1
+            self.calls = 0
         self.last = t

@@ -1,0 +1,254 @@
+"""Sparse attention end to end on diffusion transformers.
+
+Speed: one denoiser forward (a few blocks at the real layer dimensions, random weights) with
+stock attention vs each sparse method patched in, same process: FLUX.1-dev blocks (3072 wide,
+24 heads x 128, 512 text tokens) at 1024^2 and 2048^2, Wan2.1-1.3B blocks (1536 wide, 12 heads,
+FFN 8960) at 480x832 with 33 and 81 frames. Reported: block density of the plans, the measured
+attention share of the dense forward, the Amdahl bound 1 / ((1 - share) + share * density),
+the speedup reached and its fraction of the bound.
+
+Quality: the trained fixtures (attnpatch.models): final images / frames of each method vs stock
+attention with the same seed (PSNR, SSIM), and recall, the fraction of the dense attention
+mass the plans keep, with image / frame grids.
+
+    python benchmarks/pipelines.py                  # both parts, writes benchmarks/results/pipelines.{md,json}
+    python benchmarks/pipelines.py --part quality   # only the trained-model quality part (keeps the other part's rows)
+    python benchmarks/pipelines.py --quick          # tiny shapes: a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attnpatch as ap  # noqa: E402
+from attnpatch.pipelines.probe import Recall  # noqa: E402
+from attnpatch.pipelines.quality import psnr, ssim  # noqa: E402
+from common import machine, table, timeit, write  # noqa: E402
+
+NA, STA, RAD, TOPK = ap.Neighborhood, ap.SlidingTile, ap.Radial, ap.TopKBlocks
+
+SPEED = {  # name: (model, latent shape, blocks, methods)
+    "flux-1024": ("flux", (128, 128), (1, 1), [NA(window=21, tile=16), STA(tile=16, window=(1, 3)), TOPK(keep=0.25, block=16)]),
+    "flux-2048": ("flux", (256, 256), (1, 0), [NA(window=41, tile=16), STA(tile=16, window=3), TOPK(keep=0.125, block=16)]),
+    "wan-480p-33f": ("wan", (9, 60, 104), (2,), [NA(window=(3, 15, 25)), STA(tile=(3, 6, 13), window=(1, 3, 3)),
+                                                 RAD(window=1, decay=2.0, dense_frames=1, tile=(30, 26)), TOPK(keep=0.15, block=(3, 6, 13))]),
+    "wan-480p-81f": ("wan", (21, 60, 104), (1,), [NA(window=(5, 15, 25)), STA(tile=(3, 6, 13), window=(1, 3, 3)),
+                                                  RAD(window=1, decay=2.0, dense_frames=1, tile=(30, 26)), TOPK(keep=0.1, block=(3, 6, 13))]),
+}
+QUICK = {
+    "flux-quick": ("flux", (32, 32), (1, 1), [STA(tile=4, window=(1, 3)), TOPK(keep=0.25, block=4)]),
+    "wan-quick": ("wan", (3, 16, 16), (1,), [STA(tile=(1, 4, 4), window=(1, 3, 3)), RAD(window=1, tile=(4, 4))]),
+}
+
+
+def flux_model(blocks, quick: bool):
+    from diffusers import FluxTransformer2DModel
+
+    dims = dict(num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64, pooled_projection_dim=32,
+                axes_dims_rope=(8, 12, 12)) if quick else dict(num_attention_heads=24, attention_head_dim=128,
+                                                               joint_attention_dim=4096, pooled_projection_dim=768,
+                                                               axes_dims_rope=(16, 56, 56))
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=blocks[0], num_single_layers=blocks[1],
+                                  guidance_embeds=True, **dims)
+
+
+def flux_inputs(model, latent, text=512):
+    from diffusers import FluxPipeline
+
+    h, w = latent[0] // 2, latent[1] // 2
+    cfg = model.config
+    return dict(hidden_states=torch.randn(1, h * w, cfg.in_channels), encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim), timestep=torch.tensor([0.5]),
+                guidance=torch.tensor([3.5]), img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.float32),
+                txt_ids=torch.zeros(text, 3), return_dict=False)
+
+
+def wan_model(blocks, quick: bool):
+    from diffusers import WanTransformer3DModel
+
+    dims = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, freq_dim=32) if quick else \
+        dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, num_layers=blocks[0],
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", **dims)
+
+
+def wan_inputs(model, latent, text=512):
+    return dict(hidden_states=torch.randn(1, 16, *latent), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(1, text, model.config.text_dim), return_dict=False)
+
+
+def _attention_seconds(model, kind, latent, text, reps) -> tuple[float, int]:
+    """Dense SDPA time of the sparsifiable calls of one forward (joint / self attention), and
+    their token count, measured on the same shapes."""
+    cfg = model.config
+    H, D = cfg.num_attention_heads, cfg.attention_head_dim
+    if kind == "flux":
+        S, calls = latent[0] // 2 * latent[1] // 2 + text, cfg.num_layers + cfg.num_single_layers
+    else:
+        S, calls = latent[0] * latent[1] // 2 * latent[2] // 2, cfg.num_layers
+    q, k, v = (torch.randn(1, H, S, D) for _ in range(3))
+    t = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps=reps)
+    return t * calls, S
+
+
+class _Density(ap.Method):
+    """Wraps a method and records its plans' block density (the fraction a kernel computes)."""
+
+    def __init__(self, inner):
+        self.inner, self.densities = inner, []
+
+    def head_plans(self, q, k, site):
+        groups = self.inner.head_plans(q, k, site)
+        if site.kind != "cross":
+            self.densities += [1.0 if p is None or p.blocks is None else p.blocks.density() for _, p in groups]
+        return groups
+
+    def reset(self):
+        self.inner.reset()
+
+
+def speed(configs: dict, quick: bool, reps: int) -> list[dict]:
+    rows = []
+    for name, (kind, latent, blocks, methods) in configs.items():
+        torch.manual_seed(0)
+        model = (flux_model if kind == "flux" else wan_model)(blocks, quick).eval()
+        inputs = (flux_inputs if kind == "flux" else wan_inputs)(model, latent, 16 if quick else 512)
+        with torch.inference_mode():
+            dense = timeit(lambda: model(**inputs), reps=reps)
+            attn, S = _attention_seconds(model, kind, latent, 16 if quick else 512, reps)
+            share = min(attn / dense, 1.0)
+            print(f"{name}: {S} tokens, dense forward {dense:.2f} s, attention share {share:.3f}", flush=True)
+            for m in methods:
+                probe = _Density(m)
+                with ap.patch(model, probe):
+                    t = timeit(lambda: model(**inputs), reps=reps)
+                density = sum(probe.densities) / max(1, len(probe.densities))
+                bound = 1 / ((1 - share) + share * density)
+                row = dict(config=name, tokens=S, blocks="+".join(map(str, blocks)), method=repr(m), density=density,
+                           attention_share=share, dense_s=dense, method_s=t, speedup=dense / t, bound=bound,
+                           fraction=dense / t / bound)
+                print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+                rows.append(row)
+        del model
+    return rows
+
+
+def label(m) -> str:
+    extra = [f"dense_steps={m.dense_steps}"] if getattr(m, "dense_steps", 0) else []
+    return repr(m) + (" + " + ", ".join(extra) if extra else "")
+
+
+QUALITY = {  # the fixtures' grids are small (16x16 image tokens; 5x8x8 video tokens): tiles of 4x4
+    "flux": [NA(window=7, tile=4), NA(window=7, tile=4, dense_steps=4), NA(window=11, tile=4),
+             STA(tile=4, window=(1, 3)), STA(tile=4, window=(1, 3), dense_steps=4), STA(tile=4, window=3),
+             TOPK(keep=0.25, block=4), TOPK(keep=0.25, block=4, dense_steps=4), TOPK(mass=0.9, block=4),
+             NA(), STA(), TOPK()],
+    "wan": [NA(window=(3, 5, 5)), NA(window=(3, 5, 5), dense_steps=4), STA(tile=(1, 4, 4), window=(3, 1, 1)),
+            STA(tile=(1, 4, 4), window=(3, 1, 1), dense_steps=4), RAD(window=1, decay=2.0, dense_frames=0, tile=(4, 4)),
+            RAD(window=1, decay=2.0, dense_frames=0, tile=(4, 4), dense_steps=4), TOPK(keep=0.25, block=(1, 4, 4)),
+            TOPK(keep=0.25, block=(1, 4, 4), dense_steps=4), NA(), STA(), RAD(), TOPK()],
+}
+CAPTIONS = {
+    "flux": ["a large red circle at the top left", "a large green square at the top right", "a large blue triangle in the center",
+             "a large yellow circle at the bottom left", "a small white square at the bottom right", "a large magenta triangle on the left",
+             "a large cyan square on the right", "a small orange circle at the top"],
+    "wan": ["a large red square moving right", "a large blue circle moving left", "a large yellow triangle moving down",
+            "a large green circle moving up"],
+}
+
+
+def _generate(pipe, kind, captions):
+    g = torch.Generator().manual_seed(0)
+    if kind == "flux":
+        return pipe(captions, generator=g, output_type="pt").images  # (N, 3, H, W)
+    return torch.as_tensor(pipe(captions, generator=g, output_type="pt").frames)  # (N, T, 3, H, W)
+
+
+def quality(out_dir: Path, methods: dict | None = None) -> list[dict]:
+    from attnpatch.models import fixtures
+    from fixtures import grid_png  # benchmarks/fixtures.py
+
+    rows = []
+    for kind, ms in (methods or QUALITY).items():
+        pipe = (fixtures.flux_shapes if kind == "flux" else fixtures.wan_shapes)()
+        caps = CAPTIONS[kind]
+        ref = _generate(pipe, kind, caps)
+        shown = [ref[:4] if kind == "flux" else ref[:4, ref.shape[1] // 2]]
+        names = ["stock attention"]
+        for m in ms:
+            rec = Recall(inner=m)
+            with ap.patch(pipe, rec):
+                out = _generate(pipe, kind, caps)
+            s = rec.summary()
+            row = dict(model=kind, method=label(m), density=s["density"], recall=s["recall"], psnr=psnr(out, ref), ssim=ssim(out, ref))
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+            rows.append(row)
+            shown.append(out[:4] if kind == "flux" else out[:4, out.shape[1] // 2])
+            names.append(label(m))
+        imgs = [img for group in shown for img in group]
+        caps_shown = [f"{n[:40]}" if i == 0 else "" for n in names for i in range(4)]
+        grid_png(imgs, caps_shown, out_dir / f"quality_{kind}.png", cols=4, scale=2)
+        with open(out_dir / f"quality_{kind}_rows.txt", "w") as f:
+            f.write("\n".join(f"row {i}: {n}" for i, n in enumerate(names)) + "\n")
+    return rows
+
+
+INTRO = (
+    "Speed rows: one denoiser forward of a few transformer blocks at the real layer dimensions (random weights, float32, "
+    "batch 1, text 512 tokens), stock attention vs the method patched in with `attnpatch.patch(model, method)` (kernel chosen "
+    "automatically: `tiles` on this CPU); median of the timed runs after a warm-up, dense and sparse in the same process. "
+    "density = block density of the plans (fraction of the score matrix computed, text rows / columns included); "
+    "attention share = dense SDPA time of the sparsified calls / dense forward time, measured on the same shapes; "
+    "bound = Amdahl bound 1 / ((1 - share) + share x density); fraction = speedup / bound.\n\n"
+    "Quality rows: the trained fixtures (`attnpatch.models.flux_shapes()`: 16x16 image tokens + 16 text tokens; "
+    "`wan_shapes()`: 5x8x8 video tokens), 20 denoising steps with CFG, seed 0, 8 captions (FLUX) / 4 clips (Wan); PSNR and "
+    "SSIM of the final images / every frame against stock attention with the same seed; recall = mean over calls of the "
+    "fraction of the dense attention mass the method's plan keeps (its own trajectory); rows without explicit tiles use the "
+    "method defaults, whose ~256-token tiles cover these tiny grids (dense).")
+
+
+def render(data: dict) -> str:
+    parts = []
+    if data.get("speed"):
+        parts.append("## Speed: denoiser forward, dense vs sparse\n\n" + table(data["speed"], [
+            ("config", "config"), ("tokens", "tokens"), ("blocks", "blocks (double+single / layers)"), ("method", "method"),
+            ("density", "block density"), ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"),
+            ("speedup", "speedup"), ("bound", "Amdahl bound"), ("fraction", "fraction of bound")]))
+    if data.get("quality"):
+        parts.append("## Quality on the trained fixtures (vs stock attention, same seed)\n\n" + table(data["quality"], [
+            ("model", "model"), ("method", "method"), ("density", "block density"), ("recall", "attention recall"),
+            ("psnr", "PSNR (dB)"), ("ssim", "SSIM")]))
+        parts.append("Rows of the grids: stock attention first, then the methods in table order (first 4 captions; Wan: middle frame).\n\n"
+                     "![flux](pipelines/quality_flux.png)\n\n![wan](pipelines/quality_wan.png)")
+    return "\n\n".join(parts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["speed", "quality", "all"], default="all")
+    p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(SPEED)}")
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "pipelines"))
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    pics = out.parent / out.name
+    pics.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    data = {"machine": machine(), "speed": old.get("speed", []), "quality": old.get("quality", [])}
+    if a.part in ("speed", "all"):
+        configs = QUICK if a.quick else {k: v for k, v in SPEED.items() if a.configs is None or k in a.configs.split(",")}
+        new = speed(configs, a.quick, a.reps)
+        data["speed"] = [r for r in data["speed"] if r["config"] not in configs] + new
+    if a.part in ("quality", "all"):
+        data["quality"] = quality(pics)
+    write(out, "Sparse attention end to end on diffusion transformers", INTRO, render(data), data)
+
+
+if __name__ == "__main__":
+    main()

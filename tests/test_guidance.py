@@ -1,0 +1,111 @@
+"""Guidance as a patch: PAG / SoftPAG reproduce diffusers' own PAG pipelines (SD3, SD UNet),
+scale 0 / soft 0 reproduce the unguided output exactly, unpatch restores the pipeline, and the
+guidance composes with classifier-free guidance; SharedAttention on batches."""
+import pytest
+import torch
+
+import attnpatch as ap
+
+
+def _g(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed + sum(shape)))
+
+
+def sd3_parts():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=3, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                        pooled_projection_dim=16, out_channels=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, shift_factor=0.0, scaling_factor=1.0)
+    return dict(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None, tokenizer=None,
+                text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+def sd3_call(pipe, cfg: float, **kw):
+    emb = dict(prompt_embeds=_g(1, 7, 32), pooled_prompt_embeds=_g(1, 16), negative_prompt_embeds=_g(1, 7, 32, seed=1),
+               negative_pooled_prompt_embeds=_g(1, 16, seed=1))
+    return pipe(**emb, height=10, width=14, num_inference_steps=3, guidance_scale=cfg, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **kw).images
+
+
+def sd_parts():
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4)
+    return dict(unet=unet, vae=vae, scheduler=DDIMScheduler(), text_encoder=None, tokenizer=None, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+
+
+def sd_call(pipe, cfg: float, **kw):
+    return pipe(prompt_embeds=_g(1, 5, 12), negative_prompt_embeds=_g(1, 5, 12, seed=1), height=24, width=16,
+                num_inference_steps=3, guidance_scale=cfg, output_type="latent", generator=torch.Generator().manual_seed(0),
+                **kw).images
+
+
+CASES = {
+    "sd3": (sd3_parts, sd3_call, "StableDiffusion3Pipeline", "StableDiffusion3PAGPipeline", "blocks.1"),
+    "sd": (sd_parts, sd_call, "StableDiffusionPipeline", "StableDiffusionPAGPipeline", "mid"),
+}
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0], ids=["no-cfg", "cfg"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pag_reproduces_diffusers_pag_pipeline(name, cfg):
+    import diffusers
+
+    parts, call, plain, pag_cls, layer = CASES[name]
+    comps = parts()
+    pipe = getattr(diffusers, plain)(**comps)
+    theirs = call(getattr(diffusers, pag_cls)(**comps, pag_applied_layers=layer), cfg, pag_scale=2.5)
+    stock = call(pipe, cfg)
+    with ap.patch(pipe, ap.PAG(scale=2.5, layers=[layer])):
+        ours = call(pipe, cfg)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert (ours - stock).abs().max() > 1e-3  # the guidance does something
+    assert torch.equal(call(pipe, cfg), stock)  # unpatched: stock again, bit for bit
+
+
+@pytest.mark.parametrize("method", [ap.PAG(scale=0.0, layers=["blocks.1"]), ap.PAG(scale=3.0, soft=0.0, layers=["blocks.1"])],
+                         ids=["scale0", "soft0"])
+def test_inactive_guidance_is_exactly_unguided(method):
+    import diffusers
+
+    pipe = diffusers.StableDiffusion3Pipeline(**sd3_parts())
+    stock = sd3_call(pipe, 4.0)
+    with ap.patch(pipe, method):
+        assert torch.equal(sd3_call(pipe, 4.0), stock)
+
+
+def test_soft_pag_interpolates_and_heads_restrict():
+    import diffusers
+
+    pipe = diffusers.StableDiffusion3Pipeline(**sd3_parts())
+    stock = sd3_call(pipe, 1.0)
+    outs = {}
+    for key, m in {"full": ap.PAG(scale=2.0, layers=["blocks.1"]), "half": ap.PAG(scale=2.0, soft=0.5, layers=["blocks.1"]),
+                   "head0": ap.PAG(scale=2.0, layers=["blocks.1"], heads=[0])}.items():
+        with ap.patch(pipe, m):
+            outs[key] = sd3_call(pipe, 1.0)
+    d = {k: (v - stock).abs().mean().item() for k, v in outs.items()}
+    assert 0 < d["half"] < d["full"] and 0 < d["head0"] < d["full"], d
+
+
+def test_bad_pag_parameters():
+    with pytest.raises(ValueError, match="soft"):
+        ap.PAG(soft=1.5)
+    with pytest.raises(ValueError, match="not a PAG head profile"):
+        from safetensors.torch import save_file
+        import tempfile, os
+        path = os.path.join(tempfile.mkdtemp(), "x.safetensors")
+        save_file({"x": torch.zeros(1)}, path)
+        ap.PAG(heads=path)
