@@ -48,12 +48,14 @@ def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
     plan = (plan or Plan()).with_site(site.causal, site.q_offset)
     if softcap:
         plan = _softcapped(plan, softcap)
-    output, extra = plan.output, plan.extra_kv
-    if output is not None or extra is not None:  # kernels run the plain part; these two are applied here
-        plan = dataclasses.replace(plan, output=None, extra_kv=None)
+    output, extra, transform = plan.output, plan.extra_kv, plan.transform
+    if output is not None or extra is not None or transform is not None:  # kernels run the plain part
+        plan = dataclasses.replace(plan, output=None, extra_kv=None, transform=None)
+    if transform is not None:
+        q, k, v = transform(q, k, v)
     k_all, v_all = k, v
     if extra is not None:  # shared attention: more keys / values per row, always visible
-        ek, ev = extra
+        ek, ev = extra(k, v) if callable(extra) else extra
         k_all, v_all = torch.cat([k, ek], 2), torch.cat([v, ev], 2)
         if mask is not None:  # the model's own mask does not cover the extra keys: keep them
             pad = torch.ones if mask.dtype == torch.bool else torch.zeros

@@ -27,7 +27,10 @@ class Plan:
     q_offset: int = 0
     blocks: Any = None  # BlockSparse: tile-order permutation + block structure (attnpatch.blocks)
     output: Callable | None = None  # (out, q, k, v, scale) -> out, applied after the kernel (PAG identity)
-    extra_kv: tuple | None = None  # (k_extra, v_extra) (B, H_kv, E, D) appended to every row's keys (shared attention)
+    # (k_extra, v_extra) (B, H_kv, E, D), or a function (k, v) -> that pair: keys / values appended to
+    # every row's own (shared attention); mask_mod sees them as kv_idx >= S_kv
+    extra_kv: tuple | Callable | None = None
+    transform: Callable | None = None  # (q, k, v) -> (q, k, v) before the kernel (AdaIN of shared attention)
     name: str = "dense"
 
     @property
@@ -35,7 +38,7 @@ class Plan:
         """True when the plan is unmasked, unbiased attention (causality aside)."""
         return all(
             f is None
-            for f in (self.mask_mod, self.score_mod, self.blocks, self.output, self.extra_kv)
+            for f in (self.mask_mod, self.score_mod, self.blocks, self.output, self.extra_kv, self.transform)
         )
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":

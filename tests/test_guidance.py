@@ -109,3 +109,65 @@ def test_bad_pag_parameters():
         path = os.path.join(tempfile.mkdtemp(), "x.safetensors")
         save_file({"x": torch.zeros(1)}, path)
         ap.PAG(heads=path)
+
+
+def _flux_batch_pipe():
+    from attnpatch.pipelines.tiny import flux_pipeline
+
+    return flux_pipeline()
+
+
+def test_shared_attention_reference_only_batch_is_stock_and_others_change():
+    from attnpatch.pipelines.tiny import flux_call
+
+    pipe = _flux_batch_pipe()
+    one = flux_call(pipe)
+    with ap.patch(pipe, ap.SharedAttention()):
+        assert torch.equal(flux_call(pipe), one)  # the embeds of flux_call are a batch of one per call
+
+
+def test_shared_attention_definition_on_a_joint_call():
+    """Against a direct implementation: row b attends [own keys, reference visual keys] after AdaIN."""
+    from attnpatch import Site
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, n, D = 3, 2, 3, 12, 8
+    q, k, v = (torch.randn(B, H, T + n, D, generator=g) for _ in range(3))
+    site = Site(grid=(3, 4), text_len=T, kind="joint")
+    m = ap.SharedAttention(reference=1, shift_pe=False)
+    out = ap.attend(q, k, v, m, site)
+    from attnpatch.methods.shared import _adain
+
+    for b in range(B):
+        qb, kb = q[b:b + 1].clone(), k[b:b + 1].clone()
+        if b != 1:
+            qb[:, :, T:] = _adain(qb[:, :, T:], q[1:2, :, T:])
+            kb[:, :, T:] = _adain(kb[:, :, T:], k[1:2, :, T:])
+            kb = torch.cat([kb, k[1:2, :, T:]], 2)
+            vb = torch.cat([v[b:b + 1], v[1:2, :, T:]], 2)
+        else:
+            vb = v[b:b + 1]
+        want = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb)
+        torch.testing.assert_close(out[b:b + 1], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], torch.nn.functional.scaled_dot_product_attention(q[1:2], k[1:2], v[1:2])[0])
+
+
+def test_shift_pe_equals_rope_at_shifted_positions():
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    from attnpatch import Site
+
+    axes, (Hh, Ww) = (4, 6, 6), (3, 5)
+    ids = torch.zeros(Hh * Ww, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(Hh).repeat_interleave(Ww), torch.arange(Ww).repeat(Hh)
+    rope = FluxPosEmbed(theta=10000, axes_dim=list(axes))
+    x = torch.randn(1, 2, Hh * Ww, sum(axes), dtype=torch.float64).float()
+    k = apply_rotary_emb(x, rope(ids), sequence_dim=2)
+    shifted = ids.clone()
+    shifted[:, 2] += Ww
+    want = apply_rotary_emb(x, rope(shifted), sequence_dim=2)
+    m = ap.SharedAttention()
+    m._rope = (axes, 10000)
+    got = m._shift(k, Site(grid=(Hh, Ww), family="flux"))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -12,6 +12,7 @@ _FILES = {
     "TopKBlocks": "topk_blocks",
     "Sparse": "schedule",
     "PAG": "pag",
+    "SharedAttention": "shared",
 }  # public name -> module file
 
 

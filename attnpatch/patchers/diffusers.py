@@ -210,7 +210,7 @@ def _patch_models(models, method, backend, layers, tracker, pipe=None):
         names += n
         undo += u
         undo.append(model.register_forward_pre_hook(state.pre_forward, with_kwargs=True).remove)
-        if getattr(method, "guidance", False):
+        if getattr(method, "guidance", False) or getattr(method, "needs_roles", False):
             from ..pipelines import guidance
 
             undo.append(guidance.install(model, method, state, tracker, pipe))

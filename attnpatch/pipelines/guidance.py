@@ -73,11 +73,21 @@ def install(model, method, state, tracker, pipe=None):
     """Wrap ``model.forward``; returns the undo."""
     orig = model.forward
     sig = inspect.signature(orig)
+    if hasattr(method, "bind_model"):
+        method.bind_model(model)
 
     def forward(*args, **kwargs):
         mode, g = cfg(pipe, tracker)
         tracker.calls += 1
         step = tracker.step if state.timestep is not None else None
+        if not getattr(method, "guidance", False):  # methods that only need the batch roles (SharedAttention)
+            B = _batch(sig.bind(*args, **kwargs).arguments)
+            half = B // 2 if mode == "batched" else 0
+            state.roles = tuple(["uncond"] * half + [("uncond" if mode == "uncond" else "cond")] * (B - half))
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                state.roles = ()
         if mode == "uncond" or not method.guides(step):
             return orig(*args, **kwargs)
         bound = sig.bind(*args, **kwargs)

@@ -1,0 +1,106 @@
+"""``SharedAttention``: style-consistent batches (StyleAligned, AlignedGen, FreeCus). In every
+self / joint attention call, each image of the batch also attends to the visual keys and values
+of the reference image (``reference``-th image of its classifier-free-guidance half), with
+AdaIN of its visual queries and keys toward the reference's statistics (per head and channel,
+over tokens). For FLUX, whose RoPE would give the reference's keys the same positions as the
+image's own, ``shift_pe`` rotates the reference's keys as if the reference stood one image
+width to the right (RoPE rotations compose: R(p + d) = R(d) R(p)). The reference row itself
+and a batch of one are unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..plan import Plan
+from ..site import Site
+from .base import Method, check_int
+
+
+def _adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """x (R, H, N, D) renormalised to ref's (1 | R, H, N, D) mean / std over tokens."""
+    mu, sd = x.mean(2, keepdim=True), x.std(2, keepdim=True) + eps
+    rmu, rsd = ref.mean(2, keepdim=True), ref.std(2, keepdim=True) + eps
+    return (x - mu) / sd * rsd + rmu
+
+
+@dataclass
+class SharedAttention(Method):
+    """Every image attends to the reference image's keys / values too (StyleAligned-style)."""
+
+    source = "StyleAligned (Hertz et al. 2024); AlignedGen; FreeCus"
+    needs_roles = True  # the patchers wrap the denoiser so calls know their CFG halves
+
+    reference: int = 0
+    adain: bool = True
+    shift_pe: bool = True
+    _rope: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        check_int("SharedAttention", "reference", self.reference, 0)
+
+    def bind_model(self, model) -> None:
+        """FLUX: keep its RoPE (axes and theta) to shift the reference's positions."""
+        cfg = getattr(model, "config", None)
+        self._rope = (tuple(cfg.axes_dims_rope), 10000) if cfg is not None and hasattr(cfg, "axes_dims_rope") else None
+
+    def _groups(self, site: Site, B: int) -> list[tuple[int, list[int]]]:
+        """(reference row, other rows) per CFG half."""
+        roles = site.roles or ("cond",) * B
+        out = []
+        for role in dict.fromkeys(roles):
+            rows = [i for i, r in enumerate(roles) if r == role]
+            if len(rows) < 2:
+                continue  # a batch of one: nothing to share
+            if self.reference >= len(rows):
+                raise ValueError(f"SharedAttention(reference={self.reference}) but the batch has {len(rows)} images per prompt half")
+            ref = rows[self.reference]
+            out.append((ref, [r for r in rows if r != ref]))
+        return out
+
+    def _shift(self, k_ref: torch.Tensor, site: Site) -> torch.Tensor:
+        """Rotate FLUX keys (E, H, N, D) by one grid width along the image's width axis."""
+        if not self.shift_pe or self._rope is None or site.family != "flux" or len(site.grid) != 2:
+            return k_ref
+        from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
+
+        axes, theta = self._rope
+        shift = torch.tensor([0.0, 0.0, float(site.grid[1])])  # (frame, row, col) offset
+        cos, sin = zip(*(get_1d_rotary_pos_embed(d, shift[i:i + 1], theta=theta, repeat_interleave_real=True, use_real=True,
+                                                 freqs_dtype=torch.float64) for i, d in enumerate(axes)))
+        cos, sin = torch.cat(cos, -1).float(), torch.cat(sin, -1).float()  # (1, D): one position, broadcast over tokens
+        return apply_rotary_emb(k_ref, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=2)
+
+    def plan(self, q, k, site: Site) -> Plan | None:
+        B, S = q.shape[0], q.shape[2]
+        if site.kind == "cross" or k.shape[2] != S:
+            return None
+        groups = self._groups(site, B)
+        if not groups:
+            return None
+        v0, n = (site.visual_start, site.visual_len) if site.grid else (0, S)
+        ref_of = torch.arange(B)
+        for ref, rows in groups:
+            ref_of[rows] = ref
+        is_ref = ref_of == torch.arange(B)  # rows that see no extra keys
+        hidden = is_ref.to(q.device)
+
+        def transform(q, k, v):
+            if not self.adain:
+                return q, k, v
+            q, k = q.clone(), k.clone()
+            for ref, rows in groups:
+                vis = slice(v0, v0 + n)
+                q[rows, :, vis] = _adain(q[rows, :, vis], q[ref:ref + 1, :, vis])
+                k[rows, :, vis] = _adain(k[rows, :, vis], k[ref:ref + 1, :, vis])
+            return q, k, v
+
+        def extra(k, v):
+            idx = ref_of.to(k.device)
+            return self._shift(k[idx, :, v0:v0 + n], site), v[idx, :, v0:v0 + n]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx < S) | ~hidden[b]
+
+        return Plan(mask_mod=mask_mod, transform=transform, extra_kv=extra, name=repr(self))

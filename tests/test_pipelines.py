@@ -1,0 +1,124 @@
+"""Whole pipelines of every diffusers family (tiny random components, prompt embeddings, decoded
+output): Dense through attnpatch equals stock and unpatch restores it bit for bit, windows that
+cover everything equal stock, a narrow window changes the output exactly as the reference kernel
+says, and every Site carries the grid the call's latent size implies and the step index."""
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import Method
+from attnpatch.pipelines.tiny_pipes import PIPES, STEPS, run
+
+# (grid, kinds of attention call) each builder's call implies, worked out by hand from its sizes:
+# image: px / VAE factor / patch (Flux packs 2x2 latents); video: frames (f - 1) / temporal
+# factor + 1, then px / VAE factor / patch per spatial axis.
+EXPECT = {
+    "flux": ((12 // 2 // 2, 20 // 2 // 2), {"joint"}),  # VAE /2 (2 blocks), 2x2 packing
+    "sd3": ((12 // 2 // 2, 20 // 2 // 2), {"joint", "self"}),  # VAE /2, patch 2; layer 0 has dual attention
+    "wan": (((9 - 1) // 4 + 1, 80 // 8 // 2, 112 // 8 // 2), {"self", "cross"}),  # VAE /8 /4t, patch (1, 2, 2)
+    "hunyuan_video": (((9 - 1) // 4 + 1, 80 // 8 // 2, 112 // 8 // 2), {"joint"}),  # VAE /8 /4t, patch 2, patch_t 1
+    "cogvideox": (((9 - 1) // 4 + 1, 80 // 8 // 2, 112 // 8 // 2), {"joint"}),  # VAE /8 (4 blocks) /4t, patch 2
+    "ltx": (((17 - 1) // 8 + 1, 160 // 32, 224 // 32), {"self", "cross"}),  # VAE /32 /8t, patch 1
+    "mochi": (((13 - 1) // 6 + 1, 80 // 8 // 2, 112 // 8 // 2), {"joint"}),  # pipeline-fixed /8 /6t, patch 2
+}
+assert EXPECT["flux"][0] == (3, 5) and EXPECT["wan"][0] == (3, 5, 7)  # odd, non-square, all axes distinct
+
+COVERING = {  # every window covers the whole grid, so each must equal stock attention
+    "neighborhood": lambda: ap.Neighborhood(window=99),
+    "sliding_tile": lambda: ap.SlidingTile(tile=99, window=1),
+    "topk_blocks": lambda: ap.TopKBlocks(keep=1.0, block=1),
+    # band 0 (distance <= 1) 99 tiles wide, band 1 (distance 2) floor(99 / 2) = 49: both cover a
+    # 5x7 frame of 1-token tiles, so every key is kept
+    "radial": lambda: ap.Radial(window=99, tile=1, dense_frames=0),
+}
+
+
+class Record(Method):
+    """Dense attention that remembers every site it was asked about."""
+
+    def __init__(self):
+        self.sites = []
+
+    def plan(self, q, k, site):
+        self.sites.append(site)
+        return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are a few kilobytes: with two threads on a shared 2-core CPU every op waits on
+    the other thread (100x slower), so run the pipelines on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=sorted(PIPES))
+def family(request):
+    pipe, kwargs = PIPES[request.param]()
+    return request.param, pipe, kwargs, run(pipe, kwargs)
+
+
+def _diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_dense_equals_stock_and_unpatch_restores(family):
+    name, pipe, kw, stock = family
+    assert torch.isfinite(stock).all() and stock.dim() == (4 if len(EXPECT[name][0]) == 2 else 5)
+    assert torch.equal(run(pipe, kw), stock)  # the stock call itself is deterministic
+    h = ap.patch(pipe, ap.Dense())
+    assert h.modules and all(n.startswith("transformer.") for n in h.modules)
+    out = run(pipe, kw)
+    ap.unpatch(pipe)
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+    assert torch.equal(run(pipe, kw), stock)
+    with ap.patch(pipe, ap.Dense()):
+        out = run(pipe, kw)
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+    assert torch.equal(run(pipe, kw), stock)
+    assert "progress_bar" not in pipe.__dict__ and not pipe.transformer._forward_pre_hooks
+
+
+@pytest.mark.parametrize("method", sorted(COVERING))
+def test_covering_window_equals_stock(family, method):
+    name, pipe, kw, stock = family
+    if method == "radial" and len(EXPECT[name][0]) == 2:
+        with ap.patch(pipe, COVERING[method]()), pytest.raises(ValueError, match="Radial needs a video grid"):
+            run(pipe, kw)
+        return
+    with ap.patch(pipe, COVERING[method]()):
+        out = run(pipe, kw)
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_narrow_window_changes_output_as_the_reference_says(family):
+    name, pipe, kw, stock = family
+    narrow = ap.SlidingTile(tile=1, window=1)  # each visual token sees itself (and the text) only
+    with ap.patch(pipe, narrow):
+        fast = run(pipe, kw)
+    with ap.patch(pipe, narrow, backend="reference"):
+        ref = run(pipe, kw)
+    assert _diff(fast, stock) > 1e-4
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(run(pipe, kw), stock)
+
+
+def test_sites_carry_the_grid_of_the_call_and_the_step(family):
+    name, pipe, kw, _ = family
+    grid, kinds = EXPECT[name]
+    rec = Record()
+    with ap.patch(pipe, rec):
+        run(pipe, kw)
+        first = len(rec.sites)
+        run(pipe, kw)
+    sites = rec.sites[:first]
+    assert {s.kind for s in sites} == kinds
+    assert all(s.grid == grid and s.family == name for s in sites), {(s.kind, s.grid) for s in sites}
+    steps = [s.step for s in sites]
+    assert steps == sorted(steps) and sorted(set(steps)) == list(range(STEPS))
+    assert rec.sites[first].step == 0  # a new pipeline call counts from step 0 again
+    assert [s.step for s in rec.sites[first:]] == steps
+    ts = [s.timestep for s in sites]
+    assert ts == sorted(ts, reverse=True) and 0 <= ts[-1] < ts[0] <= 1
