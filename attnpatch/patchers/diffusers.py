@@ -134,8 +134,23 @@ class _Call:
 
     def __init__(self, method, backend, layer: int, name: str, state: _ModelState):
         self.method, self.backend, self.layer, self.name, self.state = method, backend, layer, name, state
+        self._row = 0
 
-    def site(self, Sq: int, Skv: int, causal: bool) -> Site | None:
+    def enter(self) -> None:
+        """A processor call begins (per-row processors then make one attention call per batch row)."""
+        self._row = 0
+
+    def _roles(self, B: int) -> tuple:
+        roles = self.state.roles
+        if not roles or B == len(roles):
+            return roles
+        if B == 1:  # Mochi's processor attends one batch row at a time, in order
+            self._row += 1
+            return (roles[self._row - 1],) if self._row <= len(roles) else ()
+        log_once(logging.WARNING, f"{self.name}: attention batch {B} does not match the {len(roles)} rows the guidance set")
+        return ()
+
+    def site(self, Sq: int, Skv: int, causal: bool, roles: tuple = ()) -> Site | None:
         st = self.state
         grid = _level(st.grid, Sq) if st.family.multires else st.grid
         n = math.prod(grid) if grid else 0
@@ -150,10 +165,10 @@ class _Call:
             return None  # text-only self-attention (e.g. a text refiner)
         return Site(grid=grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
                     layer=self.layer, name=self.name, kind=kind, family=st.family.name,
-                    timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None, roles=st.roles)
+                    timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None, roles=roles)
 
     def run(self, q, k, v, *, mask, scale, causal):
-        site = self.site(q.shape[2], k.shape[2], bool(causal))
+        site = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(q.shape[0]))
         if site is None:
             return None
         return core.run(q, k, v, self.method, site, backend=self.backend, mask=mask, scale=scale)

@@ -120,6 +120,7 @@ def _wrapper_class(inner_cls: type) -> type:
     @functools.wraps(inner_cls.__call__)
     def __call__(self, attn, *args, **kwargs):
         token = _ACTIVE.set(self._call)
+        self._call.enter()
         try:
             return self._inner(attn, *args, **kwargs)
         finally:
