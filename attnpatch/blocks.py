@@ -21,6 +21,7 @@ class BlockSparse:
     kv_idx: torch.Tensor  # (nnz,) KV block ids, ascending within a row
     kv_full: torch.Tensor  # (nnz,) True where the block pair is kept entirely
     cache: dict = field(default_factory=dict, repr=False)  # per-kernel derived data
+    causal: bool = False  # the states and the plan's mask_mod already include causality (prefill, no cache)
 
     @property
     def num_blocks(self) -> int:
@@ -89,10 +90,28 @@ class BlockSparse:
         return out
 
 
-def from_states(state: torch.Tensor, bounds: torch.Tensor, perm: torch.Tensor | None) -> BlockSparse:
+def causal_states(keep_count, bounds: torch.Tensor) -> torch.Tensor:
+    """(nb, nb) states of a causal 1-D pattern from ``keep_count(rows (R,), a, b) -> (R, nb)``, the
+    number of kept keys of each query row in every key block [a_j, b_j): 0 empty, 1 partial, 2 full."""
+    S = int(bounds[-1])
+    a, b = bounds[:-1], bounds[1:]
+    rows = torch.arange(S)
+    counts = keep_count(rows, a, b)  # (S, nb)
+    block_of = torch.repeat_interleave(torch.arange(len(a)), b - a)
+    kept = torch.zeros(len(a), len(a), dtype=torch.long).index_add_(0, block_of, counts)  # (nb, nb)
+    size = (b - a)[:, None] * (b - a)[None, :]
+    return torch.where(kept == 0, 0, torch.where(kept == size, 2, 1)).to(torch.uint8)
+
+
+def overlap(lo: torch.Tensor, hi: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|[lo, hi) n [a, b)| for rows (R, 1) against blocks (nb,): (R, nb)."""
+    return (torch.minimum(hi, b) - torch.maximum(lo, a)).clamp_min(0)
+
+
+def from_states(state: torch.Tensor, bounds: torch.Tensor, perm: torch.Tensor | None, causal: bool = False) -> BlockSparse:
     """Build the CSR structure from a (nb, nb) block-state matrix: 0 empty, 1 partial, 2 full."""
     nz = state > 0
     kv_ptr = torch.zeros(state.shape[0] + 1, dtype=torch.long)
     kv_ptr[1:] = nz.sum(1).cumsum(0)
     rows, cols = nz.nonzero(as_tuple=True)  # row-major, so columns ascend within a row
-    return BlockSparse(perm=perm, bounds=bounds.long(), kv_ptr=kv_ptr, kv_idx=cols, kv_full=state[rows, cols] == 2)
+    return BlockSparse(perm=perm, bounds=bounds.long(), kv_ptr=kv_ptr, kv_idx=cols, kv_full=state[rows, cols] == 2, causal=causal)

@@ -59,8 +59,8 @@ def block_sparse_why_not(q, k, v, plan: Plan, mask) -> str | None:
     for f in ("score_mod", "output", "extra_kv"):
         if getattr(plan, f) is not None:
             return f"plan.{f} is not supported"
-    if plan.causal:
-        return "causal plans need a causal block structure"
+    if plan.causal and not (bs.causal and plan.q_offset == 0):
+        return "causal plans need a causal block structure (prefill without a cache)"
     if not (q.shape[2] == k.shape[2] == bs.seq_len):
         return f"sequence lengths ({q.shape[2]}, {k.shape[2]}) differ from the block layout ({bs.seq_len})"
     if not bs.kv_full.all() and plan.mask_mod is None:

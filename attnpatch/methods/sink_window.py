@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from ..blocks import causal_states, from_states, overlap
 from ..plan import Plan
 from ..site import Site
 from .base import Method, check_int
@@ -22,11 +25,29 @@ class SinkWindow(Method):
 
     sink: int = 4
     window: int = 2048
+    block: int = 256  # block size of the block-sparse prefill structure
 
     def __post_init__(self):
         check_int("SinkWindow", "sink", self.sink, 0)
         check_int("SinkWindow", "window", self.window, 1)
+        check_int("SinkWindow", "block", self.block, 16)
+        self._blocks: dict = {}
 
+    def blocks(self, S: int):
+        """Causal block structure of a prefill of S tokens (cached per length)."""
+        if S not in self._blocks:
+            bounds = torch.cat([torch.arange(0, S, self.block), torch.tensor([S])])
+            sink, window = self.sink, self.window
+
+            def count(rows, a, b):  # keys of row i: [0, min(sink, i + 1)) and [max(0, i - window + 1), i + 1)
+                r = rows[:, None]
+                s_hi = torch.clamp(r + 1, max=sink)
+                w_lo = (r - window + 1).clamp_min(0)
+                both = overlap(w_lo, torch.minimum(s_hi, r + 1), a, b)  # counted twice where the two overlap
+                return overlap(torch.zeros_like(r), s_hi, a, b) + overlap(w_lo, r + 1, a, b) - both
+
+            self._blocks = {S: from_states(causal_states(count, bounds), bounds, None, causal=True)}
+        return self._blocks[S]
     def plan(self, q, k, site: Site) -> Plan:
         if not site.causal:
             raise ValueError(
@@ -38,9 +59,13 @@ class SinkWindow(Method):
         def mask_mod(b, h, q_idx, kv_idx):
             kv_pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute key position
             sunk = (kv_pos < sink) & (kv_pos >= 0)  # negative positions are left padding
-            return sunk | (q_idx + offset - kv_idx < window)
+            # causality is repeated here so block kernels can evaluate partial blocks from mask_mod alone
+            return (sunk | (q_idx + offset - kv_idx < window)) & (kv_idx <= q_idx + offset)
 
-        return Plan(mask_mod=mask_mod, name=f"SinkWindow(sink={sink}, window={window})")
+        S = q.shape[2]
+        prefill = S == k.shape[2] and offset == 0 and shift is None and S > self.block
+        return Plan(mask_mod=mask_mod, blocks=self.blocks(S) if prefill else None,
+                    name=f"SinkWindow(sink={sink}, window={window})")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..blocks import from_states
 from ..plan import Plan
 from ..site import Site
 from . import _grid
@@ -78,9 +79,10 @@ class TopKBlocks(Sparse):
         logits = pq @ pk.transpose(-1, -2) * D**-0.5 + sizes.log()  # (B, H, nT, nT)
         return torch.softmax(logits, -1).mean((0, 1))
 
-    def select(self, est: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-        """(nT, nT) boolean tiles kept: forced ones, then by estimated mass."""
-        nT = est.shape[0]
+    def select(self, est: torch.Tensor, forced: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """(nq, nk) boolean blocks kept: forced ones, then by estimated mass (``keep`` counts a
+        fraction of the ``allowed`` blocks of each row, all of them by default)."""
+        nT = est.shape[1]
         score = est.masked_fill(forced, float("inf"))
         order = score.argsort(-1, descending=True)
         if self.mass is not None:
@@ -88,12 +90,54 @@ class TopKBlocks(Sparse):
             before = sorted_mass.cumsum(-1) - sorted_mass + est.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
             take = before < self.mass  # a tile is taken while the mass before it falls short
         else:
-            k = max(1, math.ceil(self.keep * nT))
-            take = (torch.arange(nT, device=est.device)[None, :] < k).expand(nT, nT)
+            avail = torch.full((est.shape[0], 1), nT, device=est.device) if allowed is None else allowed.sum(-1, keepdim=True)
+            k = (self.keep * avail).ceil().clamp_min(1)  # (nq, 1) per row
+            take = torch.arange(nT, device=est.device)[None, :] < k
         keep = torch.zeros_like(forced).scatter_(-1, order, take)
         return keep | forced
 
+    def _causal_plan(self, q, k, site: Site) -> Plan:
+        """LLM prefill / decode: 1-D key blocks of ``block`` tokens (default 256), causal; the
+        first block (attention sink), the query's own block and ``local`` blocks before it are
+        always kept. Prefill gets a causal block structure for the block-sparse kernels."""
+        if isinstance(self.block, (tuple, list)):
+            raise ValueError(f"TopKBlocks(block={self.block!r}) must be one int for causal (LLM) attention")
+        B, H, Sq, D = q.shape
+        Skv, off, bsz = k.shape[2], site.q_offset, self.block or 256
+        bounds = torch.cat([torch.arange(0, Skv, bsz), torch.tensor([Skv])]).to(q.device)
+        nk = bounds.numel() - 1
+        kblock = torch.arange(Skv, device=q.device) // bsz
+        qblock = (torch.arange(Sq, device=q.device) + off) // bsz  # key block of each query's own position
+        groups, qgroup = torch.unique(qblock, return_inverse=True)  # query rows grouped by their block
+        sizes = bounds.diff().float()
+
+        def pool(x, idx, n):  # (B, h, L, D) -> (B, h, n, D) group means
+            out = torch.zeros(*x.shape[:2], n, D, device=x.device).index_add_(2, idx, x.float())
+            return out / torch.bincount(idx, minlength=n).clamp_min(1)[:, None]
+
+        pq = pool(q, qgroup, len(groups))
+        pk = pool(k, kblock, nk).repeat_interleave(H // k.shape[1], 1)
+        allowed = torch.arange(nk, device=q.device)[None, :] <= groups[:, None]  # (nq, nk) causal at block level
+        logits = (pq @ pk.transpose(-1, -2) * D**-0.5 + sizes.log()).masked_fill(~allowed, float("-inf"))
+        est = torch.softmax(logits, -1).mean((0, 1))  # (nq, nk)
+        j = torch.arange(nk, device=q.device)[None, :]
+        forced = allowed & ((j == 0) | (j >= groups[:, None] - self.local))
+        keep = self.select(est, forced, allowed) & allowed
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            qg = qgroup[q_idx.clamp(0, Sq - 1)]
+            return keep[qg, kblock[kv_idx.clamp(0, Skv - 1)]] & (kv_idx <= q_idx + off)
+
+        blocks = None
+        if Sq == Skv and off == 0 and site.kv_shift is None and nk > 1:
+            state = keep.cpu().to(torch.uint8) * 2
+            state.diagonal().fill_(1)  # the causal diagonal block is partial
+            blocks = from_states(state, bounds.cpu(), None, causal=True)
+        return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
+
     def plan(self, q, k, site: Site) -> Plan | None:
+        if site.causal:
+            return self._causal_plan(q, k, site)
         site = _grid.site_grid(site, q, k, self.name)
         if site is None:
             return None
