@@ -17,5 +17,10 @@ ZOO = [
     ("slidingtile-1d", ap.SlidingTile(tile=4, window=3), Site()),
     ("topk-1d", ap.TopKBlocks(keep=0.4, block=4), Site()),  # data dependent: the plan comes from q, k
     ("topk-mass-1d", ap.TopKBlocks(mass=0.6, block=3, local=1), Site()),  # joint / 3-D sites: test_topk.py
+    ("topk-causal", ap.TopKBlocks(keep=0.5, block=4), Site(causal=True)),
+    ("power", ap.Power(local=3, sink=1), Site(causal=True)),
+    ("verticalslash", ap.VerticalSlash(verticals=3, slashes=2, last_q=4, sink=1, window=2), Site(causal=True)),
+    ("temperature", ap.Temperature(tau=0.7), Site(causal=True)),
+    ("entropyscale", ap.EntropyScale(train_len=8), Site(causal=True)),
 ]
 # Radial needs a (T, H, W) grid: its matrix is in test_sparse.py

@@ -13,6 +13,11 @@ _FILES = {
     "Sparse": "schedule",
     "PAG": "pag",
     "SharedAttention": "shared",
+    "Power": "power",
+    "VerticalSlash": "vertical_slash",
+    "Temperature": "temperature",
+    "EntropyScale": "temperature",
+    "SinkCalibration": "sink_calibration",
 }  # public name -> module file
 
 

@@ -26,6 +26,7 @@ class SinkWindow(Method):
     sink: int = 4
     window: int = 2048
     block: int = 256  # block size of the block-sparse prefill structure
+    evict: bool = False  # transformers: trim the KV cache to sink + window after every forward
 
     def __post_init__(self):
         check_int("SinkWindow", "sink", self.sink, 0)
@@ -55,6 +56,13 @@ class SinkWindow(Method):
                 "for image / video models use a locality method such as Neighborhood"
             )
         sink, window, offset, shift = self.sink, self.window, site.q_offset, site.kv_shift
+        if getattr(self, "evicted", False):  # the cache holds [sink keys | last window - 1 keys | new keys]
+            Skv = k.shape[2]
+
+            def kept(b, h, q_idx, kv_idx):  # slot order is position order: the last `window` up to the query
+                return ((kv_idx < sink) | (q_idx + offset - kv_idx < window)) & (kv_idx <= q_idx + offset)
+
+            return Plan(mask_mod=kept, name=f"SinkWindow(sink={sink}, window={window}, evicted)")
 
         def mask_mod(b, h, q_idx, kv_idx):
             kv_pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute key position

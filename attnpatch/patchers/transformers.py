@@ -8,6 +8,8 @@ cache update. The mask entry is transformers' own SDPA mask builder: a boolean
 """
 from __future__ import annotations
 
+import torch
+
 from .. import core
 from ..methods.base import Dense
 from ..site import Site
@@ -71,6 +73,8 @@ def patch_model(model, method, backend, layers):
     if family not in FAMILIES:
         raise TypeError(f"attnpatch does not support {type(model).__name__} (model_type {family!r}); supported: {SUPPORTED}")
     _register()
+    if hasattr(method, "bind_model"):
+        method.bind_model(model)  # e.g. a calibration profile checks it was made for this model
     entries = [(m.layer_idx, name, m) for name, m in model.named_modules()
                if getattr(m, "layer_idx", None) is not None and hasattr(m, "q_proj")]
     chosen = layer_sel.select([(l, n) for l, n, _ in entries], layers)
@@ -83,4 +87,40 @@ def patch_model(model, method, backend, layers):
             names.append(name)
     model.set_attn_implementation(NAME)
     undo.insert(0, lambda: model.set_attn_implementation(orig_impl))
+    if getattr(method, "evict", False):
+        undo += _install_eviction(model, method)
     return names, undo
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", []) for t in (layer.keys, layer.values)
+               if torch.is_tensor(t))
+
+
+def _install_eviction(model, method):
+    """After every forward, trim the KV cache to the first ``sink`` and the last ``window - 1``
+    keys (the next query makes ``window``); the method then knows every key left is visible."""
+    def pre(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            method.evicted = False  # a new sequence
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError("SinkWindow(evict=True) needs an unpadded batch (left padding would keep pad slots as the sink)")
+
+    def post(module, args, kwargs, output):
+        cache = getattr(output, "past_key_values", None)
+        keep = method.sink + method.window - 1
+        if cache is None or cache.get_seq_length() <= keep:
+            return
+        before = _cache_bytes(cache)
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                setattr(layer, name, torch.cat([t[:, :, :method.sink], t[:, :, t.shape[2] - (method.window - 1):]], 2))
+        method.evicted = True
+        method.memory = dict(before=before, after=_cache_bytes(cache))
+
+    h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = model.register_forward_hook(post, with_kwargs=True)
+    return [h1.remove, h2.remove, lambda: setattr(method, "evicted", False)]

@@ -1,0 +1,58 @@
+"""``Temperature`` and ``EntropyScale``: logit scaling. ``Temperature(tau)`` divides every score
+by tau (per layer with ``layers``); ``EntropyScale(train_len)`` multiplies the scores of a query
+that sees n keys by max(1, log n / log train_len), keeping attention entropy at its training
+level when generating beyond the training length or resolution (Selective Attention; YaRN's
+log-n scaling; entropy-invariant attention)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import Plan
+from ..site import Site
+from .base import Method, check_int
+
+
+@dataclass
+class Temperature(Method):
+    """Scores divided by ``tau`` (in ``layers`` only, when given)."""
+
+    source = "Selective Attention (2024); Style Injection in Diffusion (temperature)"
+
+    tau: float = 1.0
+    layers: tuple | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.tau, (int, float)) or self.tau <= 0:
+            raise ValueError(f"Temperature(tau={self.tau!r}) must be a positive number")
+
+    def plan(self, q, k, site: Site) -> Plan | None:
+        if self.tau == 1.0 or (self.layers is not None and site.layer not in self.layers):
+            return None
+        inv = 1.0 / self.tau
+        return Plan(score_mod=lambda score, b, h, q_idx, kv_idx: score * inv, name=repr(self))
+
+
+@dataclass
+class EntropyScale(Method):
+    """Scores times max(1, log n / log train_len), n = keys the query sees."""
+
+    source = "Entropy-invariant attention scaling (log-n scaling; Selective Attention)"
+
+    train_len: int = 4096
+
+    def __post_init__(self):
+        check_int("EntropyScale", "train_len", self.train_len, 2)
+
+    def plan(self, q, k, site: Site) -> Plan | None:
+        Skv, off, base = k.shape[2], site.q_offset, math.log(self.train_len)
+        if (Skv if not site.causal else Skv) <= self.train_len:
+            return None  # within the training length every factor is 1
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            n = (q_idx + off + 1).clamp_max(Skv) if site.causal else torch.full_like(q_idx, Skv)
+            return score * (torch.log(n.to(score.dtype)) / base).clamp_min(1.0)
+
+        return Plan(score_mod=score_mod, name=repr(self))
