@@ -57,8 +57,6 @@ class SinkWindow(Method):
             )
         sink, window, offset, shift = self.sink, self.window, site.q_offset, site.kv_shift
         if getattr(self, "evicted", False):  # the cache holds [sink keys | last window - 1 keys | new keys]
-            Skv = k.shape[2]
-
             def kept(b, h, q_idx, kv_idx):  # slot order is position order: the last `window` up to the query
                 return ((kv_idx < sink) | (q_idx + offset - kv_idx < window)) & (kv_idx <= q_idx + offset)
 
@@ -70,8 +68,8 @@ class SinkWindow(Method):
             # causality is repeated here so block kernels can evaluate partial blocks from mask_mod alone
             return (sunk | (q_idx + offset - kv_idx < window)) & (kv_idx <= q_idx + offset)
 
-        S = q.shape[2]
-        prefill = S == k.shape[2] and offset == 0 and shift is None and S > self.block
+        S = None if q is None else q.shape[2]
+        prefill = S is not None and S == k.shape[2] and offset == 0 and shift is None and S > self.block
         return Plan(mask_mod=mask_mod, blocks=self.blocks(S) if prefill else None,
                     name=f"SinkWindow(sink={sink}, window={window})")
 
