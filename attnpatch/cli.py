@@ -1,8 +1,13 @@
 """The ``attnpatch`` command line.
 
-    attnpatch demo      patch every supported model family (tiny embedded models, no download)
-                        and check each against stock attention
+    attnpatch compare   stock attention vs method settings on one model: report folder with
+                        tables, image grids, a speed-vs-quality plot, mask pictures, index.html
+    attnpatch generate  one generation with a method (images, videos, text); --compare adds stock
+    attnpatch bench     the benchmark scripts (kernels, pipelines, llm, fixtures, guidance)
     attnpatch methods   every method with its parameters, defaults and source
+    attnpatch demo      patch every supported model family (tiny embedded models) and check it
+
+Exit codes: 0 success, 1 failure (or interrupted), 2 bad input.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -18,8 +24,11 @@ def _methods(args) -> int:
     from . import methods
 
     for name in ["Dense", *methods._FILES]:
+        if name == "Sparse":
+            continue
         cls = getattr(methods, name)
-        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
+                           if f.init and not f.name.startswith("_") and f.name != "profile")
         print(f"{name}({params})")
         print(f"    {(cls.__doc__ or '').strip().splitlines()[0]}")
         print(f"    source: {getattr(cls, 'source', '-')}")
@@ -126,16 +135,226 @@ def _demo(args) -> int:
     return EXIT_OK if ok else EXIT_FAIL
 
 
+def _out_dir(path: Path, force: bool) -> Path:
+    from .pipelines.runner import UsageError
+
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+        raise UsageError(f"{path} exists and is not empty; pass --force to overwrite it, or choose --out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")[:80]
+
+
+def _run_kw(args) -> dict:
+    return dict(steps=args.steps, height=args.height, width=args.width, num_frames=getattr(args, "frames", None),
+                max_new_tokens=args.max_new_tokens)
+
+
+def _generate(args) -> int:
+    from . import api
+    from .pipelines import report, runner
+
+    method = runner.parse_method(args.method, args.set)
+    loaded = runner.load(args.model, args.device, args.dtype)
+    prompts = args.prompt or loaded.prompts
+    out = _out_dir(Path(args.out or f"attnpatch-out/{_slug(loaded.name)}_{_slug(method.name)}_seed{args.seed}"), args.force)
+    kw = _run_kw(args)
+    stock = None
+    if args.compare:
+        runner.run(loaded, prompts[:1], args.seed, **{**kw, "steps": 1} if loaded.kind == "diffusion" else {**kw, "max_new_tokens": 2})
+        stock, t_stock = runner.run(loaded, prompts, args.seed, **kw)
+    with api.patch(loaded.obj, method):
+        result, t = runner.run(loaded, prompts, args.seed, **kw)
+    _save(loaded, result, prompts, out / "patched", args)
+    print(f"{method}: {t:.2f} s for {len(prompts)} prompt(s)")
+    if stock is not None:
+        _save(loaded, stock, prompts, out / "stock", args)
+        q = report.quality_of(loaded.kind, result, stock)
+        qs = ", ".join(f"{k.upper() if k != 'agreement' else 'token agreement'} {v:.3f}" for k, v in q.items())
+        print(f"stock attention: {t_stock:.2f} s; speedup {t_stock / t:.2f}x; vs stock: {qs}")
+    print(f"outputs in {out}")
+    return EXIT_OK
+
+
+def _save(loaded, result, prompts, stem: Path, args) -> None:
+    from .pipelines import report
+
+    if loaded.kind == "diffusion":
+        report.save_output(result, stem, args.video_format)
+    else:
+        texts = loaded.tokenizer.batch_decode(result, skip_special_tokens=True)
+        stem.with_suffix(".txt").write_text("\n\n".join(f"## {p}\n{t}" for p, t in zip(prompts, texts)) + "\n")
+        for p, t in zip(prompts, texts):
+            print(f"[{stem.name}] {p!r} -> {t.strip()!r}")
+
+
+def _expand(specs: str, grids: list[str]) -> list:
+    """Method instances: every spec, crossed with every --grid KEY=V1,V2 that it has a parameter for."""
+    from .pipelines import runner
+
+    methods = []
+    for spec in runner.split_top(specs):
+        names = {f.name for f in dataclasses.fields(runner.parse_method(spec))}
+        settings = [[]]
+        for g in grids:
+            key, eq, values = g.partition("=")
+            if not eq or not values:
+                raise runner.UsageError(f"--grid {g!r}: expected KEY=V1,V2,...")
+            if key in names:
+                settings = [s + [f"{key}={x}"] for s in settings for x in runner.split_top(values)]
+        methods += [runner.parse_method(spec, s) for s in settings]
+    if not methods:
+        raise runner.UsageError("--methods is empty")
+    return methods
+
+
+def _compare(args) -> int:
+    from tqdm.auto import tqdm
+
+    from . import api
+    from .pipelines import report, runner
+    from .pipelines.probe import Recall
+
+    methods = _expand(args.methods, args.grid)
+    loaded = runner.load(args.model, args.device, args.dtype)
+    prompts = args.prompt or loaded.prompts
+    out = _out_dir(Path(args.out or f"attnpatch-report/{_slug(loaded.name)}"), args.force)
+    (out / "masks").mkdir(exist_ok=True)
+    kw = _run_kw(args)
+    quality = "psnr" if loaded.kind == "diffusion" else "agreement"
+    runner.run(loaded, prompts[:1], args.seed, **{**kw, "steps": 1} if loaded.kind == "diffusion" else {**kw, "max_new_tokens": 2})
+    ref, t_ref = runner.run(loaded, prompts, args.seed, **kw)
+    _save(loaded, ref, prompts, out / "stock", args)
+    rows = [dict(setting="stock attention", seconds=t_ref, speedup=1.0, density=1.0, recall=1.0, **report.quality_of(loaded.kind, ref, ref))]
+    shown = [("stock attention", ref)]
+    images, status = {}, "complete"
+    try:
+        for i, m in enumerate(tqdm(methods, desc="settings", disable=args.quiet)):
+            label = str(m) + (f" + dense_steps={m.dense_steps}" if getattr(m, "dense_steps", 0) else "")
+            try:
+                with api.patch(loaded.obj, m):
+                    result, t = runner.run(loaded, prompts, args.seed, **kw)
+                probe = _MaskProbe(Recall(inner=m))
+                with api.patch(loaded.obj, probe):
+                    runner.run(loaded, prompts[:1], args.seed, **kw)
+            except (ValueError, RuntimeError, TypeError) as e:
+                rows.append(dict(setting=label, error=str(e).splitlines()[0]))
+                print(f"{label}: failed: {rows[-1]['error']}", file=sys.stderr)
+                continue
+            s = probe.inner.summary()
+            rows.append(dict(setting=label, seconds=t, speedup=t_ref / t, density=s["density"], recall=s["recall"],
+                             **report.quality_of(loaded.kind, result, ref)))
+            _save(loaded, result, prompts, out / f"setting{i + 1}", args)
+            if probe.first is not None:
+                report.mask_picture(*probe.first, out / "masks" / f"setting{i + 1}.png")
+                images[f"mask of setting {i + 1}: {label}"] = f"masks/setting{i + 1}.png"
+            shown.append((label, result))
+    except KeyboardInterrupt:
+        status = f"interrupted after {len(rows) - 1} of {len(methods)} settings"
+        print(status, file=sys.stderr)
+    if loaded.kind == "diffusion":
+        report.grid(shown, out / "grid.png")
+        images = {"outputs (rows: settings)": "grid.png", **images}
+    report.scatter(rows, quality, out / "scatter.png")
+    images = {"speed vs quality": "scatter.png", **images}
+    note = (f"{len(prompts)} prompt(s), seed {args.seed}, device {args.device}, {args.dtype}; times are whole generations "
+            f"measured in this process after a warm-up; quality vs stock attention with the same seed; {status}.")
+    report.write(out, dict(model=args.model, prompts=prompts, status=status, note=note), rows, loaded.kind, images)
+    print(f"report: {out / 'report.md'} (open {out / 'index.html'})")
+    return EXIT_OK if status == "complete" else EXIT_FAIL
+
+
+class _MaskProbe:
+    """Wraps a probe method; keeps the first self / joint call's (plan, site, S) for a picture."""
+
+    def __new__(cls, inner):
+        from .methods.base import Method
+
+        class Probe(Method):
+            def __init__(self):
+                self.inner, self.first = inner, None
+
+            def head_plans(self, q, k, site):
+                groups = self.inner.head_plans(q, k, site)
+                plan = groups[0][1]
+                if self.first is None and site.kind != "cross" and q.shape[2] == k.shape[2] and plan is not None:
+                    self.first = (plan, site, q.shape[2])
+                return groups
+
+            def reset(self):
+                self.inner.reset()
+
+        return Probe()
+
+
+def _bench(args) -> int:
+    import runpy
+
+    from .pipelines.runner import UsageError
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    script = root / f"{args.which}.py"
+    if not script.is_file():
+        raise UsageError(f"{script} not found: the benchmark scripts live in the source checkout (git clone the repo)")
+    sys.argv = [str(script), *args.rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return EXIT_OK
+
+
+def _common(p, kind: str) -> None:
+    p.add_argument("--model", required=True, help="builtin:NAME (builtin:flux-shapes, builtin:wan-shapes, builtin:smollm2), "
+                                                   "a hub id or a local folder (diffusers pipeline or transformers model)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for more); default: the model's own examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--steps", type=int, help="denoising steps (diffusion)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="video frames (video pipelines)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="LLM generation length")
+    p.add_argument("--video-format", choices=["gif", "png", "mp4"], default="gif")
+    p.add_argument("--out", help=f"output folder (default: deterministic under ./attnpatch-{kind})")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attnpatch", description="Training-free attention patches for diffusers and transformers")
     sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate with a method; --compare also runs stock attention")
+    _common(gen, "out")
+    gen.add_argument("--method", required=True, help="e.g. SlidingTile or 'SlidingTile(tile=4, window=(1, 3))'")
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (repeatable)")
+    gen.add_argument("--compare", action="store_true", help="also run stock attention: time, speedup, quality")
+    gen.set_defaults(func=_generate)
+    cmp_ = sub.add_parser("compare", help="stock vs several method settings: a report folder with index.html")
+    _common(cmp_, "report")
+    cmp_.add_argument("--methods", required=True, help="comma-separated, e.g. 'Neighborhood(window=7, tile=4),TopKBlocks'")
+    cmp_.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="expand every method with KEY over values")
+    cmp_.set_defaults(func=_compare)
+    bench = sub.add_parser("bench", help="run a benchmark script (source checkout)")
+    bench.add_argument("which", choices=["kernels", "pipelines", "llm", "fixtures", "guidance"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script, e.g. --quick")
+    bench.set_defaults(func=_bench)
     demo = sub.add_parser("demo", help="patch every supported family on tiny embedded models and compare with stock")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     sub.add_parser("methods", help="list methods, parameters, defaults and sources").set_defaults(func=_methods)
     args = parser.parse_args(argv)
+    from .pipelines.runner import UsageError
+
     try:
         return args.func(args)
+    except UsageError as e:
+        print(f"attnpatch {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAIL

@@ -134,7 +134,7 @@ def speed(configs: dict, quick: bool, reps: int) -> list[dict]:
                            fraction=dense / t / bound)
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
                 rows.append(row)
-        del model
+        model = inputs = None  # free the blocks before the next config
     return rows
 
 

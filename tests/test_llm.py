@@ -109,7 +109,6 @@ def test_calibration_profile_roundtrip_and_validation(model, tmp_path):
 
 
 def test_calibrate_picks_heads_that_lower_the_loss(model):
-    from transformers import PreTrainedTokenizerFast
     from attnpatch.models.shapes import tokenizer
     from attnpatch.pipelines import calibrate
 

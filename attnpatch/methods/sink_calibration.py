@@ -11,7 +11,6 @@ profile; ``bind_model`` checks the profile against the patched model.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +107,7 @@ class SinkCalibration(Method):
         heads = self.heads_at(site.layer, H)
         if not heads:
             return None
-        off, causal, log_beta = site.q_offset, site.causal, math.log(self.beta)
+        off, causal = site.q_offset, site.causal
         hidx = torch.tensor(heads, device=q.device)
 
         def output(out, q, k, v, scale):

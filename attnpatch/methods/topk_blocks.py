@@ -9,7 +9,6 @@ Estimation is O(S * D + tiles^2 * D): well under 1 % of dense attention at 16K t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

