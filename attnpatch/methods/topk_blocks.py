@@ -61,7 +61,9 @@ class TopKBlocks(Sparse):
         tile_of[order] = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)  # row-major token -> tile
         ta = torch.stack(tile_axes, 1)  # (nT, axes)
         forced = (ta[:, None] - ta[None, :]).abs().amax(-1) <= self.local  # (nT, nT)
-        return dict(perm=perm, sizes=sizes, tile_of=tile_of.to(device), forced=forced.to(device))
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        return dict(perm=perm, sizes=sizes, tile_of=tile_of.to(device), forced=forced.to(device), order=order.to(device),
+                    bounds=bounds.to(device))
 
     def estimate(self, q, k, site: Site, lay: dict) -> torch.Tensor:
         """(nT, nT) estimated share of each query tile's attention mass per key tile."""
@@ -71,6 +73,10 @@ class TopKBlocks(Sparse):
         nT = sizes.numel()
 
         def pool(x):  # (B, h, n, D) -> (B, h, nT, D) tile means
+            if x.device.type == "cuda" and D >= 16 and not D & (D - 1):
+                from ..kernels.triton_pool import tile_means  # fused on the GPU: no permuted copy
+
+                return tile_means(x[:, :, v0:v0 + n], lay["order"], lay["bounds"])
             out = torch.zeros(*x.shape[:2], nT, D, device=x.device, dtype=torch.float32)
             return out.index_add_(2, lay["tile_of"], x[:, :, v0:v0 + n].float()) / sizes[:, None]
 
@@ -97,8 +103,9 @@ class TopKBlocks(Sparse):
 
     def _causal_plan(self, q, k, site: Site) -> Plan:
         """LLM prefill / decode: 1-D key blocks of ``block`` tokens (default 256), causal; the
-        first block (attention sink), the query's own block and ``local`` blocks before it are
-        always kept. Prefill gets a causal block structure for the block-sparse kernels."""
+        first block (attention sink), the query's own block and max(1, ``local``) blocks before
+        it are always kept (a query early in its block still sees a full block of recent
+        context). Prefill gets a causal block structure for the block-sparse kernels."""
         if isinstance(self.block, (tuple, list)):
             raise ValueError(f"TopKBlocks(block={self.block!r}) must be one int for causal (LLM) attention")
         B, H, Sq, D = q.shape
@@ -120,7 +127,7 @@ class TopKBlocks(Sparse):
         logits = (pq @ pk.transpose(-1, -2) * D**-0.5 + sizes.log()).masked_fill(~allowed, float("-inf"))
         est = torch.softmax(logits, -1).mean((0, 1))  # (nq, nk)
         j = torch.arange(nk, device=q.device)[None, :]
-        forced = allowed & ((j == 0) | (j >= groups[:, None] - self.local))
+        forced = allowed & ((j == 0) | (j >= groups[:, None] - max(1, self.local)))
         keep = self.select(est, forced, allowed) & allowed
 
         def mask_mod(b, h, q_idx, kv_idx):
