@@ -138,6 +138,22 @@ def speed(configs: dict, quick: bool, reps: int) -> list[dict]:
     return rows
 
 
+def estimator_cost(quick: bool) -> dict:
+    """TopKBlocks' block-score estimation vs dense SDPA at 16K tokens (FLUX-like: 24 heads x 128)."""
+    from attnpatch import Site
+
+    grid, H = ((32, 32), 2) if quick else ((128, 128), 24)
+    S = grid[0] * grid[1]
+    q, k, v = (torch.randn(1, H, S, 128) for _ in range(3))
+    m, site = TOPK(keep=0.125, block=16), Site(grid=grid)
+    lay = m._layouts.get(site, S, q.device)
+    est = timeit(lambda: m.select(m.estimate(q, k, site, lay), lay["forced"]), reps=3)
+    dense = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps=1)
+    row = dict(tokens=S, heads=H, estimate_s=est, dense_s=dense, share=est / dense)
+    print(row, flush=True)
+    return row
+
+
 def label(m) -> str:
     extra = [f"dense_steps={m.dense_steps}"] if getattr(m, "dense_steps", 0) else []
     return repr(m) + (" + " + ", ".join(extra) if extra else "")
@@ -219,6 +235,11 @@ def render(data: dict) -> str:
             ("config", "config"), ("tokens", "tokens"), ("blocks", "blocks (double+single / layers)"), ("method", "method"),
             ("density", "block density"), ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"),
             ("speedup", "speedup"), ("bound", "Amdahl bound"), ("fraction", "fraction of bound")]))
+    if data.get("estimator"):
+        e = data["estimator"]
+        parts.append(f"TopKBlocks block-score estimation (mean-pool q / k per tile, tile logits, selection) at {e['tokens']} tokens, "
+                     f"{e['heads']} heads x 128: {e['estimate_s'] * 1e3:.1f} ms vs {e['dense_s'] * 1e3:.0f} ms for dense SDPA "
+                     f"(**{100 * e['share']:.2f} %** of dense attention).")
     if data.get("quality"):
         parts.append("## Quality on the trained fixtures (vs stock attention, same seed)\n\n" + table(data["quality"], [
             ("model", "model"), ("method", "method"), ("density", "block density"), ("recall", "attention recall"),
@@ -233,6 +254,7 @@ def main(argv=None):
     p.add_argument("--part", choices=["speed", "quality", "all"], default="all")
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(SPEED)}")
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--models", default="flux,wan", help="quality part: which trained fixtures (others' rows are kept)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "pipelines"))
     a = p.parse_args(argv)
@@ -240,13 +262,16 @@ def main(argv=None):
     pics = out.parent / out.name
     pics.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
-    data = {"machine": machine(), "speed": old.get("speed", []), "quality": old.get("quality", [])}
+    data = {"machine": machine(), "speed": old.get("speed", []), "quality": old.get("quality", []), "estimator": old.get("estimator")}
     if a.part in ("speed", "all"):
         configs = QUICK if a.quick else {k: v for k, v in SPEED.items() if a.configs is None or k in a.configs.split(",")}
         new = speed(configs, a.quick, a.reps)
         data["speed"] = [r for r in data["speed"] if r["config"] not in configs] + new
+        data["estimator"] = estimator_cost(a.quick)
     if a.part in ("quality", "all"):
-        data["quality"] = quality(pics)
+        chosen = a.models.split(",")
+        new = quality(pics, {k: v for k, v in QUALITY.items() if k in chosen})
+        data["quality"] = [r for r in data["quality"] if r["model"] not in chosen] + new
     write(out, "Sparse attention end to end on diffusion transformers", INTRO, render(data), data)
 
 

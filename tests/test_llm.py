@@ -117,3 +117,28 @@ def test_calibrate_picks_heads_that_lower_the_loss(model):
                             beta=0.5, max_heads=4, progress=False)
     assert r["calibrated"] <= r["base"]
     assert all(r["per_head"][f"{l}.{h}"] > 0 for l, h in r["heads"])
+
+
+@pytest.mark.parametrize("method", [ap.TopKBlocks(keep=1.0, block=8), ap.Power(local=10**6), ap.VerticalSlash(window=10**6),
+                                    ap.SinkCalibration(beta=1.0)], ids=["topk", "power", "verticalslash", "act-beta1"])
+def test_covering_methods_on_a_left_padded_batch(model, method):
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, model.config.vocab_size, (2, 30), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # row 0 is left padded
+    kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    stock = model.generate(ids, **kw)
+    with ap.patch(model, method):
+        assert torch.equal(model.generate(ids, **kw), stock)
+
+
+def test_power_sink_is_the_first_real_tokens_under_padding():
+    """With left padding (Site.kv_shift), the sink is the first real tokens, not the pad slots."""
+    from attnpatch.plan import materialise_mask
+
+    m, shift = ap.Power(local=2, sink=2), torch.tensor([-3, 0])  # row 0: 3 pad slots first
+    q = torch.zeros(2, 1, 12, 1)
+    plan = m.plan(q, q, Site(causal=True, kv_shift=shift)).with_site(True, 0)
+    keep = materialise_mask(plan, 2, 1, 12, 12, "cpu")
+    assert keep[0, 0, 11, 3] and keep[0, 0, 11, 4] and not keep[0, 0, 11, 0]  # real tokens 0, 1 sit in slots 3, 4
+    assert keep[1, 0, 11, 0] and keep[1, 0, 11, 1]

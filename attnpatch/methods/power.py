@@ -25,12 +25,13 @@ class Power(Method):
     def plan(self, q, k, site: Site) -> Plan:
         if not site.causal:
             raise ValueError("Power is causal (LLM) attention; for image / video models use Neighborhood or Radial")
-        local, sink, off = self.local, self.sink, site.q_offset
+        local, sink, off, shift = self.local, self.sink, site.q_offset, site.kv_shift
 
         def mask_mod(b, h, q_idx, kv_idx):
             d = q_idx + off - kv_idx
             power = (d > 0) & ((d & (d - 1)) == 0)
-            return ((d < local) | power | (kv_idx < sink)) & (d >= 0)
+            pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute position: left padding is negative
+            return ((d < local) | power | ((pos < sink) & (pos >= 0))) & (d >= 0)
 
         return Plan(mask_mod=mask_mod, name=repr(self))
 

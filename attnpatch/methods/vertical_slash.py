@@ -54,13 +54,14 @@ class VerticalSlash(Method):
             raise ValueError("VerticalSlash is causal (LLM prefill) attention")
         if q.shape[2] == 1:
             return None  # decode: dense, as MInference
-        off, sink, window, Skv = site.q_offset, self.sink, self.window, k.shape[2]
+        off, sink, window, Skv, shift = site.q_offset, self.sink, self.window, k.shape[2], site.kv_shift
         keep_v, keep_s = self.estimate(q, k, off)
 
         def mask_mod(b, h, q_idx, kv_idx):
             d = q_idx + off - kv_idx
             slash = keep_s[b, h, d.clamp(0, Skv - 1)]
-            return (keep_v[b, h, kv_idx] | slash | (kv_idx < sink) | (d < window)) & (d >= 0)
+            pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute position: left padding is negative
+            return (keep_v[b, h, kv_idx] | slash | ((pos < sink) & (pos >= 0)) | (d < window)) & (d >= 0)
 
         return Plan(mask_mod=mask_mod, name=repr(self))
 
