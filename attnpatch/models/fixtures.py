@@ -47,13 +47,12 @@ def wan_components(seed: int = 0) -> dict:
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    # 8 latent channels for 2x2x2x3 = 24 values (4 lost colour: reconstructions came out grey)
-    vae = AutoencoderKLWan(base_dim=16, z_dim=8, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
-                           latents_mean=[0.0] * 8, latents_std=[1.0] * 8, scale_factor_temporal=2, scale_factor_spatial=2)
+    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2, scale_factor_spatial=2)
     umt5 = UMT5EncoderModel(UMT5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, decoder_start_token_id=0,
                                        feed_forward_proj="gated-gelu", **TEXT))
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=8,
-                                        out_channels=8, text_dim=64, freq_dim=64, ffn_dim=128, num_layers=4,
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4,
+                                        out_channels=4, text_dim=64, freq_dim=64, ffn_dim=128, num_layers=4,
                                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
     return dict(vae=vae, text_encoder=umt5, tokenizer=shapes.tokenizer(), transformer=transformer,
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))

@@ -26,7 +26,7 @@ from . import fixtures, shapes
 
 KIND = {  # name: (components, data fn, vae steps, denoiser steps, batch)
     "flux": dict(components=fixtures.flux_components, data=shapes.images, vae_steps=400, vae_batch=16, steps=2400, batch=16, dataset=8192),
-    "wan": dict(components=fixtures.wan_components, data=shapes.clips, vae_steps=700, vae_batch=8, steps=2400, batch=16, dataset=4096),
+    "wan": dict(components=fixtures.wan_components, data=shapes.clips, vae_steps=250, vae_batch=8, steps=2400, batch=16, dataset=4096),
 }
 
 
@@ -91,7 +91,7 @@ def _flux_step(c, lat, caps, sigma, noise):
 
 
 def _wan_step(c, lat, caps, sigma, noise):
-    """Rectified-flow loss of the Wan fixture on latents (B, 8, 5, 16, 16)."""
+    """Rectified-flow loss of the Wan fixture on latents (B, 4, 5, 16, 16)."""
     t = c["tokenizer"](caps, padding="max_length", max_length=shapes.MAX_TOKENS, truncation=True, return_tensors="pt")
     text = c["text_encoder"](t.input_ids, t.attention_mask).last_hidden_state
     lens = t.attention_mask.sum(1)
