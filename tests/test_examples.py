@@ -20,7 +20,7 @@ def test_demo_runs_and_checks_every_family():
 
 def test_methods_lists_parameters():
     r = _run(sys.executable, "-m", "attnpatch", "methods")
-    assert r.returncode == 0 and "SinkWindow(sink=4, window=2048)" in r.stdout
+    assert r.returncode == 0 and "SinkWindow(sink=4, window=2048, block=256, evict=False)" in r.stdout
 
 
 def test_bad_subcommand_exits_2():
