@@ -78,3 +78,9 @@ def test_llama_long_prompt_example():
     r = _run(sys.executable, "examples/llama_long_prompt.py", "--tokens", "1200")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "prompt:" in r.stdout and "SinkWindow" in r.stdout and "TopKBlocks" in r.stdout
+
+
+def test_flux_guidance_example_on_the_fixture(tmp_path):
+    r = _run(sys.executable, "examples/flux_guidance.py", "--steps", "6", "--out", str(tmp_path / "g.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SharedAttention" in r.stdout and (tmp_path / "g.png").is_file()
