@@ -240,6 +240,9 @@ def main(argv=None):
     p.add_argument("--part", choices=["speed", "quality", "all"], default="all")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--ppl-lengths", default="2048,4096,8192", help="perplexity lengths ('' to skip); rows of other lengths are kept")
+    p.add_argument("--passkey-lengths", default="1024,2048,4096,8192", help="passkey lengths ('' to skip)")
+    p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "llm"))
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -253,9 +256,16 @@ def main(argv=None):
         from attnpatch.models import smollm2
 
         model, tok = smollm2()
-        data["perplexity"] = perplexity(model, tok, [512] if a.quick else [2048, 4096, 8192])
-        data["passkey"] = passkey(model, tok, [512] if a.quick else [1024, 2048, 4096, 8192])
-        data["calibration"] = calibration(model, tok, out.parent)
+
+        def merge(old, new):  # rows keyed by (tokens, method): a partial run keeps the others
+            keys = {(r["tokens"], r["method"]) for r in new}
+            return sorted([r for r in old if (r["tokens"], r["method"]) not in keys] + new, key=lambda r: r["tokens"])
+
+        lengths = lambda text: [512] if a.quick else [int(x) for x in text.split(",") if x]  # noqa: E731
+        data["perplexity"] = merge(data["perplexity"], perplexity(model, tok, lengths(a.ppl_lengths)))
+        data["passkey"] = merge(data["passkey"], passkey(model, tok, lengths(a.passkey_lengths)))
+        if not a.no_calibration:
+            data["calibration"] = calibration(model, tok, out.parent)
     write(out, "LLM attention: sparse prefill, decode memory, quality on SmolLM2-135M", INTRO, render(data), data)
 
 

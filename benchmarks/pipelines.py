@@ -34,7 +34,7 @@ NA, STA, RAD, TOPK = ap.Neighborhood, ap.SlidingTile, ap.Radial, ap.TopKBlocks
 
 SPEED = {  # name: (model, latent shape, blocks, methods)
     "flux-1024": ("flux", (128, 128), (1, 1), [NA(window=21, tile=16), STA(tile=16, window=(1, 3)), TOPK(keep=0.25, block=16)]),
-    "flux-2048": ("flux", (256, 256), (1, 0), [NA(window=41, tile=16), STA(tile=16, window=3), TOPK(keep=0.125, block=16)]),
+    "flux-2048": ("flux", (256, 256), (0, 1), [NA(window=41, tile=16), STA(tile=16, window=3), TOPK(keep=0.125, block=16)]),
     "wan-480p-33f": ("wan", (9, 60, 104), (2,), [NA(window=(3, 15, 25)), STA(tile=(3, 6, 13), window=(1, 3, 3)),
                                                  RAD(window=1, decay=2.0, dense_frames=1, tile=(30, 26)), TOPK(keep=0.15, block=(3, 6, 13))]),
     "wan-480p-81f": ("wan", (21, 60, 104), (1,), [NA(window=(5, 15, 25)), STA(tile=(3, 6, 13), window=(1, 3, 3)),
