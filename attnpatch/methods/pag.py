@@ -134,9 +134,6 @@ class PAG(Method):
 
 
 if __name__ == "__main__":
-    from .base import ascii_mask  # noqa: F401
-
-    site = Site(grid=(2, 3), text_len=2, kind="joint")
     print("PAG perturbed rows at a joint site (2 text tokens first, 2x3 image): '#' attended")
     S = 8
     keep = torch.ones(S, S, dtype=torch.bool)
