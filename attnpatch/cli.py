@@ -16,6 +16,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from .methods.base import Method
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
@@ -172,27 +174,21 @@ def _compare(args) -> int:
     return EXIT_OK if status == "complete" else EXIT_FAIL
 
 
-class _MaskProbe:
+class _MaskProbe(Method):
     """Wraps a probe method; keeps the first self / joint call's (plan, site, S) for a picture."""
 
-    def __new__(cls, inner):
-        from .methods.base import Method
+    def __init__(self, inner):
+        self.inner, self.first = inner, None
 
-        class Probe(Method):
-            def __init__(self):
-                self.inner, self.first = inner, None
+    def head_plans(self, q, k, site):
+        groups = self.inner.head_plans(q, k, site)
+        plan = groups[0][1]
+        if self.first is None and site.kind != "cross" and q.shape[2] == k.shape[2] and plan is not None:
+            self.first = (plan, site, q.shape[2])
+        return groups
 
-            def head_plans(self, q, k, site):
-                groups = self.inner.head_plans(q, k, site)
-                plan = groups[0][1]
-                if self.first is None and site.kind != "cross" and q.shape[2] == k.shape[2] and plan is not None:
-                    self.first = (plan, site, q.shape[2])
-                return groups
-
-            def reset(self):
-                self.inner.reset()
-
-        return Probe()
+    def reset(self):
+        self.inner.reset()
 
 
 def _bench(args) -> int:

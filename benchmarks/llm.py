@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
+from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402  (KV cache size, as the eviction hook measures it)
 from common import machine, table, timeit, write  # noqa: E402
 
 
@@ -83,10 +84,6 @@ def speed(lengths, layers: int, quick: bool) -> list[dict]:
                                  speedup=dense / t, bound=bound, fraction=dense / t / bound))
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     return rows
-
-
-def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def decode(prompt: int, new: int, layers: int) -> list[dict]:
