@@ -140,7 +140,7 @@ def _compare(args) -> int:
     images, status = {}, "complete"
     try:
         for i, m in enumerate(tqdm(methods, desc="settings", disable=args.quiet)):
-            label = str(m) + (f" + dense_steps={m.dense_steps}" if getattr(m, "dense_steps", 0) else "")
+            label = str(m) + (f" + dense_steps={m.dense_steps}" if hasattr(m, "dense_steps") else "")
             try:
                 with api.patch(loaded.obj, m):
                     result, t = runner.run(loaded, prompts, args.seed, **kw)

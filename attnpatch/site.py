@@ -28,6 +28,7 @@ class Site:
     family: str = ""  # model family the patcher recognised, e.g. "flux", "llama"
     timestep: float | None = None  # denoising time in [0, 1]; 1 is pure noise
     step: int | None = None  # denoising step index within the current pipeline call
+    steps: int | None = None  # denoising steps of the current pipeline call (None: not known)
     q_offset: int = 0  # key index of query 0 (KV-cache length before this call)
     # (B,) key index j holds absolute position j + kv_shift[b]: -left padding, or the tokens a
     # rolling (sliding-window) cache has dropped; None means 0

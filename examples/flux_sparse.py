@@ -24,14 +24,14 @@ def main():
         from attnpatch.models import flux_shapes
 
         pipe, kw = flux_shapes(), {}
-        method = ap.SlidingTile(tile=4, window=(1, 3), dense_steps=4)  # 16x16 tokens: 4x4 tiles, a 1x3 tile window
+        method = ap.SlidingTile(tile=4, window=(1, 3))  # 16x16 tokens: 4x4 tiles, a 1x3 tile window
     else:
         from diffusers import FluxPipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = FluxPipeline.from_pretrained(a.model, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
         kw = dict(height=1024, width=1024, guidance_scale=3.5)
-        method = ap.SlidingTile(tile=16, window=3, dense_steps=4)  # 64x64 tokens at 1024^2: 3x3 of 16x16 tiles
+        method = ap.SlidingTile(tile=16, window=3)  # 64x64 tokens at 1024^2: 3x3 of 16x16 tiles
     if a.steps:
         kw["num_inference_steps"] = a.steps
 

@@ -24,14 +24,14 @@ def main():
         from attnpatch.models import wan_shapes
 
         pipe, kw = wan_shapes(), {}
-        method = ap.Radial(window=1, decay=2.0, dense_frames=0, tile=(4, 4), dense_steps=4)  # 5x8x8 tokens
+        method = ap.Radial(window=1, decay=2.0, dense_frames=0, tile=(4, 4))  # 5x8x8 tokens
     else:
         from diffusers import WanPipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = WanPipeline.from_pretrained(a.model, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
         kw = dict(height=480, width=832, num_frames=33)
-        method = ap.Radial(window=1, decay=2.0, dense_frames=1, tile=(30, 26), dense_steps=4)  # 9x30x52 tokens
+        method = ap.Radial(window=1, decay=2.0, dense_frames=1, tile=(30, 26))  # 9x30x52 tokens
     if a.steps:
         kw["num_inference_steps"] = a.steps
 

@@ -126,9 +126,10 @@ def test_wan_fixture_loads_offline_and_generates_moving_clips():
     assert (frames[0, -1] - frames[0, 0]).abs().mean() > 0.01  # the content changes over time
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation of the committed Wan fixture: its 4-channel video autoencoder "
-                   "(250 steps) keeps brightness but not colour, and 2400 denoiser steps did not learn caption-specific "
-                   "motion (judged colour 4 %, motion 21 % on 24 clips, chance 25 %); see benchmarks/results/fixtures.md")
+@pytest.mark.xfail(strict=True, reason="known limitation of the committed Wan fixture: its autoencoder keeps colour "
+                   "now, but 2400 denoiser steps (the most that fit the 30-minute CPU budget) learn colour only partly and "
+                   "not caption-specific motion (judged colour 44 %, motion 22 % on 32 clips, chance 12 % / 25 %); see "
+                   "benchmarks/results/fixtures.md")
 def test_wan_fixture_follows_captions():
     pipe = fixtures.wan_shapes()
     caps = ["a large red square moving right", "a large blue circle moving left",

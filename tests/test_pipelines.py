@@ -105,6 +105,18 @@ def test_narrow_window_changes_output_as_the_reference_says(family):
     assert torch.equal(run(pipe, kw), stock)
 
 
+def test_dense_steps_fraction_counts_the_pipelines_steps(family):
+    """dense_steps=0.5 is floor(0.5 * num_inference_steps) dense steps on every family."""
+    name, pipe, kw, stock = family
+    outs = {}
+    for d in (0.5, STEPS // 2, 0):
+        with ap.patch(pipe, ap.SlidingTile(tile=1, window=1, dense_steps=d)):
+            outs[d] = run(pipe, kw)
+    assert STEPS // 2 >= 1
+    assert torch.equal(outs[0.5], outs[STEPS // 2])
+    assert _diff(outs[0.5], outs[0]) > 1e-6 and _diff(outs[0.5], stock) > 1e-6
+
+
 def test_sites_carry_the_grid_of_the_call_and_the_step(family):
     name, pipe, kw, _ = family
     grid, kinds = EXPECT[name]
@@ -120,5 +132,6 @@ def test_sites_carry_the_grid_of_the_call_and_the_step(family):
     assert steps == sorted(steps) and sorted(set(steps)) == list(range(STEPS))
     assert rec.sites[first].step == 0  # a new pipeline call counts from step 0 again
     assert [s.step for s in rec.sites[first:]] == steps
+    assert {s.steps for s in rec.sites} == {STEPS}  # the pipeline's num_inference_steps
     ts = [s.timestep for s in sites]
     assert ts == sorted(ts, reverse=True) and 0 <= ts[-1] < ts[0] <= 1

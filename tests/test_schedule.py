@@ -28,6 +28,25 @@ def test_dense_steps_and_layers():
     assert not torch.allclose(plain, _sdpa(q, k, v))  # the window does change the output
 
 
+def test_dense_steps_fraction_of_the_calls_steps(caplog):
+    q, k, v = _qkv()
+    plain = ap.attend(q, k, v, ap.Neighborhood(window=3, dense_steps=0), Site(grid=(6, 8)))
+    m = ap.Neighborhood(window=3, dense_steps=0.3)
+    for step, steps, dense in ((0, 10, True), (2, 10, True), (3, 10, False), (0, 3, False), (5, 20, True), (6, 20, False)):
+        out = ap.attend(q, k, v, m, Site(grid=(6, 8), step=step, steps=steps))
+        torch.testing.assert_close(out, _sdpa(q, k, v) if dense else plain)
+    assert [m.dense_count(n) for n in (1, 4, 10, 28, 50)] == [0, 1, 3, 8, 15]
+    # a step count nobody gave (a model patched on its own): sparse, and the log says why
+    with caplog.at_level("WARNING", logger="attnpatch"):
+        out = ap.attend(q, k, v, ap.Neighborhood(window=3, dense_steps=0.7), Site(grid=(6, 8), step=0))
+    torch.testing.assert_close(out, plain)
+    assert "step count is unknown" in caplog.text
+    assert ap.Neighborhood().dense_steps == ap.methods.schedule.DENSE_STEPS == 0.4  # the documented default
+    for bad in (1.0, 1.5, -0.1, -1, True, "2"):
+        with pytest.raises(ValueError, match=r"dense_steps=.*fraction of the pipeline's steps"):
+            ap.SlidingTile(dense_steps=bad)
+
+
 def test_per_layer_profile_roundtrip(tmp_path):
     q, k, v = _qkv()
     path = tmp_path / "na.safetensors"

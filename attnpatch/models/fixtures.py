@@ -42,17 +42,20 @@ def flux_components(seed: int = 0) -> dict:
 
 
 def wan_components(seed: int = 0) -> dict:
-    """Untrained components of the Wan-architecture fixture (9 frames of 32x32 -> 5x8x8 tokens)."""
+    """Untrained components of the Wan-architecture fixture (9 frames of 32x32 -> 5x8x8 tokens):
+    ``AutoencoderKLWan`` with one spatio-temporal stage (2x spatial, 2x temporal with the first
+    frame alone, as Wan; 4 latent channels), UMT5 text encoder, ``WanTransformer3DModel``."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2, scale_factor_spatial=2)
+    z = 4
+    vae = AutoencoderKLWan(base_dim=16, z_dim=z, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                           latents_mean=[0.0] * z, latents_std=[1.0] * z, scale_factor_temporal=2, scale_factor_spatial=2)
     umt5 = UMT5EncoderModel(UMT5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, decoder_start_token_id=0,
                                        feed_forward_proj="gated-gelu", **TEXT))
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4,
-                                        out_channels=4, text_dim=64, freq_dim=64, ffn_dim=128, num_layers=4,
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=z,
+                                        out_channels=z, text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4,
                                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
     return dict(vae=vae, text_encoder=umt5, tokenizer=shapes.tokenizer(), transformer=transformer,
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))

@@ -165,7 +165,8 @@ class _Call:
             return None  # text-only self-attention (e.g. a text refiner)
         return Site(grid=grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
                     layer=self.layer, name=self.name, kind=kind, family=st.family.name,
-                    timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None, roles=roles)
+                    timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None,
+                    steps=st.tracker.total if st.timestep is not None else None, roles=roles)
 
     def run(self, q, k, v, *, mask, scale, causal):
         site = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(q.shape[0]))
@@ -244,8 +245,11 @@ def patch_pipeline(pipe, method, backend, layers):
     names, undo = _patch_models(models, method, backend, layers, tracker, pipe)
     orig = pipe.progress_bar
 
-    def progress_bar(*args, **kwargs):  # every pipeline opens one progress bar per call
-        tracker.reset()
+    def progress_bar(*args, **kwargs):  # every pipeline opens one per call: progress_bar(total=num_inference_steps)
+        total = kwargs.get("total")
+        if total is None and args and hasattr(args[0], "__len__"):
+            total = len(args[0])  # progress_bar(iterable)
+        tracker.reset(total)
         return orig(*args, **kwargs)
 
     pipe.progress_bar = progress_bar

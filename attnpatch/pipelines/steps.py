@@ -10,10 +10,13 @@ class StepTracker:
     def __init__(self, method):
         self.method = method
         self.step = 0
+        self.total: int | None = None  # the pipeline call's step count, when a pipeline says it
         self.last: float | None = None
         self.calls = 0  # denoiser calls at the current step (guidance: the first is the cond one)
 
-    def reset(self) -> None:
+    def reset(self, total: int | None = None) -> None:
+        if total is not None:
+            self.total = int(total)
         self.step, self.last, self.calls = 0, None, 0
         self.method.reset()
 
