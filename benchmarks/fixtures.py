@@ -183,9 +183,22 @@ def evaluate(kind: str, folder, out_dir: Path, tag: str, n: int) -> dict:
         _, caps = shapes.clips(n, seed=4242)
         gen = torch.cat([wan_clips(pipe, caps[i:i + 8], seed=i) for i in range(0, n, 8)])
         res["accuracy"] = accuracy([shapes.judge_clip(g, c) for g, c in zip(gen, caps)])
+    res["round_trip"] = round_trip(kind, pipe.vae, n)
     log = Path(res["folder"]) / "train_log.json"
     res["train_log"] = json.loads(log.read_text()) if log.is_file() else None
     return res, pipe
+
+
+@torch.no_grad()
+def round_trip(kind: str, vae, n: int) -> dict:
+    """The judge on training data passed through the autoencoder alone (encode, decode): what the
+    denoiser can at best express in its latent space."""
+    x, caps = (shapes.images if kind == "flux" else shapes.clips)(n, seed=4242)
+    rec = torch.cat([vae.decode(vae.encode(x[i:i + 16]).latent_dist.mode()).sample for i in range(0, n, 16)])
+    rec = ((rec.clamp(-1, 1) + 1) / 2).float()
+    if kind == "flux":
+        return accuracy([shapes.judge(r, c) for r, c in zip(rec, caps)])
+    return accuracy([shapes.judge_clip(r.transpose(0, 1), c) for r, c in zip(rec, caps)])
 
 
 def truth(kind: str, n: int) -> dict:
@@ -251,6 +264,9 @@ def body(data: dict, pics: str) -> str:
                 gen = r.get("seconds_12_images", r.get("seconds_4_clips"))
                 lines.append(f"| {w} | " + " | ".join(f"{v:.2f}" for v in r["accuracy"].values())
                              + f" | {r.get('train_seconds', 0):.0f} | {r.get('final_loss', 0):.4f} | {gen:.1f} |")
+                if "round_trip" in r:
+                    lines.append(f"| {w}: autoencoder round trip of the training data | "
+                                 + " | ".join(f"{v:.2f}" for v in r["round_trip"].values()) + " | - | - | - |")
         lines.append("")
         what = "12 images" if kind == "flux" else "4 clips of 9 frames"
         lines.append(f"Generation time is for {what} in one call (20 steps with classifier-free guidance).\n")

@@ -249,6 +249,23 @@ INTRO = (
     "the last rows are the literal defaults.")
 
 
+def _defaults_summary(rows: list[dict]) -> str:
+    """The default schedule's numbers per model, read from the sweep rows."""
+    out = [f"**Default schedule** (`dense_steps={DENSE_STEPS}`, the 4x4-token tiles above):"]
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        want = {f"{m!r} + dense_steps={DENSE_STEPS}" for m in SCALED.get(kind, [])}
+        mine = [r for r in rows if r["model"] == kind and r["method"] in want]
+        if not mine:
+            continue
+        stock = next(r["judged"] for r in rows if r["model"] == kind and r["method"] == "stock attention")
+        lo = lambda k: min(r[k] for r in mine)  # noqa: E731
+        hi = lambda k: max(r[k] for r in mine)  # noqa: E731
+        out.append(f"- {kind}: PSNR {lo('psnr'):.1f}-{hi('psnr'):.1f} dB, SSIM {lo('ssim'):.3f}-{hi('ssim'):.3f} vs stock "
+                   f"attention; caption attributes judged right {lo('judged'):.2f}-{hi('judged'):.2f} (stock {stock:.2f}); "
+                   f"block density {lo('density'):.2f}-{hi('density'):.2f} over the whole generation ({len(mine)} methods).")
+    return "\n".join(out)
+
+
 def render(data: dict) -> str:
     parts = []
     if data.get("speed"):
@@ -273,7 +290,9 @@ def render(data: dict) -> str:
         parts.append("## Quality on the trained fixtures (vs stock attention, same seed)\n\n" + table(data["quality"], [
             ("model", "model"), ("method", "method"), ("density", "block density"), ("recall", "attention recall"),
             ("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("judged", "caption attributes judged right")]))
-        parts.append("Rows of the grids: stock attention first, then the methods in table order (first 4 captions; Wan: middle frame).\n\n"
+        parts.append(_defaults_summary(data["quality"]))
+        parts.append("Rows of the grids: stock attention first, then each method with dense_steps=0 and with the default "
+                     f"dense_steps={DENSE_STEPS}, in table order, then the literal defaults (first 4 captions; Wan: middle frame).\n\n"
                      "![flux](pipelines/quality_flux.png)\n\n![wan](pipelines/quality_wan.png)")
     return "\n\n".join(parts)
 

@@ -1,10 +1,11 @@
 """Train the fixtures from scratch, seeded, on the CPU:
 
     python -m attnpatch.models.train flux --out attnpatch/models/weights/flux-shapes   # ~12 min on 2 cores
-    python -m attnpatch.models.train wan  --out attnpatch/models/weights/wan-shapes    # ~12 min on 2 cores
+    python -m attnpatch.models.train wan  --out attnpatch/models/weights/wan-shapes    # ~22 min on 2 cores
 
 Stage 1 trains the autoencoder on the procedural data (reconstruction + a small KL); its latent
-mean / std become the pipeline's latent normalisation. Stage 2 trains the transformer and both
+mean / std (per channel for Wan, as Wan's own ``latents_mean`` / ``latents_std``) become the
+pipeline's latent normalisation. Stage 2 trains the transformer and both
 text encoders together with the rectified-flow objective the pipelines sample with
 (x_t = (1 - s) x0 + s noise, target noise - x0, s logit-normal), captions dropped 10 % of the
 time so classifier-free guidance works. The folder written is a stock diffusers pipeline
