@@ -128,7 +128,7 @@ def test_wan_fixture_loads_offline_and_generates_moving_clips():
 
 @pytest.mark.xfail(strict=True, reason="known limitation of the committed Wan fixture: its autoencoder keeps colour "
                    "now, but 2400 denoiser steps (the most that fit the 30-minute CPU budget) learn colour only partly and "
-                   "not caption-specific motion (judged colour 44 %, motion 22 % on 32 clips, chance 12 % / 25 %); see "
+                   "not caption-specific motion (judged colour 35 %, motion 19 % on 48 held-out clips, chance 12 % / 25 %); see "
                    "benchmarks/results/fixtures.md")
 def test_wan_fixture_follows_captions():
     pipe = fixtures.wan_shapes()
