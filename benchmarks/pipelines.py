@@ -18,6 +18,7 @@ mass the plans keep, with image / frame grids.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -160,7 +161,7 @@ def label(m) -> str:
 
 
 SWEEP = (0, 0.1, 0.25, 0.3, 0.4, 0.5)  # dense_steps: fractions of the 20 steps (0.4 is the default)
-# The fixtures' grids are small (FLUX 16x16 image tokens, Wan 9x8x8 video tokens), so the methods'
+# The fixtures' grids are small (FLUX 16x16 image tokens, Wan 5x8x8 video tokens), so the methods'
 # ~256-token default tiles would cover them (dense): tiles of 4x4 tokens keep 4 tiles per side,
 # as the default 16-token tiles do on FLUX at 1024^2 (64x64 tokens).
 SCALED = {
@@ -168,8 +169,7 @@ SCALED = {
     "wan": [NA(window=(3, 5, 5)), STA(tile=(1, 4, 4), window=(3, 1, 1)), RAD(window=1, decay=2.0, dense_frames=0, tile=(4, 4)),
             TOPK(keep=0.25, block=(1, 4, 4))],
 }
-QUALITY = {kind: [type(m)(**{f: getattr(m, f) for f in m.__dataclass_fields__ if f not in ("dense_steps", "profile") and
-                             m.__dataclass_fields__[f].init}, dense_steps=d) for m in ms for d in SWEEP]
+QUALITY = {kind: [dataclasses.replace(m, dense_steps=d) for m in ms for d in SWEEP]
            + ([TOPK(mass=0.9, block=4)] if kind == "flux" else []) + [NA(), STA(), TOPK()] + ([RAD()] if kind == "wan" else [])
            for kind, ms in SCALED.items()}
 CAPTIONS = {
