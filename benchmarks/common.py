@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from attnpatch.pipelines.timing import timeit  # noqa: F401  (re-exported for the scripts)
+from attnpatch.pipelines.timing import timeit, timeit_interleaved  # noqa: F401  (re-exported for the scripts)
 
 
 def machine() -> dict:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch import Site  # noqa: E402
 from attnpatch.plan import materialise_mask  # noqa: E402
-from common import machine, table, timeit, write  # noqa: E402
+from common import machine, table, timeit, timeit_interleaved, write  # noqa: E402
 
 NA, STA, RAD = ap.Neighborhood, ap.SlidingTile, ap.Radial
 
@@ -119,20 +119,23 @@ def bench_grid(grid, H, D, reps, natten_mode, use_flex) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, S, D, generator=g) for _ in range(3))
     nq, nk, nv = (t.transpose(1, 2).reshape(1, *grid, H, D).contiguous() for t in (q, k, v))  # NATTEN layout
-    t_dense = timeit(lambda: F.scaled_dot_product_attention(q, k, v), reps)
     site = Site(grid=grid)
     rows, natten_done = [], set()
     for family, method, nkw in points(grid):
         plan = method.plan(q, k, site)
         dens = plan.blocks.density()
         row = dict(grid="x".join(map(str, grid)), tokens=S, family=family, method=repr(method).replace(", causal=False", ""),
-                   block_density=dens, token_density=token_density(plan, S), ideal=1 / dens, dense_s=t_dense)
+                   block_density=dens, token_density=token_density(plan, S), ideal=1 / dens)
         out = ap.attend(q, k, v, method, site, backend="tiles")
-        row["tiles_s"] = timeit(lambda: ap.attend(q, k, v, method, site, backend="tiles"), reps)
+        fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v),
+               "tiles": lambda: ap.attend(q, k, v, method, site, backend="tiles")}
         if use_flex:
             ref = ap.attend(q, k, v, method, site, backend="flex")  # compiles for this shape once
-            row["flex_s"] = timeit(lambda: ap.attend(q, k, v, method, site, backend="flex"), reps)
+            fns["flex"] = lambda: ap.attend(q, k, v, method, site, backend="flex")
             row["flex_max_diff"] = (ref - out).abs().max().item()
+        for name, t in timeit_interleaved(fns, reps).items():  # dense timed alongside every point
+            row[f"{name}_s"] = t
+        t_dense = row["dense_s"]
         if nkw is not None and min(nkw["kernel_size"] if isinstance(nkw["kernel_size"], tuple) else (nkw["kernel_size"],)) < 2:
             nkw = None  # NATTEN needs a kernel of >= 2 on every axis (a 1-frame window is not expressible)
         if nkw is not None and (natten_mode == "all" or (natten_mode == "one" and family not in natten_done)):
@@ -155,7 +158,7 @@ def main(argv=None):
     p.add_argument("--grids", default="64x64,128x128,13x30x52")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--natten", choices=["all", "one", "none"], default="all",
                    help="NATTEN at every point, at one point per family and grid, or not at all")
     p.add_argument("--natten-large", choices=["all", "one", "none"], default="one",
@@ -211,7 +214,9 @@ def render(out: Path, rows: list[dict], mach: dict, args: dict) -> None:
             ("fraction", "tiles / ideal"), ("flex_speedup", "flex speedup"), ("natten_speedup", "NATTEN speedup")]
     a = argparse.Namespace(**{"heads": 4, "head_dim": 128, "reps": 3, **args})
     intro = (f"B=1, {a.heads} heads, head_dim {a.head_dim}, float32; median of {a.reps} runs after a warm-up "
-             "(NATTEN: one run). Speedups are dense SDPA time / kernel time in the same process; ideal = 1 / block "
+             "(NATTEN: one run); at every point dense SDPA, tiles and flex run in turn within each repetition, so "
+             "the machine's slow spells hit all of them alike. Speedups are dense SDPA time / kernel time in the "
+             "same process; ideal = 1 / block "
              "density. flex is attnpatch's FlexAttention kernel compiled with torch.compile (compile time excluded); "
              "NATTEN is natten's na2d / na3d with its default (flex, uncompiled) CPU backend.")
     intro += (" On grids above 8K tokens NATTEN ran at one point per family: its unfused CPU path costs the same at "

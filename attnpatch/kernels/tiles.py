@@ -1,14 +1,18 @@
 """``tiles``: block-sparse attention executed by the dense SDPA kernel.
 
-Tokens are permuted into tile order once; every query range then attends a few contiguous key
-ranges (runs), each one SDPA call on slice *views* (no gathering: copies cost more than call
-overhead), merged by their log-sum-exp in float32. Fully kept runs need no mask; partial runs
-get the plan's exact mask_mod as an additive mask (cached per plan). Query blocks with the same
-runs are merged into one call.
+Tokens are permuted into tile order once (one row gather per tensor); every query range then
+attends a few contiguous key ranges (runs), each one SDPA call on *views* (no per-call copies),
+merged by their log-sum-exp in float32. Fully kept runs need no mask; partial runs get the
+plan's exact mask_mod as an additive mask (cached per plan). Consecutive query ranges whose runs
+have the same lengths and move by the same stride (the interior tiles of a sliding window, the
+diagonal of a blocked plan) run as one call: the group becomes an extra head axis of strided
+views, so per-call overhead is paid once per group. The result is written in tile order and
+put back into the original token order by one more row gather.
 """
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,52 @@ def _partial_bias(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, dtype, device):
     return bs.cache[key]
 
 
+@dataclass
+class Group:
+    """``n`` query ranges ``[q0 + i*dq, q0 + i*dq + L)``; run r of range i is
+    ``[k0_r + i*dk_r, k0_r + i*dk_r + Lk_r)``; ``full`` False only for single ranges."""
+
+    n: int
+    q0: int
+    dq: int
+    L: int
+    runs: list  # [(k0, dk, Lk, full)]
+
+
+def groups(bs: BlockSparse) -> list[Group]:
+    """``bs.runs()`` as call groups (cached on the block structure)."""
+    if "tile_groups" in bs.cache:
+        return bs.cache["tile_groups"]
+    out: list[Group] = []
+    for qs, qe, runs in bs.runs():
+        full = all(f for _, _, f in runs)
+        g = out[-1] if out else None
+        if full and g is not None and g.L == qe - qs and len(g.runs) == len(runs) and all(r[3] for r in g.runs) \
+                and all(r[2] == ke - ks for r, (ks, ke, _) in zip(g.runs, runs)):
+            if g.n == 1:
+                dq, dks = qs - g.q0, [ks - r[0] for r, (ks, _, _) in zip(g.runs, runs)]
+                if dq > 0 and min(dks) >= 0:
+                    g.dq, g.runs, g.n = dq, [(r[0], d, r[2], True) for r, d in zip(g.runs, dks)], 2
+                    continue
+            elif qs == g.q0 + g.n * g.dq and all(ks == r[0] + g.n * r[1] for r, (ks, _, _) in zip(g.runs, runs)):
+                g.n += 1
+                continue
+        out.append(Group(1, qs, 0, qe - qs, [(ks, 0, ke - ks, f) for ks, ke, f in runs]))
+    bs.cache["tile_groups"] = out
+    return out
+
+
+def _view(x: torch.Tensor, start: int, delta: int, n: int, L: int) -> torch.Tensor:
+    """Rows ``[start + i*delta, start + i*delta + L)`` of x (B, H, S, D) for i < n, as one 4-D
+    view ``(B*H, n, L, D)`` (``(B, H, L, D)`` when n == 1); for n > 1 x's batch must merge with
+    its heads (B == 1 or stride(0) == H * stride(1))."""
+    if n == 1:
+        return x[:, :, start:start + L]
+    B, H, _, D = x.shape
+    sB, sH, sS, sD = x.stride()
+    return x.as_strided((B * H, n, L, D), (sH, delta * sS, sS, sD), x.storage_offset() + start * sS)
+
+
 class Tiles(Kernel):
     name = "tiles"
 
@@ -46,51 +96,107 @@ class Tiles(Kernel):
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
         bs = plan.blocks
         B, Hq, S, _ = q.shape
+        Dv = v.shape[3]
         rep = Hq // k.shape[1]
         perm = bs.perm_on(q.device)
         if perm is not None or rep > 1:
-            q, k, v = _gather(q, perm, 1, "q"), _gather(k, perm, rep, "k"), _gather(v, perm, rep, "v")
-        out = torch.empty(B, Hq, S, v.shape[3], dtype=q.dtype, device=q.device)  # original token order
-        for qs, qe, runs in bs.runs():
-            qv = q[:, :, qs:qe]
-            if len(runs) == 1 and runs[0][2]:
-                ks, ke, _ = runs[0]
-                o = F.scaled_dot_product_attention(qv, k[:, :, ks:ke], v[:, :, ks:ke], scale=scale)
+            q, k, v = (_gather(x, bs, perm, r, slot) for x, r, slot in ((q, 1, "q"), (k, rep, "k"), (v, rep, "v")))
+        if perm is None:  # results go straight to their places; (B, S, H, D) in memory as SDPA's own when B == 1
+            ot = out = (torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device).transpose(1, 2) if B == 1 else
+                        torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device))
+        else:  # tile order first, one row gather back at the end
+            ot = _workspace("o", (B, Hq, S, Dv), q.dtype, q.device)
+        mergeable = B == 1 or all(x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v, ot))
+        for g in groups(bs):
+            if g.n > 1 and not mergeable:  # batch and heads cannot merge into one view: one call per range
+                for i in range(g.n):
+                    self._call(plan, bs, q, k, v, ot, Group(1, g.q0 + i * g.dq, 0, g.L,
+                               [(k0 + i * dk, 0, lk, f) for k0, dk, lk, f in g.runs]), scale)
             else:
-                parts = []
-                for ks, ke, full in runs:
-                    if full:
-                        parts.append(sdpa_lse(qv, k[:, :, ks:ke], v[:, :, ks:ke], None, scale))
-                    else:
-                        bias, rows = _partial_bias(plan, bs, qs, qe, ks, ke, q.dtype, q.device)
-                        o, lse = sdpa_lse(qv, k[:, :, ks:ke], v[:, :, ks:ke], bias, scale)
-                        parts.append((o, lse.masked_fill(~rows, float("-inf"))))
-                o = merge(parts).to(q.dtype)
-            if perm is None:
-                out[:, :, qs:qe] = o
-            else:
-                out.index_copy_(2, perm[qs:qe], o)  # straight back to the original positions
-        return out
+                self._call(plan, bs, q, k, v, ot, g, scale)
+        if perm is None:
+            return out
+        return _to_original(ot, bs, q.device)
+
+    @staticmethod
+    def _call(plan, bs, q, k, v, ot, g: Group, scale):
+        qv = _view(q, g.q0, g.dq, g.n, g.L)
+        kv = [(_view(k, k0, dk, g.n, lk), _view(v, k0, dk, g.n, lk), k0, lk, f) for k0, dk, lk, f in g.runs]
+        if len(kv) == 1 and kv[0][4]:
+            o = F.scaled_dot_product_attention(qv, kv[0][0], kv[0][1], scale=scale)
+        else:
+            parts = []
+            for kk, vv, k0, lk, f in kv:
+                if f:
+                    parts.append(sdpa_lse(qv, kk, vv, None, scale))
+                else:  # partial runs only occur in single ranges (n == 1)
+                    bias, rows = _partial_bias(plan, bs, g.q0, g.q0 + g.L, k0, k0 + lk, q.dtype, q.device)
+                    o, lse = sdpa_lse(qv, kk, vv, bias, scale)
+                    parts.append((o, lse.masked_fill(~rows, float("-inf"))))
+            o = merge(parts)
+        _view(ot, g.q0, g.dq, g.n, g.L).copy_(o)
 
 
 _WORKSPACE = threading.local()
 
 
-def _gather(x: torch.Tensor, perm, rep: int, slot: str) -> torch.Tensor:
-    """x (B, H, S, D) in tile order with heads repeated ``rep`` times, written into a reused
-    per-thread buffer: fresh allocations of this size cost more in page faults than the copy."""
-    B, H, S, D = x.shape
-    shape = (B, H * rep, S, D)
-    key = (slot, shape, x.dtype, str(x.device))
+def _workspace(slot: str, shape, dtype, device) -> torch.Tensor:
+    """A reused per-thread buffer (one per slot, latest shape): fresh allocations of this size
+    cost more in page faults than the copies into them."""
+    key = (slot, tuple(shape), dtype, str(device))
     ws = _WORKSPACE.__dict__
     if key not in ws:
         for old in [k for k in ws if k[0] == slot]:
-            del ws[old]  # one buffer per slot: keep only the latest shape
-        ws[key] = torch.empty(shape, dtype=x.dtype, device=x.device)
-    buf = ws[key]
-    src = x if rep == 1 else x[:, :, None].expand(B, H, rep, S, D).reshape(shape)  # (B, H*rep, S, D)
-    if perm is None:
-        buf.copy_(src)
-    else:
-        torch.index_select(src, 2, perm, out=buf)
+            del ws[old]
+        ws[key] = torch.empty(shape, dtype=dtype, device=device)
+    return ws[key]
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]] | None:
+    """x (B, H, S, D) as a 2-D matrix of D-element rows over its storage plus the row strides
+    of (B, H, S), when every (b, h, s) vector is such a row; else None."""
+    D = x.shape[3]
+    sB, sH, sS, sD = x.stride()
+    if sD != 1 or any(s % D for s in (sB, sH, sS)):
+        return None
+    n = 1 + sum((size - 1) * s for size, s in zip(x.shape[:3], (sB, sH, sS))) // D
+    return x.as_strided((n, D), (D, 1), x.storage_offset()), (sB // D, sH // D, sS // D)
+
+
+def _gather(x: torch.Tensor, bs: BlockSparse, perm, rep: int, slot: str) -> torch.Tensor:
+    """x (B, H, S, D) in tile order with heads repeated ``rep`` times (GQA), as a contiguous
+    reused buffer (B, H*rep, S, D): one index_select over x's rows, whatever x's layout."""
+    B, H, S, D = x.shape
+    buf = _workspace(slot, (B, H * rep, S, D), x.dtype, x.device)
+    r = _rows(x)
+    if r is None:
+        x = x.contiguous()
+        r = _rows(x)
+    rows, strides = r
+    order = perm if perm is not None else torch.arange(S, device=x.device)
+    key = ("rows", (B, H, S), strides, rep, str(x.device))  # k and v usually share it
+    idx = bs.cache.get(key)
+    if idx is None:
+        b = torch.arange(B, device=x.device).view(B, 1, 1) * strides[0]
+        h = (torch.arange(H * rep, device=x.device) // rep).view(1, -1, 1) * strides[1]
+        idx = (b + h + order.view(1, 1, S) * strides[2]).flatten()
+        idx = bs.cache[key] = idx.int() if rows.shape[0] < 2**31 else idx  # int32: half the memory, same speed
+    torch.index_select(rows, 0, idx, out=buf.view(-1, D))
     return buf
+
+
+def _to_original(ot: torch.Tensor, bs: BlockSparse, device) -> torch.Tensor:
+    """The tile-ordered result (B, H, S, D) back in original token order, laid out (B, S, H, D)
+    in memory like the SDPA kernel's own output (so the caller's reshape to (B, S, H*D) is free)."""
+    B, H, S, D = ot.shape
+    key = ("unperm", B, H, S, str(device))
+    idx = bs.cache.get(key)
+    if idx is None:
+        inv = bs.inverse_perm_on(device)
+        b = torch.arange(B, device=device).view(B, 1, 1) * (H * S)
+        h = torch.arange(H, device=device).view(1, 1, H) * S
+        idx = (b + inv.view(1, S, 1) + h).flatten()  # (b, s, h) order
+        idx = bs.cache[key] = idx.int() if B * H * S < 2**31 else idx
+    out = torch.empty(B, S, H, D, dtype=ot.dtype, device=device)
+    torch.index_select(ot.reshape(-1, D), 0, idx, out=out.view(-1, D))
+    return out.transpose(1, 2)

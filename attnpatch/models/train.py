@@ -25,14 +25,15 @@ from tqdm.auto import tqdm
 
 from . import fixtures, shapes
 
-KIND = {  # name: components, data, autoencoder steps / batch / lr / foreground weight, denoiser steps / batch, dataset size
+KIND = {  # name: components, data, autoencoder steps / batch / lr / foreground weight, denoiser steps / batch / peak lr /
+    # noise-level shift (sigma -> shift * sigma / (1 + (shift - 1) * sigma), as SD3 / Wan), dataset size
     "flux": dict(components=fixtures.flux_components, data=shapes.images, vae_steps=400, vae_batch=16, vae_lr=1e-3, fg_weight=0.0,
-                 steps=2400, batch=16, dataset=8192),
+                 steps=2400, batch=16, lr=5e-4, sigma_shift=1.0, dataset=8192),
     # video: shape pixels weigh 11x in the autoencoder's loss (with plain MSE on these mostly
     # background clips it learns brightness long before colour); whole 9-frame clips, so every
     # causal chunk of the encoder / decoder is trained (5-frame clips leave the second one untrained)
     "wan": dict(components=fixtures.wan_components, data=shapes.clips, vae_steps=1200, vae_batch=4, vae_lr=2e-3, fg_weight=10.0,
-                steps=2400, batch=16, dataset=4096),
+                steps=2400, batch=16, lr=5e-4, sigma_shift=1.0, dataset=4096),
 }
 
 
@@ -114,10 +115,11 @@ def _wan_step(c, lat, caps, sigma, noise):
     return F.mse_loss(pred, noise - lat)
 
 
-def train_denoiser(c, kind: str, lats, captions, steps: int, batch: int, seed: int, log: list) -> None:
+def train_denoiser(c, kind: str, lats, captions, steps: int, batch: int, seed: int, log: list, lr: float = 5e-4,
+                   sigma_shift: float = 1.0) -> None:
     step_fn = _flux_step if kind == "flux" else _wan_step
     params = [p for k in ("transformer", "text_encoder", "text_encoder_2") if k in c for p in c[k].parameters()]
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     for m in ("transformer", "text_encoder", "text_encoder_2"):
         if m in c:
@@ -127,9 +129,10 @@ def train_denoiser(c, kind: str, lats, captions, steps: int, batch: int, seed: i
         lat, caps = lats[idx], [captions[i] for i in idx.tolist()]
         caps = [cap if keep else "" for cap, keep in zip(caps, (torch.rand(batch, generator=g) > 0.1).tolist())]
         sigma = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal, as SD3 / FLUX training
+        sigma = sigma_shift * sigma / (1 + (sigma_shift - 1) * sigma)  # > 1: more training at high noise
         noise = torch.randn(lat.shape, generator=g)
         for pg in opt.param_groups:
-            pg["lr"] = _lr(step, steps, 5e-4)
+            pg["lr"] = _lr(step, steps, lr)
         loss = step_fn(c, lat, caps, sigma, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +146,7 @@ def train_denoiser(c, kind: str, lats, captions, steps: int, batch: int, seed: i
 
 
 def train(kind: str, out: Path, seed: int = 0, steps: int | None = None, vae_steps: int | None = None, force: bool = False,
-          dataset: int | None = None):
+          dataset: int | None = None, lr: float | None = None, sigma_shift: float | None = None):
     from diffusers import FluxPipeline, WanPipeline
 
     spec = KIND[kind]
@@ -152,7 +155,8 @@ def train(kind: str, out: Path, seed: int = 0, steps: int | None = None, vae_ste
         raise FileExistsError(f"{out} exists and is not empty; pass --force to overwrite it")
     torch.manual_seed(seed)
     c = spec["components"](seed)
-    log = dict(kind=kind, seed=seed, vae=[], denoiser=[], threads=torch.get_num_threads())
+    lr, sigma_shift = lr or spec["lr"], sigma_shift or spec["sigma_shift"]
+    log = dict(kind=kind, seed=seed, lr=lr, sigma_shift=sigma_shift, vae=[], denoiser=[], threads=torch.get_num_threads())
     t0 = time.perf_counter()
     train_vae(c["vae"], spec.get("vae_data", spec["data"]), vae_steps or spec["vae_steps"], spec["vae_batch"], seed, log["vae"], spec["vae_lr"],
               spec["fg_weight"])
@@ -164,7 +168,8 @@ def train(kind: str, out: Path, seed: int = 0, steps: int | None = None, vae_ste
         mean, std = lats.mean((0, 2, 3, 4), keepdim=True), lats.std((0, 2, 3, 4), keepdim=True)
         c["vae"].register_to_config(latents_mean=mean.flatten().tolist(), latents_std=std.flatten().tolist())
     log["vae_seconds"] = time.perf_counter() - t0
-    train_denoiser(c, kind, (lats - mean) / std, caps, steps or spec["steps"], spec["batch"], seed, log["denoiser"])
+    train_denoiser(c, kind, (lats - mean) / std, caps, steps or spec["steps"], spec["batch"], seed, log["denoiser"], lr,
+                   sigma_shift)
     log["seconds"] = time.perf_counter() - t0
     pipe = (FluxPipeline if kind == "flux" else WanPipeline)(**c)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,10 +186,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="denoiser steps (default: the committed run's)")
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--dataset", type=int, help="training-set size (default: the committed run's)")
+    p.add_argument("--lr", type=float, help="denoiser peak learning rate (default: the committed run's)")
+    p.add_argument("--sigma-shift", type=float, help="noise-level shift of the denoiser's training (default: the committed run's)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
     a = p.parse_args(argv)
     try:
-        print(train(a.kind, a.out, a.seed, a.steps, a.vae_steps, a.force, a.dataset))
+        print(train(a.kind, a.out, a.seed, a.steps, a.vae_steps, a.force, a.dataset, a.lr, a.sigma_shift))
     except FileExistsError as e:
         p.exit(2, f"error: {e}\n")
 
