@@ -200,9 +200,11 @@ def summary(rows: list[dict]) -> str:
         f"{len(ok)} of {len(aligned)} points. Below it: " + ("; ".join(low) or "none") + ".",
         f"- Stride-1 windows at token density <= 25 %: tiles is faster than dense SDPA at {len(faster)} of {len(win)} points.",
         f"- tiles is faster than compiled FlexAttention and than NATTEN (where measured) at {len(ahead)} of {len(rows)} points.",
-        "- Why small tiles fall short on this CPU: PyTorch's CPU flash kernel splits queries into 256-row blocks only "
-        "when a call has >= 768 queries (64-row blocks below), which costs 10-30 % of its speed; tiles of 512-1024 "
-        "tokens reach 0.9-1.0 of ideal, 256-390-token tiles 0.72-0.84. Rates vary about +-10 % between runs on this "
+        "- Where tiles falls short on this CPU: with 256-token tiles every query attends only 256-768 keys, so fixed "
+        "costs weigh. PyTorch's CPU flash kernel runs such calls at ~0.88 of its rate on one large call (measured with "
+        "one thread: 16 calls of 256 x 256 against one 4096 x 4096 call), and putting the tokens into tile order and the "
+        "result back (four memory passes over q, k, v and the output) costs another 10-20 % of the ideal time at 4096 "
+        "tokens; with 512-1024-token tiles, or more tokens, both fade. Rates vary about +-10 % between runs on this "
         "shared 2-core machine.",
     ]
     return "\n".join(lines)
