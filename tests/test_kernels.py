@@ -223,3 +223,25 @@ def test_tiles_grouped_calls_on_strided_inputs(method, site, B, Hq, Hkv, layout)
     if isinstance(method, ap.SlidingTile) or (isinstance(method, ap.Neighborhood) and method.stride != 1):
         assert max(gr.n for gr in gs) > 1  # the grouped path really ran
     assert sum(gr.n * gr.L for gr in gs) == S  # every query row once
+
+
+def test_tiles_splits_large_groups_exactly(monkeypatch):
+    """Groups above MAX_CALL_BYTES run as several calls (sub-groups keep the stride): same result."""
+    import attnpatch.kernels.tiles as tiles_mod
+
+    site = Site(grid=(16, 32))
+    method = ap.SlidingTile(tile=4, window=3)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 512, 16, generator=g) for _ in range(3))
+    plan = method.plan(q, k, site).with_site(False, 0)
+    assert max(gr.n for gr in tiles_mod.groups(plan.blocks)) >= 3
+    whole = ap.attend(q, k, v, method, site, backend="tiles")
+    calls = []
+    real = tiles_mod.Tiles._call
+    monkeypatch.setattr(tiles_mod.Tiles, "_call", staticmethod(lambda *a: (calls.append(a[6].n), real(*a))[1]))
+    monkeypatch.setattr(tiles_mod, "MAX_CALL_BYTES", 2 * 16 * 2 * 16 * 4)  # two 16-row ranges per call
+    split = ap.attend(q, k, v, method, site, backend="tiles")
+    assert max(calls) == 2 and len(calls) > len(tiles_mod.groups(plan.blocks))
+    exact = reference.attention(q.double(), k.double(), v.double(), plan, dtype=torch.float64)
+    assert (split.double() - exact).abs().max() < 1e-5
+    assert torch.allclose(split, whole, atol=1e-6)
