@@ -181,10 +181,10 @@ def _gather(x: torch.Tensor, bs: BlockSparse, perm, rep: int, slot: str) -> torc
         x = x.contiguous()
         r = _rows(x)
     rows, strides = r
-    order = perm if perm is not None else torch.arange(S, device=x.device)
     key = ("rows", (B, H, S), strides, rep, str(x.device))  # k and v usually share it
     idx = bs.cache.get(key)
     if idx is None:
+        order = perm if perm is not None else torch.arange(S, device=x.device)
         b = torch.arange(B, device=x.device).view(B, 1, 1) * strides[0]
         h = (torch.arange(H * rep, device=x.device) // rep).view(1, -1, 1) * strides[1]
         idx = (b + h + order.view(1, 1, S) * strides[2]).flatten()
