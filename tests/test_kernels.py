@@ -245,3 +245,34 @@ def test_tiles_splits_large_groups_exactly(monkeypatch):
     exact = reference.attention(q.double(), k.double(), v.double(), plan, dtype=torch.float64)
     assert (split.double() - exact).abs().max() < 1e-5
     assert torch.allclose(split, whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [ap.SlidingTile(tile=4, window=3), ap.Neighborhood(window=(2, 16), stride=(2, 16))],
+                         ids=["permuted", "in-place"])
+def test_tiles_recycles_outputs_only_once_dropped(method):
+    """tiles reuses its previous output's memory (large fresh CPU blocks page-fault on every call),
+    but only after the caller dropped every tensor viewing it: a kept result is never overwritten."""
+    site = Site(grid=(16, 16))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 256, 8, generator=g) for _ in range(3))
+    q2 = torch.randn(1, 2, 256, 8, generator=g)
+    first = ap.attend(q, k, v, method, site, backend="tiles")
+    kept = first.clone()
+    view = first[0, 1]  # a view alone keeps the storage
+    ptr = first.untyped_storage().data_ptr()
+    del first
+    second = ap.attend(q2, k, v, method, site, backend="tiles")
+    assert second.untyped_storage().data_ptr() != ptr
+    assert torch.equal(view, kept[0, 1])  # untouched by the second call
+    plan = method.plan(q2, k, site).with_site(False, 0)
+    exact = reference.attention(q2.double(), k.double(), v.double(), plan, dtype=torch.float64)
+    assert (second.double() - exact).abs().max() < 1e-5
+    del view
+    ptr2 = second.untyped_storage().data_ptr()
+    del second
+    import attnpatch.kernels.tiles as tiles_mod
+
+    pooled = {b.untyped_storage().data_ptr() for b in tiles_mod._OUTPUTS.__dict__.values()}  # alive: no new block can be there
+    third = ap.attend(q, k, v, method, site, backend="tiles")  # every view of the earlier outputs is gone now
+    assert third.untyped_storage().data_ptr() in pooled & {ptr, ptr2}  # recycled, not allocated afresh
+    assert torch.allclose(third, kept, atol=1e-6)

@@ -100,6 +100,15 @@ class Tiles(Kernel):
         return 10 if q.device.type == "cpu" else 30
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
+        q, k, v, ot, out = self.prepare(q, k, v, plan)
+        self.calls(plan, q, k, v, ot, scale)
+        return out if out is not None else _to_original(ot, plan.blocks, q.device)
+
+    @staticmethod
+    def prepare(q, k, v, plan: Plan):
+        """``(q, k, v, ot, out)``: the inputs in tile order with GQA heads repeated (the row gathers;
+        unchanged when no permutation or repeat is needed), the buffer ``calls`` writes results to,
+        and the final output when ``ot`` already is it (no permutation), else None."""
         bs = plan.blocks
         B, Hq, S, _ = q.shape
         Dv = v.shape[3]
@@ -108,12 +117,18 @@ class Tiles(Kernel):
         if perm is not None or rep > 1:
             q, k, v = (_gather(x, bs, perm, r, slot) for x, r, slot in ((q, 1, "q"), (k, rep, "k"), (v, rep, "v")))
         if perm is None:  # results go straight to their places; (B, S, H, D) in memory as SDPA's own when B == 1
-            ot = out = (torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device).transpose(1, 2) if B == 1 else
-                        torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device))
-        else:  # tile order first, one row gather back at the end
-            ot = _workspace("o", (B, Hq, S, Dv), q.dtype, q.device)
+            ot = (_output((B, S, Hq, Dv), q.dtype, q.device).transpose(1, 2) if B == 1 else
+                  _output((B, Hq, S, Dv), q.dtype, q.device))
+            return q, k, v, ot, ot
+        return q, k, v, _workspace("o", (B, Hq, S, Dv), q.dtype, q.device), None  # tile order; one row gather back
+
+    def calls(self, plan: Plan, q, k, v, ot, scale=None) -> None:
+        """The SDPA calls of ``plan`` on tile-ordered q, k, v (from ``prepare``), results into ``ot``
+        (benchmarks time this alone to separate the calls from the permutation's memory passes)."""
+        bs = plan.blocks
+        B, Hq = q.shape[:2]
         mergeable = B == 1 or all(x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v, ot))
-        row_bytes = B * Hq * Dv * 4  # per query row of a call's output (float32 when merged)
+        row_bytes = B * Hq * ot.shape[3] * 4  # per query row of a call's output (float32 when merged)
         for g in groups(bs):
             # batch and heads that cannot merge into one view: one call per range; else calls whose
             # outputs stay below MAX_CALL_BYTES
@@ -122,9 +137,6 @@ class Tiles(Kernel):
                 sub = g if c >= g.n else Group(min(c, g.n - i), g.q0 + i * g.dq, g.dq, g.L,
                                                [(k0 + i * dk, dk, lk, f) for k0, dk, lk, f in g.runs])
                 self._call(plan, bs, q, k, v, ot, sub, scale)
-        if perm is None:
-            return out
-        return _to_original(ot, bs, q.device)
 
     @staticmethod
     def _call(plan, bs, q, k, v, ot, g: Group, scale):
@@ -158,6 +170,33 @@ def _workspace(slot: str, shape, dtype, device) -> torch.Tensor:
             del ws[old]
         ws[key] = torch.empty(shape, dtype=dtype, device=device)
     return ws[key]
+
+
+_OUTPUTS = threading.local()
+_KEEP_OUTPUTS = 4  # output buffers kept per thread (latest shapes)
+
+
+def _output(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised output tensor (a view: callers may keep it as long as they like).
+
+    Large fresh CPU allocations page-fault on every call (glibc maps blocks above 32 MB anew each
+    time; the kernel zeroes every page): for a 20K-token video latent that costs ~10 % of a 4 %-dense
+    attention. So this thread's previous output of the same shape is recycled once nothing but the
+    pool holds its storage, i.e. once the caller has dropped every tensor that views it, as a
+    caching allocator would; otherwise (and off the CPU) a new one is allocated."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if device.type != "cpu" or use_count is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = _OUTPUTS.__dict__
+    key = (tuple(shape), dtype)
+    buf = pool.pop(key, None)
+    # held by the pool's tensor and by the temporary storage object of this check: nobody else
+    if buf is None or use_count(buf.untyped_storage()._cdata) != 2:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+    pool[key] = buf  # most recent last
+    while len(pool) > _KEEP_OUTPUTS:
+        del pool[next(iter(pool))]
+    return buf.view(shape)  # a new tensor on the same storage: the caller's reference counts as a use
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]] | None:
@@ -205,6 +244,6 @@ def _to_original(ot: torch.Tensor, bs: BlockSparse, device) -> torch.Tensor:
         h = torch.arange(H, device=device).view(1, 1, H) * S
         idx = (b + inv.view(1, S, 1) + h).flatten()  # (b, s, h) order
         idx = bs.cache[key] = idx.int() if B * H * S < 2**31 else idx
-    out = torch.empty(B, S, H, D, dtype=ot.dtype, device=device)
+    out = _output((B, S, H, D), ot.dtype, device)
     torch.index_select(ot.reshape(-1, D), 0, idx, out=out.view(-1, D))
     return out.transpose(1, 2)
