@@ -276,3 +276,19 @@ def test_tiles_recycles_outputs_only_once_dropped(method):
     third = ap.attend(q, k, v, method, site, backend="tiles")  # every view of the earlier outputs is gone now
     assert third.untyped_storage().data_ptr() in pooled & {ptr, ptr2}  # recycled, not allocated afresh
     assert torch.allclose(third, kept, atol=1e-6)
+
+
+def test_release_buffers_frees_tiles_pools_and_calls_stay_exact():
+    """kernels.release_buffers() empties tiles' reuse pools (reporting their size); the next call
+    allocates afresh and is still exact."""
+    import attnpatch.kernels.tiles as tiles_mod
+
+    site, method = Site(grid=(16, 16)), ap.SlidingTile(tile=4, window=3)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 256, 8, generator=g) for _ in range(3))
+    first = ap.attend(q, k, v, method, site, backend="tiles").clone()
+    assert tiles_mod._WORKSPACE.__dict__ and tiles_mod._OUTPUTS.__dict__
+    assert kernels.release_buffers() >= 4 * 256 * 2 * 8 * 4  # q, k, v copies and the output at least
+    assert not tiles_mod._WORKSPACE.__dict__ and not tiles_mod._OUTPUTS.__dict__
+    assert kernels.release_buffers() == 0
+    assert torch.equal(ap.attend(q, k, v, method, site, backend="tiles"), first)

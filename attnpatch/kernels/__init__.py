@@ -41,6 +41,13 @@ def get(name: str) -> Kernel:
     raise ValueError(f"unknown backend {name!r}; available: {', '.join(names())}")
 
 
+def release_buffers() -> int:
+    """Free the buffers kernels keep between calls in the calling thread (``tiles`` keeps its
+    tile-order copies of q, k, v and its last outputs, a few times the size of one layer's q);
+    returns the bytes released. The next call allocates them again."""
+    return sum(k.release() for k in _REGISTRY)
+
+
 def select(q, k, v, plan, *, mask=None, backend: str | None = None) -> Kernel:
     """The first kernel (or the named ``backend``) able to run ``plan`` on these tensors."""
     if backend is not None:

@@ -26,6 +26,10 @@ class Kernel:
     def run(self, q, k, v, plan: Plan, *, mask=None, scale: float | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def release(self) -> int:
+        """Drop the buffers this kernel keeps for reuse in the calling thread; bytes released."""
+        return 0
+
     def __repr__(self) -> str:
         return f"<kernel {self.name}>"
 

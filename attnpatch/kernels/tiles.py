@@ -104,6 +104,13 @@ class Tiles(Kernel):
         self.calls(plan, q, k, v, ot, scale)
         return out if out is not None else _to_original(ot, plan.blocks, q.device)
 
+    def release(self) -> int:
+        n = 0
+        for pool in (_WORKSPACE.__dict__, _OUTPUTS.__dict__):
+            n += sum(t.untyped_storage().nbytes() for t in pool.values())
+            pool.clear()
+        return n
+
     @staticmethod
     def prepare(q, k, v, plan: Plan):
         """``(q, k, v, ot, out)``: the inputs in tile order with GQA heads repeated (the row gathers;
