@@ -292,3 +292,23 @@ def test_release_buffers_frees_tiles_pools_and_calls_stay_exact():
     assert not tiles_mod._WORKSPACE.__dict__ and not tiles_mod._OUTPUTS.__dict__
     assert kernels.release_buffers() == 0
     assert torch.equal(ap.attend(q, k, v, method, site, backend="tiles"), first)
+
+
+@pytest.mark.parametrize("method", [ap.SlidingTile(tile=4, window=3), ap.Neighborhood(window=(2, 16), stride=(2, 16))],
+                         ids=["permuted", "in-place"])
+def test_tiles_buffers_survive_switching_inference_mode(method):
+    """Reused buffers made under torch.inference_mode() cannot be written outside it: calls in
+    and out of inference mode, in both orders, keep working and stay exact (GQA included)."""
+    site = Site(grid=(16, 16))
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(1, 4, 256, 8, generator=g), torch.randn(1, 2, 256, 8, generator=g), torch.randn(1, 2, 256, 8, generator=g)
+    plan = method.plan(q, k, site).with_site(False, 0)
+    exact = reference.attention(q.double(), k.double(), v.double(), plan, dtype=torch.float64)
+    outs = []
+    for inference in (True, False, True, False):
+        with torch.inference_mode(inference):
+            o = ap.attend(q, k, v, method, site, backend="tiles")
+        assert o.is_inference() == inference
+        outs.append(o)
+    for o in outs:
+        assert (o.double() - exact).abs().max() < 1e-5

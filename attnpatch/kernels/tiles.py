@@ -170,7 +170,8 @@ _WORKSPACE = threading.local()
 def _workspace(slot: str, shape, dtype, device) -> torch.Tensor:
     """A reused per-thread buffer (one per slot, latest shape): fresh allocations of this size
     cost more in page faults than the copies into them."""
-    key = (slot, tuple(shape), dtype, str(device))
+    # inference-mode tensors cannot be written outside inference mode: separate buffers per mode
+    key = (slot, tuple(shape), dtype, str(device), torch.is_inference_mode_enabled())
     ws = _WORKSPACE.__dict__
     if key not in ws:
         for old in [k for k in ws if k[0] == slot]:
@@ -195,7 +196,7 @@ def _output(shape, dtype, device) -> torch.Tensor:
     if device.type != "cpu" or use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
     pool = _OUTPUTS.__dict__
-    key = (tuple(shape), dtype)
+    key = (tuple(shape), dtype, torch.is_inference_mode_enabled())  # as in _workspace
     buf = pool.pop(key, None)
     # held by the pool's tensor and by the temporary storage object of this check: nobody else
     if buf is None or use_count(buf.untyped_storage()._cdata) != 2:
