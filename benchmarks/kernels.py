@@ -4,6 +4,8 @@ near 5 / 10 / 25 / 50 %.
 
     python benchmarks/kernels.py                 # full run, writes benchmarks/results/kernels.{md,json}
     python benchmarks/kernels.py --quick         # small grids, for a smoke test
+    python benchmarks/kernels.py --device cuda   # on a GPU, with attnpatch's Triton kernel as well:
+                                                 # writes benchmarks/results/kernels_cuda.{md,json}
 
 Speedup = dense time / kernel time, both measured here; ideal = 1 / block density (the
 fraction of the score matrix a block-sparse kernel computes); fraction = speedup / ideal.
@@ -114,10 +116,10 @@ def natten_fn(grid, kw):
     return run
 
 
-def bench_grid(grid, H, D, reps, natten_mode, use_flex) -> list[dict]:
+def bench_grid(grid, H, D, reps, natten_mode, use_flex, device="cpu", dtype=torch.float32, use_triton=False) -> list[dict]:
     S = math.prod(grid)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, H, S, D, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, H, S, D, generator=g).to(device, dtype) for _ in range(3))
     nq, nk, nv = (t.transpose(1, 2).reshape(1, *grid, H, D).contiguous() for t in (q, k, v))  # NATTEN layout
     site = Site(grid=grid)
     rows, natten_done = [], set()
@@ -135,7 +137,11 @@ def bench_grid(grid, H, D, reps, natten_mode, use_flex) -> list[dict]:
         if use_flex:
             ref = ap.attend(q, k, v, method, site, backend="flex")  # compiles for this shape once
             fns["flex"] = lambda: ap.attend(q, k, v, method, site, backend="flex")
-            row["flex_max_diff"] = (ref - out).abs().max().item()
+            row["flex_max_diff"] = (ref.float() - out.float()).abs().max().item()
+        if use_triton:
+            ref = ap.attend(q, k, v, method, site, backend="triton")  # compiles the kernel once
+            fns["triton"] = lambda: ap.attend(q, k, v, method, site, backend="triton")
+            row["triton_max_diff"] = (ref.float() - out.float()).abs().max().item()
         for name, t in timeit_interleaved(fns, reps).items():  # dense timed alongside every point
             row[f"{name}_s"] = t
         t_dense = row["dense_s"]
@@ -145,12 +151,14 @@ def bench_grid(grid, H, D, reps, natten_mode, use_flex) -> list[dict]:
             run = natten_fn(grid, nkw)
             o = run(nq, nk, nv)
             row["natten_s"] = timeit(lambda: run(nq, nk, nv), 1, 0)
-            row["natten_max_diff"] = (o.reshape(1, S, H, D).transpose(1, 2) - out).abs().max().item()
+            row["natten_max_diff"] = (o.reshape(1, S, H, D).transpose(1, 2).float() - out.float()).abs().max().item()
             natten_done.add(family)
-        for name in ("tiles", "flex", "natten"):
+        for name in ("tiles", "flex", "natten", "triton"):
             if f"{name}_s" in row:
                 row[f"{name}_speedup"] = t_dense / row[f"{name}_s"]
         row["fraction"] = row["tiles_speedup"] / row["ideal"]
+        if "triton_speedup" in row:
+            row["triton_fraction"] = row["triton_speedup"] / row["ideal"]
         row["calls_fraction"] = t_dense / row["calls_s"] / row["ideal"]
         print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
         rows.append(row)
@@ -160,38 +168,72 @@ def bench_grid(grid, H, D, reps, natten_mode, use_flex) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grids", default="64x64,128x128,13x30x52")
-    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=None, help="default: 5 on the CPU, 20 on a GPU")
     p.add_argument("--natten", choices=["all", "one", "none"], default="all",
                    help="NATTEN at every point, at one point per family and grid, or not at all")
     p.add_argument("--natten-large", choices=["all", "one", "none"], default="one",
                    help="NATTEN mode for grids above 8K tokens (its unfused CPU path costs ~15x dense at any density)")
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when a GPU is visible")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: float32 on the CPU, bfloat16 on a GPU (what the models run in)")
+    p.add_argument("--triton", choices=["auto", "on", "off"], default="auto",
+                   help="time attnpatch's Triton kernel too; auto: on a GPU (on the CPU only under TRITON_INTERPRET=1, "
+                        "where its times mean nothing: a smoke test of the column)")
     p.add_argument("--quick", action="store_true", help="tiny grids, 1 rep: a smoke test")
     p.add_argument("--update", action="store_true", help="keep the rows of other grids already in the output JSON")
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from the existing JSON")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels"))
+    p.add_argument("--heads", type=int, default=None, help="default: 4 on the CPU, 24 on a GPU (enough to fill it)")
+    p.add_argument("--out", default=None, help="output stem; default benchmarks/results/kernels (CPU) or kernels_<device>")
     a = p.parse_args(argv)
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    if a.dtype == "auto":
+        a.dtype = "float32" if a.device == "cpu" else "bfloat16"
+    if a.heads is None:
+        a.heads = 4 if a.device == "cpu" else 24
+    if a.reps is None:
+        a.reps = 5 if a.device == "cpu" else 20
+    if a.out is None:
+        a.out = str(Path(__file__).resolve().parent / "results" / ("kernels" if a.device == "cpu" else f"kernels_{a.device}"))
+    if a.triton == "auto":
+        a.triton = "on" if a.device == "cuda" else "off"
     if a.quick:
         a.grids, a.reps, a.heads, a.head_dim = "16x16,4x8x8", 1, 2, 32
+    if a.triton == "on":
+        x = torch.zeros(1, 1, 64, a.head_dim, device=a.device, dtype=getattr(torch, a.dtype))
+        why = ap.kernels.get("triton").why_not(x, x, x, ap.SlidingTile(tile=8, window=1).plan(x, x, Site(grid=(8, 8))))
+        if why:
+            p.error(f"--triton on: attnpatch's triton kernel cannot run here: {why}")
+    if a.natten != "none" or a.natten_large != "none":
+        try:
+            import natten  # noqa: F401
+        except ImportError:
+            print("natten is not installed: no NATTEN column (pip install natten)", file=sys.stderr)
+            a.natten = a.natten_large = "none"
     grids = [tuple(int(x) for x in g.split("x")) for g in a.grids.split(",")]
     rows = []
     old = Path(a.out).with_suffix(".json")
     if a.render:
+        if not old.is_file():
+            p.error(f"--render: no results at {old} (run the benchmark first, or pass --out)")
         data = json.loads(old.read_text())
         return render(Path(a.out), data["rows"], data["machine"], data["args"])
     if a.update and old.exists():
         rows = [r for r in json.loads(old.read_text())["rows"] if r["grid"] not in a.grids.split(",")]
     for grid in grids:
         mode = a.natten if math.prod(grid) <= 8192 else a.natten_large
-        rows += bench_grid(grid, a.heads, a.head_dim, a.reps, mode, not a.no_flex)
+        rows += bench_grid(grid, a.heads, a.head_dim, a.reps, mode, not a.no_flex, a.device, getattr(torch, a.dtype),
+                           a.triton == "on")
     order = {g: i for i, g in enumerate(["64x64", "128x128", "13x30x52"])}
     rows.sort(key=lambda r: order.get(r["grid"], 99))
     render(Path(a.out), rows, machine(), vars(a))
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], device: str = "cpu") -> str:
     """The claims the table supports, counted from it."""
     aligned = [r for r in rows if r["family"] != "window"]
     ok = [r for r in aligned if r["fraction"] >= 0.85]
@@ -205,30 +247,60 @@ def summary(rows: list[dict]) -> str:
         f"{len(ok)} of {len(aligned)} points. Below it: " + ("; ".join(low) or "none") + ".",
         f"- Stride-1 windows at token density <= 25 %: tiles is faster than dense SDPA at {len(faster)} of {len(win)} points.",
         f"- tiles is faster than compiled FlexAttention and than NATTEN (where measured) at {len(ahead)} of {len(rows)} points.",
-        "- Where tiles falls short on this CPU: 'calls / ideal' times the same SDPA calls on q, k, v already in tile "
-        "order, so the gap between the two columns is the permutation (one row gather each for q, k and v, one for the "
-        "result) and the gap from calls / ideal to 1 is PyTorch's CPU flash kernel itself: on calls of fewer than 768 "
-        "queries it runs at ~0.87 of its large-call rate (measured with equal work per "
-        "query: 256- and 512-query calls 0.87-0.88 of the dense call's rate, 768 and 1024 at 1.00, at 1 and 2 threads), "
-        "so tiles of 256-390 tokens start below 0.9 before any permutation. Rates vary about +-10 % between runs on "
-        "this shared 2-core machine.",
     ]
+    tri = [r for r in rows if "triton_speedup" in r]
+    if tri:
+        t_aligned = [r for r in tri if r["family"] != "window"]
+        t_ok = [r for r in t_aligned if r["triton_fraction"] >= 0.85]
+        t_win = [r for r in tri if r["family"] == "window" and r["token_density"] <= 0.25]
+        best = {name: sum(max(("tiles", "flex", "natten", "triton"), key=lambda n: r.get(f"{n}_speedup", 0)) == name
+                          for r in tri) for name in ("tiles", "flex", "natten", "triton")}
+        lines += [
+            f"- triton reaches >= 0.85 of the ideal speedup at {len(t_ok)} of {len(t_aligned)} block-aligned points; "
+            f"it is faster than dense SDPA at {sum(r['triton_speedup'] > 1 for r in t_win)} of {len(t_win)} stride-1 "
+            f"window points at token density <= 25 %.",
+            "- Fastest sparse kernel per point: " + ", ".join(f"{n} {c}" for n, c in best.items() if c) + f" (of {len(tri)}).",
+            "- Largest difference from tiles' output: triton " + f"{max(r['triton_max_diff'] for r in tri):.2g}"
+            + (f", flex {max(r['flex_max_diff'] for r in tri if 'flex_max_diff' in r):.2g}" if any("flex_max_diff" in r for r in tri) else "")
+            + " (both in the run's dtype).",
+        ]
+    if device == "cpu":
+        lines.append(
+            "- Where tiles falls short on this CPU: 'calls / ideal' times the same SDPA calls on q, k, v already in tile "
+            "order, so the gap between the two columns is the permutation (one row gather each for q, k and v, one for the "
+            "result) and the gap from calls / ideal to 1 is PyTorch's CPU flash kernel itself: on calls of fewer than 768 "
+            "queries it runs at ~0.87 of its large-call rate (measured with equal work per "
+            "query: 256- and 512-query calls 0.87-0.88 of the dense call's rate, 768 and 1024 at 1.00, at 1 and 2 threads), "
+            "so tiles of 256-390 tokens start below 0.9 before any permutation. Rates vary about +-10 % between runs on "
+            "this shared 2-core machine.")
     return "\n".join(lines)
 
 
 def render(out: Path, rows: list[dict], mach: dict, args: dict) -> None:
     cols = [("grid", "grid"), ("family", "family"), ("method", "method"), ("block_density", "block density"),
             ("token_density", "token density"), ("ideal", "ideal speedup"), ("tiles_speedup", "tiles speedup"),
-            ("fraction", "tiles / ideal"), ("calls_fraction", "calls / ideal"), ("flex_speedup", "flex speedup"), ("natten_speedup", "NATTEN speedup")]
-    a = argparse.Namespace(**{"heads": 4, "head_dim": 128, "reps": 3, **args})
-    intro = (f"B=1, {a.heads} heads, head_dim {a.head_dim}, float32; median of {a.reps} runs after a warm-up "
-             "(NATTEN: one run); at every point dense SDPA, tiles (and its SDPA calls alone) and flex run in turn within each repetition, so "
-             "the machine's slow spells hit all of them alike. Speedups are dense SDPA time / kernel time in the "
-             "same process; ideal = 1 / block "
-             "density. flex is attnpatch's FlexAttention kernel compiled with torch.compile (compile time excluded); "
-             "NATTEN is natten's na2d / na3d with its default (flex, uncompiled) CPU backend.")
-    intro += (" On grids above 8K tokens NATTEN ran at one point per family: its unfused CPU path costs the same at "
-              "every density (see the 64x64 rows).\n\n" + summary(rows))
+            ("fraction", "tiles / ideal"), ("calls_fraction", "calls / ideal")]
+    if any("triton_speedup" in r for r in rows):
+        cols += [("triton_speedup", "triton speedup"), ("triton_fraction", "triton / ideal")]
+    cols += [("flex_speedup", "flex speedup"), ("natten_speedup", "NATTEN speedup")]
+    a = argparse.Namespace(**{"heads": 4, "head_dim": 128, "reps": 3, "device": "cpu", "dtype": "float32", **args})
+    gpu = a.device != "cpu"
+    intro = (f"B=1, {a.heads} heads, head_dim {a.head_dim}, {a.dtype} on {'the GPU' if gpu else 'the CPU'}; median of {a.reps} "
+             "runs after a warm-up (NATTEN: one run)" + ("; every timed call is bracketed by torch.cuda.synchronize()" if gpu else "")
+             + "; at every point dense SDPA, tiles (and its SDPA calls alone), "
+             + ("triton, " if any("triton_speedup" in r for r in rows) else "") + "and flex run in turn within each "
+             "repetition, so the machine's slow spells hit all of them alike. Speedups are dense SDPA time / kernel time "
+             "in the same process; ideal = 1 / block density. flex is attnpatch's FlexAttention kernel compiled with "
+             "torch.compile (compile time excluded)" + ("; triton is attnpatch's block-sparse flash-attention kernel "
+                                                        "(64-token blocks, first call's compile excluded)" if gpu else "")
+             + "; NATTEN is natten's na2d / na3d with its default " + ("backend" if gpu else "(flex, uncompiled) CPU backend")
+             + " where installed.")
+    if not gpu and any("triton_speedup" in r for r in rows):
+        intro += " triton ran under TRITON_INTERPRET=1 (Triton's CPU interpreter): its times here mean nothing."
+    if not gpu:
+        intro += (" On grids above 8K tokens NATTEN ran at one point per family: its unfused CPU path costs the same at "
+                  "every density (see the 64x64 rows).")
+    intro += "\n\n" + summary(rows, a.device)
     write(out, "Kernel speed: block-sparse attention vs dense SDPA", intro, table(rows, cols),
           {"machine": mach, "args": args, "rows": rows})
 

@@ -56,6 +56,37 @@ def test_kernel_benchmark_quick(tmp_path):
     assert "| 16x16 | sliding-tile |" in md and "tiles / ideal" in md
 
 
+def test_kernel_benchmark_triton_column_under_the_interpreter(tmp_path):
+    """The GPU table's triton column, exercised on the CPU through Triton's interpreter
+    (conftest.py exports TRITON_INTERPRET=1 to subprocesses too): times meaningless, outputs checked."""
+    import json
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    r = _run(sys.executable, "benchmarks/kernels.py", "--quick", "--natten", "none", "--no-flex", "--triton", "on",
+             "--out", str(tmp_path / "k"))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert len(rows) == 3 and all(r_["triton_max_diff"] < 1e-4 and r_["triton_speedup"] > 0 for r_ in rows)
+    md = (tmp_path / "k.md").read_text()
+    assert "| triton speedup | triton / ideal |" in md and "TRITON_INTERPRET=1" in md
+
+
+def test_kernel_benchmark_refuses_a_missing_gpu_and_triton_without_interpreter(tmp_path):
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        r = _run(sys.executable, "benchmarks/kernels.py", "--device", "cuda", "--out", str(tmp_path / "k"))
+        assert r.returncode == 2 and "no CUDA GPU is visible" in r.stderr
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--quick", "--triton", "on", "--out", str(tmp_path / "k")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 2 and "triton kernel cannot run here" in r.stderr and "CUDA GPU" in r.stderr
+    assert not (tmp_path / "k.json").exists()
+
+
 def test_flux_sparse_example_on_the_fixture(tmp_path):
     r = _run(sys.executable, "examples/flux_sparse.py", "--steps", "6", "--out", str(tmp_path / "f.png"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -135,3 +135,23 @@ def test_sites_carry_the_grid_of_the_call_and_the_step(family):
     assert {s.steps for s in rec.sites} == {STEPS}  # the pipeline's num_inference_steps
     ts = [s.timestep for s in sites]
     assert ts == sorted(ts, reverse=True) and 0 <= ts[-1] < ts[0] <= 1
+
+
+def test_timing_synchronises_cuda_around_every_timed_call(monkeypatch):
+    """GPU kernels are asynchronous: each timed call must sit between two device synchronisations
+    (emulated here: CUDA reported present and initialised, synchronize recorded)."""
+    from attnpatch.pipelines import timing
+
+    log = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    timing.timeit(lambda: log.append("a"), reps=2, warmup=1)
+    assert log == ["a", "sync", "a", "sync", "sync", "a", "sync"]
+    log.clear()
+    timing.timeit_interleaved({"a": lambda: log.append("a"), "b": lambda: log.append("b")}, reps=1, warmup=0)
+    assert log == ["sync", "a", "sync", "sync", "b", "sync"]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # CPU-only runs never touch CUDA
+    log.clear()
+    timing.timeit(lambda: log.append("a"), reps=2, warmup=0)
+    assert log == ["a", "a"]
