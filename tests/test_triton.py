@@ -154,3 +154,13 @@ def test_triton_tile_pooling_matches_torch_estimator():
     lay = m._layouts.get(site, 35, q.device)
     want = torch.zeros(2, 3, lay["sizes"].numel(), 16, device=q.device).index_add_(2, lay["tile_of"], q) / lay["sizes"].to(q.device)[:, None]
     torch.testing.assert_close(tile_means(q, lay["order"], lay["bounds"]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_float32_dots_stay_float32_unless_tf32_is_allowed(monkeypatch):
+    """Triton's float32 tl.dot defaults to TF32 on GPUs (~1e-3 error): the kernel asks for IEEE float32
+    products like PyTorch's own attention, unless the user allowed TF32 matmuls."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert triton_fwd.dot_precision(torch.float32) == "ieee"
+    assert triton_fwd.dot_precision(torch.bfloat16) == "tf32"  # 16-bit inputs: the setting is ignored
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert triton_fwd.dot_precision(torch.float32) == "tf32"

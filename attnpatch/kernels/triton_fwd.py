@@ -20,7 +20,7 @@ import triton.language as tl
 def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, MASK_ID, MASKS, RB, CB, scale, S, H, REP,
          sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
          HAS_RB: tl.constexpr, HAS_CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-         D: tl.constexpr):
+         D: tl.constexpr, PRECISION: tl.constexpr):
     mb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -43,7 +43,7 @@ def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, MASK_ID, MASKS, RB, CB, scale, S, H, R
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < S
         k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * sks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        s = tl.dot(q, k).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, k, input_precision=PRECISION).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
         if HAS_RB:
             s += rb[:, None]
         if HAS_CB:
@@ -60,7 +60,7 @@ def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, MASK_ID, MASKS, RB, CB, scale, S, H, R
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -127,5 +127,15 @@ def block_sparse_attention(q, k, v, layout: dict, scale=None, row_bias=None, col
         q, k, v, o, lse, layout["kv_ptr"], layout["kv_idx"], layout["mask_id"], layout["masks"], rb, cb, scale, S, H,
         H // k.shape[1], q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        HAS_RB=row_bias is not None, HAS_CB=col_bias is not None, BLOCK_M=blk, BLOCK_N=blk, D=D)
+        HAS_RB=row_bias is not None, HAS_CB=col_bias is not None, BLOCK_M=blk, BLOCK_N=blk, D=D,
+        PRECISION=dot_precision(q.dtype))
     return o, lse
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: float32 inputs get true float32 products ("ieee"), as PyTorch's own
+    attention kernels compute them, unless the user allowed TF32 for matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``); Triton's default for float32 would be TF32 (~1e-3 error)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
