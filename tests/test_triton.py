@@ -145,13 +145,16 @@ def test_triton_causal_prefill(method):
     _assert_near_float64(q, k, v, method, site, plan)
 
 
-def test_triton_tile_pooling_matches_torch_estimator():
-    """TopKBlocks' fused pooling (CUDA path) equals the torch index_add path."""
+@pytest.mark.parametrize("grid,block", [((5, 7), (2, 3)), ((21, 15), (10, 7))], ids=["small-tiles", "tiles-over-a-chunk"])
+def test_triton_tile_pooling_matches_torch_estimator(grid, block):
+    """TopKBlocks' fused pooling (CUDA path) equals the torch index_add path, also for tiles of more
+    tokens than the kernel reads at once (70 > 32) and ragged edge tiles."""
     from attnpatch.kernels.triton_pool import tile_means
 
-    m, site = ap.TopKBlocks(keep=0.3, block=(2, 3)), Site(grid=(5, 7))
-    q = torch.randn(2, 3, 35, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    lay = m._layouts.get(site, 35, q.device)
+    S = math.prod(grid)
+    m, site = ap.TopKBlocks(keep=0.3, block=block), Site(grid=grid)
+    q = torch.randn(2, 3, S, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    lay = m._layouts.get(site, S, q.device)
     want = torch.zeros(2, 3, lay["sizes"].numel(), 16, device=q.device).index_add_(2, lay["tile_of"], q) / lay["sizes"].to(q.device)[:, None]
     torch.testing.assert_close(tile_means(q, lay["order"], lay["bounds"]), want, atol=1e-5, rtol=1e-5)
 
