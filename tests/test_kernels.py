@@ -18,6 +18,7 @@ SHAPES = [
     (1, 2, 1, 5, 29, 16, 24),  # chunked prefill: 5 new queries after 24 cached keys
 ]
 DTYPES = {torch.float32: 1e-6, torch.bfloat16: 1e-3}  # absolute floor under the 2x rule
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the matrix runs on the GPU too where there is one
 
 
 def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype):
@@ -37,12 +38,15 @@ def _oracle(q, k, v, method, site, mask=None, dtype=torch.float64):
     return reference.attention(q, k, v, plan, mask=mask, dtype=dtype)
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "tiles", "flex", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", ["sdpa", "tiles", "flex", "reference"] + (["triton"] if "cuda" in DEVICES else []))
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("case", ZOO, ids=[z[0] for z in ZOO])
-def test_matrix(case, shape, dtype, kernel, monkeypatch):
-    monkeypatch.setenv("ATTNPATCH_FLEX_COMPILE", "0")  # compiled flex: test_sparse.py
+def test_matrix(case, shape, dtype, kernel, device, monkeypatch):
+    if kernel == "triton" and device == "cpu":
+        pytest.skip("triton on the CPU (interpreter): tests/test_triton.py")
+    monkeypatch.setenv("ATTNPATCH_FLEX_COMPILE", "0")  # compiled flex: test_sparse.py (a compile per shape here is minutes)
     _, method, site = case
     *dims, q_offset = shape
     if not site.causal and q_offset:
@@ -51,13 +55,14 @@ def test_matrix(case, shape, dtype, kernel, monkeypatch):
         pytest.skip("joint sites are square")
     site = _site_at(site, q_offset)
     q, k, v = _inputs(*dims, dtype)
+    exact = _oracle(q.double(), k.double(), v.double(), method, site)  # on the CPU
+    q, k, v = q.to(device), k.to(device), v.to(device)
     plan = (method.plan(q, k, site) or Plan()).with_site(site.causal, site.q_offset)
     reason = kernels.get(kernel).why_not(q, k, v, plan)
     if reason:
         pytest.skip(f"{kernel}: {reason}")
-    exact = _oracle(q.double(), k.double(), v.double(), method, site)
-    same_dtype = _oracle(q, k, v, method, site, dtype=dtype).double()
-    out = ap.attend(q, k, v, method, site, backend=kernel)
+    same_dtype = _oracle(q, k, v, method, site, dtype=dtype).double().cpu()
+    out = ap.attend(q, k, v, method, site, backend=kernel).cpu()
     assert out.shape == q.shape and out.dtype == dtype
     err = (out.double() - exact).abs().max().item()
     err_ref = (same_dtype - exact).abs().max().item()
