@@ -94,12 +94,13 @@ def points(grid: tuple) -> list[tuple[str, ap.Method, dict | None]]:
     return [("sliding-tile", STA(tile=4, window=1), None), ("window", NA(window=5), dict(kernel_size=5))][: 2 if n < 3 else 1]
 
 
-def token_density(plan, S: int) -> float:
-    """Kept fraction of the exact mask, counted in row chunks."""
+def token_density(plan, S: int, device="cpu") -> float:
+    """Kept fraction of the exact mask, counted in row chunks (on the device the plan was built for:
+    its mask_mod's tables live there)."""
     kept = 0
     for s in range(0, S, 2048):
         sub = ap.Plan(mask_mod=lambda b, h, q, kv, s=s: plan.mask_mod(b, h, q + s, kv))
-        kept += int(materialise_mask(sub, 1, 1, min(2048, S - s), S, "cpu").sum())
+        kept += int(materialise_mask(sub, 1, 1, min(2048, S - s), S, device).sum())
     return kept / S**2
 
 
@@ -127,7 +128,7 @@ def bench_grid(grid, H, D, reps, natten_mode, use_flex, device="cpu", dtype=torc
         plan = method.plan(q, k, site)
         dens = plan.blocks.density()
         row = dict(grid="x".join(map(str, grid)), tokens=S, family=family, method=repr(method).replace(", causal=False", ""),
-                   block_density=dens, token_density=token_density(plan, S), ideal=1 / dens)
+                   block_density=dens, token_density=token_density(plan, S, q.device), ideal=1 / dens)
         out = ap.attend(q, k, v, method, site, backend="tiles")
         tiles = ap.kernels.get("tiles")
         prepared = tiles.prepare(q, k, v, plan)  # tokens already in tile order: times the SDPA calls alone
