@@ -22,9 +22,9 @@ def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, MASK_ID, MASKS, RB, CB, scale, S, H, R
          HAS_RB: tl.constexpr, HAS_CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, PRECISION: tl.constexpr):
     mb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit offsets: batch x head strides of a long video can pass 2**31 elements
-    h = (bh % H).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: batch x head strides of a long video can pass 2**31 elements
+    b = bh // H
+    h = bh % H
     hk = h // REP  # GQA: the key / value head of this query head
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -34,7 +34,7 @@ def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, MASK_ID, MASKS, RB, CB, scale, S, H, R
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # tl.zeros is a nested jit fn the interpreter cannot run
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
     if HAS_RB:
-        rb = tl.load(RB + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+        rb = tl.load(RB + bh * S + offs_m, mask=row_ok, other=0.0).to(tl.float32)
     start = tl.load(KV_PTR + mb)
     end = tl.load(KV_PTR + mb + 1)
     for i in range(start, end):
@@ -47,7 +47,7 @@ def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, MASK_ID, MASKS, RB, CB, scale, S, H, R
         if HAS_RB:
             s += rb[:, None]
         if HAS_CB:
-            s += tl.load(CB + bh.to(tl.int64) * S + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            s += tl.load(CB + bh * S + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         ok = col_ok[None, :] & row_ok[:, None]
         if mid >= 0:
             bits = tl.load(MASKS + mid.to(tl.int64) * BLOCK_M * BLOCK_N + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
@@ -66,7 +66,7 @@ def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, MASK_ID, MASKS, RB, CB, scale, S, H, R
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh * S + offs_m, lse, mask=row_ok)
 
 
 def uniform_layout(bs, block: int, mask_mod, device) -> dict:

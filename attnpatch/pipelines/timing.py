@@ -13,7 +13,7 @@ import torch
 
 def _sync() -> None:
     """Wait for queued GPU work (a no-op where CUDA was never initialised: CPU runs pay nothing)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
