@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import math
 import sys
 import warnings
@@ -254,13 +255,12 @@ def summary(rows: list[dict], device: str = "cpu") -> str:
         t_aligned = [r for r in tri if r["family"] != "window"]
         t_ok = [r for r in t_aligned if r["triton_fraction"] >= 0.85]
         t_win = [r for r in tri if r["family"] == "window" and r["token_density"] <= 0.25]
-        best = {name: sum(max(("tiles", "flex", "natten", "triton"), key=lambda n: r.get(f"{n}_speedup", 0)) == name
-                          for r in tri) for name in ("tiles", "flex", "natten", "triton")}
+        best = Counter(max(("tiles", "flex", "natten", "triton"), key=lambda n: r.get(f"{n}_speedup", 0)) for r in tri)
         lines += [
             f"- triton reaches >= 0.85 of the ideal speedup at {len(t_ok)} of {len(t_aligned)} block-aligned points; "
             f"it is faster than dense SDPA at {sum(r['triton_speedup'] > 1 for r in t_win)} of {len(t_win)} stride-1 "
             f"window points at token density <= 25 %.",
-            "- Fastest sparse kernel per point: " + ", ".join(f"{n} {c}" for n, c in best.items() if c) + f" (of {len(tri)}).",
+            "- Fastest sparse kernel per point: " + ", ".join(f"{n} {c}" for n, c in best.most_common()) + f" (of {len(tri)}).",
             "- Largest difference from tiles' output: triton " + f"{max(r['triton_max_diff'] for r in tri):.2g}"
             + (f", flex {max(r['flex_max_diff'] for r in tri if 'flex_max_diff' in r):.2g}" if any("flex_max_diff" in r for r in tri) else "")
             + " (both in the run's dtype).",
@@ -281,7 +281,8 @@ def render(out: Path, rows: list[dict], mach: dict, args: dict) -> None:
     cols = [("grid", "grid"), ("family", "family"), ("method", "method"), ("block_density", "block density"),
             ("token_density", "token density"), ("ideal", "ideal speedup"), ("tiles_speedup", "tiles speedup"),
             ("fraction", "tiles / ideal"), ("calls_fraction", "calls / ideal")]
-    if any("triton_speedup" in r for r in rows):
+    has_triton = any("triton_speedup" in r for r in rows)
+    if has_triton:
         cols += [("triton_speedup", "triton speedup"), ("triton_fraction", "triton / ideal")]
     cols += [("flex_speedup", "flex speedup"), ("natten_speedup", "NATTEN speedup")]
     a = argparse.Namespace(**{"heads": 4, "head_dim": 128, "reps": 3, "device": "cpu", "dtype": "float32", **args})
@@ -289,14 +290,14 @@ def render(out: Path, rows: list[dict], mach: dict, args: dict) -> None:
     intro = (f"B=1, {a.heads} heads, head_dim {a.head_dim}, {a.dtype} on {'the GPU' if gpu else 'the CPU'}; median of {a.reps} "
              "runs after a warm-up (NATTEN: one run)" + ("; every timed call is bracketed by torch.cuda.synchronize()" if gpu else "")
              + "; at every point dense SDPA, tiles (and its SDPA calls alone), "
-             + ("triton, " if any("triton_speedup" in r for r in rows) else "") + "and flex run in turn within each "
+             + ("triton, " if has_triton else "") + "and flex run in turn within each "
              "repetition, so the machine's slow spells hit all of them alike. Speedups are dense SDPA time / kernel time "
              "in the same process; ideal = 1 / block density. flex is attnpatch's FlexAttention kernel compiled with "
              "torch.compile (compile time excluded)" + ("; triton is attnpatch's block-sparse flash-attention kernel "
                                                         "(64-token blocks, first call's compile excluded)" if gpu else "")
              + "; NATTEN is natten's na2d / na3d with its default " + ("backend" if gpu else "(flex, uncompiled) CPU backend")
              + " where installed.")
-    if not gpu and any("triton_speedup" in r for r in rows):
+    if not gpu and has_triton:
         intro += " triton ran under TRITON_INTERPRET=1 (Triton's CPU interpreter): its times here mean nothing."
     if not gpu:
         intro += (" On grids above 8K tokens NATTEN ran at one point per family: its unfused CPU path costs the same at "
