@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -42,13 +44,42 @@ def _demo(args) -> int:
     return demo(args.seed)
 
 
-def _out_dir(path: Path, force: bool) -> Path:
+def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
+    """--out, or a folder under ``root`` named for the model and the settings (a digest of every
+    argument that changes the outputs), so a second command with other settings gets its own
+    folder; checked before the model loads."""
     from .pipelines.runner import UsageError
 
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
-        raise UsageError(f"{path} exists and is not empty; pass --force to overwrite it, or choose --out")
+    if args.out:
+        path = Path(args.out)
+    else:
+        keys = ("method", "set", "methods", "grid", "prompt", "seed", "steps", "height", "width", "frames",
+                "max_new_tokens", "dtype", "device", "compare")
+        digest = hashlib.sha1(json.dumps([getattr(args, k, None) for k in keys]).encode()).hexdigest()[:6]
+        path = Path(root) / f"{_slug(name)}_{_slug('+'.join(what))[:40]}_{digest}"
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not args.force:
+        raise UsageError(f"{path} exists and is not empty (a run with the same settings); pass --force to overwrite it, "
+                         "or --out DIR for another folder")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _prepare(args) -> str:
+    """Everything about the model that can be checked without loading it: --device, --dtype,
+    --model. Returns the model's name for the output folder."""
+    from .pipelines import runner
+
+    runner.check_device(args.device)
+    return runner.resolve(args.model).name
+
+
+def _summary(handle, label: str) -> dict | None:
+    """Print the patch's one-line counters (calls routed through the method, calls handed back
+    and why); return its stats for the report."""
+    if not hasattr(handle, "summary"):  # Handle.summary() lands with the lifecycle work
+        return None
+    print(f"[{label}] {handle.summary()}")
+    return handle.stats() if hasattr(handle, "stats") else None
 
 
 def _slug(text: str) -> str:
@@ -65,16 +96,17 @@ def _generate(args) -> int:
     from .pipelines import report, runner
 
     method = runner.parse_method(args.method, args.set)
+    out = _out_dir(args, "attnpatch-out", _prepare(args), [type(method).__name__])
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
-    out = _out_dir(Path(args.out or f"attnpatch-out/{_slug(loaded.name)}_{_slug(method.name)}_seed{args.seed}"), args.force)
     kw = _run_kw(args)
     stock = None
     if args.compare:
         runner.run(loaded, prompts[:1], args.seed, **{**kw, "steps": 1} if loaded.kind == "diffusion" else {**kw, "max_new_tokens": 2})
         stock, t_stock = runner.run(loaded, prompts, args.seed, **kw)
-    with api.patch(loaded.obj, method):
+    with api.patch(loaded.obj, method) as handle:
         result, t = runner.run(loaded, prompts, args.seed, **kw)
+        _summary(handle, str(method))
     _save(loaded, result, prompts, out / "patched", args)
     print(f"{method}: {t:.2f} s for {len(prompts)} prompt(s)")
     if stock is not None:
@@ -102,19 +134,28 @@ def _expand(specs: str, grids: list[str]) -> list:
     """Method instances: every spec, crossed with every --grid KEY=V1,V2 that it has a parameter for."""
     from .pipelines import runner
 
-    methods = []
+    pairs = []
+    for g in grids:
+        key, eq, values = g.partition("=")
+        if not eq or not key.strip() or not values:
+            raise runner.UsageError(f"--grid {g!r}: expected KEY=V1,V2,...")
+        pairs.append((key.strip(), runner.split_top(values)))
+    methods, params = [], {}
     for spec in runner.split_top(specs):
-        names = {f.name for f in dataclasses.fields(runner.parse_method(spec))}
+        base = runner.parse_method(spec)
+        names = runner.parameters(type(base))
+        params[type(base).__name__] = names
         settings = [[]]
-        for g in grids:
-            key, eq, values = g.partition("=")
-            if not eq or not values:
-                raise runner.UsageError(f"--grid {g!r}: expected KEY=V1,V2,...")
+        for key, values in pairs:
             if key in names:
-                settings = [s + [f"{key}={x}"] for s in settings for x in runner.split_top(values)]
+                settings = [s + [f"{key}={x}"] for s in settings for x in values]
         methods += [runner.parse_method(spec, s) for s in settings]
     if not methods:
         raise runner.UsageError("--methods is empty")
+    for key, _ in pairs:
+        if not any(key in names for names in params.values()):
+            have = "; ".join(f"{m}: {', '.join(n)}" for m, n in params.items())
+            raise runner.UsageError(f"--grid {key}=...: no method in --methods has a parameter {key!r} ({have})")
     return methods
 
 
@@ -126,9 +167,9 @@ def _compare(args) -> int:
     from .pipelines.probe import Recall
 
     methods = _expand(args.methods, args.grid)
+    out = _out_dir(args, "attnpatch-report", _prepare(args), list(dict.fromkeys(type(m).__name__ for m in methods)))
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
-    out = _out_dir(Path(args.out or f"attnpatch-report/{_slug(loaded.name)}"), args.force)
     (out / "masks").mkdir(exist_ok=True)
     kw = _run_kw(args)
     quality = "psnr" if loaded.kind == "diffusion" else "agreement"
@@ -142,8 +183,9 @@ def _compare(args) -> int:
         for i, m in enumerate(tqdm(methods, desc="settings", disable=args.quiet)):
             label = str(m) + (f" + dense_steps={m.dense_steps}" if hasattr(m, "dense_steps") else "")
             try:
-                with api.patch(loaded.obj, m):
+                with api.patch(loaded.obj, m) as handle:
                     result, t = runner.run(loaded, prompts, args.seed, **kw)
+                    stats = _summary(handle, label)
                 probe = _MaskProbe(Recall(inner=m))
                 with api.patch(loaded.obj, probe):
                     runner.run(loaded, prompts[:1], args.seed, **kw)
@@ -153,7 +195,7 @@ def _compare(args) -> int:
                 continue
             s = probe.inner.summary()
             rows.append(dict(setting=label, seconds=t, speedup=t_ref / t, density=s["density"], recall=s["recall"],
-                             **report.quality_of(loaded.kind, result, ref)))
+                             **report.quality_of(loaded.kind, result, ref), **({"patch": stats} if stats is not None else {})))
             _save(loaded, result, prompts, out / f"setting{i + 1}", args)
             if probe.first is not None:
                 report.mask_picture(*probe.first, out / "masks" / f"setting{i + 1}.png")

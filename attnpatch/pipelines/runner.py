@@ -45,6 +45,12 @@ def method_names() -> list[str]:
     return ["Dense", *methods._FILES]
 
 
+def parameters(cls) -> list[str]:
+    """A method's parameter names: its own first, then the schedule's."""
+    valid = [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+    return sorted(valid, key=lambda n: n in ("dense_steps", "dense_layers", "profile"))
+
+
 def parse_method(spec: str, settings: list[str] = ()):
     """A method instance from ``Name`` or ``Name(k=v, ...)`` plus ``k=v`` settings."""
     from .. import methods
@@ -71,8 +77,7 @@ def parse_method(spec: str, settings: list[str] = ()):
         if not eq:
             raise UsageError(f"--set {s!r}: expected key=value")
         kwargs[key.strip()] = _literal(value.strip())
-    valid = [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
-    valid.sort(key=lambda n: n in ("dense_steps", "dense_layers", "profile"))  # the method's own first, then the schedule
+    valid = parameters(cls)
     bad = [k for k in kwargs if k not in valid]
     if bad:
         raise UsageError(f"{name} has no parameter {', '.join(map(repr, bad))}; valid: {', '.join(valid) or '(none)'}")
@@ -100,40 +105,145 @@ BUILTIN_PROMPTS = {
 }
 
 
-def load(spec: str, device: str = "cpu", dtype: str = "float32") -> Loaded:
-    """``builtin:NAME``, a local folder (diffusers pipeline or transformers model) or a hub id."""
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if tdtype is None:
-        raise UsageError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_device(device: str) -> torch.device:
+    """The device, or a UsageError before anything loads (a missing GPU used to fail after the model load)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if d.type == "cpu":
+        return d
+    backend = torch.backends.mps if d.type == "mps" else getattr(torch, d.type, None)
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise UsageError(f"--device {device}: no {d.type.upper()} device is visible to torch "
+                         f"(torch.{d.type}.is_available() is False); use --device cpu")
+    if d.index is not None and hasattr(backend, "device_count") and d.index >= backend.device_count():
+        raise UsageError(f"--device {device}: torch sees {backend.device_count()} {d.type} device(s); "
+                         f"use {d.type}:0 to {d.type}:{backend.device_count() - 1}")
+    return d
+
+
+@dataclass
+class Source:
+    """Where ``--model`` points, worked out without loading it."""
+    spec: str
+    name: str  # for default output folders
+    kind: str  # "builtin", "folder" or "hub"
+    is_pipe: bool | None = None  # None: ask the hub when loading
+    local_only: bool = False  # a hub id found in the local cache while the hub is unreachable
+
+
+def resolve(spec: str) -> Source:
+    """Check ``--model`` before any load: builtin names, local folders (a model config and, for
+    an LLM, a tokenizer), hub ids (offline: only from the local cache, decided in a second)."""
     if spec.startswith("builtin:"):
         from .. import models
 
         name = spec.split(":", 1)[1]
         if name not in models.BUILTIN:
             raise UsageError(f"unknown builtin model {name!r}; available: {', '.join('builtin:' + n for n in models.BUILTIN)}")
-        if name == "smollm2":
-            model, tok = models.smollm2(dtype=tdtype, device=device)
-            return Loaded("llm", model, tok, name, BUILTIN_PROMPTS[name])
-        pipe = models.load(name, dtype=tdtype, device=device)
-        return Loaded("diffusion", pipe, None, name, BUILTIN_PROMPTS[name])
-    path = Path(spec)
-    if path.exists() and not path.is_dir():
+        return Source(spec, name, "builtin", name != "smollm2")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _folder(spec, path)
+    if path.exists():
         raise UsageError(f"--model {spec!r} is a file; give a folder, a hub id or builtin:NAME")
-    is_pipe = (path / "model_index.json").is_file() if path.is_dir() else None
-    name = path.name if path.is_dir() else spec.replace("/", "--")
+    if spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1:
+        raise UsageError(f"--model {spec!r}: no such folder (give an existing save_pretrained folder, a hub id "
+                         "owner/name or builtin:NAME)")
+    return _hub(spec)
+
+
+def _folder(spec: str, path: Path) -> Source:
+    if (path / "model_index.json").is_file():
+        return Source(spec, path.resolve().name, "folder", True)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model {spec!r}: the folder has neither model_index.json (a diffusers pipeline) nor "
+                         "config.json (a transformers model); give a folder written by save_pretrained")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"--model {spec!r}: the folder has a model but no tokenizer (no tokenizer.json or "
+                         "tokenizer_config.json); save the one it was trained with beside it: "
+                         f"AutoTokenizer.from_pretrained(<base model>).save_pretrained({str(path)!r})")
+    return Source(spec, path.resolve().name, "folder", False)
+
+
+def _hub(spec: str) -> Source:
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
-        if is_pipe or (is_pipe is None and _hub_is_pipeline(spec)):
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise UsageError(f"--model {spec!r}: no such folder, and not a hub id (owner/name)") from None
+    name = spec.replace("/", "--")
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
+    if why is None:
+        return Source(spec, name, "hub")
+    cached = {f: isinstance(try_to_load_from_cache(spec, f), str) for f in ("model_index.json", "config.json")}
+    if not any(cached.values()):
+        raise UsageError(f"--model {spec!r}: no such local folder, and the Hugging Face hub cannot be used ({why}) and "
+                         "the model is not in the local cache: give a local folder or builtin:NAME, or download it first "
+                         "where the hub is reachable (HF_HUB_OFFLINE=1 skips the hub check)")
+    return Source(spec, name, "hub", cached["model_index.json"], local_only=True)
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to the hub opens within ``timeout`` s, else why not. One
+    probe instead of the hub client's ~60 s of retries; DNS runs in a thread so it cannot hang."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result = [f"no answer from {host} within {timeout:.0f} s"]
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result[0] = None
+        except OSError as e:
+            result[0] = f"{host} is unreachable: {e}"
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return result[0]
+
+
+def load(spec: str, device: str = "cpu", dtype: str = "float32") -> Loaded:
+    """``builtin:NAME``, a local folder (diffusers pipeline or transformers model) or a hub id."""
+    tdtype = DTYPES.get(dtype)
+    if tdtype is None:
+        raise UsageError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    check_device(device)
+    src = resolve(spec)
+    if src.kind == "builtin":
+        from .. import models
+
+        if src.name == "smollm2":
+            model, tok = models.smollm2(dtype=tdtype, device=device)
+            return Loaded("llm", model, tok, src.name, BUILTIN_PROMPTS[src.name])
+        pipe = models.load(src.name, dtype=tdtype, device=device)
+        return Loaded("diffusion", pipe, None, src.name, BUILTIN_PROMPTS[src.name])
+    kw = dict(dtype=tdtype, local_files_only=src.local_only)
+    try:
+        if src.is_pipe or (src.is_pipe is None and _hub_is_pipeline(spec)):
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=tdtype).to(device)
-            return Loaded("diffusion", pipe, None, name, ["a photo of a cat"])
+            pipe = DiffusionPipeline.from_pretrained(spec, **kw).to(device)
+            return Loaded("diffusion", pipe, None, src.name, ["a photo of a cat"])
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=tdtype).to(device).eval()
-        return Loaded("llm", model, AutoTokenizer.from_pretrained(spec), name, ["Hello"])
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=src.local_only)  # first: it fails in a second, the model in minutes
+        model = AutoModelForCausalLM.from_pretrained(spec, **kw).to(device).eval()
+        return Loaded("llm", model, tok, src.name, ["Hello"])
     except OSError as e:
-        raise UsageError(f"cannot load {spec!r}: {str(e).splitlines()[0]} (no model hub is reachable offline: use a "
-                         "local folder or builtin:NAME)") from None
+        raise UsageError(f"cannot load {spec!r}: {str(e).splitlines()[0]}") from None
 
 
 def _hub_is_pipeline(spec: str) -> bool:
@@ -142,7 +252,7 @@ def _hub_is_pipeline(spec: str) -> bool:
 
         hf_hub_download(spec, "model_index.json")
         return True
-    except Exception:  # noqa: BLE001 (any failure: not a diffusers repo, or offline)
+    except Exception:  # noqa: BLE001 (any failure: not a diffusers repo)
         return False
 
 
