@@ -155,3 +155,39 @@ def test_timing_synchronises_cuda_around_every_timed_call(monkeypatch):
     log.clear()
     timing.timeit(lambda: log.append("a"), reps=2, warmup=0)
     assert log == ["a", "a"]
+
+
+def test_speed_quality_plot_names_every_setting_inside_the_figure_without_overlap(monkeypatch, tmp_path):
+    """Settings that land close together, and one very long name: every name is drawn whole, inside
+    the saved figure, and no two names overlap (labels at the points overlapped and ran off the edge)."""
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    from attnpatch.pipelines import report
+
+    names = ["stock attention"] + [f"Neighborhood(window=7, stride=1, dilation=1, causal=False, tile=4) + dense_steps={d}"
+                                   for d in (0, 0.2, 0.4)] + ["TopKBlocks(keep=0.25, block=4) " + "x" * 160]
+    rows = [dict(setting=n, speedup=1.0 + 0.01 * i, psnr=24.0 + 0.05 * i) for i, n in enumerate(names)]
+    seen = {}
+    save = Figure.savefig
+
+    def spy(fig, path, **kw):  # the layout as saved (plain savefig: no tight bounding box)
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        seen["texts"] = [(t.get_text(), t.get_window_extent(r)) for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
+        seen["bbox"], seen["tight"] = fig.bbox, kw.get("bbox_inches")
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    report.scatter(rows, "psnr", tmp_path / "s.png")
+    assert (tmp_path / "s.png").is_file() and seen["tight"] is None
+    squash = lambda text: "".join(text.split())  # noqa: E731  (labels may be wrapped over lines)
+    labels = [(t, b) for t, b in seen["texts"] if any(squash(n).startswith(squash(t)[:20]) for n in names)]
+    for n in names:
+        assert any(squash(t) == squash(n) for t, _ in labels), f"{n!r} not drawn whole"
+    fig = seen["bbox"]
+    for t, b in labels:
+        assert b.x0 >= fig.x0 - 0.5 and b.x1 <= fig.x1 + 0.5 and b.y0 >= fig.y0 - 0.5 and b.y1 <= fig.y1 + 0.5, f"{t!r} cut off"
+    for i, (t1, b1) in enumerate(labels):
+        for t2, b2 in labels[i + 1:]:
+            assert not b1.overlaps(b2), f"{t1!r} overlaps {t2!r}"

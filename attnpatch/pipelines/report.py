@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -78,25 +79,41 @@ def mask_picture(plan, site: Site, S: int, path: Path, size: int = 256) -> None:
 
 
 def scatter(rows: list[dict], quality: str, path: Path) -> None:
+    """Speed vs quality, one marker per setting, named in a legend below the axes (labels at the
+    points overlapped where settings land close together, and ran off the figure's edge)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        q = r.get(quality)
-        if q is None or r.get("speedup") is None:
-            continue
-        q = min(q, 60.0) if quality == "psnr" else q
-        ax.scatter(r["speedup"], q)
-        ax.annotate(r["setting"][:32], (r["speedup"], q), fontsize=6)
+    pts = [(r["setting"], r["speedup"], min(r[quality], 60.0) if quality == "psnr" else r[quality]) for r in rows
+           if r.get(quality) is not None and r.get("speedup") is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    colors, markers = plt.get_cmap("tab10").colors, "osD^vP*X<>"
+    for i, (label, x, q) in enumerate(pts):
+        ax.scatter(x, q, color=colors[i % 10], marker=markers[i // 10 % len(markers)], s=36,
+                   label=textwrap.fill(label, 88, subsequent_indent="    "))
     ax.set_xlabel("speedup vs stock attention (same run)")
     ax.set_ylabel({"psnr": "PSNR vs stock (dB, capped at 60)", "agreement": "token agreement with stock"}[quality])
     ax.axvline(1.0, color="grey", lw=0.8)
     fig.tight_layout()
+    if pts:
+        _legend_below(fig, ax)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _legend_below(fig, ax) -> None:
+    """Grow the figure by the legend's height and put the legend under the axes, inside the figure."""
+    leg = fig.legend(*ax.get_legend_handles_labels(), loc="lower left", fontsize=7, frameon=False, borderaxespad=0.3)
+    fig.canvas.draw()
+    box = leg.get_window_extent()
+    fig.set_figwidth(max(fig.get_figwidth(), box.width / fig.dpi + 0.2))  # a very long label: a wider figure, not a cut one
+    h, extra = fig.get_figheight(), box.height / fig.dpi + 0.1  # inches
+    fig.set_figheight(h + extra)
+    for a in fig.axes:  # same size in inches as laid out, moved up by the legend's height
+        box = a.get_position()
+        a.set_position([box.x0, (extra + box.y0 * h) / (h + extra), box.width, box.height * h / (h + extra)])
 
 
 def quality_of(kind: str, out, ref) -> dict:
@@ -109,7 +126,7 @@ def quality_of(kind: str, out, ref) -> dict:
 
 def write(folder: Path, meta: dict, rows: list[dict], kind: str, images: dict) -> None:
     """report.json, report.md and index.html in ``folder`` (pictures already there)."""
-    (folder / "report.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (folder / "report.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     cols = ["setting", "seconds", "speedup", "density", "recall"] + (["psnr", "ssim"] if kind == "diffusion" else ["agreement"])
 
     def fmt(v):
