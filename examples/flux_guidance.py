@@ -26,7 +26,7 @@ def main():
         from diffusers import FluxPipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = FluxPipeline.from_pretrained(a.model, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
+        pipe = FluxPipeline.from_pretrained(a.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
         kw, layers = dict(height=1024, width=1024), [r"single_transformer_blocks\.(1[0-9])\."]
         prompts = ["a watercolor painting of a fox", "a watercolor painting of a lighthouse", "a watercolor painting of a bicycle"]
     if a.steps:

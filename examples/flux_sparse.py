@@ -29,7 +29,7 @@ def main():
         from diffusers import FluxPipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = FluxPipeline.from_pretrained(a.model, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
+        pipe = FluxPipeline.from_pretrained(a.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
         kw = dict(height=1024, width=1024, guidance_scale=3.5)
         method = ap.SlidingTile(tile=16, window=3)  # 64x64 tokens at 1024^2: 3x3 of 16x16 tiles
     if a.steps:

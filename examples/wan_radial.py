@@ -29,7 +29,7 @@ def main():
         from diffusers import WanPipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = WanPipeline.from_pretrained(a.model, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
+        pipe = WanPipeline.from_pretrained(a.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
         kw = dict(height=480, width=832, num_frames=33)
         method = ap.Radial(window=1, decay=2.0, dense_frames=1, tile=(30, 26))  # 9x30x52 tokens
     if a.steps:

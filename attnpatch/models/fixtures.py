@@ -86,7 +86,7 @@ def _load(name: str, path, dtype, device, cls_index: int):
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"no trained {name} weights at {folder}; train them with: python -m attnpatch.models.train "
                                 f"{name.split('-')[0]} --out {folder}")
-    pipe = _pipe_classes()[cls_index].from_pretrained(folder, torch_dtype=dtype)
+    pipe = _pipe_classes()[cls_index].from_pretrained(folder, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

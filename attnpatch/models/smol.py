@@ -60,9 +60,20 @@ def _convert(folder: Path) -> None:
             state.pop("lm_head.weight", None)  # shared with embed_tokens; safetensors rejects aliases
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tok.save_pretrained(tmp)
-        os.replace(tmp, folder)  # atomic: a half-written cache is never seen
+        _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename the finished conversion into place (atomic: a half-written cache is never seen).
+    Two processes may convert at once; the first rename wins and the loser uses its folder."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # ENOTEMPTY / EEXIST: the folder appeared while this process converted
+        if not (folder / "model.safetensors").is_file():
+            raise
+        log_once(20, f"{folder} was written by another process meanwhile; using it")
 
 
 def smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
