@@ -5,11 +5,31 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from attnpatch.pipelines.timing import timeit, timeit_interleaved  # noqa: F401  (re-exported for the scripts)
+
+
+RESULTS = Path(__file__).resolve().parent / "results"  # committed: full runs only
+SCRATCH = Path(tempfile.gettempdir()) / "attnpatch-bench"  # where quick / partial runs go by default
+
+
+def out_stem(name: str, out: str | None, partial: str | None = None) -> Path:
+    """Where a run writes ``<stem>.md`` / ``.json``: ``--out`` when given; else the committed
+    ``benchmarks/results/<name>`` for a full run, and a scratch folder for a quick or partial one
+    (``partial`` says why), so a smoke test never overwrites the committed tables unless asked."""
+    if out is not None:
+        return Path(out)
+    if partial is None:
+        return RESULTS / name
+    stem = SCRATCH / name
+    print(f"{partial} run: writing {stem}.{{md,json}}, not the committed {RESULTS / name}.{{md,json}} "
+          "(--out names another place)", file=sys.stderr)
+    return stem
 
 
 def machine() -> dict:

@@ -3,7 +3,8 @@ side by side in one process, on 2-D image grids and a 3-D video latent, at block
 near 5 / 10 / 25 / 50 %.
 
     python benchmarks/kernels.py                 # full run, writes benchmarks/results/kernels.{md,json}
-    python benchmarks/kernels.py --quick         # small grids, for a smoke test
+    python benchmarks/kernels.py --quick         # small grids, for a smoke test (writes under the temp folder)
+    python benchmarks/kernels.py --grids 128x128 --update   # one grid again, merged into the committed table
     python benchmarks/kernels.py --device cuda   # on a GPU, with attnpatch's Triton kernel as well:
                                                  # writes benchmarks/results/kernels_cuda.{md,json}
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch import Site  # noqa: E402
 from attnpatch.plan import materialise_mask  # noqa: E402
-from common import machine, table, timeit, timeit_interleaved, write  # noqa: E402
+from common import machine, out_stem, table, timeit, timeit_interleaved, write  # noqa: E402
 
 NA, STA, RAD = ap.Neighborhood, ap.SlidingTile, ap.Radial
 
@@ -162,14 +163,24 @@ def bench_grid(grid, H, D, reps, natten_mode, use_flex, device="cpu", dtype=torc
         if "triton_speedup" in row:
             row["triton_fraction"] = row["triton_speedup"] / row["ideal"]
         row["calls_fraction"] = t_dense / row["calls_s"] / row["ideal"]
-        print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+        print(progress(row), flush=True)
         rows.append(row)
     return rows
 
 
+GRIDS = "64x64,128x128,13x30x52"
+
+
+def progress(row: dict) -> str:
+    """One readable line per measured point."""
+    kernels = ", ".join(f"{n} {row[f'{n}_speedup']:.2f}x" for n in ("tiles", "triton", "flex", "natten") if f"{n}_speedup" in row)
+    return (f"{row['grid']:>9} {row['family']:<15} {row['method']}: block density {row['block_density']:.3f}, "
+            f"ideal {row['ideal']:.2f}x; {kernels} (tiles {row['fraction']:.2f} of ideal)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grids", default="64x64,128x128,13x30x52")
+    p.add_argument("--grids", default=GRIDS)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--reps", type=int, default=None, help="default: 5 on the CPU, 20 on a GPU")
     p.add_argument("--natten", choices=["all", "one", "none"], default="all",
@@ -183,11 +194,13 @@ def main(argv=None):
     p.add_argument("--triton", choices=["auto", "on", "off"], default="auto",
                    help="time attnpatch's Triton kernel too; auto: on a GPU (on the CPU only under TRITON_INTERPRET=1, "
                         "where its times mean nothing: a smoke test of the column)")
-    p.add_argument("--quick", action="store_true", help="tiny grids, 1 rep: a smoke test")
-    p.add_argument("--update", action="store_true", help="keep the rows of other grids already in the output JSON")
+    p.add_argument("--quick", action="store_true", help="tiny grids, 1 rep: a smoke test (written under the temp folder)")
+    p.add_argument("--update", action="store_true", help="keep the rows of other grids already in the output JSON "
+                   "(without it a run of some --grids writes under the temp folder, not the committed table)")
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from the existing JSON")
     p.add_argument("--heads", type=int, default=None, help="default: 4 on the CPU, 24 on a GPU (enough to fill it)")
-    p.add_argument("--out", default=None, help="output stem; default benchmarks/results/kernels (CPU) or kernels_<device>")
+    p.add_argument("--out", default=None, help="output stem; default benchmarks/results/kernels (CPU) or kernels_<device> "
+                   "for a full run, the same name under the temp folder for a --quick or partial one")
     a = p.parse_args(argv)
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,8 +212,8 @@ def main(argv=None):
         a.heads = 4 if a.device == "cpu" else 24
     if a.reps is None:
         a.reps = 5 if a.device == "cpu" else 20
-    if a.out is None:
-        a.out = str(Path(__file__).resolve().parent / "results" / ("kernels" if a.device == "cpu" else f"kernels_{a.device}"))
+    partial = "--quick" if a.quick else None if a.render or a.update or a.grids == GRIDS else f"--grids {a.grids}"
+    a.out = str(out_stem("kernels" if a.device == "cpu" else f"kernels_{a.device}", a.out, partial))
     if a.triton == "auto":
         a.triton = "on" if a.device == "cuda" else "off"
     if a.quick:

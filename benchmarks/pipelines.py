@@ -13,7 +13,7 @@ mass the plans keep, with image / frame grids.
 
     python benchmarks/pipelines.py                  # both parts, writes benchmarks/results/pipelines.{md,json}
     python benchmarks/pipelines.py --part quality   # only the trained-model quality part (keeps the other part's rows)
-    python benchmarks/pipelines.py --quick          # tiny shapes: a smoke test
+    python benchmarks/pipelines.py --quick          # tiny shapes: a smoke test (writes under the temp folder)
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.pipelines.probe import Recall  # noqa: E402
 from attnpatch.pipelines.quality import psnr, ssim  # noqa: E402
-from common import machine, table, timeit, write  # noqa: E402
+from common import machine, out_stem, table, timeit, write  # noqa: E402
 
 NA, STA, RAD, TOPK = ap.Neighborhood, ap.SlidingTile, ap.Radial, ap.TopKBlocks
 DENSE_STEPS = ap.methods.schedule.DENSE_STEPS
@@ -303,10 +303,10 @@ def main(argv=None):
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(SPEED)}")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--models", default="flux,wan", help="quality part: which trained fixtures (others' rows are kept)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "pipelines"))
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test (written under the temp folder)")
+    p.add_argument("--out", default=None, help="output stem; default benchmarks/results/pipelines, under the temp folder for --quick")
     a = p.parse_args(argv)
-    out = Path(a.out)
+    out = out_stem("pipelines", a.out, "--quick" if a.quick else None)
     pics = out.parent / out.name
     pics.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
