@@ -6,9 +6,9 @@ import dataclasses
 import torch
 
 from . import kernels
-from .kernels.base import check_qkv
+from .kernels.base import check_mask, check_qkv, check_scale
 from .methods.base import Method
-from .plan import Plan
+from .plan import Plan, fold_q_scale, q_scale_as_score_mod
 from .site import Site
 
 
@@ -20,8 +20,10 @@ def check_method(method) -> Method:
     return method
 
 
-def _softcapped(plan: Plan, softcap: float) -> Plan:
-    """Gemma-2 style logit soft-capping composed before the plan's own score_mod."""
+def _softcapped(plan: Plan, softcap: float, q) -> Plan:
+    """Gemma-2 style logit soft-capping composed before the plan's own score_mod (and its q_scale,
+    which then becomes a score_mod: scaling q would scale before the cap)."""
+    plan = q_scale_as_score_mod(plan, *q.shape[:3])
     inner = plan.score_mod
 
     def score_mod(score, b, h, q_idx, kv_idx):
@@ -47,7 +49,7 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
 def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
     plan = (plan or Plan()).with_site(site.causal, site.q_offset)
     if softcap:
-        plan = _softcapped(plan, softcap)
+        plan = _softcapped(plan, softcap, q)
     output, extra, transform = plan.output, plan.extra_kv, plan.transform
     if output is not None or extra is not None or transform is not None:  # kernels run the plain part
         plan = dataclasses.replace(plan, output=None, extra_kv=None, transform=None)
@@ -61,6 +63,7 @@ def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
             pad = torch.ones if mask.dtype == torch.bool else torch.zeros
             mask = torch.cat([mask, pad(*mask.shape[:-1], ek.shape[2], dtype=mask.dtype, device=mask.device)
                               .expand(*mask.shape[:-1], ek.shape[2])], -1)
+    q, scale, plan = fold_q_scale(q, scale, plan)  # every kernel then runs a temperature at its own speed
     kernel = kernels.select(q, k_all, v_all, plan, mask=mask, backend=backend)
     out = kernel.run(q, k_all, v_all, plan, mask=mask, scale=scale)
     return out if output is None else output(out, q, k, v, scale)
@@ -75,6 +78,8 @@ def attend(q, k, v, method: Method, site: Site | None = None, *, backend: str | 
     capable one is chosen.
     """
     check_qkv(q, k, v)
+    check_mask(mask, q, k)
+    check_scale(scale)
     check_method(method)
     if site is None:
         site = Site()

@@ -31,6 +31,10 @@ class Plan:
     # every row's own (shared attention); mask_mod sees them as kv_idx >= S_kv
     extra_kv: tuple | Callable | None = None
     transform: Callable | None = None  # (q, k, v) -> (q, k, v) before the kernel (AdaIN of shared attention)
+    # a multiplicative score transform that every kernel runs at dense speed: scores of query row
+    # (b, h, i) times q_scale, a float or a tensor broadcastable to (B, H_q, S_q, 1); applied by scaling
+    # q (a float folds into the softmax scale: exact), before score_mod
+    q_scale: float | torch.Tensor | None = None
     name: str = "dense"
 
     @property
@@ -38,26 +42,56 @@ class Plan:
         """True when the plan is unmasked, unbiased attention (causality aside)."""
         return all(
             f is None
-            for f in (self.mask_mod, self.score_mod, self.blocks, self.output, self.extra_kv, self.transform)
+            for f in (self.mask_mod, self.score_mod, self.blocks, self.output, self.extra_kv, self.transform, self.q_scale)
         )
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":
         return replace(self, causal=causal, q_offset=q_offset)
 
 
-def index_grids(B: int, H: int, Sq: int, Skv: int, device) -> tuple[torch.Tensor, ...]:
-    """The four broadcastable index tensors a mask_mod / score_mod is called with."""
+def fold_q_scale(q: torch.Tensor, scale, plan: Plan):
+    """``(q, scale, plan)`` with ``plan.q_scale`` applied and removed: a float multiplies the softmax
+    scale (exact); a tensor multiplies q's rows in float32 (one rounding to q's dtype)."""
+    qs = plan.q_scale
+    if qs is None:
+        return q, scale, plan
+    plan = replace(plan, q_scale=None)
+    if not torch.is_tensor(qs):
+        base = q.shape[-1] ** -0.5 if scale is None else scale
+        return q, base * float(qs), plan
+    return (q.float() * qs.to(q.device)).to(q.dtype), scale, plan  # (B, H, Sq, D) * (B|1, H|1, Sq|1, 1)
+
+
+def q_scale_as_score_mod(plan: Plan, B: int, H: int, Sq: int) -> Plan:
+    """The plan with its q_scale turned into a score_mod applied after the plan's own, for callers
+    that must transform scores before it (soft-capping): same scores, general path."""
+    qs, inner = plan.q_scale, plan.score_mod
+    if qs is None:
+        return plan
+    if torch.is_tensor(qs):
+        qs = qs.expand(B, H, Sq, 1)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        score = score if inner is None else inner(score, b, h, q_idx, kv_idx)
+        return score * (qs[b, h, q_idx, 0] if torch.is_tensor(qs) else qs)
+
+    return replace(plan, score_mod=score_mod, q_scale=None)
+
+
+def index_grids(B: int, H: int, Sq: int, Skv: int, device, q_start: int = 0) -> tuple[torch.Tensor, ...]:
+    """The four broadcastable index tensors a mask_mod / score_mod is called with (query rows
+    from ``q_start``)."""
     b = torch.arange(B, device=device).view(B, 1, 1, 1)
     h = torch.arange(H, device=device).view(1, H, 1, 1)
-    q = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
+    q = torch.arange(q_start, q_start + Sq, device=device).view(1, 1, Sq, 1)
     kv = torch.arange(Skv, device=device).view(1, 1, 1, Skv)
     return b, h, q, kv
 
 
-def materialise_mask(plan: Plan, B: int, H: int, Sq: int, Skv: int, device) -> torch.Tensor | None:
-    """The boolean keep-mask of ``plan`` (causal and mask_mod), broadcastable to (B, H, Sq, Skv);
-    None when nothing is masked."""
-    b, h, q, kv = index_grids(B, H, Sq, Skv, device)
+def materialise_mask(plan: Plan, B: int, H: int, Sq: int, Skv: int, device, q_start: int = 0) -> torch.Tensor | None:
+    """The boolean keep-mask of ``plan`` (causal and mask_mod), broadcastable to (B, H, Sq, Skv)
+    (query rows from ``q_start``); None when nothing is masked."""
+    b, h, q, kv = index_grids(B, H, Sq, Skv, device, q_start)
     keep = None
     if plan.causal:
         keep = kv <= q + plan.q_offset  # (1, 1, Sq, Skv)

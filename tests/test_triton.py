@@ -159,11 +159,36 @@ def test_triton_tile_pooling_matches_torch_estimator(grid, block):
     torch.testing.assert_close(tile_means(q, lay["order"], lay["bounds"]), want, atol=1e-5, rtol=1e-5)
 
 
-def test_float32_dots_stay_float32_unless_tf32_is_allowed(monkeypatch):
+def test_float32_dots_stay_float32_unless_tf32_is_allowed():
     """Triton's float32 tl.dot defaults to TF32 on GPUs (~1e-3 error): the kernel asks for IEEE float32
-    products like PyTorch's own attention, unless the user allowed TF32 matmuls."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert triton_fwd.dot_precision(torch.float32) == "ieee"
-    assert triton_fwd.dot_precision(torch.bfloat16) == "tf32"  # 16-bit inputs: the setting is ignored
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert triton_fwd.dot_precision(torch.float32) == "tf32"
+    products like PyTorch's own attention, unless the user allowed TF32 matmuls. The setting is changed
+    through torch's public setter and restored by hand (torch 2.13's cuBLAS module attributes cannot be
+    monkeypatched: undoing the patch raised)."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_fwd.dot_precision(torch.float32) == "ieee"
+        assert triton_fwd.dot_precision(torch.bfloat16) == "tf32"  # 16-bit inputs: the setting is ignored
+        torch.backends.cuda.matmul.allow_tf32 = True  # the legacy switch sets the same flag
+        assert triton_fwd.dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert triton_fwd.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_bfloat16():
+    """bf16: on a GPU within the flash-attn rule (twice the same-dtype reference's error + 1e-3); under the
+    CPU interpreter (which computes bf16 wrongly, errors ~1e8) refused in why_not, so never selected."""
+    method, site = ap.Neighborhood(window=(3, 5)), Site(grid=(7, 11))
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(77, seed=7))
+    plan = method.plan(q, k, site).with_site(False, 0)
+    if DEVICE == "cpu":
+        assert "interpreter" in kernels.get("triton").why_not(q, k, v, plan)
+        assert kernels.select(q, k, v, plan).name != "triton"
+        return
+    exact = reference(q.double(), k.double(), v.double(), plan)
+    same = reference(q, k, v, plan).double()
+    out = ap.attend(q, k, v, method, site, backend="triton")
+    err, err_ref = (out.double() - exact).abs().max().item(), (same - exact).abs().max().item()
+    assert err <= 2 * err_ref + 1e-3, (err, err_ref)

@@ -40,6 +40,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{n} must be a 4-D tensor (B, H, S, D), got {got}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}: cast them, e.g. k.to(q.dtype)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}: move them, e.g. k.to(q.device)")
+    if not q.is_floating_point():
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
@@ -51,6 +57,37 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) for GQA; "
             "pass (B, H, S, D) tensors, not (B, S, H, D)"
         )
+
+
+def check_mask(mask, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise ValueError unless ``mask`` is None or a boolean / float tensor on q's device that
+    broadcasts to ``(B, H_q, S_q, S_kv)``."""
+    if mask is None:
+        return
+    want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a tensor broadcastable to (B, H_q, S_q, S_kv) = {want}, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"mask must be boolean (True = keep) or additive float, got {mask.dtype}: use mask.bool()")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device} but q on {q.device}: move it, e.g. mask.to(q.device)")
+    shape = tuple(mask.shape)
+    if mask.dim() > 4 or any(m not in (1, w) for m, w in zip(shape[::-1], want[::-1])):
+        raise ValueError(f"mask of shape {shape} does not broadcast to (B, H_q, S_q, S_kv) = {want}; "
+                         "pass e.g. (B, 1, S_q, S_kv) or (S_q, S_kv)")
+
+
+def check_scale(scale) -> None:
+    """Raise ValueError unless ``scale`` is None or a positive finite real number."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or scale == float("inf"):
+        raise ValueError(f"scale must be a positive number (the score multiplier, default 1/sqrt(head_dim)), got {scale!r}")
+
+
+def needs_grad(*tensors) -> bool:
+    """True when autograd records this call: a kernel without backward must not run it."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def block_sparse_why_not(q, k, v, plan: Plan, mask) -> str | None:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections import OrderedDict
 
 import torch
 
-from .base import Kernel
+from ..plan import fold_q_scale
+from .base import Kernel, needs_grad
 
 _BLOCK_MASKS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_LOCK = threading.Lock()
 _COMPILED = None
 
 
@@ -63,13 +66,32 @@ def _block_mask(plan, perm, B, H, Sq, Skv, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     key = (id(plan.mask_mod), id(plan.blocks), plan.causal, plan.q_offset, B, H, Sq, Skv, str(device))
-    if key not in _BLOCK_MASKS:
-        mm = _mask_mod(plan, perm)
-        bm = None if mm is None else create_block_mask(mm, B, H, Sq, Skv, device=device)
-        if len(_BLOCK_MASKS) >= 64:
+    with _LOCK:  # concurrent calls: never read a key another thread may evict in between
+        hit = _BLOCK_MASKS.get(key)
+    if hit is not None:
+        return hit[2]
+    mm = _mask_mod(plan, perm)
+    bm = None if mm is None else create_block_mask(mm, B, H, Sq, Skv, device=device)
+    with _LOCK:
+        while len(_BLOCK_MASKS) >= 64:
             _BLOCK_MASKS.popitem(last=False)
         _BLOCK_MASKS[key] = (plan.mask_mod, plan.blocks, bm)  # holding refs keeps the ids unique
-    return _BLOCK_MASKS[key][2]
+    return bm
+
+
+def _cpu_why_not(q, k, v, plan) -> str | None:
+    """FlexAttention's limits on CPU, where it compiles once per shape (tens of seconds each)."""
+    if needs_grad(q, k, v):
+        return "FlexAttention has no backward on CPU (inputs require grad)"
+    if os.environ.get("ATTNPATCH_FLEX_COMPILE", "1") == "0":
+        return None  # eager (debugging): no compile per shape
+    if not shutil.which("g++"):
+        return "compiling FlexAttention on CPU needs a C++ compiler (g++)"
+    if q.shape[2] != k.shape[2]:
+        return "query and key lengths differ (decode / chunked prefill: a new key length every call, a compile each)"
+    if plan.mask_mod is None and plan.blocks is None:
+        return "a score-only plan skips nothing: compiling per shape costs more than the eager path saves"
+    return None
 
 
 class Flex(Kernel):
@@ -84,8 +106,10 @@ class Flex(Kernel):
             return "an external attention mask (e.g. text padding) is not supported"
         if plan.output is not None or plan.extra_kv is not None:
             return "plan.output / plan.extra_kv are not supported"
-        if q.device.type == "cpu" and os.environ.get("ATTNPATCH_FLEX_COMPILE", "1") != "0" and not shutil.which("g++"):
-            return "compiling FlexAttention on CPU needs a C++ compiler (g++)"
+        if q.device.type == "cpu":
+            reason = _cpu_why_not(q, k, v, plan)
+            if reason:
+                return reason
         d = q.shape[-1]
         if d < 16 or d & (d - 1):
             return f"head_dim {d} is not a power of two >= 16"
@@ -95,6 +119,7 @@ class Flex(Kernel):
         return 20 if q.device.type == "cuda" else 60  # on CPU, tiles and masked SDPA are faster
 
     def run(self, q, k, v, plan, *, mask=None, scale=None):
+        q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it
         B, H, Sq, _ = q.shape
         Skv = k.shape[2]
         perm = None if plan.blocks is None else plan.blocks.perm_on(q.device)

@@ -13,7 +13,7 @@ def sdpa_lse(q, k, v, bias=None, scale=None) -> tuple[torch.Tensor, torch.Tensor
     """``(out (B, H, Lq, D), lse (B, H, Lq) float32)``; ``bias`` is additive (-inf = masked),
     in q's dtype, broadcastable to (B, H, Lq, Lk). Rows with no key get lse = -inf when
     ``bias`` marks them so (callers pass the row mask); the CPU flash kernel reports 0."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:  # the flash kernel needs one head size
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     if q.device.type == "cuda":
         try:
@@ -26,20 +26,27 @@ def sdpa_lse(q, k, v, bias=None, scale=None) -> tuple[torch.Tensor, torch.Tensor
 
 
 def sdpa_lse_math(q, k, v, bias=None, scale=None):
-    """The explicit version, for devices without a fused LSE-returning kernel."""
+    """The explicit version, for devices without a fused LSE-returning kernel and for autograd
+    (differentiable in its LSE too; rows with no key give lse -inf and zeros, with no NaN in
+    the forward or the backward)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
     if bias is not None:
         s = s + bias.float()
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(nan=0.0)
-    return (p @ v.float()).to(q.dtype), lse
+    dead = ~(s > float("-inf")).any(-1, keepdim=True)  # (B, H, Lq, 1)
+    s = s.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse).masked_fill(dead, 0.0)
+    return (p @ v.float()).to(q.dtype), lse.masked_fill(dead, float("-inf")).squeeze(-1)
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Exact softmax over the union of the parts' key ranges, in float32."""
+    """Exact softmax over the union of the parts' key ranges, in float32 (rows with no key
+    anywhere get weight 0, without NaN in the backward)."""
     lse = torch.stack([l for _, l in parts])  # (R, B, H, Lq)
-    total = torch.logsumexp(lse, dim=0)
-    w = torch.exp(lse - total).nan_to_num(nan=0.0)  # rows with no key anywhere: weight 0
+    dead = ~(lse > float("-inf")).any(0, keepdim=True)  # (1, B, H, Lq)
+    lse = lse.masked_fill(dead, 0.0)
+    total = torch.logsumexp(lse, dim=0, keepdim=True)
+    w = torch.exp(lse - total).masked_fill(dead, 0.0)
     out = sum(o.float() * w[r, ..., None] for r, (o, _) in enumerate(parts))
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..plan import Plan, materialise_mask
+from ..plan import Plan, materialise_mask, fold_q_scale
 from .base import Kernel
 
 _UNSUPPORTED = ("score_mod", "output", "extra_kv")
@@ -25,6 +25,7 @@ class SDPA(Kernel):
         return 0 if plan.mask_mod is None else 50
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
+        q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it
         B, Hq, Sq, _ = q.shape
         Skv = k.shape[2]
         gqa = Hq != k.shape[1]

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..blocks import BlockSparse
-from ..plan import Plan
-from .base import Kernel, block_sparse_why_not
-from .lse import merge, sdpa_lse
+from ..plan import Plan, fold_q_scale
+from .base import Kernel, block_sparse_why_not, needs_grad
+from .lse import merge, sdpa_lse, sdpa_lse_math
 
 
 def _partial_bias(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, dtype, device):
@@ -94,12 +94,13 @@ class Tiles(Kernel):
     name = "tiles"
 
     def why_not(self, q, k, v, plan, mask=None):
-        return block_sparse_why_not(q, k, v, plan, mask)
+        return block_sparse_why_not(q, k, v, plan, mask)  # any v head size: LSE parts fall back to the math path
 
     def priority(self, q, plan) -> int:
         return 10 if q.device.type == "cpu" else 30
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
+        q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it
         q, k, v, ot, out = self.prepare(q, k, v, plan)
         self.calls(plan, q, k, v, ot, scale)
         return out if out is not None else _to_original(ot, plan.blocks, q.device)
@@ -121,6 +122,8 @@ class Tiles(Kernel):
         Dv = v.shape[3]
         rep = Hq // k.shape[1]
         perm = bs.perm_on(q.device)
+        if needs_grad(q, k, v):
+            return _prepare_for_grad(q, k, v, perm, rep)
         if perm is not None or rep > 1:
             q, k, v = (_gather(x, bs, perm, r, slot) for x, r, slot in ((q, 1, "q"), (k, rep, "k"), (v, rep, "v")))
         if perm is None:  # results go straight to their places; (B, S, H, D) in memory as SDPA's own when B == 1
@@ -147,6 +150,8 @@ class Tiles(Kernel):
 
     @staticmethod
     def _call(plan, bs, q, k, v, ot, g: Group, scale):
+        # under autograd the parts' log-sum-exps must be differentiable: the CPU flash kernel's is not
+        lse_fn = sdpa_lse_math if needs_grad(q, k, v, ot) else sdpa_lse
         qv = _view(q, g.q0, g.dq, g.n, g.L)
         kv = [(_view(k, k0, dk, g.n, lk), _view(v, k0, dk, g.n, lk), k0, lk, f) for k0, dk, lk, f in g.runs]
         if len(kv) == 1 and kv[0][4]:
@@ -155,13 +160,25 @@ class Tiles(Kernel):
             parts = []
             for kk, vv, k0, lk, f in kv:
                 if f:
-                    parts.append(sdpa_lse(qv, kk, vv, None, scale))
+                    parts.append(lse_fn(qv, kk, vv, None, scale))
                 else:  # partial runs only occur in single ranges (n == 1)
                     bias, rows = _partial_bias(plan, bs, g.q0, g.q0 + g.L, k0, k0 + lk, q.dtype, q.device)
-                    o, lse = sdpa_lse(qv, kk, vv, bias, scale)
+                    o, lse = lse_fn(qv, kk, vv, bias, scale)
                     parts.append((o, lse.masked_fill(~rows, float("-inf"))))
             o = merge(parts)
         _view(ot, g.q0, g.dq, g.n, g.L).copy_(o)
+
+
+def _prepare_for_grad(q, k, v, perm, rep):
+    """``prepare`` when autograd records the call: differentiable gathers into fresh tensors and a
+    fresh output (reused buffers written in place would chain every call's graph to the last one's)."""
+    def order(x, r):  # (B, H, S, D) -> (B, H*r, S, D) contiguous, tile order
+        x = x if perm is None else x.index_select(2, perm)
+        return (x.repeat_interleave(r, 1) if r > 1 else x).contiguous()
+
+    q, k, v = order(q, 1), order(k, rep), order(v, rep)
+    ot = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
+    return q, k, v, ot, (ot if perm is None else None)
 
 
 _WORKSPACE = threading.local()
@@ -252,6 +269,8 @@ def _to_original(ot: torch.Tensor, bs: BlockSparse, device) -> torch.Tensor:
         h = torch.arange(H, device=device).view(1, 1, H) * S
         idx = (b + inv.view(1, S, 1) + h).flatten()  # (b, s, h) order
         idx = bs.cache[key] = idx.int() if B * H * S < 2**31 else idx
+    if ot.requires_grad:  # under autograd: a differentiable gather into a fresh tensor
+        return ot.reshape(-1, D).index_select(0, idx).view(B, S, H, D).transpose(1, 2)
     out = _output((B, S, H, D), ot.dtype, device)
     torch.index_select(ot.reshape(-1, D), 0, idx, out=out.view(-1, D))
     return out.transpose(1, 2)

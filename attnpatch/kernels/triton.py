@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 
-from .base import Kernel, block_sparse_why_not
+import torch
+
+from ..plan import fold_q_scale
+from .base import Kernel, block_sparse_why_not, needs_grad
 
 BLOCK = 64
 
@@ -26,6 +29,10 @@ class Triton(Kernel):
             return "triton is not installed (pip install attnpatch[triton])"
         if q.device.type != "cuda" and not _interpreting():
             return "needs a CUDA GPU (or TRITON_INTERPRET=1 for the CPU interpreter)"
+        if needs_grad(q, k, v):
+            return "forward only (inputs require grad)"
+        if _interpreting() and q.dtype not in (torch.float32, torch.float64):
+            return f"Triton's CPU interpreter computes {q.dtype} wrongly (a known interpreter limitation): float32 only"
         d = q.shape[-1]
         if d < 16 or d > 256 or d & (d - 1) or v.shape[-1] != d:
             return f"head_dim {d} must be a power of two in [16, 256] (and equal for k and v)"
@@ -35,6 +42,7 @@ class Triton(Kernel):
         return 5 if q.device.type == "cuda" else 90
 
     def run(self, q, k, v, plan, *, mask=None, scale=None):
+        q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it
         from .triton_fwd import block_sparse_attention, uniform_layout
 
         bs = plan.blocks

@@ -135,7 +135,8 @@ def block_sparse_attention(q, k, v, layout: dict, scale=None, row_bias=None, col
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: float32 inputs get true float32 products ("ieee"), as PyTorch's own
     attention kernels compute them, unless the user allowed TF32 for matmuls
-    (``torch.backends.cuda.matmul.allow_tf32``); Triton's default for float32 would be TF32 (~1e-3 error)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    (``torch.set_float32_matmul_precision("high")``, or ``torch.backends.cuda.matmul.allow_tf32``, which
+    sets the same flag); Triton's default for float32 would be TF32 (~1e-3 error)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"  # ignored for 16-bit inputs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from typing import Callable
 
 import torch
@@ -214,15 +215,30 @@ def site_grid(site: Site, q, k, method: str) -> Site | None:
 
 
 class PlanCache:
-    """Plans per (layout, length, device): built once, reused across layers and steps."""
+    """Plans per (layout, length, device): built once, reused across layers and steps. Safe under
+    concurrent calls: lookups, evictions and inserts hold a lock, and a caller returns the value it
+    built or read (never re-reads a key another thread may have evicted). A build runs outside the
+    lock, so two threads may build the same plan once each; both results are equal."""
 
     def __init__(self, build: Callable, maxsize: int = 64):
         self.build, self.maxsize, self.store = build, maxsize, {}
+        self._lock = threading.Lock()
 
     def get(self, site: Site, Sq: int, device):
         key = (site.grid, site.text_len, site.text_first, site.causal, site.q_offset, Sq, str(device))
-        if key not in self.store:
-            if len(self.store) >= self.maxsize:
-                self.store.pop(next(iter(self.store)))
-            self.store[key] = self.build(site, Sq, device)
-        return self.store[key]
+        with self._lock:
+            value = self.store.get(key)
+        if value is None:
+            value = self.build(site, Sq, device)
+            with self._lock:
+                while len(self.store) >= self.maxsize and key not in self.store:
+                    self.store.pop(next(iter(self.store)))
+                value = self.store.setdefault(key, value)
+        return value
+
+    def __getstate__(self):  # copies (deepcopy of a patched model, pickling) get a lock of their own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

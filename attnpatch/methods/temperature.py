@@ -31,8 +31,7 @@ class Temperature(Method):
     def plan(self, q, k, site: Site) -> Plan | None:
         if self.tau == 1.0 or (self.layers is not None and site.layer not in self.layers):
             return None
-        inv = 1.0 / self.tau
-        return Plan(score_mod=lambda score, b, h, q_idx, kv_idx: score * inv, name=repr(self))
+        return Plan(q_scale=1.0 / self.tau, name=repr(self))  # folds into the softmax scale: SDPA speed
 
 
 @dataclass
@@ -48,11 +47,11 @@ class EntropyScale(Method):
 
     def plan(self, q, k, site: Site) -> Plan | None:
         Skv, off, base = k.shape[2], site.q_offset, math.log(self.train_len)
-        if (Skv if not site.causal else Skv) <= self.train_len:
+        if Skv <= self.train_len:
             return None  # within the training length every factor is 1
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            n = (q_idx + off + 1).clamp_max(Skv) if site.causal else torch.full_like(q_idx, Skv)
-            return score * (torch.log(n.to(score.dtype)) / base).clamp_min(1.0)
-
-        return Plan(score_mod=score_mod, name=repr(self))
+        if not site.causal or q.shape[2] == 1:  # every row sees the same n keys: one factor
+            n = Skv if not site.causal else min(off + 1, Skv)
+            return Plan(q_scale=max(1.0, math.log(n) / base), name=repr(self))
+        n = (torch.arange(q.shape[2], dtype=torch.float64) + off + 1).clamp_max(Skv)  # keys each row sees
+        factor = (n.log() / base).clamp_min(1.0).view(1, 1, -1, 1)  # (1, 1, Sq, 1)
+        return Plan(q_scale=factor.to(q.device), name=repr(self))  # scales q's rows: SDPA speed
