@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import ParameterTypeError, check_bool, check_int, check_ints, check_number, fail
+
 KINDS = ("self", "joint", "cross")
+ROLES = ("cond", "uncond", "perturbed")
 
 
 @dataclass(frozen=True)
@@ -38,15 +41,39 @@ class Site:
     roles: tuple = ()
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Site.kind must be one of {KINDS}, got {self.kind!r}")
+        # every field is checked here, once, so a wrong Site fails where it is built, not deep in a kernel
+        s = "Site"
         if self.grid is not None:
-            grid = tuple(int(g) for g in self.grid)
-            if not 1 <= len(grid) <= 3 or min(grid) < 1:
-                raise ValueError(f"Site.grid must be 1 to 3 positive sizes, got {self.grid!r}")
+            grid = check_ints(s, "grid", self.grid, 1, scalar=False, example=(64, 64),
+                              expected="None or 1 to 3 positive integer sizes: (W,), (H, W) or (T, H, W)")
             object.__setattr__(self, "grid", grid)
-        if self.text_len < 0:
-            raise ValueError(f"Site.text_len must be >= 0, got {self.text_len}")
+        object.__setattr__(self, "text_len", check_int(s, "text_len", self.text_len, 0, example=77))
+        object.__setattr__(self, "layer", check_int(s, "layer", self.layer, 0, example=3))
+        object.__setattr__(self, "q_offset", check_int(s, "q_offset", self.q_offset, 0, example=0,
+                                                       expected="an integer >= 0 (the KV-cache length before this call)"))
+        for name in ("text_first", "causal", "decode"):
+            check_bool(s, name, getattr(self, name))
+        for name in ("name", "family"):
+            if not isinstance(getattr(self, name), str):
+                fail(s, name, getattr(self, name), "a string", '"flux"' if name == "family" else '"blocks.3.attn"',
+                     ParameterTypeError)
+        if self.kind not in KINDS:
+            fail(s, "kind", self.kind, f"one of {KINDS}", '"self"', ParameterTypeError if not isinstance(self.kind, str) else ValueError)
+        if self.timestep is not None:
+            object.__setattr__(self, "timestep", float(check_number(
+                s, "timestep", self.timestep, low=0, high=1, example=0.5,
+                expected="None or a float in [0, 1] (the noise level; 1 is pure noise)")))
+        if self.step is not None:
+            object.__setattr__(self, "step", check_int(s, "step", self.step, 0, example=0))
+        if self.steps is not None:
+            object.__setattr__(self, "steps", check_int(s, "steps", self.steps, 1, example=28))
+        if self.kv_shift is not None and (not isinstance(self.kv_shift, torch.Tensor) or self.kv_shift.dim() != 1):
+            fail(s, "kv_shift", self.kv_shift, "None or a (B,) integer tensor", "torch.tensor([0, -3])", ParameterTypeError)
+        roles = self.roles
+        if isinstance(roles, str) or not isinstance(roles, (tuple, list)) or any(r not in ROLES for r in roles):
+            fail(s, "roles", roles, f"a tuple with one of {ROLES} per batch row", '("uncond", "cond")',
+                 ParameterTypeError if not isinstance(roles, (tuple, list)) else ValueError)
+        object.__setattr__(self, "roles", tuple(roles))
 
     @property
     def visual_len(self) -> int:

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+# re-exported: the check_* helpers every method's __post_init__ validates with
+from ..checks import (ParameterTypeError, check_bool, check_indices, check_int, check_ints,  # noqa: F401
+                      check_number, fail)
 from ..plan import Plan, materialise_mask
 from ..site import Site
 
@@ -12,8 +15,10 @@ from ..site import Site
 @dataclass
 class Method:
     """Base class of every attention method. Subclasses are dataclasses whose fields are the
-    method's parameters; ``__post_init__`` validates them and raises ``ValueError`` naming the
-    parameter."""
+    method's parameters; ``__post_init__`` validates every one of them with the ``check_*``
+    helpers (``attnpatch.checks``): a wrong value raises ``ValueError`` (a wrong type
+    ``ParameterTypeError``, both a TypeError and a ValueError) naming ``Method(param=value)``,
+    what is expected and an example."""
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, site: Site) -> Plan | None:
         return None
@@ -36,12 +41,6 @@ class Dense(Method):
     """The identity method: stock attention through attnpatch's kernels."""
 
     source = "-"
-
-
-def check_int(method: str, param: str, value, minimum: int) -> None:
-    """ValueError naming ``method.param`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{method}({param}=...) must be an integer >= {minimum}, got {value!r}")
 
 
 def ascii_mask(method: Method, site: Site, Sq: int, Skv: int | None = None, max_cols: int = 96) -> str:

@@ -13,13 +13,8 @@ from dataclasses import dataclass
 from ..plan import Plan
 from ..site import Site
 from . import _grid
-from .base import check_int
+from .base import check_bool, check_ints
 from .schedule import Sparse
-
-
-def _ints(value, method: str, name: str, minimum: int):
-    for v in value if isinstance(value, (tuple, list)) else (value,):
-        check_int(method, name, v, minimum)
 
 
 def default_tile(grid: tuple, window: tuple, stride: tuple) -> tuple:
@@ -42,12 +37,23 @@ class Neighborhood(Sparse):
     tile: int | tuple | None = None  # executor tile per axis; default: default_tile()
 
     def __post_init__(self):
-        super().__post_init__()
-        _ints(self.window, "Neighborhood", "window", 1)
-        _ints(self.stride, "Neighborhood", "stride", 1)
-        _ints(self.dilation, "Neighborhood", "dilation", 1)
+        n = "Neighborhood"
+        self.window = check_ints(n, "window", self.window, 1, example=7)
+        self.stride = check_ints(n, "stride", self.stride, 1, example=1)
+        self.dilation = check_ints(n, "dilation", self.dilation, 1, example=1)
+        self.causal = check_bool(n, "causal", self.causal, axes=3, example=False)
         if self.tile is not None:
-            _ints(self.tile, "Neighborhood", "tile", 1)
+            self.tile = check_ints(n, "tile", self.tile, 1, example=16)
+        per_axis = {f: v for f in ("window", "stride", "dilation", "causal", "tile") if isinstance(v := getattr(self, f), tuple)}
+        if len({len(v) for v in per_axis.values()}) > 1:  # no grid has two numbers of axes
+            raise ValueError(f"{self!r}: the per-axis tuples {per_axis} must have one entry per grid axis, all the same "
+                             "length; e.g. Neighborhood(window=(3, 7, 7), stride=(1, 1, 1))")
+        w, s = (v if isinstance(v, tuple) else (v,) * 3 for v in (self.window, self.stride))
+        if any(a > b for a, b in zip(s, w)):
+            raise ValueError(f"Neighborhood(stride={self.stride!r}): stride must not exceed window={self.window!r} on any "
+                             "axis (stride == window is blocked attention, 1 a sliding window); e.g. "
+                             "Neighborhood(window=8, stride=8)")
+        super().__post_init__()  # after the parameters: a profile's values are checked against them
         self._plans = _grid.PlanCache(self._build)
 
     def axes(self, grid: tuple):

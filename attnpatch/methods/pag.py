@@ -11,6 +11,7 @@ processors do). ``soft < 1`` interpolates the output toward it:
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -19,20 +20,22 @@ import torch.nn.functional as F
 
 from ..plan import Plan
 from ..site import Site
-from .base import Method
+from ..checks import as_int, read_safetensors
+from .base import Method, ParameterTypeError, check_indices, check_int, check_number, fail
 
 
 def load_heads(path) -> dict[int, list[int]]:
     """A head-selection profile (``save_heads``): {layer: [heads]}."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("kind") != "pag-heads" or "heads" not in f.keys():
-            raise ValueError(f"{path} is not a PAG head profile (expected tensor 'heads' (n, 2) written by save_heads)")
-        pairs = f.get_tensor("heads")
-    if pairs.dim() != 2 or pairs.shape[1] != 2:
-        raise ValueError(f"{path}: tensor 'heads' must be (n, 2) (layer, head) pairs, got {tuple(pairs.shape)}")
+    expected = "a PAG head profile: a safetensors file with metadata kind='pag-heads' and a tensor 'heads' (n, 2) of (layer, head) pairs"
+    how = "write one with attnpatch.methods.pag.save_heads(path, {layer: [heads]}) or python -m attnpatch.pipelines.headhunter"
+    tensors, meta = read_safetensors(path, f"PAG(heads={path!r})", expected, how)
+    if meta.get("kind") != "pag-heads" or "heads" not in tensors:
+        found = meta.get("kind") or (f"a {meta['method']} profile" if "method" in meta else "no attnpatch metadata")
+        raise ValueError(f"{path} is not a PAG head profile (found: {found}); expected {expected}; {how}")
+    pairs = tensors["heads"]
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.is_floating_point() or (pairs < 0).any():
+        raise ValueError(f"{path}: tensor 'heads' must be (n, 2) integer (layer, head) pairs >= 0, got "
+                         f"{pairs.dtype} {tuple(pairs.shape)}; {how}")
     out: dict[int, list[int]] = {}
     for layer, head in pairs.tolist():
         out.setdefault(int(layer), []).append(int(head))
@@ -46,6 +49,35 @@ def save_heads(path, heads: dict | list, **metadata) -> None:
     pairs = [(l, h) for l, hs in heads.items() for h in hs] if isinstance(heads, dict) else list(heads)
     meta = {"kind": "pag-heads", **{k: str(v) for k, v in metadata.items()}}
     save_file({"heads": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)}, str(path), metadata=meta)
+
+
+def _layers(layers) -> list:
+    """``PAG(layers=...)`` as a list of block ordinals (ints >= 0) and regexes on module names."""
+    expected = "None, a block ordinal (int >= 0), a regex on module names, or a list of them"
+    items = [layers] if isinstance(layers, (int, str)) and not isinstance(layers, bool) else layers
+    if not isinstance(items, (list, tuple, range)):
+        fail("PAG", "layers", layers, expected, '["transformer_blocks.1"]', ParameterTypeError)
+    for item in items:
+        if isinstance(item, str):
+            try:
+                re.compile(item)
+            except re.error as e:
+                fail("PAG", "layers", layers, f"{expected} (the regex {item!r} does not compile: {e})", '["blocks.1"]')
+        else:
+            check_int("PAG", "layers", item, 0, expected=expected, example='[2, "transformer_blocks.1"]')
+    return list(items)
+
+
+def _head_dict(heads: dict) -> dict[int, list[int]]:
+    """``PAG(heads={layer: [heads]})`` checked: integer layers and heads >= 0."""
+    out = {}
+    for layer, hs in heads.items():
+        ints = None if isinstance(hs, (str, bytes)) else [as_int(h) for h in hs] if isinstance(hs, (list, tuple, range, set)) else None
+        if as_int(layer) is None or ints is None or None in ints or as_int(layer) < 0 or min(ints, default=0) < 0:
+            fail("PAG", "heads", heads, "{layer: [heads]}: integer layers and head indices >= 0", "{3: [0, 2]}",
+                 ParameterTypeError)
+        out[as_int(layer)] = ints
+    return out
 
 
 @dataclass
@@ -63,22 +95,24 @@ class PAG(Method):
     _heads: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool):
-            raise ValueError(f"PAG(scale={self.scale!r}) must be a number")
-        if not 0.0 <= float(self.soft) <= 1.0:
-            raise ValueError(f"PAG(soft={self.soft!r}) must be in [0, 1] (1: identity attention, 0: no perturbation)")
-        if isinstance(self.layers, (int, str)):
-            self.layers = [self.layers]
-        if self.heads is None or isinstance(self.heads, dict):
-            self._heads = self.heads
-        elif isinstance(self.heads, (list, tuple, range)):
-            self._heads = {None: [int(h) for h in self.heads]}
-        else:
+        self.scale = check_number("PAG", "scale", self.scale, example=3.0)
+        self.soft = check_number("PAG", "soft", self.soft, low=0, high=1, example=0.5,
+                                 expected="a number in [0, 1] (1: identity attention, 0: no perturbation)")
+        self.layers = None if self.layers is None else _layers(self.layers)
+        if self.heads is None:
+            self._heads = None
+        elif isinstance(self.heads, dict):
+            self._heads = _head_dict(self.heads)
+        elif isinstance(self.heads, (str, os.PathLike)):
             self._heads = load_heads(self.heads)
             if self.layers is None:
                 self.layers = sorted(self._heads)  # a profile names its layers
-        if self.steps is not None:
-            self.steps = frozenset(int(s) for s in self.steps)
+        else:
+            self._heads = {None: list(check_indices("PAG", "heads", self.heads, what="head indices",
+                                                    example="[0, 2]"))}
+        if self.steps is not None:  # a bare int is refused: steps=3 could mean step 3 or the first 3 steps
+            self.steps = frozenset(check_indices("PAG", "steps", self.steps, what="denoising step indices",
+                                                 example="range(10)"))
 
     @property
     def active(self) -> bool:

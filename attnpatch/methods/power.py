@@ -19,8 +19,8 @@ class Power(Method):
     sink: int = 4
 
     def __post_init__(self):
-        check_int("Power", "local", self.local, 1)
-        check_int("Power", "sink", self.sink, 0)
+        self.local = check_int("Power", "local", self.local, 1, example=64)
+        self.sink = check_int("Power", "sink", self.sink, 0, example=4)
 
     def plan(self, q, k, site: Site) -> Plan:
         if not site.causal:

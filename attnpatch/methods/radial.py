@@ -18,7 +18,7 @@ import torch
 from ..plan import Plan
 from ..site import Site
 from . import _grid
-from .base import check_int
+from .base import check_int, check_ints, check_number
 from .schedule import Sparse
 
 
@@ -40,15 +40,16 @@ class Radial(Sparse):
     tile: int | tuple = 8  # spatial tile per axis, in tokens
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.window is not None:
-            for w in self.window if isinstance(self.window, (tuple, list)) else (self.window,):
-                check_int("Radial", "window", w, 1)
-        if not isinstance(self.decay, (int, float)) or self.decay < 1:
-            raise ValueError(f"Radial(decay=...) must be a number >= 1, got {self.decay!r}")
-        check_int("Radial", "dense_frames", self.dense_frames, 0)
-        for t in self.tile if isinstance(self.tile, (tuple, list)) else (self.tile,):
-            check_int("Radial", "tile", t, 1)
+        r = "Radial"
+        if self.window is not None:  # odd: a window is centred on the query tile (2 would silently become 1)
+            self.window = check_ints(r, "window", self.window, 1, axes=2, exact=True, odd=True, example=3,
+                                     expected="None (the whole frame), an odd integer >= 1, or a pair of them, one "
+                                              "per spatial axis (H, W): tiles centred on the query tile")
+        self.decay = check_number(r, "decay", self.decay, low=1, example=2.0)
+        self.dense_frames = check_int(r, "dense_frames", self.dense_frames, 0, example=1)
+        self.tile = check_ints(r, "tile", self.tile, 1, axes=2, exact=True, example=8,
+                               expected="an integer >= 1 or a pair of them, one per spatial axis (H, W): tokens per tile")
+        super().__post_init__()  # after the parameters: a profile's values are checked against them
         self._plans = _grid.PlanCache(self._build)
 
     def widths(self, n_tiles: int, window: int | None, bands: int) -> list[int]:

@@ -9,12 +9,13 @@
   accuracy on FLUX with PSNR >= 25 dB; ``dense_steps=0`` makes every step sparse. A model patched
   on its own (not through its pipeline) does not know the step count, so a fraction there runs
   every step sparse and logs that once;
-- ``dense_layers=(0, 1, ...)``: these layers always run dense;
+- ``dense_layers=(0, 1, ...)``: these layers always run dense (a tuple, list or range of layer
+  indices; a bare int is refused as ambiguous: ``(4,)`` is layer 4, ``range(4)`` the first 4);
 - ``profile=``: per-layer or per-head parameter tables, a dict of tensors or a safetensors file
   written by ``save_profile``. A table is named after the parameter; shape (layers,) gives a
   scalar per layer, (layers, heads) one per head, (layers, heads, axes) a per-axis tuple per
   head; heads = 1 means the same for every head. Heads with equal parameters run together
-  (one plan per group).
+  (one plan per group). Every value of every table is validated when the method is built.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..site import Site
 from .._log import log_once
-from .base import Method
+from ..checks import read_safetensors
+from ..site import Site
+from .base import Method, ParameterTypeError, check_indices, fail
 
 DENSE_STEPS = 0.4  # default dense_steps: the first 40 % of a pipeline call's steps run dense
 
@@ -37,32 +39,43 @@ def save_profile(path, method: "Sparse", tables: dict) -> None:
     class to a safetensors file; ``load`` checks the class and parameter names."""
     from safetensors.torch import save_file
 
-    _check_tables(type(method), tables)
+    _check_tables(type(method), tables, "given to save_profile")
     save_file({k: torch.as_tensor(v).contiguous() for k, v in tables.items()}, str(path), metadata={"method": type(method).__name__})
 
 
-def _check_tables(cls, tables: dict) -> None:
+def _how(cls) -> str:
+    return (f"write one with attnpatch.methods.schedule.save_profile(path, {cls.__name__}(), {{parameter name: "
+            "tensor (layers,), (layers, heads) or (layers, heads, axes)}) or pass that dict as profile=")
+
+
+def _check_tables(cls, tables: dict, source: str) -> None:
     names = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("dense_steps", "dense_layers", "profile")}
     for k, t in tables.items():
         if k not in names:
-            raise ValueError(f"profile sets {k!r}, which is not a parameter of {cls.__name__}; parameters: {sorted(names)}")
+            raise ValueError(f"{cls.__name__} profile {source} sets {k!r}, which is not a parameter of {cls.__name__}; "
+                             f"parameters: {sorted(names)}; {_how(cls)}")
         if torch.as_tensor(t).dim() not in (1, 2, 3):
-            raise ValueError(f"profile table {k!r} must be (layers,), (layers, heads) or (..., axes); got {tuple(torch.as_tensor(t).shape)}")
+            raise ValueError(f"{cls.__name__} profile {source}: table {k!r} must be (layers,), (layers, heads) or "
+                             f"(layers, heads, axes); got {tuple(torch.as_tensor(t).shape)}; {_how(cls)}")
 
 
-def _load(cls, profile) -> dict:
+def _load(cls, profile) -> tuple[dict, str]:
+    """(tables, where they came from) of a dict or a safetensors file written by save_profile."""
     if isinstance(profile, dict):
-        tables = {k: torch.as_tensor(v) for k, v in profile.items()}
+        tables, source = {k: torch.as_tensor(v) for k, v in profile.items()}, "(a dict)"
     else:
-        from safetensors import safe_open
-
-        with safe_open(str(profile), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("method") not in (None, cls.__name__):
-                raise ValueError(f"profile {profile} was written for {meta['method']}, not {cls.__name__}")
-            tables = {k: f.get_tensor(k) for k in f.keys()}
-    _check_tables(cls, tables)
-    return tables
+        source = repr(str(profile))
+        expected = f"a safetensors file of per-layer / per-head {cls.__name__} parameter tables"
+        tables, meta = read_safetensors(profile, f"{cls.__name__}(profile={profile!r})", expected, _how(cls))
+        written = meta.get("method") or (f"a {meta['kind']} profile" if "kind" in meta else None)
+        if written is None:
+            raise ValueError(f"{cls.__name__} profile {source} has no 'method' metadata: it was not written by "
+                             f"save_profile (model weights? another tool's file?); expected {expected}; {_how(cls)}")
+        if written != cls.__name__:
+            raise ValueError(f"{cls.__name__} profile {source} was written for {written}, not {cls.__name__}; "
+                             f"pass it to {written}(profile=...) or {_how(cls)}")
+    _check_tables(cls, tables, source)
+    return tables, source
 
 
 @dataclass
@@ -76,11 +89,33 @@ class Sparse(Method):
     def __post_init__(self):
         d = self.dense_steps
         if isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0 or (isinstance(d, float) and d >= 1):
-            raise ValueError(f"{self.name}(dense_steps={d!r}) must be a step count (an integer >= 0) or a fraction of "
-                             f"the pipeline's steps (a float in [0, 1)); for dense attention everywhere use Dense()")
-        self.dense_layers = tuple(int(x) for x in self.dense_layers)
-        self._tables = None if self.profile is None else _load(type(self), self.profile)
+            fail(self.name, "dense_steps", d, "a step count (an integer >= 0) or a fraction of the pipeline's steps "
+                 "(a float in [0, 1)); for dense attention everywhere use Dense()", 4,
+                 ParameterTypeError if isinstance(d, bool) or not isinstance(d, (int, float)) else ValueError)
+        # a bare int is refused: next to dense_steps=4 (the first 4 steps) it could mean layer 4 or the first 4 layers
+        self.dense_layers = check_indices(self.name, "dense_layers", self.dense_layers)
+        self._tables, self._source = None, None
+        if self.profile is not None:
+            self._tables, self._source = _load(type(self), self.profile)
+            self._check_values()
         self._variants: dict = {}
+
+    def _check_values(self) -> None:
+        """Every (layer, head) parameter set of the profile is valid together (checked now, not
+        at the first forward of the layer that uses it)."""
+        tables = self._tables.values()
+        heads = {t.shape[1] for t in tables if t.dim() > 1} - {1}
+        if len(heads) > 1:
+            raise ValueError(f"{self.name} profile {self._source}: the tables disagree on the number of heads "
+                             f"({sorted(heads)}); {_how(type(self))}")
+        combos = {tuple(sorted(v.items())) for layer in range(min(t.shape[0] for t in tables))
+                  for v in self._values(layer, max(heads, default=1))}
+        for combo in combos:
+            try:
+                dataclasses.replace(self, profile=None, **dict(combo))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{self.name} profile {self._source} holds {dict(combo)}, which is not a valid "
+                                 f"parameter set: {e}") from e
 
     def dense_count(self, steps: int | None) -> int:
         """How many first steps run dense in a pipeline call of ``steps`` steps (None: unknown)."""
@@ -114,10 +149,13 @@ class Sparse(Method):
         out = [{} for _ in range(heads)]
         for name, t in self._tables.items():
             if layer >= t.shape[0]:
-                raise ValueError(f"{self.name} profile has {t.shape[0]} layers for {name!r}, but layer {layer} was called")
+                raise ValueError(f"{self.name} profile {self._source} has {t.shape[0]} layers for {name!r}, but layer "
+                                 f"{layer} was called: a table needs one row per layer of this model; "
+                                 f"{_how(type(self))}")
             row = t[layer]  # (), (heads | 1,) or (heads | 1, axes)
             if row.dim() and row.shape[0] not in (1, heads):
-                raise ValueError(f"{self.name} profile table {name!r} has {row.shape[0]} heads, the model has {heads}")
+                raise ValueError(f"{self.name} profile {self._source} table {name!r} has {row.shape[0]} heads, the model "
+                                 f"has {heads}: give one value per head or 1 for all; {_how(type(self))}")
             for h in range(heads):
                 v = row if not row.dim() else row[h if row.shape[0] > 1 else 0]
                 out[h][name] = tuple(v.tolist()) if v.dim() else v.item()

@@ -15,7 +15,7 @@ import torch
 
 from ..plan import Plan
 from ..site import Site
-from .base import Method, check_int
+from .base import Method, check_bool, check_int
 
 
 def _adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -38,7 +38,10 @@ class SharedAttention(Method):
     _rope: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        check_int("SharedAttention", "reference", self.reference, 0)
+        self.reference = check_int("SharedAttention", "reference", self.reference, 0, example=0,
+                                   expected="an integer >= 0 (the reference image's index within its prompt half)")
+        self.adain = check_bool("SharedAttention", "adain", self.adain)
+        self.shift_pe = check_bool("SharedAttention", "shift_pe", self.shift_pe)
 
     def bind_model(self, model) -> None:
         """FLUX: keep its RoPE (axes and theta) to shift the reference's positions."""

@@ -24,17 +24,28 @@ PROFILE_KIND = "act-heads"
 
 
 def load_profile(path) -> tuple[dict, dict]:
-    """({layer: [heads]}, metadata) of a SinkCalibration profile."""
-    from safetensors import safe_open
+    """({layer: [heads]}, metadata) of a SinkCalibration profile (``attnpatch.pipelines.calibrate``)."""
+    from ..checks import read_safetensors
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("kind") != PROFILE_KIND or "heads" not in f.keys():
-            raise ValueError(f"{path} is not a SinkCalibration profile (write one with python -m attnpatch.pipelines.calibrate)")
-        pairs = f.get_tensor("heads")
+    expected = (f"a SinkCalibration profile: a safetensors file with metadata kind={PROFILE_KIND!r} and a tensor "
+                "'heads' (n, 2) of (layer, head) pairs")
+    how = "write one with python -m attnpatch.pipelines.calibrate --out PATH (or pass heads=[(layer, head), ...])"
+    tensors, meta = read_safetensors(path, f"SinkCalibration(heads={path!r})", expected, how)
+    if meta.get("kind") != PROFILE_KIND or "heads" not in tensors:
+        found = f"a {meta['kind']} profile" if "kind" in meta else f"a {meta['method']} profile" if "method" in meta \
+            else "no attnpatch metadata"
+        raise ValueError(f"{path} is not a SinkCalibration profile (found: {found}); expected {expected}; {how}")
+    pairs = tensors["heads"]
+    if pairs.is_floating_point() or pairs.numel() % 2 or (pairs < 0).any():
+        raise ValueError(f"{path}: tensor 'heads' must hold integer (layer, head) pairs >= 0, got {pairs.dtype} "
+                         f"{tuple(pairs.shape)}; {how}")
     heads: dict[int, list[int]] = {}
     for l, h in pairs.reshape(-1, 2).tolist():
         heads.setdefault(int(l), []).append(int(h))
+    L, H = (int(meta[k]) if str(meta.get(k, "")).isdigit() else None for k in ("num_layers", "num_heads"))
+    if (L is not None and max(heads, default=-1) >= L) or (H is not None and max(map(max, heads.values()), default=-1) >= H):
+        raise ValueError(f"{path}: its heads {heads} name layers / heads beyond the {L} layers x {H} heads its metadata "
+                         f"says the model has; the file is damaged or edited: {how}")
     return heads, meta
 
 

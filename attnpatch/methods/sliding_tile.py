@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..plan import Plan
 from ..site import Site
 from . import _grid
-from .base import check_int
+from .base import check_ints
 from .schedule import Sparse
 
 
@@ -23,14 +23,13 @@ class SlidingTile(Sparse):
     window: int | tuple = 3
 
     def __post_init__(self):
-        super().__post_init__()
-        for name in ("tile", "window"):
-            v = getattr(self, name)
-            for x in v if isinstance(v, (tuple, list)) else (v,):
-                check_int("SlidingTile", name, x, 1)
-        for x in self.window if isinstance(self.window, (tuple, list)) else (self.window,):
-            if x % 2 == 0:
-                raise ValueError(f"SlidingTile(window={self.window!r}) must be odd tile counts (centred on the query tile)")
+        self.tile = check_ints("SlidingTile", "tile", self.tile, 1, example=8)
+        self.window = check_ints("SlidingTile", "window", self.window, 1, odd=True, example=3,
+                                 expected="odd: an odd integer >= 1 or one per grid axis (tiles centred on the query tile)")
+        if isinstance(self.tile, tuple) and isinstance(self.window, tuple) and len(self.tile) != len(self.window):
+            raise ValueError(f"SlidingTile(tile={self.tile!r}, window={self.window!r}): per-axis tuples must have the "
+                             "same length (one entry per grid axis); e.g. SlidingTile(tile=(1, 8, 8), window=(1, 3, 3))")
+        super().__post_init__()  # after the parameters: a profile's values are checked against them
         self._plans = _grid.PlanCache(self._build)
 
     def _build(self, site: Site, S: int, device) -> Plan:

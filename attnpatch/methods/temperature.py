@@ -12,12 +12,12 @@ import torch
 
 from ..plan import Plan
 from ..site import Site
-from .base import Method, check_int
+from .base import Method, check_indices, check_int, check_number
 
 
 @dataclass
 class Temperature(Method):
-    """Scores divided by ``tau`` (in ``layers`` only, when given)."""
+    """Scores divided by ``tau`` (in ``layers`` only, when given: layer indices, or one int)."""
 
     source = "Selective Attention (2024); Style Injection in Diffusion (temperature)"
 
@@ -25,8 +25,9 @@ class Temperature(Method):
     layers: tuple | None = None
 
     def __post_init__(self):
-        if not isinstance(self.tau, (int, float)) or self.tau <= 0:
-            raise ValueError(f"Temperature(tau={self.tau!r}) must be a positive number")
+        self.tau = check_number("Temperature", "tau", self.tau, low=0, low_open=True, example=0.9)
+        if self.layers is not None:  # an int is that one layer, as in patch(..., layers=3) and PAG(layers=3)
+            self.layers = check_indices("Temperature", "layers", self.layers, single=True, example=(2, 3))
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if self.tau == 1.0 or (self.layers is not None and site.layer not in self.layers):
@@ -43,7 +44,8 @@ class EntropyScale(Method):
     train_len: int = 4096
 
     def __post_init__(self):
-        check_int("EntropyScale", "train_len", self.train_len, 2)
+        self.train_len = check_int("EntropyScale", "train_len", self.train_len, 2, example=4096,
+                                   expected="an integer >= 2 (the training length or tokens per image)")
 
     def plan(self, q, k, site: Site) -> Plan | None:
         Skv, off, base = k.shape[2], site.q_offset, math.log(self.train_len)

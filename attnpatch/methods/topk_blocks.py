@@ -17,7 +17,7 @@ from ..blocks import from_states
 from ..plan import Plan
 from ..site import Site
 from . import _grid
-from .base import check_int
+from .base import check_int, check_ints, check_number
 from .schedule import Sparse
 
 BASE_TILE = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}
@@ -35,16 +35,18 @@ class TopKBlocks(Sparse):
     local: int = 0  # also keep tiles within this Chebyshev tile distance (0: own tile only)
 
     def __post_init__(self):
-        super().__post_init__()
+        t = "TopKBlocks"
         if self.mass is not None:
-            if not 0 < self.mass <= 1:
-                raise ValueError(f"TopKBlocks(mass={self.mass!r}) must be in (0, 1]")
-        elif self.keep is None or not 0 < self.keep <= 1:
-            raise ValueError(f"TopKBlocks(keep={self.keep!r}) must be in (0, 1] (or pass mass=...)")
+            self.mass = check_number(t, "mass", self.mass, low=0, high=1, low_open=True, example=0.9)
+        elif self.keep is None:
+            raise ValueError("TopKBlocks(keep=None, mass=None): keep must be in (0, 1] (or pass mass=...); "
+                             "e.g. TopKBlocks(keep=0.25) or TopKBlocks(mass=0.9)")
+        if self.keep is not None:
+            self.keep = check_number(t, "keep", self.keep, low=0, high=1, low_open=True, example=0.25)
         if self.block is not None:
-            for b in self.block if isinstance(self.block, (tuple, list)) else (self.block,):
-                check_int("TopKBlocks", "block", b, 1)
-        check_int("TopKBlocks", "local", self.local, 0)
+            self.block = check_ints(t, "block", self.block, 1, example=16)
+        self.local = check_int(t, "local", self.local, 0, example=1)
+        super().__post_init__()  # after the parameters: a profile's values are checked against them
         self._layouts = _grid.PlanCache(self._layout)
 
     def _layout(self, site: Site, S: int, device) -> dict:

@@ -26,9 +26,9 @@ class VerticalSlash(Method):
     window: int = 64
 
     def __post_init__(self):
-        for name in ("verticals", "slashes", "last_q", "window"):
-            check_int("VerticalSlash", name, getattr(self, name), 1)
-        check_int("VerticalSlash", "sink", self.sink, 0)
+        for name, example in (("verticals", 256), ("slashes", 256), ("last_q", 64), ("window", 64)):
+            setattr(self, name, check_int("VerticalSlash", name, getattr(self, name), 1, example=example))
+        self.sink = check_int("VerticalSlash", "sink", self.sink, 0, example=4)
 
     def estimate(self, q, k, off: int):
         """(verticals (B, H, Skv), slashes (B, H, Skv)) boolean keep tables."""
