@@ -317,3 +317,197 @@ def test_tiles_buffers_survive_switching_inference_mode(method):
         outs.append(o)
     for o in outs:
         assert (o.double() - exact).abs().max() < 1e-5
+
+
+class _SwitchAfterWrite(dict):
+    """A cache store that lets other threads run right after the write of ``victim`` (as a thread switch
+    there may): the writer waits until ``others_done`` is set, or ``timeout`` seconds when a lock held by
+    the writer keeps the others out (a correct cache)."""
+
+    def __init__(self, victim, others_done, timeout=0.5):
+        super().__init__()
+        self.victim, self.others_done, self.timeout = victim, others_done, timeout
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key == self.victim:
+            self.others_done.wait(self.timeout)
+
+
+def _race(victim_call, other_call, others_done):
+    """Run ``victim_call`` in one thread and ``other_call`` (then set ``others_done``) in another;
+    returns (victim's result or exception, other's result or exception)."""
+    import threading
+
+    results = [None, None]
+
+    def run(i, fn, after=None):
+        try:
+            results[i] = fn()
+        except Exception as e:  # noqa: BLE001 - the test asserts there is none
+            results[i] = e
+        if after is not None:
+            after.set()
+
+    a = threading.Thread(target=run, args=(0, victim_call))
+    b = threading.Thread(target=run, args=(1, other_call, others_done))
+    a.start()
+    import time
+
+    time.sleep(0.05)  # the victim is inside its write
+    b.start()
+    a.join(), b.join()
+    return results
+
+
+def test_plan_cache_is_safe_when_another_thread_evicts_between_write_and_read():
+    """PlanCache.get wrote a key and read it back: a thread switch in between that evicted it raised
+    KeyError. Two threads through a one-entry cache each get their own plan."""
+    import threading
+
+    from attnpatch.methods._grid import PlanCache
+
+    cache = PlanCache(lambda site, S, device: ("plan", S), maxsize=1)
+    done = threading.Event()
+    victim = (Site().grid, 0, True, False, 0, 5, "cpu")
+    cache.store = _SwitchAfterWrite(victim, done)
+    got = _race(lambda: cache.get(Site(), 5, "cpu"), lambda: cache.get(Site(), 7, "cpu"), done)
+    assert got == [("plan", 5), ("plan", 7)], got
+
+
+def test_flex_block_mask_cache_is_safe_when_another_thread_evicts(monkeypatch):
+    """The flex BlockMask cache had the same write-then-read pattern (64 entries, oldest evicted)."""
+    import threading
+
+    from attnpatch.kernels import flex
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    plans = [Plan(mask_mod=lambda b, h, q, kv, w=w: (q - kv).abs() <= w) for w in range(66)]
+    key = lambda p: (id(p.mask_mod), id(p.blocks), False, 0, 1, None, 128, 128, "cpu")
+    done = threading.Event()
+    monkeypatch.setattr(flex, "_BLOCK_MASKS", _SwitchAfterWrite(key(plans[0]), done))
+    flex._BLOCK_MASKS.popitem = lambda last=True: flex._BLOCK_MASKS.pop(next(iter(flex._BLOCK_MASKS)))  # FIFO as OrderedDict's
+    mask = lambda p: flex._block_mask(p, None, 1, None, 128, 128, "cpu")
+    got = _race(lambda: mask(plans[0]), lambda: [mask(p) for p in plans[1:]], done)
+    assert not isinstance(got[0], Exception) and not isinstance(got[1], Exception), got
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    want = create_block_mask(plans[0].mask_mod, 1, None, 128, 128, device="cpu")
+    assert torch.equal(got[0].to_dense(), want.to_dense())
+
+
+def test_concurrent_calls_equal_serial_ones():
+    """Threads running sparse methods (plan caches, tiles' per-plan caches and per-thread buffers) at
+    once get the outputs of serial calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(ap.TopKBlocks(keep=0.3, block=(2, 4)), Site(grid=(g, 8))) for g in (4, 6)]
+    cases += [(ap.Neighborhood(window=3), Site(grid=(g, 8))) for g in (4, 6)]
+    g = torch.Generator().manual_seed(4)
+    inputs = [tuple(torch.randn(1, 2, s.grid[0] * 8, 16, generator=g) for _ in range(3)) for _, s in cases]
+    call = lambda i: ap.attend(*inputs[i % 4], *cases[i % 4], backend="tiles").clone()
+    serial = [call(i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(call, range(40)))
+    for i, o in enumerate(outs):
+        assert torch.equal(o, serial[i % 4]), i
+
+
+@pytest.mark.parametrize("method,site", [
+    (ap.SlidingTile(tile=4, window=3), Site(grid=(8, 12))),
+    (ap.Neighborhood(window=5, tile=4), Site(grid=(9, 11))),  # partial runs: merged by their LSE
+], ids=["sta", "na-partial"])
+def test_value_head_size_differs_from_query(method, site):
+    """v's head size may differ from q's (sdpa and reference take it): tiles, which selection picks for
+    block-sparse plans, runs it too (the CPU flash kernel needs one head size: such parts go the math way)."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(2, 4, 96 if site.grid == (8, 12) else 99, 16, generator=g), None, None
+    k = torch.randn(2, 2, q.shape[2], 16, generator=g)
+    v = torch.randn(2, 2, q.shape[2], 40, generator=g)
+    plan = method.plan(q, k, site).with_site(False, 0)
+    assert kernels.select(q, k, v, plan).name == "tiles"
+    out = ap.attend(q, k, v, method, site)
+    exact = reference.attention(q.double(), k.double(), v.double(), plan, dtype=torch.float64)
+    same = reference.attention(q, k, v, plan, dtype=torch.float32).double()
+    assert out.shape == (2, 4, q.shape[2], 40)
+    assert (out.double() - exact).abs().max() <= 2 * (same - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(k=torch.zeros(1, 2, 5, 8, dtype=torch.float64)), r"share one dtype.*k.to\(q.dtype\)"),
+    (dict(k=torch.zeros(1, 2, 5, 8, device="meta")), r"on one device.*k.to\(q.device\)"),
+    (dict(mask=torch.ones(1, 1, 5, 6, dtype=torch.bool)), r"mask of shape \(1, 1, 5, 6\) does not broadcast to .*\(1, 4, 5, 5\)"),
+    (dict(mask=torch.ones(3, 1, 5, 5, dtype=torch.bool)), r"does not broadcast"),
+    (dict(mask=torch.ones(1, 1, 5, 5, dtype=torch.long)), r"boolean.*or additive float.*mask.bool\(\)"),
+    (dict(mask=[[True]]), r"mask must be a tensor"),
+    (dict(scale="x"), r"scale must be a positive number.*'x'"),
+    (dict(scale=-1.0), r"scale must be a positive number"),
+    (dict(scale=float("nan")), r"scale must be a positive number"),
+])
+def test_bad_inputs_fail_early_with_the_fix(bad, match):
+    """Mismatched dtypes / devices, masks that do not broadcast and non-numeric scales raise a ValueError
+    at attend naming the problem and the fix (they were raw torch errors from inside the kernels)."""
+    t = dict(q=torch.zeros(1, 4, 5, 8), k=torch.zeros(1, 2, 5, 8), v=torch.zeros(1, 2, 5, 8), mask=None, scale=None)
+    t.update(bad)
+    if t["k"].device.type == "meta":
+        t["v"] = torch.zeros(1, 2, 5, 8, device="meta")
+    with pytest.raises(ValueError, match=match):
+        ap.attend(t["q"], t["k"], t["v"], ap.Dense(), mask=t["mask"], scale=t["scale"])
+
+
+def _scaled_by_definition(q, k, v, factor, causal, q_offset=0):
+    """float64 attention with every score of row i multiplied by factor(i), from the definition."""
+    q, k, v = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], 1), v.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, Sq, Skv)
+    s = s * torch.tensor([factor(i) for i in range(q.shape[2])], dtype=torch.float64).view(1, 1, -1, 1)
+    if causal:
+        i, j = torch.arange(q.shape[2]).view(-1, 1), torch.arange(k.shape[2]).view(1, -1)
+        s = s.masked_fill(j > i + q_offset, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Sq,Skv", [(13, 13), (1, 21), (4, 21)], ids=["prefill", "decode", "chunk"])
+@pytest.mark.parametrize("which", ["temperature", "entropyscale"])
+def test_score_scaling_folds_into_q_exactly(which, Sq, Skv, dtype):
+    """Temperature / EntropyScale fold into the softmax scale / q's rows (Plan.q_scale) and run on plain
+    SDPA; equal to the float64 definition within the flash-attn rule."""
+    import math
+
+    g = torch.Generator().manual_seed(Sq + Skv)
+    q, k, v = torch.randn(1, 4, Sq, 16, generator=g), torch.randn(1, 2, Skv, 16, generator=g), torch.randn(1, 2, Skv, 16, generator=g)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    off = Skv - Sq
+    site = Site(causal=True, q_offset=off)
+    if which == "temperature":
+        method, factor = ap.Temperature(tau=0.6), lambda i: 1 / 0.6
+    else:
+        method, factor = ap.EntropyScale(train_len=8), lambda i: max(1.0, math.log(min(i + off + 1, Skv)) / math.log(8))
+    plan = method.plan(q, k, site)
+    assert plan.q_scale is not None and plan.score_mod is None
+    exact = _scaled_by_definition(q, k, v, factor, True, off)
+    out = ap.attend(q, k, v, method, site, backend="sdpa")
+    same = reference.attention(q, k, v, plan.with_site(True, off), dtype=torch.float32).to(dtype).double()
+    err, err_ref = (out.double() - exact).abs().max().item(), (same - exact).abs().max().item()
+    assert err <= 2 * err_ref + DTYPES[dtype], (err, err_ref)
+
+
+def test_score_only_plans_never_compile_per_shape_on_cpu(monkeypatch):
+    """Property: for decode- and prefill-shaped calls whose lengths change every call, a score-only plan
+    (Temperature, EntropyScale, a general score_mod such as Gemma-2's soft-capping) never selects the
+    compiled flex kernel on CPU (it compiled once per key length: tens of seconds per decode step)."""
+    monkeypatch.setenv("ATTNPATCH_FLEX_COMPILE", "1")
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)  # as with a C++ compiler present
+    from attnpatch.core import _run_plan
+    from attnpatch.plan import fold_q_scale
+
+    chosen = []
+    monkeypatch.setattr(kernels, "select", lambda q, k, v, plan, mask=None, backend=None, _s=kernels.select:
+                        chosen.append(_s(q, k, v, plan, mask=mask, backend=backend)) or chosen[-1])
+    g = torch.Generator().manual_seed(0)
+    for method in (ap.Temperature(tau=0.8), ap.EntropyScale(train_len=4), _score_plan_method(), ap.Dense()):
+        for Sq, Skv in [(9, 9), (17, 17), (1, 18), (1, 19), (1, 20), (3, 23)]:
+            site = Site(causal=True, q_offset=Skv - Sq)
+            q, k, v = torch.randn(1, 2, Sq, 16, generator=g), torch.randn(1, 2, Skv, 16, generator=g), torch.randn(1, 2, Skv, 16, generator=g)
+            _run_plan(q, k, v, method.plan(q, k, site), site, None, None, None, 30.0 if isinstance(method, ap.Dense) else None)
+    assert chosen and all(kern.name != "flex" for kern in chosen), [kern.name for kern in chosen]
