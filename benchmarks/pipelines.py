@@ -134,7 +134,8 @@ def speed(configs: dict, quick: bool, reps: int) -> list[dict]:
                 row = dict(config=name, tokens=S, blocks="+".join(map(str, blocks)), method=repr(m), density=density,
                            attention_share=share, dense_s=dense, method_s=t, speedup=dense / t, bound=bound,
                            fraction=dense / t / bound)
-                print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+                print(f"  {row['method']}: density {density:.3f}, {row['speedup']:.2f}x (bound {bound:.2f}x, "
+                      f"{row['fraction']:.2f} of it)", flush=True)
                 rows.append(row)
         model = inputs = None  # free the blocks before the next config
     return rows
@@ -152,7 +153,7 @@ def estimator_cost(quick: bool) -> dict:
     est = timeit(lambda: m.select(m.estimate(q, k, site, lay), lay["forced"]), reps=3)
     dense = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps=1)
     row = dict(tokens=S, heads=H, estimate_s=est, dense_s=dense, share=est / dense)
-    print(row, flush=True)
+    print(f"TopKBlocks estimator at {S} tokens x {H} heads: {est:.4f} s, {est / dense:.3f} of dense SDPA", flush=True)
     return row
 
 
@@ -218,7 +219,8 @@ def quality(out_dir: Path, methods: dict | None = None) -> list[dict]:
             s = rec.summary()
             row = dict(model=kind, method=label(m), density=s["density"], recall=s["recall"], psnr=psnr(out, ref), ssim=ssim(out, ref),
                        judged=judged(kind, out, caps))
-            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+            print(f"{kind} {row['method']}: density {row['density']:.3f}, recall {row['recall']:.3f}, PSNR {row['psnr']:.1f} dB, "
+                  f"SSIM {row['ssim']:.3f}", flush=True)
             rows.append(row)
             if getattr(m, "dense_steps", 0) in (0, DENSE_STEPS):  # the pictures: no dense steps and the default
                 shown.append(out[:4] if kind == "flux" else out[:4, out.shape[1] // 2])

@@ -56,6 +56,44 @@ def test_kernel_benchmark_quick(tmp_path):
     assert "| 16x16 | sliding-tile |" in md and "tiles / ideal" in md
 
 
+def _bench_copy(tmp_path, *scripts):
+    """The benchmark scripts in a throwaway tree with committed-looking results beside them."""
+    import os
+    import shutil
+
+    bench = tmp_path / "benchmarks"
+    (bench / "results").mkdir(parents=True)
+    for f in ("common.py", *scripts):
+        shutil.copy(ROOT / "benchmarks" / f, bench / f)
+    for name in ("kernels", "pipelines"):
+        for ext in (".md", ".json"):
+            (bench / "results" / f"{name}{ext}").write_text("committed")
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return bench, env
+
+
+def test_quick_and_partial_kernel_runs_leave_committed_results_alone(tmp_path):
+    bench, env = _bench_copy(tmp_path, "kernels.py")
+    for extra in (["--quick"], ["--grids", "4x8"]):  # a smoke test; a subset of the grids without --update
+        r = subprocess.run([sys.executable, str(bench / "kernels.py"), *extra, "--no-flex", "--natten", "none", "--reps", "1"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (bench / "results" / "kernels.md").read_text() == "committed"
+        assert (bench / "results" / "kernels.json").read_text() == "committed"
+        assert "not the committed" in r.stderr and (tmp_path / "tmp" / "attnpatch-bench" / "kernels.md").is_file()
+        assert "{'" not in r.stdout and "sliding-tile" in r.stdout and "block density" in r.stdout  # readable lines, no dicts
+
+
+def test_quick_pipeline_run_leaves_committed_results_alone(tmp_path):
+    bench, env = _bench_copy(tmp_path, "pipelines.py", "fixtures.py")
+    r = subprocess.run([sys.executable, str(bench / "pipelines.py"), "--quick", "--part", "speed"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (bench / "results" / "pipelines.md").read_text() == "committed"
+    assert (tmp_path / "tmp" / "attnpatch-bench" / "pipelines.md").is_file() and "{'" not in r.stdout
+
+
 def test_kernel_benchmark_triton_column_under_the_interpreter(tmp_path):
     """The GPU table's triton column, exercised on the CPU through Triton's interpreter
     (conftest.py exports TRITON_INTERPRET=1 to subprocesses too): times meaningless, outputs checked."""
