@@ -31,5 +31,12 @@ def log_once(level: int, msg: str) -> None:
     logger.log(level, msg)
 
 
+def warning(msg: str) -> None:
+    """Log ``msg`` at WARNING every time (callers decide what is new, e.g. once per patch)."""
+    if not _configured:
+        _configure()
+    logger.warning(msg)
+
+
 def debug_once(msg: str) -> None:
     log_once(logging.DEBUG, msg)

@@ -31,9 +31,9 @@ def test_site_keywords():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sink=-1), r"SinkWindow\(sink=...\) must be an integer >= 0"),
-    (dict(window=0), r"SinkWindow\(window=...\) must be an integer >= 1"),
-    (dict(window=2.5), r"SinkWindow\(window=...\)"),
+    (dict(sink=-1), r"SinkWindow\(sink=.*must be an integer >= 0"),
+    (dict(window=0), r"SinkWindow\(window=.*must be an integer >= 1"),
+    (dict(window=2.5), r"SinkWindow\(window=.*"),
 ])
 def test_method_parameter_out_of_range(kwargs, match):
     with pytest.raises(ValueError, match=match):

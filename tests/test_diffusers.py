@@ -41,8 +41,8 @@ def test_dense_matches_stock_and_unpatch_restores(case):
     before = _processors(model)
     with torch.no_grad():
         with ap.patch(model, ap.Dense()) as h:
-            assert h.modules and all(type(p).__name__.startswith("AttnPatched") for n, p in _processors(model).items()
-                                     if n in h.modules)
+            # processors stay the model's own (diffusers rebuilds and swaps them): hooks mark the modules
+            assert h.modules and all(p is before[n] for n, p in _processors(model).items())
             out = model(**inputs)[0]
         after = model(**inputs)[0]
     torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 token grid, text segment and timestep for every call from a model-level pre-forward hook."""
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -12,6 +13,7 @@ import torch
 
 from .. import core
 from .._log import log_once
+from ..handle import Counters, SharesMethod, pop_attr
 from ..pipelines.steps import StepTracker
 from ..site import Site
 from . import SUPPORTED, layers as layer_sel, route
@@ -100,13 +102,13 @@ class _ModelState:
     def __init__(self, model, family: Family, tracker: StepTracker):
         self.family = family
         self.tracker = tracker
-        self.signature = inspect.signature(model.forward)
+        self.params = list(inspect.signature(model.forward).parameters)  # positional order of forward's arguments
         self.grid = None
         self.timestep = None
         self.roles: tuple = ()  # batch-row roles set by a guidance wrapper around forward
 
     def pre_forward(self, model, args, kwargs):
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        bound = {**dict(zip(self.params, args)), **kwargs}
         self.grid = self.family.grid(model, bound)
         t = bound.get("timestep")
         if t is not None:
@@ -129,28 +131,45 @@ def _level(grid, S: int):
     return None
 
 
-class _Call:
-    """One patched attention module: turns a primitive call into a Site and runs the method."""
+class _Call(SharesMethod):
+    """One patched attention module: its hooks mark the module's forward as attnpatch's (a
+    ``route.Frame``); the routers then turn each primitive call into a Site and run the method."""
 
-    def __init__(self, method, backend, layer: int, name: str, state: _ModelState):
+    def __init__(self, method, backend, layer: int, name: str, state: _ModelState, counters: Counters,
+                 routes: route.Routes):
         self.method, self.backend, self.layer, self.name, self.state = method, backend, layer, name, state
-        self._row = 0
+        self.counters, self.routes = counters, routes
 
-    def enter(self) -> None:
-        """A processor call begins (per-row processors then make one attention call per batch row)."""
-        self._row = 0
+    def pre(self, module, args, kwargs):
+        """Forward pre-hook. The processor may have changed since patch (``set_attn_processor``,
+        an adapter loader, ``fuse_qkv_projections``): route whichever one runs now, or say why not."""
+        proc = type(module.processor)
+        reason = route.unsupported(proc)
+        if reason:
+            self.hand_back(reason)
+            return
+        self.routes.add(proc.__module__)
+        route.enter(self)
 
-    def _roles(self, B: int) -> tuple:
+    def post(self, module, args, kwargs, output):
+        """Forward hook, run even when forward raises."""
+        route.leave(self)
+
+    def hand_back(self, reason: str) -> None:
+        self.counters.hand_back(reason, self.name)
+
+    def _roles(self, frame, B: int) -> tuple:
         roles = self.state.roles
         if not roles or B == len(roles):
             return roles
         if B == 1:  # Mochi's processor attends one batch row at a time, in order
-            self._row += 1
-            return (roles[self._row - 1],) if self._row <= len(roles) else ()
+            frame.row += 1
+            return (roles[frame.row - 1],) if frame.row <= len(roles) else ()
         log_once(logging.WARNING, f"{self.name}: attention batch {B} does not match the {len(roles)} rows the guidance set")
         return ()
 
-    def site(self, Sq: int, Skv: int, causal: bool, roles: tuple = ()) -> Site | None:
+    def site(self, Sq: int, Skv: int, causal: bool, roles: tuple = ()) -> tuple[Site | None, str]:
+        """``(Site, "")`` for a visual call, else ``(None, why it is not one)``."""
         st = self.state
         grid = _level(st.grid, Sq) if st.family.multires else st.grid
         n = math.prod(grid) if grid else 0
@@ -158,20 +177,22 @@ class _Call:
         if Sq != Skv:
             kind = "cross"
             if n and Sq != n:
-                return None  # text queries on other keys: not a visual call
+                return None, "text queries attending to other keys"
         elif n and Sq > n:
             kind, text_len = "joint", Sq - n
         elif n and Sq < n:
-            return None  # text-only self-attention (e.g. a text refiner)
+            return None, "text-only self-attention"  # e.g. a text refiner
         return Site(grid=grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
                     layer=self.layer, name=self.name, kind=kind, family=st.family.name,
                     timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None,
-                    steps=st.tracker.total if st.timestep is not None else None, roles=roles)
+                    steps=st.tracker.total if st.timestep is not None else None, roles=roles), ""
 
-    def run(self, q, k, v, *, mask, scale, causal):
-        site = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(q.shape[0]))
+    def run(self, frame, q, k, v, *, mask, scale, causal):
+        site, why = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(frame, q.shape[0]))
         if site is None:
+            self.counters.skip(why)
             return None
+        self.counters.route()
         return core.run(q, k, v, self.method, site, backend=self.backend, mask=mask, scale=scale)
 
 
@@ -187,42 +208,42 @@ def _attention_modules(model, family: Family, prefix: str = ""):
     return out
 
 
-def _set_processor(module, processor) -> None:
-    if hasattr(module, "set_processor"):
-        module.set_processor(processor)
-    else:  # e.g. MochiAttention, which has no AttentionMixin
-        module.processor = processor
-
-
-def _install(entries, chosen, method, backend, state) -> tuple[list[str], list]:
+def _install(entries, chosen, make_call) -> tuple[list[str], list]:
+    """Hooks on every chosen attention module; checks them all before changing any."""
+    chosen = [(layer, name, m) for layer, name, m in entries if name in chosen]
+    for _, name, m in chosen:
+        reason = route.unsupported(type(m.processor))
+        if reason:
+            raise TypeError(f"{name} uses {reason}; restore the default processors first "
+                            "(model.set_default_attn_processor(), or set_attn_processor with the family's own processor)")
     names, undo = [], []
-    for layer, name, m in entries:
-        if name not in chosen:
-            continue
-        proc = m.processor
-        modname = type(proc).__module__
-        if not route.interceptable(modname):
-            raise TypeError(
-                f"{name} uses processor {type(proc).__name__}, which does not call attention through "
-                "dispatch_attention_fn or F.scaled_dot_product_attention; restore the default processors first"
-            )
-        undo.append(route.install(modname))
-        _set_processor(m, route.wrap(proc, _Call(method, backend, layer, name, state)))
-        undo.append(lambda m=m, p=proc: _set_processor(m, p))
+    for layer, name, m in chosen:
+        call = make_call(layer, name)
+        undo.append(m.register_forward_pre_hook(call.pre, with_kwargs=True).remove)
+        undo.append(m.register_forward_hook(call.post, with_kwargs=True, always_call=True).remove)
         names.append(name)
     return names, undo
 
 
-def _patch_models(models, method, backend, layers, tracker, pipe=None):
+def _uncompiled(model, where: str):
+    if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+        raise TypeError(f"{where} is compiled with torch.compile; patch before compiling (attnpatch.patch(...), then "
+                        f"torch.compile), or patch the original module {where}._orig_mod")
+    return model
+
+
+def _patch_models(models, method, backend, layers, tracker, counters, pipe=None):
     collected = []
     for prefix, model in models:
         fam = family_of(model)
         collected.append((model, fam, _attention_modules(model, fam, prefix)))
     chosen = layer_sel.select([(l, n) for *_, entries in collected for l, n, _ in entries], layers)
-    names, undo = [], []
+    routes = route.Routes()
+    names, undo = [], [routes]
     for model, fam, entries in collected:
         state = _ModelState(model, fam, tracker)
-        n, u = _install(entries, chosen, method, backend, state)
+        n, u = _install(entries, chosen,
+                        lambda layer, name: _Call(method, backend, layer, name, state, counters, routes))
         names += n
         undo += u
         undo.append(model.register_forward_pre_hook(state.pre_forward, with_kwargs=True).remove)
@@ -233,25 +254,33 @@ def _patch_models(models, method, backend, layers, tracker, pipe=None):
     return names, undo
 
 
-def patch_model(model, method, backend, layers):
-    return _patch_models([("", model)], method, backend, layers, StepTracker(method))
+def patch_model(model, method, backend, layers, counters: Counters):
+    _uncompiled(model, "the model")
+    return _patch_models([("", model)], method, backend, layers, StepTracker(method), counters)
 
 
-def patch_pipeline(pipe, method, backend, layers):
-    models = [(f"{n}.", getattr(pipe, n)) for n in ("transformer", "transformer_2", "unet") if getattr(pipe, n, None) is not None]
-    if not models:
-        raise TypeError(f"{type(pipe).__name__} has no transformer denoiser attnpatch can patch; supported: {SUPPORTED}")
-    tracker = StepTracker(method)
-    names, undo = _patch_models(models, method, backend, layers, tracker, pipe)
-    orig = pipe.progress_bar
+class _ProgressBar(SharesMethod):
+    """Stands in for ``pipe.progress_bar``, which every pipeline opens once per call with its step
+    count: each pipeline call restarts the step tracker."""
 
-    def progress_bar(*args, **kwargs):  # every pipeline opens one per call: progress_bar(total=num_inference_steps)
+    def __init__(self, orig, tracker: StepTracker):
+        self.orig, self.tracker, self.method = orig, tracker, tracker.method
+
+    def __call__(self, *args, **kwargs):
         total = kwargs.get("total")
         if total is None and args and hasattr(args[0], "__len__"):
             total = len(args[0])  # progress_bar(iterable)
-        tracker.reset(total)
-        return orig(*args, **kwargs)
+        self.tracker.reset(total)
+        return self.orig(*args, **kwargs)
 
-    pipe.progress_bar = progress_bar
-    undo.append(lambda: delattr(pipe, "progress_bar"))
+
+def patch_pipeline(pipe, method, backend, layers, counters: Counters):
+    names = [n for n in ("transformer", "transformer_2", "unet") if getattr(pipe, n, None) is not None]
+    models = [(f"{n}.", _uncompiled(getattr(pipe, n), f"pipe.{n}")) for n in names]
+    if not models:
+        raise TypeError(f"{type(pipe).__name__} has no transformer denoiser attnpatch can patch; supported: {SUPPORTED}")
+    tracker = StepTracker(method)
+    names, undo = _patch_models(models, method, backend, layers, tracker, counters, pipe)
+    pipe.progress_bar = _ProgressBar(pipe.progress_bar, tracker)
+    undo.append(functools.partial(pop_attr, pipe, "progress_bar"))
     return names, undo

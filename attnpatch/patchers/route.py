@@ -1,42 +1,79 @@
-"""Interception of diffusers' attention primitive, scoped to processor calls.
+"""Interception of diffusers' attention primitive, scoped to attention-module calls.
 
 Processors call attention through a name in their own module: new-style ones through
 ``dispatch_attention_fn`` on ``(B, S, H, D)``, legacy ones through ``F.scaled_dot_product_attention``
 on ``(B, H, S, D)``. While any patch is active, those module globals are replaced by routers
-that send the call to attnpatch *only inside a wrapped processor* (a contextvar says which);
-every other caller reaches the original function unchanged. The last unpatch restores them.
+that send the call to attnpatch *only inside a patched attention module's forward* (a contextvar
+holds the current ``Frame``); every other caller reaches the original function unchanged. The
+last unpatch restores them.
+
+The processors themselves are never replaced: diffusers rebuilds, inspects and swaps them
+(``load_ip_adapter`` calls ``processor.__class__()``, ``fuse_qkv_projections`` and
+``set_attn_processor`` install new ones, IP-adapter processors are ``nn.Module``s holding weights),
+so the patcher marks calls with hooks on the attention modules instead.
 """
 from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import sys
+import threading
 import types
 
 import torch.nn.functional as F
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("attnpatch_call", default=None)
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("attnpatch_frame", default=None)
 _INSTALLED: dict[str, list] = {}  # module name -> [refcount, undo callables]
+_LOCK = threading.Lock()
+PRIMITIVES = ("dispatch_attention_fn", "scaled_dot_product_attention")
+PARALLEL = "context parallelism (parallel_config) is not supported yet"
 
 
-def _route(q, k, v, attn_mask, dropout_p, is_causal, scale):
-    """attnpatch's result on (B, H, S, D), or None when the call is not ours to change."""
-    call = _ACTIVE.get()
-    if call is None or dropout_p:
+class Frame:
+    """One patched attention module's forward in progress (per thread: a contextvar holds it)."""
+
+    __slots__ = ("call", "row", "token")
+
+    def __init__(self, call):
+        self.call, self.row, self.token = call, 0, None
+
+
+def enter(call) -> Frame:
+    frame = Frame(call)
+    frame.token = _ACTIVE.set(frame)
+    return frame
+
+
+def leave(call) -> None:
+    frame = _ACTIVE.get()
+    if frame is not None and frame.call is call:
+        _ACTIVE.reset(frame.token)
+
+
+def _route(q, k, v, attn_mask, dropout_p, is_causal, scale, parallel_config=None):
+    """attnpatch's result on (B, H, S, D), or None when the call goes to the original function."""
+    frame = _ACTIVE.get()
+    if frame is None:
+        return None  # not inside a patched attention module: not ours
+    if parallel_config is not None:
+        frame.call.hand_back(PARALLEL)
         return None
-    return call.run(q, k, v, mask=attn_mask, scale=scale, causal=is_causal)
+    if dropout_p:
+        frame.call.hand_back("dropout_p > 0")
+        return None
+    return frame.call.run(frame, q, k, v, mask=attn_mask, scale=scale, causal=is_causal)
 
 
 def _make_dispatch(orig):
     @functools.wraps(orig)
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        if parallel_config is None:
-            # (B, S, H, D) -> (B, H, S, D) for the kernels, and back
-            out = _route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                         attn_mask, dropout_p, is_causal, scale)
-            if out is not None:
-                return out.transpose(1, 2)
+        # (B, S, H, D) -> (B, H, S, D) for the kernels, and back
+        out = _route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                     attn_mask, dropout_p, is_causal, scale, parallel_config)
+        if out is not None:
+            return out.transpose(1, 2)
         return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                     enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
                     parallel_config=parallel_config)
@@ -73,61 +110,81 @@ def interceptable(modname: str) -> bool:
     return mod is not None and (hasattr(mod, "dispatch_attention_fn") or getattr(mod, "F", None) is F)
 
 
+def _names(code) -> set:
+    """Global and attribute names a code object (and the functions nested in it) uses."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _names(c)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def unsupported(cls: type) -> str | None:
+    """Why attnpatch cannot route the attention of processors of class ``cls``, or None."""
+    where = f"processor {cls.__name__} ({cls.__module__})"
+    if not interceptable(cls.__module__):
+        return f"{where} does not call attention through dispatch_attention_fn or F.scaled_dot_product_attention"
+    code = getattr(inspect.unwrap(getattr(cls, "__call__", None)), "__code__", None)
+    if code is not None and not _names(code) & set(PRIMITIVES):
+        return f"{where} computes attention itself (neither dispatch_attention_fn nor F.scaled_dot_product_attention)"
+    return None
+
+
 def install(modname: str):
     """Route the attention primitive of processor module ``modname``; returns its undo."""
-    if modname not in _INSTALLED:
-        mod = sys.modules[modname]
-        undo = []
-        if hasattr(mod, "dispatch_attention_fn"):
-            orig = mod.dispatch_attention_fn
-            mod.dispatch_attention_fn = _make_dispatch(orig)
-            undo.append(lambda: setattr(mod, "dispatch_attention_fn", orig))
-        if getattr(mod, "F", None) is F:
-            mod.F = _FUNCTIONAL
-            undo.append(lambda: setattr(mod, "F", F))
-        _INSTALLED[modname] = [0, undo]
-    _INSTALLED[modname][0] += 1
+    with _LOCK:
+        if modname not in _INSTALLED:
+            mod = sys.modules[modname]
+            undo = []
+            if hasattr(mod, "dispatch_attention_fn"):
+                orig = mod.dispatch_attention_fn
+                mod.dispatch_attention_fn = _make_dispatch(orig)
+                undo.append(lambda: setattr(mod, "dispatch_attention_fn", orig))
+            if getattr(mod, "F", None) is F:
+                mod.F = _FUNCTIONAL
+                undo.append(lambda: setattr(mod, "F", F))
+            _INSTALLED[modname] = [0, undo]
+        _INSTALLED[modname][0] += 1
 
     def uninstall():
-        entry = _INSTALLED[modname]
-        entry[0] -= 1
-        if entry[0] == 0:
-            for u in reversed(entry[1]):
-                u()
-            del _INSTALLED[modname]
+        with _LOCK:
+            entry = _INSTALLED[modname]
+            entry[0] -= 1
+            if entry[0] == 0:
+                for u in reversed(entry[1]):
+                    u()
+                del _INSTALLED[modname]
 
     return uninstall
 
 
-class _Wrapped:
-    """A processor that marks its calls as attnpatch's and otherwise is the original."""
+class Routes:
+    """The processor modules one patch routes, each holding one reference on that module's
+    routers. Modules are added when a processor of a new module first runs (one installed by
+    ``set_attn_processor`` or an adapter loader after the patch). A deep copy of a patched model
+    takes references of its own, so unpatching either model leaves the other one routed."""
 
-    def __init__(self, inner, call):
-        object.__setattr__(self, "_inner", inner)
-        object.__setattr__(self, "_call", call)
+    def __init__(self, modnames=()):
+        self._lock = threading.Lock()
+        self._undo: dict = {}
+        for m in modnames:
+            self.add(m)
 
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_inner"), name)
+    def add(self, modname: str) -> None:
+        if modname in self._undo:
+            return
+        with self._lock:
+            if modname not in self._undo:
+                self._undo[modname] = install(modname)
 
-    def __setattr__(self, name, value):  # e.g. set_attention_backend() reaches the original
-        setattr(self._inner, name, value)
+    def __call__(self) -> None:  # the undo step: release every reference
+        with self._lock:
+            undo, self._undo = self._undo, {}
+        for u in undo.values():
+            u()
 
-
-@functools.lru_cache(maxsize=None)
-def _wrapper_class(inner_cls: type) -> type:
-    # diffusers passes a processor only the kwargs named in its __call__ signature, so the
-    # wrapper's __call__ carries the original's signature (functools.wraps sets __wrapped__).
-    @functools.wraps(inner_cls.__call__)
-    def __call__(self, attn, *args, **kwargs):
-        token = _ACTIVE.set(self._call)
-        self._call.enter()
-        try:
-            return self._inner(attn, *args, **kwargs)
-        finally:
-            _ACTIVE.reset(token)
-
-    return type(f"AttnPatched{inner_cls.__name__}", (_Wrapped,), {"__call__": __call__})
-
-
-def wrap(processor, call):
-    return _wrapper_class(type(processor))(processor, call)
+    def __deepcopy__(self, memo):
+        new = Routes(list(self._undo))
+        memo[id(self)] = new
+        return new

@@ -8,9 +8,12 @@ cache update. The mask entry is transformers' own SDPA mask builder: a boolean
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import core
+from ..handle import SharesMethod
 from ..methods.base import Dense
 from ..site import Site
 from . import SUPPORTED, layers as layer_sel
@@ -21,9 +24,10 @@ _DENSE = Dense()
 _registered = False
 
 
-class _Layer:
-    def __init__(self, method, backend, name, family):
+class _Layer(SharesMethod):  # a deep copy of the model shares the method (see attnpatch.handle)
+    def __init__(self, method, backend, name, family, counters=None):
         self.method, self.backend, self.name, self.family = method, backend, name, family
+        self.counters = counters  # the patch's attnpatch.handle.Counters
 
 
 def _site(module, Sq: int, Skv: int, attention_mask, kwargs, layer: "_Layer | None") -> Site:
@@ -50,6 +54,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     layer = getattr(module, "_attnpatch", None)
     site = _site(module, query.shape[2], key.shape[2], attention_mask, kwargs, layer)
     method, backend = (layer.method, layer.backend) if layer else (_DENSE, None)
+    if layer is not None and layer.counters is not None:
+        layer.counters.route()
     out = core.run(query, key, value, method, site, backend=backend, mask=attention_mask, scale=scaling,
                    softcap=kwargs.get("softcap"))  # (B, Hq, Sq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D)
@@ -67,7 +73,7 @@ def _register() -> None:
     _registered = True
 
 
-def patch_model(model, method, backend, layers):
+def patch_model(model, method, backend, layers, counters=None):
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in FAMILIES:
@@ -82,11 +88,11 @@ def patch_model(model, method, backend, layers):
     undo, names = [], []
     for _, name, m in entries:
         if name in chosen:
-            m._attnpatch = _Layer(method, backend, name, family)
-            undo.append(lambda m=m: delattr(m, "_attnpatch"))
+            m._attnpatch = _Layer(method, backend, name, family, counters)
+            undo.append(functools.partial(delattr, m, "_attnpatch"))  # partials, not closures: deepcopy maps m
             names.append(name)
     model.set_attn_implementation(NAME)
-    undo.insert(0, lambda: model.set_attn_implementation(orig_impl))
+    undo.insert(0, functools.partial(model.set_attn_implementation, orig_impl))
     if getattr(method, "evict", False):
         undo += _install_eviction(model, method)
     return names, undo

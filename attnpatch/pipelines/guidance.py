@@ -12,10 +12,14 @@ conditional first, so the first call at each step is the conditional one.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import sys
 
 import torch
+
+from ..handle import pop_attr
 
 SEPARATE_CFG = {  # pipeline class -> (local with the CFG scale in __call__, local saying CFG is on)
     "FluxPipeline": ("true_cfg_scale", "do_true_cfg"),
@@ -69,36 +73,53 @@ def _batch(bound: dict) -> int:
     return x.shape[0]
 
 
-def install(model, method, state, tracker, pipe=None):
-    """Wrap ``model.forward``; returns the undo."""
-    orig = model.forward
-    sig = inspect.signature(orig)
-    if hasattr(method, "bind_model"):
-        method.bind_model(model)
+class _Forward:
+    """Stands in for the patched model's ``forward`` (an object, not a closure, so that a deep copy
+    of the model gets a wrapper around the copy; the method object is shared, see ``SharesMethod``)."""
 
-    def forward(*args, **kwargs):
-        mode, g = cfg(pipe, tracker)
+    def __init__(self, model, method, state, tracker, pipe):
+        self.orig = model.forward
+        self.params = list(inspect.signature(self.orig).parameters)
+        self.method, self.state, self.tracker, self.pipe = method, state, tracker, pipe
+
+    def __deepcopy__(self, memo):
+        memo.setdefault(id(self.method), self.method)
+        memo.setdefault(id(self.pipe), self.pipe)  # copying only the model keeps its pipeline (copying the pipe maps it)
+        new = object.__new__(_Forward)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def _bind(self, args, kwargs) -> dict:
+        return {**dict(zip(self.params, args)), **kwargs}
+
+    def __call__(self, *args, **kwargs):
+        method, state, tracker = self.method, self.state, self.tracker
+        mode, g = cfg(self.pipe, tracker)
         tracker.calls += 1
         step = tracker.step if state.timestep is not None else None
         if not getattr(method, "guidance", False):  # methods that only need the batch roles (SharedAttention)
-            B = _batch(sig.bind(*args, **kwargs).arguments)
+            B = _batch(self._bind(args, kwargs))
             half = B // 2 if mode == "batched" else 0
             state.roles = tuple(["uncond"] * half + [("uncond" if mode == "uncond" else "cond")] * (B - half))
             try:
-                return orig(*args, **kwargs)
+                return self.orig(*args, **kwargs)
             finally:
                 state.roles = ()
         if mode == "uncond" or not method.guides(step):
-            return orig(*args, **kwargs)
-        bound = sig.bind(*args, **kwargs)
-        B = _batch(bound.arguments)
+            return self.orig(*args, **kwargs)
+        return self._guided(mode, g, args, kwargs)
+
+    def _guided(self, mode: str, g: float, args, kwargs):
+        method, state = self.method, self.state
+        bound = self._bind(args, kwargs)
+        B = _batch(bound)
         rows = torch.arange(B // 2 if mode == "batched" else 0, B)  # the conditional rows
-        for name, value in list(bound.arguments.items()):
-            bound.arguments[name] = _dup(value, B, rows, name)
+        bound = {name: _dup(value, B, rows, name) for name, value in bound.items()}
         roles = ["uncond"] * (B // 2) + ["cond"] * (B - B // 2) if mode == "batched" else ["cond"] * B
         state.roles = tuple(roles + ["perturbed"] * len(rows))
         try:
-            out = orig(*bound.args, **bound.kwargs)
+            out = self.orig(**bound)
         finally:
             state.roles = ()
         pred = out[0] if isinstance(out, tuple) else out.sample
@@ -111,5 +132,10 @@ def install(model, method, state, tracker, pipe=None):
         out.sample = guided
         return out
 
-    model.forward = forward
-    return lambda: model.__dict__.pop("forward", None)
+
+def install(model, method, state, tracker, pipe=None):
+    """Wrap ``model.forward``; returns the undo."""
+    if hasattr(method, "bind_model"):
+        method.bind_model(model)
+    model.forward = _Forward(model, method, state, tracker, pipe)
+    return functools.partial(pop_attr, model, "forward")

@@ -1,8 +1,10 @@
 """Denoising step tracking from the timestep the transformer receives."""
 from __future__ import annotations
 
+from ..handle import SharesMethod
 
-class StepTracker:
+
+class StepTracker(SharesMethod):
     """Counts denoising steps: a new noise level is a new step; a level above the last one is a
     new generation (``method.reset()``). Pipelines also call ``reset()`` at the start of a call.
     Classifier-free guidance run as two forwards at one timestep stays one step."""
