@@ -26,7 +26,9 @@ class Plan:
     causal: bool = False
     q_offset: int = 0
     blocks: Any = None  # BlockSparse: tile-order permutation + block structure (attnpatch.blocks)
-    output: Callable | None = None  # (out, q, k, v, scale) -> out, applied after the kernel (PAG identity)
+    # (out, q, k, v, scale) -> out, applied after the kernel (PAG identity); a callback that also names
+    # `mask` / `softcap` parameters gets the call's mask and logit soft-capping (SinkCalibration)
+    output: Callable | None = None
     # (k_extra, v_extra) (B, H_kv, E, D), or a function (k, v) -> that pair: keys / values appended to
     # every row's own (shared attention); mask_mod sees them as kv_idx >= S_kv
     extra_kv: tuple | Callable | None = None
@@ -51,7 +53,7 @@ class Plan:
 
 def fold_q_scale(q: torch.Tensor, scale, plan: Plan):
     """``(q, scale, plan)`` with ``plan.q_scale`` applied and removed: a float multiplies the softmax
-    scale (exact); a tensor multiplies q's rows in float32 (one rounding to q's dtype)."""
+    scale (exact); a tensor multiplies q's rows in float32 or wider (one rounding to q's dtype)."""
     qs = plan.q_scale
     if qs is None:
         return q, scale, plan
@@ -59,7 +61,8 @@ def fold_q_scale(q: torch.Tensor, scale, plan: Plan):
     if not torch.is_tensor(qs):
         base = q.shape[-1] ** -0.5 if scale is None else scale
         return q, base * float(qs), plan
-    return (q.float() * qs.to(q.device)).to(q.dtype), scale, plan  # (B, H, Sq, D) * (B|1, H|1, Sq|1, 1)
+    work = torch.promote_types(q.dtype, torch.float32)  # float32 at least, float64 stays float64
+    return (q.to(work) * qs.to(q.device, work)).to(q.dtype), scale, plan  # (B, H, Sq, D) * (B|1, H|1, Sq|1, 1)
 
 
 def q_scale_as_score_mod(plan: Plan, B: int, H: int, Sq: int) -> Plan:

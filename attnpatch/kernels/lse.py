@@ -30,23 +30,25 @@ def sdpa_lse_math(q, k, v, bias=None, scale=None):
     (differentiable in its LSE too; rows with no key give lse -inf and zeros, with no NaN in
     the forward or the backward)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    work = torch.promote_types(q.dtype, torch.float32)  # float64 inputs stay float64
+    s = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
     if bias is not None:
-        s = s + bias.float()
+        s = s + bias.to(work)
     dead = ~(s > float("-inf")).any(-1, keepdim=True)  # (B, H, Lq, 1)
     s = s.masked_fill(dead, 0.0)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - lse).masked_fill(dead, 0.0)
-    return (p @ v.float()).to(q.dtype), lse.masked_fill(dead, float("-inf")).squeeze(-1)
+    return (p @ v.to(work)).to(q.dtype), lse.masked_fill(dead, float("-inf")).squeeze(-1)
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Exact softmax over the union of the parts' key ranges, in float32 (rows with no key
-    anywhere get weight 0, without NaN in the backward)."""
-    lse = torch.stack([l for _, l in parts])  # (R, B, H, Lq)
+    """Exact softmax over the union of the parts' key ranges, in float32 (float64 for float64
+    parts; rows with no key anywhere get weight 0, without NaN in the backward)."""
+    work = torch.promote_types(parts[0][0].dtype, torch.float32)
+    lse = torch.stack([l.to(work) for _, l in parts])  # (R, B, H, Lq)
     dead = ~(lse > float("-inf")).any(0, keepdim=True)  # (1, B, H, Lq)
     lse = lse.masked_fill(dead, 0.0)
     total = torch.logsumexp(lse, dim=0, keepdim=True)
     w = torch.exp(lse - total).masked_fill(dead, 0.0)
-    out = sum(o.float() * w[r, ..., None] for r, (o, _) in enumerate(parts))
+    out = sum(o.to(work) * w[r, ..., None] for r, (o, _) in enumerate(parts))
     return out

@@ -1,0 +1,143 @@
+"""Fuzz: every method of the zoo (and Radial) x every capable kernel x random shapes, against the
+float64 reference kernel.
+
+A seeded generator draws each case: odd lengths, 1-3-D grids with or without a text segment, GQA,
+head sizes that are not powers of two (and a v head size unlike q's), float32 / bfloat16 / float64,
+(B, S, H, D) transposed views, padding masks, decode / chunked-prefill offsets, and inputs that
+require grad. Each kernel that accepts the call (and the kernel selection picks) must satisfy the
+flash-attn rule: max error against float64 <= 2 x the same-dtype reference's error + a small floor;
+with requires_grad, the q / k / v gradients too.
+
+CI runs ``ATTNPATCH_FUZZ_N`` cases (default 80, about a minute on 2 cores) with a fixed seed. The
+longer run is one command:
+
+    ATTNPATCH_FUZZ_N=2000 python -m pytest tests/test_fuzz.py
+
+(``ATTNPATCH_FUZZ_SEED`` picks another seed; a failure names its case index and seed to replay it.)
+"""
+import math
+import os
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import Plan, Site, kernels
+from attnpatch.kernels import reference
+from attnpatch.plan import fold_q_scale
+from zoo import ZOO
+
+N = int(os.environ.get("ATTNPATCH_FUZZ_N", "80"))
+SEED = int(os.environ.get("ATTNPATCH_FUZZ_SEED", "1616"))
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float64: 1e-10}  # absolute floor under the 2x rule
+GRAD_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-9}
+GRID_METHODS = (ap.Neighborhood, ap.SlidingTile, ap.TopKBlocks, ap.Radial)
+ENTRIES = ZOO + [("radial", ap.Radial(window=1, tile=2, dense_frames=1), Site(grid=(3, 4, 4)))]
+# triton runs on CPU only in its interpreter (slow, and tests/test_triton.py covers it)
+KERNELS = [n for n in kernels.names() if n != "triton" or torch.cuda.is_available()]
+
+
+def _site(r: random.Random, method, site: Site):
+    """(site, Sq, Skv) for one draw of ``method``'s family of calls."""
+    if site.causal:  # LLM: prefill, decode, or a chunk after a cache
+        Skv = r.randint(1, 70)
+        Sq = r.choice([Skv, 1, r.randint(1, Skv)])
+        return replace(site, q_offset=Skv - Sq, decode=False), Sq, Skv
+    if isinstance(method, GRID_METHODS) or site.kind == "joint":
+        nd = 3 if isinstance(method, ap.Radial) else r.randint(1, 3)
+        grid = tuple(r.randint(2 if nd > 1 else 3, 9 if nd < 3 else 5) for _ in range(nd))
+        if isinstance(method, ap.Radial):
+            grid = (r.randint(2, 4), 2 * r.randint(1, 3), 2 * r.randint(1, 3))  # frames, tiles of 2
+        text = r.choice([0, 0, r.randint(1, 6)])
+        kind = "joint" if text else "self"
+        s = Site(grid=grid, text_len=text, text_first=r.random() < 0.5, kind=kind)
+        S = math.prod(grid) + text
+        return s, S, S
+    Sq = r.randint(1, 60)
+    return site, Sq, r.choice([Sq, r.randint(1, 60)])  # dense: self or cross lengths
+
+
+def draw(i: int):
+    """Case ``i`` of the seeded stream (the same on every machine)."""
+    r = random.Random(SEED * 100_003 + i)
+    name, method, site0 = ENTRIES[r.randrange(len(ENTRIES))]
+    site, Sq, Skv = _site(r, method, site0)
+    Hkv = r.choice([1, 2])
+    Hq = Hkv * r.choice([1, 2, 3])
+    D = r.choice([8, 16, 24, 32, 40, 64])
+    Dv = D if r.random() < 0.8 else r.choice([8, 24, 48])
+    dtype = r.choice([torch.float32, torch.float32, torch.bfloat16, torch.float64])
+    return dict(name=name, method=method, site=site, B=r.choice([1, 2]), Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv, D=D, Dv=Dv,
+                dtype=dtype, transposed=r.random() < 0.3, padding=r.random() < 0.2 and Skv > 4,
+                grad=r.random() < 0.3 and dtype != torch.bfloat16, seed=r.randrange(2**31))
+
+
+def _tensors(c):
+    g = torch.Generator().manual_seed(c["seed"])
+
+    def make(h, s, d):
+        x = torch.randn(c["B"], s, h, d, generator=g, dtype=torch.float64)  # (B, S, H, D) as diffusers holds them
+        x = x.to(c["dtype"])
+        return x.transpose(1, 2) if c["transposed"] else x.transpose(1, 2).contiguous()
+
+    q, k, v = make(c["Hq"], c["Sq"], c["D"]), make(c["Hkv"], c["Skv"], c["D"]), make(c["Hkv"], c["Skv"], c["Dv"])
+    mask = None
+    if c["padding"]:  # the last batch row is left-padded
+        mask = torch.ones(c["B"], 1, 1, c["Skv"], dtype=torch.bool)
+        mask[-1, ..., : c["Skv"] // 3] = False
+    return q, k, v, mask
+
+
+def _check(c, kernel, q, k, v, mask, plan, exact, same):
+    """The flash-attn rule for ``kernel`` (None: selection's pick) on forward and, with grad, backward."""
+    leaves = [t.detach().requires_grad_(c["grad"]) for t in (q, k, v)]
+    out = ap.attend(*leaves, c["method"], c["site"], backend=kernel, mask=mask)
+    assert out.shape == (c["B"], c["Hq"], c["Sq"], c["Dv"]) and out.dtype == c["dtype"]
+    err = (out.double() - exact[0]).abs().max().item()
+    err_ref = (same[0].double() - exact[0]).abs().max().item()
+    assert err <= 2 * err_ref + FLOOR[c["dtype"]], ("forward", err, err_ref)
+    if c["grad"]:
+        got = torch.autograd.grad(out, leaves, exact[2].to(c["dtype"]))
+        for n, g, e, s in zip("qkv", got, exact[1], same[1]):
+            err, err_ref = (g.double() - e).abs().max().item(), (s.double() - e).abs().max().item()
+            assert torch.isfinite(g).all() and err <= 2 * err_ref + GRAD_FLOOR[c["dtype"]], (f"grad {n}", err, err_ref)
+
+
+def _reference(c, q, k, v, mask, plan, dtype):
+    """(out, grads, upstream grad) of the reference kernel with scores in ``dtype``."""
+    leaves = [t.detach().to(torch.float64 if dtype == torch.float64 else c["dtype"]).requires_grad_(c["grad"]) for t in (q, k, v)]
+    out = reference.attention(*leaves, plan, mask=mask, dtype=dtype)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(c["seed"] + 1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, go.to(out.dtype)) if c["grad"] else None
+    return out, grads, go
+
+
+@pytest.mark.parametrize("i", range(N))
+def test_fuzz(i, monkeypatch):
+    monkeypatch.setenv("ATTNPATCH_FLEX_COMPILE", "0")  # compiled flex: one compile per shape (test_sparse.py)
+    c = draw(i)
+    q, k, v, mask = _tensors(c)
+    plan = (c["method"].plan(q, k, c["site"]) or Plan()).with_site(c["site"].causal, c["site"].q_offset)
+    exact = _reference(c, q.double(), k.double(), v.double(), mask, plan, torch.float64)
+    same_dtype = torch.float64 if c["dtype"] == torch.float64 else torch.float32
+    same = _reference(c, q, k, v, mask, plan, same_dtype)
+    ran = []
+    for kernel in [None] + KERNELS:
+        if kernel is not None:
+            leaves = [t.detach().requires_grad_(c["grad"]) for t in (q, k, v)]
+            fq, _, fplan = fold_q_scale(leaves[0], None, plan)
+            if kernels.get(kernel).why_not(fq, *leaves[1:], fplan, mask):
+                continue
+        try:
+            _check(c, kernel, q, k, v, mask, plan, exact, same)
+        except AssertionError as e:
+            raise AssertionError(f"case {i} (seed {SEED}) {_describe(c)} kernel {kernel or 'auto'}: {e}") from None
+        ran.append(kernel)
+    assert len(ran) >= 2  # selection and at least the reference
+
+
+def _describe(c) -> str:
+    keys = ("name", "site", "B", "Hq", "Hkv", "Sq", "Skv", "D", "Dv", "dtype", "transposed", "padding", "grad")
+    return ", ".join(f"{k}={c[k]}" for k in keys)
