@@ -73,13 +73,13 @@ def _prepare(args) -> str:
     return runner.resolve(args.model).name
 
 
-def _summary(handle, label: str) -> dict | None:
+def _summary(handle, prefix: str = "") -> dict | None:
     """Print the patch's one-line counters (calls routed through the method, calls handed back
     and why); return its stats for the report."""
     if not hasattr(handle, "summary"):  # Handle.summary() lands with the lifecycle work
         return None
-    print(f"[{label}] {handle.summary()}")
-    return handle.stats() if hasattr(handle, "stats") else None
+    print(prefix + handle.summary())
+    return handle.stats()
 
 
 def _slug(text: str) -> str:
@@ -106,7 +106,7 @@ def _generate(args) -> int:
         stock, t_stock = runner.run(loaded, prompts, args.seed, **kw)
     with api.patch(loaded.obj, method) as handle:
         result, t = runner.run(loaded, prompts, args.seed, **kw)
-        _summary(handle, str(method))
+        _summary(handle)
     _save(loaded, result, prompts, out / "patched", args)
     print(f"{method}: {t:.2f} s for {len(prompts)} prompt(s)")
     if stock is not None:
@@ -185,7 +185,7 @@ def _compare(args) -> int:
             try:
                 with api.patch(loaded.obj, m) as handle:
                     result, t = runner.run(loaded, prompts, args.seed, **kw)
-                    stats = _summary(handle, label)
+                    stats = _summary(handle, f"setting {i + 1}: ")
                 probe = _MaskProbe(Recall(inner=m))
                 with api.patch(loaded.obj, probe):
                     runner.run(loaded, prompts[:1], args.seed, **kw)

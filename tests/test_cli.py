@@ -167,7 +167,7 @@ def test_generate_with_compare_and_no_overwrite(tmp_path):
             "--prompt", "a large red circle at the top left", "--steps", "6", "--compare", "--out", str(out), "--quiet"]
     r = cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "speedup" in r.stdout and "PSNR" in r.stdout
+    assert "speedup" in r.stdout and "PSNR" in r.stdout and "calls through SlidingTile" in r.stdout
     assert (out / "patched_0.png").is_file() and (out / "stock_0.png").is_file()
     r = cli(*args)
     assert r.returncode == 2 and "--force" in r.stderr
@@ -195,6 +195,9 @@ def test_compare_writes_report_from_a_save_pretrained_folder(tmp_path):
     for f in ("report.md", "index.html", "grid.png", "scatter.png", "masks/setting1.png"):
         assert (out / f).is_file(), f
     assert all(row.get("psnr") is not None for row in data["rows"])
+    # every patched setting prints its counters and puts them in the report
+    assert r.stdout.count("calls through") == 3, r.stdout
+    assert all(row["patch"]["routed"] > 0 and row["patch"]["handed_back"] == {} for row in data["rows"][1:])
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
