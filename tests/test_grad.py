@@ -144,3 +144,25 @@ def test_patched_diffusers_model_trains_like_reference(family):
     for n, g in second.items():
         torch.testing.assert_close(g, first[n], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(g, want[n], atol=1e-5, rtol=1e-4)
+
+
+def test_gemma2_dense_backward_and_decode_without_flex(monkeypatch):
+    """Gemma-2 soft-caps its logits (a score_mod): with gradients on, the patched model's parameter
+    gradients equal the stock model's (FlexAttention, picked before, has no backward on CPU), and its
+    decode steps never go to the flex kernel (which compiled once per key length)."""
+    from attnpatch.pipelines.tiny import llm
+
+    stock = llm("gemma2", attn_logit_softcapping=5.0).train()
+    patched = copy.deepcopy(stock)
+    ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(3))
+    want = _train_two_rounds(stock, dict(input_ids=ids, labels=ids))[1]
+    used = []
+    real = kernels.select
+    monkeypatch.setattr(kernels, "select", lambda *a, **kw: used.append(real(*a, **kw).name) or real(*a, **kw))
+    with ap.patch(patched, ap.Dense()):
+        got = _train_two_rounds(patched, dict(input_ids=ids, labels=ids))[1]
+        with torch.no_grad():
+            patched.eval().generate(ids[:1], max_new_tokens=3, do_sample=False)
+    assert used and "flex" not in used, set(used)
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-4)
