@@ -1,7 +1,13 @@
 """``flex``: PyTorch FlexAttention, compiled once per shape (torch.compile caches by shape),
 with the plan's mask_mod / score_mod and a BlockMask built once per (plan, shape) and cached.
 Tokens go into the plan's tile order first, so FlexAttention's 128-token blocks follow the
-tiles and skip what the pattern skips."""
+tiles and skip what the pattern skips.
+
+Compiled, it refuses calls whose shape changes every call (decode, chunked prefill: query and
+key lengths differ), on every device. On CPU, where a compile costs tens of seconds and there is
+no backward, it also refuses score-only plans (nothing to skip: the eager path is faster than a
+compile per length) and inputs that require grad.
+"""
 from __future__ import annotations
 
 import os
@@ -87,8 +93,6 @@ def _cpu_why_not(q, k, v, plan) -> str | None:
         return None  # eager (debugging): no compile per shape
     if not shutil.which("g++"):
         return "compiling FlexAttention on CPU needs a C++ compiler (g++)"
-    if q.shape[2] != k.shape[2]:
-        return "query and key lengths differ (decode / chunked prefill: a new key length every call, a compile each)"
     if plan.mask_mod is None and plan.blocks is None:
         return "a score-only plan skips nothing: compiling per shape costs more than the eager path saves"
     return None
@@ -110,6 +114,8 @@ class Flex(Kernel):
             reason = _cpu_why_not(q, k, v, plan)
             if reason:
                 return reason
+        if q.shape[2] != k.shape[2] and os.environ.get("ATTNPATCH_FLEX_COMPILE", "1") != "0":
+            return "query and key lengths differ (decode / chunked prefill: a new key length every call, a compile each)"
         d = q.shape[-1]
         if d < 16 or d & (d - 1):
             return f"head_dim {d} is not a power of two >= 16"
