@@ -260,6 +260,21 @@ def test_deepcopy_of_a_patched_diffusers_model(unpatch_first):
         ap.unpatch(second)
 
 
+def test_deepcopy_of_a_patched_pipeline():
+    from attnpatch.pipelines.tiny import flux_call, flux_pipeline
+
+    pipe = flux_pipeline()
+    stock = flux_call(pipe, steps=2)
+    ap.patch(pipe, SPARSE)
+    sparse = flux_call(pipe, steps=2)
+    twin = copy.deepcopy(pipe)
+    assert twin.progress_bar.orig.__self__ is twin  # the copy's step tracking follows the copy's own calls
+    ap.unpatch(pipe)
+    assert torch.equal(flux_call(twin, steps=2), sparse) and torch.equal(flux_call(pipe, steps=2), stock)
+    ap.unpatch(twin)
+    assert torch.equal(flux_call(twin, steps=2), stock) and "progress_bar" not in twin.__dict__
+
+
 @pytest.mark.parametrize("unpatch_first", ["original", "copy"])
 @torch.no_grad()
 def test_deepcopy_of_a_patched_transformers_model(unpatch_first):

@@ -119,14 +119,26 @@ def _names(code) -> set:
     return names
 
 
+def _class_names(cls: type) -> set:
+    """Names used by the functions a processor class defines (``__call__`` and its helpers)."""
+    names = set()
+    for c in cls.__mro__:
+        if c.__module__.startswith(("builtins", "torch.")):
+            continue  # object, nn.Module: not the processor's own code
+        for f in vars(c).values():
+            f = inspect.unwrap(getattr(f, "__func__", f))  # staticmethod / classmethod / decorated
+            if isinstance(getattr(f, "__code__", None), types.CodeType):
+                names |= _names(f.__code__)
+    return names
+
+
 @functools.lru_cache(maxsize=None)
 def unsupported(cls: type) -> str | None:
     """Why attnpatch cannot route the attention of processors of class ``cls``, or None."""
     where = f"processor {cls.__name__} ({cls.__module__})"
     if not interceptable(cls.__module__):
         return f"{where} does not call attention through dispatch_attention_fn or F.scaled_dot_product_attention"
-    code = getattr(inspect.unwrap(getattr(cls, "__call__", None)), "__code__", None)
-    if code is not None and not _names(code) & set(PRIMITIVES):
+    if not _class_names(cls) & set(PRIMITIVES):
         return f"{where} computes attention itself (neither dispatch_attention_fn nor F.scaled_dot_product_attention)"
     return None
 
