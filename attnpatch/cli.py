@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-from .methods.base import Method
-
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
@@ -73,44 +71,30 @@ def _prepare(args) -> str:
     return runner.resolve(args.model).name
 
 
-def _summary(handle, prefix: str = "") -> dict | None:
-    """Print the patch's one-line counters (calls routed through the method, calls handed back
-    and why); return its stats for the report."""
-    if not hasattr(handle, "summary"):  # Handle.summary() lands with the lifecycle work
-        return None
-    print(prefix + handle.summary())
-    return handle.stats()
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")[:80]
 
 
-def _run_kw(args) -> dict:
-    return dict(steps=args.steps, height=args.height, width=args.width, num_frames=getattr(args, "frames", None),
-                max_new_tokens=args.max_new_tokens)
-
-
 def _generate(args) -> int:
     from . import api
-    from .pipelines import report, runner
+    from .pipelines import compare, report, runner
 
     method = runner.parse_method(args.method, args.set)
     out = _out_dir(args, "attnpatch-out", _prepare(args), [type(method).__name__])
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
-    kw = _run_kw(args)
+    kw = compare.run_kw(args)
     stock = None
     if args.compare:
-        runner.run(loaded, prompts[:1], args.seed, **{**kw, "steps": 1} if loaded.kind == "diffusion" else {**kw, "max_new_tokens": 2})
+        compare.warm(loaded, prompts, args.seed, kw)
         stock, t_stock = runner.run(loaded, prompts, args.seed, **kw)
     with api.patch(loaded.obj, method) as handle:
         result, t = runner.run(loaded, prompts, args.seed, **kw)
-        _summary(handle)
-    _save(loaded, result, prompts, out / "patched", args)
+        compare.summary(handle)
+    compare.save(loaded, result, prompts, out / "patched", args)
     print(f"{method}: {t:.2f} s for {len(prompts)} prompt(s)")
     if stock is not None:
-        _save(loaded, stock, prompts, out / "stock", args)
+        compare.save(loaded, stock, prompts, out / "stock", args)
         q = report.quality_of(loaded.kind, result, stock)
         qs = ", ".join(f"{k.upper() if k != 'agreement' else 'token agreement'} {v:.3f}" for k, v in q.items())
         print(f"stock attention: {t_stock:.2f} s; speedup {t_stock / t:.2f}x; vs stock: {qs}")
@@ -118,119 +102,40 @@ def _generate(args) -> int:
     return EXIT_OK
 
 
-def _save(loaded, result, prompts, stem: Path, args) -> None:
-    from .pipelines import report
-
-    if loaded.kind == "diffusion":
-        report.save_output(result, stem, args.video_format)
-    else:
-        texts = loaded.tokenizer.batch_decode(result, skip_special_tokens=True)
-        stem.with_suffix(".txt").write_text("\n\n".join(f"## {p}\n{t}" for p, t in zip(prompts, texts)) + "\n")
-        for p, t in zip(prompts, texts):
-            print(f"[{stem.name}] {p!r} -> {t.strip()!r}")
-
-
-def _expand(specs: str, grids: list[str]) -> list:
-    """Method instances: every spec, crossed with every --grid KEY=V1,V2 that it has a parameter for."""
-    from .pipelines import runner
-
-    pairs = []
-    for g in grids:
-        key, eq, values = g.partition("=")
-        if not eq or not key.strip() or not values:
-            raise runner.UsageError(f"--grid {g!r}: expected KEY=V1,V2,...")
-        pairs.append((key.strip(), runner.split_top(values)))
-    methods, params = [], {}
-    for spec in runner.split_top(specs):
-        base = runner.parse_method(spec)
-        names = runner.parameters(type(base))
-        params[type(base).__name__] = names
-        settings = [[]]
-        for key, values in pairs:
-            if key in names:
-                settings = [s + [f"{key}={x}"] for s in settings for x in values]
-        methods += [runner.parse_method(spec, s) for s in settings]
-    if not methods:
-        raise runner.UsageError("--methods is empty")
-    for key, _ in pairs:
-        if not any(key in names for names in params.values()):
-            have = "; ".join(f"{m}: {', '.join(n)}" for m, n in params.items())
-            raise runner.UsageError(f"--grid {key}=...: no method in --methods has a parameter {key!r} ({have})")
-    return methods
-
-
 def _compare(args) -> int:
     from tqdm.auto import tqdm
 
-    from . import api
-    from .pipelines import report, runner
-    from .pipelines.probe import Recall
+    from .pipelines import compare, report, runner
 
-    methods = _expand(args.methods, args.grid)
+    methods = compare.expand(args.methods, args.grid)
     out = _out_dir(args, "attnpatch-report", _prepare(args), list(dict.fromkeys(type(m).__name__ for m in methods)))
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
     (out / "masks").mkdir(exist_ok=True)
-    kw = _run_kw(args)
-    quality = "psnr" if loaded.kind == "diffusion" else "agreement"
-    runner.run(loaded, prompts[:1], args.seed, **{**kw, "steps": 1} if loaded.kind == "diffusion" else {**kw, "max_new_tokens": 2})
-    ref, t_ref = runner.run(loaded, prompts, args.seed, **kw)
-    _save(loaded, ref, prompts, out / "stock", args)
+    compare.warm(loaded, prompts, args.seed, compare.run_kw(args))
+    ref, t_ref = runner.run(loaded, prompts, args.seed, **compare.run_kw(args))
+    compare.save(loaded, ref, prompts, out / "stock", args)
     rows = [dict(setting="stock attention", seconds=t_ref, speedup=1.0, density=1.0, recall=1.0, **report.quality_of(loaded.kind, ref, ref))]
-    shown = [("stock attention", ref)]
-    images, status = {}, "complete"
+    shown, images, status = [("stock attention", ref)], {}, "complete"
     try:
         for i, m in enumerate(tqdm(methods, desc="settings", disable=args.quiet)):
-            label = str(m) + (f" + dense_steps={m.dense_steps}" if hasattr(m, "dense_steps") else "")
-            try:
-                with api.patch(loaded.obj, m) as handle:
-                    result, t = runner.run(loaded, prompts, args.seed, **kw)
-                    stats = _summary(handle, f"setting {i + 1}: ")
-                probe = _MaskProbe(Recall(inner=m))
-                with api.patch(loaded.obj, probe):
-                    runner.run(loaded, prompts[:1], args.seed, **kw)
-            except (ValueError, RuntimeError, TypeError) as e:
-                rows.append(dict(setting=label, error=str(e).splitlines()[0]))
-                print(f"{label}: failed: {rows[-1]['error']}", file=sys.stderr)
-                continue
-            s = probe.inner.summary()
-            rows.append(dict(setting=label, seconds=t, speedup=t_ref / t, density=s["density"], recall=s["recall"],
-                             **report.quality_of(loaded.kind, result, ref), **({"patch": stats} if stats is not None else {})))
-            _save(loaded, result, prompts, out / f"setting{i + 1}", args)
-            if probe.first is not None:
-                report.mask_picture(*probe.first, out / "masks" / f"setting{i + 1}.png")
-                images[f"mask of setting {i + 1}: {label}"] = f"masks/setting{i + 1}.png"
-            shown.append((label, result))
+            row, result = compare.setting(loaded, m, i, prompts, args, out, ref, t_ref, images)
+            rows.append(row)
+            if result is not None:
+                shown.append((row["setting"], result))
     except KeyboardInterrupt:
         status = f"interrupted after {len(rows) - 1} of {len(methods)} settings"
         print(status, file=sys.stderr)
     if loaded.kind == "diffusion":
         report.grid(shown, out / "grid.png")
         images = {"outputs (rows: settings)": "grid.png", **images}
-    report.scatter(rows, quality, out / "scatter.png")
+    report.scatter(rows, "psnr" if loaded.kind == "diffusion" else "agreement", out / "scatter.png")
     images = {"speed vs quality": "scatter.png", **images}
     note = (f"{len(prompts)} prompt(s), seed {args.seed}, device {args.device}, {args.dtype}; times are whole generations "
             f"measured in this process after a warm-up; quality vs stock attention with the same seed; {status}.")
     report.write(out, dict(model=args.model, prompts=prompts, status=status, note=note), rows, loaded.kind, images)
     print(f"report: {out / 'report.md'} (open {out / 'index.html'})")
     return EXIT_OK if status == "complete" else EXIT_FAIL
-
-
-class _MaskProbe(Method):
-    """Wraps a probe method; keeps the first self / joint call's (plan, site, S) for a picture."""
-
-    def __init__(self, inner):
-        self.inner, self.first = inner, None
-
-    def head_plans(self, q, k, site):
-        groups = self.inner.head_plans(q, k, site)
-        plan = groups[0][1]
-        if self.first is None and site.kind != "cross" and q.shape[2] == k.shape[2] and plan is not None:
-            self.first = (plan, site, q.shape[2])
-        return groups
-
-    def reset(self):
-        self.inner.reset()
 
 
 def _bench(args) -> int:

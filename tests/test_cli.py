@@ -18,10 +18,10 @@ def cli(*args, cwd=None, timeout=600):
 @pytest.mark.parametrize("args,msg", [
     (["generate", "--model", "builtin:flux-shapes", "--method", "Bogus"], "unknown method 'Bogus'; valid: Dense"),
     (["generate", "--model", "builtin:flux-shapes", "--method", "SlidingTile", "--set", "size=3"], "SlidingTile has no parameter 'size'; valid: tile, window, dense_steps"),
-    (["generate", "--model", "builtin:flux-shapes", "--method", "Neighborhood(window=0)"], "window=...) must be an integer >= 1"),
+    (["generate", "--model", "builtin:flux-shapes", "--method", "Neighborhood(window=0)"], "Neighborhood(window=0): window must be"),
     (["generate", "--model", "builtin:nope", "--method", "Dense"], "unknown builtin model 'nope'; available: builtin:smollm2"),
     (["compare", "--model", "builtin:flux-shapes", "--methods", "TopKBlocks", "--grid", "keep"], "--grid 'keep': expected KEY=V1,V2"),
-    (["generate", "--model", "/nonexistent/folder-xyz", "--method", "Dense"], "cannot load"),
+    (["generate", "--model", "/nonexistent/folder-xyz", "--method", "Dense"], "'/nonexistent/folder-xyz': no such folder"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(args, msg):
     r = cli(*args)
