@@ -159,7 +159,12 @@ def test_a_processor_that_computes_attention_itself_is_handed_back_loudly(caplog
     stock = ref(**inputs)[0]
     with pytest.raises(TypeError, match="AttnProcessor .* computes attention itself.*restore the default processors"):
         ap.patch(ref, Diagonal())  # known at patch time: refused
-    assert not ref._forward_pre_hooks
+    mixed = copy.deepcopy(unet)
+    [*_, last] = (m for m in mixed.modules() if hasattr(m, "processor"))
+    last.set_processor(AttnProcessor())
+    with pytest.raises(TypeError, match="computes attention itself"):
+        ap.patch(mixed, Diagonal())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in mixed.modules())  # nothing half-applied
     h = ap.patch(unet, Diagonal())
     unet.set_attn_processor(AttnProcessor())  # after patch: each call runs stock, said once and counted
     with caplog.at_level(logging.WARNING, logger="attnpatch"):

@@ -208,16 +208,19 @@ def _attention_modules(model, family: Family, prefix: str = ""):
     return out
 
 
-def _install(entries, chosen, make_call) -> tuple[list[str], list]:
-    """Hooks on every chosen attention module; checks them all before changing any."""
-    chosen = [(layer, name, m) for layer, name, m in entries if name in chosen]
-    for _, name, m in chosen:
+def _check_processors(entries) -> None:
+    """Refuse before changing anything when a chosen module's processor cannot be routed."""
+    for _, name, m in entries:
         reason = route.unsupported(type(m.processor))
         if reason:
             raise TypeError(f"{name} uses {reason}; restore the default processors first "
                             "(model.set_default_attn_processor(), or set_attn_processor with the family's own processor)")
+
+
+def _install(entries, make_call) -> tuple[list[str], list]:
+    """A pre-forward hook and an always-called forward hook on every attention module in ``entries``."""
     names, undo = [], []
-    for layer, name, m in chosen:
+    for layer, name, m in entries:
         call = make_call(layer, name)
         undo.append(m.register_forward_pre_hook(call.pre, with_kwargs=True).remove)
         undo.append(m.register_forward_hook(call.post, with_kwargs=True, always_call=True).remove)
@@ -238,12 +241,13 @@ def _patch_models(models, method, backend, layers, tracker, counters, pipe=None)
         fam = family_of(model)
         collected.append((model, fam, _attention_modules(model, fam, prefix)))
     chosen = layer_sel.select([(l, n) for *_, entries in collected for l, n, _ in entries], layers)
+    collected = [(model, fam, [e for e in entries if e[1] in chosen]) for model, fam, entries in collected]
+    _check_processors([e for *_, entries in collected for e in entries])
     routes = route.Routes()
     names, undo = [], [routes]
     for model, fam, entries in collected:
         state = _ModelState(model, fam, tracker)
-        n, u = _install(entries, chosen,
-                        lambda layer, name: _Call(method, backend, layer, name, state, counters, routes))
+        n, u = _install(entries, functools.partial(_Call, method, backend, state=state, counters=counters, routes=routes))
         names += n
         undo += u
         undo.append(model.register_forward_pre_hook(state.pre_forward, with_kwargs=True).remove)
@@ -255,7 +259,6 @@ def _patch_models(models, method, backend, layers, tracker, counters, pipe=None)
 
 
 def patch_model(model, method, backend, layers, counters: Counters):
-    _uncompiled(model, "the model")
     return _patch_models([("", model)], method, backend, layers, StepTracker(method), counters)
 
 
