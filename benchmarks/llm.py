@@ -3,7 +3,7 @@ SmolLM2-135M-Instruct, each dense vs patched, in one process.
 
     python benchmarks/llm.py                  # everything -> benchmarks/results/llm.{md,json}
     python benchmarks/llm.py --part speed     # or quality; the other part's rows are kept
-    python benchmarks/llm.py --quick          # small sizes: a smoke test
+    python benchmarks/llm.py --quick          # small sizes: a smoke test (writes under the temp folder)
 
 Speed: prefill of 8K / 16K / 32K tokens through a SmolLM2-shaped Llama (576 wide, 9 query / 3
 KV heads of 64, random weights, a few layers); density is the fraction of the causal triangle
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402  (KV cache size, as the eviction hook measures it)
-from common import machine, table, timeit, write  # noqa: E402
+from common import machine, out_stem, table, timeit, write  # noqa: E402
 
 
 def smol_shaped(layers: int):
@@ -240,9 +240,9 @@ def main(argv=None):
     p.add_argument("--ppl-lengths", default="2048,4096,8192", help="perplexity lengths ('' to skip); rows of other lengths are kept")
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8192", help="passkey lengths ('' to skip)")
     p.add_argument("--no-calibration", action="store_true")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "llm"))
+    p.add_argument("--out", default=None, help="output stem; default benchmarks/results/llm, under the temp folder for --quick")
     a = p.parse_args(argv)
-    out = Path(a.out)
+    out = out_stem("llm", a.out, "--quick" if a.quick else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     data = {"machine": machine(), **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration")}}
