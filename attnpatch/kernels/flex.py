@@ -133,7 +133,11 @@ class Flex(Kernel):
             q, k, v = (t.index_select(2, perm) for t in (q, k, v))  # (B, H, S, D) in tile order
         bm = _block_mask(plan, perm, B, None, Sq, Skv, q.device)  # per batch row (padding); heads share it
         score_mod = _in_tile_order(plan.score_mod, perm)
+        dtype = q.dtype
+        if os.environ.get("ATTNPATCH_FLEX_COMPILE", "1") == "0" and q.element_size() < 4:
+            q, k, v = q.float(), k.float(), v.float()  # the unfused path rounds 16-bit scores: twice the fused error
         out = _flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        out = out.to(dtype)
         if perm is not None:
             out = out.index_select(2, plan.blocks.inverse_perm_on(q.device))
         return out
