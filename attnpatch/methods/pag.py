@@ -85,6 +85,7 @@ class PAG(Method):
     """Perturbed-attention guidance; ``soft < 1`` is SoftPAG; ``heads`` restricts it to heads."""
 
     source = "Perturbed-Attention Guidance (Ahn et al. 2024); HeadHunter / SoftPAG (2025)"
+    llm = False  # guides a diffusion denoiser: the transformers patcher refuses it at patch time
     guidance = True  # the patchers install the denoiser wrapper for methods with this flag
 
     scale: float = 3.0

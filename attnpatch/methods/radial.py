@@ -33,6 +33,7 @@ class Radial(Sparse):
     """Spatial window shrinking with temporal distance, plus sink frames (video only)."""
 
     source = "Radial Attention: O(n log n) Sparse Attention with Energy Decay (Li et al. 2025)"
+    llm = False  # needs a video grid (T, H, W): the transformers patcher refuses it at patch time
 
     window: int | tuple | None = None  # spatial window in tiles per axis at distance <= 1 (odd)
     decay: float = 2.0

@@ -30,6 +30,7 @@ class SharedAttention(Method):
     """Every image attends to the reference image's keys / values too (StyleAligned-style)."""
 
     source = "StyleAligned (Hertz et al. 2024); AlignedGen; FreeCus"
+    llm = False  # needs a denoiser's batch roles: the transformers patcher refuses it at patch time
     needs_roles = True  # the patchers wrap the denoiser so calls know their CFG halves
 
     reference: int = 0

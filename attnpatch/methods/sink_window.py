@@ -3,7 +3,9 @@
 Query at absolute position i sees key j iff j <= i and (j < sink or i - j < window): the
 first ``sink`` tokens plus the last ``window`` tokens, the query itself included. Positions are
 absolute (``Site.kv_shift``): under left padding the sink is the first *real* tokens, and a
-rolling cache that has dropped them keeps no sink.
+rolling cache that has dropped them keeps no sink. A cache trimmed by ``evict=True`` (the
+transformers patcher) holds [sink keys | a run of keys ending at the query]; the patcher
+describes those calls in slot coordinates (``kv_shift`` None), where this same mask is exact.
 """
 from __future__ import annotations
 
@@ -32,23 +34,28 @@ class SinkWindow(Method):
         check_int("SinkWindow", "sink", self.sink, 0)
         check_int("SinkWindow", "window", self.window, 1)
         check_int("SinkWindow", "block", self.block, 16)
-        self._blocks: dict = {}
+        self._blocks: tuple = (None, None)  # (S, structure) of the latest prefill length
 
     def blocks(self, S: int):
-        """Causal block structure of a prefill of S tokens (cached per length)."""
-        if S not in self._blocks:
-            bounds = torch.cat([torch.arange(0, S, self.block), torch.tensor([S])])
-            sink, window = self.sink, self.window
+        """Causal block structure of a prefill of S tokens (the latest length cached). Threads
+        share the method: the cache is read once and replaced whole, never emptied in between."""
+        cached_S, cached = self._blocks
+        if cached_S == S:
+            return cached
+        bounds = torch.cat([torch.arange(0, S, self.block), torch.tensor([S])])
+        sink, window = self.sink, self.window
 
-            def count(rows, a, b):  # keys of row i: [0, min(sink, i + 1)) and [max(0, i - window + 1), i + 1)
-                r = rows[:, None]
-                s_hi = torch.clamp(r + 1, max=sink)
-                w_lo = (r - window + 1).clamp_min(0)
-                both = overlap(w_lo, torch.minimum(s_hi, r + 1), a, b)  # counted twice where the two overlap
-                return overlap(torch.zeros_like(r), s_hi, a, b) + overlap(w_lo, r + 1, a, b) - both
+        def count(rows, a, b):  # keys of row i: [0, min(sink, i + 1)) and [max(0, i - window + 1), i + 1)
+            r = rows[:, None]
+            s_hi = torch.clamp(r + 1, max=sink)
+            w_lo = (r - window + 1).clamp_min(0)
+            both = overlap(w_lo, torch.minimum(s_hi, r + 1), a, b)  # counted twice where the two overlap
+            return overlap(torch.zeros_like(r), s_hi, a, b) + overlap(w_lo, r + 1, a, b) - both
 
-            self._blocks = {S: from_states(causal_states(count, bounds), bounds, None, causal=True)}
-        return self._blocks[S]
+        structure = from_states(causal_states(count, bounds), bounds, None, causal=True)
+        self._blocks = (S, structure)  # one assignment: a concurrent reader sees the old pair or this one
+        return structure
+
     def plan(self, q, k, site: Site) -> Plan:
         if not site.causal:
             raise ValueError(
@@ -56,11 +63,6 @@ class SinkWindow(Method):
                 "for image / video models use a locality method such as Neighborhood"
             )
         sink, window, offset, shift = self.sink, self.window, site.q_offset, site.kv_shift
-        if getattr(self, "evicted", False):  # the cache holds [sink keys | last window - 1 keys | new keys]
-            def kept(b, h, q_idx, kv_idx):  # slot order is position order: the last `window` up to the query
-                return ((kv_idx < sink) | (q_idx + offset - kv_idx < window)) & (kv_idx <= q_idx + offset)
-
-            return Plan(mask_mod=kept, name=f"SinkWindow(sink={sink}, window={window}, evicted)")
 
         def mask_mod(b, h, q_idx, kv_idx):
             kv_pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute key position

@@ -9,6 +9,7 @@ cache update. The mask entry is transformers' own SDPA mask builder: a boolean
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -25,8 +26,9 @@ _registered = False
 
 
 class _Layer(SharesMethod):  # a deep copy of the model shares the method (see attnpatch.handle)
-    def __init__(self, method, backend, name, family, counters=None):
+    def __init__(self, method, backend, name, family, eviction=None, counters=None):
         self.method, self.backend, self.name, self.family = method, backend, name, family
+        self.eviction = eviction  # the model's _Eviction under SinkWindow(evict=True), else None
         self.counters = counters  # the patch's attnpatch.handle.Counters
 
 
@@ -36,14 +38,18 @@ def _site(module, Sq: int, Skv: int, attention_mask, kwargs, layer: "_Layer | No
     # key index of query 0: the cache before this call, except under the is_causal
     # convention (no mask, Sq > 1) where SDPA aligns causality to the upper left
     q_offset = Skv - Sq if (attention_mask is not None or Sq == 1) else 0
+    idx = int(getattr(module, "layer_idx", 0) or 0)
     shift = None
     pos = kwargs.get("position_ids")
-    if pos is not None and pos.dim() == 2:
+    # a cache that SinkWindow(evict=True) trimmed holds [sink keys | a run ending at the query]: no
+    # single shift maps its slots to positions, so its calls are described in slot coordinates
+    trimmed = layer is not None and layer.eviction is not None and layer.eviction.trimmed(idx)
+    if pos is not None and pos.dim() == 2 and not trimmed:
         # (B,) absolute position minus key index of the last query: -left padding, or what a
         # rolling cache has dropped
         shift = pos[:, -1] - (q_offset + Sq - 1)
         shift = shift if bool(shift.any()) else None
-    return Site(causal=causal, layer=int(getattr(module, "layer_idx", 0) or 0), name=layer.name if layer else "",
+    return Site(causal=causal, layer=idx, name=layer.name if layer else "",
                 kind="self", family=layer.family if layer else "", q_offset=q_offset, kv_shift=shift, decode=Sq == 1)
 
 
@@ -73,28 +79,45 @@ def _register() -> None:
     _registered = True
 
 
+LLM_METHODS = "SinkWindow, Power, VerticalSlash, TopKBlocks, Temperature, EntropyScale, SinkCalibration or Dense"
+
+
+def _check_method(method, model) -> None:
+    """Methods that need a visual token grid or a denoiser's batch roles (class attribute
+    ``llm = False``) cannot run in a causal decoder: refuse them now, not at the first forward."""
+    if not getattr(method, "llm", True):
+        raise TypeError(f"{type(method).__name__} is an image / video (diffusion) method and cannot run in the causal "
+                        f"decoder {type(model).__name__}: it needs a visual token grid or a denoiser's guidance batch; "
+                        f"for LLMs use {LLM_METHODS}")
+
+
 def patch_model(model, method, backend, layers, counters=None):
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in FAMILIES:
         raise TypeError(f"attnpatch does not support {type(model).__name__} (model_type {family!r}); supported: {SUPPORTED}")
+    _check_method(method, model)
     _register()
     if hasattr(method, "bind_model"):
         method.bind_model(model)  # e.g. a calibration profile checks it was made for this model
     entries = [(m.layer_idx, name, m) for name, m in model.named_modules()
                if getattr(m, "layer_idx", None) is not None and hasattr(m, "q_proj")]
     chosen = layer_sel.select([(l, n) for l, n, _ in entries], layers)
+    eviction = _Eviction(method, [l for l, n, _ in entries if n in chosen]) if getattr(method, "evict", False) else None
+    if eviction is not None and len(chosen) < len(entries):
+        raise ValueError(f"{method}: evict=True trims the KV cache of every layer (the model sizes its masks from one "
+                         "cache length), so it needs every layer patched; drop layers=... or use evict=False")
     orig_impl = config._attn_implementation
     undo, names = [], []
     for _, name, m in entries:
         if name in chosen:
-            m._attnpatch = _Layer(method, backend, name, family, counters)
+            m._attnpatch = _Layer(method, backend, name, family, eviction, counters)
             undo.append(functools.partial(delattr, m, "_attnpatch"))  # partials, not closures: deepcopy maps m
             names.append(name)
     model.set_attn_implementation(NAME)
     undo.insert(0, functools.partial(model.set_attn_implementation, orig_impl))
-    if getattr(method, "evict", False):
-        undo += _install_eviction(model, method)
+    if eviction is not None:
+        undo += eviction.install(model)
     return names, undo
 
 
@@ -103,30 +126,71 @@ def _cache_bytes(cache) -> int:
                if torch.is_tensor(t))
 
 
-def _install_eviction(model, method):
-    """After every forward, trim the KV cache to the first ``sink`` and the last ``window - 1``
-    keys (the next query makes ``window``); the method then knows every key left is visible."""
-    def pre(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is None or cache.get_seq_length() == 0:
-            method.evicted = False  # a new sequence
+def _cache_of(kwargs):
+    """The KV cache of a forward's kwargs or output (transformers 5.24 renamed past_key_values to cache)."""
+    for key in ("cache", "past_key_values"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+class _Eviction:
+    """SinkWindow(evict=True) on one model: after every forward, trim each patched full-attention
+    layer's cache to the first ``sink`` and the last ``window - 1`` keys (the next query makes
+    ``window``); rolling (sliding-window) caches already bound themselves and stay as they are.
+
+    State lives where it belongs, so threads and models sharing the method never meet: what a
+    cache holds is recorded on the cache (``_attnpatch_trimmed``: the trimmed layers;
+    ``_attnpatch_seen``: tokens it has absorbed), and the forward hooks hand the current cache's
+    trimmed layers to this thread's attention calls through a thread-local."""
+
+    def __init__(self, method, layers):
+        self.method, self.layers, self.local = method, set(layers), threading.local()
+        self.memory = None  # {"before", "after"} bytes of this model's latest trimmed cache
+
+    def __deepcopy__(self, memo):  # a deep copy of the model trims its own caches; the method is shared
+        new = _Eviction(self.method, self.layers)
+        memo[id(self)] = new
+        return new
+
+    def trimmed(self, layer_idx: int) -> bool:
+        return layer_idx in getattr(self.local, "layers", ())
+
+    def install(self, model) -> list:
+        h1 = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        h2 = model.register_forward_hook(self._post, with_kwargs=True)
+        return [h1.remove, h2.remove]
+
+    def _pre(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError("SinkWindow(evict=True) needs an unpadded batch (left padding would keep pad slots as the sink)")
+        cache = _cache_of(kwargs)
+        self.local.layers = getattr(cache, "_attnpatch_trimmed", frozenset())
+        if self.local.layers and kwargs.get("position_ids") is None:
+            # transformers numbers new tokens from the cache length, which eviction shortened
+            x = kwargs.get("input_ids", args[0] if args else None)
+            x = kwargs.get("inputs_embeds") if x is None else x
+            kwargs["position_ids"] = torch.arange(x.shape[1], device=x.device)[None] + cache._attnpatch_seen
+            return args, kwargs
+        return None
 
-    def post(module, args, kwargs, output):
-        cache = getattr(output, "past_key_values", None)
-        keep = method.sink + method.window - 1
-        if cache is None or cache.get_seq_length() <= keep:
+    def _post(self, module, args, kwargs, output):
+        self.local.layers = frozenset()
+        cache = _cache_of(output)
+        keep, sink, window = self.method.sink + self.method.window - 1, self.method.sink, self.method.window
+        idx = [i for i in sorted(self.layers) if cache is not None and i < len(getattr(cache, "layers", ()))
+               and not getattr(cache.layers[i], "is_sliding", False) and torch.is_tensor(cache.layers[i].keys)]
+        layers = [cache.layers[i] for i in idx]
+        if not layers or layers[0].keys.shape[2] <= keep:
             return
+        # positions absorbed so far: one past the last position this forward used
+        seen = int(kwargs["position_ids"].max()) + 1 if kwargs.get("position_ids") is not None else layers[0].keys.shape[2]
         before = _cache_bytes(cache)
-        for layer in cache.layers:
+        for layer in layers:
             for name in ("keys", "values"):
-                t = getattr(layer, name)
-                setattr(layer, name, torch.cat([t[:, :, :method.sink], t[:, :, t.shape[2] - (method.window - 1):]], 2))
-        method.evicted = True
-        method.memory = dict(before=before, after=_cache_bytes(cache))
-
-    h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
-    h2 = model.register_forward_hook(post, with_kwargs=True)
-    return [h1.remove, h2.remove, lambda: setattr(method, "evicted", False)]
+                t = getattr(layer, name)  # (B, H_kv, S, D)
+                setattr(layer, name, torch.cat([t[:, :, :sink], t[:, :, t.shape[2] - (window - 1):]], 2))
+        cache._attnpatch_trimmed = frozenset(idx)
+        cache._attnpatch_seen = seen
+        self.memory = self.method.memory = dict(before=before, after=_cache_bytes(cache))
