@@ -46,6 +46,14 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
     return out
 
 
+def _output(fn, out, q, k, v, scale, **call):
+    """``Plan.output(out, q, k, v, scale)``; a callback that recomputes attention (SinkCalibration)
+    names ``mask`` / ``softcap`` parameters and gets the call's own, so it sees what the kernel saw."""
+    code = getattr(fn, "__code__", None)
+    names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount] if code is not None else ()
+    return fn(out, q, k, v, scale, **{n: x for n, x in call.items() if n in names})
+
+
 def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
     plan = (plan or Plan()).with_site(site.causal, site.q_offset)
     if softcap:
@@ -55,6 +63,7 @@ def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
         plan = dataclasses.replace(plan, output=None, extra_kv=None, transform=None)
     if transform is not None:
         q, k, v = transform(q, k, v)
+    own_mask = mask  # the call's mask over k alone (extra keys below widen it), for an output callback
     k_all, v_all = k, v
     if extra is not None:  # shared attention: more keys / values per row, always visible
         ek, ev = extra(k, v) if callable(extra) else extra
@@ -66,7 +75,7 @@ def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
     q, scale, plan = fold_q_scale(q, scale, plan)  # every kernel then runs a temperature at its own speed
     kernel = kernels.select(q, k_all, v_all, plan, mask=mask, backend=backend)
     out = kernel.run(q, k_all, v_all, plan, mask=mask, scale=scale)
-    return out if output is None else output(out, q, k, v, scale)
+    return out if output is None else _output(output, out, q, k, v, scale, mask=own_mask, softcap=softcap)
 
 
 def attend(q, k, v, method: Method, site: Site | None = None, *, backend: str | None = None, mask=None, scale=None):

@@ -3,8 +3,11 @@ Hidden Attention Sinks" (Yu et al. 2024). In the chosen heads, key columns other
 ``first`` tokens whose attention exceeds ``threshold`` times uniform (averaged over the call's
 queries: the column mean of p_ij * n_i, n_i = keys query i sees) are sinks that waste attention;
 their attention is scaled by ``beta`` and the rows renormalised, which equals adding log(beta) to
-their scores. Computed exactly by merging two softmax partitions by their log-sum-exp: all keys,
-and the (few) sink keys, so no S x S bias is materialised.
+their scores. Computed exactly from the kernel's output and two log-sum-exps, all keys and the
+(few) sink keys, so no S x S bias is materialised. Detection and both partitions see what the
+kernel saw: the call's mask (padding), causality, soft-capping and scale; keys the mask hides are
+never sinks, rows that see no key are left as the kernel made them, and under left padding
+(``Site.kv_shift``) the ``first`` tokens are the first real ones.
 
 Heads come from a calibration run (``attnpatch.pipelines.calibrate``) saved as a safetensors
 profile; ``bind_model`` checks the profile against the patched model.
@@ -15,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.lse import sdpa_lse_math
 from ..plan import Plan
 from ..site import Site
 from .base import Method
@@ -95,58 +97,103 @@ class SinkCalibration(Method):
         return list(range(H)) if self._heads is None else self._heads.get(layer, [])
 
     @torch.no_grad()
-    def sinks(self, q, k, off: int, causal: bool) -> torch.Tensor:
-        """(B, h, Skv) boolean sink columns of heads q (B, h, Sq, D) / k (B, h, Skv, D)."""
-        B, h, Sq, D = q.shape
+    def sinks(self, q, k, off: int, causal: bool, *, mask=None, scale=None, softcap=None, kv_shift=None) -> torch.Tensor:
+        """(B, h, Skv) boolean sink columns of heads q (B, h, Sq, D) / k (B, h, Skv, D); ``mask``
+        is the call's boolean (True = keep) or additive mask for these heads, broadcastable to
+        (B, h, Sq, Skv)."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return self._scan(q, k, _Call(off, causal, kv_shift, mask, scale, softcap))[0]
+
+    def _scan(self, q, k, call: "_Call"):
+        """(sink columns (B, h, Skv), lse (B, h, Sq) of every row over all the keys it sees; 0 for
+        rows that see none). A column's score: mean over the rows that see a key of p_ij * n_i."""
+        B, h, Sq, _ = q.shape
         Skv = k.shape[2]
         col = torch.zeros(B, h, Skv, device=q.device)
+        live = torch.zeros(B, h, 1, device=q.device)
+        lses = []
+        for s in range(0, Sq, 1024):  # query chunks bound the memory of the scores
+            sc = call.logits(q[:, :, s:s + 1024], k, s)  # (B, h, C, Skv), -inf where hidden
+            seen = sc > float("-inf")
+            dead = ~seen.any(-1, keepdim=True)  # rows that see no key: lse 0, no NaN forward or backward
+            lse = sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True).masked_fill(dead, 0.0)
+            lses.append(lse.squeeze(-1))
+            with torch.no_grad():
+                n = seen.sum(-1, keepdim=True)  # keys each row sees
+                col += (torch.exp(sc - lse).masked_fill(~seen, 0.0) * n).sum(2)  # attention relative to uniform
+                live += (n > 0).sum(2)
         j = torch.arange(Skv, device=q.device)
-        for s in range(0, Sq, 1024):  # query chunks bound the memory of the probabilities
-            i = torch.arange(s, min(s + 1024, Sq), device=q.device)[:, None] + off
-            sc = q[:, :, s:s + 1024].float() @ k.float().transpose(-1, -2) * D**-0.5
-            if causal:
-                sc = sc.masked_fill(j[None, :] > i, float("-inf"))
-            n = (i + 1).clamp_max(Skv) if causal else torch.full_like(i, Skv)
-            col += (torch.softmax(sc, -1) * n).sum(2)  # attention relative to uniform, summed over queries
-        score = (col / Sq).masked_fill(j < self.first, 0.0)
+        pos = j if call.shift is None else j + call.shift.to(q.device)[:, None]  # (Skv) or (B, Skv): absolute
+        early = (pos < self.first).view(-1, 1, Skv)  # the first real tokens are never calibrated
+        score = (col / live.clamp_min(1)).masked_fill(early, 0.0)
         top = score.topk(min(self.max_sinks, Skv), -1)
         keep = torch.zeros_like(score, dtype=torch.bool).scatter_(2, top.indices, top.values > self.threshold)
-        return keep
+        return keep, torch.cat(lses, 2)
+
+    def _calibrate(self, out, q, k, v, call: "_Call"):
+        """Heads ``call.heads`` of ``out`` (the kernel's result) with sink attention scaled by beta:
+        (N - (1 - beta) N_s) / (Z - (1 - beta) Z_s) = (out - w o_s) / (1 - w), w = (1 - beta) Z_s / Z."""
+        rep = q.shape[1] // k.shape[1]
+        qh, kh, vh = q[:, call.heads], k[:, call.heads // rep], v[:, call.heads // rep]  # (B, h, S, D)
+        sink, lse_all = self._scan(qh, kh, call)  # (B, h, Skv), (B, h, Sq)
+        if not sink.any():
+            return out
+        m = int(sink.sum(-1).max())
+        idx = sink.float().topk(m, -1).indices  # (B, h, m): sink columns first, then non-sinks to skip
+        ks = kh.gather(2, idx[..., None].expand(-1, -1, -1, kh.shape[-1]))
+        vs = vh.gather(2, idx[..., None].expand(-1, -1, -1, vh.shape[-1]))
+        sc = call.logits(qh, ks, 0, idx)  # (B, h, Sq, m): the sink columns' own scores, mask and causality
+        sc = sc.masked_fill(~sink.gather(2, idx)[:, :, None, :], float("-inf"))
+        dead = ~(sc > float("-inf")).any(-1, keepdim=True)  # rows that see no sink: w = 0
+        lse_s = sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True)
+        o_s = torch.exp(sc - lse_s).masked_fill(dead, 0.0) @ vs.to(sc.dtype)  # (B, h, Sq, Dv)
+        w = (1 - self.beta) * torch.exp(lse_s.squeeze(-1) - lse_all).masked_fill(dead.squeeze(-1), 0.0)
+        base = out[:, call.heads].to(sc.dtype)
+        cal = (base - w[..., None] * o_s) / (1 - w[..., None])
+        out = out.clone()
+        out[:, call.heads] = cal.to(out.dtype)
+        return out
 
     def plan(self, q, k, site: Site) -> Plan | None:
-        B, H, Sq, D = q.shape
-        heads = self.heads_at(site.layer, H)
+        heads = self.heads_at(site.layer, q.shape[1])
         if not heads:
             return None
-        off, causal = site.q_offset, site.causal
         hidx = torch.tensor(heads, device=q.device)
 
-        def output(out, q, k, v, scale):
-            rep = q.shape[1] // k.shape[1]
-            qh = q[:, hidx]
-            kh, vh = k.repeat_interleave(rep, 1)[:, hidx], v.repeat_interleave(rep, 1)[:, hidx]
-            sink = self.sinks(qh, kh, off, causal)  # (B, h, Skv)
-            if not sink.any():
-                return out
-            m = int(sink.sum(-1).max())
-            idx = sink.float().topk(m, -1).indices  # (B, h, m): sink columns first, padding after
-            valid = sink.gather(2, idx)
-            ks = kh.gather(2, idx[..., None].expand(-1, -1, -1, D))
-            vs = vh.gather(2, idx[..., None].expand(-1, -1, -1, vh.shape[-1]))
-            i = torch.arange(Sq, device=q.device)[:, None] + off
-            keep = valid[:, :, None, :] & ((idx[:, :, None, :] <= i) if causal else True)  # (B, h, Sq, m)
-            bias = torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
-            full_bias = torch.zeros(1, 1, Sq, kh.shape[2], device=q.device)
-            if causal:
-                full_bias = full_bias.masked_fill(torch.arange(kh.shape[2], device=q.device) > i, float("-inf"))
-            o_all, lse_all = sdpa_lse_math(qh, kh, vh, full_bias, scale)
-            o_s, lse_s = sdpa_lse_math(qh, ks, vs, bias, scale)
-            # softmax with sink weights beta: (N_all - (1 - beta) N_s) / (Z_all - (1 - beta) Z_s)
-            w_s = (1 - self.beta) * torch.exp(lse_s - lse_all).nan_to_num(0.0)  # Z_s / Z_all
-            num = o_all.float() - w_s[..., None] * o_s.float()
-            cal = (num / (1 - w_s)[..., None]).to(out.dtype)
-            out = out.clone()
-            out[:, hidx] = cal
-            return out
+        def output(out, q, k, v, scale, mask=None, softcap=None):  # core passes the call's mask and softcap
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            return self._calibrate(out, q, k, v, _Call(site.q_offset, site.causal, site.kv_shift, mask, scale, softcap, hidx))
 
         return Plan(output=output, name=repr(self))
+
+
+class _Call:
+    """What one attention call's kernel saw, to recompute its scores: query offset, causality,
+    key positions, the call's mask, scale and soft-capping (heads: the calibrated ones)."""
+
+    def __init__(self, off, causal, shift, mask, scale, softcap, heads=None):
+        self.off, self.causal, self.shift, self.scale, self.softcap, self.heads = off, causal, shift, scale, softcap, heads
+        if mask is not None:
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B|1, H|1, Sq|1, Skv|1)
+            if heads is not None and mask.shape[1] > 1:
+                mask = mask[:, heads.to(mask.device)]
+        self.mask = mask
+
+    def logits(self, q, k, row0: int, cols=None) -> torch.Tensor:
+        """Scores (B, h, C, K) of query rows row0.. against k, float32 or wider, -inf where hidden;
+        ``cols`` (B, h, K): the key indices k holds (default: all, in order)."""
+        work = torch.promote_types(q.dtype, torch.float32)
+        s = (q.to(work) @ k.to(work).transpose(-1, -2)) * self.scale
+        if self.softcap:
+            s = self.softcap * torch.tanh(s / self.softcap)
+        rows = torch.arange(row0, row0 + q.shape[2], device=q.device)  # (C,)
+        j = torch.arange(k.shape[2], device=q.device) if cols is None else cols[:, :, None, :]  # (K) / (B, h, 1, K)
+        if self.causal:
+            s = s.masked_fill(j > rows[:, None] + self.off, float("-inf"))
+        if self.mask is not None:
+            m = self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask  # (B|1, h|1, C|1, Skv|1)
+            if cols is not None and m.shape[-1] > 1:
+                m = m.expand(cols.shape[0], cols.shape[1], m.shape[2], m.shape[3]).gather(
+                    3, cols[:, :, None, :].expand(-1, -1, m.shape[2], -1))
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(work)
+        return s
