@@ -1,0 +1,278 @@
+"""Regression tests of issue 16 on the LLM side: KV eviction is exact (same logits as the masked,
+un-evicted run), SinkCalibration sees the call's padding mask and soft-capping, SinkWindow's
+block cache is safe under concurrent calls, and image / video methods are refused at patch time
+on a decoder."""
+import math
+import threading
+import weakref
+
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import Site, core
+from attnpatch.pipelines.tiny import llm
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llm("llama")
+
+
+def _ids(n, seed, batch=1):
+    return torch.randint(3, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _greedy(m, ids, method, n):
+    with ap.patch(m, method):
+        out = m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)  # (B, S + n), (B, n, V)
+
+
+# --- 1. SinkWindow(evict=True) is exact ------------------------------------------------------
+
+
+def test_eviction_equals_masked_full_cache_over_many_decode_steps(model):
+    """Every decode step of the evicted cache (sink keys + the last window - 1, at their original
+    positions) gives the logits of the full cache under the same mask."""
+    ids = _ids(30, 11)
+    evict = ap.SinkWindow(sink=3, window=8, evict=True)
+    seq, logits = _greedy(model, ids, ap.SinkWindow(sink=3, window=8), 40)
+    seq_e, logits_e = _greedy(model, ids, evict, 40)
+    torch.testing.assert_close(logits_e, logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(seq_e, seq)
+    assert evict.memory["after"] < evict.memory["before"]  # the cache was trimmed
+    stock = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+    assert (torch.stack(stock.logits, 1) - logits).abs().max() > 1e-2  # the window does matter here
+
+
+def test_eviction_exact_for_direct_calls_and_chunks(model):
+    """Forward calls on a trimmed cache without position_ids (transformers would number the new
+    tokens from the shortened cache) and multi-token chunks equal the un-evicted run."""
+    ids = _ids(45, 12)
+    runs = []
+    for method in (ap.SinkWindow(sink=2, window=6), ap.SinkWindow(sink=2, window=6, evict=True)):
+        with torch.no_grad(), ap.patch(model, method):
+            first = model(ids[:, :20], use_cache=True)
+            cache = first.cache
+            chunk = model(ids[:, 20:29], cache=cache, use_cache=True).logits  # 9 queries at once
+            steps = [model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(29, 45)]
+        runs.append((first.logits, chunk, torch.cat(steps, 1), cache.get_seq_length()))
+    (f0, c0, s0, n0), (f1, c1, s1, n1) = runs
+    assert n0 == 45 and n1 == 2 + 6 - 1  # the evicted cache holds sink + window - 1 keys
+    torch.testing.assert_close(f1, f0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c1, c0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
+
+
+def test_eviction_state_is_per_model_and_per_thread():
+    """One SinkWindow(evict=True) shared by two models, each generating in its own thread at the
+    same time, gives each model's serial result."""
+    a, b = llm("llama"), llm("qwen2")
+    method = ap.SinkWindow(sink=2, window=5, evict=True)
+    ids = _ids(25, 13)
+    serial = [_greedy(m, ids, method, 24)[0] for m in (a, b)]
+    results, errors = {}, []
+    with ap.patch(a, method), ap.patch(b, method):
+        def run(i, m):
+            try:
+                for _ in range(3):
+                    results.setdefault(i, []).append(
+                        m.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False))
+            except Exception as e:  # noqa: BLE001  (reported below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((a, b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    for i in (0, 1):
+        assert all(torch.equal(r, serial[i]) for r in results[i])
+
+
+def test_eviction_needs_every_layer(model):
+    with pytest.raises(ValueError, match="every layer patched"):
+        ap.patch(model, ap.SinkWindow(sink=2, window=4, evict=True), layers=[1])
+    assert model.config._attn_implementation != "attnpatch"
+
+
+# --- 3. SinkWindow's block cache under concurrent calls --------------------------------------
+
+
+def test_sinkwindow_blocks_replaced_mid_call_by_another_length():
+    """The worst moment for a thread switch: while one call replaces the cached structure, another
+    length is planned (here from a finaliser of the replaced structure, which runs exactly then,
+    as a second thread would). Each call still gets its own length's structure."""
+    m = ap.SinkWindow(sink=2, window=20, block=16)
+    site, fired = Site(causal=True), []
+
+    def plan(S):
+        q = torch.zeros(1, 1, S, 8)
+        return m.plan(q, q, site).blocks
+
+    def interrupt():
+        if not fired:
+            fired.append(plan(72).bounds[-1].item())
+
+    weakref.finalize(plan(56), interrupt)  # the cached structure of length 56
+    blocks = plan(40)  # replaces it: the finaliser plans length 72 meanwhile
+    assert fired == [72]
+    assert blocks.bounds[-1].item() == 40 and blocks.bounds.tolist() == [0, 16, 32, 40]
+
+
+def test_sinkwindow_many_threads_alternating_lengths_equal_serial():
+    m = ap.SinkWindow(sink=2, window=20, block=16)
+    site, lengths = Site(causal=True), [40, 56, 72, 88]
+    g = torch.Generator().manual_seed(0)
+    qkv = {S: torch.randn(3, 1, 2, S, 8, generator=g) for S in lengths}
+    serial = {S: ap.attend(*qkv[S], m, site, backend="tiles") for S in lengths}
+    results, errors = [], []
+
+    def work(t):
+        try:
+            for i in range(40):
+                S = lengths[(i + t) % len(lengths)]
+                results.append((S, ap.attend(*qkv[S], m, site, backend="tiles")))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(results) == 160
+    for S, out in results:
+        assert torch.equal(out, serial[S])
+
+
+# --- 2. SinkCalibration sees the call's mask ------------------------------------------------
+
+
+def _act_reference(q, k, v, heads, keep, beta, threshold, first, max_sinks, pos, softcap=None):
+    """ACT from its definition in float64: in the chosen heads, columns (absolute position >=
+    first) whose mean over the rows that see a key of p_ij * n_i exceeds threshold (at most
+    max_sinks, the strongest) get log(beta) added to their scores. keep: (B, 1, Sq, Skv) bool."""
+    q, k, v = q.double(), k.double(), v.double()
+    H, rep = q.shape[1], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~keep, float("-inf"))
+    n = keep.sum(-1, keepdim=True).double()  # (B, 1, Sq, 1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    col = (p * n).sum(2) / (n > 0).sum(2)  # (B, H, Skv)
+    col = col.masked_fill((pos < first)[:, None, :], 0.0)
+    top = col.topk(max_sinks, -1)
+    sinks = torch.zeros_like(col, dtype=torch.bool).scatter_(2, top.indices, top.values > threshold)
+    chosen = torch.zeros(H, dtype=torch.bool)
+    chosen[heads] = True
+    sinks &= chosen[None, :, None]
+    out = torch.softmax(s + torch.where(sinks[:, :, None, :], math.log(beta), 0.0), -1).nan_to_num(0.0) @ v
+    return out, sinks
+
+
+def _padded_case(Sq, Skv, pad=5):
+    """Row 0 left padded by ``pad`` keys; a strong sink direction at the first real token of each
+    row (never calibrated: first=1), at real key 9, and at a pad slot of row 0 (hidden)."""
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, D = 2, 4, 2, 8
+    q, k, v = torch.randn(B, H, Sq, D, generator=g), torch.randn(B, Hkv, Skv, D, generator=g), torch.randn(B, Hkv, Skv, D, generator=g)
+    c = torch.randn(D, generator=g)
+    q += c
+    shift = torch.tensor([-pad, 0])
+    for b in range(B):
+        k[b, :, -shift[b]] = 4 * c  # first real token
+        k[b, :, 9 - shift[b]] = 4 * c  # real position 9
+    k[0, :, 2] = 5 * c  # a pad slot
+    j = torch.arange(Skv)
+    keep = (j[None, :] >= -shift[:, None])[:, None, None, :].expand(B, 1, Sq, Skv)  # padding
+    causal = j[None, :] <= torch.arange(Sq)[:, None] + Skv - Sq
+    return q, k, v, shift, keep, keep & causal
+
+
+@pytest.mark.parametrize("Sq,Skv", [(40, 40), (1, 40), (7, 40)], ids=["prefill", "decode", "chunk"])
+def test_sink_calibration_on_padded_batch_matches_definition(Sq, Skv):
+    q, k, v, shift, pad_keep, keep = _padded_case(Sq, Skv)
+    m = ap.SinkCalibration(heads=[(0, 0), (0, 3)], threshold=2.0, beta=0.3)
+    site = Site(causal=True, q_offset=Skv - Sq, kv_shift=shift)
+    out = ap.attend(q, k, v, m, site, mask=pad_keep)
+    pos = torch.arange(Skv)[None, :] + shift[:, None]
+    ref, sinks = _act_reference(q, k, v, [0, 3], keep, 0.3, 2.0, 1, 16, pos)
+    assert sinks[0, [0, 3], 9 + 5].all() and sinks[1, [0, 3], 9].all()  # real position 9 is a sink in both rows
+    assert not sinks[0, :, :5].any() and not sinks[0, :, 5].any() and not sinks[1, :, 0].any()
+    live = keep.any(-1).expand(-1, 4, -1)  # rows that see a key (row 0's pad queries see none)
+    torch.testing.assert_close(out[live], ref[live].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sink_calibration_softcap_matches_definition():
+    """Soft-capped logits (Gemma-2): detection and both partitions use the capped scores."""
+    q, k, v, shift, pad_keep, keep = _padded_case(40, 40)
+    m = ap.SinkCalibration(heads=[(0, 1), (0, 2)], threshold=1.5, beta=0.5)
+    site = Site(causal=True, kv_shift=shift)
+    out = core.run(q, k, v, m, site, mask=pad_keep, softcap=3.0)
+    ref, sinks = _act_reference(q, k, v, [1, 2], keep, 0.5, 1.5, 1, 16, torch.arange(40)[None, :] + shift[:, None], 3.0)
+    assert sinks.any()
+    live = keep.any(-1).expand(-1, 4, -1)
+    torch.testing.assert_close(out[live], ref[live].float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Sq", [40, 1])
+def test_sink_calibration_beta_one_is_dense_with_a_padding_mask(Sq):
+    q, k, v, shift, pad_keep, keep = _padded_case(Sq, 40)
+    site = Site(causal=True, q_offset=40 - Sq, kv_shift=shift)
+    out = ap.attend(q, k, v, ap.SinkCalibration(threshold=2.0, beta=1.0), site, mask=pad_keep)
+    dense = ap.attend(q, k, v, ap.Dense(), site, mask=pad_keep)
+    live = keep.any(-1).expand(-1, 4, -1)
+    torch.testing.assert_close(out[live], dense[live], atol=1e-6, rtol=1e-6)
+
+
+def test_sink_calibration_beta_one_is_stock_on_a_left_padded_llama(model):
+    ids = _ids(24, 6, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+        with ap.patch(model, ap.SinkCalibration(threshold=1.5, beta=1.0)):
+            out = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], stock[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_sink_calibration_gradients_match_reference():
+    """Backward through the calibration (LoRA / guidance gradients): equal to the float64
+    definition's gradients, padded rows included (no NaN from rows that see no key)."""
+    q, k, v, shift, pad_keep, keep = _padded_case(20, 20)
+    m = ap.SinkCalibration(heads=[(0, 0), (0, 3)], threshold=2.0, beta=0.3)
+    site = Site(causal=True, kv_shift=shift)
+    w = torch.randn(2, 4, 20, 8, generator=torch.Generator().manual_seed(9))
+    live = keep.any(-1, keepdim=True)  # (B, 1, Sq, 1): loss over rows that see a key
+    grads = []
+    for f, dtype in ((lambda *t: ap.attend(*t, m, site, mask=pad_keep, backend="reference"), torch.float32),
+                     (lambda *t: _act_reference(*t, [0, 3], keep, 0.3, 2.0, 1, 16, torch.arange(20)[None, :] + shift[:, None])[0],
+                      torch.float64)):
+        t = [x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v)]
+        ((f(*t) * w.to(dtype)) * live).sum().backward()
+        grads.append([x.grad for x in t])
+    for g, r in zip(*grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+# --- 4. image / video methods refused at patch time ------------------------------------------
+
+
+@pytest.mark.parametrize("method", [ap.Neighborhood(window=5), ap.SlidingTile(), ap.Radial(), ap.PAG(), ap.SharedAttention()],
+                         ids=["neighborhood", "slidingtile", "radial", "pag", "shared"])
+def test_image_video_methods_refused_at_patch_time(model, method):
+    impl = model.config._attn_implementation
+    with pytest.raises(TypeError, match=f"{type(method).__name__} is an image / video .* for LLMs use SinkWindow"):
+        ap.patch(model, method)
+    assert model.config._attn_implementation == impl
+    assert not any(hasattr(m, "_attnpatch") for m in model.modules())
