@@ -67,7 +67,8 @@ class Site:
             object.__setattr__(self, "step", check_int(s, "step", self.step, 0, example=0))
         if self.steps is not None:
             object.__setattr__(self, "steps", check_int(s, "steps", self.steps, 1, example=28))
-        if self.kv_shift is not None and (not isinstance(self.kv_shift, torch.Tensor) or self.kv_shift.dim() != 1):
+        shift = self.kv_shift
+        if shift is not None and (not isinstance(shift, torch.Tensor) or shift.dim() != 1 or shift.is_floating_point()):
             fail(s, "kv_shift", self.kv_shift, "None or a (B,) integer tensor", "torch.tensor([0, -3])", ParameterTypeError)
         roles = self.roles
         if isinstance(roles, str) or not isinstance(roles, (tuple, list)) or any(r not in ROLES for r in roles):

@@ -39,6 +39,7 @@ CASES = [
     (lambda: Site(steps=0), V, r"Site\(steps=0\): steps must be an integer >= 1"),
     (lambda: Site(roles=("cond", "perturbd")), V, r"roles must be a tuple with one of \('cond', 'uncond', 'perturbed'\)"),
     (lambda: Site(roles="cond"), E, r"Site\(roles='cond'\): roles must be a tuple"),
+    (lambda: Site(kv_shift=torch.tensor([0.5])), E, r"kv_shift must be None or a \(B,\) integer tensor"),
     (lambda: Site(kv_shift=[0, 3]), E, r"Site\(kv_shift=\[0, 3\]\): kv_shift must be None or a \(B,\) integer tensor"),
     # locality methods
     (lambda: ap.Radial(window=2), V, r"Radial\(window=2\): window must be .*odd integer.*e\.g\. Radial\(window=3\)"),
@@ -149,6 +150,21 @@ def test_profile_shape_errors_at_the_call_name_the_file(tmp_path):
     m = ap.Neighborhood(profile={"window": torch.tensor([[3, 5, 7]])})
     with pytest.raises(ValueError, match=r"profile \(a dict\) table 'window' has 3 heads, the model has 4: give one value"):
         ap.attend(q, k, v, m, Site(grid=(6, 8)))
+
+
+@pytest.mark.parametrize("table,match", [(torch.tensor([0.5, 0.25]), "has 2 layers and no head axis"),
+                                         (torch.full((3, 2), 0.5), "has 3 layers and 2 heads")])
+def test_profile_for_another_model_fails_at_patch_time(table, match):
+    """A transformers config names its layers and heads: a profile made for another model is
+    refused by ``patch``, not at the forward of the first layer it lacks."""
+    from attnpatch.pipelines.tiny import llm
+
+    model = llm("llama", num_hidden_layers=3)  # 4 heads
+    with pytest.raises(ValueError, match=rf"TopKBlocks profile \(a dict\): table 'keep' {match}, but this model has 3 "
+                                         r"layers x 4 heads .*save_profile"):
+        ap.patch(model, ap.TopKBlocks(keep=0.5, block=16, profile={"keep": table}))
+    with ap.patch(model, ap.TopKBlocks(keep=0.5, block=16, profile={"keep": torch.tensor([[0.5], [0.25], [1.0]])})):
+        assert model(torch.arange(40)[None]).logits.isfinite().all()  # a right profile patches and runs
 
 
 def test_good_values_still_construct_and_are_normalised():

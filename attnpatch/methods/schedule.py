@@ -117,6 +117,20 @@ class Sparse(Method):
                 raise ValueError(f"{self.name} profile {self._source} holds {dict(combo)}, which is not a valid "
                                  f"parameter set: {e}") from e
 
+    def bind_model(self, model) -> None:
+        """Check a profile against the model it is patched into, where its config names the
+        layers and heads (transformers): a table for another model fails at patch time."""
+        cfg = getattr(model, "config", None)
+        L, H = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
+        if self._tables is None or not isinstance(L, int) or not isinstance(H, int):
+            return
+        for name, t in self._tables.items():
+            if t.shape[0] < L or (t.dim() > 1 and t.shape[1] not in (1, H)):
+                heads = f"{t.shape[1]} heads" if t.dim() > 1 else "no head axis"
+                raise ValueError(f"{self.name} profile {self._source}: table {name!r} has {t.shape[0]} layers and "
+                                 f"{heads}, but this model has {L} layers x {H} heads (a table needs a row per layer "
+                                 f"and 1 or {H} heads); {_how(type(self))}")
+
     def dense_count(self, steps: int | None) -> int:
         """How many first steps run dense in a pipeline call of ``steps`` steps (None: unknown)."""
         d = self.dense_steps
