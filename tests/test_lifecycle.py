@@ -327,3 +327,36 @@ def test_counters_are_per_patch_and_thread_safe():
         m(torch.randint(3, 97, (1, 5)))
     assert h.stats() == {"routed": 12, "handed_back": {}, "skipped": {}} and hm.stats()["routed"] == 2
     assert h.summary() == "attnpatch: 12 calls through Dense()"
+
+
+@torch.no_grad()
+def test_two_threads_on_one_model_each_see_their_own_grid():
+    """Thread A stops inside its forward (its grid already read from its inputs) while thread B runs
+    a forward on another grid; A must still attend on its own grid."""
+    from attnpatch.pipelines.tiny import _flux_inputs
+
+    model, _ = _flux()
+    a_in, b_in = _flux_inputs(H=3, W=5), _flux_inputs(H=5, W=3)
+    ap.patch(model, SPARSE)
+    serial = {"A": model(**a_in)[0], "B": model(**b_in)[0]}
+    a_waits, b_done, out = threading.Event(), threading.Event(), {}
+
+    def hold_a(module, args):
+        if threading.current_thread().name == "A":
+            a_waits.set()
+            b_done.wait(30)
+
+    model.transformer_blocks[0].attn.register_forward_pre_hook(hold_a)
+
+    def run(name, inputs):
+        with torch.no_grad():
+            out[name] = model(**inputs)[0]
+
+    a = threading.Thread(target=run, args=("A", a_in), name="A")
+    a.start()
+    assert a_waits.wait(30)
+    run("B", b_in)
+    b_done.set()
+    a.join()
+    assert (serial["A"] - serial["B"]).abs().max() > 1e-3  # the two grids give different masks
+    assert torch.equal(out["A"], serial["A"]) and torch.equal(out["B"], serial["B"])

@@ -2,10 +2,12 @@
 token grid, text segment and timestep for every call from a model-level pre-forward hook."""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,16 +98,30 @@ def family_of(model) -> Family:
     raise TypeError(f"attnpatch does not support {type(model).__name__}; supported: {SUPPORTED}")
 
 
+def _per_thread(name: str, default):
+    """An attribute kept per thread: two threads running one model each see their own call's facts."""
+    return property(lambda self: getattr(self._local, name, default), lambda self, v: setattr(self._local, name, v))
+
+
 class _ModelState:
     """Per-forward facts of one patched model, written by its pre-forward hook."""
+
+    grid = _per_thread("grid", None)
+    timestep = _per_thread("timestep", None)
+    roles = _per_thread("roles", ())  # batch-row roles set by a guidance wrapper around forward
 
     def __init__(self, model, family: Family, tracker: StepTracker):
         self.family = family
         self.tracker = tracker
         self.params = list(inspect.signature(model.forward).parameters)  # positional order of forward's arguments
-        self.grid = None
-        self.timestep = None
-        self.roles: tuple = ()  # batch-row roles set by a guidance wrapper around forward
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo):  # a deep copy of the model: its own tracker, no call in flight
+        new = object.__new__(_ModelState)
+        memo[id(self)] = new
+        new.family, new.params, new._local = self.family, self.params, threading.local()
+        new.tracker = copy.deepcopy(self.tracker, memo)
+        return new
 
     def pre_forward(self, model, args, kwargs):
         bound = {**dict(zip(self.params, args)), **kwargs}
