@@ -18,7 +18,8 @@ class Site:
 
     Token layout: a call's query sequence is ``text_len`` text tokens and ``prod(grid)`` visual
     tokens (row-major over ``grid``), text first or last. ``Site(grid=(T, H, W))`` is a plain
-    video self-attention call and ``Site(causal=True)`` an LLM prefill.
+    video self-attention call and ``Site(causal=True)`` an LLM prefill. Every field is checked
+    at construction (integers are integers, ``grid=(8.5, 8)`` is refused, not truncated).
     """
 
     grid: tuple[int, ...] | None = None  # visual grid (W,), (H, W) or (T, H, W); None: no grid
