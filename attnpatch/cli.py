@@ -62,13 +62,20 @@ def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
     return path
 
 
-def _prepare(args) -> str:
-    """Everything about the model that can be checked without loading it: --device, --dtype,
-    --model. Returns the model's name for the output folder."""
+def _prepare(args, methods: list) -> str:
+    """Everything about the model that can be checked without loading it: --device, --model,
+    and methods that cannot run on it. Returns the model's name for the output folder."""
     from .pipelines import runner
 
     runner.check_device(args.device)
-    return runner.resolve(args.model).name
+    src = runner.resolve(args.model)
+    visual = sorted({type(m).__name__ for m in methods if not getattr(m, "llm", True)})
+    if src.is_pipe is False and visual:
+        from .patchers.transformers import LLM_METHODS
+
+        raise runner.UsageError(f"{', '.join(visual)}: image / video method(s), which cannot run on the language model "
+                                f"{args.model}; for LLMs use {LLM_METHODS}")
+    return src.name
 
 
 def _slug(text: str) -> str:
@@ -80,7 +87,7 @@ def _generate(args) -> int:
     from .pipelines import compare, report, runner
 
     method = runner.parse_method(args.method, args.set)
-    out = _out_dir(args, "attnpatch-out", _prepare(args), [type(method).__name__])
+    out = _out_dir(args, "attnpatch-out", _prepare(args, [method]), [type(method).__name__])
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
     kw = compare.run_kw(args)
@@ -88,7 +95,11 @@ def _generate(args) -> int:
     if args.compare:
         compare.warm(loaded, prompts, args.seed, kw)
         stock, t_stock = runner.run(loaded, prompts, args.seed, **kw)
-    with api.patch(loaded.obj, method) as handle:
+    try:
+        handle = api.patch(loaded.obj, method)
+    except (TypeError, ValueError) as e:  # what only the loaded model tells: a family or method it cannot take
+        raise runner.UsageError(f"cannot patch {args.model} with {method}: {str(e).splitlines()[0]}") from None
+    with handle:
         result, t = runner.run(loaded, prompts, args.seed, **kw)
         compare.summary(handle)
     compare.save(loaded, result, prompts, out / "patched", args)
@@ -108,7 +119,7 @@ def _compare(args) -> int:
     from .pipelines import compare, report, runner
 
     methods = compare.expand(args.methods, args.grid)
-    out = _out_dir(args, "attnpatch-report", _prepare(args), list(dict.fromkeys(type(m).__name__ for m in methods)))
+    out = _out_dir(args, "attnpatch-report", _prepare(args, methods), list(dict.fromkeys(type(m).__name__ for m in methods)))
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
     (out / "masks").mkdir(exist_ok=True)
@@ -155,6 +166,17 @@ def _bench(args) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into exit code 2 with this message)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def _common(p, kind: str) -> None:
     p.add_argument("--model", required=True, help="builtin:NAME (builtin:flux-shapes, builtin:wan-shapes, builtin:smollm2), "
                                                    "a hub id or a local folder (diffusers pipeline or transformers model)")
@@ -162,12 +184,12 @@ def _common(p, kind: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--steps", type=int, help="denoising steps (diffusion)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, help="video frames (video pipelines)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="LLM generation length")
-    p.add_argument("--video-format", choices=["gif", "png", "mp4"], default="gif")
+    p.add_argument("--steps", type=_positive, help="denoising steps (diffusion)")
+    p.add_argument("--height", type=_positive)
+    p.add_argument("--width", type=_positive)
+    p.add_argument("--frames", type=_positive, help="video frames (video pipelines)")
+    p.add_argument("--max-new-tokens", type=_positive, default=48, help="LLM generation length")
+    p.add_argument("--video-format", choices=["gif", "png"], default="gif", help="videos as animated GIFs or PNG frames")
     p.add_argument("--out", help=f"output folder (default: deterministic under ./attnpatch-{kind})")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -108,6 +108,21 @@ def test_offline_hub_id_exits_2_at_once(main, monkeypatch):
     assert code == 2 and "HF_HUB_OFFLINE is set" in _one_line(err)
 
 
+def test_image_method_on_an_llm_exits_2_before_loading(main):
+    code, err = main("generate", "--model", "builtin:smollm2", "--method", "Neighborhood(window=7)")
+    line = _one_line(err)
+    assert code == 2 and "Neighborhood: image / video method" in line and "for LLMs use SinkWindow" in line
+    code, err = main("compare", "--model", "builtin:smollm2", "--methods", "SinkWindow,Radial")
+    assert code == 2 and "Radial: image / video method" in _one_line(err)
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--height", "--max-new-tokens"])
+def test_sizes_must_be_positive(main, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main("generate", "--model", "builtin:flux-shapes", "--method", "Dense", flag, "0")
+    assert e.value.code == 2 and f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
 def test_grid_key_no_method_has_exits_2(main):
     code, err = main("compare", "--model", "builtin:flux-shapes", "--methods", "TopKBlocks,SlidingTile", "--grid", "keepp=0.25")
     line = _one_line(err)
