@@ -8,6 +8,12 @@ have the same lengths and move by the same stride (the interior tiles of a slidi
 diagonal of a blocked plan) run as one call: the group becomes an extra head axis of strided
 views, so per-call overhead is paid once per group. The result is written in tile order and
 put back into the original token order by one more row gather.
+
+Query ranges with several runs merge float32 parts (16-bit inputs are widened for those calls:
+parts rounded to 16 bits before the merge would double the error). Under autograd (inputs that
+require grad, grad mode on) the gathers and the output are fresh tensors and the parts' LSEs come
+from the explicit, differentiable path: the reused buffers would be written in place, chaining
+each call's graph to the previous one's.
 """
 from __future__ import annotations
 
@@ -157,12 +163,14 @@ class Tiles(Kernel):
         if len(kv) == 1 and kv[0][4]:
             o = F.scaled_dot_product_attention(qv, kv[0][0], kv[0][1], scale=scale)
         else:
+            if len(kv) > 1 and q.element_size() < 4:  # 16-bit parts rounded before merging: twice one rounding's error
+                qv, kv = qv.float(), [(kk.float(), vv.float(), *rest) for kk, vv, *rest in kv]
             parts = []
             for kk, vv, k0, lk, f in kv:
                 if f:
                     parts.append(lse_fn(qv, kk, vv, None, scale))
                 else:  # partial runs only occur in single ranges (n == 1)
-                    bias, rows = _partial_bias(plan, bs, g.q0, g.q0 + g.L, k0, k0 + lk, q.dtype, q.device)
+                    bias, rows = _partial_bias(plan, bs, g.q0, g.q0 + g.L, k0, k0 + lk, qv.dtype, q.device)
                     o, lse = lse_fn(qv, kk, vv, bias, scale)
                     parts.append((o, lse.masked_fill(~rows, float("-inf"))))
             o = merge(parts)
