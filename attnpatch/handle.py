@@ -143,7 +143,8 @@ class Handle:
 
 def handle_of(obj) -> Handle | None:
     handle = getattr(obj, "__dict__", {}).get(ATTR)
-    return handle if isinstance(handle, Handle) else None
+    # a shallow copy (copy.copy) carries the original's handle: that one is not the copy's to undo
+    return handle if isinstance(handle, Handle) and handle.obj is obj else None
 
 
 def pop_attr(obj, name: str) -> None:
