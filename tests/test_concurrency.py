@@ -9,17 +9,20 @@ from attnpatch import Plan, Site
 
 class _SwitchAfterWrite(dict):
     """A cache store that lets other threads run right after the write of ``victim`` (as a thread switch
-    there may): the writer waits until ``others_done`` is set, or ``timeout`` seconds when a lock held by
-    the writer keeps the others out (a correct cache)."""
+    there may): the writer waits until ``others_done`` is set, or until the others stop writing for
+    ``patience`` seconds (they wait for a lock the writer holds: a correct cache)."""
 
-    def __init__(self, victim, others_done, timeout=0.5):
+    def __init__(self, victim, others_done, patience=0.3):
         super().__init__()
-        self.victim, self.others_done, self.timeout = victim, others_done, timeout
+        self.victim, self.others_done, self.patience, self.writes = victim, others_done, patience, 0
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
+        self.writes += 1
         if key == self.victim:
-            self.others_done.wait(self.timeout)
+            seen = -1
+            while not self.others_done.wait(self.patience) and self.writes != seen:
+                seen = self.writes
 
 
 def _race(victim_call, other_call, others_done):
