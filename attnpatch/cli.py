@@ -56,8 +56,8 @@ def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
         digest = hashlib.sha1(json.dumps([getattr(args, k, None) for k in keys]).encode()).hexdigest()[:6]
         path = Path(root) / f"{_slug(name)}_{_slug('+'.join(what))[:40]}_{digest}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not args.force:
-        raise UsageError(f"{path} exists and is not empty (a run with the same settings); pass --force to overwrite it, "
-                         "or --out DIR for another folder")
+        why = "" if args.out else " (a run with the same settings)"
+        raise UsageError(f"{path} exists and is not empty{why}; pass --force to overwrite it, or --out DIR for another folder")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
