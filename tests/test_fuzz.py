@@ -8,7 +8,7 @@ require grad. Each kernel that accepts the call (and the kernel selection picks)
 flash-attn rule: max error against float64 <= 2 x the same-dtype reference's error + a small floor;
 with requires_grad, the q / k / v gradients too.
 
-CI runs ``ATTNPATCH_FUZZ_N`` cases (default 80, about a minute on 2 cores) with a fixed seed. The
+CI runs ``ATTNPATCH_FUZZ_N`` cases (default 250, about a minute on 2 cores) with a fixed seed. The
 longer run is one command:
 
     ATTNPATCH_FUZZ_N=2000 python -m pytest tests/test_fuzz.py
@@ -29,7 +29,7 @@ from attnpatch.kernels import reference
 from attnpatch.plan import fold_q_scale
 from zoo import ZOO
 
-N = int(os.environ.get("ATTNPATCH_FUZZ_N", "80"))
+N = int(os.environ.get("ATTNPATCH_FUZZ_N", "250"))
 SEED = int(os.environ.get("ATTNPATCH_FUZZ_SEED", "1616"))
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float64: 1e-10}  # absolute floor under the 2x rule
 GRAD_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-9}
