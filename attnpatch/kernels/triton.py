@@ -31,7 +31,7 @@ class Triton(Kernel):
             return "needs a CUDA GPU (or TRITON_INTERPRET=1 for the CPU interpreter)"
         if needs_grad(q, k, v):
             return "forward only (inputs require grad)"
-        if _interpreting() and q.dtype not in (torch.float32, torch.float64):
+        if _interpreting() and q.dtype != torch.float32:
             return f"Triton's CPU interpreter computes {q.dtype} wrongly (a known interpreter limitation): float32 only"
         d = q.shape[-1]
         if d < 16 or d > 256 or d & (d - 1) or v.shape[-1] != d:
