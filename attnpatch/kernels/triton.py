@@ -32,7 +32,8 @@ class Triton(Kernel):
         if needs_grad(q, k, v):
             return "forward only (inputs require grad)"
         if _interpreting() and q.dtype != torch.float32:
-            return f"Triton's CPU interpreter computes {q.dtype} wrongly (a known interpreter limitation): float32 only"
+            return (f"{q.dtype} under Triton's CPU interpreter: only float32 is supported there (bf16 errors "
+                    "reach ~1e8, a known interpreter limitation)")
         d = q.shape[-1]
         if d < 16 or d > 256 or d & (d - 1) or v.shape[-1] != d:
             return f"head_dim {d} must be a power of two in [16, 256] (and equal for k and v)"
