@@ -23,7 +23,8 @@ import pytest
 MODE = os.environ.get("ATTNPATCH_UPSTREAM_MODE", "stock")
 LOG = os.environ.get("ATTNPATCH_UPSTREAM_LOG")
 _tls = threading.local()
-_stats = {"patched": set(), "unsupported": set(), "patch_errors": [], "calls": 0}
+_stats = {"patched": set(), "unsupported": set(), "patch_errors": [], "calls": 0, "max_err": 0.0, "mismatch": [],
+          "ref_errors": [], "checked": 0}
 
 
 def _method(framework: str):
@@ -118,15 +119,70 @@ def _install(base) -> None:
             _wrap_loader(base, name)
 
 
+def _reference(q, k, v, site, mask, scale, softcap):
+    """Dense attention in float64: what Dense() and a covering pattern must give. torch's own SDPA
+    (math path in float64) unless soft-capping asks for the definition written out. GQA by
+    repeating kv heads; bool masks keep True, float masks add; causal from the site's offset."""
+    import torch
+    import torch.nn.functional as F
+
+    q, k, v = (t.detach().double() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    Sq, Skv = q.shape[2], k.shape[2]
+    keep = torch.ones(Sq, Skv, dtype=torch.bool, device=q.device)  # (Sq, Skv)
+    if getattr(site, "causal", False):
+        qi = torch.arange(Sq, device=q.device)[:, None] + int(getattr(site, "q_offset", 0) or 0)
+        keep = torch.arange(Skv, device=q.device)[None] <= qi
+    bias = torch.zeros(Sq, Skv, dtype=torch.float64, device=q.device).masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask.double()
+    live = (bias > float("-inf")).any(-1, keepdim=True)  # rows with at least one key (broadcastable)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    if softcap:
+        s = q @ k.transpose(-1, -2) * scale
+        s = softcap * torch.tanh(s / softcap) + bias
+        return torch.softmax(s, -1).nan_to_num(0.0) @ v, live
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).nan_to_num(0.0), live
+
+
+def _check(out, args, kwargs) -> None:
+    """Largest |patched - reference| / (1 + max |reference|) of one call, kept per test."""
+    import torch
+
+    q, k, v, _method, site = args[:5]
+    try:
+        ref, live = _reference(q, k, v, site, kwargs.get("mask"), kwargs.get("scale"), kwargs.get("softcap"))
+        diff = (out.detach().double() - ref).abs().masked_fill(~live, 0.0)
+        err = float(diff.max()) / (1.0 + float(ref.abs().max()))
+        tol = 1e-4 if q.dtype in (torch.float32, torch.float64) else 3e-2
+        if q.dtype in (torch.float32, torch.float64):  # the table's max error: full-precision calls
+            _stats["max_err"] = max(_stats["max_err"], err)
+        if err > tol and len(_stats["mismatch"]) < 3:
+            _stats["mismatch"].append(f"{err:.2e} > {tol:g} at q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype} "
+                                      f"mask={None if kwargs.get('mask') is None else tuple(kwargs['mask'].shape)} "
+                                      f"causal={getattr(site, 'causal', None)} offset={getattr(site, 'q_offset', None)}")
+    except Exception as e:  # noqa: BLE001 - a shape the reference cannot read: note it, do not fail the test
+        if len(_stats["ref_errors"]) < 2:
+            _stats["ref_errors"].append(f"{type(e).__name__}: {str(e)[:120]}")
+
+
 def _count_calls() -> None:
+    """Count calls into attnpatch.core.run; in patched modes also compare each output with the
+    float64 reference (ATTNPATCH_UPSTREAM_CHECK=0 turns that off)."""
     from attnpatch import core
 
     orig = core.run
+    check = os.environ.get("ATTNPATCH_UPSTREAM_CHECK", "1") != "0"
 
     @functools.wraps(orig)
     def run(*args, **kwargs):
         _stats["calls"] += 1
-        return orig(*args, **kwargs)
+        out = orig(*args, **kwargs)
+        if check and len(args) >= 5 and _stats["checked"] < 32:  # a few calls per test bound the cost
+            _stats["checked"] += 1
+            _check(out, args, kwargs)
+        return out
 
     core.run = run
 
@@ -144,7 +200,8 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    _stats.update(patched=set(), unsupported=set(), patch_errors=[], calls=0)
+    _stats.update(patched=set(), unsupported=set(), patch_errors=[], calls=0, max_err=0.0, mismatch=[],
+                  ref_errors=[], checked=0)
 
 
 def _first_line(report) -> str:
@@ -170,6 +227,7 @@ def pytest_runtest_logreport(report):
     rec = {"test": report.nodeid, "when": report.when, "outcome": outcome, "duration": round(report.duration, 3),
            "error": _first_line(report) if outcome in ("failed", "error", "skipped") else "",
            "patched": sorted(_stats["patched"]), "unsupported": sorted(_stats["unsupported"]),
-           "patch_errors": _stats["patch_errors"][:5], "attnpatch_calls": _stats["calls"]}
+           "patch_errors": _stats["patch_errors"][:5], "attnpatch_calls": _stats["calls"],
+           "max_err": _stats["max_err"], "mismatch": _stats["mismatch"], "ref_errors": _stats["ref_errors"]}
     with open(LOG, "a") as f:
         f.write(json.dumps(rec) + "\n")

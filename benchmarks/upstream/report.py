@@ -15,7 +15,7 @@ RANK = {"error": 5, "failed": 4, "xpassed": 3, "passed": 2, "xfailed": 1, "skipp
 RULES = [
     ("eager attention weights by design", r"attention_outputs|retain_grad_hidden_states_attentions|output_attentions"
                                           r"|attentions\b"),
-    ("checks the attn_implementation name", r"sdpa_can_dispatch|attn_implementation|_attn_implementation|eager_matches"),
+    ("checks the attn_implementation name", r"sdpa_can_dispatch|can_set_attention_dynamically|attn_implementation|eager_matches"),
     ("known: autograd through tiles buffers", r"index_select\(\): functions with out="),
     ("known: autograd, backward through the graph twice", r"backward through the graph a second time"),
     ("known: autograd through flex on CPU", r"FlexAttention does not support backward"),
@@ -32,20 +32,25 @@ def classify(test: str, error: str) -> str:
     return "NEW: to classify"
 
 
+def _fold(old: dict, new: dict) -> dict:
+    """One record per test: the worst outcome; calls, errors against the reference merged."""
+    worst = new if RANK[new["outcome"]] > RANK[old["outcome"]] else old
+    out = dict(worst)
+    out["attnpatch_calls"] = max(old["attnpatch_calls"], new["attnpatch_calls"])
+    out["max_err"] = max(old.get("max_err", 0.0), new.get("max_err", 0.0))
+    for key in ("mismatch", "ref_errors"):
+        out[key] = (old.get(key) or []) + [x for x in new.get(key) or [] if x not in (old.get(key) or [])]
+    return out
+
+
 def outcomes(log: Path) -> dict:
-    """nodeid -> worst record (subtests and phases folded into their test)."""
+    """nodeid -> one record (subtests and phases folded into their test)."""
     tests: dict = {}
     if not log.exists():
         return tests
     for line in log.read_text().splitlines():
         r = json.loads(line)
-        old = tests.get(r["test"])
-        if old is None or RANK[r["outcome"]] > RANK[old["outcome"]]:
-            if old is not None:  # keep what the folded records saw
-                r["attnpatch_calls"] = max(r["attnpatch_calls"], old["attnpatch_calls"])
-            tests[r["test"]] = r
-        else:
-            old["attnpatch_calls"] = max(r["attnpatch_calls"], old["attnpatch_calls"])
+        tests[r["test"]] = r if r["test"] not in tests else _fold(tests[r["test"]], r)
     return tests
 
 
@@ -60,16 +65,23 @@ def _count(tests: dict) -> dict:
 
 def _suite(logs: Path, kind: str, suite: str, modes: list[str]) -> dict:
     runs = {m: outcomes(logs / f"{kind}-{suite}-{m}.jsonl") for m in modes}
-    out = {"kind": kind, "suite": suite, "counts": {m: _count(t) for m, t in runs.items() if t},
+    meta = {m: (logs / f"{kind}-{suite}-{m}.meta").read_text().strip() for m in modes
+            if (logs / f"{kind}-{suite}-{m}.meta").exists()}
+    out = {"kind": kind, "suite": suite, "counts": {m: _count(t) for m, t in runs.items() if t}, "runs": meta,
            "patched_only": [], "patch_errors": sorted({e for t in runs.values() for r in t.values()
                                                       for e in r.get("patch_errors", [])})}
+    out["mismatch"] = [{"mode": m, "test": t, "max_err": r["max_err"], "detail": r["mismatch"][:2]}
+                       for m, tests in runs.items() for t, r in sorted(tests.items()) if r.get("mismatch")]
+    out["ref_errors"] = sorted({e for tests in runs.values() for r in tests.values() for e in r.get("ref_errors") or []})
+    out["max_err"] = {m: max([r.get("max_err", 0.0) for r in tests.values()] or [0.0]) for m, tests in runs.items()}
     stock = runs.get("stock", {})
     for m in modes:
         if m == "stock":
             continue
         for test, r in sorted(runs[m].items()):
-            if r["outcome"] in ("failed", "error") and stock.get(test, {}).get("outcome") == "passed":
-                out["patched_only"].append({"mode": m, "test": test, "error": r["error"],
+            before = stock.get(test, {}).get("outcome", "not run")
+            if r["outcome"] in ("failed", "error") and before not in ("failed", "error"):
+                out["patched_only"].append({"mode": m, "test": test, "error": r["error"], "stock": before,
                                             "class": classify(test, r["error"])})
     return out
 
@@ -113,11 +125,31 @@ def _markdown(meta: dict, rows: list, modes: list[str]) -> str:
             cells.append(f"{c['passed']} / {c['failed']} / {c['skipped']}{routed}" if c else "not run")
         lines.append(f"| {r['kind']}/{r['suite']} | " + " | ".join(cells) + f" | {len(r['patched_only'])} |")
     lines += ["", "(routed: tests in which at least one attention call went through attnpatch)", "",
-              "## Patched-only failures (pass stock, fail patched)", ""]
+              "Runs (start, attnpatch commit, `-dirty` = other helpers' uncommitted edits present, wall time):", ""]
+    lines += [f"- {r['kind']}/{r['suite']}: " + "; ".join(f"{m} {v}" for m, v in r["runs"].items()) for r in rows]
+    lines += ["",
+              "## Patched-only failures (fail patched, not stock: passed or skipped there)", ""]
     for r in rows:
         for f in r["patched_only"]:
-            lines.append(f"- {r['kind']}/{r['suite']} [{f['mode']}] `{f['test'].split('::', 1)[1]}`: "
+            was = "" if f["stock"] == "passed" else f" (stock: {f['stock']})"
+            lines.append(f"- {r['kind']}/{r['suite']} [{f['mode']}] `{f['test'].split('::', 1)[1]}`{was}: "
                          f"{f['class']} — `{f['error'][:200]}`")
         for e in r["patch_errors"]:
             lines.append(f"- {r['kind']}/{r['suite']}: patch() itself failed: `{e[:200]}`")
+    lines += ["", "## Attention outputs against the float64 definition", "",
+              "Every call routed through attnpatch in the dense / sparse runs is compared with dense attention "
+              "computed from the definition in float64 (same q, k, v, mask, scale, softcap, causal offset); "
+              "error = max |out - ref| / (1 + max |ref|), limit 1e-4 (float32) / 3e-2 (half). Both modes must "
+              "give dense attention exactly.", "", "| suite | " + " | ".join(f"{m} max error" for m in modes
+                                                                              if m != "stock") + " |",
+              "|---|" + "---|" * (len(modes) - 1)]
+    for r in rows:
+        lines.append(f"| {r['kind']}/{r['suite']} | " + " | ".join(
+            f"{r['max_err'][m]:.1e}" if r["counts"].get(m) else "not run" for m in modes if m != "stock") + " |")
+    lines.append("")
+    for r in rows:
+        for x in r["mismatch"]:
+            lines.append(f"- {r['kind']}/{r['suite']} [{x['mode']}] `{x['test'].split('::', 1)[1]}`: {x['detail']}")
+        for e in r["ref_errors"]:
+            lines.append(f"- {r['kind']}/{r['suite']}: reference could not read a call: `{e}`")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,8 @@ import tf_tree  # noqa: E402
 DIFFUSERS = ("flux", "sd3", "wan", "hunyuan_video", "cogvideox", "ltx", "mochi")
 TRANSFORMERS = tuple(tf_tree.FAMILIES)
 MODES = ("stock", "dense", "sparse")
+ORDER = ("flux", "sd3", "wan", "llama", "gemma2", "hunyuan_video", "cogvideox", "ltx", "mochi", "gemma3", "qwen3",
+         "mistral", "qwen2", "gemma")  # most used first, so a partial run covers them
 EXTRA = ("parameterized", "peft")  # test-only imports not installed with the library: into the cache only
 
 
@@ -83,12 +85,15 @@ def run_suite(kind: str, suite: str, mode: str, root: Path, site: Path, logs: Pa
     with open(logs / f"{kind}-{suite}-{mode}.out", "w") as out:
         rc = subprocess.run(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     print(f"{kind}/{suite}/{mode}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
+    head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    (logs / f"{kind}-{suite}-{mode}.meta").write_text(
+        f"{time.strftime('%H:%M UTC', time.gmtime(t0))}, attnpatch {head.stdout.strip()}, {time.time() - t0:.0f} s\n")
     return log
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suites", default=",".join(DIFFUSERS + TRANSFORMERS))
+    p.add_argument("--suites", default=",".join(ORDER))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--cache", default="~/.cache/attnpatch-upstream")
     p.add_argument("--diffusers", default=None, help="diffusers source checkout (folder with tests/)")

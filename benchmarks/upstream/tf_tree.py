@@ -92,6 +92,55 @@ class {prefix}UpstreamCommonTest(ModelTesterMixin, GenerationTesterMixin, unitte
         model = CLASSES[0](config).to(torch_device).eval()
         result = model(input_ids, attention_mask=input_mask)
         self.assertEqual(result.last_hidden_state.shape, (13, 7, 32))
+
+    # Decode-path checks (the sdist lacks GenerationTesterMixin); written for this harness after upstream's
+    # create_and_check_decoder_model_past_large_inputs and test_left_padding_compatibility.
+    def _lm(self):
+        config = self.model_tester.get_config()
+        torch.manual_seed(0)
+        model = CLASSES[1](config).to(torch_device).eval()
+        ids = ids_tensor([3, 10], config.vocab_size)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0  # left padding
+        mask[1, :1] = 0
+        return model, ids, mask
+
+    @staticmethod
+    def _pos(mask):
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    @torch.no_grad()
+    def test_upstream_harness_cached_decode_matches_full_forward(self):
+        model, ids, mask = self._lm()
+        full = model(ids, attention_mask=mask, position_ids=self._pos(mask)).logits
+        out = model(ids[:, :6], attention_mask=mask[:, :6], position_ids=self._pos(mask)[:, :6], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for a, b in ((6, 9), (9, 10)):  # a 3-token chunk on a cache, then one decode step
+            out = model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=self._pos(mask)[:, a:b],
+                        past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.past_key_values
+        torch.testing.assert_close(torch.cat(logits, 1)[mask.bool()], full[mask.bool()], atol=1e-4, rtol=1e-4)
+
+    @torch.no_grad()
+    def test_upstream_harness_left_padding_compatibility(self):
+        model, ids, _ = self._lm()
+        pad = torch.zeros(3, 4, dtype=ids.dtype)
+        mask = torch.cat([torch.zeros_like(pad), torch.ones_like(ids)], 1)
+        plain = model(ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+        padded = model(torch.cat([pad, ids], 1), attention_mask=mask, position_ids=self._pos(mask)).logits[:, -1]
+        torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+
+    @torch.no_grad()
+    def test_upstream_harness_generate_cache_equals_no_cache(self):
+        model, ids, mask = self._lm()
+        kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)
+        a = model.generate(ids, use_cache=True, **kw)
+        b = model.generate(ids, use_cache=False, **kw)
+        torch.testing.assert_close(a.scores[0], b.scores[0], atol=1e-4, rtol=1e-4)  # step 1: same prompt
+        if torch.equal(a.sequences, b.sequences):  # later steps compare only while the tokens agree
+            torch.testing.assert_close(torch.stack(a.scores), torch.stack(b.scores), atol=1e-4, rtol=1e-4)
 '''
 
 
