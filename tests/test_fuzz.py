@@ -2,9 +2,9 @@
 float64 reference kernel.
 
 A seeded generator draws each case: odd lengths, 1-3-D grids with or without a text segment, GQA,
-head sizes that are not powers of two (and a v head size unlike q's), float32 / bfloat16 / float64,
-(B, S, H, D) transposed views, padding masks, decode / chunked-prefill offsets, and inputs that
-require grad. Each kernel that accepts the call (and the kernel selection picks) must satisfy the
+head sizes that are not powers of two (and a v head size unlike q's), float32 / bfloat16 / float16 /
+float64, (B, S, H, D) transposed views, padding masks, decode / chunked-prefill offsets, and inputs
+that require grad. Each kernel that accepts the call (and the kernel selection picks) must satisfy the
 flash-attn rule: max error against float64 <= 2 x the same-dtype reference's error + a small floor;
 with requires_grad, the q / k / v gradients too.
 
@@ -31,8 +31,8 @@ from zoo import ZOO
 
 N = int(os.environ.get("ATTNPATCH_FUZZ_N", "250"))
 SEED = int(os.environ.get("ATTNPATCH_FUZZ_SEED", "1616"))
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float64: 1e-10}  # absolute floor under the 2x rule
-GRAD_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-9}
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.float64: 1e-10}  # absolute floor under the 2x rule
+GRAD_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-9}  # gradients are checked for these input dtypes
 GRID_METHODS = (ap.Neighborhood, ap.SlidingTile, ap.TopKBlocks, ap.Radial)
 ENTRIES = ZOO + [("radial", ap.Radial(window=1, tile=2, dense_frames=1), Site(grid=(3, 4, 4)))]
 # triton runs on CPU only in its interpreter (slow, and tests/test_triton.py covers it)
@@ -68,10 +68,10 @@ def draw(i: int):
     Hq = Hkv * r.choice([1, 2, 3])
     D = r.choice([8, 16, 24, 32, 40, 64])
     Dv = D if r.random() < 0.8 else r.choice([8, 24, 48])
-    dtype = r.choice([torch.float32, torch.float32, torch.bfloat16, torch.float64])
+    dtype = r.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64])
     return dict(name=name, method=method, site=site, B=r.choice([1, 2]), Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv, D=D, Dv=Dv,
                 dtype=dtype, transposed=r.random() < 0.3, padding=r.random() < 0.2 and Skv > 4,
-                grad=r.random() < 0.3 and dtype != torch.bfloat16, seed=r.randrange(2**31))
+                grad=r.random() < 0.3 and dtype in GRAD_FLOOR, seed=r.randrange(2**31))
 
 
 def _tensors(c):
