@@ -1,13 +1,14 @@
 """LLM methods through transformers: covering windows reproduce stock generate, KV eviction
 reproduces the un-evicted run with less memory, causal block-sparse prefill runs on the block
-kernels, SinkCalibration matches its definition, calibration profiles round-trip and validate."""
+kernels, SinkCalibration matches its definition (padding masks and soft-capping included, values
+and gradients), calibration profiles round-trip and validate."""
 import math
 
 import pytest
 import torch
 
 import attnpatch as ap
-from attnpatch import Site
+from attnpatch import Site, core
 from attnpatch.pipelines.tiny import llm
 
 
@@ -142,3 +143,140 @@ def test_power_sink_is_the_first_real_tokens_under_padding():
     keep = materialise_mask(plan, 2, 1, 12, 12, "cpu")
     assert keep[0, 0, 11, 3] and keep[0, 0, 11, 4] and not keep[0, 0, 11, 0]  # real tokens 0, 1 sit in slots 3, 4
     assert keep[1, 0, 11, 0] and keep[1, 0, 11, 1]
+
+
+# --- SinkCalibration sees the call's padding mask and soft-capping (issue 16) ------------------
+
+
+def _act_reference(q, k, v, heads, keep, beta, threshold, first, max_sinks, pos, softcap=None):
+    """ACT from its definition in float64: in the chosen heads, columns (absolute position >=
+    first) whose mean over the rows that see a key of p_ij * n_i exceeds threshold (at most
+    max_sinks, the strongest) get log(beta) added to their scores. keep: (B, 1, Sq, Skv) bool."""
+    q, k, v = q.double(), k.double(), v.double()
+    H, rep = q.shape[1], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~keep, float("-inf"))
+    n = keep.sum(-1, keepdim=True).double()  # (B, 1, Sq, 1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    col = (p * n).sum(2) / (n > 0).sum(2)  # (B, H, Skv)
+    col = col.masked_fill((pos < first)[:, None, :], 0.0)
+    top = col.topk(max_sinks, -1)
+    sinks = torch.zeros_like(col, dtype=torch.bool).scatter_(2, top.indices, top.values > threshold)
+    chosen = torch.zeros(H, dtype=torch.bool)
+    chosen[heads] = True
+    sinks &= chosen[None, :, None]
+    out = torch.softmax(s + torch.where(sinks[:, :, None, :], math.log(beta), 0.0), -1).nan_to_num(0.0) @ v
+    return out, sinks
+
+
+def _padded_case(Sq, Skv, pad=5):
+    """Row 0 left padded by ``pad`` keys; a strong sink direction at the first real token of each
+    row (never calibrated: first=1), at real key 9, and at a pad slot of row 0 (hidden)."""
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, D = 2, 4, 2, 8
+    q, k, v = torch.randn(B, H, Sq, D, generator=g), torch.randn(B, Hkv, Skv, D, generator=g), torch.randn(B, Hkv, Skv, D, generator=g)
+    c = torch.randn(D, generator=g)
+    q += c
+    shift = torch.tensor([-pad, 0])
+    for b in range(B):
+        k[b, :, -shift[b]] = 4 * c  # first real token
+        k[b, :, 9 - shift[b]] = 4 * c  # real position 9
+    k[0, :, 2] = 5 * c  # a pad slot
+    j = torch.arange(Skv)
+    keep = (j[None, :] >= -shift[:, None])[:, None, None, :].expand(B, 1, Sq, Skv)  # padding
+    causal = j[None, :] <= torch.arange(Sq)[:, None] + Skv - Sq
+    return q, k, v, shift, keep, keep & causal
+
+
+@pytest.mark.parametrize("Sq,Skv", [(40, 40), (1, 40), (7, 40)], ids=["prefill", "decode", "chunk"])
+def test_sink_calibration_on_padded_batch_matches_definition(Sq, Skv):
+    q, k, v, shift, pad_keep, keep = _padded_case(Sq, Skv)
+    m = ap.SinkCalibration(heads=[(0, 0), (0, 3)], threshold=2.0, beta=0.3)
+    site = Site(causal=True, q_offset=Skv - Sq, kv_shift=shift)
+    out = ap.attend(q, k, v, m, site, mask=pad_keep)
+    pos = torch.arange(Skv)[None, :] + shift[:, None]
+    ref, sinks = _act_reference(q, k, v, [0, 3], keep, 0.3, 2.0, 1, 16, pos)
+    assert sinks[0, [0, 3], 9 + 5].all() and sinks[1, [0, 3], 9].all()  # real position 9 is a sink in both rows
+    assert not sinks[0, :, :5].any() and not sinks[0, :, 5].any() and not sinks[1, :, 0].any()
+    live = keep.any(-1).expand(-1, 4, -1)  # rows that see a key (row 0's pad queries see none)
+    torch.testing.assert_close(out[live], ref[live].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sink_calibration_softcap_matches_definition():
+    """Soft-capped logits (Gemma-2): detection and both partitions use the capped scores."""
+    q, k, v, shift, pad_keep, keep = _padded_case(40, 40)
+    m = ap.SinkCalibration(heads=[(0, 1), (0, 2)], threshold=1.5, beta=0.5)
+    site = Site(causal=True, kv_shift=shift)
+    out = core.run(q, k, v, m, site, mask=pad_keep, softcap=3.0)
+    ref, sinks = _act_reference(q, k, v, [1, 2], keep, 0.5, 1.5, 1, 16, torch.arange(40)[None, :] + shift[:, None], 3.0)
+    assert sinks.any()
+    live = keep.any(-1).expand(-1, 4, -1)
+    torch.testing.assert_close(out[live], ref[live].float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Sq", [40, 1])
+def test_sink_calibration_beta_one_is_dense_with_a_padding_mask(Sq):
+    q, k, v, shift, pad_keep, keep = _padded_case(Sq, 40)
+    site = Site(causal=True, q_offset=40 - Sq, kv_shift=shift)
+    out = ap.attend(q, k, v, ap.SinkCalibration(threshold=2.0, beta=1.0), site, mask=pad_keep)
+    dense = ap.attend(q, k, v, ap.Dense(), site, mask=pad_keep)
+    live = keep.any(-1).expand(-1, 4, -1)
+    torch.testing.assert_close(out[live], dense[live], atol=1e-6, rtol=1e-6)
+
+
+def test_sink_calibration_beta_one_is_stock_on_a_left_padded_llama(model):
+    ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+        with ap.patch(model, ap.SinkCalibration(threshold=1.5, beta=1.0)):
+            out = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], stock[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sink_calibration_padded_row_equals_the_row_alone(family):
+    """beta < 1 through a model: a left-padded row (positions as generate gives them) computes
+    what the same row computes alone, Gemma-2's soft-capped logits included. Query / key weights
+    are scaled up so the random model has sinks to calibrate."""
+    m = llm(family)
+    with torch.no_grad():
+        for mod in m.modules():
+            if hasattr(mod, "q_proj"):
+                mod.q_proj.weight *= 12
+                mod.k_proj.weight *= 12
+    ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    with torch.no_grad():
+        stock = m(ids[:1, 7:]).logits
+        with ap.patch(m, ap.SinkCalibration(threshold=1.3, beta=0.3)):
+            both = m(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+            alone = m(ids[:1, 7:]).logits
+    assert (alone - stock).abs().max() > 1e-2  # sinks were found and calibrated
+    torch.testing.assert_close(both[0, 7:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sink_calibration_gradients_match_reference():
+    """Backward through the calibration (LoRA / guidance gradients): equal to the float64
+    definition's gradients, padded rows included (no NaN from rows that see no key)."""
+    q, k, v, shift, pad_keep, keep = _padded_case(20, 20)
+    m = ap.SinkCalibration(heads=[(0, 0), (0, 3)], threshold=2.0, beta=0.3)
+    site = Site(causal=True, kv_shift=shift)
+    w = torch.randn(2, 4, 20, 8, generator=torch.Generator().manual_seed(9))
+    live = keep.any(-1, keepdim=True)  # (B, 1, Sq, 1): loss over rows that see a key
+    grads = []
+    for f, dtype in ((lambda *t: ap.attend(*t, m, site, mask=pad_keep, backend="reference"), torch.float32),
+                     (lambda *t: _act_reference(*t, [0, 3], keep, 0.3, 2.0, 1, 16, torch.arange(20)[None, :] + shift[:, None])[0],
+                      torch.float64)):
+        t = [x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v)]
+        ((f(*t) * w.to(dtype)) * live).sum().backward()
+        grads.append([x.grad for x in t])
+    for g, r in zip(*grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
