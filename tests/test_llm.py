@@ -227,29 +227,40 @@ def test_sink_calibration_beta_one_is_dense_with_a_padding_mask(Sq):
     torch.testing.assert_close(out[live], dense[live], atol=1e-6, rtol=1e-6)
 
 
-def test_sink_calibration_beta_one_is_stock_on_a_left_padded_llama(model):
-    ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(6))
-    mask = torch.ones_like(ids)
-    mask[0, :7] = 0
-    with torch.no_grad():
-        stock = model(ids, attention_mask=mask).logits
-        with ap.patch(model, ap.SinkCalibration(threshold=1.5, beta=1.0)):
-            out = model(ids, attention_mask=mask).logits
-    valid = mask.bool()
-    torch.testing.assert_close(out[valid], stock[valid], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_sink_calibration_padded_row_equals_the_row_alone(family):
-    """beta < 1 through a model: a left-padded row (positions as generate gives them) computes
-    what the same row computes alone, Gemma-2's soft-capped logits included. Query / key weights
-    are scaled up so the random model has sinks to calibrate."""
+def _sharp(family):
+    """A tiny random decoder with query / key weights scaled up: peaked attention, so it has sinks
+    for SinkCalibration to find (the plain random one attends almost uniformly)."""
     m = llm(family)
     with torch.no_grad():
         for mod in m.modules():
             if hasattr(mod, "q_proj"):
                 mod.q_proj.weight *= 12
                 mod.k_proj.weight *= 12
+    return m
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sink_calibration_beta_one_is_stock_on_a_left_padded_batch(family):
+    m = _sharp(family)
+    ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    with torch.no_grad():
+        stock = m(ids, attention_mask=mask).logits
+        with ap.patch(m, ap.SinkCalibration(threshold=1.3, beta=1.0)):
+            out = m(ids, attention_mask=mask).logits
+        with ap.patch(m, ap.SinkCalibration(threshold=1.3, beta=0.3)):
+            calibrated = m(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert (calibrated - stock)[valid].abs().max() > 1e-2  # these settings do find sinks
+    torch.testing.assert_close(out[valid], stock[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sink_calibration_padded_row_equals_the_row_alone(family):
+    """beta < 1 through a model: a left-padded row (positions as generate gives them) computes
+    what the same row computes alone, Gemma-2's soft-capped logits included."""
+    m = _sharp(family)
     ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
