@@ -28,7 +28,9 @@ class SinkWindow(Method):
     sink: int = 4
     window: int = 2048
     block: int = 256  # block size of the block-sparse prefill structure
-    evict: bool = False  # transformers: trim the KV cache to sink + window after every forward
+    # transformers: after every forward, trim each full-attention layer's KV cache to the first sink and
+    # last window - 1 keys; the logits equal evict=False (unpadded batches, the default DynamicCache)
+    evict: bool = False
 
     def __post_init__(self):
         check_int("SinkWindow", "sink", self.sink, 0)
