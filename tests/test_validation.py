@@ -80,6 +80,13 @@ CASES = [
     (lambda: ap.Temperature(tau=True), E, r"Temperature\(tau=True\): tau must be a number > 0"),
     (lambda: ap.Temperature(tau=math.nan), V, r"Temperature\(tau=nan\): tau must be a number > 0"),
     (lambda: ap.Temperature(layers="3"), E, r"Temperature\(layers='3'\): layers must be layer indices"),
+    (lambda: ap.SinkWindow(evict="yes"), E, r"SinkWindow\(evict='yes'\): evict must be True or False"),
+    (lambda: ap.SinkCalibration(threshold="x"), E, r"SinkCalibration\(threshold='x'\): threshold must be a number > 0"),
+    (lambda: ap.SinkCalibration(beta=0), V, r"SinkCalibration\(beta=0\): beta must be a number > 0 and <= 1"),
+    (lambda: ap.SinkCalibration(first=-1), V, r"SinkCalibration\(first=-1\): first must be an integer >= 0"),
+    (lambda: ap.SinkCalibration(max_sinks=0), V, r"SinkCalibration\(max_sinks=0\): max_sinks must be an integer >= 1"),
+    (lambda: ap.SinkCalibration(heads=[1, 2]), V, r"heads must be \(layer, head\) pairs; e\.g\."),
+    (lambda: ap.SinkCalibration(heads={1: 3}), V, r"each layer maps to a list of heads; e\.g\."),
 ]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..plan import Plan
 from ..site import Site
-from .base import Method
+from .base import Method, check_int, check_number
 
 PROFILE_KIND = "act-heads"
 
@@ -66,16 +66,28 @@ class SinkCalibration(Method):
     _meta: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        if not 0 < self.beta <= 1:
-            raise ValueError(f"SinkCalibration(beta={self.beta!r}) must be in (0, 1]")
-        if self.threshold <= 0:
-            raise ValueError(f"SinkCalibration(threshold={self.threshold!r}) must be positive")
-        if self.heads is None or isinstance(self.heads, dict):
-            self._heads = self.heads
+        check_number("SinkCalibration", "beta", self.beta, low=0, high=1, low_open=True, example=0.4)
+        check_number("SinkCalibration", "threshold", self.threshold, low=0, low_open=True, example=5.0)
+        check_int("SinkCalibration", "first", self.first, 0)
+        check_int("SinkCalibration", "max_sinks", self.max_sinks, 1)
+        if self.heads is None:
+            self._heads = None
+        elif isinstance(self.heads, dict):
+            self._heads = {}
+            for l, hs in self.heads.items():
+                if isinstance(hs, (str, bytes)) or not hasattr(hs, "__iter__"):
+                    raise ValueError(f"SinkCalibration(heads={self.heads!r}): each layer maps to a list of heads; "
+                                     "e.g. SinkCalibration(heads={3: [0, 5]})")
+                self._heads[check_int("SinkCalibration", "heads", l, 0, example={3: [0]})] = [
+                    check_int("SinkCalibration", "heads", h, 0, example={3: [0]}) for h in hs]
         elif isinstance(self.heads, (list, tuple)):
             self._heads = {}
-            for l, h in self.heads:
-                self._heads.setdefault(int(l), []).append(int(h))
+            for pair in self.heads:
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise ValueError(f"SinkCalibration(heads={self.heads!r}): heads must be (layer, head) pairs; "
+                                     "e.g. SinkCalibration(heads=[(3, 0), (3, 5)])")
+                l, h = (check_int("SinkCalibration", "heads", x, 0, example=[(3, 0)]) for x in pair)
+                self._heads.setdefault(l, []).append(h)
         else:
             self._heads, self._meta = load_profile(self.heads)
 

@@ -16,7 +16,7 @@ import torch
 from ..blocks import causal_states, from_states, overlap
 from ..plan import Plan
 from ..site import Site
-from .base import Method, check_int
+from .base import Method, check_bool, check_int
 
 
 @dataclass
@@ -36,6 +36,7 @@ class SinkWindow(Method):
         check_int("SinkWindow", "sink", self.sink, 0)
         check_int("SinkWindow", "window", self.window, 1)
         check_int("SinkWindow", "block", self.block, 16)
+        self.evict = check_bool("SinkWindow", "evict", self.evict)
         self._blocks: tuple = (None, None)  # (S, structure) of the latest prefill length
 
     def blocks(self, S: int):
