@@ -129,11 +129,14 @@ def _markdown(meta: dict, rows: list, modes: list[str]) -> str:
     lines += [f"- {r['kind']}/{r['suite']}: " + "; ".join(f"{m} {v}" for m, v in r["runs"].items()) for r in rows]
     lines += ["",
               "## Patched-only failures (fail patched, not stock: passed or skipped there)", ""]
+    groups: dict = {}  # (class, test name, error) -> where: one line per kind of failure
     for r in rows:
         for f in r["patched_only"]:
-            was = "" if f["stock"] == "passed" else f" (stock: {f['stock']})"
-            lines.append(f"- {r['kind']}/{r['suite']} [{f['mode']}] `{f['test'].split('::', 1)[1]}`{was}: "
-                         f"{f['class']} — `{f['error'][:200]}`")
+            was = "" if f["stock"] == "passed" else f" (stock {f['stock']})"
+            key = (f["class"], f["test"].split("::")[-1], f["error"][:200])
+            groups.setdefault(key, []).append(f"{r['suite']} {f['mode']}{was}")
+    for (cls, test, err), where in sorted(groups.items()):
+        lines.append(f"- **{cls}**: `{test}` — `{err}` — in {len(where)}: {', '.join(where)}")
         for e in r["patch_errors"]:
             lines.append(f"- {r['kind']}/{r['suite']}: patch() itself failed: `{e[:200]}`")
     lines += ["", "## Attention outputs against the float64 definition", "",
@@ -152,4 +155,7 @@ def _markdown(meta: dict, rows: list, modes: list[str]) -> str:
             lines.append(f"- {r['kind']}/{r['suite']} [{x['mode']}] `{x['test'].split('::', 1)[1]}`: {x['detail']}")
         for e in r["ref_errors"]:
             lines.append(f"- {r['kind']}/{r['suite']}: reference could not read a call: `{e}`")
+    notes = Path(__file__).with_name("notes.md")  # hand-written findings that a rerun keeps
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     return "\n".join(lines) + "\n"
