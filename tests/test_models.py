@@ -45,10 +45,12 @@ def smol(tmp_path_factory):
             raise AssertionError("the second load converted the GGUF again instead of reading the cache")
 
         sm._convert = again
-        sm.smollm2()
+        try:
+            sm.smollm2()
+        finally:  # restored before the module's other tests run (they call _convert themselves)
+            sm._convert = real
         yield model, tok
     finally:
-        sm._convert = real
         if old is None:
             os.environ.pop("ATTNPATCH_CACHE")
         else:
