@@ -27,6 +27,17 @@ _stats = {"patched": set(), "unsupported": set(), "patch_errors": [], "calls": 0
           "ref_errors": [], "checked": 0}
 
 
+class _Names(dict):
+    """attnpatch's public names for eval (its methods load lazily, so they are not in vars())."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def __missing__(self, key):
+        return getattr(self.module, key)
+
+
 def _method(framework: str):
     import attnpatch as ap
 
@@ -34,7 +45,7 @@ def _method(framework: str):
         return ap.Dense()
     spec = os.environ.get("ATTNPATCH_UPSTREAM_SPARSE_" + framework.upper())
     if spec:  # e.g. "Neighborhood(window=10**6, tile=2, dense_steps=0)"
-        return eval(spec, {"__builtins__": {}}, vars(ap))
+        return eval(spec, {"__builtins__": {}}, _Names(ap))
     if framework == "transformers":  # causal A-shape whose window covers every key
         return ap.SinkWindow(sink=4, window=10**6, block=16)
     return ap.Neighborhood(window=10**6, dense_steps=0)  # window wider than any grid axis: dense pattern

@@ -137,6 +137,7 @@ def _markdown(meta: dict, rows: list, modes: list[str]) -> str:
             groups.setdefault(key, []).append(f"{r['suite']} {f['mode']}{was}")
     for (cls, test, err), where in sorted(groups.items()):
         lines.append(f"- **{cls}**: `{test}` — `{err}` — in {len(where)}: {', '.join(where)}")
+    for r in rows:
         for e in r["patch_errors"]:
             lines.append(f"- {r['kind']}/{r['suite']}: patch() itself failed: `{e[:200]}`")
     lines += ["", "## Attention outputs against the float64 definition", "",
