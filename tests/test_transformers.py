@@ -153,3 +153,31 @@ def test_dense_gradients_equal_stock(family, padded):
     assert stock.keys() == patched.keys() and len(stock) > 10
     for name, g in stock.items():
         torch.testing.assert_close(patched[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_choosing_another_attention_implementation_ends_the_patch_loudly(caplog):
+    """attnpatch is the model's attention implementation: set_attn_implementation("eager") on a patched
+    model used to run stock attention under a handle that still said "active" and counted nothing.
+    Now the patch is removed first with a WARNING; a deep copy made before stays patched."""
+    import copy
+    import logging
+
+    from attnpatch.handle import handle_of
+
+    m = llm("llama")
+    x = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m(x).logits
+        h = ap.patch(m, ap.SinkWindow(sink=2, window=8))
+        patched = m(x).logits
+        assert (patched - ref).abs().max() > 1e-3  # the window changes the result
+        twin = copy.deepcopy(m)
+        with caplog.at_level(logging.WARNING, logger="attnpatch"):
+            m.set_attn_implementation("eager")
+        assert "the patch is removed" in caplog.text
+        assert not h.active and handle_of(m) is None
+        assert m.config._attn_implementation == "eager"
+        torch.testing.assert_close(m(x).logits, ref, atol=1e-5, rtol=1e-5)  # eager = stock, as asked
+        assert torch.equal(twin(x).logits, patched)  # the copy keeps its own patch
+        ap.unpatch(twin)
+        assert torch.equal(twin(x).logits, ref)

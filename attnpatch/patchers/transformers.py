@@ -14,7 +14,8 @@ import threading
 import torch
 
 from .. import core
-from ..handle import SharesMethod
+from .._log import warning
+from ..handle import SharesMethod, handle_of, pop_attr
 from ..methods.base import Dense
 from ..site import Site
 from . import SUPPORTED, layers as layer_sel
@@ -118,7 +119,26 @@ def patch_model(model, method, backend, layers, counters=None):
     undo.insert(0, functools.partial(model.set_attn_implementation, orig_impl))
     if eviction is not None:
         undo += eviction.install(model)
+    model.set_attn_implementation = _SwitchUnpatches(model)
+    undo.append(functools.partial(pop_attr, model, "set_attn_implementation"))
     return names, undo
+
+
+class _SwitchUnpatches:
+    """``model.set_attn_implementation`` while patched. attnpatch runs as the model's attention
+    implementation, so choosing another one ends the patch: it is removed first (loudly), and the
+    handle says so, instead of the model running stock attention under an "active" handle."""
+
+    def __init__(self, model):
+        self.model = model  # an object, not a closure: deepcopy maps it onto the copy
+
+    def __call__(self, *args, **kwargs):
+        handle = handle_of(self.model)
+        if handle is not None:
+            warning(f"set_attn_implementation on a model patched with {handle.method!r}: the patch is removed "
+                    "first (attnpatch is the model's attention implementation); call attnpatch.patch again to re-apply")
+            handle.remove()
+        return type(self.model).set_attn_implementation(self.model, *args, **kwargs)
 
 
 def _cache_bytes(cache) -> int:
