@@ -263,7 +263,12 @@ def render(d: dict) -> str:
         parts.append("## Passkey retrieval (depths 10 / 50 / 90 %)\n\n" + table(d["passkey"], [
             ("tokens", "tokens"), ("method", "method"), ("accuracy", "accuracy")]))
     if d.get("temperature_generate"):
-        parts.append("## Score-only plan in generate (SmolLM2-135M-Instruct, 64 new tokens)\n\n" + table(
+        m = d.get("temperature_machine") or d["machine"]
+        parts.append("## Score-only plan in generate (SmolLM2-135M-Instruct, 64 new tokens)\n\n"
+                     f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads) with "
+                     "`python benchmarks/llm.py --part temperature`: stock, `Dense()` (attnpatch's own routing) and "
+                     "`Temperature` generate in turn within every repetition (order rotating, one warm-up each); ratios "
+                     "to stock per repetition, median / min / max.\n\n" + table(
             d["temperature_generate"], [
                 ("method", "method"), ("prompt_tokens", "prompt tokens"), ("new_tokens", "new tokens"), ("reps", "repetitions"),
                 ("seconds", "generate (s, median)"), ("ratio", "time / stock (median)"), ("ratio_min", "min"),
@@ -272,6 +277,8 @@ def render(d: dict) -> str:
         parts.append("## SinkCalibration on the offline cloze set (40 items, 4 options)\n\n" + table(d["calibration"], [
             ("model", "model"), ("heads", "calibrated heads"), ("cloze_accuracy", "cloze accuracy"),
             ("calibration_loss", "loss on the calibration prompts")]))
+    if d.get("notes"):
+        parts.append("Run notes: " + d["notes"])
     return "\n\n".join(parts)
 
 
@@ -290,8 +297,10 @@ def main(argv=None):
     out = out_stem("llm", a.out, "--quick" if a.quick else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
-    data = {"machine": machine(), **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration")},
-            "temperature_generate": old.get("temperature_generate", [])}
+    # a partial run keeps the other parts' rows, the machine they were measured on and the hand-written notes
+    data = {"machine": machine() if a.part == "all" or not old else old["machine"],
+            **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration", "temperature_generate")},
+            "temperature_machine": old.get("temperature_machine"), "notes": old.get("notes", "")}
     if a.part in ("speed", "all"):
         data["speed"] = speed([1024, 2048] if a.quick else [8192, 16384, 32768], 1 if a.quick else a.layers, a.quick)
         data["decode"] = decode(512 if a.quick else 4096, 8 if a.quick else 64, 1 if a.quick else a.layers)
@@ -313,6 +322,7 @@ def main(argv=None):
         from attnpatch.models import smollm2
 
         model, tok = smollm2() if a.part == "temperature" else (model, tok)  # "all" loaded it for quality
+        data["temperature_machine"] = machine()
         data["temperature_generate"] = temperature_generate(model, tok, a.tau, 8 if a.quick else 64, 3 if a.quick else a.reps)
     write(out, "LLM attention: sparse prefill, decode memory, quality on SmolLM2-135M", INTRO, render(data), data)
 
