@@ -1,7 +1,7 @@
 """``PAG``: perturbed-attention guidance (Ahn et al. 2024) and its soft, head-level variant
 (SoftPAG / HeadHunter, 2025), for any patched pipeline.
 
-The denoiser wrapper (``attnpatch.pipelines.guidance``) appends perturbed copies of the
+The denoiser wrapper (``attnpatch.patchers.guidance``) appends perturbed copies of the
 conditional rows; in the chosen layers (and heads) their self-attention map becomes the
 identity: every visual query returns its own value (in joint attention the image-to-image block
 becomes the identity, image-to-text and the text rows are unchanged, as diffusers' PAG

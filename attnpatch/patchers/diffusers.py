@@ -16,7 +16,7 @@ import torch
 from .. import core
 from .._log import log_once
 from ..handle import Counters, SharesMethod, pop_attr
-from ..pipelines.steps import StepTracker
+from .steps import StepTracker
 from ..site import Site
 from . import SUPPORTED, layers as layer_sel, route
 
@@ -268,7 +268,7 @@ def _patch_models(models, method, backend, layers, tracker, counters, pipe=None)
         undo += u
         undo.append(model.register_forward_pre_hook(state.pre_forward, with_kwargs=True).remove)
         if getattr(method, "guidance", False) or getattr(method, "needs_roles", False):
-            from ..pipelines import guidance
+            from . import guidance
 
             undo.append(guidance.install(model, method, state, tracker, pipe))
     return names, undo

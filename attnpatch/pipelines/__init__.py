@@ -1,4 +1,1 @@
-"""Pipeline-level facts: step tracking, guidance wrappers, CLI runners."""
-from .steps import StepTracker
-
-__all__ = ["StepTracker"]
+"""Front-end helpers still to be sorted (issue 17): CLI runners, metrics, profile tools, tiny test models."""
