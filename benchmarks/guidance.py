@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.models import fixtures, shapes  # noqa: E402
-from attnpatch.pipelines.headhunter import hunt  # noqa: E402
+from attnpatch.tools.headhunter import hunt  # noqa: E402
 from attnpatch.pipelines.quality import ssim  # noqa: E402
 from common import machine, table, write  # noqa: E402
 from fixtures import grid_png  # noqa: E402
@@ -102,7 +102,7 @@ def main(argv=None):
     grid_png(list(indep) + list(shared), SHARED + [""] * len(SHARED), pics / "shared_grid.png", cols=len(SHARED), scale=3)
     data = dict(machine=machine(), pag=rows, heads=found, shared=sim)
     body = ("## PAG / SoftPAG / selected heads\n\nCaption accuracy on %d held-out captions (judge: colour, shape, place; "
-            "`all` = every attribute right). Heads chosen by `attnpatch.pipelines.headhunter.hunt` on %d other captions, "
+            "`all` = every attribute right). Heads chosen by `attnpatch.tools.headhunter.hunt` on %d other captions, "
             "objective = that accuracy, %d greedy rounds over all %d (layer, head) pairs; history: %s.\n\n" %
             (a.n, a.hunt_n, a.rounds, 6 * 4, found["history"]))
     body += table(rows, [("method", "guidance"), ("color", "colour"), ("shape", "shape"), ("place", "place"), ("all", "all")])

@@ -12,7 +12,7 @@ the plan computes (mask-only plans compute all of it); Amdahl bound 1 / ((1 - sh
 density) with share = dense causal SDPA time / dense forward time on the same shapes.
 Quality: perplexity on Python's own documentation text (pydoc_data, shipped with Python) at
 2K-8K tokens; passkey retrieval (a 5-digit number hidden at 10 / 50 / 90 % depth in filler text)
-at 1K-8K; SinkCalibration (heads picked by attnpatch.pipelines.calibrate) on an offline cloze set.
+at 1K-8K; SinkCalibration (heads picked by attnpatch.tools.calibrate) on an offline cloze set.
 Temperature: greedy generate of 64 new tokens on the real SmolLM2, Temperature(tau) vs stock, run in
 turn within every repetition (the order alternating), median and spread of the per-repetition ratios.
 """
@@ -193,7 +193,8 @@ def passkey(model, tok, lengths, depths=(0.1, 0.5, 0.9)) -> list[dict]:
 
 
 def calibration(model, tok, out_dir: Path) -> list[dict]:
-    from attnpatch.pipelines import calibrate, cloze
+    from attnpatch.pipelines import cloze
+    from attnpatch.tools import calibrate
 
     r = calibrate.calibrate(model, tok)
     path = out_dir / "smollm2_act.safetensors"

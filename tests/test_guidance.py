@@ -200,7 +200,7 @@ def test_pag_and_shared_attention_on_every_pipeline(family, one_thread):
 
 def test_headhunter_greedy_choice_and_profile(tmp_path, one_thread):
     from attnpatch.methods.pag import load_heads
-    from attnpatch.pipelines.headhunter import candidates, hunt
+    from attnpatch.tools.headhunter import candidates, hunt
     from attnpatch.pipelines.tiny_pipes import PIPES, run
 
     pipe, kw = PIPES["sd3"]()

@@ -90,7 +90,7 @@ def test_sink_calibration_matches_definition(Sq, Skv, Hkv):
 
 
 def test_calibration_profile_roundtrip_and_validation(model, tmp_path):
-    from attnpatch.pipelines import calibrate
+    from attnpatch.tools import calibrate
 
     result = dict(heads=[(0, 1), (1, 0)], base=3.0, calibrated=2.9, threshold=4.0, beta=0.5)
     path = tmp_path / "act.safetensors"
@@ -111,7 +111,7 @@ def test_calibration_profile_roundtrip_and_validation(model, tmp_path):
 
 def test_calibrate_picks_heads_that_lower_the_loss(model):
     from attnpatch.models.shapes import tokenizer
-    from attnpatch.pipelines import calibrate
+    from attnpatch.tools import calibrate
 
     tok = tokenizer()
     r = calibrate.calibrate(model, tok, prompts=["a red circle at the top left", "a blue square moving up"], threshold=1.5,

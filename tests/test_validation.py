@@ -133,8 +133,8 @@ def test_sparse_profile_errors_name_path_format_and_fix(tmp_path, kind, error, m
 
 
 @pytest.mark.parametrize("kind,error,match", [
-    ("missing", FileNotFoundError, r"'{path}' does not exist.*kind='act-heads'.*python -m attnpatch.pipelines.calibrate"),
-    ("corrupt", ValueError, r"'{path}' is not a readable safetensors file .*python -m attnpatch.pipelines.calibrate"),
+    ("missing", FileNotFoundError, r"'{path}' does not exist.*kind='act-heads'.*python -m attnpatch.tools.calibrate"),
+    ("corrupt", ValueError, r"'{path}' is not a readable safetensors file .*python -m attnpatch.tools.calibrate"),
     ("neighborhood", ValueError, r"{path} is not a SinkCalibration profile \(found: a Neighborhood profile\); expected"),
     ("pag", ValueError, r"{path} is not a SinkCalibration profile \(found: a pag-heads profile\)"),
     ("act-beyond", ValueError, r"{path}: its heads .* beyond the 2 layers x 4 heads its metadata says"),

@@ -27,7 +27,7 @@ from .base import Method, ParameterTypeError, check_indices, check_int, check_nu
 def load_heads(path) -> dict[int, list[int]]:
     """A head-selection profile (``save_heads``): {layer: [heads]}."""
     expected = "a PAG head profile: a safetensors file with metadata kind='pag-heads' and a tensor 'heads' (n, 2) of (layer, head) pairs"
-    how = "write one with attnpatch.methods.pag.save_heads(path, {layer: [heads]}) or python -m attnpatch.pipelines.headhunter"
+    how = "write one with attnpatch.methods.pag.save_heads(path, {layer: [heads]}) or python -m attnpatch.tools.headhunter"
     tensors, meta = read_safetensors(path, f"PAG(heads={path!r})", expected, how)
     if meta.get("kind") != "pag-heads" or "heads" not in tensors:
         found = meta.get("kind") or (f"a {meta['method']} profile" if "method" in meta else "no attnpatch metadata")

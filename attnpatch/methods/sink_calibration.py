@@ -9,7 +9,7 @@ kernel saw: the call's mask (padding), causality, soft-capping and scale; keys t
 never sinks, rows that see no key are left as the kernel made them, and under left padding
 (``Site.kv_shift``) the ``first`` tokens are the first real ones.
 
-Heads come from a calibration run (``attnpatch.pipelines.calibrate``) saved as a safetensors
+Heads come from a calibration run (``attnpatch.tools.calibrate``) saved as a safetensors
 profile; ``bind_model`` checks the profile against the patched model.
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ PROFILE_KIND = "act-heads"
 
 
 def load_profile(path) -> tuple[dict, dict]:
-    """({layer: [heads]}, metadata) of a SinkCalibration profile (``attnpatch.pipelines.calibrate``)."""
+    """({layer: [heads]}, metadata) of a SinkCalibration profile (``attnpatch.tools.calibrate``)."""
     from ..checks import read_safetensors
 
     expected = (f"a SinkCalibration profile: a safetensors file with metadata kind={PROFILE_KIND!r} and a tensor "
                 "'heads' (n, 2) of (layer, head) pairs")
-    how = "write one with python -m attnpatch.pipelines.calibrate --out PATH (or pass heads=[(layer, head), ...])"
+    how = "write one with python -m attnpatch.tools.calibrate --out PATH (or pass heads=[(layer, head), ...])"
     tensors, meta = read_safetensors(path, f"SinkCalibration(heads={path!r})", expected, how)
     if meta.get("kind") != PROFILE_KIND or "heads" not in tensors:
         found = f"a {meta['kind']} profile" if "kind" in meta else f"a {meta['method']} profile" if "method" in meta \
@@ -100,7 +100,7 @@ class SinkCalibration(Method):
             if want != (L, H) or self._meta.get("model_type", cfg.model_type) != cfg.model_type:
                 raise ValueError(f"SinkCalibration profile {self.heads} is for a {self._meta.get('model_type')} model with "
                                  f"{want[0]} layers x {want[1]} heads, not this {cfg.model_type} with {L} x {H}; "
-                                 "calibrate this model with python -m attnpatch.pipelines.calibrate")
+                                 "calibrate this model with python -m attnpatch.tools.calibrate")
         for l, hs in (self._heads or {}).items():
             if not 0 <= l < L or any(not 0 <= h < H for h in hs):
                 raise ValueError(f"SinkCalibration(heads=...) names layer {l} heads {hs}; the model has {L} layers x {H} heads")

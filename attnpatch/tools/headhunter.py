@@ -2,14 +2,13 @@
 perturbation maximises a user objective on generated images, and save it as a profile that
 ``PAG(heads=path)`` loads.
 
-    from attnpatch.pipelines.headhunter import hunt
+    from attnpatch.tools.headhunter import hunt
     result = hunt(pipe, prompts, score=my_score, rounds=3, out="heads.safetensors")
 """
 from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from tqdm.auto import tqdm
 
 from .. import api
@@ -80,7 +79,3 @@ def _as_dict(pairs) -> dict[int, list[int]]:
         out.setdefault(int(l), []).append(int(h))
     return out
 
-
-def images_of(output) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] from a pipeline output with output_type="pt"."""
-    return output.images if hasattr(output, "images") else output

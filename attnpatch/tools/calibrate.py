@@ -1,7 +1,7 @@
 """Pick the heads for ``SinkCalibration`` (ACT) on a few prompts and save a safetensors profile:
 
-    python -m attnpatch.pipelines.calibrate --out act.safetensors            # SmolLM2-135M, offline
-    python -m attnpatch.pipelines.calibrate --model HuggingFaceTB/SmolLM2-360M --out act.safetensors
+    python -m attnpatch.tools.calibrate --out act.safetensors            # SmolLM2-135M, offline
+    python -m attnpatch.tools.calibrate --model HuggingFaceTB/SmolLM2-360M --out act.safetensors
 
 Every (layer, head) is tried alone: calibrated in that head only, does the mean next-token loss
 on the prompts drop? Heads that help most (up to ``--max-heads``) form the profile, kept only if

@@ -1,0 +1,1 @@
+"""Profile tools over the public API: SinkCalibration heads (``calibrate``), PAG heads (``headhunter``)."""
