@@ -183,7 +183,7 @@ def test_bad_tensors(bad, match):
 def test_lse_paths_agree():
     """The fused CPU flash path and the explicit path (other devices) give the same output and
     log-sum-exp, and merging two halves equals attention over the whole."""
-    from attnpatch.kernels.lse import merge, sdpa_lse, sdpa_lse_math
+    from attnpatch.ops.lse import merge, sdpa_lse, sdpa_lse_math
 
     q, k, v = _inputs(1, 2, 2, 7, 19, 16, torch.float32)
     bias = torch.zeros(1, 1, 7, 19).masked_fill(torch.rand(1, 1, 7, 19, generator=torch.Generator().manual_seed(5)) > 0.7,

@@ -149,7 +149,7 @@ def test_triton_causal_prefill(method):
 def test_triton_tile_pooling_matches_torch_estimator(grid, block):
     """TopKBlocks' fused pooling (CUDA path) equals the torch index_add path, also for tiles of more
     tokens than the kernel reads at once (70 > 32) and ragged edge tiles."""
-    from attnpatch.kernels.triton_pool import tile_means
+    from attnpatch.ops.triton_pool import tile_means
 
     S = math.prod(grid)
     m, site = ap.TopKBlocks(keep=0.3, block=block), Site(grid=grid)

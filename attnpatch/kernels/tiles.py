@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..blocks import BlockSparse
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, block_sparse_why_not, needs_grad
-from .lse import merge, sdpa_lse, sdpa_lse_math
+from ..ops.lse import merge, sdpa_lse, sdpa_lse_math
 
 
 def _partial_bias(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, dtype, device):

@@ -76,7 +76,7 @@ class TopKBlocks(Sparse):
 
         def pool(x):  # (B, h, n, D) -> (B, h, nT, D) tile means
             if x.device.type == "cuda" and D >= 16 and not D & (D - 1):
-                from ..kernels.triton_pool import tile_means  # fused on the GPU: no permuted copy
+                from ..ops.triton_pool import tile_means  # fused on the GPU: no permuted copy
 
                 return tile_means(x[:, :, v0:v0 + n], lay["order"], lay["bounds"])
             out = torch.zeros(*x.shape[:2], nT, D, device=x.device, dtype=torch.float32)
