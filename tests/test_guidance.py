@@ -173,6 +173,23 @@ def test_shift_pe_equals_rope_at_shifted_positions():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_shift_is_diffusers_rope_bit_for_bit(dtype):
+    """methods/ computes the FLUX RoPE shift with plain torch (no diffusers import): same bits as
+    diffusers' own get_1d_rotary_pos_embed + apply_rotary_emb, which it replaced."""
+    from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
+
+    from attnpatch.methods.shared import rope_shift
+
+    axes, shift = (16, 56, 56), torch.tensor([0.0, 0.0, 24.0])
+    k = torch.randn(2, 3, 40, sum(axes)).to(dtype)
+    cos, sin = zip(*(get_1d_rotary_pos_embed(d, shift[i:i + 1], theta=10000, repeat_interleave_real=True, use_real=True,
+                                             freqs_dtype=torch.float64) for i, d in enumerate(axes)))
+    want = apply_rotary_emb(k, (torch.cat(cos, -1).float(), torch.cat(sin, -1).float()), use_real=True,
+                            use_real_unbind_dim=-1, sequence_dim=2)
+    assert torch.equal(rope_shift(k, axes, 10000, (0.0, 0.0, 24.0)), want)
+
 @pytest.fixture(scope="module")
 def one_thread():
     old = torch.get_num_threads()

@@ -25,6 +25,20 @@ def _adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return (x - mu) / sd * rsd + rmu
 
 
+def rope_shift(x: torch.Tensor, axes: tuple[int, ...], theta: float, shift: tuple[float, ...]) -> torch.Tensor:
+    """x (..., N, D) rotated by FLUX-style multi-axis RoPE at position ``shift`` (one offset per axis).
+
+    FLUX's RoPE gives axis i the channels of its ``axes[i]`` block; within a block, channel pair
+    (2j, 2j+1) turns by angle p * theta ** (-2j / d). Rotations compose, so rotating keys that
+    already carry position p by this shift puts them at p + shift."""
+    angles = [p * (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)) for p, d in zip(shift, axes)]
+    ang = torch.cat(angles).repeat_interleave(2).to(x.device)  # (D,) float64: one angle per channel pair, twice
+    cos, sin = ang.cos().float(), ang.sin().float()
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, D/2, 2): interleaved (real, imaginary) channels
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)  # (..., N, D): i * x
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
 @dataclass
 class SharedAttention(Method):
     """Every image attends to the reference image's keys / values too (StyleAligned-style)."""
@@ -67,14 +81,8 @@ class SharedAttention(Method):
         """Rotate FLUX keys (E, H, N, D) by one grid width along the image's width axis."""
         if not self.shift_pe or self._rope is None or site.family != "flux" or len(site.grid) != 2:
             return k_ref
-        from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
-
         axes, theta = self._rope
-        shift = torch.tensor([0.0, 0.0, float(site.grid[1])])  # (frame, row, col) offset
-        cos, sin = zip(*(get_1d_rotary_pos_embed(d, shift[i:i + 1], theta=theta, repeat_interleave_real=True, use_real=True,
-                                                 freqs_dtype=torch.float64) for i, d in enumerate(axes)))
-        cos, sin = torch.cat(cos, -1).float(), torch.cat(sin, -1).float()  # (1, D): one position, broadcast over tokens
-        return apply_rotary_emb(k_ref, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=2)
+        return rope_shift(k_ref, axes, theta, (0.0, 0.0, float(site.grid[1])))  # (frame, row, col) offset
 
     def plan(self, q, k, site: Site) -> Plan | None:
         B, S = q.shape[0], q.shape[2]
