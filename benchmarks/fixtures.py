@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.models import fixtures, shapes  # noqa: E402
-from attnpatch.pipelines.probe import AttentionStats  # noqa: E402
+from attnpatch.methods.probe import AttentionStats  # noqa: E402
 from common import machine, write  # noqa: E402
 
 FLUX_CAPTIONS = ["a large red circle at the top left", "a large green square at the top right", "a large blue triangle in the center",

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import api
 from ..methods.base import Method
 from . import report, runner
-from .probe import Recall
+from ..methods.probe import Recall
 
 
 def run_kw(args) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..methods.base import Method
+from .base import Method
 from ..site import Site
 
 
