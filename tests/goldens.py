@@ -226,10 +226,12 @@ def topk_causal_keep(q, k, off, keep=None, mass=None, block=256, local=0):
     return causal(lambda p, j: j // block in kept[p // block], off)
 
 
-def vertical_slash_keep(q, k, off, verticals, slashes, last_q, sink, window):
+def vertical_slash_keep(q, k, off, verticals, slashes, last_q, sink, window, forced_in_budget=False):
     """MInference vertical-slash: per (row, head), softmax of the last ``last_q`` queries (causal);
     vertical score = column sum, slash score = sum along each diagonal offset p - j; keep the top
-    ``verticals`` columns, top ``slashes`` offsets, sink and local window (causal)."""
+    ``verticals`` columns, top ``slashes`` offsets, sink and local window (causal).
+    ``forced_in_budget``: the authors' code (``vertical[..., :30] = inf``, ``slash[..., -100:] = inf``
+    before ``topk``): the sink columns and window diagonals count inside the two budgets."""
     B, H, Sq, D = q.shape
     Skv, rep = k.shape[2], H // k.shape[1]
     L = min(last_q, Sq)
@@ -244,6 +246,9 @@ def vertical_slash_keep(q, k, off, verticals, slashes, last_q, sink, window):
                 for j in range(p + 1):
                     vert[j] += a[j]
                     slash[p - j] += a[j]
+            if forced_in_budget:
+                vert = [math.inf if j < sink else x for j, x in enumerate(vert)]
+                slash = [math.inf if o < window else x for o, x in enumerate(slash)]
             top_v = set(sorted(range(Skv), key=lambda j: -vert[j])[:verticals])
             top_s = set(sorted(range(Skv), key=lambda o: -slash[o])[:slashes])
             tables[b, h] = top_v, top_s
