@@ -347,10 +347,7 @@ def score_scaled(q, k, v, off, is_causal, factor):
     """Softmax of scores times ``factor(n)`` (n: keys the query sees), causal or not."""
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
-    n = [min(i + off + 1, Skv) if is_causal else Skv for i in range(Sq)]
-    bias_free_scale = D ** -0.5
     qs = q.double().clone()
-    for i in range(Sq):
-        qs[:, :, i] *= factor(n[i])
-    keep = (lambda b, h, i, j: j <= i + off) if is_causal else (lambda b, h, i, j: True)
-    return attention(qs, k, v, keep, scale=bias_free_scale)
+    for i in range(Sq):  # scaling a query row scales every score of that row
+        qs[:, :, i] *= factor(min(i + off + 1, Skv) if is_causal else Skv)
+    return attention(qs, k, v, (lambda b, h, i, j: j <= i + off) if is_causal else (lambda b, h, i, j: True))
