@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from attnpatch.pipelines.timing import timeit, timeit_interleaved  # noqa: F401  (re-exported for the scripts)
+from attnpatch.tools.timing import timeit, timeit_interleaved  # noqa: F401  (re-exported for the scripts)
 
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: full runs only

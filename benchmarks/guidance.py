@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.models import fixtures, shapes  # noqa: E402
 from attnpatch.tools.headhunter import hunt  # noqa: E402
-from attnpatch.pipelines.quality import ssim  # noqa: E402
+from attnpatch.tools.quality import ssim  # noqa: E402
 from common import machine, table, write  # noqa: E402
 from fixtures import grid_png  # noqa: E402
 

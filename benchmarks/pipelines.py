@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.methods.probe import Recall  # noqa: E402
-from attnpatch.pipelines.quality import psnr, ssim  # noqa: E402
+from attnpatch.tools.quality import psnr, ssim  # noqa: E402
 from common import machine, out_stem, table, timeit, write  # noqa: E402
 
 NA, STA, RAD, TOPK = ap.Neighborhood, ap.SlidingTile, ap.Radial, ap.TopKBlocks

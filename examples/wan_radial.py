@@ -10,7 +10,7 @@ import time
 import torch
 
 import attnpatch as ap
-from attnpatch.pipelines.quality import psnr, ssim
+from attnpatch.tools.quality import psnr, ssim
 
 
 def main():

@@ -37,7 +37,7 @@ class _Loaded(Exception):
 def main(monkeypatch, capsys):
     """``attnpatch.cli.main`` in this process with model loading forbidden: returns (exit code, stderr)."""
     from attnpatch import cli, models
-    from attnpatch.pipelines import runner
+    from attnpatch.cli import runner
 
     def load(*a, **k):
         raise _Loaded(a)
@@ -92,7 +92,7 @@ def test_offline_hub_id_exits_2_at_once(main, monkeypatch):
     """No retries: one probe of the hub (or HF_HUB_OFFLINE) and the local cache decide."""
     import huggingface_hub
     import huggingface_hub.constants
-    from attnpatch.pipelines import runner
+    from attnpatch.cli import runner
 
     def no_download(*a, **k):
         raise AssertionError("asked the hub although it is unreachable")

@@ -140,7 +140,7 @@ def test_sites_carry_the_grid_of_the_call_and_the_step(family):
 def test_timing_synchronises_cuda_around_every_timed_call(monkeypatch):
     """GPU kernels are asynchronous: each timed call must sit between two device synchronisations
     (emulated here: CUDA reported present and initialised, synchronize recorded)."""
-    from attnpatch.pipelines import timing
+    from attnpatch.tools import timing
 
     log = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -163,7 +163,7 @@ def test_speed_quality_plot_names_every_setting_inside_the_figure_without_overla
     from matplotlib.figure import Figure
     from matplotlib.text import Text
 
-    from attnpatch.pipelines import report
+    from attnpatch.cli import report
 
     names = ["stock attention"] + [f"Neighborhood(window=7, stride=1, dilation=1, causal=False, tile=4) + dense_steps={d}"
                                    for d in (0, 0.2, 0.4)] + ["TopKBlocks(keep=0.25, block=4) " + "x" * 160]

@@ -56,7 +56,7 @@ def _sparse_rows(ap, torch):
     """Block-sparse attention vs dense SDPA on a 64x64 latent grid, timed here, one process."""
     import torch.nn.functional as F
 
-    from .timing import timeit
+    from ..tools.timing import timeit
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 4096, 128, generator=g) for _ in range(3))  # (B, H, S, D)
@@ -86,7 +86,7 @@ def demo(seed: int = 0) -> int:
     import torch
 
     import attnpatch as ap
-    from . import tiny
+    from ..pipelines import tiny
 
     warnings.filterwarnings("ignore", message="In CPU autocast")  # Mochi's RoPE asks for fp32 autocast
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..site import Site
-from .quality import psnr, ssim
+from ..tools.quality import psnr, ssim
 
 
 def to_pil(img: torch.Tensor, scale: int = 1):

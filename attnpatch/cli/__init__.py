@@ -22,7 +22,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _methods(args) -> int:
-    from . import methods
+    from .. import methods
 
     for name in ["Dense", *methods._FILES]:
         if name == "Sparse":
@@ -37,7 +37,7 @@ def _methods(args) -> int:
 
 
 def _demo(args) -> int:
-    from .pipelines.demo import demo
+    from .demo import demo
 
     return demo(args.seed)
 
@@ -46,7 +46,7 @@ def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
     """--out, or a folder under ``root`` named for the model and the settings (a digest of every
     argument that changes the outputs), so a second command with other settings gets its own
     folder; checked before the model loads."""
-    from .pipelines.runner import UsageError
+    from .runner import UsageError
 
     if args.out:
         path = Path(args.out)
@@ -65,13 +65,13 @@ def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
 def _prepare(args, methods: list) -> str:
     """Everything about the model that can be checked without loading it: --device, --model,
     and methods that cannot run on it. Returns the model's name for the output folder."""
-    from .pipelines import runner
+    from . import runner
 
     runner.check_device(args.device)
     src = runner.resolve(args.model)
     visual = sorted({type(m).__name__ for m in methods if not getattr(m, "llm", True)})
     if src.is_pipe is False and visual:
-        from .patchers.transformers import LLM_METHODS
+        from ..patchers.transformers import LLM_METHODS
 
         raise runner.UsageError(f"{', '.join(visual)}: image / video method(s), which cannot run on the language model "
                                 f"{args.model}; for LLMs use {LLM_METHODS}")
@@ -83,8 +83,8 @@ def _slug(text: str) -> str:
 
 
 def _generate(args) -> int:
-    from . import api
-    from .pipelines import compare, report, runner
+    from .. import api
+    from . import compare, report, runner
 
     method = runner.parse_method(args.method, args.set)
     out = _out_dir(args, "attnpatch-out", _prepare(args, [method]), [type(method).__name__])
@@ -116,7 +116,7 @@ def _generate(args) -> int:
 def _compare(args) -> int:
     from tqdm.auto import tqdm
 
-    from .pipelines import compare, report, runner
+    from . import compare, report, runner
 
     methods = compare.expand(args.methods, args.grid)
     out = _out_dir(args, "attnpatch-report", _prepare(args, methods), list(dict.fromkeys(type(m).__name__ for m in methods)))
@@ -152,9 +152,9 @@ def _compare(args) -> int:
 def _bench(args) -> int:
     import runpy
 
-    from .pipelines.runner import UsageError
+    from .runner import UsageError
 
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     script = root / f"{args.which}.py"
     if not script.is_file():
         raise UsageError(f"{script} not found: the benchmark scripts live in the source checkout (git clone the repo)")
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     demo.set_defaults(func=_demo)
     sub.add_parser("methods", help="list methods, parameters, defaults and sources").set_defaults(func=_methods)
     args = parser.parse_args(argv)
-    from .pipelines.runner import UsageError
+    from .runner import UsageError
 
     try:
         return args.func(args)
