@@ -193,7 +193,7 @@ def passkey(model, tok, lengths, depths=(0.1, 0.5, 0.9)) -> list[dict]:
 
 
 def calibration(model, tok, out_dir: Path) -> list[dict]:
-    from attnpatch.pipelines import cloze
+    from attnpatch.models import cloze
     from attnpatch.tools import calibrate
 
     r = calibrate.calibrate(model, tok)

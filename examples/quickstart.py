@@ -9,7 +9,7 @@ Uses tiny random-weight models built from configs; pass real ones the same way, 
 import torch
 
 import attnpatch as ap
-from attnpatch.pipelines import tiny
+from attnpatch.models import tiny
 
 # transformers: a causal LM, sink + window attention in prefill and KV-cache decode
 model = tiny.llm("llama")

@@ -8,7 +8,7 @@ import torch
 
 import attnpatch as ap
 from attnpatch import Site
-from attnpatch.pipelines.tiny import CASES, llm
+from attnpatch.models.tiny import CASES, llm
 
 
 def test_public_names():

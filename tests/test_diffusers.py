@@ -5,7 +5,7 @@ import torch
 
 import attnpatch as ap
 from attnpatch import Method
-from attnpatch.pipelines.tiny import CASES, flux_call, flux_pipeline, wan22_pipeline, wan_call
+from attnpatch.models.tiny import CASES, flux_call, flux_pipeline, wan22_pipeline, wan_call
 
 
 class Record(Method):

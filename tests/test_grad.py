@@ -134,7 +134,7 @@ def test_patched_diffusers_model_trains_like_reference(family):
     """A tiny model patched with a sparse method (tiles on CPU): forward + backward twice works (reused
     kernel buffers once chained each call's graph to the previous one's, and out= gathers refused
     autograd), and the parameter gradients equal those of the same model run with the reference kernel."""
-    from attnpatch.pipelines.tiny import CASES as MODELS
+    from attnpatch.models.tiny import CASES as MODELS
 
     c = MODELS[family]
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def test_gemma2_dense_backward_and_decode_without_flex(monkeypatch):
     """Gemma-2 soft-caps its logits (a score_mod): with gradients on, the patched model's parameter
     gradients equal the stock model's (FlexAttention, picked before, has no backward on CPU), and its
     decode steps never go to the flex kernel (which compiled once per key length)."""
-    from attnpatch.pipelines.tiny import llm
+    from attnpatch.models.tiny import llm
 
     stock = llm("gemma2", attn_logit_softcapping=5.0).train()
     patched = copy.deepcopy(stock)

@@ -112,13 +112,13 @@ def test_bad_pag_parameters():
 
 
 def _flux_batch_pipe():
-    from attnpatch.pipelines.tiny import flux_pipeline
+    from attnpatch.models.tiny import flux_pipeline
 
     return flux_pipeline()
 
 
 def test_shared_attention_reference_only_batch_is_stock_and_others_change():
-    from attnpatch.pipelines.tiny import flux_call
+    from attnpatch.models.tiny import flux_call
 
     pipe = _flux_batch_pipe()
     one = flux_call(pipe)
@@ -203,7 +203,7 @@ def test_pag_and_shared_attention_on_every_pipeline(family, one_thread):
     """PAG changes the output, scale 0 is exactly stock, unpatch restores; SharedAttention runs
     on a batch of two and leaves the reference row... close to its own stock row only when
     nothing is shared, so here we check it runs and differs for the non-reference row."""
-    from attnpatch.pipelines.tiny_pipes import PIPES, run
+    from attnpatch.models.tiny_pipes import PIPES, run
 
     pipe, kw = PIPES[family]()
     stock = run(pipe, kw)
@@ -218,7 +218,7 @@ def test_pag_and_shared_attention_on_every_pipeline(family, one_thread):
 def test_headhunter_greedy_choice_and_profile(tmp_path, one_thread):
     from attnpatch.methods.pag import load_heads
     from attnpatch.tools.headhunter import candidates, hunt
-    from attnpatch.pipelines.tiny_pipes import PIPES, run
+    from attnpatch.models.tiny_pipes import PIPES, run
 
     pipe, kw = PIPES["sd3"]()
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import attnpatch as ap
 from attnpatch.patchers import route
-from attnpatch.pipelines.tiny import CASES, llm
+from attnpatch.models.tiny import CASES, llm
 
 SPARSE = ap.SlidingTile(tile=2, window=1)  # on the tiny (3, 5) grid: changes the output
 
@@ -266,7 +266,7 @@ def test_deepcopy_of_a_patched_diffusers_model(unpatch_first):
 
 
 def test_deepcopy_of_a_patched_pipeline():
-    from attnpatch.pipelines.tiny import flux_call, flux_pipeline
+    from attnpatch.models.tiny import flux_call, flux_pipeline
 
     pipe = flux_pipeline()
     stock = flux_call(pipe, steps=2)
@@ -333,7 +333,7 @@ def test_counters_are_per_patch_and_thread_safe():
 def test_two_threads_on_one_model_each_see_their_own_grid():
     """Thread A stops inside its forward (its grid already read from its inputs) while thread B runs
     a forward on another grid; A must still attend on its own grid."""
-    from attnpatch.pipelines.tiny import _flux_inputs
+    from attnpatch.models.tiny import _flux_inputs
 
     model, _ = _flux()
     a_in, b_in = _flux_inputs(H=3, W=5), _flux_inputs(H=5, W=3)

@@ -9,7 +9,7 @@ import torch
 
 import attnpatch as ap
 from attnpatch import Site
-from attnpatch.pipelines.tiny import llm
+from attnpatch.models.tiny import llm
 
 
 @pytest.fixture(scope="module")

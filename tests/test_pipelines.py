@@ -7,7 +7,7 @@ import torch
 
 import attnpatch as ap
 from attnpatch import Method
-from attnpatch.pipelines.tiny_pipes import PIPES, STEPS, run
+from attnpatch.models.tiny_pipes import PIPES, STEPS, run
 
 # (grid, kinds of attention call) each builder's call implies, worked out by hand from its sizes:
 # image: px / VAE factor / patch (Flux packs 2x2 latents); video: frames (f - 1) / temporal

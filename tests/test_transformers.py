@@ -5,7 +5,7 @@ import torch
 
 import attnpatch as ap
 from attnpatch import Method
-from attnpatch.pipelines.tiny import llm
+from attnpatch.models.tiny import llm
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 

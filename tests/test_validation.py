@@ -164,7 +164,7 @@ def test_profile_shape_errors_at_the_call_name_the_file(tmp_path):
 def test_profile_for_another_model_fails_at_patch_time(table, match):
     """A transformers config names its layers and heads: a profile made for another model is
     refused by ``patch``, not at the forward of the first layer it lacks."""
-    from attnpatch.pipelines.tiny import llm
+    from attnpatch.models.tiny import llm
 
     model = llm("llama", num_hidden_layers=3)  # 4 heads
     with pytest.raises(ValueError, match=rf"TopKBlocks profile \(a dict\): table 'keep' {match}, but this model has 3 "

@@ -86,7 +86,7 @@ def demo(seed: int = 0) -> int:
     import torch
 
     import attnpatch as ap
-    from ..pipelines import tiny
+    from ..models import tiny
 
     warnings.filterwarnings("ignore", message="In CPU autocast")  # Mochi's RoPE asks for fp32 autocast
 
