@@ -360,3 +360,21 @@ def test_bad_inputs_fail_early_with_the_fix(bad, match):
     with pytest.raises(ValueError, match=match):
         ap.attend(t["q"], t["k"], t["v"], ap.Dense(), mask=t["mask"], scale=t["scale"])
 
+
+
+def test_flex_raises_dynamo_recompile_limit_only_during_its_calls(monkeypatch):
+    """flex used to raise torch._dynamo's global recompile limit for good on first use: every
+    other torch.compile user in the process inherited it. Now only its own calls see it."""
+    from attnpatch.kernels import flex
+
+    cfg = torch._dynamo.config
+    monkeypatch.setattr(cfg, "recompile_limit", 8)
+    monkeypatch.setattr(flex, "_COMPILED", None)
+    monkeypatch.setenv("ATTNPATCH_FLEX_COMPILE", "1")
+    flex._flex()  # builds the compiled function (no call: nothing compiles yet)
+    assert cfg.recompile_limit == 8
+    with flex._recompile_room():
+        with flex._recompile_room():  # nested / concurrent calls share one raise
+            assert cfg.recompile_limit >= 256
+        assert cfg.recompile_limit >= 256
+    assert cfg.recompile_limit == 8

@@ -10,6 +10,7 @@ compile per length) and inputs that require grad.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -32,13 +33,35 @@ def _flex():
     if os.environ.get("ATTNPATCH_FLEX_COMPILE", "1") == "0":
         return flex_attention  # unfused, for debugging
     if _COMPILED is None:
-        # each plan's mask_mod is a new closure that dynamo guards on: allow one compiled graph
-        # per (plan, shape) for many plans instead of falling back to eager after 8
-        cfg = torch._dynamo.config
-        cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 256)
-        cfg.cache_size_limit = max(getattr(cfg, "cache_size_limit", 8), 256)
         _COMPILED = torch.compile(flex_attention, dynamic=False)
     return _COMPILED
+
+
+_LIMITS = {"depth": 0, "saved": None}
+_LIMITS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _recompile_room(limit: int = 256):
+    """Raise dynamo's recompile limit only while flex calls run, then restore the user's value.
+
+    Each plan's mask_mod is a new closure that dynamo guards on: one compiled graph per (plan,
+    shape) for many plans, instead of falling back to eager after 8. Nested and concurrent calls
+    share one raise (counted), so the first to enter saves and the last to leave restores."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6: the old name
+    with _LIMITS_LOCK:
+        if _LIMITS["depth"] == 0:
+            _LIMITS["saved"] = getattr(cfg, name)
+            setattr(cfg, name, max(getattr(cfg, name), limit))
+        _LIMITS["depth"] += 1
+    try:
+        yield
+    finally:
+        with _LIMITS_LOCK:
+            _LIMITS["depth"] -= 1
+            if _LIMITS["depth"] == 0:
+                setattr(cfg, name, _LIMITS["saved"])
 
 
 def _in_tile_order(fn, perm):
@@ -136,7 +159,8 @@ class Flex(Kernel):
         dtype = q.dtype
         if os.environ.get("ATTNPATCH_FLEX_COMPILE", "1") == "0" and q.element_size() < 4:
             q, k, v = q.float(), k.float(), v.float()  # the unfused path rounds 16-bit scores: twice the fused error
-        out = _flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        with _recompile_room():
+            out = _flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         out = out.to(dtype)
         if perm is not None:
             out = out.index_select(2, plan.blocks.inverse_perm_on(q.device))
