@@ -15,7 +15,7 @@ from .site import Site
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # every method in METHODS.md, importable as attnpatch.<Name>
+def __getattr__(name):  # every public method (methods._FILES), importable as attnpatch.<Name>
     if name in methods._FILES:
         return getattr(methods, name)
     raise AttributeError(f"module 'attnpatch' has no attribute {name!r}")

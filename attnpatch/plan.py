@@ -39,14 +39,6 @@ class Plan:
     q_scale: float | torch.Tensor | None = None
     name: str = "dense"
 
-    @property
-    def is_dense(self) -> bool:
-        """True when the plan is unmasked, unbiased attention (causality aside)."""
-        return all(
-            f is None
-            for f in (self.mask_mod, self.score_mod, self.blocks, self.output, self.extra_kv, self.transform, self.q_scale)
-        )
-
     def with_site(self, causal: bool, q_offset: int) -> "Plan":
         return replace(self, causal=causal, q_offset=q_offset)
 

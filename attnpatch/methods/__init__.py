@@ -1,4 +1,4 @@
-"""Methods: WHAT changes. Each file is one pattern from ``METHODS.md``, loaded on first use
+"""Methods: WHAT changes. Each file is one pattern (its paper in the class docstring), loaded on first use
 (so ``python -m attnpatch.methods.<file>`` prints its mask without import warnings)."""
 import importlib
 

@@ -1,5 +1,5 @@
-"""``Sparse``: the base of every sparse method, carrying its schedule as data (METHODS.md,
-"schedules on every sparse method"):
+"""``Sparse``: the base of every sparse method, carrying its schedule as data
+(the same schedule on every sparse method):
 
 - ``dense_steps=n``: the first n denoising steps of every pipeline call run dense (by the step
   index the pipeline's own scheduler loop gives, reset per call); a float ``0 <= f < 1`` is a
