@@ -58,10 +58,14 @@ def _violations(layer: str, banned: set[str]) -> list[str]:
                   for t in ts if area(t) in banned)
 
 
+_ABOVE_CORE = {"core", "patchers", "diffusers", "transformers"} | FRONT_ENDS
 RULES = {
-    "methods": {"kernels", "patchers", "diffusers", "transformers"} | FRONT_ENDS,
-    "kernels": {"methods", "patchers", "diffusers", "transformers"} | FRONT_ENDS,
+    "methods": {"kernels"} | _ABOVE_CORE,
+    "kernels": {"methods"} | _ABOVE_CORE,
     "patchers": set(FRONT_ENDS),
+    "core": {"patchers", "diffusers", "transformers"} | FRONT_ENDS,
+    # the vocabulary and the shared numeric ops sit under methods and kernels
+    **{low: {"methods", "kernels"} | _ABOVE_CORE for low in ("ops", "plan", "site", "blocks", "checks")},
 }
 
 
