@@ -58,8 +58,8 @@ def fold_q_scale(q: torch.Tensor, scale, plan: Plan):
 
 
 def q_scale_as_score_mod(plan: Plan, B: int, H: int, Sq: int) -> Plan:
-    """The plan with its q_scale turned into a score_mod applied after the plan's own, for callers
-    that must transform scores before it (soft-capping): same scores, general path."""
+    """The plan with its q_scale turned into a score_mod, for callers that must transform scores
+    before it (soft-capping). Applied before the plan's own score_mod, as folding it into q is."""
     qs, inner = plan.q_scale, plan.score_mod
     if qs is None:
         return plan
@@ -67,8 +67,8 @@ def q_scale_as_score_mod(plan: Plan, B: int, H: int, Sq: int) -> Plan:
         qs = qs.expand(B, H, Sq, 1)
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        score = score if inner is None else inner(score, b, h, q_idx, kv_idx)
-        return score * (qs[b, h, q_idx, 0] if torch.is_tensor(qs) else qs)
+        score = score * (qs[b, h, q_idx, 0] if torch.is_tensor(qs) else qs)
+        return score if inner is None else inner(score, b, h, q_idx, kv_idx)
 
     return replace(plan, score_mod=score_mod, q_scale=None)
 
