@@ -69,7 +69,7 @@ def _prepare(args, methods: list) -> str:
 
     runner.check_device(args.device)
     src = runner.resolve(args.model)
-    visual = sorted({type(m).__name__ for m in methods if not getattr(m, "llm", True)})
+    visual = sorted({type(m).__name__ for m in methods if not m.llm})
     if src.is_pipe is False and visual:
         from ..patchers.transformers import LLM_METHODS
 

@@ -1,4 +1,18 @@
-"""``Method``: WHAT changes. One override, ``plan(q, k, site) -> Plan | None`` (None = dense)."""
+"""``Method``: WHAT changes. One override, ``plan(q, k, site) -> Plan | None`` (None = dense).
+
+Everything else a method may ask of a patcher is declared here, with its default, so patchers
+read plain attributes (never ``getattr`` probes) and write nothing back onto a method:
+
+- ``llm`` (class attribute, default True): the method can run in a transformers causal decoder;
+  False for methods that need a visual token grid or a denoiser's batch (refused at patch time).
+- ``guidance`` (default False): the diffusers patcher wraps the denoiser to append perturbed rows.
+- ``needs_roles`` (default False): attention calls must know their CFG batch roles
+  (``Site.roles``); ``guidance`` implies it.
+- ``bind_model(model)``: called once by a patcher at patch time (check a profile against the
+  model, keep a model fact such as FLUX's RoPE); default no-op.
+- ``kv_policy()``: a KV-cache policy the transformers patcher applies to the model's cache
+  (``SinkWindow(evict=True)``), or None (default) to leave the cache as it is.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +32,22 @@ class Method:
     method's parameters; ``__post_init__`` validates every one of them with the ``check_*``
     helpers (``attnpatch.checks``): a wrong value raises ``ValueError`` (a wrong type
     ``ParameterTypeError``, both a TypeError and a ValueError) naming ``Method(param=value)``,
-    what is expected and an example."""
+    what is expected and an example.
+
+    The protocol flags below are class attributes (not dataclass fields: no annotation), so they
+    are never parameters; see the module docstring for what each asks of a patcher."""
+
+    llm = True  # runs in a transformers causal decoder
+    guidance = False  # the diffusers patcher wraps the denoiser to add perturbed rows
+    needs_roles = False  # attention calls must know their CFG batch roles (guidance implies it)
+
+    def bind_model(self, model) -> None:
+        """Called once by a patcher at patch time with the patched model; default: nothing."""
+
+    def kv_policy(self):
+        """The KV-cache policy the transformers patcher applies (an object with the interface of
+        ``attnpatch.methods.sink_window.SinkEviction``), or None: the cache is left alone."""
+        return None
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, site: Site) -> Plan | None:
         return None

@@ -87,6 +87,7 @@ class PAG(Method):
     source = "Perturbed-Attention Guidance (Ahn et al. 2024); HeadHunter / SoftPAG (2025)"
     llm = False  # guides a diffusion denoiser: the transformers patcher refuses it at patch time
     guidance = True  # the patchers install the denoiser wrapper for methods with this flag
+    needs_roles = True  # guidance implies it: the wrapper sets the batch roles of every call
 
     scale: float = 3.0
     layers: object = None  # None: every self / joint layer; ints (block ordinals) or regexes on module names

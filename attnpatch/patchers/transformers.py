@@ -86,7 +86,7 @@ LLM_METHODS = "SinkWindow, Power, VerticalSlash, TopKBlocks, Temperature, Entrop
 def _check_method(method, model) -> None:
     """Methods that need a visual token grid or a denoiser's batch roles (class attribute
     ``llm = False``) cannot run in a causal decoder: refuse them now, not at the first forward."""
-    if not getattr(method, "llm", True):
+    if not method.llm:
         raise TypeError(f"{type(method).__name__} is an image / video (diffusion) method and cannot run in the causal "
                         f"decoder {type(model).__name__}: it needs a visual token grid or a denoiser's guidance batch; "
                         f"for LLMs use {LLM_METHODS}")
@@ -99,8 +99,7 @@ def patch_model(model, method, backend, layers, counters=None):
         raise TypeError(f"attnpatch does not support {type(model).__name__} (model_type {family!r}); supported: {SUPPORTED}")
     _check_method(method, model)
     _register()
-    if hasattr(method, "bind_model"):
-        method.bind_model(model)  # e.g. a calibration profile checks it was made for this model
+    method.bind_model(model)  # e.g. a calibration profile checks it was made for this model
     entries = [(m.layer_idx, name, m) for name, m in model.named_modules()
                if getattr(m, "layer_idx", None) is not None and hasattr(m, "q_proj")]
     chosen = layer_sel.select([(l, n) for l, n, _ in entries], layers)
