@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .._extras import require
 from ..site import Site
 from ..tools.quality import psnr, ssim
 
@@ -81,6 +82,7 @@ def mask_picture(plan, site: Site, S: int, path: Path, size: int = 256) -> None:
 def scatter(rows: list[dict], quality: str, path: Path) -> None:
     """Speed vs quality, one marker per setting, named in a legend below the axes (labels at the
     points overlapped where settings land close together, and ran off the figure's edge)."""
+    require("matplotlib", what="the compare report's speed-quality plot")
     import matplotlib
 
     matplotlib.use("Agg")

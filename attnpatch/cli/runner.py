@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .._extras import require
+
 
 class UsageError(ValueError):
     """Bad input from the command line: exit code 2 with this message."""
@@ -221,6 +223,7 @@ def load(spec: str, device: str = "cpu", dtype: str = "float32") -> Loaded:
     if tdtype is None:
         raise UsageError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     check_device(device)
+    require("diffusers", "transformers", what="loading a model in the attnpatch CLI")
     src = resolve(spec)
     if src.kind == "builtin":
         from .. import models

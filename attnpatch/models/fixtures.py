@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .._extras import require
 from . import shapes
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -22,6 +23,7 @@ TEXT = dict(vocab_size=len(shapes.VOCAB), pad_token_id=0, eos_token_id=1)
 
 def flux_components(seed: int = 0) -> dict:
     """Untrained components of the FLUX-architecture fixture (64x64 images, 16x16 tokens)."""
+    require("diffusers", "transformers", what="the builtin fixtures")
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -45,6 +47,7 @@ def wan_components(seed: int = 0) -> dict:
     """Untrained components of the Wan-architecture fixture (9 frames of 32x32 -> 5x8x8 tokens):
     ``AutoencoderKLWan`` with one spatio-temporal stage (2x spatial, 2x temporal with the first
     frame alone, as Wan; 4 latent channels), UMT5 text encoder, ``WanTransformer3DModel``."""
+    require("diffusers", "transformers", what="the builtin fixtures")
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
