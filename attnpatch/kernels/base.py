@@ -19,9 +19,6 @@ class Kernel:
         """None when this kernel can run the call, else the reason it cannot."""
         return None
 
-    def priority(self, q: torch.Tensor, plan: Plan) -> int:
-        """Lower runs first among the kernels that can run a call on q's device."""
-        return 50
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale: float | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -144,8 +144,6 @@ class Flex(Kernel):
             return f"head_dim {d} is not a power of two >= 16"
         return None
 
-    def priority(self, q, plan) -> int:
-        return 20 if q.device.type == "cuda" else 60  # on CPU, tiles and masked SDPA are faster
 
     def run(self, q, k, v, plan, *, mask=None, scale=None):
         q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it

@@ -72,8 +72,6 @@ class Reference(Kernel):
             return f"would compute {n:,} scores eagerly (> {_MAX_ELEMENTS:,}); use a block-sparse kernel"
         return None
 
-    def priority(self, q, plan) -> int:
-        return 100  # the oracle: always capable, never fast
 
     def run(self, q, k, v, plan, *, mask=None, scale=None):
         return attention(q, k, v, plan, mask=mask, scale=scale)

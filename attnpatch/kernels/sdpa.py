@@ -20,9 +20,6 @@ class SDPA(Kernel):
                 return f"plan.{f} cannot be expressed as an SDPA mask"
         return None
 
-    def priority(self, q, plan) -> int:
-        # dense: nothing beats it; a masked plan materialises its mask: a block-sparse kernel wins
-        return 0 if plan.mask_mod is None else 50
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
         q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it

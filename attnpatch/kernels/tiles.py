@@ -102,8 +102,6 @@ class Tiles(Kernel):
     def why_not(self, q, k, v, plan, mask=None):
         return block_sparse_why_not(q, k, v, plan, mask)  # any v head size: LSE parts fall back to the math path
 
-    def priority(self, q, plan) -> int:
-        return 10 if q.device.type == "cpu" else 30
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
         q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it

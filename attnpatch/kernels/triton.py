@@ -39,8 +39,6 @@ class Triton(Kernel):
             return f"head_dim {d} must be a power of two in [16, 256] (and equal for k and v)"
         return block_sparse_why_not(q, k, v, plan, mask)
 
-    def priority(self, q, plan) -> int:
-        return 5 if q.device.type == "cuda" else 90
 
     def run(self, q, k, v, plan, *, mask=None, scale=None):
         q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it
