@@ -1,0 +1,101 @@
+"""``InwardWindow``: FreeSwim's inward sliding window for generating above the training resolution.
+
+FreeSwim (Wu et al. 2025, arXiv:2511.14712, code github.com/WillWu111/FreeSwim,
+``nocache/attention_processor_.py: init_mask_flex``): each visual query keeps its training-scale
+receptive field. With ``d = train // 2`` per spatial axis, query row ``r`` of an ``n``-row grid
+sees key rows ``[r - d - max(0, d + r - n + 1), r + d + max(0, d - r)]``: a window of ``2d + 1``
+centred on the query and shifted inward at the borders so it is always full (dense on an axis
+no longer than the window). Time stays dense, as in the paper. Text stays dense both ways (the
+paper's Wan cross-attention is dense).
+
+The mask equals ``Neighborhood(window=2 * (train // 2) + 1)`` on the spatial axes. What FreeSwim
+adds is its full-attention branch: a second path with dense self-attention whose cross-attention
+output overrides the window path's, refreshed every ``cache_steps`` steps in its cached variant,
+with logits scaled for the larger token count. attnpatch runs one trajectory per call, so the
+branch is expressed as a schedule: ``full_every=k`` runs the steps where the cached variant
+refreshes its branch (step % k == 0) with full attention, scaled entropy-invariantly
+(``log n / log n_train``) when ``entropy``; between them the window runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..plan import Plan
+from ..site import Site
+from . import _grid
+from .base import check_bool, check_int, check_ints
+from .neighborhood import default_tile
+from .schedule import Sparse
+
+
+@dataclass
+class InwardWindow(Sparse):
+    """The training grid's window, shifted inward at borders; full attention every ``full_every`` steps."""
+
+    source = "FreeSwim: Revisiting Sliding-Window Attention for Training-Free Ultra-High-Resolution Video Generation (2025)"
+    llm = False  # needs a visual token grid: the transformers patcher refuses it at patch time
+
+    train_grid: int | tuple = 16  # training-resolution tokens per axis; an int sets the spatial (last two) axes
+    full_every: int = 0  # steps with step % full_every == 0 run the full branch; 0: never
+    entropy: bool = True  # full steps scale logits by log(n) / log(n_train) (FreeSwim scales for the larger grid)
+    stride: int | tuple = 1  # query groups sharing one window (GNA); 1 is FreeSwim's per-token window
+    tile: int | tuple | None = None  # executor tile per axis; default: Neighborhood's default_tile
+    dense_steps: int | float = field(default=0, kw_only=True, repr=False)  # FreeSwim windows every step
+
+    def __post_init__(self):
+        n = "InwardWindow"
+        self.train_grid = check_ints(n, "train_grid", self.train_grid, 1, example=16,
+                                     expected="the training grid in tokens: an integer >= 1 (spatial axes) or one per grid axis")
+        self.full_every = check_int(n, "full_every", self.full_every, 0, example=5,
+                                    expected="an integer >= 0 (every k-th step runs full attention; 0: never)")
+        self.entropy = check_bool(n, "entropy", self.entropy, example=True)
+        self.stride = check_ints(n, "stride", self.stride, 1, example=1)
+        if self.tile is not None:
+            self.tile = check_ints(n, "tile", self.tile, 1, example=8)
+        super().__post_init__()  # after the parameters: a profile's values are checked against them
+        self._plans = _grid.PlanCache(self._build)
+
+    def windows(self, grid: tuple) -> tuple:
+        """Per-axis window ``2 * (train // 2) + 1`` (FreeSwim's ``d = train // 2``); an int
+        train_grid leaves a video's time axis dense (window = its length)."""
+        nd = len(grid)
+        if isinstance(self.train_grid, tuple):
+            train = _grid.per_axis(self.train_grid, nd, "train_grid", "InwardWindow")
+        else:
+            train = tuple(g if a < nd - 2 else self.train_grid for a, g in enumerate(grid))
+        return tuple(min(n, 2 * (t // 2) + 1) for n, t in zip(grid, train))
+
+    def _build(self, site: Site, S: int, device) -> Plan:
+        grid = site.grid
+        w = self.windows(grid)
+        s = tuple(min(a, b) for a, b in zip(_grid.per_axis(self.stride, len(grid), "stride", "InwardWindow"), w))
+        keeps = [_grid.na_keep(n, ww, ss) for n, ww, ss in zip(grid, w, s)]
+        tile = _grid.per_axis(self.tile, len(grid), "tile", "InwardWindow") if self.tile else default_tile(grid, w, s)
+        axes = [_grid.axis_tiling(n, t) for n, t in zip(grid, tile)]
+        return _grid.separable_plan(site, S, keeps, axes, device, repr(self))
+
+    def full_at(self, site: Site) -> bool:
+        return self.full_every > 0 and site.step is not None and site.step % self.full_every == 0
+
+    def _full(self, site: Site, S: int) -> Plan | None:
+        """The full branch: dense, logits times log(S) / log(training tokens) when entropy."""
+        n_train = math.prod(self.windows(site.grid)) + site.text_len
+        if not self.entropy or S <= n_train:
+            return None
+        return Plan(q_scale=math.log(S) / math.log(n_train), name=f"{self!r} full branch")
+
+    def plan(self, q, k, site: Site) -> Plan | None:
+        site = _grid.site_grid(site, q, k, self.name)
+        if site is None:
+            return None
+        if self.full_at(site):
+            return self._full(site, q.shape[2])
+        return self._plans.get(site, q.shape[2], q.device)
+
+
+if __name__ == "__main__":
+    from .base import ascii_mask
+
+    print(ascii_mask(InwardWindow(train_grid=4), Site(grid=(1, 9)), 9))
+    print(ascii_mask(InwardWindow(train_grid=(3, 3)), Site(grid=(4, 6), text_len=2, kind="joint"), 26))
