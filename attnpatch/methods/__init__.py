@@ -8,6 +8,7 @@ _FILES = {
     "SinkWindow": "sink_window",
     "Neighborhood": "neighborhood",
     "SlidingTile": "sliding_tile",
+    "InwardWindow": "inward_window",
     "Radial": "radial",
     "TopKBlocks": "topk_blocks",
     "Sparse": "schedule",
