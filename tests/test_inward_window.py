@@ -1,0 +1,125 @@
+"""InwardWindow (FreeSwim) against a float64 loop golden written from FreeSwim's own mask
+(``init_mask_flex`` in github.com/WillWu111/FreeSwim, nocache/attention_processor_.py):
+with d = train // 2, query row r of n sees key rows [r - d - d_u, r + d + d_b],
+d_b = max(0, d - r), d_u = max(0, d + r - n + 1); likewise columns; time dense; text dense."""
+import math
+
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import InwardWindow, Neighborhood, Site
+from attnpatch.core import attend
+
+
+def freeswim_keep(site: Site, S: int, train: tuple) -> torch.Tensor:
+    """(S, S) keep mask by loops over tokens, from FreeSwim's formula on the last two axes."""
+    grid, T = site.grid, site.text_len
+    v0 = T if site.text_first else 0
+    n = math.prod(grid)
+
+    def coord(t):
+        c = []
+        for g in reversed(grid):
+            t, x = divmod(t, g)
+            c.append(x)
+        return c[::-1]
+
+    keep = torch.ones(S, S, dtype=torch.bool)
+    for i in range(n):
+        ci = coord(i)
+        for j in range(n):
+            cj, ok = coord(j), True
+            for a in range(len(grid) - 2 if len(grid) == 3 else 0, len(grid)):  # a video's time stays dense
+                d, r, size = train[a] // 2, ci[a], grid[a]
+                lo, hi = r - d - max(0, d + r - size + 1), r + d + max(0, d - r)
+                ok &= lo <= cj[a] <= hi
+            keep[v0 + i, v0 + j] = ok
+    return keep
+
+
+def golden(q, k, v, keep, factor=1.0):
+    q, k, v = q.double(), k.double(), v.double()
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 * factor  # (B, H, S, S)
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+
+
+def qkv(S, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 2, S, 8, generator=g).to(dtype) for _ in range(3)]
+
+
+CASES = [  # (grid, text_len, text_first, train_grid)
+    ((9, 11), 0, True, 4),  # even train grid: FreeSwim's window is 2 * (4 // 2) + 1 = 5
+    ((7, 10), 3, True, (3, 5)),  # joint call, text first, odd windows per axis
+    ((6, 13), 2, False, 6),  # text last
+    ((4, 12), 0, True, 8),  # rows shorter than the window: dense on that axis
+    ((3, 5, 7), 2, True, 4),  # video: int train_grid windows the spatial axes only
+]
+
+
+@pytest.mark.parametrize("grid,T,first,train", CASES)
+@pytest.mark.parametrize("backend", ["reference", "tiles"])
+def test_matches_freeswim_mask(grid, T, first, train, backend):
+    site = Site(grid=grid, text_len=T, text_first=first, kind="joint" if T else "self")
+    S = T + math.prod(grid)
+    q, k, v = qkv(S)
+    per_axis = train if isinstance(train, tuple) else (train,) * len(grid)
+    want = golden(q, k, v, freeswim_keep(site, S, per_axis))
+    got = attend(q, k, v, InwardWindow(train_grid=train, tile=4), site, backend=backend)
+    assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_is_neighborhood_of_odd_window():
+    """The mask is Neighborhood(window=2 * (train // 2) + 1): not Neighborhood(window=train) for an even grid."""
+    site = Site(grid=(12, 12))
+    q, k, v = qkv(144, 1)
+    iw = attend(q, k, v, InwardWindow(train_grid=6), site, backend="reference")
+    assert torch.allclose(iw, attend(q, k, v, Neighborhood(window=7, dense_steps=0), site, backend="reference"), atol=1e-6)
+    assert not torch.allclose(iw, attend(q, k, v, Neighborhood(window=6, dense_steps=0), site, backend="reference"), atol=1e-3)
+
+
+def test_full_branch_steps_are_dense_and_entropy_scaled():
+    """full_every=3: steps 0, 3, ... run full attention with logits times log(S) / log(n_train);
+    the others the window; entropy=False leaves the full steps unscaled."""
+    grid, T = (10, 10), 2
+    S, n_train = T + 100, T + 25
+    q, k, v = qkv(S, 2)
+    dense = torch.ones(S, S, dtype=torch.bool)
+    window = freeswim_keep(Site(grid=grid, text_len=T, kind="joint"), S, (4, 4))
+    m = InwardWindow(train_grid=4, full_every=3)
+    for step, keep, factor in [(0, dense, math.log(S) / math.log(n_train)), (1, window, 1.0), (3, dense, math.log(S) / math.log(n_train))]:
+        site = Site(grid=grid, text_len=T, kind="joint", step=step, steps=6)
+        got = attend(q, k, v, m, site, backend="reference")
+        assert (got.double() - golden(q, k, v, keep, factor)).abs().max() < 1e-5, step
+    site = Site(grid=grid, text_len=T, kind="joint", step=0, steps=6)
+    got = attend(q, k, v, InwardWindow(train_grid=4, full_every=3, entropy=False), site, backend="reference")
+    assert (got.double() - golden(q, k, v, dense)).abs().max() < 1e-5
+
+
+def test_window_at_training_size_is_dense_and_unscaled():
+    """At (or below) the training grid every window covers the grid: stock attention."""
+    site = Site(grid=(5, 5), step=0)
+    q, k, v = qkv(25, 3)
+    for m in (InwardWindow(train_grid=5), InwardWindow(train_grid=5, full_every=1)):
+        got = attend(q, k, v, m, site, backend="reference")
+        assert (got.double() - golden(q, k, v, torch.ones(25, 25, dtype=torch.bool))).abs().max() < 1e-5
+
+
+def test_cross_attention_is_dense():
+    assert InwardWindow(train_grid=4).plan(torch.zeros(1, 1, 9, 4), torch.zeros(1, 1, 5, 4), Site(kind="cross", grid=(3, 3))) is None
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(train_grid=0), "train_grid"), (dict(train_grid="16"), "train_grid"), (dict(full_every=-1), "full_every"),
+    (dict(full_every=1.5), "full_every"), (dict(entropy=1), "entropy"), (dict(stride=0), "stride"), (dict(tile=0), "tile"),
+    (dict(dense_steps=1.5), "dense_steps"),
+])
+def test_bad_parameters_fail_at_construction(kwargs, word):
+    with pytest.raises((TypeError, ValueError), match=word):
+        InwardWindow(**kwargs)
+
+
+def test_public_and_refused_on_llms():
+    assert ap.InwardWindow is InwardWindow and InwardWindow.llm is False
+    assert InwardWindow().dense_steps == 0  # FreeSwim windows every step
