@@ -66,3 +66,23 @@ def write(out: Path, title: str, intro: str, md_body: str, data: dict) -> None:
     head = f"# {title}\n\nMeasured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), " \
            f"torch {m['torch']}{', GPU ' + m['gpu'] if 'gpu' in m else ''}.\n\n{intro}\n\n"
     out.with_suffix(".md").write_text(head + md_body + "\n")
+
+
+def pick_device(parser, device: str) -> str:
+    """``--device``: "auto" is cuda when a GPU is visible; an explicit cuda without one is a usage error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    return device
+
+
+def bench_dtype(device: str) -> torch.dtype:
+    """float32 on the CPU (its fast path), bfloat16 on a GPU (what models run there)."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def to_device(inputs: dict, device: str, dtype: torch.dtype) -> dict:
+    """A model's keyword inputs on ``device``, floating tensors cast to ``dtype`` (as the pipelines pass them)."""
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in inputs.items()}

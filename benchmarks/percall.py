@@ -1,0 +1,143 @@
+"""Per attention call: a patched call vs stock ``F.scaled_dot_product_attention`` on the same tensors,
+for every sparse and calibrated method, 64 tokens to 64K, 1-D / 2-D / 3-D, at 1 and 2 torch threads.
+
+    python benchmarks/percall.py                  # full run: benchmarks/results/percall.{md,json}
+    python benchmarks/percall.py --quick          # sizes up to ~1K tokens, 1 thread (under the temp folder)
+    python benchmarks/percall.py --device cuda    # on a GPU (bf16, no size cap): percall_cuda.{md,json}
+
+The patched call is ``attnpatch.core.run(q, k, v, method, site)`` with the Site a patcher builds and
+the kernel chosen automatically (exactly what a patched model runs); stock and patched alternate
+within every repeat and the ratio patched / stock is taken per repeat (median, min-max spread).
+Rows with a median ratio above 1.1 are flagged. Guidance methods (PAG, SharedAttention) add work by
+design and are not measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _speed as sp  # noqa: E402
+from common import machine, out_stem, table, write  # noqa: E402
+
+FAMILIES = {"smollm2": sp.LADDER_1D, "llama8b": sp.LADDER_1D, "flux": sp.LADDER_2D, "fixture": sp.LADDER_2D,
+            "wan": sp.LADDER_3D}
+QUICK_TOKENS = 1100  # --quick: sizes up to this many tokens
+CPU_CALL_S = 0.3  # full CPU run: a stock call above this many seconds times fewer heads (or skips the size)
+ROW_S = 8.0  # a row whose calls would take longer than this gets fewer repeats (never under 2)
+
+
+def sizes(family: str, quick: bool) -> list:
+    out = [s for s in FAMILIES[family]]
+    return [s for s in out if not quick or sp.case(family, s).S <= QUICK_TOKENS]
+
+
+def run_threads(a, threads: int, rate: float, deadline: float) -> tuple[list[dict], list[dict], list[str]]:
+    """Rows, per-call overhead and the sizes skipped (with why), at ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
+    rate_t = rate * (threads if a.device == "cpu" else 1)  # the cap scales with the cores in use
+    rows, skipped = [], []
+    over = [dict(threads=threads, **r) for r in sp.overhead(device=a.device, dtype=dtype)]
+    for fam in a.families.split(","):
+        for size in sizes(fam, a.quick):
+            c = sp.case(fam, size)
+            heads = sp.fit_heads(c, rate_t, a.max_call_s)
+            if heads == 0 or time.monotonic() > deadline:
+                why = "time budget spent" if heads != 0 else f"stock call > {a.max_call_s} s even with one KV group"
+                skipped.append(f"{fam} {c.shape} ({c.S} tokens) at {threads} thread(s): {why}")
+                continue
+            qkv = sp.tensors(c, a.device, dtype, heads)
+            for m in sp.methods_for(c):
+                r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
+                r["threads"] = threads
+                rows.append(r)
+                print(f"[{threads}t] {fam} {c.shape} H={r['heads']} {r['name']:<15} {r['kernel']:<12} "
+                      f"{r['ratio']:.2f}x stock ({r['stock_ms']:.2f} ms){'  SLOW' if r['slow'] else ''}", flush=True)
+    return rows, over, skipped
+
+
+def render(data: dict) -> tuple[str, str]:
+    rows, over, a = data["rows"], data["overhead"], data["args"]
+    slow = [r for r in rows if r["slow"]]
+    for r in rows:
+        r["flag"] = f"**{r['ratio']:.2f}x > {sp.SLOW}x**" if r["slow"] else ""
+        r["spread"] = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+    intro = (
+        f"Patched call = `attnpatch.core.run(q, k, v, method, site)` with the Site a patcher builds (LLM: causal prefill; "
+        f"FLUX: joint, 512 text tokens first; fixture: 16 text tokens; Wan: video self-attention; diffusion sites at step "
+        f"10 of 20, past any `dense_steps`) and the kernel chosen automatically (column *kernel*: what `kernels.select` "
+        f"picked); stock = `F.scaled_dot_product_attention` on the same tensors (causal with GQA for the LLM rows). "
+        f"Interleaved over {a['reps']} repeats in one process after one untimed call that builds plans and caches "
+        f"(column *reps*: up to {sp.MANY} for calls under {sp.TINY_S} s a pair, whose ratios are noisier; fewer, never "
+        f"under 2, where a row would take over {ROW_S:.0f} s); *ratio* = patched / stock per repeat, median, with the min-max spread; > {sp.SLOW}x is flagged. "
+        f"{a['dtype']} tensors, batch 1. Repeated calls reuse one Site, so a static plan's cache is warm, as on every "
+        f"step after the first of a pipeline call.\n\n"
+        f"**{len(slow)} of {len(rows)} rows above {sp.SLOW}x stock.**")
+    if a["max_call_s"] is not None:
+        intro += (f"\n\nSize cap on this CPU: a stock call estimated above {a['max_call_s']} s (from this machine's SDPA "
+                  f"rate) is timed with fewer heads (column *H*; attention cost is linear in heads, so the per-head ratio "
+                  f"holds, though the fixed per-call overhead weighs more); a size where even one KV group exceeds it is "
+                  f"skipped (listed below): dense attention at 16K-64K tokens with head dim 128 takes seconds to minutes "
+                  f"per call on a CPU, and a full run at 1 and 2 threads must finish in under 20 minutes on 2 cores.")
+    if a["quick"]:
+        intro += f"\n\n`--quick`: sizes up to {QUICK_TOKENS} tokens only; indicative (a smoke test, maybe on a loaded machine)."
+    body = "## Per-call overhead (Dense through attnpatch minus stock SDPA)\n\n" + table(over, [
+        ("threads", "threads"), ("call", "call (H=9, D=64)"), ("stock_us", "stock us"), ("patched_us", "patched us"),
+        ("overhead_us", "overhead us (median)"), ("overhead_p10_us", "p10"), ("overhead_p90_us", "p90")])
+    body += f"\n\n## Rows above {sp.SLOW}x stock\n\n" + (table(slow, COLS) if slow else "none")
+    body += "\n\n## All rows\n\n" + table(rows, COLS)
+    if data["skipped"]:
+        body += ("\n\n## Skipped sizes\n\nOver the size cap, or after the run's time budget (`--budget-s` per thread "
+                 "count, so a full CPU run stays under 20 minutes) was spent:\n\n" + "\n".join(f"- {s}" for s in data["skipped"]))
+    return intro, body
+
+
+COLS = [("threads", "thr"), ("family", "family"), ("dims", "grid"), ("shape", "shape"), ("tokens", "tokens"),
+        ("heads", "H"), ("head_dim", "D"), ("method", "method"), ("kernel", "kernel"), ("stock_ms", "stock ms"),
+        ("patched_ms", "patched ms"), ("ratio", "ratio"), ("spread", "spread"), ("reps", "reps"), ("flag", "flag")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"sizes up to {QUICK_TOKENS} tokens, 1 thread (under the temp folder)")
+    p.add_argument("--threads", default=None, help="comma-separated torch thread counts; default 1,2 (--quick: 1)")
+    p.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
+    p.add_argument("--reps", type=int, default=None, help="default 5 (CPU), 10 (GPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--max-call-s", type=float, default=None, help=f"CPU size cap (default {CPU_CALL_S}; 0: none)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="per thread count: larger sizes are skipped after this")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    default_threads = "1" if a.quick or a.device == "cuda" else "1,2"
+    threads = [int(t) for t in (a.threads or default_threads).split(",")]
+    a.reps = a.reps or (5 if a.device == "cpu" else 10)
+    a.max_call_s = (None if a.device == "cuda" else CPU_CALL_S) if a.max_call_s is None else (a.max_call_s or None)
+    default = a.families == ",".join(FAMILIES) and a.threads in (None, default_threads)
+    partial = "--quick" if a.quick else None if default else "a partial"
+    name = "percall" if a.device == "cpu" else f"gpu/percall_{a.device}"
+    out = out_stem(name, a.out, partial)
+    rate = sp.sdpa_rate(a.device, torch.float32 if a.device == "cpu" else torch.bfloat16)
+    rows, over, skipped = [], [], []
+    for t in threads:
+        r, o, s = run_threads(a, t, rate / torch.get_num_threads() if a.device == "cpu" else rate,
+                              time.monotonic() + a.budget_s)
+        rows, over, skipped = rows + r, over + o, skipped + s
+    args = dict(quick=a.quick, reps=a.reps, max_call_s=a.max_call_s, threads=threads, device=a.device,
+                dtype="float32" if a.device == "cpu" else "bfloat16")
+    data = dict(machine={**machine(), "torch_threads": ", ".join(map(str, threads))}, args=args, rows=rows, overhead=over, skipped=skipped)
+    intro, body = render(data)
+    write(out, "Per-call speed: patched vs stock attention", intro, body, data)
+    print(f"wrote {out}.md / .json: {sum(r['slow'] for r in rows)} of {len(rows)} rows above {sp.SLOW}x stock")
+
+
+if __name__ == "__main__":
+    main()
