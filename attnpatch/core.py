@@ -20,19 +20,6 @@ def check_method(method) -> Method:
     return method
 
 
-def _softcapped(plan: Plan, softcap: float, q) -> Plan:
-    """Gemma-2 style logit soft-capping composed before the plan's own score_mod (and its q_scale,
-    which then becomes a score_mod: scaling q would scale before the cap)."""
-    plan = q_scale_as_score_mod(plan, *q.shape[:3])
-    inner = plan.score_mod
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        score = softcap * torch.tanh(score / softcap)
-        return score if inner is None else inner(score, b, h, q_idx, kv_idx)
-
-    return dataclasses.replace(plan, score_mod=score_mod)
-
-
 def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=None, softcap=None) -> torch.Tensor:
     """Attention of ``method`` at ``site`` on ``(B, H, S, D)`` tensors; returns ``(B, H_q, S_q, D_v)``."""
     groups = method.head_plans(q, k, site)
@@ -41,41 +28,145 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
     rep = q.shape[1] // k.shape[1]
     out = q.new_empty(*q.shape[:3], v.shape[3])
     for heads, plan in groups:  # per-head profiles: one plan per group of heads with equal parameters
-        m = mask[:, heads] if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[1] > 1 else mask
+        m = _mask_slice(mask, None, heads)
         out[:, heads] = _run_plan(q[:, heads], k[:, heads // rep], v[:, heads // rep], plan, site, backend, m, scale, softcap)
     return out
 
 
-def _output(fn, out, q, k, v, scale, **call):
+def _mask_slice(mask, rows, heads):
+    """The call's mask for batch rows ``rows`` and query heads ``heads`` (None: all) of the call."""
+    if not torch.is_tensor(mask) or mask.dim() < 4:
+        return mask  # (Sq, Skv) / (Sq|1, Skv) style: shared by every row and head
+    if rows is not None and mask.shape[0] > 1:
+        mask = mask[rows]
+    if heads is not None and mask.shape[1] > 1:
+        mask = mask[:, heads]
+    return mask
+
+
+@dataclasses.dataclass
+class Call:
+    """One attention call as the steps below rewrite it. ``k`` / ``v`` are the call's keys after
+    ``transform``; ``k_all`` / ``v_all`` add the extra keys; ``own_mask`` is the call's mask over ``k``;
+    ``inputs`` keeps the call's own (q, k, v, mask) for its parts."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    plan: Plan
+    mask: object
+    scale: float | None
+    softcap: float | None
+    site: Site
+    backend: str | None
+    k_all: torch.Tensor = None
+    v_all: torch.Tensor = None
+    own_mask: object = None
+    inputs: tuple = ()
+
+    def __post_init__(self):
+        self.inputs = (self.q, self.k, self.v, self.mask)
+
+
+def _site(c: Call) -> None:
+    c.plan = (c.plan or Plan()).with_site(c.site.causal, c.site.q_offset)
+
+
+def _softcap(c: Call) -> None:
+    """Gemma-2 style logit soft-capping composed before the plan's own score_mod (and its q_scale,
+    which then becomes a score_mod: scaling q would scale before the cap)."""
+    if not c.softcap:
+        return
+    plan, cap = q_scale_as_score_mod(c.plan, *c.q.shape[:3]), c.softcap
+    inner = plan.score_mod
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        score = cap * torch.tanh(score / cap)
+        return score if inner is None else inner(score, b, h, q_idx, kv_idx)
+
+    c.plan = dataclasses.replace(plan, score_mod=score_mod)
+
+
+def _transform(c: Call) -> None:
+    if c.plan.transform is not None:
+        c.q, c.k, c.v = c.plan.transform(c.q, c.k, c.v)
+
+
+def _extra_kv(c: Call) -> None:
+    """Shared attention: more keys / values per row, always visible (the model's own mask, which
+    does not cover them, is widened to keep them)."""
+    c.k_all, c.v_all, c.own_mask = c.k, c.v, c.mask
+    extra = c.plan.extra_kv
+    if extra is None:
+        return
+    ek, ev = extra(c.k, c.v) if callable(extra) else extra
+    c.k_all, c.v_all = torch.cat([c.k, ek], 2), torch.cat([c.v, ev], 2)
+    if c.mask is not None:
+        m, E = c.mask, ek.shape[2]
+        pad = (torch.ones if m.dtype == torch.bool else torch.zeros)(*m.shape[:-1], E, dtype=m.dtype, device=m.device)
+        c.mask = torch.cat([m, pad.expand(*m.shape[:-1], E)], -1)
+
+
+def _q_scale(c: Call) -> None:
+    c.q, c.scale, c.plan = fold_q_scale(c.q, c.scale, c.plan)  # every kernel then runs a temperature at its own speed
+
+
+def _output(c: Call, out):
     """``Plan.output(out, q, k, v, scale)``; a callback that recomputes attention (SinkCalibration)
     names ``mask`` / ``softcap`` parameters and gets the call's own, so it sees what the kernel saw."""
+    fn = c.plan.output
+    if fn is None:
+        return out
     code = getattr(fn, "__code__", None)
     names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount] if code is not None else ()
-    return fn(out, q, k, v, scale, **{n: x for n, x in call.items() if n in names})
+    call = dict(mask=c.own_mask, softcap=c.softcap)
+    return fn(out, c.q, c.k, c.v, c.scale, **{n: x for n, x in call.items() if n in names})
+
+
+def _parts(c: Call, out):
+    """Each ``Part``: its rows / heads of the call's own inputs through every step with the part's
+    plan, blended into ``out`` as ``(1 - weight) * out + weight * part``."""
+    if not c.plan.parts:
+        return out
+    q, k, v, mask = c.inputs
+    out, rep = out.clone(), q.shape[1] // k.shape[1]
+    for part in c.plan.parts:
+        rows = torch.tensor(part.rows, device=q.device)
+        heads = torch.arange(q.shape[1], device=q.device) if part.heads is None else torch.tensor(part.heads, device=q.device)
+        kh = heads // rep  # the KV head of every chosen query head (GQA repeated)
+        got = _run_plan(q[rows][:, heads], k[rows][:, kh], v[rows][:, kh], part.plan, c.site, c.backend,
+                        _mask_slice(mask, rows, heads), c.scale, c.softcap)
+        sub = out[rows]  # (R, H, Sq, Dv)
+        mixed = got if part.weight == 1.0 else (1 - part.weight) * sub[:, heads] + part.weight * got
+        sub[:, heads] = mixed.to(out.dtype)
+        out[rows] = sub
+    return out
+
+
+def _kernel(c: Call):
+    """The selected kernel on the plan the steps before it leave (no step core applies itself)."""
+    plan = dataclasses.replace(c.plan, output=None, extra_kv=None, transform=None, parts=())
+    kernel = kernels.select(c.q, c.k_all, c.v_all, plan, mask=c.mask, backend=c.backend)
+    return kernel.run(c.q, c.k_all, c.v_all, plan, mask=c.mask, scale=c.scale)
+
+
+# The steps of one call, in this order, whatever kernel runs it (the reference included): a kernel is
+# handed only the plan the steps before it leave: causal / q_offset set from the Site, soft-capping and
+# any q_scale in it, and none of transform, extra_kv, output or parts.
+BEFORE_KERNEL = (_site, _softcap, _transform, _extra_kv, _q_scale)
+# output: q and scale after the q_scale fold, k / v after transform without the extra keys, the call's own
+# mask. parts: each part's plan through all these steps, on the call's own inputs.
+AFTER_KERNEL = (_output, _parts)
 
 
 def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
-    plan = (plan or Plan()).with_site(site.causal, site.q_offset)
-    if softcap:
-        plan = _softcapped(plan, softcap, q)
-    output, extra, transform = plan.output, plan.extra_kv, plan.transform
-    if output is not None or extra is not None or transform is not None:  # kernels run the plain part
-        plan = dataclasses.replace(plan, output=None, extra_kv=None, transform=None)
-    if transform is not None:
-        q, k, v = transform(q, k, v)
-    own_mask = mask  # the call's mask over k alone (extra keys below widen it), for an output callback
-    k_all, v_all = k, v
-    if extra is not None:  # shared attention: more keys / values per row, always visible
-        ek, ev = extra(k, v) if callable(extra) else extra
-        k_all, v_all = torch.cat([k, ek], 2), torch.cat([v, ev], 2)
-        if mask is not None:  # the model's own mask does not cover the extra keys: keep them
-            pad = torch.ones if mask.dtype == torch.bool else torch.zeros
-            mask = torch.cat([mask, pad(*mask.shape[:-1], ek.shape[2], dtype=mask.dtype, device=mask.device)
-                              .expand(*mask.shape[:-1], ek.shape[2])], -1)
-    q, scale, plan = fold_q_scale(q, scale, plan)  # every kernel then runs a temperature at its own speed
-    kernel = kernels.select(q, k_all, v_all, plan, mask=mask, backend=backend)
-    out = kernel.run(q, k_all, v_all, plan, mask=mask, scale=scale)
-    return out if output is None else _output(output, out, q, k, v, scale, mask=own_mask, softcap=softcap)
+    c = Call(q, k, v, plan, mask, scale, softcap, site, backend)
+    for step in BEFORE_KERNEL:
+        step(c)
+    out = _kernel(c)
+    for step in AFTER_KERNEL:
+        out = step(c, out)
+    return out
 
 
 def attend(q, k, v, method: Method, site: Site | None = None, *, backend: str | None = None, mask=None, scale=None):

@@ -26,13 +26,16 @@ class Plan:
     causal: bool = False
     q_offset: int = 0
     blocks: Any = None  # BlockSparse: tile-order permutation + block structure (attnpatch.blocks)
-    # (out, q, k, v, scale) -> out, applied after the kernel (PAG identity); a callback that also names
+    # (out, q, k, v, scale) -> out, applied after the kernel; a callback that also names
     # `mask` / `softcap` parameters gets the call's mask and logit soft-capping (SinkCalibration)
     output: Callable | None = None
     # (k_extra, v_extra) (B, H_kv, E, D), or a function (k, v) -> that pair: keys / values appended to
     # every row's own (shared attention); mask_mod sees them as kv_idx >= S_kv
     extra_kv: tuple | Callable | None = None
     transform: Callable | None = None  # (q, k, v) -> (q, k, v) before the kernel (AdaIN of shared attention)
+    # Parts of the call computed with plans of their own and blended into this plan's output (PAG's
+    # perturbed rows): each runs through the same steps and kernels as any plan (attnpatch.core)
+    parts: tuple["Part", ...] = ()
     # a multiplicative score transform that every kernel runs at dense speed: scores of query row
     # (b, h, i) times q_scale, a float or a tensor broadcastable to (B, H_q, S_q, 1); applied by scaling
     # q (a float folds into the softmax scale: exact), before score_mod
@@ -41,6 +44,18 @@ class Plan:
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":
         return replace(self, causal=causal, q_offset=q_offset)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Batch rows ``rows`` (heads ``heads``, None: all) of a call computed with ``plan`` and blended
+    into the main plan's output: ``out[rows, heads] = (1 - weight) * out + weight * attention(plan)``
+    (``weight == 1``: replaced). The part's keys and values are the call's own rows (heads)."""
+
+    rows: tuple[int, ...]
+    plan: Plan
+    heads: tuple[int, ...] | None = None
+    weight: float = 1.0
 
 
 def fold_q_scale(q: torch.Tensor, scale, plan: Plan):

@@ -87,6 +87,18 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+CORE_STEPS = ("transform", "extra_kv", "output", "parts")  # applied around every kernel by attnpatch.core
+
+
+def core_step_why_not(plan: Plan) -> str | None:
+    """Why a kernel is not handed ``plan`` as it is: the steps attnpatch.core applies around every
+    kernel (the same for all of them) are still in it."""
+    for f in CORE_STEPS:
+        if getattr(plan, f):
+            return f"plan.{f} is applied around the kernel by attnpatch.core: call attnpatch.attend"
+    return None
+
+
 def block_sparse_why_not(q, k, v, plan: Plan, mask) -> str | None:
     """Why a block-sparse kernel (tiles, triton) cannot run a call, or None."""
     bs = plan.blocks
@@ -94,9 +106,11 @@ def block_sparse_why_not(q, k, v, plan: Plan, mask) -> str | None:
         return "plan has no block structure"
     if mask is not None:
         return "an external attention mask (e.g. text padding) is not supported"
-    for f in ("score_mod", "output", "extra_kv"):
-        if getattr(plan, f) is not None:
-            return f"plan.{f} is not supported"
+    if plan.score_mod is not None:
+        return "plan.score_mod is not supported"
+    reason = core_step_why_not(plan)
+    if reason:
+        return reason
     if plan.causal and not (bs.causal and plan.q_offset == 0):
         return "causal plans need a causal block structure (prefill without a cache)"
     if not (q.shape[2] == k.shape[2] == bs.seq_len):

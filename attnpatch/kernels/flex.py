@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 
 from ..plan import fold_q_scale
-from .base import Kernel, needs_grad
+from .base import Kernel, core_step_why_not, needs_grad
 
 _BLOCK_MASKS: "OrderedDict[tuple, tuple]" = OrderedDict()
 _LOCK = threading.Lock()
@@ -131,8 +131,9 @@ class Flex(Kernel):
             return "this torch has no FlexAttention (torch >= 2.5 needed)"
         if mask is not None:
             return "an external attention mask (e.g. text padding) is not supported"
-        if plan.output is not None or plan.extra_kv is not None:
-            return "plan.output / plan.extra_kv are not supported"
+        reason = core_step_why_not(plan)
+        if reason:
+            return reason
         if q.device.type == "cpu":
             reason = _cpu_why_not(q, k, v, plan)
             if reason:

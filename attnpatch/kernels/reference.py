@@ -6,9 +6,8 @@ import math
 import torch
 
 from ..plan import Plan, index_grids, materialise_mask
-from .base import Kernel
+from .base import Kernel, core_step_why_not
 
-_UNSUPPORTED = ("output", "extra_kv")
 _MAX_ELEMENTS = 2**34  # query rows run in chunks (bounded memory), but beyond this the eager path takes minutes
 _CHUNK_ELEMENTS = 2**25  # scores per chunk of query rows (128 MB in float32)
 
@@ -64,9 +63,9 @@ class Reference(Kernel):
     name = "reference"
 
     def why_not(self, q, k, v, plan, mask=None):
-        for f in _UNSUPPORTED:
-            if getattr(plan, f) is not None:
-                return f"plan.{f} is not supported by the reference kernel yet"
+        reason = core_step_why_not(plan)
+        if reason:
+            return reason
         n = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
         if n > _MAX_ELEMENTS:
             return f"would compute {n:,} scores eagerly (> {_MAX_ELEMENTS:,}); use a block-sparse kernel"

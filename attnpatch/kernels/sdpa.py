@@ -6,19 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import Plan, materialise_mask, fold_q_scale
-from .base import Kernel
+from .base import Kernel, core_step_why_not
 
-_UNSUPPORTED = ("score_mod", "output", "extra_kv")
 
 
 class SDPA(Kernel):
     name = "sdpa"
 
     def why_not(self, q, k, v, plan, mask=None):
-        for f in _UNSUPPORTED:
-            if getattr(plan, f) is not None:
-                return f"plan.{f} cannot be expressed as an SDPA mask"
-        return None
+        if plan.score_mod is not None:
+            return "plan.score_mod cannot be expressed as an SDPA mask"
+        return core_step_why_not(plan)
 
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):

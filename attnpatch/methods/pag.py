@@ -16,9 +16,8 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from ..plan import Plan
+from ..plan import Part, Plan
 from ..site import Site
 from ..checks import as_int, read_safetensors
 from .base import Method, ParameterTypeError, check_indices, check_int, check_number, fail
@@ -147,26 +146,14 @@ class PAG(Method):
         if heads is not None and not heads:
             return None
         v0, n = (site.visual_start, site.visual_len) if site.grid else (0, q.shape[2])
-        soft = float(self.soft)
 
-        def output(out, q, k, v, scale):
-            S = q.shape[2]
-            keep = torch.ones(S, S, dtype=torch.bool, device=q.device)
-            keep[v0:v0 + n, v0:v0 + n] = torch.eye(n, dtype=torch.bool, device=q.device)  # image block: identity
-            idx = torch.tensor(rows, device=q.device)
-            hs = slice(None) if heads is None else torch.tensor(heads, device=q.device)
-            rep = q.shape[1] // k.shape[1]
-            kk, vv = k[idx].repeat_interleave(rep, 1)[:, hs], v[idx].repeat_interleave(rep, 1)[:, hs]
-            ident = F.scaled_dot_product_attention(q[idx][:, hs], kk, vv, attn_mask=keep, scale=scale)
-            cur = out[idx][:, hs]
-            mixed = ident if soft == 1.0 else (1 - soft) * cur + soft * ident
-            out = out.clone()
-            sub = out[idx]
-            sub[:, hs] = mixed.to(out.dtype)
-            out[idx] = sub
-            return out
+        def identity(b, h, q_idx, kv_idx):  # the image block becomes the identity; text rows / columns stay
+            image = (q_idx >= v0) & (q_idx < v0 + n) & (kv_idx >= v0) & (kv_idx < v0 + n)
+            return ~image | (q_idx == kv_idx)
 
-        return Plan(output=output, name=repr(self))
+        perturbed = Plan(mask_mod=identity, name=f"{self!r} perturbed")
+        part = Part(rows=tuple(rows), plan=perturbed, heads=None if heads is None else tuple(heads), weight=float(self.soft))
+        return Plan(parts=(part,), name=repr(self))
 
 
 if __name__ == "__main__":
