@@ -34,7 +34,9 @@ class SharesMethod:
 class Counters:
     """Calls of one patch, counted from any thread: routed through the method, handed back to
     stock attention (and why: each new reason is logged once at WARNING unless the method is
-    dense), and not applicable (calls the patcher declines, e.g. text-only attention, and why)."""
+    dense), and not applicable (calls the patcher declines, e.g. text-only attention, and why).
+    ``kv``: the KV-cache policy a patcher applies for the method (``Method.kv_policy()``), whose
+    ``stats()`` join the snapshot as ``"kv_cache"``; None without one."""
 
     def __init__(self, label: str = "", warn: bool = True):
         self.label, self.warn = label, warn
@@ -42,6 +44,7 @@ class Counters:
         self.routed = 0
         self.handed_back: Counter = Counter()
         self.skipped: Counter = Counter()
+        self.kv = None
 
     def route(self) -> None:
         with self._lock:
@@ -62,11 +65,15 @@ class Counters:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"routed": self.routed, "handed_back": dict(self.handed_back), "skipped": dict(self.skipped)}
+            out = {"routed": self.routed, "handed_back": dict(self.handed_back), "skipped": dict(self.skipped)}
+        if self.kv is not None:
+            out["kv_cache"] = self.kv.stats()
+        return out
 
-    def __deepcopy__(self, memo):  # a copied model counts its own calls from zero
+    def __deepcopy__(self, memo):  # a copied model counts its own calls (and its own cache) from zero
         new = Counters(self.label, self.warn)
         memo[id(self)] = new
+        new.kv = copy.deepcopy(self.kv, memo)
         return new
 
 
@@ -104,7 +111,9 @@ class Handle:
         """``{"routed": n, "handed_back": {reason: n}, "skipped": {reason: n}}`` since ``patch``:
         attention calls computed by the method, calls handed back to stock attention (e.g.
         ``dropout_p > 0``, context parallelism, an unsupported processor) and calls the method does
-        not apply to (e.g. text-only attention)."""
+        not apply to (e.g. text-only attention). A method with a KV-cache policy
+        (``SinkWindow(evict=True)``) adds ``"kv_cache": {"evicted": tokens, "before": bytes,
+        "after": bytes}``: what the latest cache's policed layers dropped, would hold, and hold."""
         return self._counters.snapshot()
 
     def summary(self) -> str:

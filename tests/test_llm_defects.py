@@ -21,10 +21,13 @@ def _ids(n, seed, batch=1):
     return torch.randint(3, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _greedy(m, ids, method, n):
-    with ap.patch(m, method):
+def _greedy(m, ids, method, n, stats=None):
+    """Greedy generation under ``method``; ``stats`` (a dict) receives the patch's ``Handle.stats()``."""
+    with ap.patch(m, method) as handle:
         out = m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
+    if stats is not None:
+        stats.update(handle.stats())
     return out.sequences, torch.stack(out.logits, 1)  # (B, S + n), (B, n, V)
 
 
@@ -37,10 +40,12 @@ def test_eviction_equals_masked_full_cache_over_many_decode_steps(model):
     ids = _ids(30, 11)
     evict = ap.SinkWindow(sink=3, window=8, evict=True)
     seq, logits = _greedy(model, ids, ap.SinkWindow(sink=3, window=8), 40)
-    seq_e, logits_e = _greedy(model, ids, evict, 40)
+    stats = {}
+    seq_e, logits_e = _greedy(model, ids, evict, 40, stats)
     torch.testing.assert_close(logits_e, logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(seq_e, seq)
-    assert evict.memory["after"] < evict.memory["before"]  # the cache was trimmed
+    kv = stats["kv_cache"]
+    assert kv["after"] < kv["before"] and kv["evicted"] == 30 + 40 - 1 - (3 + 8 - 1)  # the cache was trimmed
     stock = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, output_logits=True,
                            return_dict_in_generate=True)
     assert (torch.stack(stock.logits, 1) - logits).abs().max() > 1e-2  # the window does matter here
@@ -57,9 +62,11 @@ def test_eviction_exact_for_direct_calls_and_chunks(model):
             cache = first.cache
             chunk = model(ids[:, 20:29], cache=cache, use_cache=True).logits  # 9 queries at once
             steps = [model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(29, 45)]
-        runs.append((first.logits, chunk, torch.cat(steps, 1), cache.get_seq_length()))
-    (f0, c0, s0, n0), (f1, c1, s1, n1) = runs
-    assert n0 == 45 and n1 == 2 + 6 - 1  # the evicted cache holds sink + window - 1 keys
+        runs.append((first.logits, chunk, torch.cat(steps, 1), cache.get_seq_length(), cache.layers[0].keys.shape[2]))
+    (f0, c0, s0, n0, h0), (f1, c1, s1, n1, h1) = runs
+    # both caches have seen 45 tokens (transformers numbers new tokens from it); the evicted one
+    # holds sink + window - 1 keys
+    assert n0 == n1 == h0 == 45 and h1 == 2 + 6 - 1
     torch.testing.assert_close(f1, f0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c1, c0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
@@ -107,10 +114,11 @@ def test_eviction_keeps_smollm2_tokens():
     ids = tok(text, return_tensors="pt").input_ids[:, :50]
     evict = ap.SinkWindow(sink=4, window=16, evict=True)
     seq, logits = _greedy(model, ids, ap.SinkWindow(sink=4, window=16), 16)
-    seq_e, logits_e = _greedy(model, ids, evict, 16)
+    stats = {}
+    seq_e, logits_e = _greedy(model, ids, evict, 16, stats)
     assert torch.equal(seq_e, seq)
     torch.testing.assert_close(logits_e, logits, atol=1e-4, rtol=1e-4)
-    assert evict.memory["after"] < evict.memory["before"]
+    assert stats["kv_cache"]["after"] < stats["kv_cache"]["before"]
 
 
 def test_eviction_needs_every_layer(model):

@@ -3,13 +3,16 @@
 Query at absolute position i sees key j iff j <= i and (j < sink or i - j < window): the
 first ``sink`` tokens plus the last ``window`` tokens, the query itself included. Positions are
 absolute (``Site.kv_shift``): under left padding the sink is the first *real* tokens, and a
-rolling cache that has dropped them keeps no sink. A cache trimmed by ``evict=True`` (the
-transformers patcher) holds [sink keys | a run of keys ending at the query]; the patcher
-describes those calls in slot coordinates (``kv_shift`` None), where this same mask is exact.
+rolling cache that has dropped them keeps no sink. ``evict=True`` gives the method a KV-cache
+policy (``kv_policy()``, a ``SinkEviction``): a cache layer under it holds [sink keys | a run of
+keys ending at the query]; the transformers patcher describes those calls in slot coordinates
+(``kv_shift`` None), where this same mask is exact.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import threading
 
 import torch
 
@@ -17,6 +20,48 @@ from ..blocks import causal_states, from_states, overlap
 from ..plan import Plan
 from ..site import Site
 from .base import Method, check_bool, check_int
+
+
+class SinkEviction:
+    """The KV-cache policy of ``SinkWindow(evict=True)``: after each update a layer keeps the first
+    ``sink`` keys and the last ``window - 1`` (the next query makes ``window``), which is all the
+    mask can reach, so the logits equal the full cache's. Framework-free: the transformers patcher
+    turns it into a cache layer. One object per patch (``kv_policy()`` makes a new one), so its
+    statistics (``stats()``, read through ``Handle.stats()``) are that patch's, never the method's."""
+
+    def __init__(self, sink: int, window: int):
+        self.sink, self.window = sink, window
+        self.keep = sink + window - 1  # keys a layer holds between forwards
+        self._lock = threading.Lock()
+        self._layers: dict = {}  # layer -> (tokens seen, tokens held, bytes per token) of its latest update
+
+    def retain(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a layer keeps of its (B, H_kv, S, D) keys / values once this forward has used them."""
+        S = keys.shape[2]
+        if S <= self.keep:
+            return keys, values
+        tail = S - (self.window - 1)
+        return tuple(torch.cat([t[:, :, :self.sink], t[:, :, tail:]], 2) for t in (keys, values))
+
+    def record(self, layer: int, seen: int, held: int, token_bytes: int) -> None:
+        with self._lock:
+            self._layers[layer] = (seen, held, token_bytes)
+
+    def stats(self) -> dict:
+        """``{"evicted": tokens, "before": bytes, "after": bytes}`` of the latest cache: tokens its
+        layers no longer hold, and the bytes those layers would hold without eviction and do hold."""
+        with self._lock:
+            rows = list(self._layers.values())
+        return {"evicted": max((seen - held for seen, held, _ in rows), default=0),
+                "before": sum(seen * b for seen, _, b in rows), "after": sum(held * b for _, held, b in rows)}
+
+    def __deepcopy__(self, memo):  # a deep copy of a patched model counts its own cache from zero
+        new = SinkEviction(self.sink, self.window)
+        memo[id(self)] = new
+        return new
+
+    def __repr__(self) -> str:
+        return f"SinkEviction(sink={self.sink}, window={self.window})"
 
 
 @dataclass
@@ -28,8 +73,8 @@ class SinkWindow(Method):
     sink: int = 4
     window: int = 2048
     block: int = 256  # block size of the block-sparse prefill structure
-    # transformers: after every forward, trim each full-attention layer's KV cache to the first sink and
-    # last window - 1 keys; the logits equal evict=False (unpadded batches, the default DynamicCache)
+    # transformers: each full-attention layer's KV cache keeps the first sink and last window - 1 keys
+    # (kv_policy); the logits equal evict=False (unpadded batches, the default DynamicCache)
     evict: bool = False
 
     def __post_init__(self):
@@ -38,6 +83,10 @@ class SinkWindow(Method):
         check_int("SinkWindow", "block", self.block, 16)
         self.evict = check_bool("SinkWindow", "evict", self.evict)
         self._blocks: tuple = (None, None)  # (S, structure) of the latest prefill length
+
+    def kv_policy(self) -> SinkEviction | None:
+        """``evict=True``: a new ``SinkEviction`` for the patch that asks (its statistics are that patch's)."""
+        return SinkEviction(self.sink, self.window) if self.evict else None
 
     def blocks(self, S: int):
         """Causal block structure of a prefill of S tokens (the latest length cached). Threads

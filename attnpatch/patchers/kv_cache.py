@@ -1,0 +1,137 @@
+"""A method's KV-cache policy (``Method.kv_policy()``, e.g. ``SinkWindow(evict=True)``'s
+``SinkEviction``) as a transformers cache layer.
+
+``PolicyLayer`` is a ``DynamicLayer`` whose held keys / values follow the policy: ``update``
+returns every key this forward may use (what it held plus the new ones) and then keeps what the
+policy retains. Positions stay absolute the way transformers' own ``DynamicSlidingWindowLayer``
+keeps them: ``get_seq_length`` counts the tokens seen (so the model numbers new tokens and
+builds RoPE correctly), and ``get_mask_sizes`` places the held keys just before the queries (a
+causal mask is the same under that shift). ``KVCache`` is one patch's policy on one model: it
+puts a ``PolicyLayer`` in place of each chosen full-attention layer of every cache the model is
+called with, refuses caches it cannot apply to, and tells the attention calls whose keys came
+from a policy layer (their slots are not positions: the patcher describes them in slot
+coordinates, where the method's mask is exact).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class PolicyLayer(DynamicLayer):
+    """One layer's cache under a retention policy (see the module docstring)."""
+
+    def __init__(self, kv: "KVCache", layer_idx: int):
+        super().__init__()
+        self.kv, self.layer_idx = kv, layer_idx
+        self.cumulative_length = 0  # tokens seen; reset() zeroes it
+
+    @classmethod
+    def adopt(cls, layer: DynamicLayer, kv: "KVCache", layer_idx: int) -> "PolicyLayer":
+        """A policy layer holding what a plain ``DynamicLayer`` holds (positions 0..n-1); the
+        policy applies from its next update."""
+        new = cls(kv, layer_idx)
+        new.__dict__.update({k: v for k, v in layer.__dict__.items() if k in ("keys", "values", "is_initialized", "device")})
+        new.cumulative_length = layer.get_seq_length()
+        return new
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, held + new, D)
+        values = torch.cat([self.values, value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys, self.values = self.kv.policy.retain(keys, values)
+        token_bytes = sum(t[..., :1, :].numel() * t.element_size() for t in (key_states, value_states))
+        self.kv.policy.record(self.layer_idx, self.cumulative_length, self.keys.shape[-2], token_bytes)
+        self.kv.note(self.layer_idx, keys)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.keys.shape[-2] if self.is_initialized else 0
+        return held + query_length, self.cumulative_length - held
+
+    def crop(self, tokens_to_remove: int) -> None:
+        held = self.keys.shape[-2] if self.is_initialized else 0
+        super().crop(tokens_to_remove)  # refuses a positive count
+        self.cumulative_length -= held - (self.keys.shape[-2] if self.is_initialized else 0)
+
+    def __deepcopy__(self, memo):  # a copied cache keeps its patch's policy (it has locks, not data)
+        memo.setdefault(id(self.kv), self.kv)
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+def _cache_of(kwargs):
+    """The KV cache of a forward's kwargs (transformers 5.24 renamed past_key_values to cache)."""
+    for key in ("cache", "past_key_values"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+class KVCache:
+    """One patch's KV-cache policy on one model (see the module docstring). A forward pre-hook
+    installs the policy on the cache the forward is given (a cache exists only once ``generate``
+    or the caller made it; one the model makes itself gets it from its next forward)."""
+
+    def __init__(self, policy, layers, owner: str = ""):
+        self.policy, self.layers, self.local = policy, set(layers), threading.local()
+        self.owner = owner or repr(policy)  # the method, for error messages
+
+    def __deepcopy__(self, memo):  # a deep copy of the model applies a fresh policy of its own
+        new = KVCache(copy.deepcopy(self.policy, memo), self.layers, self.owner)
+        memo[id(self)] = new
+        return new
+
+    def install(self, model) -> list:
+        hook = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        return [hook.remove]
+
+    def note(self, layer_idx: int, keys: torch.Tensor) -> None:
+        """Record, for this thread, the keys a policy layer just handed to ``layer_idx``."""
+        notes = self.local.__dict__.setdefault("notes", {})
+        notes[layer_idx] = weakref.ref(keys)
+
+    def in_slots(self, layer_idx: int, key: torch.Tensor) -> bool:
+        """Whether ``key`` (of the attention call running now) came from a policy layer."""
+        ref = self.local.__dict__.get("notes", {}).get(layer_idx)
+        return ref is not None and ref() is key
+
+    def _pre(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError(f"{self.owner} needs an unpadded batch (left padding would keep pad slots as the sink): "
+                             "generate one sequence at a time, or use evict=False")
+        cache = _cache_of(kwargs)
+        if cache is not None:
+            self.apply(cache)
+
+    def apply(self, cache) -> None:
+        """Put a policy layer in place of each chosen full-attention layer of ``cache``; rolling
+        (sliding-window) layers already bound themselves and stay as they are."""
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            return
+        if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:  # a lazily grown DynamicCache
+            while len(layers) <= max(self.layers, default=-1):
+                i = len(layers)
+                layers.append(PolicyLayer(self, i) if i in self.layers else DynamicLayer())
+        for i in sorted(self.layers):
+            layer = layers[i] if i < len(layers) else None
+            if layer is None or getattr(layer, "is_sliding", False) or (isinstance(layer, PolicyLayer) and layer.kv is self):
+                continue
+            if type(layer) is not DynamicLayer and not isinstance(layer, PolicyLayer):
+                raise ValueError(f"{self.owner} keeps its KV policy in the default DynamicCache; layer {i} of this cache is a "
+                                 f"{type(layer).__name__}: generate without cache_implementation=... / a custom "
+                                 "cache, or use evict=False")
+            layers[i] = PolicyLayer.adopt(layer, self, i)
