@@ -94,6 +94,9 @@ class PAG(Method):
     soft: float = 1.0
     steps: object = None  # None: every denoising step; else the step indices guided
     _heads: dict | None = field(default=None, init=False, repr=False)
+    # identity plans per (image start, image length): one mask_mod per layout, so kernels that cache or
+    # compile per mask_mod (flex's BlockMask cache, its compiled graphs) reuse them across calls
+    _identity: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.scale = check_number("PAG", "scale", self.scale, example=3.0)
@@ -145,15 +148,22 @@ class PAG(Method):
         heads = self.heads_at(site.layer, q.shape[1])
         if heads is not None and not heads:
             return None
-        v0, n = (site.visual_start, site.visual_len) if site.grid else (0, q.shape[2])
-
-        def identity(b, h, q_idx, kv_idx):  # the image block becomes the identity; text rows / columns stay
-            image = (q_idx >= v0) & (q_idx < v0 + n) & (kv_idx >= v0) & (kv_idx < v0 + n)
-            return ~image | (q_idx == kv_idx)
-
-        perturbed = Plan(mask_mod=identity, name=f"{self!r} perturbed")
-        part = Part(rows=tuple(rows), plan=perturbed, heads=None if heads is None else tuple(heads), weight=float(self.soft))
+        image = (site.visual_start, site.visual_len) if site.grid else (0, q.shape[2])
+        if image not in self._identity:
+            self._identity[image] = _identity_plan(*image, f"{self!r} perturbed")
+        part = Part(rows=tuple(rows), plan=self._identity[image], heads=None if heads is None else tuple(heads),
+                    weight=float(self.soft))
         return Plan(parts=(part,), name=repr(self))
+
+
+def _identity_plan(v0: int, n: int, name: str) -> Plan:
+    """The perturbed attention: the image block [v0, v0 + n) becomes the identity (each image query
+    sees its own image key); text rows and text columns stay."""
+    def identity(b, h, q_idx, kv_idx):
+        image = (q_idx >= v0) & (q_idx < v0 + n) & (kv_idx >= v0) & (kv_idx < v0 + n)
+        return ~image | (q_idx == kv_idx)
+
+    return Plan(mask_mod=identity, name=name)
 
 
 if __name__ == "__main__":
