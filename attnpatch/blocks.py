@@ -5,10 +5,18 @@ Tokens are first permuted into tile order (``perm``), so every block is a contig
 over ``kv_ptr``) lists the KV blocks with any kept element, ascending, and ``kv_full`` says
 which of them are kept entirely. The exact pattern stays the plan's ``mask_mod`` (in original
 token indices): partial blocks evaluate it, empty blocks are never touched.
+
+How a grid pattern is laid out for the kernels is decided here, not by the methods: a method
+describes its pattern in grid terms (per-axis tilings and the block state of any tile pair,
+``grid_layout``), and this module picks the tile order (and, where a method leaves it open, the
+tile size: ``default_tiles``) by what the kernels pay for.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -115,3 +123,73 @@ def from_states(state: torch.Tensor, bounds: torch.Tensor, perm: torch.Tensor | 
     kv_ptr[1:] = nz.sum(1).cumsum(0)
     rows, cols = nz.nonzero(as_tuple=True)  # row-major, so columns ascend within a row
     return BlockSparse(perm=perm, bounds=bounds.long(), kv_ptr=kv_ptr, kv_idx=cols, kv_full=state[rows, cols] == 2, causal=causal)
+
+
+# ---- grid layouts: the executor's choice of tile order and size -----------------------------------
+
+# Tokens per tile when a method leaves the tile size open, per grid rank: about 256 tokens. PyTorch's
+# CPU flash kernel runs calls under ~768 queries at ~0.87 of its rate (DESIGN.md), and smaller tiles
+# multiply the tiles kernel's calls; larger ones keep more of the score matrix in partial blocks.
+DEFAULT_TILE = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}
+
+
+def default_tiles(grid: tuple, required: tuple) -> tuple:
+    """Tile size per axis of ``grid``: ``required[a]`` where the pattern fixes it (e.g. its stride
+    groups), else ``DEFAULT_TILE``; never more than the axis."""
+    base = DEFAULT_TILE[len(grid)]
+    return tuple(min(n, b if r is None else r) for n, r, b in zip(grid, required, base))
+
+
+def visual_layout(grid, axes, order=None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Tile order of a visual grid from per-axis ``(order, tile_of)``: the permutation (N,)
+    from tiled position to row-major visual index (None when it is the identity), the tile
+    sizes (nT,), and each axis's tile index per tile. Tiles are enumerated row-major over the
+    tile grid with the axes taken in ``order`` (outermost first; default: grid order)."""
+    nd = len(grid)
+    order = tuple(range(nd)) if order is None else tuple(order)
+    nts = [int(t.max()) + 1 for _, t in axes]
+    rank = [torch.empty_like(o) for o, _ in axes]
+    tile = [torch.empty_like(o) for o, _ in axes]
+    for a, (o, t) in enumerate(axes):
+        rank[a][o] = torch.arange(o.numel())  # coordinate -> position in the axis order
+        tile[a][o] = t  # coordinate -> tile id
+    coords = torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij")  # row-major visual tokens
+    tile_lin = torch.zeros(grid, dtype=torch.long)
+    rank_lin = torch.zeros(grid, dtype=torch.long)
+    for a in order:
+        tile_lin = tile_lin * nts[a] + tile[a][coords[a]]
+    for a in range(nd):
+        rank_lin = rank_lin * grid[a] + rank[a][coords[a]]
+    n = math.prod(grid)
+    perm = torch.argsort(tile_lin.flatten() * n + rank_lin.flatten())
+    if torch.equal(perm, torch.arange(n)):
+        perm = None  # tiles already contiguous in row-major order (e.g. full-width bands): no gather
+    sizes = torch.bincount(tile_lin.flatten(), minlength=math.prod(nts))
+    in_order = torch.meshgrid(*[torch.arange(nts[a]) for a in order], indexing="ij")
+    tile_axes = [None] * nd
+    for pos, a in enumerate(order):
+        tile_axes[a] = in_order[pos].flatten()
+    return perm, sizes, tile_axes
+
+
+def count_runs(state: torch.Tensor) -> int:
+    """Contiguous runs of one kind (partial / full) over all rows of a block-state matrix: the
+    number of SDPA calls the tiles kernel makes, and of KV ranges the other block kernels walk."""
+    prev = torch.cat([torch.zeros_like(state[:, :1]), state[:, :-1]], dim=1)
+    return int(((state > 0) & (state != prev)).sum())
+
+
+def grid_layout(grid, axes, state_fn: Callable):
+    """The tile order of a grid pattern: ``axes`` per-axis ``(order, tile_of)`` tilings (the
+    method's), ``state_fn(tile_axes)`` the (nT, nT) block states of the tiles for any enumeration
+    (0 empty, 1 partial, 2 full). Picks, over all orders of the axes, the one whose block rows have
+    the fewest runs (e.g. a temporal window over one spatial tile is one run when time is the inner
+    axis; ties: the first order, grid order first). Returns (perm, sizes, visual block states)."""
+    best = None
+    for order in itertools.permutations(range(len(grid))):
+        perm, sizes, tile_axes = visual_layout(grid, axes, order)
+        state = state_fn(tile_axes)
+        runs = count_runs(state)
+        if best is None or runs < best[0]:
+            best = (runs, perm, sizes, state)
+    return best[1:]

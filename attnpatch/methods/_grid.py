@@ -7,14 +7,13 @@ dense block, both ways.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 from typing import Callable
 
 import torch
 
-from ..blocks import BlockSparse, from_states
+from ..blocks import BlockSparse, from_states, grid_layout, visual_layout  # noqa: F401 (visual_layout: TopKBlocks)
 from ..site import Site
 
 
@@ -71,63 +70,10 @@ def tile_states(keep: torch.Tensor, order: torch.Tensor, tile_of: torch.Tensor) 
     return torch.where(kept == 0, 0, torch.where(kept == size[:, None] * size[None, :], 2, 1)).to(torch.uint8)
 
 
-def visual_layout(grid, axes, order=None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Tile order of a visual grid from per-axis ``(order, tile_of)``: the permutation (N,)
-    from tiled position to row-major visual index (None when it is the identity), the tile
-    sizes (nT,), and each axis's tile index per tile. Tiles are enumerated row-major over the
-    tile grid with the axes taken in ``order`` (outermost first; default: grid order)."""
-    nd = len(grid)
-    order = tuple(range(nd)) if order is None else tuple(order)
-    nts = [int(t.max()) + 1 for _, t in axes]
-    rank = [torch.empty_like(o) for o, _ in axes]
-    tile = [torch.empty_like(o) for o, _ in axes]
-    for a, (o, t) in enumerate(axes):
-        rank[a][o] = torch.arange(o.numel())  # coordinate -> position in the axis order
-        tile[a][o] = t  # coordinate -> tile id
-    coords = torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij")  # row-major visual tokens
-    tile_lin = torch.zeros(grid, dtype=torch.long)
-    rank_lin = torch.zeros(grid, dtype=torch.long)
-    for a in order:
-        tile_lin = tile_lin * nts[a] + tile[a][coords[a]]
-    for a in range(nd):
-        rank_lin = rank_lin * grid[a] + rank[a][coords[a]]
-    n = math.prod(grid)
-    perm = torch.argsort(tile_lin.flatten() * n + rank_lin.flatten())
-    if torch.equal(perm, torch.arange(n)):
-        perm = None  # tiles already contiguous in row-major order (e.g. full-width bands): no gather
-    sizes = torch.bincount(tile_lin.flatten(), minlength=math.prod(nts))
-    in_order = torch.meshgrid(*[torch.arange(nts[a]) for a in order], indexing="ij")
-    tile_axes = [None] * nd
-    for pos, a in enumerate(order):
-        tile_axes[a] = in_order[pos].flatten()
-    return perm, sizes, tile_axes
-
-
 def separable_state(states: list[torch.Tensor], tile_axes: list[torch.Tensor]) -> torch.Tensor:
     """(nT, nT) block states of a product pattern: the minimum of the per-axis tile states
     (empty if any axis is empty, full if every axis is full)."""
     return torch.stack([st[ta[:, None], ta[None, :]] for st, ta in zip(states, tile_axes)]).amin(0)
-
-
-def count_runs(state: torch.Tensor) -> int:
-    """Contiguous runs of one kind (partial / full) over all rows of a block-state matrix: the
-    number of SDPA calls the tiles kernel makes."""
-    prev = torch.cat([torch.zeros_like(state[:, :1]), state[:, :-1]], dim=1)
-    return int(((state > 0) & (state != prev)).sum())
-
-
-def best_layout(grid, axes, state_fn: Callable):
-    """The tile order (over all orders of the axes) whose block rows have the fewest runs:
-    e.g. a temporal window over one spatial tile is one run when time is the inner axis.
-    Returns (perm, sizes, visual block states)."""
-    best = None
-    for order in itertools.permutations(range(len(grid))):
-        perm, sizes, tile_axes = visual_layout(grid, axes, order)
-        state = state_fn(tile_axes)
-        runs = count_runs(state)
-        if best is None or runs < best[0]:
-            best = (runs, perm, sizes, state)
-    return best[1:]
 
 
 def assemble(site: Site, S: int, vis_perm: torch.Tensor, sizes: torch.Tensor, vis_state: torch.Tensor) -> BlockSparse:
@@ -177,7 +123,7 @@ def separable_plan(site: Site, S: int, keeps: list, axes: list, device, name: st
     from ..plan import Plan
 
     states = [tile_states(kp, o, t) for kp, (o, t) in zip(keeps, axes)]
-    perm, sizes, vis = best_layout(site.grid, axes, lambda tas: separable_state(states, tas))
+    perm, sizes, vis = grid_layout(site.grid, axes, lambda tas: separable_state(states, tas))
     tables = [kp.to(device) for kp in keeps]
 
     def keep_fn(qc, kc):

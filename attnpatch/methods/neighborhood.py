@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 from ..plan import Plan
 from ..site import Site
+from ..blocks import default_tiles
 from . import _grid
 from .base import check_bool, check_ints
 from .schedule import Sparse
 
 
 def default_tile(grid: tuple, window: tuple, stride: tuple) -> tuple:
-    """Tiles of about 256 tokens; a blocked axis (stride == window) or a stride > 1 sets that
-    axis's tile, so blocks follow the stride groups."""
-    base = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}[len(grid)]
-    return tuple(min(n, s if (s > 1 or s == w) else b) for n, w, s, b in zip(grid, window, stride, base))
+    """The executor's tile size (attnpatch.blocks.default_tiles), except that a blocked axis
+    (stride == window) or a stride > 1 sets that axis's tile, so blocks follow the stride groups."""
+    return default_tiles(grid, tuple(s if (s > 1 or s == w) else None for w, s in zip(window, stride)))
 
 
 @dataclass

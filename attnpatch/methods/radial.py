@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..blocks import grid_layout
 from ..plan import Plan
 from ..site import Site
 from . import _grid
@@ -89,7 +90,7 @@ class Radial(Sparse):
             sink = (tt[:, None] < self.dense_frames) | (tt[None, :] < self.dense_frames)
             return torch.where(sink, 2, vis).to(torch.uint8)
 
-        perm, sizes, vis = _grid.best_layout(grid, [time_axis, sp[0][1], sp[1][1]], state)
+        perm, sizes, vis = grid_layout(grid, [time_axis, sp[0][1], sp[1][1]], state)  # the executor picks the order
         kh, kw, bands, nd = sp[0][0].to(device), sp[1][0].to(device), band_of(T).to(device), self.dense_frames
 
         def keep_fn(qc, kc):
