@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnpatch as ap
+from attnpatch.patchers.families import FAMILIES
 
 
 def _g(*shape, seed=0):
@@ -198,12 +199,12 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "hunyuan_video", "cogvideox", "ltx", "mochi"])
+@pytest.mark.parametrize("family", [f.name for f in FAMILIES if f.tiny is not None])
 def test_pag_and_shared_attention_on_every_pipeline(family, one_thread):
     """PAG changes the output, scale 0 is exactly stock, unpatch restores; SharedAttention runs
     on a batch of two and leaves the reference row... close to its own stock row only when
     nothing is shared, so here we check it runs and differs for the non-reference row."""
-    from attnpatch.models.tiny_pipes import PIPES, run
+    from attnpatch.models.tiny import PIPES, run
 
     pipe, kw = PIPES[family]()
     stock = run(pipe, kw)
@@ -218,7 +219,7 @@ def test_pag_and_shared_attention_on_every_pipeline(family, one_thread):
 def test_headhunter_greedy_choice_and_profile(tmp_path, one_thread):
     from attnpatch.methods.pag import load_heads
     from attnpatch.tools.headhunter import candidates, hunt
-    from attnpatch.models.tiny_pipes import PIPES, run
+    from attnpatch.models.tiny import PIPES, run
 
     pipe, kw = PIPES["sd3"]()
 

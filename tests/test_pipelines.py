@@ -7,21 +7,10 @@ import torch
 
 import attnpatch as ap
 from attnpatch import Method
-from attnpatch.models.tiny_pipes import PIPES, STEPS, run
+from attnpatch.models.tiny import PIPE_LAYOUT as EXPECT, PIPES, STEPS, run
+from attnpatch.patchers.families import FAMILIES
 
-# (grid, kinds of attention call) each builder's call implies, worked out by hand from its sizes:
-# image: px / VAE factor / patch (Flux packs 2x2 latents); video: frames (f - 1) / temporal
-# factor + 1, then px / VAE factor / patch per spatial axis.
-EXPECT = {
-    "flux": ((12 // 2 // 2, 20 // 2 // 2), {"joint"}),  # VAE /2 (2 blocks), 2x2 packing
-    "sd3": ((12 // 2 // 2, 20 // 2 // 2), {"joint", "self"}),  # VAE /2, patch 2; layer 0 has dual attention
-    "wan": (((9 - 1) // 4 + 1, 80 // 8 // 2, 112 // 8 // 2), {"self", "cross"}),  # VAE /8 /4t, patch (1, 2, 2)
-    "hunyuan_video": (((9 - 1) // 4 + 1, 80 // 8 // 2, 112 // 8 // 2), {"joint"}),  # VAE /8 /4t, patch 2, patch_t 1
-    "cogvideox": (((9 - 1) // 4 + 1, 80 // 8 // 2, 112 // 8 // 2), {"joint"}),  # VAE /8 (4 blocks) /4t, patch 2
-    "ltx": (((17 - 1) // 8 + 1, 160 // 32, 224 // 32), {"self", "cross"}),  # VAE /32 /8t, patch 1
-    "mochi": (((13 - 1) // 6 + 1, 80 // 8 // 2, 112 // 8 // 2), {"joint"}),  # pipeline-fixed /8 /6t, patch 2
-}
-assert EXPECT["flux"][0] == (3, 5) and EXPECT["wan"][0] == (3, 5, 7)  # odd, non-square, all axes distinct
+TINY = [f.name for f in FAMILIES if f.tiny is not None]  # a new row with a tiny pipeline is tested with no edit
 
 COVERING = {  # every window covers the whole grid, so each must equal stock attention
     "neighborhood": lambda: ap.Neighborhood(window=99),
@@ -54,10 +43,15 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module", params=sorted(PIPES))
+@pytest.fixture(scope="module", params=TINY)
 def family(request):
     pipe, kwargs = PIPES[request.param]()
     return request.param, pipe, kwargs, run(pipe, kwargs)
+
+
+def test_every_row_has_a_worked_out_pipeline_layout():
+    assert set(EXPECT) == set(TINY) == set(PIPES)
+    assert EXPECT["flux"][0] == (3, 5) and EXPECT["wan"][0] == (3, 5, 7)  # odd, non-square, all axes distinct
 
 
 def _diff(a, b) -> float:
@@ -79,6 +73,7 @@ def test_dense_equals_stock_and_unpatch_restores(family):
     torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
     assert torch.equal(run(pipe, kw), stock)
     assert "progress_bar" not in pipe.__dict__ and not pipe.transformer._forward_pre_hooks
+    assert "_Calls" not in {c.__name__ for c in type(pipe).__mro__} and "forward" not in pipe.transformer.__dict__
 
 
 @pytest.mark.parametrize("method", sorted(COVERING))

@@ -1,9 +1,10 @@
 """Patchers: WHERE attention plugs in, one per framework."""
 from __future__ import annotations
 
-SUPPORTED = (
-    "diffusers pipelines and models: Flux, SD3, Wan (2.1 / 2.2), HunyuanVideo, CogVideoX, LTX-Video, Mochi, "
-    "Stable Diffusion UNets (attention methods that need no token grid, e.g. PAG); "
+from .families import supported_text
+
+SUPPORTED = (  # the diffusers families from their table; the transformers ones as patchers/transformers.py lists them
+    f"diffusers pipelines and models: {supported_text()}; "
     "transformers decoders: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3"
 )
 

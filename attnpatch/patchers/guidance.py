@@ -1,70 +1,65 @@
-"""Guidance at the denoiser level: a wrapper around the patched model's ``forward`` that adds
-perturbed copies of the conditional rows, runs once, and returns the guided prediction, so any
-pipeline gets PAG-style guidance without a forked pipeline class.
+"""Guidance at the denoiser level: ``run`` is the forward of a ``steps.DenoiserHook`` for methods
+that need batch roles. For guidance methods it adds perturbed copies of the conditional rows,
+runs once, and returns the guided prediction, so any pipeline gets PAG-style guidance without a
+forked pipeline class.
 
 With the pipeline's classifier-free guidance at scale g, the conditional rows are returned as
 ``cond + (s / g) * (cond - perturbed)``, so the pipeline's own ``uncond + g * (cond - uncond)``
 yields ``uncond + g * (cond - uncond) + s * (cond - perturbed)``: diffusers' PAG formula.
 
-Which rows are conditional: pipelines that batch CFG put ``[uncond, cond]`` in one call (SD,
-SD3, CogVideoX, LTX, Mochi); FLUX (true CFG), Wan and HunyuanVideo make one call per branch,
-conditional first, so the first call at each step is the conditional one.
+Which rows are conditional, and where g is, are facts of the family's row
+(``families.Family.cfg`` / ``cfg_scale``): batched pipelines put ``[uncond, cond]`` in one call;
+separate ones make one call per branch, conditional first (named by the pipeline's
+``cache_context``). g is a public pipeline attribute or an argument of the pipeline call, which
+``wrap_calls`` hands to the hooks.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
-import sys
 
 import torch
+from diffusers.hooks import HookRegistry
 
-from ..handle import pop_attr
-
-SEPARATE_CFG = {  # pipeline class -> (local with the CFG scale in __call__, local saying CFG is on)
-    "FluxPipeline": ("true_cfg_scale", "do_true_cfg"),
-    "HunyuanVideoPipeline": ("true_cfg_scale", "do_true_cfg"),
-    "WanPipeline": ("current_guidance_scale", None),
-}
-NOT_BATCHED = {"img_ids", "txt_ids", "return_dict", "num_frames", "height", "width", "rope_interpolation_scale"}
+from .families import pipeline_family
+from .steps import NAME
 
 
-def _pipe_locals(pipe) -> dict:
-    """Locals of the running ``pipe.__call__`` (the CFG scale some pipelines keep only there)."""
-    f = sys._getframe(2)
-    while f is not None:
-        if f.f_code.co_name == "__call__" and f.f_locals.get("self") is pipe:
-            return f.f_locals
-        f = f.f_back
-    return {}
+def _scale(fam, pipe, args: dict, slot: int) -> float:
+    where = fam.cfg_scale[min(slot, len(fam.cfg_scale) - 1)]
+    value = args.get(where[5:]) if where.startswith("call:") else getattr(pipe, where, None)
+    return 1.0 if value is None else float(value)
 
 
-def cfg(pipe, tracker) -> tuple[str, float]:
+def cfg(state, branch: str | None) -> tuple[str, float]:
     """("none" | "batched" | "cond" | "uncond", g) for the current denoiser call."""
-    if pipe is None:
+    if state.call is None:
         return "none", 1.0
-    name = next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in SEPARATE_CFG), None)
-    if name is not None:
-        scale_var, flag_var = SEPARATE_CFG[name]
-        loc = _pipe_locals(pipe)
-        on = bool(loc.get(flag_var)) if flag_var else bool(getattr(pipe, "do_classifier_free_guidance", False))
+    pipe, args = state.call
+    fam = pipeline_family(pipe)
+    if fam is not None and fam.cfg == "separate":
+        g = _scale(fam, pipe, args, state.slot)
+        if fam.cfg_needs:  # true CFG: a scale above 1 and a negative prompt in the call
+            on = g > 1 and any(all(args.get(a) is not None for a in alt) for alt in fam.cfg_needs)
+        else:
+            on = bool(getattr(pipe, "do_classifier_free_guidance", False))
         if not on:
             return "none", 1.0
-        g = float(loc.get(scale_var, getattr(pipe, "guidance_scale", 1.0)))
-        return ("cond" if tracker.calls == 0 else "uncond"), g
+        first = branch != "uncond" if branch in ("cond", "uncond") else state.tracker.calls == 0
+        return ("cond" if first else "uncond"), g
     if getattr(pipe, "do_classifier_free_guidance", False):
-        return "batched", float(pipe.guidance_scale)
+        return "batched", _scale(fam, pipe, args, state.slot) if fam is not None else float(pipe.guidance_scale)
     return "none", 1.0
 
 
-def _dup(x, B: int, rows: torch.Tensor, name: str = ""):
+def _dup(x, B: int, rows: torch.Tensor, skip: frozenset, name: str = ""):
     """x with ``rows`` appended along the batch dimension, if it is batched."""
-    if name in NOT_BATCHED:
+    if name in skip:
         return x
     if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == B:
         return torch.cat([x, x[rows]])
     if isinstance(x, dict):
-        return {k: _dup(v, B, rows, k) for k, v in x.items()}
+        return {k: _dup(v, B, rows, skip, k) for k, v in x.items()}
     return x
 
 
@@ -73,69 +68,113 @@ def _batch(bound: dict) -> int:
     return x.shape[0]
 
 
-class _Forward:
-    """Stands in for the patched model's ``forward`` (an object, not a closure, so that a deep copy
-    of the model gets a wrapper around the copy; the method object is shared, see ``SharesMethod``)."""
-
-    def __init__(self, model, method, state, tracker, pipe):
-        self.orig = model.forward
-        self.params = list(inspect.signature(self.orig).parameters)
-        self.method, self.state, self.tracker, self.pipe = method, state, tracker, pipe
-
-    def __deepcopy__(self, memo):
-        memo.setdefault(id(self.method), self.method)
-        memo.setdefault(id(self.pipe), self.pipe)  # copying only the model keeps its pipeline (copying the pipe maps it)
-        new = object.__new__(_Forward)
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
-
-    def _bind(self, args, kwargs) -> dict:
-        return {**dict(zip(self.params, args)), **kwargs}
-
-    def __call__(self, *args, **kwargs):
-        method, state, tracker = self.method, self.state, self.tracker
-        mode, g = cfg(self.pipe, tracker)
-        tracker.calls += 1
-        step = tracker.step if state.timestep is not None else None
-        if not getattr(method, "guidance", False):  # methods that only need the batch roles (SharedAttention)
-            B = _batch(self._bind(args, kwargs))
-            half = B // 2 if mode == "batched" else 0
-            state.roles = tuple(["uncond"] * half + [("uncond" if mode == "uncond" else "cond")] * (B - half))
-            try:
-                return self.orig(*args, **kwargs)
-            finally:
-                state.roles = ()
-        if mode == "uncond" or not method.guides(step):
-            return self.orig(*args, **kwargs)
-        return self._guided(mode, g, args, kwargs)
-
-    def _guided(self, mode: str, g: float, args, kwargs):
-        method, state = self.method, self.state
-        bound = self._bind(args, kwargs)
-        B = _batch(bound)
-        rows = torch.arange(B // 2 if mode == "batched" else 0, B)  # the conditional rows
-        bound = {name: _dup(value, B, rows, name) for name, value in bound.items()}
-        roles = ["uncond"] * (B // 2) + ["cond"] * (B - B // 2) if mode == "batched" else ["cond"] * B
-        state.roles = tuple(roles + ["perturbed"] * len(rows))
+def run(hook, args, kwargs):
+    """The denoiser forward under a method with ``needs_roles`` (SharedAttention) or ``guidance``."""
+    method, state, tracker = hook.method, hook.state, hook.state.tracker
+    forward = hook.fn_ref.original_forward
+    mode, g = cfg(state, hook.branch.name)
+    tracker.calls += 1
+    step = tracker.step if state.timestep is not None else None
+    if not method.guidance:  # methods that only need the batch roles
+        B = _batch(state.bind(args, kwargs))
+        half = B // 2 if mode == "batched" else 0
+        state.roles = tuple(["uncond"] * half + [("uncond" if mode == "uncond" else "cond")] * (B - half))
         try:
-            out = self.orig(**bound)
+            return forward(*args, **kwargs)
         finally:
             state.roles = ()
-        pred = out[0] if isinstance(out, tuple) else out.sample
-        base, ptb = pred[:B], pred[B:]
-        cond = base[rows]
-        guided = base.clone()
-        guided[rows] = cond + (method.scale / g) * (cond - ptb)
-        if isinstance(out, tuple):
-            return (guided, *out[1:])
-        out.sample = guided
-        return out
+    if mode == "uncond" or not method.guides(step):
+        return forward(*args, **kwargs)
+    return _guided(hook, forward, mode, g, state.bind(args, kwargs))
 
 
-def install(model, method, state, tracker, pipe=None):
-    """Wrap ``model.forward``; returns the undo."""
-    if hasattr(method, "bind_model"):
-        method.bind_model(model)
-    model.forward = _Forward(model, method, state, tracker, pipe)
-    return functools.partial(pop_attr, model, "forward")
+def _guided(hook, forward, mode: str, g: float, bound: dict):
+    method, state = hook.method, hook.state
+    B = _batch(bound)
+    rows = torch.arange(B // 2 if mode == "batched" else 0, B)  # the conditional rows
+    bound = {name: _dup(value, B, rows, state.family.not_batched, name) for name, value in bound.items()}
+    roles = ["uncond"] * (B // 2) + ["cond"] * (B - B // 2) if mode == "batched" else ["cond"] * B
+    state.roles = tuple(roles + ["perturbed"] * len(rows))
+    try:
+        out = forward(**bound)
+    finally:
+        state.roles = ()
+    pred = out[0] if isinstance(out, tuple) else out.sample
+    base, ptb = pred[:B], pred[B:]
+    cond = base[rows]
+    guided = base.clone()
+    guided[rows] = cond + (method.scale / g) * (cond - ptb)
+    if isinstance(out, tuple):
+        return (guided, *out[1:])
+    out.sample = guided
+    return out
+
+
+# --- the pipeline call: its arguments reach the hooks ------------------------------------------
+
+DENOISERS = ("transformer", "transformer_2", "unet")
+
+
+def _hooks(pipe) -> list:
+    out = []
+    for name in DENOISERS:
+        registry = getattr(getattr(pipe, name, None), "_diffusers_hook", None)
+        hook = registry.get_hook(NAME) if isinstance(registry, HookRegistry) else None
+        if hook is not None:
+            out.append(hook)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.__call__)
+
+
+class _Calls:
+    """Mixed into a patched pipeline's class: each call hands its arguments (bound, defaults
+    filled in) to its denoisers' hooks and restarts their step tracking."""
+
+    def __call__(self, *args, **kwargs):
+        hooks = _hooks(self)
+        base = type(self).__mro__[2]  # the pipeline's own class (see _subclass)
+        bound = _signature(base).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        call = (self, {k: v for k, v in bound.arguments.items() if k != "self"})
+        for tracker in {id(h.state.tracker): h.state.tracker for h in hooks}.values():
+            tracker.total = None  # read from the pipeline's num_timesteps at its first denoiser call
+            tracker.reset()
+        for h in hooks:
+            h.state.call = call
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.state.call = None
+
+
+_SUBCLASSES: dict = {}
+
+
+def _subclass(cls):
+    """``cls`` with ``_Calls`` in front, same name and module (what dispatch and reprs read)."""
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(cls.__name__, (_Calls, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _SUBCLASSES[cls]
+
+
+def wrap_calls(pipe):
+    """Swap ``pipe``'s class for its ``_Calls`` subclass; returns the undo."""
+    cls = type(pipe)
+    if issubclass(cls, _Calls):
+        return lambda: None
+    pipe.__class__ = _subclass(cls)
+    return _Unwrap(pipe, cls)
+
+
+class _Unwrap:  # an object, not a closure: deepcopy maps the pipeline onto the copy
+    def __init__(self, pipe, cls):
+        self.pipe, self.cls = pipe, cls
+
+    def __call__(self) -> None:
+        if type(self.pipe) is _SUBCLASSES.get(self.cls):
+            self.pipe.__class__ = self.cls

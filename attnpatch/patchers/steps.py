@@ -1,7 +1,22 @@
-"""Denoising step tracking from the timestep the transformer receives."""
+"""The per-model runtime of the diffusers patcher: denoising step tracking from the timestep the
+transformer receives, and ``DenoiserHook``, the diffusers ``ModelHook`` (registered in the model's
+``HookRegistry``) that reads each forward's grid and timestep and, for methods that need it, runs
+the guidance (``guidance.run``). Being in the registry, diffusers' own hooks compose with it:
+``cache_context`` tells it which CFG branch a call is, ``reset_stateful_hooks`` resets it."""
 from __future__ import annotations
 
+import copy
+import inspect
+import threading
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
 from ..handle import SharesMethod
+
+NAME = "attnpatch"  # the hook's name in the model's HookRegistry
+_COPY = "_attnpatch_copy"  # forward kwarg: the call is a deep copy's (see DenoiserHook.pre_forward)
 
 
 class StepTracker(SharesMethod):
@@ -29,3 +44,121 @@ class StepTracker(SharesMethod):
             self.step += 1
             self.calls = 0
         self.last = t
+
+
+def _per_thread(name: str, default):
+    """An attribute kept per thread: two threads running one model each see their own call's facts."""
+    return property(lambda self: getattr(self._local, name, default), lambda self, v: setattr(self._local, name, v))
+
+
+class ModelState:
+    """Per-forward facts of one patched model, written by its ``DenoiserHook``."""
+
+    grid = _per_thread("grid", None)
+    timestep = _per_thread("timestep", None)
+    roles = _per_thread("roles", ())  # batch-row roles set by the guidance around forward
+    call = _per_thread("call", None)  # (pipeline, its bound call arguments) while a patched pipeline runs
+
+    def __init__(self, model, family, tracker: StepTracker, slot: int = 0):
+        self.family = family  # the model's row of attnpatch.patchers.families
+        self.tracker = tracker
+        self.slot = slot  # which denoiser of its pipeline (1: transformer_2), for per-denoiser CFG scales
+        self.params = list(inspect.signature(model.forward).parameters)  # positional order of forward's arguments
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo):  # a deep copy of the model: its own tracker, no call in flight
+        new = object.__new__(ModelState)
+        memo[id(self)] = new
+        new.family, new.params, new.slot, new._local = self.family, self.params, self.slot, threading.local()
+        new.tracker = copy.deepcopy(self.tracker, memo)
+        return new
+
+    def bind(self, args, kwargs) -> dict:
+        return {**dict(zip(self.params, args)), **kwargs}
+
+    def read(self, model, bound: dict) -> None:
+        """Grid and timestep of this forward; advances the step tracker."""
+        self.grid = self.family.grid(model, bound)
+        if self.tracker.total is None and self.call is not None:  # the pipeline sets it before its loop
+            n = getattr(self.call[0], "num_timesteps", None)
+            self.tracker.total = int(n) if n else None
+        t = bound.get("timestep")
+        if t is not None:
+            t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+            t = min(max(t / self.family.t_scale, 0.0), 1.0)
+            t = 1.0 - t if self.family.t_inverted else t
+            self.tracker.update(t)
+        self.timestep = t
+
+
+class _Branch(StateManager):
+    """Receives the pipeline's ``cache_context`` ("cond", "uncond", "cond_uncond"): diffusers sets
+    it on every StateManager of a stateful hook in the model's registry."""
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.name = None
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.name = None if context is None else context.name
+
+
+class DenoiserHook(SharesMethod, ModelHook):
+    """attnpatch's hook on one denoiser. ``run`` is what the forward does (plain, or guided)."""
+
+    _is_stateful = True  # so diffusers hands it the cache context and resets it
+
+    def __init__(self, model, method, state: ModelState, run=None):
+        super().__init__()
+        self.model, self.method, self.state, self.run = model, method, state, run
+        self.branch = _Branch()
+
+    def pre_forward(self, module, *args, **kwargs):
+        if module is not self.model:  # a deep copy's forward: diffusers' chain still names this hook
+            kwargs[_COPY] = module
+            return args, kwargs
+        self.state.read(module, self.state.bind(args, kwargs))
+        return args, kwargs
+
+    def new_forward(self, module, *args, **kwargs):
+        twin = kwargs.pop(_COPY, None)
+        if twin is not None:  # run the copy's own hook on the copy
+            hook = HookRegistry.check_if_exists_or_initialize(twin).get_hook(NAME)
+            args, kwargs = hook.pre_forward(twin, *args, **kwargs)
+            return hook.new_forward(twin, *args, **kwargs)
+        if self.run is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.run(self, args, kwargs)
+
+    def reset_state(self, module):
+        self.branch.reset()
+        self.branch.name = None
+        return module
+
+
+def register(model, hook: DenoiserHook):
+    """Register ``hook`` in ``model``'s HookRegistry; returns the undo, which leaves the model as it
+    was (no ``forward`` attribute, no registry unless one was there before)."""
+    had_registry, had_forward = hasattr(model, "_diffusers_hook"), "forward" in model.__dict__
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, NAME)
+    return _Unregister(model, had_registry, had_forward)
+
+
+class _Unregister:
+    def __init__(self, model, had_registry: bool, had_forward: bool):
+        self.model, self.had_registry, self.had_forward = model, had_registry, had_forward
+
+    def __call__(self) -> None:
+        m = self.model
+        registry = m.__dict__.get("_diffusers_hook")
+        if registry is None:
+            return
+        registry.remove_hook(NAME, recurse=False)
+        if registry.hooks:
+            return  # others' hooks (e.g. FirstBlockCache) stay, in their order
+        fwd = m.__dict__.get("forward")
+        if not self.had_forward and getattr(fwd, "__self__", None) is m and fwd.__func__ is type(m).forward:
+            del m.__dict__["forward"]  # the registry left the bound method behind: drop it
+        if not self.had_registry:
+            del m.__dict__["_diffusers_hook"]
