@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
-from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402  (KV cache size, as the eviction hook measures it)
+from attnpatch.methods.observe import Observed  # noqa: E402
+from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402  (KV cache size of a cache)
 from common import machine, out_stem, table, timeit, write  # noqa: E402
 
 
@@ -53,16 +54,16 @@ SPEED_METHODS = lambda quick: [  # noqa: E731
 MASK_ONLY_MAX = 8192  # mask-only plans run on SDPA with a materialised S x S mask: not beyond this
 
 
-class _Density(ap.Method):
-    def __init__(self, inner):
-        self.inner, self.values = inner, []
+class _Density:
+    """A watcher for ``Observed``: each plan's block density relative to the causal half."""
 
-    def head_plans(self, q, k, site):
-        groups = self.inner.head_plans(q, k, site)
+    def __init__(self):
+        self.values = []
+
+    def __call__(self, q, k, site, groups):
         for _, p in groups:
             S = q.shape[2]
             self.values.append(1.0 if p is None or p.blocks is None else p.blocks.density() / ((S + 1) / (2 * S)))
-        return groups
 
 
 def speed(lengths, layers: int, quick: bool) -> list[dict]:
@@ -80,8 +81,8 @@ def speed(lengths, layers: int, quick: bool) -> list[dict]:
                 if not (m.__class__.__name__ in ("SinkWindow", "TopKBlocks")) and S > MASK_ONLY_MAX:
                     rows.append(dict(tokens=S, method=repr(m), note=f"skipped: mask-only plan, S x S mask beyond {MASK_ONLY_MAX}"))
                     continue
-                probe = _Density(m)
-                with ap.patch(model, probe):
+                probe = _Density()
+                with ap.patch(model, Observed(m, probe)):
                     t = timeit(lambda: model(ids, use_cache=False), reps=1)
                 density = sum(probe.values) / len(probe.values)
                 bound = 1 / ((1 - share) + share * density)

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
+from attnpatch.methods.observe import Observed  # noqa: E402
 from attnpatch.methods.probe import Recall  # noqa: E402
 from attnpatch.tools.quality import psnr, ssim  # noqa: E402
 from common import machine, out_stem, table, timeit, write  # noqa: E402
@@ -98,20 +99,15 @@ def _attention_seconds(model, kind, latent, text, reps) -> tuple[float, int]:
     return t * calls, S
 
 
-class _Density(ap.Method):
-    """Wraps a method and records its plans' block density (the fraction a kernel computes)."""
+class _Density:
+    """A watcher for ``Observed``: the block density of each plan (the fraction a kernel computes)."""
 
-    def __init__(self, inner):
-        self.inner, self.densities = inner, []
+    def __init__(self):
+        self.densities = []
 
-    def head_plans(self, q, k, site):
-        groups = self.inner.head_plans(q, k, site)
+    def __call__(self, q, k, site, groups):
         if site.kind != "cross":
             self.densities += [1.0 if p is None or p.blocks is None else p.blocks.density() for _, p in groups]
-        return groups
-
-    def reset(self):
-        self.inner.reset()
 
 
 def speed(configs: dict, quick: bool, reps: int) -> list[dict]:
@@ -126,8 +122,8 @@ def speed(configs: dict, quick: bool, reps: int) -> list[dict]:
             share = min(attn / dense, 1.0)
             print(f"{name}: {S} tokens, dense forward {dense:.2f} s, attention share {share:.3f}", flush=True)
             for m in methods:
-                probe = _Density(m)
-                with ap.patch(model, probe):
+                probe = _Density()
+                with ap.patch(model, Observed(m, probe)):
                     t = timeit(lambda: model(**inputs), reps=reps)
                 density = sum(probe.densities) / max(1, len(probe.densities))
                 bound = 1 / ((1 - share) + share * density)
@@ -213,8 +209,8 @@ def quality(out_dir: Path, methods: dict | None = None) -> list[dict]:
         shown = [ref[:4] if kind == "flux" else ref[:4, ref.shape[1] // 2]]
         names = ["stock attention"]
         for m in ms:
-            rec = Recall(inner=m)
-            with ap.patch(pipe, rec):
+            rec = Recall()
+            with ap.patch(pipe, Observed(m, rec)):
                 out = _generate(pipe, kind, caps)
             s = rec.summary()
             row = dict(model=kind, method=label(m), density=s["density"], recall=s["recall"], psnr=psnr(out, ref), ssim=ssim(out, ref),

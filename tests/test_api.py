@@ -105,3 +105,87 @@ def test_fallback_is_logged_with_attnpatch_log_debug():
     env.pop("ATTNPATCH_LOG")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "using reference" not in r.stderr
+
+
+# --- the Method protocol (issue 17): declared defaults, forwarded by Observed, nothing written onto a method ---
+
+
+def test_protocol_defaults_are_declared_on_method():
+    """Patchers read the protocol as plain attributes: every method has them, with these defaults."""
+    from attnpatch.methods.base import Method
+
+    m, dense = Method(), ap.Dense()
+    assert (m.llm, m.guidance, m.needs_roles, m.kv_policy()) == (True, False, False, None)
+    assert dense.llm and dense.bind_model(object()) is None
+    assert (ap.PAG().guidance, ap.PAG().needs_roles, ap.PAG().llm) == (True, True, False)
+    assert (ap.SharedAttention().guidance, ap.SharedAttention().needs_roles) == (False, True)
+    assert ap.SinkWindow().kv_policy() is None
+    evict = ap.SinkWindow(sink=2, window=5, evict=True)
+    a, b = evict.kv_policy(), evict.kv_policy()
+    assert a is not b and (a.sink, a.window, a.keep) == (2, 5, 6)  # one policy (and its statistics) per patch
+
+
+def _sd3_pipe():
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                        pooled_projection_dim=16, out_channels=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, shift_factor=0.0, scaling_factor=1.0)
+    return diffusers.StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                              text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                              text_encoder_3=None, tokenizer_3=None)
+
+
+def _sd3_run(pipe):
+    g = lambda *s, seed=0: torch.randn(*s, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    return pipe(prompt_embeds=g(1, 7, 32), pooled_prompt_embeds=g(1, 16), negative_prompt_embeds=g(1, 7, 32, seed=1),
+                negative_pooled_prompt_embeds=g(1, 16, seed=1), height=10, width=14, num_inference_steps=2,
+                guidance_scale=3.0, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_observed_pag_still_guides():
+    """Observing PAG keeps its guidance: the denoiser wrapper is installed for the observer (its
+    flags and PAG's own guides() / scale are forwarded), so the output is PAG's bit for bit."""
+    from attnpatch.methods.observe import Observed
+
+    pipe = _sd3_pipe()
+    with torch.no_grad():
+        stock = _sd3_run(pipe)
+        with ap.patch(pipe, ap.PAG(scale=2.0, layers=["blocks.1"])):
+            guided = _sd3_run(pipe)
+        seen = []
+        with ap.patch(pipe, Observed(ap.PAG(scale=2.0, layers=["blocks.1"]), lambda q, k, site, g: seen.append(site.roles))):
+            observed = _sd3_run(pipe)
+    assert (guided - stock).abs().max() > 1e-4
+    assert torch.equal(observed, guided)
+    assert any("perturbed" in roles for roles in seen)  # the watcher saw the guidance rows
+
+
+def test_observed_sinkwindow_still_evicts_and_nothing_is_written_onto_the_method():
+    """Observing SinkWindow(evict=True) keeps its KV-cache policy (forwarded kv_policy): the same
+    logits and the same eviction, counted on the handle; the method object is left as it was."""
+    from attnpatch.methods.observe import Observed
+
+    model = llm("llama")
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(5))
+    method = ap.SinkWindow(sink=3, window=8, evict=True)
+    before = dict(vars(method))
+    runs, calls = [], []
+    for m in (method, Observed(method, lambda q, k, site, groups: calls.append(k.shape[2]))):
+        with ap.patch(model, m) as handle:
+            out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        runs.append((torch.stack(out.logits, 1), handle.stats()["kv_cache"], out.cache.layers[0].keys.shape[2]))
+    (l0, kv0, held0), (l1, kv1, held1) = runs
+    torch.testing.assert_close(l1, l0, atol=0, rtol=0)
+    assert kv1 == kv0 and kv0["evicted"] == 30 + 11 - 10 and kv0["after"] < kv0["before"]
+    assert held0 == held1 == 3 + 8 - 1  # the cache holds sink + window - 1 keys
+    assert calls[:2] == [30, 30] and set(calls[2:]) == {3 + 8 - 1 + 1}  # prefill; decode: the trimmed cache + the new key
+    assert vars(method).keys() == before.keys()  # no statistics written onto the method
+    with pytest.raises(TypeError, match="PAG is an image / video"):  # llm = False is forwarded too
+        ap.patch(model, Observed(ap.PAG()))

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from .. import api
-from ..methods.base import Method
 from . import report, runner
+from ..methods.observe import Observed
 from ..methods.probe import Recall
 
 
@@ -73,34 +73,29 @@ def setting(loaded, m, i: int, prompts, args, out: Path, ref, t_ref: float, imag
         with api.patch(loaded.obj, m) as handle:
             result, t = runner.run(loaded, prompts, args.seed, **kw)
             stats = summary(handle, f"setting {i + 1}: ")
-        probe = MaskProbe(Recall(inner=m))
-        with api.patch(loaded.obj, probe):
+        recall, first = Recall(), FirstMask()
+        with api.patch(loaded.obj, Observed(m, recall, first)):
             runner.run(loaded, prompts[:1], args.seed, **kw)
     except (ValueError, RuntimeError, TypeError) as e:
         print(f"{label}: failed: {str(e).splitlines()[0]}", file=sys.stderr)
         return dict(setting=label, error=str(e).splitlines()[0]), None
-    s = probe.inner.summary()
+    s = recall.summary()
     row = dict(setting=label, seconds=t, speedup=t_ref / t, density=s["density"], recall=s["recall"],
                **report.quality_of(loaded.kind, result, ref), patch=stats)
     save(loaded, result, prompts, out / f"setting{i + 1}", args)
-    if probe.first is not None:
-        report.mask_picture(*probe.first, out / "masks" / f"setting{i + 1}.png")
+    if first.first is not None:
+        report.mask_picture(*first.first, out / "masks" / f"setting{i + 1}.png")
         images[f"mask of setting {i + 1}: {label}"] = f"masks/setting{i + 1}.png"
     return row, result
 
 
-class MaskProbe(Method):
-    """Wraps a probe method; keeps the first self / joint call's (plan, site, S) for a picture."""
+class FirstMask:
+    """A watcher for ``Observed``: keeps the first self / joint call's (plan, site, S) for a picture."""
 
-    def __init__(self, inner):
-        self.inner, self.first = inner, None
+    def __init__(self):
+        self.first = None
 
-    def head_plans(self, q, k, site):
-        groups = self.inner.head_plans(q, k, site)
+    def __call__(self, q, k, site, groups) -> None:
         plan = groups[0][1]
         if self.first is None and site.kind != "cross" and q.shape[2] == k.shape[2] and plan is not None:
             self.first = (plan, site, q.shape[2])
-        return groups
-
-    def reset(self):
-        self.inner.reset()

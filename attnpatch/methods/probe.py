@@ -1,4 +1,7 @@
-"""``AttentionStats``: a measuring method. Patched like any method, it leaves attention dense
+"""Measuring: ``AttentionStats``, a method; ``Recall``, a watcher of another method (through
+``attnpatch.methods.observe.Observed``).
+
+``AttentionStats``: patched like any method, it leaves attention dense
 (its plan is None) and accumulates, per layer, where the softmax mass of the visual queries
 goes: to visual keys at each grid distance, to text keys, and to the single most-attended key
 (the sink). Used by the fixtures report and the quality benchmarks.
@@ -93,27 +96,23 @@ class AttentionStats(Method):
         return {layer: {"sink": d["sink"] / d["rows"], "text": d["text"] / d["rows"]} for layer, d in sorted(self.data.items())}
 
 
-@dataclass
-class Recall(Method):
-    """Runs ``inner`` and measures, per call, the fraction of the dense attention mass its plan
-    keeps (recall) and the plan's block density; the generation follows the sparse plans.
-    Exact (materialises the S x S probabilities): meant for small models and benchmarks."""
+class Recall:
+    """A watcher for ``Observed``: per call of the observed method, the fraction of the dense
+    attention mass its plan keeps (recall) and the plan's block density; the generation follows
+    the sparse plans. Exact (materialises the S x S probabilities): meant for small models and
+    benchmarks. ``rec = Recall(); ap.patch(pipe, Observed(method, rec)); ...; rec.summary()``."""
 
-    inner: Method = None
-    max_queries: int = 512
-    records: list = field(default_factory=list, repr=False)
+    def __init__(self, max_queries: int = 512):
+        self.max_queries = max_queries
+        self.records: list = []
 
-    source = "-"
-
-    def head_plans(self, q, k, site: Site):
-        groups = self.inner.head_plans(q, k, site)
+    def __call__(self, q, k, site: Site, groups) -> None:
         if site.kind == "cross":
-            return groups
+            return
         for heads, plan in groups:
             qq = q if heads is None else q[:, heads]
             kk = k if heads is None else k[:, heads // (q.shape[1] // k.shape[1])]
             self._record(qq, kk, site, plan)
-        return groups
 
     @torch.no_grad()
     def _record(self, q, k, site: Site, plan) -> None:
@@ -129,9 +128,6 @@ class Recall(Method):
         keep = materialise_mask(plan.with_site(site.causal, site.q_offset), 1, 1, S, k.shape[2], q.device)[..., rows, :]
         density = plan.blocks.density() if plan.blocks is not None else keep.float().mean().item()
         self.records.append(dict(layer=site.layer, step=site.step, recall=(p * keep).sum(-1).mean().item(), density=density))
-
-    def reset(self) -> None:
-        self.inner.reset()
 
     def summary(self) -> dict:
         """Mean recall and density over all recorded calls."""

@@ -87,7 +87,7 @@ def _check_method(method, model) -> None:
     """Methods that need a visual token grid or a denoiser's batch roles (class attribute
     ``llm = False``) cannot run in a causal decoder: refuse them now, not at the first forward."""
     if not method.llm:
-        raise TypeError(f"{type(method).__name__} is an image / video (diffusion) method and cannot run in the causal "
+        raise TypeError(f"{method.name} is an image / video (diffusion) method and cannot run in the causal "
                         f"decoder {type(model).__name__}: it needs a visual token grid or a denoiser's guidance batch; "
                         f"for LLMs use {LLM_METHODS}")
 
