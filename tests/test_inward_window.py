@@ -79,22 +79,54 @@ def test_is_neighborhood_of_odd_window():
     assert not torch.allclose(iw, attend(q, k, v, Neighborhood(window=6, dense_steps=0), site, backend="reference"), atol=1e-3)
 
 
-def test_full_branch_steps_are_dense_and_entropy_scaled():
-    """full_every=3: steps 0, 3, ... run full attention with logits times log(S) / log(n_train);
-    the others the window; entropy=False leaves the full steps unscaled."""
+def test_full_steps_without_override_are_dense_and_entropy_scaled():
+    """full_every=3, override=False: steps 0, 3, ... run full attention with logits times
+    log(S) / log(n_train); the others the window; entropy=False leaves the full steps unscaled."""
     grid, T = (10, 10), 2
     S, n_train = T + 100, T + 25
     q, k, v = qkv(S, 2)
     dense = torch.ones(S, S, dtype=torch.bool)
     window = freeswim_keep(Site(grid=grid, text_len=T, kind="joint"), S, (4, 4))
-    m = InwardWindow(train_grid=4, full_every=3)
+    m = InwardWindow(train_grid=4, full_every=3, override=False)
     for step, keep, factor in [(0, dense, math.log(S) / math.log(n_train)), (1, window, 1.0), (3, dense, math.log(S) / math.log(n_train))]:
         site = Site(grid=grid, text_len=T, kind="joint", step=step, steps=6)
         got = attend(q, k, v, m, site, backend="reference")
         assert (got.double() - golden(q, k, v, keep, factor)).abs().max() < 1e-5, step
     site = Site(grid=grid, text_len=T, kind="joint", step=0, steps=6)
-    got = attend(q, k, v, InwardWindow(train_grid=4, full_every=3, entropy=False), site, backend="reference")
+    got = attend(q, k, v, InwardWindow(train_grid=4, full_every=3, override=False, entropy=False), site, backend="reference")
     assert (got.double() - golden(q, k, v, dense)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_override_full_rows_dense_and_text_rows_copied(first):
+    """FreeSwim's dual path in a joint call: rows (cond, perturbed); the perturbed (full-branch) row
+    attends densely with entropy-scaled logits; the cond (window) row keeps its window output on
+    visual queries and takes the full row's outputs on the text queries."""
+    grid, T = (9, 9), 3
+    S = T + 81
+    q, k, v = qkv(S, 4)
+    site = Site(grid=grid, text_len=T, text_first=first, kind="joint", step=2, steps=6, roles=("cond", "perturbed"))
+    m = InwardWindow(train_grid=4, full_every=2)
+    assert m.guidance and m.needs_roles and m.scale == 0 and m.guides(4) and not m.guides(3)
+    got = attend(q, k, v, m, site, backend="reference").double()
+    window = golden(q, k, v, freeswim_keep(site, S, (4, 4)))
+    full = golden(q, k, v, torch.ones(S, S, dtype=torch.bool), math.log(S) / math.log(T + 25))
+    text = slice(0, T) if first else slice(S - T, S)
+    vis = slice(T, S) if first else slice(0, S - T)
+    assert (got[1] - full[1]).abs().max() < 1e-5
+    assert (got[0, :, text] - full[1, :, text]).abs().max() < 1e-5
+    assert (got[0, :, vis] - window[0, :, vis]).abs().max() < 1e-5
+
+
+def test_override_in_cross_calls_copies_full_rows():
+    """A cross call (Wan) under the branch: the cond rows' output is the full rows' output."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    site = Site(kind="cross", grid=(3, 4), step=0, roles=("cond", "perturbed"))
+    got = attend(q, k, v, InwardWindow(train_grid=2, full_every=1), site, backend="reference").double()
+    full = golden(q, k, v, torch.ones(12, 5, dtype=torch.bool))
+    assert (got[0] - full[1]).abs().max() < 1e-5 and (got[1] - full[1]).abs().max() < 1e-5
+    assert attend(q, k, v, InwardWindow(train_grid=2, full_every=1), Site(kind="cross", grid=(3, 4), step=0)).shape == q.shape
 
 
 def test_window_at_training_size_is_dense_and_unscaled():
@@ -112,7 +144,7 @@ def test_cross_attention_is_dense():
 
 @pytest.mark.parametrize("kwargs,word", [
     (dict(train_grid=0), "train_grid"), (dict(train_grid="16"), "train_grid"), (dict(full_every=-1), "full_every"),
-    (dict(full_every=1.5), "full_every"), (dict(entropy=1), "entropy"), (dict(stride=0), "stride"), (dict(tile=0), "tile"),
+    (dict(full_every=1.5), "full_every"), (dict(entropy=1), "entropy"), (dict(override="yes"), "override"), (dict(stride=0), "stride"), (dict(tile=0), "tile"),
     (dict(dense_steps=1.5), "dense_steps"),
 ])
 def test_bad_parameters_fail_at_construction(kwargs, word):

@@ -9,17 +9,25 @@ no longer than the window). Time stays dense, as in the paper. Text stays dense 
 paper's Wan cross-attention is dense).
 
 The mask equals ``Neighborhood(window=2 * (train // 2) + 1)`` on the spatial axes. What FreeSwim
-adds is its full-attention branch: a second path with dense self-attention whose cross-attention
-output overrides the window path's, refreshed every ``cache_steps`` steps in its cached variant,
-with logits scaled for the larger token count. attnpatch runs one trajectory per call, so the
-branch is expressed as a schedule: ``full_every=k`` runs the steps where the cached variant
-refreshes its branch (step % k == 0) with full attention, scaled entropy-invariantly
-(``log n / log n_train``) when ``entropy``; between them the window runs.
+adds is its full-attention branch (``nocache/`` and ``cache/`` in its code): the pipeline runs a
+second copy of the conditional latents with dense self-attention, and the window copy's
+cross-attention output is overridden by the full copy's (the full copy's own prediction is
+discarded); the cached variant refreshes the branch every ``cache_steps`` steps on the
+conditional pass only. Here ``full_every=k`` with ``override=True`` does that on the refresh steps
+(step % k == 0) through the denoiser wrapper that PAG uses (extra rows, guidance scale 0): the
+extra rows attend densely (logits times ``log n / log n_train`` when ``entropy``); a cross call's
+conditional rows take the full rows' output, and a joint call (FLUX: text in the sequence, no
+cross-attention) takes the full rows' text-token outputs, so the window copy's text stream is the
+full copy's. Between refresh steps the window runs alone (no cached reuse: the wrapper gives no
+batch roles there). ``override=False`` runs the refresh steps fully dense instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+
+import torch
 
 from ..plan import Plan
 from ..site import Site
@@ -38,6 +46,7 @@ class InwardWindow(Sparse):
 
     train_grid: int | tuple = 16  # training-resolution tokens per axis; an int sets the spatial (last two) axes
     full_every: int = 0  # steps with step % full_every == 0 run the full branch; 0: never
+    override: bool = True  # the branch overrides text / cross outputs (FreeSwim); False: those steps run dense
     entropy: bool = True  # full steps scale logits by log(n) / log(n_train) (FreeSwim scales for the larger grid)
     stride: int | tuple = 1  # query groups sharing one window (GNA); 1 is FreeSwim's per-token window
     tile: int | tuple | None = None  # executor tile per axis; default: Neighborhood's default_tile
@@ -49,7 +58,11 @@ class InwardWindow(Sparse):
                                      expected="the training grid in tokens: an integer >= 1 (spatial axes) or one per grid axis")
         self.full_every = check_int(n, "full_every", self.full_every, 0, example=5,
                                     expected="an integer >= 0 (every k-th step runs full attention; 0: never)")
+        self.override = check_bool(n, "override", self.override, example=True)
         self.entropy = check_bool(n, "entropy", self.entropy, example=True)
+        # protocol flags per instance: only the override needs the wrapper's extra rows
+        self.guidance = self.needs_roles = self.full_every > 0 and self.override
+        self.scale = 0.0  # the wrapper returns cond + scale * (cond - full): the full prediction is dropped
         self.stride = check_ints(n, "stride", self.stride, 1, example=1)
         if self.tile is not None:
             self.tile = check_ints(n, "tile", self.tile, 1, example=8)
@@ -78,20 +91,52 @@ class InwardWindow(Sparse):
     def full_at(self, site: Site) -> bool:
         return self.full_every > 0 and site.step is not None and site.step % self.full_every == 0
 
-    def _full(self, site: Site, S: int) -> Plan | None:
-        """The full branch: dense, logits times log(S) / log(training tokens) when entropy."""
-        n_train = math.prod(self.windows(site.grid)) + site.text_len
-        if not self.entropy or S <= n_train:
-            return None
-        return Plan(q_scale=math.log(S) / math.log(n_train), name=f"{self!r} full branch")
+    def guides(self, step: int | None) -> bool:
+        """The denoiser wrapper adds the full branch's rows at the refresh steps."""
+        return self.guidance and step is not None and step % self.full_every == 0
+
+    def _factor(self, site: Site, S: int) -> float:
+        """Full-branch logit factor: log(S) / log(training tokens) when entropy and S is larger."""
+        n_train = math.prod(self.windows(site.grid)) + site.text_len if site.grid else S
+        return math.log(S) / math.log(n_train) if self.entropy and S > n_train > 1 else 1.0
+
+    def _override(self, site: Site, S: int, rows: slice | None):
+        """Plan.output: the full rows attend densely; the conditional rows take their ``rows``
+        outputs (None: all, a cross call)."""
+        pairs = list(zip([i for i, r in enumerate(site.roles) if r == "cond"],
+                         [i for i, r in enumerate(site.roles) if r == "perturbed"]))
+        factor = 1.0 if rows is None else self._factor(site, S)
+
+        def output(out, q, k, v, scale):
+            full = torch.tensor([p for _, p in pairs], device=q.device)
+            rep = q.shape[1] // k.shape[1]
+            base = q.shape[-1] ** -0.5 if scale is None else scale
+            dense = torch.nn.functional.scaled_dot_product_attention(  # (R, H, Sq, Dv)
+                q[full], k[full].repeat_interleave(rep, 1), v[full].repeat_interleave(rep, 1), scale=base * factor)
+            out = out.clone()
+            out[full] = dense.to(out.dtype)
+            for j, (c, _) in enumerate(pairs):
+                out[c, :, rows or slice(None)] = dense[j, :, rows or slice(None)].to(out.dtype)
+            return out
+
+        return output
 
     def plan(self, q, k, site: Site) -> Plan | None:
+        dual = self.guidance and "perturbed" in site.roles
+        if site.kind == "cross":  # dense; under the branch, the window rows take the full rows' output
+            return Plan(output=self._override(site, q.shape[2], None), name=f"{self!r} override") if dual else None
         site = _grid.site_grid(site, q, k, self.name)
         if site is None:
             return None
-        if self.full_at(site):
-            return self._full(site, q.shape[2])
-        return self._plans.get(site, q.shape[2], q.device)
+        S = q.shape[2]
+        if self.full_at(site) and not self.override:
+            factor = self._factor(site, S)
+            return None if factor == 1.0 else Plan(q_scale=factor, name=f"{self!r} full step")
+        plan = self._plans.get(site, S, q.device)
+        if not dual or not site.text_len:
+            return plan
+        T, text = site.text_len, (slice(0, site.text_len) if site.text_first else slice(S - site.text_len, S))
+        return dataclasses.replace(plan, output=self._override(site, S, text), name=f"{self!r} override ({T} text rows)")
 
 
 if __name__ == "__main__":
