@@ -38,6 +38,21 @@ def test_every_family_row_has_a_tiny_model_and_pipeline():
     assert {f.name for f in FAMILIES} - set(TINY) == {"unet"}  # UNets: tests/test_guidance.py builds its own
 
 
+def test_readme_supported_table_is_the_family_table():
+    """The README's per-family table is generated from FAMILIES: an edited row shows up there."""
+    from pathlib import Path
+
+    from attnpatch.patchers.families import supported_markdown
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    begin, end = "<!-- supported families: begin -->\n", "<!-- supported families: end -->"
+    assert begin in text and end in text, "README.md lost its supported-families markers"
+    section = text[text.index(begin) + len(begin):text.index(end)]
+    assert section == supported_markdown(), "regenerate: python -c 'from attnpatch.patchers.families import " \
+        "supported_markdown as s; print(s())' and paste it between the README's markers"
+    assert all(f"`{f.name}`" in section for f in FAMILIES)
+
+
 @pytest.fixture(scope="module", params=TINY)
 def case(request):
     c = CASES[request.param]
