@@ -171,13 +171,14 @@ def recording():
 
 
 def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Per-repeat wall times of every fn, run in turn within each repeat (a, b, a, b, ...)."""
+    """Per-repeat wall times of every fn, run in turn within each repeat, the order reversed every other
+    repeat (a, b, b, a, ...): a shared machine's slow spells hit both alike and neither always goes first."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, fn in fns.items():
+    for i in range(reps):
+        for n, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
             _sync()
             t = time.perf_counter()
             fn()

@@ -14,6 +14,7 @@ End to end: the model's forward with the method patched vs stock, interleaved th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _speed as sp  # noqa: E402
 import attnpatch as ap  # noqa: E402
-from common import machine, out_stem, table, write  # noqa: E402
+from common import bench_dtype, machine, out_stem, pick_device, table, to_device, write  # noqa: E402
 
 CURVES = {  # family: sizes, 256 to 64K tokens
     "smollm2": [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536],
@@ -36,9 +37,9 @@ QUICK_TOKENS = 1100
 CPU_CALL_S, ROW_S = 0.3, 8.0  # as percall.py: heads narrowed above this stock-call time; row time bound
 
 
-def per_call(a, rate) -> tuple[list[dict], list[str]]:
-    dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
-    rows, skipped = [], []
+def per_call(a, rate, data: dict, save) -> None:
+    """Per-call rows (and skipped sizes) added to ``data``; ``save()`` after every size."""
+    dtype = bench_dtype(a.device)
     deadline = time.monotonic() + a.budget_s
     for fam in a.families.split(","):
         for size in CURVES[fam]:
@@ -47,15 +48,21 @@ def per_call(a, rate) -> tuple[list[dict], list[str]]:
                 continue
             heads = sp.fit_heads(c, rate, a.max_call_s)
             if heads == 0 or time.monotonic() > deadline:
-                skipped.append(f"{fam} {c.shape} ({c.S} tokens): " + ("time budget spent" if heads != 0 else
-                                                                      f"stock call > {a.max_call_s} s even with one KV group"))
+                data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens): " + ("time budget spent" if heads != 0 else
+                                       f"stock call > {a.max_call_s} s even with one KV group"))
                 continue
             qkv = sp.tensors(c, a.device, dtype, heads)
             for m in sp.methods_for(c):
-                r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
-                rows.append(r)
+                try:
+                    r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
+                except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
+                    data["skipped"].append(f"{fam} {c.shape} {sp.label(m)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    torch.cuda.empty_cache() if a.device == "cuda" else None
+                    continue
+                data["rows"].append(r)
                 print(f"{fam} {c.shape} {r['name']:<15} {r['kernel']:<10} {r['speedup']:.2f}x", flush=True)
-    return rows, skipped
+            qkv = None
+            save()
 
 
 def crossovers(rows: list[dict]) -> list[dict]:
@@ -90,14 +97,17 @@ def end_to_end(a) -> list[dict]:
 
     rows = []
     for kind in ("flux", "wan"):
-        model = _model(kind).to(a.device).eval()
+        model = _model(kind).to(a.device, bench_dtype(a.device)).eval()
         for grid in E2E[kind][: 2 if a.quick else None]:
             latent = (2 * grid[0], 2 * grid[1]) if kind == "flux" else (grid[0], 2 * grid[1], 2 * grid[2])
             inputs = flux_inputs(model, latent, 16) if kind == "flux" else wan_inputs(model, latent, 16)
-            inputs = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            inputs = to_device(inputs, a.device, bench_dtype(a.device))
             c = sp.case("fixture", grid) if kind == "flux" else sp.Case("wan", 4, 4, 24, grid=grid)
+            share = _attention_share(model, inputs, kind, c, a.device, a.reps)
             for m in sp.methods_for(c):
-                rows.append(_e2e_row(model, inputs, m, kind, c, a.reps))
+                # a model patched on its own runs a fractional dense_steps sparse anyway: say so, without the log line
+                m = dataclasses.replace(m, dense_steps=0) if hasattr(m, "dense_steps") else m
+                rows.append(dict(_e2e_row(model, inputs, m, kind, c, a.reps), attention_share=share, ceiling=1 / (1 - share)))
                 r = rows[-1]
                 print(f"e2e {kind} {c.shape} {r['name']:<15} {r['speedup']:.2f}x", flush=True)
     return rows
@@ -114,9 +124,20 @@ def _e2e_row(model, inputs, m, kind, c, reps) -> dict:
             if i:
                 ratios.append(p / t), stock.append(t), patched.append(p)
     r = statistics.median(ratios)
-    return dict(model=kind, shape=c.shape, tokens=c.S, method=repr(m), name=type(m).__name__,
+    return dict(model=kind, shape=c.shape, tokens=c.S, method=sp.label(m), name=type(m).__name__,
                 stock_ms=1e3 * statistics.median(stock), patched_ms=1e3 * statistics.median(patched), speedup=1 / r,
                 spread=f"{1 / max(ratios):.2f}-{1 / min(ratios):.2f}")
+
+
+def _attention_share(model, inputs, kind, c, device, reps) -> float:
+    """Fraction of the stock forward spent in the attention calls a method replaces (FLUX: every block's
+    joint call; Wan: self-attention, not cross): 1 / (1 - share) is the most any method can gain."""
+    cfg = model.config
+    calls = cfg.num_layers + cfg.num_single_layers if kind == "flux" else cfg.num_layers
+    q, k, v = sp.tensors(c, device, next(model.parameters()).dtype)
+    with torch.inference_mode():
+        t = sp.interleaved({"forward": lambda: model(**inputs), "attention": sp.stock_fn(c, q, k, v)}, reps)
+    return min(0.99, calls * statistics.median(t["attention"]) / statistics.median(t["forward"]))
 
 
 def plot(rows, e2e, path: Path, title: str) -> None:
@@ -125,21 +146,33 @@ def plot(rows, e2e, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import ScalarFormatter
+
     fams = list(dict.fromkeys(r["family"] for r in rows))
-    fig, axes = plt.subplots(1, len(fams) + 1, figsize=(5 * (len(fams) + 1), 4.2), squeeze=False)
-    for ax, fam in zip(axes[0], fams):
+    names = list(dict.fromkeys([r["name"] for r in rows] + [r["name"] for r in e2e]))
+    color = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per method in every panel
+    n = len(fams) + 1
+    fig, axes = plt.subplots((n + 1) // 2, 2, figsize=(11, 4 * ((n + 1) // 2)), squeeze=False)
+    axes = axes.ravel()
+    for ax, fam in zip(axes, fams):
         for name in dict.fromkeys(r["name"] for r in rows if r["family"] == fam):
             pts = sorted((r["tokens"], r["speedup"]) for r in rows if r["family"] == fam and r["name"] == name)
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
-        ax.set_title(f"per call: {fam}")
-    ax = axes[0][-1]
+            ax.plot(*zip(*pts), marker="o", ms=3, color=color[name], label=name)
+        c = sp.case(fam, CURVES[fam][0])
+        ax.set_title(f"per call: {fam} ({c.dims}, H={c.H}, D={c.D}{f', {c.text} text tokens' if c.text else ''})", fontsize=9)
+    ax = axes[len(fams)]
     for key in dict.fromkeys((r["model"], r["name"]) for r in e2e):
         pts = sorted((r["tokens"], r["speedup"]) for r in e2e if (r["model"], r["name"]) == key)
-        ax.plot(*zip(*pts), marker="s", ms=3, ls="--" if key[0] == "wan" else "-", label=" ".join(key))
-    ax.set_title("end to end: small FLUX / Wan forward")
-    for ax in axes[0]:
+        ax.plot(*zip(*pts), marker="s", ms=3, color=color[key[1]], ls="--" if key[0] == "wan" else "-", label=" ".join(key))
+    ax.set_title("end to end: small FLUX (solid) / Wan (dashed) forward", fontsize=9)
+    for ax in axes[:n]:
         ax.set_xscale("log"), ax.set_yscale("log"), ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("tokens per call"), ax.set_ylabel("speedup over stock"), ax.legend(fontsize=6)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter()), axis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(which="minor", labelsize=6)
+        ax.set_xlabel("tokens per call"), ax.set_ylabel("speedup over stock (log)"), ax.legend(fontsize=6, ncol=2)
+    for ax in axes[n:]:
+        ax.set_visible(False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -158,46 +191,56 @@ def main(argv=None):
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end part")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    a.device = pick_device(p, a.device)
     torch.set_num_threads(a.threads)
     a.reps = a.reps or (5 if a.device == "cpu" else 10)
     a.max_call_s = (None if a.device == "cuda" else CPU_CALL_S) if a.max_call_s is None else (a.max_call_s or None)
     partial = "--quick" if a.quick else None if a.families == ",".join(CURVES) and not a.no_e2e else "a partial"
-    name = "curves" if a.device == "cpu" else f"gpu/curves_{a.device}"
-    rate = sp.sdpa_rate(a.device, torch.float32 if a.device == "cpu" else torch.bfloat16)
-    rows, skipped = per_call(a, rate)
-    e2e = [] if a.no_e2e else end_to_end(a)
-    if partial is None and any("time budget" in s for s in skipped):
-        partial = "a budget-cut"
-    out = out_stem(name, a.out, partial)
-    cross = crossovers(rows)
+    out = out_stem("curves" if a.device == "cpu" else f"gpu/curves_{a.device}", a.out, partial)
+    rate = sp.sdpa_rate(a.device, bench_dtype(a.device))
     data = dict(machine=machine(), args=dict(quick=a.quick, reps=a.reps, threads=a.threads, device=a.device,
-                                             max_call_s=a.max_call_s), crossover=cross, rows=rows, e2e=e2e, skipped=skipped)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, e2e, out.with_suffix(".png"), f"attnpatch speed curves ({data['machine']['cpu']}, {a.threads} thread(s), "
-         f"{data['machine'].get('gpu', a.device)})")
+                                             max_call_s=a.max_call_s), crossover=[], rows=[], e2e=[], skipped=[])
+
+    def save():
+        data["crossover"] = crossovers(data["rows"])
+        write(out, "Speed curves: where each method pays", *render(a, out, data), data)
+
+    per_call(a, rate, data, save)
+    if not a.no_e2e:
+        data["e2e"] = end_to_end(a)
+    save()
+    plot(data["rows"], data["e2e"], out.with_suffix(".png"), f"attnpatch speed curves ({data['machine']['cpu']}, "
+         f"{a.threads} thread(s), {data['machine'].get('gpu', a.device)})")
+    print(f"wrote {out}.md / .json / .png")
+
+
+def render(a, out: Path, data: dict) -> tuple[str, str]:
+    cross, e2e, rows, skipped = data["crossover"], data["e2e"], data["rows"], data["skipped"]
     intro = (f"Speedup = stock time / patched time (above 1: the method pays), median of {a.reps} interleaved repeats; "
              f"parameters as a user would pick them at each size (`benchmarks/_speed.py: methods_for`). Plot: "
              f"[{out.name}.png]({out.name}.png).")
     if a.max_call_s is not None:
         intro += (f" CPU size cap: a stock call estimated above {a.max_call_s} s is timed with fewer heads (column H); "
-                  "sizes where one KV group exceeds it are skipped (listed below), so the CPU curves stop near 8K tokens.")
+                  "sizes where one KV group exceeds it are skipped (listed below; the largest size measured per family is in "
+                  "the crossover table): dense attention at 16K-64K tokens with head dim 128 takes seconds to minutes per "
+                  "call on a CPU; the GPU run (benchmarks/gpu.sh) covers them.")
     body = "## Crossover: where each method starts to pay (per call)\n\n" + table(cross, [
         ("family", "family"), ("method", "method"), ("pays", "pays"), ("best", "best speedup"), ("best_at", "at tokens"),
         ("largest", "largest size"), ("at_largest", "speedup there")])
-    body += "\n\n## End to end (small FLUX / Wan transformer, fixture width: 4 heads x 24)\n\n" + table(e2e, [
+    body += ("\n\n## End to end (small FLUX / Wan transformer, fixture width: 4 heads x 24)\n\n"
+             "`ap.patch(model, method)` (sparse methods with dense_steps=0: every call sparse) vs the stock forward, in turn "
+             "per repeat; FLUX: 1 double + 1 single block, 16 text tokens; Wan: 2 blocks. *attention share*: stock SDPA time "
+             "of the calls a method replaces / stock forward time; the ceiling 1 / (1 - share) bounds any method's gain.\n\n"
+             + table(e2e, [
         ("model", "model"), ("shape", "grid"), ("tokens", "tokens"), ("method", "method"), ("stock_ms", "stock ms"),
-        ("patched_ms", "patched ms"), ("speedup", "speedup"), ("spread", "spread")])
+        ("patched_ms", "patched ms"), ("speedup", "speedup"), ("spread", "spread"), ("attention_share", "attention share"),
+        ("ceiling", "ceiling 1/(1-share)")]))
     body += "\n\n## Per call\n\n" + table(rows, [("family", "family"), ("shape", "shape"), ("tokens", "tokens"), ("heads", "H"),
                                               ("method", "method"), ("kernel", "kernel"), ("stock_ms", "stock ms"),
                                               ("patched_ms", "patched ms"), ("speedup", "speedup")])
     if skipped:
         body += "\n\n## Skipped sizes\n\n" + "\n".join(f"- {s}" for s in skipped)
-    write(out, "Speed curves: where each method pays", intro, body, data)
-    print(f"wrote {out}.md / .json / .png")
+    return intro, body
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ if [ $SMOKE = 0 ]; then
     [ -n "$GPU" ] || { echo "no CUDA device: nvidia-smi lists no GPU" >&2; exit 2; }
     $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || {
         echo "no CUDA device: torch.cuda.is_available() is False (torch $($PY -c 'import torch; print(torch.__version__)' 2>/dev/null) built without CUDA?) although nvidia-smi shows $GPU" >&2; exit 2; }
-    DEV=(--device cuda); Q=(); OUT=benchmarks/results/gpu
-else
-    GPU="none (--cpu-smoke)"; DEV=(--device cpu); Q=(--quick); OUT=${TMPDIR:-/tmp}/attnpatch-bench/gpu-smoke
+    DEV=(--device cuda); Q=(); PQ=(); CQ=(); OUT=benchmarks/results/gpu; SCALE=1
+else  # CPU smoke: quick sizes, one family each, 4x the timeouts (a CPU is slower than a GPU)
+    GPU="none (--cpu-smoke)"; DEV=(--device cpu); Q=(--quick); OUT=${TMPDIR:-/tmp}/attnpatch-bench/gpu-smoke; SCALE=4
+    PQ=(--families fixture); CQ=(--families wan)
+    TOTAL=$((TOTAL * SCALE))
 fi
 mkdir -p "$OUT/logs"
 STEPS="$OUT/logs/steps.tsv"
@@ -32,7 +34,7 @@ STEPS="$OUT/logs/steps.tsv"
 echo "GPU: $GPU; results under $OUT"
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run it under timeout, log it, record rc and seconds
-    local name=$1 limit=$2; shift 2
+    local name=$1 limit=$(($2 * SCALE)); shift 2
     local left=$((TOTAL - SECONDS))
     if [ "$left" -lt 20 ]; then
         printf '%s\t%s\t%s\t%s\t%s\n' "$name" skipped 0 "$limit" "$*" >> "$STEPS"; echo "== $name: skipped (8-minute budget spent)"; return
@@ -49,14 +51,14 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it under timeout, log it, record
 
 PT=(-q -p no:cacheprovider)
 [ $SMOKE = 1 ] && PT+=(--collect-only)
-step pytest-cuda 25 $PY -m pytest "${PT[@]}" -m cuda tests          # rc 5: no test carries the marker yet
-step test-triton 55 $PY -m pytest "${PT[@]}" tests/test_triton.py
-step test-kernels-cuda 55 $PY -m pytest "${PT[@]}" tests/test_kernels.py tests/test_fuzz.py tests/test_grad.py -k "cuda or triton"
-step kernels 80 $PY benchmarks/kernels.py "${DEV[@]}" "${Q[@]}" --grids 128x128,13x30x52 --natten none --out "$OUT/kernels_cuda"
-step pipelines 60 $PY benchmarks/pipelines.py "${DEV[@]}" "${Q[@]}" --part speed --reps 3 --out "$OUT/pipelines_cuda"
+step pytest-cuda 20 $PY -m pytest "${PT[@]}" -m cuda tests          # rc 5: no test carries the marker yet
+step test-triton 50 $PY -m pytest "${PT[@]}" tests/test_triton.py
+step test-kernels-cuda 50 $PY -m pytest "${PT[@]}" tests/test_kernels.py tests/test_fuzz.py tests/test_grad.py -k "cuda or triton"
+step kernels 90 $PY benchmarks/kernels.py "${DEV[@]}" "${Q[@]}" --grids 128x128,13x30x52 --natten none --reps 10 --out "$OUT/kernels_cuda"
+step pipelines 70 $PY benchmarks/pipelines.py "${DEV[@]}" "${Q[@]}" --part speed --reps 3 --out "$OUT/pipelines_cuda"
 step llm 50 $PY benchmarks/llm.py "${DEV[@]}" "${Q[@]}" --part speed --out "$OUT/llm_cuda"
-step percall 80 $PY benchmarks/percall.py "${DEV[@]}" "${Q[@]}" --budget-s 60 --out "$OUT/percall_cuda"
-step curves 70 $PY benchmarks/curves.py "${DEV[@]}" "${Q[@]}" --budget-s 40 --out "$OUT/curves_cuda"
+step percall 75 $PY benchmarks/percall.py "${DEV[@]}" "${Q[@]}" "${PQ[@]}" --budget-s 55 --out "$OUT/percall_cuda"
+step curves 65 $PY benchmarks/curves.py "${DEV[@]}" "${Q[@]}" "${CQ[@]}" --budget-s 30 --out "$OUT/curves_cuda"
 
 $PY - "$OUT" "$GPU" "$SMOKE" <<'EOF'
 import json, sys, time

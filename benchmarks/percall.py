@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _speed as sp  # noqa: E402
-from common import machine, out_stem, table, write  # noqa: E402
+from common import bench_dtype, machine, out_stem, pick_device, table, write  # noqa: E402
 
 FAMILIES = {"smollm2": sp.LADDER_1D, "llama8b": sp.LADDER_1D, "flux": sp.LADDER_2D, "fixture": sp.LADDER_2D,
             "wan": sp.LADDER_3D}
@@ -36,29 +36,37 @@ def sizes(family: str, quick: bool) -> list:
     return [s for s in out if not quick or sp.case(family, s).S <= QUICK_TOKENS]
 
 
-def run_threads(a, threads: int, rate: float, deadline: float) -> tuple[list[dict], list[dict], list[str]]:
-    """Rows, per-call overhead and the sizes skipped (with why), at ``threads`` torch threads."""
+def run_threads(a, threads: int, rate: float, data: dict, save) -> None:
+    """Rows, per-call overhead and the sizes skipped (with why) at ``threads`` torch threads, added to
+    ``data``; ``save()`` after every size, so a run cut short by a timeout keeps what it measured."""
     torch.set_num_threads(threads)
-    dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
+    dtype = bench_dtype(a.device)
     rate_t = rate * (threads if a.device == "cpu" else 1)  # the cap scales with the cores in use
-    rows, skipped = [], []
-    over = [dict(threads=threads, **r) for r in sp.overhead(device=a.device, dtype=dtype)]
+    deadline = time.monotonic() + a.budget_s
+    data["overhead"] += [dict(threads=threads, **r) for r in sp.overhead(device=a.device, dtype=dtype)]
     for fam in a.families.split(","):
         for size in sizes(fam, a.quick):
             c = sp.case(fam, size)
             heads = sp.fit_heads(c, rate_t, a.max_call_s)
             if heads == 0 or time.monotonic() > deadline:
                 why = "time budget spent" if heads != 0 else f"stock call > {a.max_call_s} s even with one KV group"
-                skipped.append(f"{fam} {c.shape} ({c.S} tokens) at {threads} thread(s): {why}")
+                data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens) at {threads} thread(s): {why}")
                 continue
             qkv = sp.tensors(c, a.device, dtype, heads)
             for m in sp.methods_for(c):
-                r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
+                try:
+                    r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
+                except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
+                    data["skipped"].append(f"{fam} {c.shape} {sp.label(m)} at {threads} thread(s): {type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:200]}")
+                    torch.cuda.empty_cache() if a.device == "cuda" else None
+                    continue
                 r["threads"] = threads
-                rows.append(r)
+                data["rows"].append(r)
                 print(f"[{threads}t] {fam} {c.shape} H={r['heads']} {r['name']:<15} {r['kernel']:<12} "
                       f"{r['ratio']:.2f}x stock ({r['stock_ms']:.2f} ms){'  SLOW' if r['slow'] else ''}", flush=True)
-    return rows, over, skipped
+            qkv = None
+            save()
 
 
 def render(data: dict) -> tuple[str, str]:
@@ -72,7 +80,8 @@ def render(data: dict) -> tuple[str, str]:
         f"FLUX: joint, 512 text tokens first; fixture: 16 text tokens; Wan: video self-attention; diffusion sites at step "
         f"10 of 20, past any `dense_steps`) and the kernel chosen automatically (column *kernel*: what `kernels.select` "
         f"picked); stock = `F.scaled_dot_product_attention` on the same tensors (causal with GQA for the LLM rows). "
-        f"Interleaved over {a['reps']} repeats in one process after one untimed call that builds plans and caches "
+        f"Interleaved over {a['reps']} repeats in one process (order reversed every other repeat) after an untimed call "
+        f"that builds plans and caches and one warm-up pair "
         f"(column *reps*: up to {sp.MANY} for calls under {sp.TINY_S} s a pair, whose ratios are noisier; fewer, never "
         f"under 2, where a row would take over {ROW_S:.0f} s); *ratio* = patched / stock per repeat, median, with the min-max spread; > {sp.SLOW}x is flagged. "
         f"{a['dtype']} tensors, batch 1. Repeated calls reuse one Site, so a static plan's cache is warm, as on every "
@@ -113,29 +122,28 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=540.0, help="per thread count: larger sizes are skipped after this")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    a.device = pick_device(p, a.device)
     default_threads = "1" if a.quick or a.device == "cuda" else "1,2"
     threads = [int(t) for t in (a.threads or default_threads).split(",")]
     a.reps = a.reps or (5 if a.device == "cpu" else 10)
     a.max_call_s = (None if a.device == "cuda" else CPU_CALL_S) if a.max_call_s is None else (a.max_call_s or None)
     default = a.families == ",".join(FAMILIES) and a.threads in (None, default_threads)
-    partial = "--quick" if a.quick else None if default else "a partial"
-    name = "percall" if a.device == "cpu" else f"gpu/percall_{a.device}"
-    out = out_stem(name, a.out, partial)
-    rate = sp.sdpa_rate(a.device, torch.float32 if a.device == "cpu" else torch.bfloat16)
-    rows, over, skipped = [], [], []
-    for t in threads:
-        r, o, s = run_threads(a, t, rate / torch.get_num_threads() if a.device == "cpu" else rate,
-                              time.monotonic() + a.budget_s)
-        rows, over, skipped = rows + r, over + o, skipped + s
+    out = out_stem("percall" if a.device == "cpu" else f"gpu/percall_{a.device}", a.out,
+                   "--quick" if a.quick else None if default else "a partial")
+    per_thread = sp.sdpa_rate(a.device, bench_dtype(a.device)) / (torch.get_num_threads() if a.device == "cpu" else 1)
     args = dict(quick=a.quick, reps=a.reps, max_call_s=a.max_call_s, threads=threads, device=a.device,
-                dtype="float32" if a.device == "cpu" else "bfloat16")
-    data = dict(machine={**machine(), "torch_threads": ", ".join(map(str, threads))}, args=args, rows=rows, overhead=over, skipped=skipped)
-    intro, body = render(data)
-    write(out, "Per-call speed: patched vs stock attention", intro, body, data)
+                dtype=str(bench_dtype(a.device)).replace("torch.", ""))
+    data = dict(machine={**machine(), "torch_threads": ", ".join(map(str, threads))}, args=args, rows=[], overhead=[],
+                skipped=[])
+
+    def save():
+        intro, body = render(data)
+        write(out, "Per-call speed: patched vs stock attention", intro, body, data)
+
+    for t in threads:
+        run_threads(a, t, per_thread, data, save)
+    save()
+    rows = data["rows"]
     print(f"wrote {out}.md / .json: {sum(r['slow'] for r in rows)} of {len(rows)} rows above {sp.SLOW}x stock")
 
 
