@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.methods.observe import Observed  # noqa: E402
 from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402  (KV cache size of a cache)
-from common import machine, out_stem, table, timeit, write  # noqa: E402
+from attnpatch.tools.timing import _sync  # noqa: E402
+from common import bench_dtype, machine, out_stem, pick_device, table, timeit, write  # noqa: E402
 
 
 def smol_shaped(layers: int):
@@ -66,14 +67,14 @@ class _Density:
             self.values.append(1.0 if p is None or p.blocks is None else p.blocks.density() / ((S + 1) / (2 * S)))
 
 
-def speed(lengths, layers: int, quick: bool) -> list[dict]:
-    model = smol_shaped(layers)
+def speed(lengths, layers: int, quick: bool, device="cpu") -> list[dict]:
+    model = smol_shaped(layers).to(device, bench_dtype(device))
     rows = []
     for S in lengths:
-        ids = torch.randint(0, 49152, (1, S), generator=torch.Generator().manual_seed(S))
+        ids = torch.randint(0, 49152, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
         with torch.inference_mode():
             dense = timeit(lambda: model(ids, use_cache=False), reps=1)
-            q, k, v = torch.randn(1, 9, S, 64), torch.randn(1, 9, S, 64), torch.randn(1, 9, S, 64)
+            q, k, v = (torch.randn(1, 9, S, 64, device=device, dtype=bench_dtype(device)) for _ in range(3))
             attn = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), reps=1) * layers
             share = min(attn / dense, 1.0)
             print(f"prefill {S}: dense {dense:.2f} s, attention share {share:.3f}", flush=True)
@@ -92,10 +93,10 @@ def speed(lengths, layers: int, quick: bool) -> list[dict]:
     return rows
 
 
-def decode(prompt: int, new: int, layers: int) -> list[dict]:
+def decode(prompt: int, new: int, layers: int, device="cpu") -> list[dict]:
     """Tokens/s of greedy decoding after a prompt, and the KV cache size at the end."""
-    model = smol_shaped(layers)
-    ids = torch.randint(0, 49152, (1, prompt), generator=torch.Generator().manual_seed(1))
+    model = smol_shaped(layers).to(device, bench_dtype(device))
+    ids = torch.randint(0, 49152, (1, prompt), generator=torch.Generator().manual_seed(1)).to(device)
     rows = []
     for name, m in (("dense", None), ("SinkWindow(sink=4, window=1024)", ap.SinkWindow(sink=4, window=1024)),
                     ("SinkWindow(sink=4, window=1024, evict=True)", ap.SinkWindow(sink=4, window=1024, evict=True))):
@@ -106,11 +107,10 @@ def decode(prompt: int, new: int, layers: int) -> list[dict]:
             def gen(n):
                 return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True)
 
-            t = time.perf_counter()
-            gen(1)  # prefill and one token
-            t1 = time.perf_counter() - t
+            t1 = timeit(lambda: gen(1), reps=1, warmup=0)  # prefill and one token (timeit syncs a GPU)
             t = time.perf_counter()
             out = gen(new)
+            _sync()
             dt = time.perf_counter() - t - t1  # the new - 1 decode steps
             cache = out.past_key_values
         finally:
@@ -294,9 +294,12 @@ def main(argv=None):
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--tau", type=float, default=0.8, help="Temperature(tau) of the generate timing")
     p.add_argument("--reps", type=int, default=7, help="repetitions of the generate timing")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="speed part only (bf16 on a GPU; writes benchmarks/results/gpu/llm_cuda); quality runs on the CPU")
     p.add_argument("--out", default=None, help="output stem; default benchmarks/results/llm, under the temp folder for --quick")
     a = p.parse_args(argv)
-    out = out_stem("llm", a.out, "--quick" if a.quick else None)
+    a.device = pick_device(p, a.device)
+    out = out_stem("llm" if a.device == "cpu" else f"gpu/llm_{a.device}", a.out, "--quick" if a.quick else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     # a partial run keeps the other parts' rows, the machine they were measured on and the hand-written notes
@@ -304,8 +307,8 @@ def main(argv=None):
             **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration", "temperature_generate")},
             "temperature_machine": old.get("temperature_machine"), "notes": old.get("notes", "")}
     if a.part in ("speed", "all"):
-        data["speed"] = speed([1024, 2048] if a.quick else [8192, 16384, 32768], 1 if a.quick else a.layers, a.quick)
-        data["decode"] = decode(512 if a.quick else 4096, 8 if a.quick else 64, 1 if a.quick else a.layers)
+        data["speed"] = speed([1024, 2048] if a.quick else [8192, 16384, 32768], 1 if a.quick else a.layers, a.quick, a.device)
+        data["decode"] = decode(512 if a.quick else 4096, 8 if a.quick else 64, 1 if a.quick else a.layers, a.device)
     if a.part in ("quality", "all"):
         from attnpatch.models import smollm2
 

@@ -30,7 +30,7 @@ import attnpatch as ap  # noqa: E402
 from attnpatch.methods.observe import Observed  # noqa: E402
 from attnpatch.methods.probe import Recall  # noqa: E402
 from attnpatch.tools.quality import psnr, ssim  # noqa: E402
-from common import machine, out_stem, table, timeit, write  # noqa: E402
+from common import bench_dtype, machine, out_stem, pick_device, table, timeit, to_device, write  # noqa: E402
 
 NA, STA, RAD, TOPK = ap.Neighborhood, ap.SlidingTile, ap.Radial, ap.TopKBlocks
 DENSE_STEPS = ap.methods.schedule.DENSE_STEPS
@@ -85,7 +85,7 @@ def wan_inputs(model, latent, text=512):
                 encoder_hidden_states=torch.randn(1, text, model.config.text_dim), return_dict=False)
 
 
-def _attention_seconds(model, kind, latent, text, reps) -> tuple[float, int]:
+def _attention_seconds(model, kind, latent, text, reps, device="cpu", dtype=torch.float32) -> tuple[float, int]:
     """Dense SDPA time of the sparsifiable calls of one forward (joint / self attention), and
     their token count, measured on the same shapes."""
     cfg = model.config
@@ -94,7 +94,7 @@ def _attention_seconds(model, kind, latent, text, reps) -> tuple[float, int]:
         S, calls = latent[0] // 2 * latent[1] // 2 + text, cfg.num_layers + cfg.num_single_layers
     else:
         S, calls = latent[0] * latent[1] // 2 * latent[2] // 2, cfg.num_layers
-    q, k, v = (torch.randn(1, H, S, D) for _ in range(3))
+    q, k, v = (torch.randn(1, H, S, D, device=device, dtype=dtype) for _ in range(3))
     t = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps=reps)
     return t * calls, S
 
@@ -110,15 +110,16 @@ class _Density:
             self.densities += [1.0 if p is None or p.blocks is None else p.blocks.density() for _, p in groups]
 
 
-def speed(configs: dict, quick: bool, reps: int) -> list[dict]:
-    rows = []
+def speed(configs: dict, quick: bool, reps: int, device="cpu") -> list[dict]:
+    rows, dtype = [], bench_dtype(device)
     for name, (kind, latent, blocks, methods) in configs.items():
         torch.manual_seed(0)
         model = (flux_model if kind == "flux" else wan_model)(blocks, quick).eval()
         inputs = (flux_inputs if kind == "flux" else wan_inputs)(model, latent, 16 if quick else 512)
+        model, inputs = model.to(device, dtype), to_device(inputs, device, dtype)
         with torch.inference_mode():
             dense = timeit(lambda: model(**inputs), reps=reps)
-            attn, S = _attention_seconds(model, kind, latent, 16 if quick else 512, reps)
+            attn, S = _attention_seconds(model, kind, latent, 16 if quick else 512, reps, device, dtype)
             share = min(attn / dense, 1.0)
             print(f"{name}: {S} tokens, dense forward {dense:.2f} s, attention share {share:.3f}", flush=True)
             for m in methods:
@@ -137,13 +138,13 @@ def speed(configs: dict, quick: bool, reps: int) -> list[dict]:
     return rows
 
 
-def estimator_cost(quick: bool) -> dict:
+def estimator_cost(quick: bool, device="cpu") -> dict:
     """TopKBlocks' block-score estimation vs dense SDPA at 16K tokens (FLUX-like: 24 heads x 128)."""
     from attnpatch import Site
 
     grid, H = ((32, 32), 2) if quick else ((128, 128), 24)
     S = grid[0] * grid[1]
-    q, k, v = (torch.randn(1, H, S, 128) for _ in range(3))
+    q, k, v = (torch.randn(1, H, S, 128, device=device, dtype=bench_dtype(device)) for _ in range(3))
     m, site = TOPK(keep=0.125, block=16), Site(grid=grid)
     lay = m._layouts.get(site, S, q.device)
     est = timeit(lambda: m.select(m.estimate(q, k, site, lay), lay["forced"]), reps=3)
@@ -302,18 +303,21 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--models", default="flux,wan", help="quality part: which trained fixtures (others' rows are kept)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test (written under the temp folder)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="speed part only (bf16 on a GPU; writes benchmarks/results/gpu/pipelines_cuda); quality runs on the CPU")
     p.add_argument("--out", default=None, help="output stem; default benchmarks/results/pipelines, under the temp folder for --quick")
     a = p.parse_args(argv)
-    out = out_stem("pipelines", a.out, "--quick" if a.quick else None)
+    a.device = pick_device(p, a.device)
+    out = out_stem("pipelines" if a.device == "cpu" else f"gpu/pipelines_{a.device}", a.out, "--quick" if a.quick else None)
     pics = out.parent / out.name
     pics.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     data = {"machine": machine(), "speed": old.get("speed", []), "quality": old.get("quality", []), "estimator": old.get("estimator")}
     if a.part in ("speed", "all"):
         configs = QUICK if a.quick else {k: v for k, v in SPEED.items() if a.configs is None or k in a.configs.split(",")}
-        new = speed(configs, a.quick, a.reps)
+        new = speed(configs, a.quick, a.reps, a.device)
         data["speed"] = [r for r in data["speed"] if r["config"] not in configs] + new
-        data["estimator"] = estimator_cost(a.quick)
+        data["estimator"] = estimator_cost(a.quick, a.device)
     if a.part in ("quality", "all"):
         chosen = a.models.split(",")
         new = quality(pics, {k: v for k, v in QUALITY.items() if k in chosen})
