@@ -195,14 +195,16 @@ def measure(c: Case, method: ap.Method, reps: int, device="cpu", dtype=torch.flo
     q, k, v = tensors_ or tensors(c, device, dtype, heads)
     site, stock = c.site(), stock_fn(c, q, k, v)
     method.reset()
+    fns = {"stock": stock, "patched": lambda: core.run(q, k, v, method, site)}
     with recording() as seen:  # the first call builds plans and chooses kernels: not counted
-        first = interleaved({"stock": stock, "patched": lambda: core.run(q, k, v, method, site)}, 1, 0)
+        fns["patched"]()
     names = sorted(set(seen))
-    pair = first["stock"][0] + first["patched"][0]
+    warm = interleaved(fns, 1, 0)  # one warm pair: what a repeat costs
+    pair = warm["stock"][0] + warm["patched"][0]
     reps = max(reps, min(MANY, int(TINY_S / pair)))  # tiny calls: more repeats, their ratios are noisier
     if row_s is not None:
         reps = max(2, min(reps, int(row_s / pair)))
-    t = interleaved({"stock": stock, "patched": lambda: core.run(q, k, v, method, site)}, reps, 1)
+    t = interleaved(fns, reps, 0)
     ratios = [p / s for p, s in zip(t["patched"], t["stock"])]
     r = statistics.median(ratios)
     return dict(family=c.family, dims=c.dims, shape=c.shape, tokens=c.S, heads=q.shape[1], head_dim=c.D,

@@ -83,7 +83,8 @@ def render(data: dict) -> tuple[str, str]:
         f"Interleaved over {a['reps']} repeats in one process (order reversed every other repeat) after an untimed call "
         f"that builds plans and caches and one warm-up pair "
         f"(column *reps*: up to {sp.MANY} for calls under {sp.TINY_S} s a pair, whose ratios are noisier; fewer, never "
-        f"under 2, where a row would take over {ROW_S:.0f} s); *ratio* = patched / stock per repeat, median, with the min-max spread; > {sp.SLOW}x is flagged. "
+        f"under 2, where a row would take over {ROW_S:.0f} s); *ratio* = patched / stock per repeat, median, with the "
+        f"min-max spread; > {sp.SLOW}x is flagged. "
         f"{a['dtype']} tensors, batch 1. Repeated calls reuse one Site, so a static plan's cache is warm, as on every "
         f"step after the first of a pipeline call.\n\n"
         f"**{len(slow)} of {len(rows)} rows above {sp.SLOW}x stock.**")
@@ -98,12 +99,27 @@ def render(data: dict) -> tuple[str, str]:
     body = "## Per-call overhead (Dense through attnpatch minus stock SDPA)\n\n" + table(over, [
         ("threads", "threads"), ("call", "call (H=9, D=64)"), ("stock_us", "stock us"), ("patched_us", "patched us"),
         ("overhead_us", "overhead us (median)"), ("overhead_p10_us", "p10"), ("overhead_p90_us", "p90")])
+    body += "\n\n## By method\n\n" + table(by_method(rows), [
+        ("method", "method"), ("rows", "rows"), ("slow", f"> {sp.SLOW}x"), ("worst", "worst ratio"), ("worst_at", "at"),
+        ("best", "best ratio"), ("best_at", "at"), ("kernels", "kernels")])
     body += f"\n\n## Rows above {sp.SLOW}x stock\n\n" + (table(slow, COLS) if slow else "none")
     body += "\n\n## All rows\n\n" + table(rows, COLS)
     if data["skipped"]:
         body += ("\n\n## Skipped sizes\n\nOver the size cap, or after the run's time budget (`--budget-s` per thread "
                  "count, so a full CPU run stays under 20 minutes) was spent:\n\n" + "\n".join(f"- {s}" for s in data["skipped"]))
     return intro, body
+
+
+def by_method(rows: list[dict]) -> list[dict]:
+    """Per method: rows, rows flagged, worst and best median ratio (where), kernels seen."""
+    out = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        rs = [r for r in rows if r["name"] == name]
+        worst, best = max(rs, key=lambda r: r["ratio"]), min(rs, key=lambda r: r["ratio"])
+        where = lambda r: f"{r['family']} {r['shape']} {r['threads']}t"  # noqa: E731
+        out.append(dict(method=name, rows=len(rs), slow=sum(r["slow"] for r in rs), worst=worst["ratio"], worst_at=where(worst),
+                        best=best["ratio"], best_at=where(best), kernels=", ".join(sorted({r["kernel"] for r in rs}))))
+    return out
 
 
 COLS = [("threads", "thr"), ("family", "family"), ("dims", "grid"), ("shape", "shape"), ("tokens", "tokens"),
