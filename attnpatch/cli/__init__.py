@@ -53,7 +53,8 @@ def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
     else:
         keys = ("method", "set", "methods", "grid", "prompt", "seed", "steps", "height", "width", "frames",
                 "max_new_tokens", "dtype", "device", "compare")
-        digest = hashlib.sha1(json.dumps([getattr(args, k, None) for k in keys]).encode()).hexdigest()[:6]
+        extra = [[k, getattr(args, k)] for k in ("caches", "combine") if getattr(args, k, None)]  # only when set: old digests stay
+        digest = hashlib.sha1(json.dumps([getattr(args, k, None) for k in keys] + extra).encode()).hexdigest()[:6]
         path = Path(root) / f"{_slug(name)}_{_slug('+'.join(what))[:40]}_{digest}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not args.force:
         why = "" if args.out else " (a run with the same settings)"
@@ -62,13 +63,15 @@ def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
     return path
 
 
-def _prepare(args, methods: list) -> str:
+def _prepare(args, methods: list, caches: bool = False) -> str:
     """Everything about the model that can be checked without loading it: --device, --model,
-    and methods that cannot run on it. Returns the model's name for the output folder."""
+    and methods (or diffusers caches) that cannot run on it. Returns the model's name for the output folder."""
     from . import runner
 
     runner.check_device(args.device)
     src = runner.resolve(args.model)
+    if src.is_pipe is False and caches:
+        raise runner.UsageError(f"diffusers' caches run on diffusion pipelines; {args.model} is a language model")
     visual = sorted({type(m).__name__ for m in methods if not m.llm})
     if src.is_pipe is False and visual:
         from ..patchers.transformers import LLM_METHODS
@@ -84,67 +87,59 @@ def _slug(text: str) -> str:
 
 def _generate(args) -> int:
     from .. import api
-    from . import compare, report, runner
+    from . import compare, runner
 
     method = runner.parse_method(args.method, args.set)
     out = _out_dir(args, "attnpatch-out", _prepare(args, [method]), [type(method).__name__])
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
     kw = compare.run_kw(args)
-    stock = None
-    if args.compare:
-        compare.warm(loaded, prompts, args.seed, kw)
-        stock, t_stock = runner.run(loaded, prompts, args.seed, **kw)
     try:
-        handle = api.patch(loaded.obj, method)
+        api.patch(loaded.obj, method).remove()
     except (TypeError, ValueError) as e:  # what only the loaded model tells: a family or method it cannot take
         raise runner.UsageError(f"cannot patch {args.model} with {method}: {str(e).splitlines()[0]}") from None
-    with handle:
-        result, t = runner.run(loaded, prompts, args.seed, **kw)
-        compare.summary(handle)
-    compare.save(loaded, result, prompts, out / "patched", args)
-    print(f"{method}: {t:.2f} s for {len(prompts)} prompt(s)")
-    if stock is not None:
-        compare.save(loaded, stock, prompts, out / "stock", args)
-        q = report.quality_of(loaded.kind, result, stock)
-        qs = ", ".join(f"{k.upper() if k != 'agreement' else 'token agreement'} {v:.3f}" for k, v in q.items())
-        print(f"stock attention: {t_stock:.2f} s; speedup {t_stock / t:.2f}x; vs stock: {qs}")
+    if not args.compare:
+        with api.patch(loaded.obj, method) as handle:
+            result, t = runner.run(loaded, prompts, args.seed, **kw)
+            compare.summary(handle)
+        compare.save(loaded, result, prompts, out / "patched", args)
+        print(f"{method}: {t:.2f} s for {len(prompts)} prompt(s)")
+    elif not compare.against_stock(loaded, method, prompts, args, out):
+        return EXIT_FAIL
     print(f"outputs in {out}")
     return EXIT_OK
 
 
 def _compare(args) -> int:
-    from tqdm.auto import tqdm
-
     from . import compare, report, runner
 
-    methods = compare.expand(args.methods, args.grid)
-    out = _out_dir(args, "attnpatch-report", _prepare(args, methods), list(dict.fromkeys(type(m).__name__ for m in methods)))
+    sets = compare.settings(args.methods, args.grid, args.caches, args.combine)
+    methods = [s.method for s in sets if s.method is not None]
+    what = list(dict.fromkeys(type(s.method).__name__ if s.method is not None else s.cache.name for s in sets))
+    out = _out_dir(args, "attnpatch-report", _prepare(args, methods, caches=any(s.cache for s in sets)), what)
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
     (out / "masks").mkdir(exist_ok=True)
-    compare.warm(loaded, prompts, args.seed, compare.run_kw(args))
-    ref, t_ref = runner.run(loaded, prompts, args.seed, **compare.run_kw(args))
-    compare.save(loaded, ref, prompts, out / "stock", args)
-    rows = [dict(setting="stock attention", seconds=t_ref, speedup=1.0, density=1.0, recall=1.0, **report.quality_of(loaded.kind, ref, ref))]
-    shown, images, status = [("stock attention", ref)], {}, "complete"
-    try:
-        for i, m in enumerate(tqdm(methods, desc="settings", disable=args.quiet)):
-            row, result = compare.setting(loaded, m, i, prompts, args, out, ref, t_ref, images)
-            rows.append(row)
-            if result is not None:
-                shown.append((row["setting"], result))
-    except KeyboardInterrupt:
-        status = f"interrupted after {len(rows) - 1} of {len(methods)} settings"
-        print(status, file=sys.stderr)
-    if loaded.kind == "diffusion":
+    rows, shown, images, status = compare.run_all(loaded, sets, prompts, args, out)
+    quality = "psnr" if loaded.kind == "diffusion" else "agreement"
+    if loaded.kind == "diffusion" and shown:
         report.grid(shown, out / "grid.png")
         images = {"outputs (rows: settings)": "grid.png", **images}
-    report.scatter(rows, "psnr" if loaded.kind == "diffusion" else "agreement", out / "scatter.png")
+    report.scatter(rows, quality, out / "scatter.png")
     images = {"speed vs quality": "scatter.png", **images}
+    statement = report.statement(rows, quality) if rows else ""
+    for r in rows:
+        if "error" not in r:
+            sp = f" ({report.spread(r)}x over {r['repeats']} repeats)" if report.spread(r) else ""
+            print(f"{r['setting']}: {r['seconds']:.2f} s, speedup {r['speedup']:.2f}x{sp}, {quality} {r[quality]:.3f}")
+    print(statement)
     note = (f"{len(prompts)} prompt(s), seed {args.seed}, device {args.device}, {args.dtype}; times are whole generations "
-            f"measured in this process after a warm-up; quality vs stock attention with the same seed; {status}.")
-    report.write(out, dict(model=args.model, prompts=prompts, status=status, note=note), rows, loaded.kind, images)
+            f"measured in this process after a warm-up, stock and every setting in turn within each of {args.repeats} "
+            "repeat(s) (order rotating); speedup = stock's time / the setting's in the same repeat, median and min-max "
+            f"over the repeats; quality vs stock attention with the same seed (the first repeat's outputs); {status}.")
+    meta = dict(model=args.model, prompts=prompts, status=status, note=note, statement=statement,
+                frontier=[r["setting"] for r in report.frontier(rows, quality)])
+    report.write(out, meta, rows, loaded.kind, images)
     print(f"report: {out / 'report.md'} (open {out / 'index.html'})")
     return EXIT_OK if status == "complete" else EXIT_FAIL
 
@@ -203,10 +198,18 @@ def main(argv=None) -> int:
     gen.add_argument("--method", required=True, help="e.g. SlidingTile or 'SlidingTile(tile=4, window=(1, 3))'")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (repeatable)")
     gen.add_argument("--compare", action="store_true", help="also run stock attention: time, speedup, quality")
+    gen.add_argument("--repeats", type=_positive, default=3, help="with --compare: timed runs of stock and the method, "
+                                                                   "interleaved (speedup: median and min-max of the ratios)")
     gen.set_defaults(func=_generate)
     cmp_ = sub.add_parser("compare", help="stock vs several method settings: a report folder with index.html")
     _common(cmp_, "report")
-    cmp_.add_argument("--methods", required=True, help="comma-separated, e.g. 'Neighborhood(window=7, tile=4),TopKBlocks'")
+    cmp_.add_argument("--methods", default="", help="comma-separated, e.g. 'Neighborhood(window=7, tile=4),TopKBlocks'; "
+                                                      "'Method(...)+Cache(...)' runs a method and a diffusers cache together")
+    cmp_.add_argument("--caches", default="", help="diffusers caches as settings, e.g. 'FirstBlockCache(threshold=0.2),"
+                                                     "TaylorSeerCache,MagCache(threshold=0.06)'")
+    cmp_.add_argument("--combine", action="store_true", help="also run every method with every cache")
+    cmp_.add_argument("--repeats", type=_positive, default=3, help="timed runs of stock and every setting, interleaved "
+                                                                    "(speedup: median and min-max of the per-repeat ratios)")
     cmp_.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="expand every method with KEY over values")
     cmp_.set_defaults(func=_compare)
     bench = sub.add_parser("bench", help="run a benchmark script (source checkout)")

@@ -80,22 +80,30 @@ def mask_picture(plan, site: Site, S: int, path: Path, size: int = 256) -> None:
 
 
 def scatter(rows: list[dict], quality: str, path: Path) -> None:
-    """Speed vs quality, one marker per setting, named in a legend below the axes (labels at the
-    points overlapped where settings land close together, and ran off the figure's edge)."""
+    """Speed vs quality, one marker per setting (shape by kind: stock, cache, method, both; the
+    speedup's min-max over the repeats as a bar), the frontier as a dashed line, named in a
+    legend below the axes (labels at the points overlapped where settings land close together)."""
     require("matplotlib", what="the compare report's speed-quality plot")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(r["setting"], r["speedup"], min(r[quality], 60.0) if quality == "psnr" else r[quality]) for r in rows
-           if r.get(quality) is not None and r.get("speedup") is not None]
+    cap = (lambda v: min(v, 60.0)) if quality == "psnr" else (lambda v: v)
+    rows = [r for r in rows if r.get(quality) is not None and r.get("speedup") is not None]
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    colors, markers = plt.get_cmap("tab10").colors, "osD^vP*X<>"
-    for i, (label, x, q) in enumerate(pts):
-        ax.scatter(x, q, color=colors[i % 10], marker=markers[i // 10 % len(markers)], s=36,
-                   label=textwrap.fill(label, 88, subsequent_indent="    "))
-    ax.set_xlabel("speedup vs stock attention (same run)")
+    colors, markers = plt.get_cmap("tab10").colors, {"stock": "*", "cache": "s", "method": "o", "method + cache": "D"}
+    for i, r in enumerate(rows):
+        x, err = r["speedup"], [[r["speedup"] - r.get("speedup_min", r["speedup"])], [r.get("speedup_max", r["speedup"]) - r["speedup"]]]
+        ax.errorbar(x, cap(r[quality]), xerr=err if r.get("repeats", 1) > 1 else None, color=colors[i % 10],
+                    marker=markers.get(r.get("kind"), "o"), ms=6, lw=0.8, capsize=2,
+                    label=textwrap.fill(f"{r['setting']} [{r.get('kind', '?')}]", 88, subsequent_indent="    "))
+    front = frontier(rows, quality)
+    if len(front) > 1:
+        ax.plot([r["speedup"] for r in front], [cap(r[quality]) for r in front], color="grey", ls="--", lw=1, zorder=0,
+                label="frontier (no other setting both faster and closer to stock)")
+    pts = rows
+    ax.set_xlabel("speedup vs stock attention (median of repeats; bars: min-max)")
     ax.set_ylabel({"psnr": "PSNR vs stock (dB, capped at 60)", "agreement": "token agreement with stock"}[quality])
     ax.axvline(1.0, color="grey", lw=0.8)
     fig.tight_layout()
@@ -118,38 +126,114 @@ def _legend_below(fig, ax) -> None:
         a.set_position([box.x0, (extra + box.y0 * h) / (h + extra), box.width, box.height * h / (h + extra)])
 
 
-def quality_of(kind: str, out, ref) -> dict:
+def quality_of(kind: str, out, ref, judge=None) -> dict:
+    """Quality vs stock's output of the same seed: PSNR and SSIM (images, videos) or token
+    agreement (LLMs); with ``judge`` (the fixtures' pixel judge) also the fraction judged right."""
     if kind == "diffusion":
-        return dict(psnr=psnr(out, ref), ssim=ssim(out.flatten(0, -4), ref.flatten(0, -4)))
+        q = dict(psnr=psnr(out, ref), ssim=ssim(out.flatten(0, -4), ref.flatten(0, -4)))
+        if judge is not None:
+            q["judged"] = judge(out)
+        return q
     from .runner import token_agreement
 
     return dict(agreement=token_agreement(out, ref))
 
 
+def judge_for(model: str, prompts: list[str]):
+    """The builtin fixtures' pixel judge as ``outputs -> fraction of caption attributes read back
+    right`` (only those each caption names), or None for other models / captions it cannot read."""
+    if model not in ("flux-shapes", "wan-shapes"):
+        return None
+    from ..models import shapes
+
+    wants = [{k: v for k, v in shapes._parse(p).items() if v is not None} for p in prompts]
+    if not all(wants):
+        return None
+    fn = shapes.judge if model == "flux-shapes" else shapes.judge_clip
+
+    def judge(out) -> float:
+        scores = [[v for k, v in fn(o.float().clamp(0, 1), p).items() if k in w] for o, p, w in zip(out, prompts, wants)]
+        return sum(sum(s) / len(s) for s in scores if s) / len(scores)
+
+    return judge
+
+
+def _beats(a: dict, b: dict, q: str) -> bool:
+    """``a`` at least as fast and at least as good as ``b``, and strictly better in one of them."""
+    return (a["speedup"] >= b["speedup"] and a[q] >= b[q]) and (a["speedup"] > b["speedup"] or a[q] > b[q])
+
+
+def frontier(rows: list[dict], q: str = "psnr") -> list[dict]:
+    """The speed-quality (Pareto) frontier: rows no other row beats, slowest first."""
+    pts = [r for r in rows if r.get("speedup") is not None and r.get(q) is not None]
+    return sorted((r for r in pts if not any(_beats(o, r, q) for o in pts)), key=lambda r: r["speedup"])
+
+
+def _at(r: dict, q: str) -> str:
+    v = r[q]
+    qual = ("identical to stock" if math.isinf(v) else f"{v:.1f} dB") if q == "psnr" else f"{q} {v:.3f}"
+    spread = f", {r['speedup_min']:.2f}-{r['speedup_max']:.2f}x over {r['repeats']} repeats" if r.get("repeats", 1) > 1 else ""
+    return f"{r['setting']} ({r['speedup']:.2f}x{spread}; {qual})"
+
+
+def statement(rows: list[dict], q: str = "psnr") -> str:
+    """In words, from the numbers: which settings are on the frontier, and whether a method or a
+    method + cache beats the best caches alone (faster at equal-or-better quality, or better
+    quality at equal-or-better speed); true whichever way it comes out."""
+    front = frontier(rows, q)
+    what = "PSNR vs stock" if q == "psnr" else q
+    text = [f"On the frontier of speedup vs {what} (no other setting is both at least as fast and at least as close to stock): "
+            + "; ".join(_at(r, q) for r in front) + "."]
+    pts = [r for r in rows if r.get("speedup") is not None and r.get(q) is not None]
+    ours = [r for r in pts if r.get("kind") in ("method", "method + cache")]
+    best = frontier([r for r in pts if r.get("kind") == "cache"], q)
+    if not best:
+        faster = [r["setting"] for r in ours if r["speedup"] > 1]
+        text.append("No diffusers cache was compared. " + (f"Faster than stock: {', '.join(faster)}." if faster
+                                                             else "No method setting was faster than stock."))
+        return " ".join(text)
+    text.append("Best caches alone (no other cache beats them): " + "; ".join(_at(c, q) for c in best) + ".")
+    ahead = [(o, c) for c in best for o in ours if _beats(o, c, q)]
+    if not ours:
+        text.append("No method was compared.")
+    elif not ahead:
+        text.append("No method or method + cache is ahead of them: each is slower at equal-or-better "
+                    f"{what} or lower in {what} at equal-or-better speed, or both.")
+    for o, c in ahead:
+        noisy = o["speedup"] > c["speedup"] and o.get("speedup_min", o["speedup"]) <= c.get("speedup_max", c["speedup"])
+        text.append(f"Ahead of {c['setting']}: {_at(o, q)}" + (" (its speed lead is within the spread of the repeats)"
+                                                               if noisy else "") + ".")
+    return " ".join(text)
+
+
 def write(folder: Path, meta: dict, rows: list[dict], kind: str, images: dict) -> None:
     """report.json, report.md and index.html in ``folder`` (pictures already there)."""
     (folder / "report.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-    cols = ["setting", "seconds", "speedup", "density", "recall"] + (["psnr", "ssim"] if kind == "diffusion" else ["agreement"])
+    cols = ["setting", "kind", "seconds", "speedup", "spread", "density", "recall"] + (
+        ["psnr", "ssim"] + (["judged"] if any("judged" in r for r in rows) else []) if kind == "diffusion" else ["agreement"])
+    rows_shown = [dict(r, spread=spread(r)) for r in rows]
 
     def fmt(v):
         if isinstance(v, float):
             return "inf" if math.isinf(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
         return "-" if v is None else str(v)
 
-    md = [f"# attnpatch compare: {meta['model']}", "", f"{meta['note']}", "",
+    md = [f"# attnpatch compare: {meta['model']}", "", meta.get("statement", ""), "", f"{meta['note']}", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows_shown]
+    md += [""] + [f"- {r['setting']}: failed: {r['error']}" for r in rows if "error" in r]
     md += [""] + [f"![{k}]({v})" for k, v in images.items()]
     (folder / "report.md").write_text("\n".join(md) + "\n")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows_shown)
     imgs = "".join(f"<figure><img src='{html.escape(v)}' alt='{html.escape(k)}'><figcaption>{html.escape(k)}</figcaption></figure>"
                    for k, v in images.items())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>attnpatch compare: {html.escape(meta['model'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px}}
 figure{{display:inline-block;margin:1em;vertical-align:top}} img{{max-width:900px;image-rendering:pixelated}}</style></head>
-<body><h1>attnpatch compare: {html.escape(meta['model'])}</h1><p>{html.escape(meta['note'])}</p>
+<body><h1>attnpatch compare: {html.escape(meta['model'])}</h1><p>{html.escape(meta.get('statement', ''))}</p>
+<p>{html.escape(meta['note'])}</p>
 <table><tr>{head}</tr>{body}</table>{imgs}
 <script>
 window.addEventListener('load', () => {{
@@ -160,3 +244,8 @@ window.addEventListener('load', () => {{
 </script></body></html>
 """
     (folder / "index.html").write_text(page)
+
+
+def spread(r: dict) -> str | None:
+    """The speedup's min-max over the repeats, or None with one repeat (no spread claimed)."""
+    return f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}" if r.get("repeats", 1) > 1 else None
