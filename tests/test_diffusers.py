@@ -208,3 +208,73 @@ def test_sparse_methods_inside_every_family(case):
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(wide, stock, atol=1e-5, rtol=1e-5)
     assert (fast - stock).abs().max() > 1e-4
+
+
+def _registry_state(model):
+    return "forward" in model.__dict__, getattr(model, "_diffusers_hook", None)
+
+
+@pytest.mark.parametrize("order", ["unpatch_first", "disable_first"])
+def test_first_block_cache_composes_with_a_patch(order):
+    """attnpatch's hook sits in the transformer's HookRegistry beside diffusers' FirstBlockCache:
+    Dense under the cache gives the cache's own output (the cache really skips blocks here), the
+    cache's skipped blocks make no attention calls, and disabling / unpatching in either order
+    leaves the other working and finally the stock pipeline."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = flux_pipeline()
+    model = pipe.transformer
+    plain = flux_call(pipe)
+    before = _registry_state(model)
+    model.enable_cache(FirstBlockCacheConfig(threshold=1e9))  # every step after the first reuses the cache
+    cached = flux_call(pipe)
+    assert (cached - plain).abs().max() > 1e-4
+    with ap.patch(pipe, ap.Dense()) as h:
+        assert model._diffusers_hook.get_hook("attnpatch") is not None  # in diffusers' registry, beside the cache's hooks
+        torch.testing.assert_close(flux_call(pipe), cached, atol=1e-5, rtol=1e-5)
+    assert h.stats()["routed"] == 2 + 1 + 1  # step 0: both blocks; steps 1, 2: the first only (the rest is cached)
+    assert torch.equal(flux_call(pipe), cached)
+    model.disable_cache()
+    h = ap.patch(pipe, ap.Dense())
+    model.enable_cache(FirstBlockCacheConfig(threshold=1e9))  # the cache's hooks on top of a patched model
+    torch.testing.assert_close(flux_call(pipe), cached, atol=1e-5, rtol=1e-5)
+    if order == "unpatch_first":
+        ap.unpatch(pipe)
+        assert torch.equal(flux_call(pipe), cached)  # the cache still works without attnpatch
+        model.disable_cache()
+    else:
+        model.disable_cache()
+        torch.testing.assert_close(flux_call(pipe), plain, atol=1e-5, rtol=1e-5)  # attnpatch still works without it
+        ap.unpatch(pipe)
+    assert torch.equal(flux_call(pipe), plain)
+    assert "forward" not in model.__dict__ and not model._diffusers_hook.hooks and before[0] is False
+
+
+@torch.no_grad()
+def test_unpatch_under_a_later_new_forward_hook_keeps_that_hook():
+    """A hook registered after attnpatch's with its own ``new_forward`` (as FasterCache's denoiser
+    hook) keeps running after unpatch (diffusers' remove_hook alone would bypass it), and the
+    model under it is stock again: no guidance rows any more."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Count(ModelHook):
+        calls = 0
+
+        def new_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    c = CASES["flux"]
+    model, inputs = c.build().eval(), c.inputs()
+    stock = model(**inputs)[0]
+    h = ap.patch(model, ap.PAG(scale=2.0, layers=[0]))
+    guided = model(**inputs)[0]
+    count = Count()
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(count, "count")
+    assert torch.equal(model(**inputs)[0], guided) and count.calls == 1
+    h.remove()
+    assert (guided - stock).abs().max() > 1e-4
+    assert torch.equal(model(**inputs)[0], stock) and count.calls == 2
+    model._diffusers_hook.remove_hook("count")
+    assert torch.equal(model(**inputs)[0], stock) and count.calls == 2
+    assert "forward" not in model.__dict__ or model.forward.__func__ is type(model).forward

@@ -245,3 +245,25 @@ def test_headhunter_greedy_choice_and_profile(tmp_path, one_thread):
         assert load_heads(tmp_path / "heads.safetensors") == result["heads"]
     else:
         assert result["heads"] == {}
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_guidance_reads_the_cfg_scale_of_separate_cfg_pipelines(family, one_thread):
+    """Flux's true CFG scale is a call argument, Wan's a pipeline attribute. In one Euler step the
+    output is linear in the noise prediction u + g (c' - u), with c' = c + (s / g)(c - p): PAG's
+    change of the output, s (c - p) dt, does not depend on g. With a wrong g (e.g. 1) it would
+    grow with g."""
+    from attnpatch.models.tiny import PIPES, run
+
+    pipe, kw = PIPES[family]()
+    if family == "flux":
+        kw = dict(kw, negative_prompt_embeds=kw["prompt_embeds"].flip(1), negative_pooled_prompt_embeds=-kw["pooled_prompt_embeds"])
+    deltas = []
+    for g in (2.0, 5.0):
+        kw_g = dict(kw, **({"true_cfg_scale": g} if family == "flux" else {"guidance_scale": g}))
+        stock = run(pipe, kw_g, steps=1, output_type="latent")
+        with ap.patch(pipe, ap.PAG(scale=2.0, layers=[0])):
+            guided = run(pipe, kw_g, steps=1, output_type="latent")
+        deltas.append(guided - stock)
+    assert deltas[0].abs().max() > 1e-4
+    torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=1e-4)

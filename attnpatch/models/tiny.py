@@ -116,8 +116,11 @@ def flux():
     torch.manual_seed(0)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_image_vae(1), text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=model("flux"))
-    kw = dict(prompt_embeds=_r(1, 1, 7, 32), pooled_prompt_embeds=_r(2, 1, 32), height=12, width=20)
-    return _quiet(pipe), kw
+    return _quiet(pipe), _flux_kw()
+
+
+def _flux_kw():
+    return dict(prompt_embeds=_r(1, 1, 7, 32), pooled_prompt_embeds=_r(2, 1, 32), height=12, width=20)
 
 
 def sd3():
@@ -151,9 +154,12 @@ def wan(experts: int = 1):
     sched = UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
     two = dict(transformer_2=model("wan"), boundary_ratio=0.875) if experts == 2 else {}
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=_wan_vae(), scheduler=sched, transformer=model("wan"), **two)
-    kw = dict(prompt_embeds=_r(1, 1, 11, 16), negative_prompt_embeds=_r(2, 1, 11, 16), height=80, width=112, num_frames=9,
-              guidance_scale=5.0)
-    return _quiet(pipe), kw
+    return _quiet(pipe), _wan_kw()
+
+
+def _wan_kw():
+    return dict(prompt_embeds=_r(1, 1, 11, 16), negative_prompt_embeds=_r(2, 1, 11, 16), height=80, width=112, num_frames=9,
+                guidance_scale=5.0)
 
 
 def hunyuan_video():
@@ -259,7 +265,7 @@ def flux_pipeline():
 
 
 def flux_call(pipe, steps=STEPS):
-    return run(pipe, flux()[1], steps)
+    return run(pipe, _flux_kw(), steps)
 
 
 def wan22_pipeline():
@@ -268,7 +274,7 @@ def wan22_pipeline():
 
 
 def wan_call(pipe, steps=4):
-    return run(pipe, wan()[1], steps)
+    return run(pipe, _wan_kw(), steps)
 
 
 def llm(model_type: str, **overrides):

@@ -136,6 +136,8 @@ class _Calls:
 
     def __call__(self, *args, **kwargs):
         hooks = _hooks(self)
+        if not hooks:  # e.g. a pipeline built with type(patched_pipe)(**components), or after unpatch
+            return super().__call__(*args, **kwargs)
         base = type(self).__mro__[2]  # the pipeline's own class (see _subclass)
         bound = _signature(base).bind(self, *args, **kwargs)
         bound.apply_defaults()

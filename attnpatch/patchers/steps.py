@@ -145,6 +145,23 @@ def register(model, hook: DenoiserHook):
     return _Unregister(model, had_registry, had_forward)
 
 
+def _remove(registry) -> None:
+    """``registry.remove_hook(NAME)``, keeping a hook registered above ours with its own
+    ``new_forward`` (FasterCache's denoiser hook) in the chain: diffusers 0.42's remove_hook
+    overwrites that hook's ``forward`` (its new_forward) with what ours wrapped, so it would
+    silently stop running; it must instead call what ours wrapped as its ``original_forward``."""
+    order = registry._hook_order
+    if NAME not in order:
+        return
+    i = order.index(NAME)
+    above = registry._fn_refs[i + 1] if i + 1 < len(order) else None
+    below = registry._fn_refs[i].original_forward  # ours has a new_forward: this is what it wrapped
+    saved = above.forward if above is not None else None
+    registry.remove_hook(NAME, recurse=False)
+    if above is not None and above.original_forward is not None:
+        above.forward, above.original_forward = saved, below
+
+
 class _Unregister:
     def __init__(self, model, had_registry: bool, had_forward: bool):
         self.model, self.had_registry, self.had_forward = model, had_registry, had_forward
@@ -154,7 +171,7 @@ class _Unregister:
         registry = m.__dict__.get("_diffusers_hook")
         if registry is None:
             return
-        registry.remove_hook(NAME, recurse=False)
+        _remove(registry)
         if registry.hooks:
             return  # others' hooks (e.g. FirstBlockCache) stay, in their order
         fwd = m.__dict__.get("forward")
