@@ -35,8 +35,9 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
 
 def _mask_slice(mask, rows, heads):
     """The call's mask for batch rows ``rows`` and query heads ``heads`` (None: all) of the call."""
-    if not torch.is_tensor(mask) or mask.dim() < 4:
-        return mask  # (Sq, Skv) / (Sq|1, Skv) style: shared by every row and head
+    if not torch.is_tensor(mask):
+        return mask
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B|1, H|1, Sq|1, Skv|1), a view
     if rows is not None and mask.shape[0] > 1:
         mask = mask[rows]
     if heads is not None and mask.shape[1] > 1:

@@ -150,3 +150,28 @@ def test_flex_call_leaves_dynamo_config_unchanged(monkeypatch):
     assert getattr(cfg, name) == limit < 256  # a raise that stayed would read 256 here
     if before is not None:
         assert cfg.get_config_copy() == before
+
+
+def _masked(q, k, v, keep):
+    """Float64 attention of one (b, h) slice (S, D) under a boolean keep matrix (S, S)."""
+    s = (q @ k.T / math.sqrt(q.shape[-1])).masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("mask_shape", [(3, 1, 16, 16), (2, 16, 16), (16, 16)])
+def test_pag_part_sees_the_calls_mask(mask_shape):
+    """The perturbed rows run with the call's own mask (their batch rows and heads of it), as every
+    other row does; compared with masked attention written out per (row, head) in float64."""
+    q, k, v = (x.double() for x in _inputs("pag-mask", (3, 2, 2, 16, 64)))
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[..., torch.arange(16), torch.arange(16)] = True  # every query keeps its own key
+    out = core.run(q, k, v, ap.PAG(soft=0.5), PAG_SITE, mask=mask)
+    image = torch.zeros(16, dtype=torch.bool)
+    image[4:] = True  # 4 text tokens first, then the 3x4 image
+    ident = ~(image[:, None] & image[None, :]) | torch.eye(16, dtype=torch.bool)
+    full = mask.expand(3, 2, 16, 16)
+    for b in range(3):
+        for h in range(2):
+            dense = _masked(q[b, h], k[b, h], v[b, h], full[b, h])
+            want = dense if b == 0 else 0.5 * dense + 0.5 * _masked(q[b, h], k[b, h], v[b, h], full[b, h] & ident)
+            torch.testing.assert_close(out[b, h], want, rtol=0, atol=1e-12)
