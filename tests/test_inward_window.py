@@ -79,6 +79,18 @@ def test_is_neighborhood_of_odd_window():
     assert not torch.allclose(iw, attend(q, k, v, Neighborhood(window=6, dense_steps=0), site, backend="reference"), atol=1e-3)
 
 
+def test_default_tiles_and_stride_on_the_tiles_kernel():
+    """Default executor tiles (16 x 16, partial blocks on a 20 x 20 grid) and a stride: the tiles
+    kernel matches the reference (stride s: query groups of s share the window of their centre)."""
+    site = Site(grid=(20, 20), text_len=2, kind="joint")
+    q, k, v = qkv(402, 6)
+    for m in (InwardWindow(train_grid=6), InwardWindow(train_grid=6, stride=4)):
+        ref = attend(q, k, v, m, site, backend="reference")
+        assert (attend(q, k, v, m, site, backend="tiles") - ref).abs().max() < 1e-5
+    keep = freeswim_keep(site, 402, (6, 6))
+    assert (attend(q, k, v, InwardWindow(train_grid=6), site, backend="tiles").double() - golden(q, k, v, keep)).abs().max() < 1e-5
+
+
 def test_full_steps_without_override_are_dense_and_entropy_scaled():
     """full_every=3, override=False: steps 0, 3, ... run full attention with logits times
     log(S) / log(n_train); the others the window; entropy=False leaves the full steps unscaled."""

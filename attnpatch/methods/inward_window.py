@@ -33,7 +33,6 @@ from ..plan import Plan
 from ..site import Site
 from . import _grid
 from .base import check_bool, check_int, check_ints
-from .neighborhood import default_tile
 from .schedule import Sparse
 
 
@@ -49,7 +48,7 @@ class InwardWindow(Sparse):
     override: bool = True  # the branch overrides text / cross outputs (FreeSwim); False: those steps run dense
     entropy: bool = True  # full steps scale logits by log(n) / log(n_train) (FreeSwim scales for the larger grid)
     stride: int | tuple = 1  # query groups sharing one window (GNA); 1 is FreeSwim's per-token window
-    tile: int | tuple | None = None  # executor tile per axis; default: Neighborhood's default_tile
+    tile: int | tuple | None = None  # executor tile per axis; default: about 256 tokens (16 x 16), the stride if larger
     dense_steps: int | float = field(default=0, kw_only=True, repr=False)  # FreeSwim windows every step
 
     def __post_init__(self):
@@ -84,7 +83,9 @@ class InwardWindow(Sparse):
         w = self.windows(grid)
         s = tuple(min(a, b) for a, b in zip(_grid.per_axis(self.stride, len(grid), "stride", "InwardWindow"), w))
         keeps = [_grid.na_keep(n, ww, ss) for n, ww, ss in zip(grid, w, s)]
-        tile = _grid.per_axis(self.tile, len(grid), "tile", "InwardWindow") if self.tile else default_tile(grid, w, s)
+        base = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}[len(grid)]  # as Neighborhood: tiles of ~256 tokens
+        tile = _grid.per_axis(self.tile, len(grid), "tile", "InwardWindow") if self.tile else \
+            tuple(min(n, ss if ss > 1 else b) for n, ss, b in zip(grid, s, base))
         axes = [_grid.axis_tiling(n, t) for n, t in zip(grid, tile)]
         return _grid.separable_plan(site, S, keeps, axes, device, repr(self))
 
