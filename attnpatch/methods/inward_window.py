@@ -38,7 +38,7 @@ from .schedule import Sparse
 
 @dataclass
 class InwardWindow(Sparse):
-    """The training grid's window, shifted inward at borders; full attention every ``full_every`` steps."""
+    """The training grid's window, shifted inward at borders; FreeSwim's full branch every ``full_every`` steps."""
 
     source = "FreeSwim: Revisiting Sliding-Window Attention for Training-Free Ultra-High-Resolution Video Generation (2025)"
     llm = False  # needs a visual token grid: the transformers patcher refuses it at patch time
