@@ -41,28 +41,29 @@ def per_call(a, rate, data: dict, save) -> None:
     """Per-call rows (and skipped sizes) added to ``data``; ``save()`` after every size."""
     dtype = bench_dtype(a.device)
     deadline = time.monotonic() + a.budget_s
-    for fam in a.families.split(","):
-        for size in CURVES[fam]:
-            c = sp.case(fam, size)
-            if a.quick and c.S > QUICK_TOKENS:
+    # rung by rung of the size ladders, every family at each: a budget cut drops the largest sizes of all, not a family
+    ladder = sorted((i, n, fam, size) for n, fam in enumerate(a.families.split(",")) for i, size in enumerate(CURVES[fam]))
+    for _, _, fam, size in ladder:
+        c = sp.case(fam, size)
+        if a.quick and c.S > QUICK_TOKENS:
+            continue
+        heads = sp.fit_heads(c, rate, a.max_call_s)
+        if heads == 0 or time.monotonic() > deadline:
+            data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens): " + ("time budget spent" if heads != 0 else
+                                   f"stock call > {a.max_call_s} s even with one KV group"))
+            continue
+        qkv = sp.tensors(c, a.device, dtype, heads)
+        for m in sp.methods_for(c):
+            try:
+                r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
+            except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
+                data["skipped"].append(f"{fam} {c.shape} {sp.label(m)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                torch.cuda.empty_cache() if a.device == "cuda" else None
                 continue
-            heads = sp.fit_heads(c, rate, a.max_call_s)
-            if heads == 0 or time.monotonic() > deadline:
-                data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens): " + ("time budget spent" if heads != 0 else
-                                       f"stock call > {a.max_call_s} s even with one KV group"))
-                continue
-            qkv = sp.tensors(c, a.device, dtype, heads)
-            for m in sp.methods_for(c):
-                try:
-                    r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
-                except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
-                    data["skipped"].append(f"{fam} {c.shape} {sp.label(m)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                    torch.cuda.empty_cache() if a.device == "cuda" else None
-                    continue
-                data["rows"].append(r)
-                print(f"{fam} {c.shape} {r['name']:<15} {r['kernel']:<10} {r['speedup']:.2f}x", flush=True)
-            qkv = None
-            save()
+            data["rows"].append(r)
+            print(f"{fam} {c.shape} {r['name']:<15} {r['kernel']:<10} {r['speedup']:.2f}x", flush=True)
+        qkv = None
+        save()
 
 
 def crossovers(rows: list[dict]) -> list[dict]:
@@ -151,7 +152,7 @@ def plot(rows, e2e, path: Path, title: str) -> None:
     fams = list(dict.fromkeys(r["family"] for r in rows))
     names = list(dict.fromkeys([r["name"] for r in rows] + [r["name"] for r in e2e]))
     color = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per method in every panel
-    n = len(fams) + 1
+    n = len(fams) + bool(e2e)
     fig, axes = plt.subplots((n + 1) // 2, 2, figsize=(11, 4 * ((n + 1) // 2)), squeeze=False)
     axes = axes.ravel()
     for ax, fam in zip(axes, fams):
@@ -160,11 +161,12 @@ def plot(rows, e2e, path: Path, title: str) -> None:
             ax.plot(*zip(*pts), marker="o", ms=3, color=color[name], label=name)
         c = sp.case(fam, CURVES[fam][0])
         ax.set_title(f"per call: {fam} ({c.dims}, H={c.H}, D={c.D}{f', {c.text} text tokens' if c.text else ''})", fontsize=9)
-    ax = axes[len(fams)]
+    ax = axes[len(fams)] if e2e else None
     for key in dict.fromkeys((r["model"], r["name"]) for r in e2e):
         pts = sorted((r["tokens"], r["speedup"]) for r in e2e if (r["model"], r["name"]) == key)
         ax.plot(*zip(*pts), marker="s", ms=3, color=color[key[1]], ls="--" if key[0] == "wan" else "-", label=" ".join(key))
-    ax.set_title("end to end: small FLUX (solid) / Wan (dashed) forward", fontsize=9)
+    if e2e:
+        ax.set_title("end to end: small FLUX (solid) / Wan (dashed) forward", fontsize=9)
     for ax in axes[:n]:
         ax.set_xscale("log"), ax.set_yscale("log"), ax.axhline(1.0, color="k", lw=0.8)
         for axis in (ax.xaxis, ax.yaxis):
@@ -216,6 +218,7 @@ def main(argv=None):
 
 def render(a, out: Path, data: dict) -> tuple[str, str]:
     cross, e2e, rows, skipped = data["crossover"], data["e2e"], data["rows"], data["skipped"]
+    rows.sort(key=lambda r: (list(CURVES).index(r["family"]), r["tokens"]))
     intro = (f"Speedup = stock time / patched time (above 1: the method pays), median of {a.reps} interleaved repeats; "
              f"parameters as a user would pick them at each size (`benchmarks/_speed.py: methods_for`). Plot: "
              f"[{out.name}.png]({out.name}.png).")

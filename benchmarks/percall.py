@@ -44,33 +44,36 @@ def run_threads(a, threads: int, rate: float, data: dict, save) -> None:
     rate_t = rate * (threads if a.device == "cpu" else 1)  # the cap scales with the cores in use
     deadline = time.monotonic() + a.budget_s
     data["overhead"] += [dict(threads=threads, **r) for r in sp.overhead(device=a.device, dtype=dtype)]
-    for fam in a.families.split(","):
-        for size in sizes(fam, a.quick):
-            c = sp.case(fam, size)
-            heads = sp.fit_heads(c, rate_t, a.max_call_s)
-            if heads == 0 or time.monotonic() > deadline:
-                why = "time budget spent" if heads != 0 else f"stock call > {a.max_call_s} s even with one KV group"
-                data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens) at {threads} thread(s): {why}")
+    # rung by rung of the size ladders, every family at each: a budget cut drops the largest sizes of all, not a family
+    ladder = sorted((i, n, fam, size) for n, fam in enumerate(a.families.split(",")) for i, size in enumerate(sizes(fam, a.quick)))
+    for _, _, fam, size in ladder:
+        c = sp.case(fam, size)
+        heads = sp.fit_heads(c, rate_t, a.max_call_s)
+        if heads == 0 or time.monotonic() > deadline:
+            why = "time budget spent" if heads != 0 else f"stock call > {a.max_call_s} s even with one KV group"
+            data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens) at {threads} thread(s): {why}")
+            continue
+        qkv = sp.tensors(c, a.device, dtype, heads)
+        for m in sp.methods_for(c):
+            try:
+                r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
+            except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
+                data["skipped"].append(f"{fam} {c.shape} {sp.label(m)} at {threads} thread(s): {type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:200]}")
+                torch.cuda.empty_cache() if a.device == "cuda" else None
                 continue
-            qkv = sp.tensors(c, a.device, dtype, heads)
-            for m in sp.methods_for(c):
-                try:
-                    r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
-                except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
-                    data["skipped"].append(f"{fam} {c.shape} {sp.label(m)} at {threads} thread(s): {type(e).__name__}: "
-                                           f"{str(e).splitlines()[0][:200]}")
-                    torch.cuda.empty_cache() if a.device == "cuda" else None
-                    continue
-                r["threads"] = threads
-                data["rows"].append(r)
-                print(f"[{threads}t] {fam} {c.shape} H={r['heads']} {r['name']:<15} {r['kernel']:<12} "
-                      f"{r['ratio']:.2f}x stock ({r['stock_ms']:.2f} ms){'  SLOW' if r['slow'] else ''}", flush=True)
-            qkv = None
-            save()
+            r["threads"] = threads
+            data["rows"].append(r)
+            print(f"[{threads}t] {fam} {c.shape} H={r['heads']} {r['name']:<15} {r['kernel']:<12} "
+                  f"{r['ratio']:.2f}x stock ({r['stock_ms']:.2f} ms){'  SLOW' if r['slow'] else ''}", flush=True)
+        qkv = None
+        save()
 
 
 def render(data: dict) -> tuple[str, str]:
+    fams = list(FAMILIES)
     rows, over, a = data["rows"], data["overhead"], data["args"]
+    rows.sort(key=lambda r: (r["threads"], fams.index(r["family"]) if r["family"] in fams else 99, r["tokens"]))
     slow = [r for r in rows if r["slow"]]
     for r in rows:
         r["flag"] = f"**{r['ratio']:.2f}x > {sp.SLOW}x**" if r["slow"] else ""
