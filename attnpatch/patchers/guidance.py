@@ -139,7 +139,10 @@ class _Calls:
         if not hooks:  # e.g. a pipeline built with type(patched_pipe)(**components), or after unpatch
             return super().__call__(*args, **kwargs)
         base = type(self).__mro__[2]  # the pipeline's own class (see _subclass)
-        bound = _signature(base).bind(self, *args, **kwargs)
+        try:
+            bound = _signature(base).bind(self, *args, **kwargs)
+        except TypeError:  # arguments the pipeline refuses: let it say so itself
+            return super().__call__(*args, **kwargs)
         bound.apply_defaults()
         call = (self, {k: v for k, v in bound.arguments.items() if k != "self"})
         for tracker in {id(h.state.tracker): h.state.tracker for h in hooks}.values():
