@@ -82,7 +82,9 @@ def _odd(x: float, lo: int = 3) -> int:
 
 def methods_for(c: Case) -> list[ap.Method]:
     """Every sparse and calibrated method that applies to ``c``, with the parameters a user would pick
-    at this size (about a quarter of the keys kept where there is a knob; defaults elsewhere)."""
+    at this size (about a quarter of the keys kept where there is a knob; defaults elsewhere). Guidance
+    methods (PAG, SharedAttention) add work by design and are left out; tests/test_speed_tools.py checks
+    that every other public method appears in some layout."""
     S = c.S
     calibrated = [ap.Temperature(tau=0.9), ap.EntropyScale(train_len=max(16, S // 4)), ap.SinkCalibration()]
     if not c.grid:
@@ -92,14 +94,15 @@ def methods_for(c: Case) -> list[ap.Method]:
                                  window=min(1024, max(16, S // 16))), *calibrated]
     side = c.grid[-1]
     tile = 8 if side <= 32 else 16
+    inward = ap.InwardWindow(train_grid=max(4, side // 2))  # generating at twice the training side
     if len(c.grid) == 2:
-        sparse = [ap.Neighborhood(window=_odd(side / 4)), ap.SlidingTile(tile=min(tile, side), window=3),
+        sparse = [ap.Neighborhood(window=_odd(side / 4)), ap.SlidingTile(tile=min(tile, side), window=3), inward,
                   ap.TopKBlocks(keep=0.25)]
     else:
         T = c.grid[0]
         sparse = [ap.Neighborhood(window=(_odd(T / 2, 1), _odd(side / 4), _odd(side / 4))),
                   ap.SlidingTile(tile=(1, min(tile, side), min(tile, side)), window=(_odd(T / 2, 1), 3, 3)),
-                  ap.Radial(tile=min(tile, side)), ap.TopKBlocks(keep=0.25)]
+                  inward, ap.Radial(tile=min(tile, side)), ap.TopKBlocks(keep=0.25)]
     return sparse + calibrated
 
 
