@@ -101,12 +101,13 @@ class SharedAttention(Method):
         def transform(q, k, v):
             if not self.adain:
                 return q, k, v
-            q, k = q.clone(), k.clone()
+            # read from the inputs, write into copies: autograd keeps the inputs it saved unmodified
+            qn, kn = q.clone(), k.clone()
             for ref, rows in groups:
                 vis = slice(v0, v0 + n)
-                q[rows, :, vis] = _adain(q[rows, :, vis], q[ref:ref + 1, :, vis])
-                k[rows, :, vis] = _adain(k[rows, :, vis], k[ref:ref + 1, :, vis])
-            return q, k, v
+                qn[rows, :, vis] = _adain(q[rows, :, vis], q[ref:ref + 1, :, vis])
+                kn[rows, :, vis] = _adain(k[rows, :, vis], k[ref:ref + 1, :, vis])
+            return qn, kn, v
 
         def extra(k, v):
             idx = ref_of.to(k.device)
