@@ -19,7 +19,7 @@ from zoo import ZOO, golden
 from zoo import inputs as zoo_inputs
 
 ATOL = 1e-5
-NO_GRAD = (ap.SharedAttention,)  # its AdaIN transform writes in place: test_shared_attention_backward (strict xfail)
+NO_GRAD = ()  # methods without a backward (none today)
 
 
 class Softcap(ap.Method):
@@ -217,11 +217,3 @@ def test_gemma2_dense_backward_and_decode_without_flex(monkeypatch):
     assert used and "flex" not in used, set(used)
     for n, g in want.items():
         torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="SharedAttention's AdaIN transform writes the normalised "
-                   "rows into its q / k clones in place (methods/shared.py), after reading them: autograd refuses the backward")
-def test_shared_attention_backward():
-    q, k, v = _inputs(2, 2, 2, 20, 20, 16, 16)
-    go = torch.randn(2, 2, 20, 16, generator=torch.Generator().manual_seed(3))
-    _grads(lambda *t: ap.attend(*t, ap.SharedAttention(), Site(grid=(4, 5)), backend="reference"), q, k, v, go)
