@@ -265,7 +265,8 @@ def flux_pipeline():
 
 
 def flux_call(pipe, steps=STEPS):
-    return run(pipe, _flux_kw(), steps)
+    """16x24 px -> grid (4, 6) (the quickstart prints it)."""
+    return run(pipe, dict(_flux_kw(), height=16, width=24), steps)
 
 
 def wan22_pipeline():
