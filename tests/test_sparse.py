@@ -1,6 +1,7 @@
-"""Locality methods (Neighborhood, SlidingTile, Radial) through every kernel: Neighborhood
-against NATTEN itself, the others against the float64 reference; block structures against
-the exact masks they accelerate."""
+"""Locality methods (Neighborhood, SlidingTile, Radial): Neighborhood through every kernel against
+NATTEN itself; block structures against the exact masks they accelerate; plan size, selection and
+validation. (SlidingTile / Radial / Neighborhood outputs on every kernel against their float64
+goldens: the zoo, tests/zoo.py, run by tests/test_goldens.py.)"""
 import math
 import warnings
 
@@ -13,7 +14,7 @@ from attnpatch.plan import materialise_mask
 
 natten = pytest.importorskip("natten", reason="NATTEN is the oracle: pip install --no-build-isolation natten==0.21.7")
 
-KERNELS = ["reference", "sdpa", "tiles", "flex"]
+KERNELS = kernels.names()  # every registered kernel that can run the call (the others say why not: skipped)
 
 # (grid, window, stride, dilation, causal): odd sizes, every combination NATTEN allows
 NA_CASES = [
@@ -57,7 +58,12 @@ def test_neighborhood_matches_natten(case, kernel, eager_flex):
     grid, window, stride, dilation, causal = case
     q, k, v = _qkv(math.prod(grid), seed=len(grid))
     method = ap.Neighborhood(window=window, stride=stride, dilation=dilation, causal=causal)
-    out = ap.attend(q, k, v, method, Site(grid=grid), backend=kernel)
+    try:
+        out = ap.attend(q, k, v, method, Site(grid=grid), backend=kernel)
+    except RuntimeError as e:
+        if str(e).startswith(f"backend {kernel!r} cannot run"):
+            pytest.skip(str(e))
+        raise
     torch.testing.assert_close(out, _natten(q, k, v, grid, window, stride, dilation, causal), atol=2e-5, rtol=1e-4)
 
 
@@ -70,6 +76,7 @@ def test_compiled_flex_matches_natten(case):
     torch.testing.assert_close(out, _natten(q, k, v, grid, window, stride, dilation, causal), atol=2e-5, rtol=1e-4)
 
 
+# block structures of these are checked below; their outputs on every kernel against goldens: tests/zoo.py
 METHODS = [
     ("slidingtile-2d", ap.SlidingTile(tile=(4, 4), window=(3, 1)), Site(grid=(9, 13))),
     ("slidingtile-3d-joint", ap.SlidingTile(tile=(2, 4, 4), window=3), Site(grid=(5, 9, 7), text_len=6, kind="joint")),
@@ -78,28 +85,6 @@ METHODS = [
      Site(grid=(7, 6, 9), text_len=5, text_first=False, kind="joint")),
     ("neighborhood-joint", ap.Neighborhood(window=(3, 5)), Site(grid=(9, 11), text_len=7, kind="joint")),
 ]
-
-
-def _exact(q, k, v, method, site):
-    plan = method.plan(q, k, site).with_site(False, 0)
-    return kernels.reference.attention(q.double(), k.double(), v.double(), plan)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("case", METHODS, ids=[m[0] for m in METHODS])
-def test_methods_match_reference(case, kernel, dtype, eager_flex):
-    """Flash-attn rule: error <= 2x that of the same-dtype reference (+ a small floor)."""
-    _, method, site = case
-    S = site.visual_len + site.text_len
-    q, k, v = _qkv(S, H=4, dtype=dtype, seed=S)
-    k, v = k[:, :2], v[:, :2]  # GQA 4/2
-    exact = _exact(q, k, v, method, site)
-    plan = method.plan(q, k, site).with_site(False, 0)
-    same = kernels.reference.attention(q, k, v, plan, dtype=dtype).double()
-    out = ap.attend(q, k, v, method, site, backend=kernel)
-    err, err_ref = (out.double() - exact).abs().max().item(), (same - exact).abs().max().item()
-    assert err <= 2 * err_ref + (1e-6 if dtype == torch.float32 else 1e-3), (err, err_ref)
 
 
 ALL = [(f"na-{i}", ap.Neighborhood(window=c[1], stride=c[2], dilation=c[3], causal=c[4]), Site(grid=c[0]))
