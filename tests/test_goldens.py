@@ -71,10 +71,12 @@ def test_every_public_method_has_a_zoo_row():
     assert not missing, f"no zoo row (tests/zoo.py) for {sorted(missing)}: add one with its golden"
 
 
-def test_every_public_method_runs_a_head_dim_that_is_not_a_power_of_two():
-    """Kernels pad or tile head dims: each method is checked at a head dim such as 48, 72 or 80."""
-    odd = set().union(*(covered(c) for c in ZOO if c.shape[-1] & (c.shape[-1] - 1)))
-    assert not public_methods() - odd, sorted(public_methods() - odd)
+@pytest.mark.parametrize("power_of_two", [False, True], ids=["48-72-80", "16-64"])
+def test_every_public_method_runs_both_kinds_of_head_dim(power_of_two):
+    """Kernels pad or tile head dims: each method is checked at a head dim such as 48, 72 or 80; and
+    at a power of two, the only head dims flex and triton run (else they would never see the method)."""
+    seen = set().union(*(covered(c) for c in ZOO if bool(c.shape[-1] & (c.shape[-1] - 1)) != power_of_two))
+    assert not public_methods() - seen, sorted(public_methods() - seen)
 
 
 def test_zoo_ids_are_unique():

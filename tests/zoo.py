@@ -3,8 +3,10 @@ each row with its float64 golden written from the method's definition (goldens*.
 plan's ``mask_mod``. tests/test_goldens.py runs every row through every registered kernel (and
 automatic selection); test_fuzz.py and test_grad.py draw their methods from here too.
 
-Adding a method: one row here (and its golden in goldens*.py). test_goldens.py fails while a public
-method (attnpatch.methods.__all__) has no row, or no row with a head dim that is not a power of two."""
+Adding a method: its file, its name in attnpatch/methods/__init__.py (_FILES), rows here (and its
+golden in goldens*.py); nothing else. test_goldens.py fails while a public method (methods.__all__)
+has no row, no row with a head dim that is not a power of two (48, 72, 80: kernels that pad or tile
+head dims) or none with a power of two (flex and triton run only those)."""
 from __future__ import annotations
 
 import math
@@ -162,7 +164,7 @@ ZOO = [
     Case("sparse-profile-per-head", ap.SlidingTile(tile=2, window=3, profile={"window": torch.tensor([[[1, 1], [3, 5]]])}),
          Site(grid=(5, 7)), (1, 2, 2, 35, 35, 80), _per_head([G.sliding_tile(2, (1, 1)), G.sliding_tile(2, (3, 5))]),
          covers=("Sparse",)),
-    Case("sparse-dense-layer", ap.SlidingTile(tile=2, window=1, dense_layers=(0,)), Site(grid=(5, 7)), (1, 2, 2, 35, 35, 48),
+    Case("sparse-dense-layer", ap.SlidingTile(tile=2, window=1, dense_layers=(0,)), Site(grid=(5, 7)), (1, 2, 2, 35, 35, 64),
          _dense, covers=("Sparse",)),
     # InwardWindow (FreeSwim)
     Case("inwardwindow-2d", ap.InwardWindow(train_grid=4, tile=4), Site(grid=(9, 11)), (2, 2, 2, 99, 99, 48),
@@ -173,7 +175,7 @@ ZOO = [
                                                                               kind="joint"),
          (1, 2, 1, 80, 80, 72), _keep(lambda s, S: G.inward_window(s, S, 6))),
     Case("inwardwindow-video", ap.InwardWindow(train_grid=4, tile=4), Site(grid=(3, 5, 7), text_len=2, kind="joint"),
-         (1, 2, 2, 107, 107, 48), _keep(lambda s, S: G.inward_window(s, S, 4))),
+         (1, 2, 2, 107, 107, 64), _keep(lambda s, S: G.inward_window(s, S, 4))),
     # Radial
     Case("radial-window", ap.Radial(window=3, tile=1, dense_frames=1), Site(grid=(6, 3, 4)), (1, 2, 2, 72, 72, 64),
          _keep(lambda s, S: G.radial_keep(s, S, 3, 2.0, 1, 1))),
