@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_cli import run as cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,12 +21,12 @@ def test_demo_runs_and_checks_every_family():
 
 
 def test_methods_lists_parameters():
-    r = _run(sys.executable, "-m", "attnpatch", "methods")
+    r = cli_main("methods")  # in process (test_cli.py runs the console entry point as a subprocess)
     assert r.returncode == 0 and "SinkWindow(sink=4, window=2048, block=256, evict=False)" in r.stdout
 
 
 def test_bad_subcommand_exits_2():
-    r = _run(sys.executable, "-m", "attnpatch", "bogus")
+    r = cli_main("bogus")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
