@@ -230,3 +230,20 @@ def test_generate_compare_interleaves_and_prints_the_median(monkeypatch, tmp_pat
     assert order == ["stock", "method", "method", "stock", "stock", "method"]
     assert "speedup 2.00x (0.20-2.00x over 3 repeats); vs stock: PSNR" in printed and printed.count("calls through") == 1
     assert (out / "patched_0.png").is_file() and (out / "stock_0.png").is_file()
+
+
+def test_an_interrupt_keeps_what_was_measured():
+    """Ctrl-C in repeat 2: the first repeat's outputs and times survive for the report."""
+    sets = [compare.Setting(None, caches.parse("FirstBlockCache"))]
+    calls, times, outputs, errors = [], {}, {}, {}
+
+    def run_one(key, s, first):
+        calls.append(key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return torch.zeros(1), 1.0 if key == "0" else 0.5
+
+    with pytest.raises(KeyboardInterrupt):
+        compare.measure(sets, run_one, 3, times, outputs, errors)
+    assert set(outputs) == {"0", "1"} and times == {"0": [1.0], "1": [0.5]}
+    assert timing.speedups(times, "0")["1"]["median"] == 2.0

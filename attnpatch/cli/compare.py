@@ -135,12 +135,14 @@ def _split_plus(spec: str) -> tuple[str | None, caches.Cache | None]:
     return (ms[0] if ms else None), (cs[0] if cs else None)
 
 
-def measure(sets: list[Setting], run_one, repeats: int, times: dict) -> tuple[dict, dict]:
+def measure(sets: list[Setting], run_one, repeats: int, times: dict, outputs: dict | None = None,
+            errors: dict | None = None) -> tuple[dict, dict]:
     """Stock (key "0") and every setting (key str(i + 1)) run ``repeats`` times, interleaved and
     in rotating order (``tools.timing.interleave``); ``run_one(key, setting, first)`` -> (output,
     seconds). Returns (each key's first output: the quality run, {key: error} of settings that
-    failed); ``times`` is filled in place, so an interrupt keeps what was measured."""
-    outputs, errors, every = {}, {}, [Setting(), *sets]
+    failed); ``times`` (and ``outputs`` / ``errors`` if given) are filled in place, so an
+    interrupt keeps what was measured."""
+    outputs, errors, every = {} if outputs is None else outputs, {} if errors is None else errors, [Setting(), *sets]
 
     def runner_for(key: str, s: Setting):
         def go():
@@ -191,13 +193,23 @@ def run_all(loaded, sets: list[Setting], prompts, args, out: Path) -> tuple[list
                 stats[key] = summary(handle, f"setting {key}: ")
         return result, t
 
-    status = "complete"
+    from tqdm.auto import tqdm
+
+    status, outputs, errors = "complete", {}, {}
+    bar = tqdm(total=args.repeats * (len(sets) + 1), desc="timed runs (stock and settings in turn)", disable=args.quiet)
+
+    def counted(*a):
+        try:
+            return run_one(*a)
+        finally:
+            bar.update()
+
     try:
-        outputs, errors = measure(sets, run_one, args.repeats, times)
-    except KeyboardInterrupt:
-        outputs, errors = {}, {}
+        measure(sets, counted, args.repeats, times, outputs, errors)
+    except KeyboardInterrupt:  # a report of what was measured
         status = f"interrupted after {sum(map(len, times.values()))} timed runs of {args.repeats * (len(sets) + 1)}"
         print(status, file=sys.stderr)
+    bar.close()
     return _rows(loaded, sets, prompts, args, out, outputs, errors, times, stats) + (status,)
 
 
