@@ -9,6 +9,7 @@ Estimation is O(S * D + tiles^2 * D): well under 1 % of dense attention at 16K t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class TopKBlocks(Sparse):
         self.local = check_int(t, "local", self.local, 0, example=1)
         super().__post_init__()  # after the parameters: a profile's values are checked against them
         self._layouts = _grid.PlanCache(self._layout)
+        self._causal_layouts: dict = {}  # (Sq, Skv, q_offset, device) -> index tensors of a causal call
 
     def _layout(self, site: Site, S: int, device) -> dict:
         """Tile order of the grid (cached per layout): permutation, sizes, tile of every visual
@@ -64,27 +66,25 @@ class TopKBlocks(Sparse):
         ta = torch.stack(tile_axes, 1)  # (nT, axes)
         forced = (ta[:, None] - ta[None, :]).abs().amax(-1) <= self.local  # (nT, nT)
         bounds = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        nT = sizes.numel()  # dense: no selection can drop a tile (one tile, or keep takes them all)
+        dense = bool(forced.all()) or (self.mass is None and math.ceil(self.keep * nT) >= nT)
         return dict(perm=perm, sizes=sizes, tile_of=tile_of.to(device), forced=forced.to(device), order=order.to(device),
-                    bounds=bounds.to(device))
+                    bounds=bounds.to(device), dense=dense)
 
     def estimate(self, q, k, site: Site, lay: dict) -> torch.Tensor:
         """(nT, nT) estimated share of each query tile's attention mass per key tile."""
-        B, H, S, D = q.shape
+        D = q.shape[3]
         v0, n = site.visual_start, site.visual_len
-        sizes = lay["sizes"].to(q.device, torch.float32)
-        nT = sizes.numel()
+        sizes = lay["sizes"].to(q.device)
 
         def pool(x):  # (B, h, n, D) -> (B, h, nT, D) tile means
             if x.device.type == "cuda" and D >= 16 and not D & (D - 1):
                 from ..ops.triton_pool import tile_means  # fused on the GPU: no permuted copy
 
                 return tile_means(x[:, :, v0:v0 + n], lay["order"], lay["bounds"])
-            out = torch.zeros(*x.shape[:2], nT, D, device=x.device, dtype=torch.float32)
-            return out.index_add_(2, lay["tile_of"], x[:, :, v0:v0 + n].float()) / sizes[:, None]
+            return _pool(x[:, :, v0:v0 + n], lay["tile_of"], sizes)
 
-        pq, pk = pool(q), pool(k).repeat_interleave(H // k.shape[1], 1)  # GQA: (B, H, nT, D)
-        logits = pq @ pk.transpose(-1, -2) * D**-0.5 + sizes.log()  # (B, H, nT, nT)
-        return torch.softmax(logits, -1).mean((0, 1))
+        return torch.softmax(_block_logits(pool(q), pool(k), sizes), -1).mean((0, 1))
 
     def select(self, est: torch.Tensor, forced: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """(nq, nk) boolean blocks kept: forced ones, then by estimated mass (``keep`` counts a
@@ -103,45 +103,76 @@ class TopKBlocks(Sparse):
         keep = torch.zeros_like(forced).scatter_(-1, order, take)
         return keep | forced
 
-    def _causal_plan(self, q, k, site: Site) -> Plan:
+    def _causal_layout(self, Sq: int, Skv: int, off: int, device) -> dict:
+        """Index tensors of a causal call's block structure (cached per shape and offset): key
+        block bounds and block of every key, query groups (rows sharing the block of their own
+        position), the causal and forced block pairs, and ``dense`` when the selection cannot
+        drop any allowed block (every allowed block forced, or ``keep`` takes them all)."""
+        key = (Sq, Skv, off, str(device))
+        lay = self._causal_layouts.get(key)
+        if lay is not None:
+            return lay
+        bsz = self.block or 256
+        bounds = torch.cat([torch.arange(0, Skv, bsz), torch.tensor([Skv])])
+        nk = bounds.numel() - 1
+        qblock = (torch.arange(Sq) + off) // bsz  # key block of each query's own position
+        groups, qgroup = torch.unique(qblock, return_inverse=True)  # query rows grouped by their block
+        j = torch.arange(nk)[None, :]
+        allowed = j <= groups[:, None]  # (nq, nk) causal at block level
+        forced = allowed & ((j == 0) | (j >= groups[:, None] - max(1, self.local)))
+        free = allowed & ~forced
+        take = None if self.mass is not None else (self.keep * allowed.sum(-1)).ceil().clamp_min(1)
+        dense = not free.any() or (take is not None and bool((take >= allowed.sum(-1)).all()))
+        lay = dict(bounds=bounds.to(device), kblock=(torch.arange(Skv) // bsz).to(device), qgroup=qgroup.to(device),
+                   groups=groups.to(device), qcount=torch.bincount(qgroup, minlength=len(groups)).to(device),
+                   sizes=bounds.diff().to(device), allowed=allowed.to(device), forced=forced.to(device), dense=dense,
+                   bounds_cpu=bounds, block_rows=Sq == Skv and off == 0 and nk > 1)
+        if len(self._causal_layouts) >= 64:
+            self._causal_layouts.pop(next(iter(self._causal_layouts)), None)
+        return self._causal_layouts.setdefault(key, lay)
+
+    def _causal_plan(self, q, k, site: Site) -> Plan | None:
         """LLM prefill / decode: 1-D key blocks of ``block`` tokens (default 256), causal; the
         first block (attention sink), the query's own block and max(1, ``local``) blocks before
         it are always kept (a query early in its block still sees a full block of recent
-        context). Prefill gets a causal block structure for the block-sparse kernels."""
+        context). Prefill gets a causal block structure for the block-sparse kernels. None
+        (plain causal attention, exact) when the rule keeps every block the call can see."""
         if isinstance(self.block, (tuple, list)):
             raise ValueError(f"TopKBlocks(block={self.block!r}) must be one int for causal (LLM) attention")
         B, H, Sq, D = q.shape
-        Skv, off, bsz = k.shape[2], site.q_offset, self.block or 256
-        bounds = torch.cat([torch.arange(0, Skv, bsz), torch.tensor([Skv])]).to(q.device)
-        nk = bounds.numel() - 1
-        kblock = torch.arange(Skv, device=q.device) // bsz
-        qblock = (torch.arange(Sq, device=q.device) + off) // bsz  # key block of each query's own position
-        groups, qgroup = torch.unique(qblock, return_inverse=True)  # query rows grouped by their block
-        sizes = bounds.diff().float()
-
-        def pool(x, idx, n):  # (B, h, L, D) -> (B, h, n, D) group means
-            out = torch.zeros(*x.shape[:2], n, D, device=x.device).index_add_(2, idx, x.float())
-            return out / torch.bincount(idx, minlength=n).clamp_min(1)[:, None]
-
-        pq = pool(q, qgroup, len(groups))
-        pk = pool(k, kblock, nk).repeat_interleave(H // k.shape[1], 1)
-        allowed = torch.arange(nk, device=q.device)[None, :] <= groups[:, None]  # (nq, nk) causal at block level
-        logits = (pq @ pk.transpose(-1, -2) * D**-0.5 + sizes.log()).masked_fill(~allowed, float("-inf"))
+        Skv, off = k.shape[2], site.q_offset
+        lay = self._causal_layout(Sq, Skv, off, q.device)
+        if lay["dense"]:
+            return None
+        allowed, qgroup, kblock = lay["allowed"], lay["qgroup"], lay["kblock"]
+        pq = _pool(q, qgroup, lay["qcount"])
+        pk = _pool(k, kblock, lay["sizes"])
+        logits = _block_logits(pq, pk, lay["sizes"]).masked_fill(~allowed, float("-inf"))
         est = torch.softmax(logits, -1).mean((0, 1))  # (nq, nk)
-        j = torch.arange(nk, device=q.device)[None, :]
-        forced = allowed & ((j == 0) | (j >= groups[:, None] - max(1, self.local)))
-        keep = self.select(est, forced, allowed) & allowed
+        keep = self.select(est, lay["forced"], allowed) & allowed
+        if bool(keep.eq(allowed).all()):
+            return None  # everything the call can see is kept: plain causal attention is this plan, exactly
 
         def mask_mod(b, h, q_idx, kv_idx):
             qg = qgroup[q_idx.clamp(0, Sq - 1)]
             return keep[qg, kblock[kv_idx.clamp(0, Skv - 1)]] & (kv_idx <= q_idx + off)
 
         blocks = None
-        if Sq == Skv and off == 0 and site.kv_shift is None and nk > 1:
+        if lay["block_rows"] and site.kv_shift is None:
             state = keep.cpu().to(torch.uint8) * 2
             state.diagonal().fill_(1)  # the causal diagonal block is partial
-            blocks = from_states(state, bounds.cpu(), None, causal=True)
+            blocks = from_states(state, lay["bounds_cpu"], None, causal=True)
         return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
+
+    def _full_plan(self, site: Site, S: int, lay: dict) -> Plan:
+        """Every tile kept: dense attention exactly, as a plan with no mask_mod (plain SDPA runs it,
+        no mask tensor) whose all-full block structure a named block-sparse backend can still run
+        (built once per layout)."""
+        if "full_plan" not in lay:
+            nT = lay["sizes"].numel()
+            full = torch.full((nT, nT), 2, dtype=torch.uint8)
+            lay["full_plan"] = Plan(blocks=_grid.assemble(site, S, lay["perm"], lay["sizes"], full), name=repr(self))
+        return lay["full_plan"]
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if site.causal:
@@ -150,8 +181,13 @@ class TopKBlocks(Sparse):
         if site is None:
             return None
         lay = self._layouts.get(site, q.shape[2], q.device)
+        if lay["dense"]:
+            return self._full_plan(site, q.shape[2], lay)  # one tile, or keep takes every tile: no estimate needed
         keep = self.select(self.estimate(q, k, site, lay), lay["forced"])
-        blocks = _grid.assemble(site, q.shape[2], lay["perm"], lay["sizes"], keep.cpu().to(torch.uint8) * 2)
+        keep_cpu = keep.cpu()
+        if bool(keep_cpu.all()):
+            return self._full_plan(site, q.shape[2], lay)
+        blocks = _grid.assemble(site, q.shape[2], lay["perm"], lay["sizes"], keep_cpu.to(torch.uint8) * 2)
         v0, n, tile_of = site.visual_start, site.visual_len, lay["tile_of"]
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -160,6 +196,21 @@ class TopKBlocks(Sparse):
             return keep[tile_of[qv.clamp(0, n - 1)], tile_of[kv.clamp(0, n - 1)]] | text
 
         return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
+
+
+def _pool(x, idx, counts):
+    """(B, h, L, D) -> (B, h, n, D) float32 means of the rows with each group id (``counts`` per group)."""
+    out = torch.zeros(*x.shape[:2], counts.numel(), x.shape[3], device=x.device).index_add_(2, idx, x.float())
+    return out / counts.clamp_min(1).to(out.dtype)[:, None]
+
+
+def _block_logits(pq, pk, sizes):
+    """(B, H, nq, nk) block logits ``pq pk^T / sqrt(D) + log |k_blk|``; pk may have fewer (GQA) heads:
+    the query heads of one KV head share its pooled keys (no repeated copy)."""
+    B, H, nq, D = pq.shape
+    Hkv, nk = pk.shape[1], pk.shape[2]
+    s = pq.view(B, Hkv, H // Hkv * nq, D) @ pk.transpose(-1, -2)
+    return s.view(B, H, nq, nk) * D**-0.5 + sizes.to(s.dtype).log()
 
 
 if __name__ == "__main__":

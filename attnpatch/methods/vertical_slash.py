@@ -33,16 +33,18 @@ class VerticalSlash(Method):
     def estimate(self, q, k, off: int):
         """(verticals (B, H, Skv), slashes (B, H, Skv)) boolean keep tables."""
         B, H, Sq, D = q.shape
-        Skv = k.shape[2]
+        Hkv, Skv = k.shape[1], k.shape[2]
         L = min(self.last_q, Sq)
-        qs = q[:, :, -L:].float()
-        kk = k.repeat_interleave(H // k.shape[1], 1).float()
-        pos = torch.arange(Sq - L, Sq, device=q.device)[:, None] + off  # absolute positions of those queries
-        j = torch.arange(Skv, device=q.device)[None, :]
-        p = torch.softmax((qs @ kk.transpose(-1, -2) * D**-0.5).masked_fill(j > pos, float("-inf")), -1)  # (B, H, L, Skv)
+        work = torch.promote_types(q.dtype, torch.float32)
+        qs = q[:, :, -L:].to(work).reshape(B, Hkv, H // Hkv * L, D)  # GQA: the query heads of a KV head share it
+        p = (qs @ k.to(work).transpose(-1, -2)).view(B, H, L, Skv).mul_(D**-0.5)
+        pos0 = Sq - L + off  # absolute position of the first of those queries
+        if pos0 + 1 < Skv:  # causal: keys after a query's position (only the last columns have any)
+            i, j = torch.arange(L, device=q.device)[:, None], torch.arange(pos0 + 1, Skv, device=q.device)
+            p[..., pos0 + 1:].masked_fill_(j > i + pos0, float("-inf"))
+        p = torch.softmax(p, -1)  # (B, H, L, Skv)
         vert = p.sum(2)  # (B, H, Skv)
-        diag = (pos - j).clamp(0, Skv - 1).expand(L, Skv)  # offset of each (query, key) pair
-        slash = torch.zeros(B, H, Skv, device=q.device).index_add_(2, diag.flatten(), p.flatten(2))[..., :Skv]
+        slash = _diagonal_sums(p, pos0)  # (B, H, Skv): attention mass at each offset p - j
         keep_v = torch.zeros(B, H, Skv, dtype=torch.bool, device=q.device)
         keep_v.scatter_(2, vert.topk(min(self.verticals, Skv), -1).indices, True)
         keep_s = torch.zeros_like(keep_v)
@@ -54,17 +56,72 @@ class VerticalSlash(Method):
             raise ValueError("VerticalSlash is causal (LLM prefill) attention")
         if q.shape[2] == 1:
             return None  # decode: dense, as MInference
-        off, sink, window, Skv, shift = site.q_offset, self.sink, self.window, k.shape[2], site.kv_shift
+        B, H, Sq, _ = q.shape
+        off, Skv, shift = site.q_offset, k.shape[2], site.kv_shift
         keep_v, keep_s = self.estimate(q, k, off)
+        full = []  # the whole (B, H, Sq, Skv) mask, built on first use by index arithmetic
+
+        def table():
+            if not full:
+                full.append(_keep_table(keep_v, keep_s, Sq, off, self.sink, self.window, shift))
+            return full[0]
 
         def mask_mod(b, h, q_idx, kv_idx):
+            if _whole(b, B) and _whole(h, H) and _whole(q_idx, Sq) and _whole(kv_idx, Skv):
+                return table()  # the grid every dense kernel asks for: no per-element gather
             d = q_idx + off - kv_idx
             slash = keep_s[b, h, d.clamp(0, Skv - 1)]
             pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute position: left padding is negative
-            return (keep_v[b, h, kv_idx] | slash | ((pos < sink) & (pos >= 0)) | (d < window)) & (d >= 0)
+            return (keep_v[b, h, kv_idx] | slash | ((pos < self.sink) & (pos >= 0)) | (d < self.window)) & (d >= 0)
 
         return Plan(mask_mod=mask_mod, name=repr(self))
 
+
+def _whole(idx: torch.Tensor, n: int) -> bool:
+    """True when ``idx`` is the full index range 0..n-1 along its one non-unit axis (what
+    ``plan.index_grids`` gives a kernel that materialises the whole mask)."""
+    return idx.numel() == n and idx.dim() == 4 and (n == 1 or idx.shape.count(n) == 1) and \
+        bool(idx.reshape(-1)[0] == 0) and bool(idx.reshape(-1)[-1] == n - 1) and \
+        (n < 3 or torch.equal(idx.reshape(-1), torch.arange(n, device=idx.device)))
+
+
+def _diagonal_sums(p: torch.Tensor, pos0: int) -> torch.Tensor:
+    """(B, H, Skv) sums of p (B, H, L, Skv) along each offset o = pos_i - j (row i at absolute position
+    pos0 + i; keys j > pos_i hold 0), as one strided view: row i shifted right by s_i = Skv - 1 - pos_i
+    puts offset o at column Skv - 1 - o of every row."""
+    B, H, L, Skv = p.shape
+    s0 = Skv - 1 - pos0
+    if s0 - (L - 1) < 0:  # queries past the last key (offsets beyond the keys clamp to Skv - 1): by index
+        diag = (pos0 + torch.arange(L, device=p.device)[:, None] - torch.arange(Skv, device=p.device)).clamp(0, Skv - 1)
+        return torch.zeros(B, H, Skv, device=p.device, dtype=p.dtype).index_add_(2, diag.flatten(), p.flatten(2))
+    W = s0 + Skv + L  # row i at columns [s0, s0 + Skv); read from column s0 - s_i = i onwards
+    buf = p.new_zeros(B, H, L, W)
+    buf[..., s0:s0 + Skv] = p
+    view = buf.as_strided((B, H, L, Skv), (H * L * W, L * W, W + 1, 1), buf.storage_offset())
+    return view.sum(2).flip(-1)
+
+
+def _keep_table(keep_v, keep_s, Sq: int, off: int, sink: int, window: int, shift) -> torch.Tensor:
+    """(B, H, Sq, Skv) boolean mask: verticals, slashes (keep_s[i + off - j], a strided view of the
+    reversed table), sink keys and the local window, causal; by index arithmetic, no per-element gather."""
+    B, H, Skv = keep_v.shape
+    dev = keep_v.device
+    c = Skv - off - Sq  # row Sq - 1 - r reads the reversed table from c + r: offset d = i + off - j
+    lo = max(-c, 0)  # d >= Skv (queries past the keys) would read before the table: clamp to Skv - 1
+    W = max(c, 0) + lo + Sq + Skv
+    buf = torch.zeros(B, H, W, dtype=torch.bool, device=dev)
+    buf[..., lo:lo + Skv] = keep_s.flip(-1)
+    if lo:
+        buf[..., :lo] = keep_s[..., -1:]
+    rev = buf.as_strided((B, H, Sq, Skv), (H * W, W, 1, 1), buf.storage_offset() + max(c, 0))  # rows reversed
+    keep = torch.logical_or(rev, keep_v[:, :, None, :])  # (B, H, Sq, Skv), rows still reversed
+    i = torch.arange(Sq - 1, -1, -1, device=dev)[:, None] + off  # absolute position of each reversed row
+    j = torch.arange(Skv, device=dev)[None, :]
+    pos = j[None] if shift is None else j[None] + shift.to(dev).view(-1, 1, 1)  # (B|1, 1, Skv): absolute positions
+    first = (pos < sink) & (pos >= 0)  # left padding: the first real keys
+    keep |= ((j > i - window) | first)[:, None]  # the local window and the sink keys, (B|1, 1, Sq, Skv)
+    keep &= j <= i  # causal
+    return keep.flip(2)
 
 if __name__ == "__main__":
     from ..plan import materialise_mask
