@@ -182,7 +182,8 @@ def statement(rows: list[dict], q: str = "psnr") -> str:
     quality at equal-or-better speed); true whichever way it comes out."""
     front = frontier(rows, q)
     what = "PSNR vs stock" if q == "psnr" else q
-    text = [f"On the frontier of speedup vs {what} (no other setting is both at least as fast and at least as close to stock): "
+    text = [f"On the speed-quality frontier (speedup; {what}; no other setting is both at least as fast and at least as "
+            "close to stock): "
             + "; ".join(_at(r, q) for r in front) + "."]
     pts = [r for r in rows if r.get("speedup") is not None and r.get(q) is not None]
     ours = [r for r in pts if r.get("kind") in ("method", "method + cache")]
