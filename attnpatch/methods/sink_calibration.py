@@ -118,22 +118,34 @@ class SinkCalibration(Method):
 
     def _scan(self, q, k, call: "_Call"):
         """(sink columns (B, h, Skv), lse (B, h, Sq) of every row over all the keys it sees; 0 for
-        rows that see none). A column's score: mean over the rows that see a key of p_ij * n_i."""
+        rows that see none). A column's score: mean over the rows that see a key of p_ij * n_i.
+        One score matmul per query chunk, exponentiated in place against its row's LSE, then the
+        n-weighted column sum as one more matmul; causal chunks stop at their last visible key.
+        k may hold fewer (GQA) heads than q."""
         B, h, Sq, _ = q.shape
         Skv = k.shape[2]
-        col = torch.zeros(B, h, Skv, device=q.device)
-        live = torch.zeros(B, h, 1, device=q.device)
+        col = torch.zeros(B, h, Skv, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
+        live = torch.zeros(B, h, 1, device=q.device, dtype=col.dtype)
         lses = []
-        for s in range(0, Sq, 1024):  # query chunks bound the memory of the scores
-            sc = call.logits(q[:, :, s:s + 1024], k, s)  # (B, h, C, Skv), -inf where hidden
-            seen = sc > float("-inf")
-            dead = ~seen.any(-1, keepdim=True)  # rows that see no key: lse 0, no NaN forward or backward
-            lse = sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True).masked_fill(dead, 0.0)
-            lses.append(lse.squeeze(-1))
-            with torch.no_grad():
-                n = seen.sum(-1, keepdim=True)  # keys each row sees
-                col += (torch.exp(sc - lse).masked_fill(~seen, 0.0) * n).sum(2)  # attention relative to uniform
-                live += (n > 0).sum(2)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        for s, e in _chunks(Sq, B * h * Skv, call.causal):  # query chunks bound the memory of the scores
+            K = min(Skv, e + call.off) if call.causal else Skv  # keys past the chunk's last position: hidden
+            if K <= 0:
+                lses.append(torch.zeros(B, h, e - s, device=q.device, dtype=col.dtype))
+                continue
+            sc = call.logits(q[:, :, s:e], k[:, :, :K], s, grad=grad)  # (B, h, C, K), -inf where hidden
+            n = call.seen(sc, s, Skv)  # (B|1, h|1, C) keys each row sees
+            if grad:  # the LSE feeds the calibrated output: out of place, rows that see no key masked first (no NaN)
+                dead = ~(sc > float("-inf")).any(-1, keepdim=True)
+                lse = sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True).masked_fill(dead, 0.0).squeeze(-1)
+                sc, lse_d = sc.detach().clone(), lse.detach()
+            else:
+                lse = torch.logsumexp(sc, -1)  # -inf for rows that see no key
+                lse = lse_d = lse.masked_fill_(lse == float("-inf"), 0.0)  # those rows: lse 0, probabilities 0 below
+            lses.append(lse)
+            p = sc.sub_(lse_d[..., None]).exp_()  # in place: exp(-inf) = 0 where hidden
+            col[..., :K] += (n.to(p.dtype).expand(B, h, -1)[:, :, None, :] @ p).squeeze(2)  # attention relative to uniform
+            live += (n > 0).sum(-1, keepdim=True).expand(B, h, 1)
         j = torch.arange(Skv, device=q.device)
         pos = j if call.shift is None else j + call.shift.to(q.device)[:, None]  # (Skv) or (B, Skv): absolute
         early = (pos < self.first).view(-1, 1, Skv)  # the first real tokens are never calibrated
@@ -146,22 +158,28 @@ class SinkCalibration(Method):
         """Heads ``call.heads`` of ``out`` (the kernel's result) with sink attention scaled by beta:
         (N - (1 - beta) N_s) / (Z - (1 - beta) Z_s) = (out - w o_s) / (1 - w), w = (1 - beta) Z_s / Z."""
         rep = q.shape[1] // k.shape[1]
-        qh, kh, vh = q[:, call.heads], k[:, call.heads // rep], v[:, call.heads // rep]  # (B, h, S, D)
+        if call.all_heads:  # every head: q as it is, k / v shared by their query heads (no repeated copies)
+            qh, kh, vh, kv_head = q, k, v, torch.arange(q.shape[1], device=q.device) // rep
+        else:
+            kv_head = call.heads // rep
+            qh, kh, vh = q[:, call.heads], k[:, kv_head], v[:, kv_head]  # (B, h, S, D)
+            kv_head = torch.arange(len(call.heads), device=q.device)
         sink, lse_all = self._scan(qh, kh, call)  # (B, h, Skv), (B, h, Sq)
         if not sink.any():
             return out
         m = int(sink.sum(-1).max())
         idx = sink.float().topk(m, -1).indices  # (B, h, m): sink columns first, then non-sinks to skip
-        ks = kh.gather(2, idx[..., None].expand(-1, -1, -1, kh.shape[-1]))
-        vs = vh.gather(2, idx[..., None].expand(-1, -1, -1, vh.shape[-1]))
+        ks, vs = _rows(kh, kv_head, idx), _rows(vh, kv_head, idx)  # (B, h, m, D): each head's sink keys / values
         sc = call.logits(qh, ks, 0, idx)  # (B, h, Sq, m): the sink columns' own scores, mask and causality
         sc = sc.masked_fill(~sink.gather(2, idx)[:, :, None, :], float("-inf"))
         dead = ~(sc > float("-inf")).any(-1, keepdim=True)  # rows that see no sink: w = 0
         lse_s = sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True)
         o_s = torch.exp(sc - lse_s).masked_fill(dead, 0.0) @ vs.to(sc.dtype)  # (B, h, Sq, Dv)
         w = (1 - self.beta) * torch.exp(lse_s.squeeze(-1) - lse_all).masked_fill(dead.squeeze(-1), 0.0)
-        base = out[:, call.heads].to(sc.dtype)
+        base = (out if call.all_heads else out[:, call.heads]).to(sc.dtype)
         cal = (base - w[..., None] * o_s) / (1 - w[..., None])
+        if call.all_heads:
+            return cal.to(out.dtype)
         out = out.clone()
         out[:, call.heads] = cal.to(out.dtype)
         return out
@@ -170,7 +188,7 @@ class SinkCalibration(Method):
         heads = self.heads_at(site.layer, q.shape[1])
         if not heads:
             return None
-        hidx = torch.tensor(heads, device=q.device)
+        hidx = None if heads == list(range(q.shape[1])) else torch.tensor(heads, device=q.device)
 
         def output(out, q, k, v, scale, mask=None, softcap=None):  # core passes the call's mask and softcap
             scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -179,33 +197,83 @@ class SinkCalibration(Method):
         return Plan(output=output, name=repr(self))
 
 
+def _rows(x, kv_head, idx):
+    """(B, h, m, D): rows ``idx`` (B, h, m) of x (B, hk, S, D), head hh reading KV head ``kv_head[hh]``."""
+    B, hk, S, D = x.shape
+    h, m = idx.shape[1], idx.shape[2]
+    lin = (kv_head.view(1, h, 1) * S + idx).reshape(B, h * m, 1).expand(-1, -1, D)
+    return x.reshape(B, hk * S, D).gather(1, lin).view(B, h, m, D)
+
+
+def _chunks(Sq: int, per_row: int, causal: bool):
+    """(start, end) query chunks: at most 2**24 scores each (64 MB in float32) and 1024 rows; a causal
+    prefill in at least four, so the later chunks' score matmuls skip the keys no row of theirs sees."""
+    rows = max(1, min(1024, (1 << 24) // max(per_row, 1)))
+    if causal and Sq >= 256:
+        rows = min(rows, -(-Sq // 4))
+    return [(s, min(s + rows, Sq)) for s in range(0, Sq, rows)]
+
+
 class _Call:
     """What one attention call's kernel saw, to recompute its scores: query offset, causality,
-    key positions, the call's mask, scale and soft-capping (heads: the calibrated ones)."""
+    key positions, the call's mask, scale and soft-capping (heads: the calibrated ones; None: all)."""
 
     def __init__(self, off, causal, shift, mask, scale, softcap, heads=None):
         self.off, self.causal, self.shift, self.scale, self.softcap, self.heads = off, causal, shift, scale, softcap, heads
+        self.all_heads = heads is None
         if mask is not None:
             mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B|1, H|1, Sq|1, Skv|1)
             if heads is not None and mask.shape[1] > 1:
                 mask = mask[:, heads.to(mask.device)]
         self.mask = mask
 
-    def logits(self, q, k, row0: int, cols=None) -> torch.Tensor:
+    def logits(self, q, k, row0: int, cols=None, grad: bool = True) -> torch.Tensor:
         """Scores (B, h, C, K) of query rows row0.. against k, float32 or wider, -inf where hidden;
-        ``cols`` (B, h, K): the key indices k holds (default: all, in order)."""
+        ``cols`` (B, h, K): the key indices k holds (default: the first K keys, in order). k may
+        hold fewer (GQA) heads than q: each serves its group of query heads without a copy. ``grad``
+        False: the score tensor is rewritten in place (no autograd graph needs its steps)."""
         work = torch.promote_types(q.dtype, torch.float32)
-        s = (q.to(work) @ k.to(work).transpose(-1, -2)) * self.scale
+        B, h, C, D = q.shape
+        hk, K = k.shape[1], k.shape[2]
+        if hk != h:
+            s = (q.to(work).reshape(B, hk, h // hk * C, D) @ k.to(work).transpose(-1, -2)).view(B, h, C, K)
+        else:
+            s = q.to(work) @ k.to(work).transpose(-1, -2)
+        if grad:  # out of place: autograd keeps what each step's backward reads
+            return self._hide(s * self.scale if not self.softcap else self.softcap * torch.tanh(s * self.scale / self.softcap),
+                              row0, cols, work, inplace=False)
+        s.mul_(self.scale)
         if self.softcap:
-            s = self.softcap * torch.tanh(s / self.softcap)
-        rows = torch.arange(row0, row0 + q.shape[2], device=q.device)  # (C,)
-        j = torch.arange(k.shape[2], device=q.device) if cols is None else cols[:, :, None, :]  # (K) / (B, h, 1, K)
+            s.div_(self.softcap).tanh_().mul_(self.softcap)
+        return self._hide(s, row0, cols, work, inplace=True)
+
+    def _hide(self, s, row0: int, cols, work, inplace: bool) -> torch.Tensor:
+        """Scores s (B, h, C, K) with causality and the call's mask applied (-inf where hidden)."""
+        C, K = s.shape[2], s.shape[3]
+        fill = (lambda x, m: x.masked_fill_(m, float("-inf"))) if inplace else (lambda x, m: x.masked_fill(m, float("-inf")))
+        j = torch.arange(K, device=s.device) if cols is None else cols[:, :, None, :]  # (K) / (B, h, 1, K)
         if self.causal:
-            s = s.masked_fill(j > rows[:, None] + self.off, float("-inf"))
+            rows = torch.arange(row0 + self.off, row0 + self.off + C, device=s.device)
+            s = fill(s, j > rows[:, None])
         if self.mask is not None:
-            m = self.mask[:, :, rows] if self.mask.shape[2] > 1 else self.mask  # (B|1, h|1, C|1, Skv|1)
+            m = self.mask[:, :, row0:row0 + C] if self.mask.shape[2] > 1 else self.mask  # (B|1, h|1, C|1, Skv|1)
             if cols is not None and m.shape[-1] > 1:
                 m = m.expand(cols.shape[0], cols.shape[1], m.shape[2], m.shape[3]).gather(
                     3, cols[:, :, None, :].expand(-1, -1, m.shape[2], -1))
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(work)
+            elif m.shape[-1] > 1:
+                m = m[..., :K]
+            if m.dtype == torch.bool:
+                s = fill(s, ~m)
+            else:
+                s = s.add_(m.to(work)) if inplace else s + m.to(work)
         return s
+
+    def seen(self, s, row0: int, Skv: int) -> torch.Tensor:
+        """(B|1, h|1, C) number of keys each query row sees, from its scores ``s`` (before they are
+        exponentiated) or, without a mask, from causality alone."""
+        C = s.shape[2]
+        if self.mask is not None:
+            return (s > float("-inf")).sum(-1)
+        if not self.causal:
+            return torch.full((1, 1, C), Skv, device=s.device)
+        return (torch.arange(row0 + self.off + 1, row0 + self.off + 1 + C, device=s.device).clamp(0, Skv)).view(1, 1, C)
