@@ -34,7 +34,6 @@ FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.f
 GRAD_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-9}  # gradients are checked for these input dtypes
 # the zoo's rows whose batch is free to vary (a guidance row's batch is its CFG role layout: test_goldens.py)
 ENTRIES = [c for c in ZOO if not c.site.roles]
-NO_GRAD = (ap.SharedAttention,)  # its AdaIN transform writes in place: test_grad.py's strict xfail
 # triton runs on CPU only in its interpreter (slow, and tests/test_triton.py covers it); the reference
 # is the oracle here, so it is not a kernel under test
 KERNELS = [n for n in kernels.names() if (n != "triton" or torch.cuda.is_available()) and n != "reference"]
@@ -74,7 +73,7 @@ def draw(i: int):
     dtype = r.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64])
     return dict(name=name, method=method, site=site, B=r.choice([1, 2]), Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv, D=D, Dv=Dv,
                 dtype=dtype, transposed=r.random() < 0.3, padding=r.random() < 0.2 and Skv > 4,
-                grad=r.random() < 0.3 and dtype in GRAD_FLOOR and not isinstance(method, NO_GRAD), seed=r.randrange(2**31))
+                grad=r.random() < 0.3 and dtype in GRAD_FLOOR, seed=r.randrange(2**31))
 
 
 def _tensors(c):
