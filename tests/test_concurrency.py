@@ -88,17 +88,16 @@ def test_flex_block_mask_cache_is_safe_when_another_thread_evicts(monkeypatch):
 
 
 def test_concurrent_calls_equal_serial_ones():
-    """Threads running sparse methods (plan caches, tiles' per-plan caches and per-thread buffers) at
-    once get the outputs of serial calls."""
+    """Threads running every method of the zoo (tests/zoo.py: plan caches, tiles' per-plan caches and
+    per-thread buffers, data-dependent selection, guidance parts) at once get the outputs of serial calls."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cases = [(ap.TopKBlocks(keep=0.3, block=(2, 4)), Site(grid=(g, 8))) for g in (4, 6)]
-    cases += [(ap.Neighborhood(window=3), Site(grid=(g, 8))) for g in (4, 6)]
-    g = torch.Generator().manual_seed(4)
-    inputs = [tuple(torch.randn(1, 2, s.grid[0] * 8, 16, generator=g) for _ in range(3)) for _, s in cases]
-    call = lambda i: ap.attend(*inputs[i % 4], *cases[i % 4], backend="tiles").clone()
-    serial = [call(i) for i in range(4)]
+    from zoo import ZOO, inputs
+
+    rows = [(c.method, site, tuple(t.float() for t in qkv)) for c in ZOO for site, qkv in [inputs(c)]]
+    call = lambda i: ap.attend(*rows[i % len(rows)][2], *rows[i % len(rows)][:2]).clone()
+    serial = [call(i) for i in range(len(rows))]
     with ThreadPoolExecutor(4) as pool:
-        outs = list(pool.map(call, range(40)))
+        outs = list(pool.map(call, range(3 * len(rows))))
     for i, o in enumerate(outs):
-        assert torch.equal(o, serial[i % 4]), i
+        assert torch.equal(o, serial[i % len(rows)]), ZOO[i % len(rows)].id
