@@ -247,3 +247,21 @@ def test_an_interrupt_keeps_what_was_measured():
         compare.measure(sets, run_one, 3, times, outputs, errors)
     assert set(outputs) == {"0", "1"} and times == {"0": [1.0], "1": [0.5]}
     assert timing.speedups(times, "0")["1"]["median"] == 2.0
+
+
+def test_faster_cache_runs_where_the_negative_prompt_is_a_call_of_its_own():
+    """FLUX's true CFG runs the negative prompt as a second transformer call: FasterCache's
+    unconditional-batch skip (halving a batch) fails there unless is_guidance_distilled is set,
+    which ``prepare`` reads from the pipeline; a CFG-batched pipeline keeps diffusers' default."""
+    pipe = _tiny_flux()
+    loaded = runner.Loaded("diffusion", pipe, None, "tiny", ["a red circle"], call=dict(true_cfg_scale=2.0, negative_prompt=""))
+    kw = dict(steps=3, height=32, width=32)
+    bare = caches.parse("FasterCache")
+    with pytest.raises(IndexError), caches.enabled(pipe, bare):  # diffusers' default on this pipeline
+        runner.run(loaded, ["a red circle"], 0, **kw)
+    cache = caches.parse("FasterCache")
+    caches.prepare(loaded, cache, calibrate=None)
+    assert cache.resolved == {"is_guidance_distilled": True}
+    with caches.enabled(pipe, cache):
+        out, _ = runner.run(loaded, ["a red circle"], 0, **kw)
+    assert torch.isfinite(out).all()

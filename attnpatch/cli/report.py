@@ -171,7 +171,7 @@ def frontier(rows: list[dict], q: str = "psnr") -> list[dict]:
 
 def _at(r: dict, q: str) -> str:
     v = r[q]
-    qual = ("identical to stock" if math.isinf(v) else f"{v:.1f} dB") if q == "psnr" else f"{q} {v:.3f}"
+    qual = ("identical to stock" if math.isinf(v) else f"{v:.1f} dB") if q == "psnr" else f"{q.replace('agreement', 'token agreement')} {v:.3f}"
     spread = f", {r['speedup_min']:.2f}-{r['speedup_max']:.2f}x over {r['repeats']} repeats" if r.get("repeats", 1) > 1 else ""
     return f"{r['setting']} ({r['speedup']:.2f}x{spread}; {qual})"
 
@@ -181,7 +181,7 @@ def statement(rows: list[dict], q: str = "psnr") -> str:
     method + cache beats the best caches alone (faster at equal-or-better quality, or better
     quality at equal-or-better speed); true whichever way it comes out."""
     front = frontier(rows, q)
-    what = "PSNR vs stock" if q == "psnr" else q
+    what = {"psnr": "PSNR vs stock", "agreement": "token agreement with stock"}.get(q, q)
     text = [f"On the speed-quality frontier (speedup; {what}; no other setting is both at least as fast and at least as "
             "close to stock): "
             + "; ".join(_at(r, q) for r in front) + "."]
