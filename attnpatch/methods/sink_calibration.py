@@ -137,14 +137,19 @@ class SinkCalibration(Method):
             n = call.seen(sc, s, Skv)  # (B|1, h|1, C) keys each row sees
             if grad:  # the LSE feeds the calibrated output: out of place, rows that see no key masked first (no NaN)
                 dead = ~(sc > float("-inf")).any(-1, keepdim=True)
-                lse = sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True).masked_fill(dead, 0.0).squeeze(-1)
-                sc, lse_d = sc.detach().clone(), lse.detach()
-            else:
-                lse = torch.logsumexp(sc, -1)  # -inf for rows that see no key
-                lse = lse_d = lse.masked_fill_(lse == float("-inf"), 0.0)  # those rows: lse 0, probabilities 0 below
-            lses.append(lse)
-            p = sc.sub_(lse_d[..., None]).exp_()  # in place: exp(-inf) = 0 where hidden
-            col[..., :K] += (n.to(p.dtype).expand(B, h, -1)[:, :, None, :] @ p).squeeze(2)  # attention relative to uniform
+                lses.append(sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True).masked_fill(dead, 0.0).squeeze(-1))
+                sc = sc.detach().clone()
+            mx = sc.amax(-1, keepdim=True)  # the LSE as max + log(sum exp): no temporary, one exp pass
+            mx.masked_fill_(mx == float("-inf"), 0.0)  # rows that see no key: their exp is 0 everywhere
+            # in place; hidden scores (-inf) and any below -87 are raised to -87 first: exp of -inf or of a value whose
+            # exp is subnormal takes the CPU's slow path (4-170x); exp(-87) = 1.6e-38 is below the float32 resolution
+            # of every sum it enters (Z >= 1, and a column's score against the threshold)
+            p = sc.sub_(mx).clamp_min_(_EXP_FLOOR).exp_()
+            z = p.sum(-1)  # (B, h, C)
+            if not grad:
+                lses.append(torch.where(n > 0, mx.squeeze(-1) + z.log(), 0.0))  # rows that see no key: 0
+            wt = n.to(p.dtype) / z.clamp_min(torch.finfo(p.dtype).tiny)  # n_i / Z_i: p_ij * n_i = exp(s_ij - max_i) * that
+            col[..., :K] += (wt[:, :, None, :] @ p).squeeze(2)  # attention relative to uniform, summed over the rows
             live += (n > 0).sum(-1, keepdim=True).expand(B, h, 1)
         j = torch.arange(Skv, device=q.device)
         pos = j if call.shift is None else j + call.shift.to(q.device)[:, None]  # (Skv) or (B, Skv): absolute
@@ -197,6 +202,9 @@ class SinkCalibration(Method):
         return Plan(output=output, name=repr(self))
 
 
+_EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38: the smallest normal float32 is 1.2e-38
+
+
 def _rows(x, kv_head, idx):
     """(B, h, m, D): rows ``idx`` (B, h, m) of x (B, hk, S, D), head hh reading KV head ``kv_head[hh]``."""
     B, hk, S, D = x.shape
@@ -242,7 +250,7 @@ class _Call:
         if grad:  # out of place: autograd keeps what each step's backward reads
             return self._hide(s * self.scale if not self.softcap else self.softcap * torch.tanh(s * self.scale / self.softcap),
                               row0, cols, work, inplace=False)
-        s.mul_(self.scale)
+        s.mul_(self.scale)  # (scaling q first would save this pass but round differently from the kernel)
         if self.softcap:
             s.div_(self.softcap).tanh_().mul_(self.softcap)
         return self._hide(s, row0, cols, work, inplace=True)
@@ -254,7 +262,12 @@ class _Call:
         j = torch.arange(K, device=s.device) if cols is None else cols[:, :, None, :]  # (K) / (B, h, 1, K)
         if self.causal:
             rows = torch.arange(row0 + self.off, row0 + self.off + C, device=s.device)
-            s = fill(s, j > rows[:, None])
+            if inplace and cols is None:  # keys in order: only those past the chunk's first position can be hidden
+                lo = max(row0 + self.off + 1, 0)
+                if lo < K:
+                    s[..., lo:].masked_fill_(j[lo:] > rows[:, None], float("-inf"))
+            else:
+                s = fill(s, j > rows[:, None])
         if self.mask is not None:
             m = self.mask[:, :, row0:row0 + C] if self.mask.shape[2] > 1 else self.mask  # (B|1, h|1, C|1, Skv|1)
             if cols is not None and m.shape[-1] > 1:
