@@ -146,7 +146,9 @@ def _parts(c: Call, out):
 
 def _kernel(c: Call):
     """The selected kernel on the plan the steps before it leave (no step core applies itself)."""
-    plan = dataclasses.replace(c.plan, output=None, extra_kv=None, transform=None, parts=())
+    plan = c.plan
+    if plan.output is not None or plan.extra_kv is not None or plan.transform is not None or plan.parts:
+        plan = dataclasses.replace(plan, output=None, extra_kv=None, transform=None, parts=())
     kernel = kernels.select(c.q, c.k_all, c.v_all, plan, mask=c.mask, backend=c.backend)
     return kernel.run(c.q, c.k_all, c.v_all, plan, mask=c.mask, scale=c.scale)
 
@@ -160,7 +162,18 @@ BEFORE_KERNEL = (_site, _softcap, _transform, _extra_kv, _q_scale)
 AFTER_KERNEL = (_output, _parts)
 
 
+_DENSE = Plan()
+
+
 def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
+    if plan is None:
+        plan = _DENSE
+    if not softcap and plan.transform is None and plan.extra_kv is None and plan.output is None and not plan.parts:
+        # the common call, where only the site and q_scale steps apply: the same steps without the Call
+        # record (per-call Python overhead is what a 64-token call pays on top of SDPA)
+        plan = plan.with_site(site.causal, site.q_offset)
+        q, scale, plan = fold_q_scale(q, scale, plan)
+        return kernels.select(q, k, v, plan, mask=mask, backend=backend).run(q, k, v, plan, mask=mask, scale=scale)
     c = Call(q, k, v, plan, mask, scale, softcap, site, backend)
     for step in BEFORE_KERNEL:
         step(c)

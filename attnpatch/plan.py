@@ -41,9 +41,28 @@ class Plan:
     # q (a float folds into the softmax scale: exact), before score_mod
     q_scale: float | torch.Tensor | None = None
     name: str = "dense"
+    # True when mask_mod is a pure function of its index arguments (it reads no state that changes
+    # between calls): kernels may then cache what they derive from it, keyed on the mask_mod object
+    # (sdpa keeps the materialised mask). Static methods set it on the plans they cache and reuse.
+    static: bool = False
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":
-        return replace(self, causal=causal, q_offset=q_offset)
+        """This plan with the Site's causality; the derived plan is remembered on this (frozen) plan,
+        so a plan a method caches and returns again costs no dataclass copy per call."""
+        if self.causal == causal and self.q_offset == q_offset:
+            return self
+        return _derived(self, "_sited", (causal, q_offset), lambda: replace(self, causal=causal, q_offset=q_offset))
+
+
+def _derived(plan: Plan, slot: str, key, make) -> Plan:
+    """``make()``, remembered on ``plan`` under ``slot`` for ``key`` (the latest key only): a plan a
+    method caches and returns on every call derives its variants once, not per call."""
+    memo = plan.__dict__.get(slot)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    out = make()
+    object.__setattr__(plan, slot, (key, out))  # one tuple: a concurrent reader sees the old pair or this one
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,12 +83,15 @@ def fold_q_scale(q: torch.Tensor, scale, plan: Plan):
     qs = plan.q_scale
     if qs is None:
         return q, scale, plan
-    plan = replace(plan, q_scale=None)
+    unscaled = _derived(plan, "_unscaled", None, lambda: replace(plan, q_scale=None))
     if not torch.is_tensor(qs):
         base = q.shape[-1] ** -0.5 if scale is None else scale
-        return q, base * float(qs), plan
+        return q, base * float(qs), unscaled
     work = torch.promote_types(q.dtype, torch.float32)  # float32 at least, float64 stays float64
-    return (q.to(work) * qs.to(q.device, work)).to(q.dtype), scale, plan  # (B, H, Sq, D) * (B|1, H|1, Sq|1, 1)
+    qs = _derived(plan, "_q_scale_as", (q.device, work), lambda: qs.to(q.device, work))  # cast once per plan
+    if q.dtype == work:
+        return q * qs, scale, unscaled  # (B, H, Sq, D) * (B|1, H|1, Sq|1, 1)
+    return (q.to(work) * qs).to(q.dtype), scale, unscaled
 
 
 def q_scale_as_score_mod(plan: Plan, B: int, H: int, Sq: int) -> Plan:
@@ -101,6 +123,8 @@ def index_grids(B: int, H: int, Sq: int, Skv: int, device, q_start: int = 0) -> 
 def materialise_mask(plan: Plan, B: int, H: int, Sq: int, Skv: int, device, q_start: int = 0) -> torch.Tensor | None:
     """The boolean keep-mask of ``plan`` (causal and mask_mod), broadcastable to (B, H, Sq, Skv)
     (query rows from ``q_start``); None when nothing is masked."""
+    if not plan.causal and plan.mask_mod is None:
+        return None  # dense: no index grids to build
     b, h, q, kv = index_grids(B, H, Sq, Skv, device, q_start)
     keep = None
     if plan.causal:

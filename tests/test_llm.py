@@ -64,7 +64,8 @@ def test_causal_prefill_runs_block_sparse(method):
     assert plan.blocks is not None and plan.blocks.causal and plan.blocks.density() < 0.7
     from attnpatch import kernels
 
-    assert kernels.select(q, k, v, plan.with_site(True, 0)).name == "tiles"
+    # tiles can run it (at this size the cost model selects sdpa; every backend is checked below)
+    assert kernels.get("tiles").why_not(q, k, v, plan.with_site(True, 0)) is None
     ref = ap.attend(q.double(), k.double(), v.double(), method, site, backend="reference")
     for backend in ("tiles", "flex", "sdpa"):
         out = ap.attend(q, k, v, method, site, backend=backend)

@@ -1,12 +1,21 @@
-"""The kernel registry. ``select`` runs the first capable kernel in ``PREFERENCE``, one fixed list
-per (device kind, plan kind): the order is data, capability is each kernel's ``why_not``.
+"""The kernel registry. ``select`` runs the cheapest capable kernel for a call by the cost model
+(``kernels/cost.py``, constants calibrated per device by ``benchmarks/calibrate_cost.py``); kernels
+the model does not know, devices without constants and near-ties keep ``PREFERENCE``, one fixed
+list per (device kind, plan kind). Capability is each kernel's ``why_not``.
 
 A kernel that cannot run a call says why (``why_not``); ``select`` falls back to the next one
-and logs the reason (``ATTNPATCH_LOG=debug``). A named backend that cannot run raises.
+and logs the reason and the estimates (``ATTNPATCH_LOG=debug``). A named backend that cannot run
+raises. The ranking is cached per call signature (shapes, dtype, device, threads, plan kind, block
+structure), so a static plan pays for it once.
 """
 from __future__ import annotations
 
+import threading
+
+import torch
+
 from .._log import debug_once
+from . import cost
 from .base import Kernel, check_qkv
 from .reference import Reference
 from .flex import Flex
@@ -23,7 +32,7 @@ _REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Flex(), Reference()]
 # into SDPA calls (tiles); on CPU tiles reaches 0.85-0.95 of the ideal speedup, FlexAttention 0.2-0.7
 # (DESIGN.md), and triton only runs interpreted (tests name it). The reference oracle is always last.
 # Other device kinds (mps, xpu, ...) use "default". Kernels added by ``register`` join every list.
-# Choosing by estimated cost is the next step; this table only makes today's order explicit.
+# The cost model reorders the kernels it knows by estimated time; this order breaks ties and ranks the rest.
 PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cpu", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
     ("cpu", "masked"): ["tiles", "sdpa", "flex", "triton", "reference"],
@@ -40,6 +49,7 @@ def register(kernel: Kernel, *, before: str | None = None) -> Kernel:
     if not getattr(kernel, "name", None):
         raise ValueError("a kernel needs a non-empty .name")
     _REGISTRY[:] = [k for k in _REGISTRY if k.name != kernel.name]
+    _RANKED.clear()  # cached orders name the kernel objects
     target = before or "reference"
     idx = next((i for i, k in enumerate(_REGISTRY) if k.name == target), len(_REGISTRY))
     _REGISTRY.insert(idx, kernel)
@@ -77,8 +87,43 @@ def preference(device_type: str, plan) -> list[Kernel]:
     return [by_name[n] for n in order if n in by_name]
 
 
+_RANKED: dict = {}  # call signature -> kernels in the order select tries them
+_RANKED_MAX = 512
+_RANKED_LOCK = threading.Lock()
+
+
+def _signature(q, k, v, plan, mask) -> tuple:
+    """Everything the ranking depends on (the block structure by identity: it is cached per plan)."""
+    return (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), v.shape[3], torch.get_num_threads(),
+            plan.mask_mod is None, plan.score_mod is None, plan.causal, plan.q_offset, plan.static,
+            plan.blocks, None if mask is None else (mask.dtype, tuple(mask.shape)), len(_REGISTRY),
+            tuple(PREFERENCE.get((q.device.type, "plain" if plan.mask_mod is None else "masked")) or ()))
+
+
+def ranked(q, k, v, plan, mask=None) -> list[Kernel]:
+    """The registered kernels in the order ``select`` tries them for this call: by estimated cost
+    where the device is calibrated (``cost.rank``), else ``preference``."""
+    key = _signature(q, k, v, plan, mask)
+    order = _RANKED.get(key)
+    if order is not None:
+        return order
+    pref = preference(q.device.type, plan)
+    names_, est = cost.rank([kr.name for kr in pref], cost.constants(q.device.type, torch.get_num_threads()),
+                            q, k, v, plan, mask)
+    by_name = {kr.name: kr for kr in pref}
+    order = [by_name[n] for n in names_]
+    if est:
+        debug_once(f"plan {plan.name!r} on q {tuple(q.shape)} {q.dtype}: estimated "
+                   + ", ".join(f"{n} {1e3 * est[n]:.3g} ms" for n in names_ if est[n] != float("inf")))
+    with _RANKED_LOCK:
+        if len(_RANKED) >= _RANKED_MAX:
+            _RANKED.clear()  # signatures of dropped block structures would pile up (data-dependent plans)
+        _RANKED[key] = order
+    return order
+
+
 def select(q, k, v, plan, *, mask=None, backend: str | None = None) -> Kernel:
-    """The first kernel (or the named ``backend``) able to run ``plan`` on these tensors."""
+    """The cheapest capable kernel (or the named ``backend``) for ``plan`` on these tensors."""
     if backend is not None:
         kernel = get(backend)
         reason = kernel.why_not(q, k, v, plan, mask)
@@ -86,7 +131,7 @@ def select(q, k, v, plan, *, mask=None, backend: str | None = None) -> Kernel:
             raise RuntimeError(f"backend {backend!r} cannot run plan {plan.name!r}: {reason}")
         return kernel
     reasons = []
-    for kernel in preference(q.device.type, plan):
+    for kernel in ranked(q, k, v, plan, mask):
         reason = kernel.why_not(q, k, v, plan, mask)
         if reason is None:
             if reasons:
@@ -96,4 +141,4 @@ def select(q, k, v, plan, *, mask=None, backend: str | None = None) -> Kernel:
     raise RuntimeError(f"no kernel can run plan {plan.name!r} on q {tuple(q.shape)}: " + "; ".join(reasons))
 
 
-__all__ = ["Kernel", "PREFERENCE", "check_qkv", "register", "names", "get", "preference", "select"]
+__all__ = ["Kernel", "PREFERENCE", "check_qkv", "register", "names", "get", "preference", "ranked", "select"]

@@ -93,6 +93,8 @@ CORE_STEPS = ("transform", "extra_kv", "output", "parts")  # applied around ever
 def core_step_why_not(plan: Plan) -> str | None:
     """Why a kernel is not handed ``plan`` as it is: the steps attnpatch.core applies around every
     kernel (the same for all of them) are still in it."""
+    if plan.transform is None and plan.extra_kv is None and plan.output is None and not plan.parts:
+        return None  # the common case, checked on every call: no loop
     for f in CORE_STEPS:
         if getattr(plan, f):
             return f"plan.{f} is applied around the kernel by attnpatch.core: call attnpatch.attend"

@@ -132,7 +132,7 @@ def separable_plan(site: Site, S: int, keeps: list, axes: list, device, name: st
             keep = keep & t[qa, ka]
         return keep
 
-    return Plan(mask_mod=grid_mask_mod(site, keep_fn), blocks=assemble(site, S, perm, sizes, vis), name=name)
+    return Plan(mask_mod=grid_mask_mod(site, keep_fn), blocks=assemble(site, S, perm, sizes, vis), name=name, static=True)
 
 
 def per_axis(value, nd: int, name: str, method: str) -> tuple:
@@ -160,22 +160,22 @@ def site_grid(site: Site, q, k, method: str) -> Site | None:
     return site
 
 
-class PlanCache:
-    """Plans per (layout, length, device): built once, reused across layers and steps. Safe under
-    concurrent calls: lookups, evictions and inserts hold a lock, and a caller returns the value it
-    built or read (never re-reads a key another thread may have evicted). A build runs outside the
-    lock, so two threads may build the same plan once each; both results are equal."""
+class Memo:
+    """A small LRU of built values (plans) by key. Safe under concurrent calls: lookups, evictions and
+    inserts hold a lock, and a caller returns the value it built or read (never re-reads a key another
+    thread may have evicted). A build runs outside the lock, so two threads may build the same value
+    once each; both are equal, and the first one stored is what every later call gets (the same
+    object, so kernels' caches keyed on it hit)."""
 
-    def __init__(self, build: Callable, maxsize: int = 64):
-        self.build, self.maxsize, self.store = build, maxsize, {}
+    def __init__(self, maxsize: int = 64):
+        self.maxsize, self.store = maxsize, {}
         self._lock = threading.Lock()
 
-    def get(self, site: Site, Sq: int, device):
-        key = (site.grid, site.text_len, site.text_first, site.causal, site.q_offset, Sq, str(device))
+    def get(self, key, build: Callable):
         with self._lock:
             value = self.store.get(key)
         if value is None:
-            value = self.build(site, Sq, device)
+            value = build()
             with self._lock:
                 while len(self.store) >= self.maxsize and key not in self.store:
                     self.store.pop(next(iter(self.store)))
@@ -188,3 +188,16 @@ class PlanCache:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class PlanCache(Memo):
+    """Plans per (layout, length, device): built once, reused across layers and steps (a static
+    plan depends on none of them), as one Plan object."""
+
+    def __init__(self, build: Callable, maxsize: int = 64):
+        super().__init__(maxsize)
+        self.build = build
+
+    def get(self, site: Site, Sq: int, device):
+        key = (site.grid, site.text_len, site.text_first, site.causal, site.q_offset, Sq, str(device))
+        return super().get(key, lambda: self.build(site, Sq, device))

@@ -97,7 +97,8 @@ class Radial(Sparse):
             r = bands[(qc[0] - kc[0]).abs()]
             return (qc[0] < nd) | (kc[0] < nd) | (kh[r, qc[1], kc[1]] & kw[r, qc[2], kc[2]])
 
-        return Plan(mask_mod=_grid.grid_mask_mod(site, keep_fn), blocks=_grid.assemble(site, S, perm, sizes, vis), name=repr(self))
+        return Plan(mask_mod=_grid.grid_mask_mod(site, keep_fn), blocks=_grid.assemble(site, S, perm, sizes, vis), name=repr(self),
+                    static=True)
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if site.kind != "cross" and (site.grid is None or len(site.grid) != 3):

@@ -19,6 +19,7 @@ import torch
 from ..blocks import causal_states, from_states, overlap
 from ..plan import Plan
 from ..site import Site
+from ._grid import Memo
 from .base import Method, check_bool, check_int
 
 
@@ -83,6 +84,7 @@ class SinkWindow(Method):
         check_int("SinkWindow", "block", self.block, 16)
         self.evict = check_bool("SinkWindow", "evict", self.evict)
         self._blocks: tuple = (None, None)  # (S, structure) of the latest prefill length
+        self._plans = Memo()  # static plans per (parameters, shape, q_offset, device); see plan()
 
     def kv_policy(self) -> SinkEviction | None:
         """``evict=True``: a new ``SinkEviction`` for the patch that asks (its statistics are that patch's)."""
@@ -114,6 +116,14 @@ class SinkWindow(Method):
                 f"SinkWindow is causal (LLM) attention but {site.name or 'this site'} is not causal; "
                 "for image / video models use a locality method such as Neighborhood"
             )
+        if site.kv_shift is not None or q is None:
+            return self._plan(q, k, site)
+        # without kv_shift the plan depends only on these: one Plan object per key (for every layer and
+        # step), so kernels' caches keyed on its mask_mod (sdpa's materialised mask) hit on every call
+        key = (self.sink, self.window, self.block, q.shape[2], k.shape[2], site.q_offset, str(q.device))
+        return self._plans.get(key, lambda: self._plan(q, k, site))
+
+    def _plan(self, q, k, site: Site) -> Plan:
         sink, window, offset, shift = self.sink, self.window, site.q_offset, site.kv_shift
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -125,7 +135,7 @@ class SinkWindow(Method):
         S = None if q is None else q.shape[2]
         prefill = S is not None and S == k.shape[2] and offset == 0 and shift is None and S > self.block
         return Plan(mask_mod=mask_mod, blocks=self.blocks(S) if prefill else None,
-                    name=f"SinkWindow(sink={sink}, window={window})")
+                    name=f"SinkWindow(sink={sink}, window={window})", static=shift is None)
 
 
 if __name__ == "__main__":

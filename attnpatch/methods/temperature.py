@@ -12,6 +12,7 @@ import torch
 
 from ..plan import Plan
 from ..site import Site
+from ._grid import Memo
 from .base import Method, check_indices, check_int, check_number
 
 
@@ -28,11 +29,14 @@ class Temperature(Method):
         self.tau = check_number("Temperature", "tau", self.tau, low=0, low_open=True, example=0.9)
         if self.layers is not None:  # an int is that one layer, as in patch(..., layers=3) and PAG(layers=3)
             self.layers = check_indices("Temperature", "layers", self.layers, single=True, example=(2, 3))
+        self._plans = Memo(8)
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if self.tau == 1.0 or (self.layers is not None and site.layer not in self.layers):
             return None
-        return Plan(q_scale=1.0 / self.tau, name=repr(self))  # folds into the softmax scale: SDPA speed
+        # one Plan per tau (its repr is most of a 64-token call's planning time); folds into the
+        # softmax scale: SDPA speed
+        return self._plans.get((self.tau, self.layers), lambda: Plan(q_scale=1.0 / self.tau, name=repr(self)))
 
 
 @dataclass
@@ -46,11 +50,17 @@ class EntropyScale(Method):
     def __post_init__(self):
         self.train_len = check_int("EntropyScale", "train_len", self.train_len, 2, example=4096,
                                    expected="an integer >= 2 (the training length or tokens per image)")
+        self._plans = Memo()
 
     def plan(self, q, k, site: Site) -> Plan | None:
-        Skv, off, base = k.shape[2], site.q_offset, math.log(self.train_len)
-        if Skv <= self.train_len:
+        if k.shape[2] <= self.train_len:
             return None  # within the training length every factor is 1
+        # the factors depend only on this key: one Plan per key, for every layer and step
+        key = (self.train_len, q.shape[2], k.shape[2], site.q_offset, site.causal, str(q.device))
+        return self._plans.get(key, lambda: self._plan(q, k, site))
+
+    def _plan(self, q, k, site: Site) -> Plan:
+        Skv, off, base = k.shape[2], site.q_offset, math.log(self.train_len)
         if not site.causal or q.shape[2] == 1:  # every row sees the same n keys: one factor
             n = Skv if not site.causal else min(off + 1, Skv)
             return Plan(q_scale=max(1.0, math.log(n) / base), name=repr(self))

@@ -1,0 +1,159 @@
+"""A cost model of the kernels, so ``kernels.select`` runs the fastest exact kernel for a plan,
+shape and device instead of a fixed order.
+
+Every estimate is in seconds, from a few per-device constants measured by
+``benchmarks/calibrate_cost.py`` (written to ``cost_<device>.json`` next to this file, per torch
+thread count; the file names the machine and the date). With ``E = B H_q S_q S_kv`` score elements
+and ``elem_s(D)`` / ``mask_elem_s(D)`` the seconds per element of dense SDPA and the extra of an
+additive mask, measured per head dim (the CPU kernel's rate differs several-fold between head dims;
+``per_d`` interpolates):
+
+- ``sdpa``, plain (no mask_mod; causal from 0 runs as ``is_causal``)::
+
+      call_s + E * elem_s(D) * (causal_factor if causal else 1)
+
+- ``sdpa``, masked (a materialised mask: the CPU kernel computes every score and reads the mask)::
+
+      call_s + E * (elem_s(D) + mask_elem_s(D))  [+ build_s + B S_q S_kv * build_s_per_elem unless cached]
+
+  A static plan's mask is cached after its first call (``Plan.static``; kernels/sdpa.py); a static
+  plan whose BlockSparse keeps every block entirely needs no mask at all (plain cost).
+- ``tiles`` (block-sparse: one SDPA call per run of blocks, parts merged by their LSE)::
+
+      call_s * calls + density * E * elem_s(D) * tiles_factor + partial * E * mask_elem_s(D)
+      + lse_s * lse_parts + merge_s_per_elem * merged elements + gather_s_per_byte * gathered bytes
+
+  ``density`` / ``partial`` are the kept / partially kept fractions of the score matrix (partial
+  blocks are computed whole, with an additive bias); ``calls`` / ``lse_parts`` / merged elements
+  come from the tiles kernel's own call groups of the plan's BlockSparse (``tiles.groups``); the
+  gathers are the tile-order permutation of q, k, v and of the output (and the GQA head repeat).
+  ``tiles_factor`` is fitted on a video sliding-tile plan (its shorter calls run below the dense rate).
+
+Kernels the model does not know (flex, triton, reference, registered ones) and devices without a
+constants file keep the ``PREFERENCE`` order after the modelled ones; a tie (within 2 %) keeps the
+``PREFERENCE`` order too. The model only orders the capable kernels: capability stays each
+kernel's ``why_not``, and every kernel is exact, so a wrong estimate costs time, never accuracy.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..blocks import BlockSparse
+
+HERE = Path(__file__).resolve().parent
+TIE = 0.02  # estimates within 2 % of each other keep the preference order
+KEYS = ("call_s", "elem_s", "causal_factor", "mask_elem_s", "build_s", "build_s_per_elem", "tiles_factor",
+        "lse_s", "merge_s_per_elem", "gather_s_per_byte")
+_TABLES: dict = {}
+
+
+def load(device_type: str) -> dict | None:
+    """``{threads: constants}`` for a device kind from ``cost_<device>.json``, or None (cached)."""
+    if device_type not in _TABLES:
+        path = HERE / f"cost_{device_type}.json"
+        table = None
+        if path.exists():
+            raw = json.loads(path.read_text())
+            table = {int(t): c for t, c in raw.get("threads", {}).items() if all(k in c for k in KEYS)} or None
+        _TABLES[device_type] = table
+    return _TABLES[device_type]
+
+
+def constants(device_type: str, threads: int) -> dict | None:
+    """The constants measured at the thread count nearest ``threads`` (None: not calibrated)."""
+    table = load(device_type)
+    if not table:
+        return None
+    return table[min(table, key=lambda t: (abs(t - threads), t))]
+
+
+def per_d(table: dict, D: int) -> float:
+    """A per-head-dim constant (``{"32": x, "64": y, ...}``) at head dim ``D``: linear between the
+    measured dims; beyond the largest, proportional to D (the work per score is); below the
+    smallest, the smallest's."""
+    pts = sorted((int(d), float(x)) for d, x in table.items())
+    if D <= pts[0][0]:
+        return pts[0][1]
+    for (d0, x0), (d1, x1) in zip(pts, pts[1:]):
+        if D <= d1:
+            return x0 + (x1 - x0) * (D - d0) / (d1 - d0)
+    return pts[-1][1] * D / pts[-1][0]
+
+
+def block_stats(bs: BlockSparse) -> dict:
+    """What the tiles kernel does for ``bs`` (cached on it): kept fraction of the score matrix,
+    SDPA calls, LSE parts, merged query rows (times parts), and whether there is a permutation."""
+    if "cost_stats" in bs.cache:
+        return bs.cache["cost_stats"]
+    from .tiles import MAX_CALL_BYTES, groups  # noqa: F401 (same module family; groups are cached on bs)
+
+    calls = lse = merged = 0
+    for g in groups(bs):
+        if len(g.runs) == 1 and g.runs[0][3]:
+            calls += 1
+        else:
+            calls += len(g.runs)
+            lse += len(g.runs)
+            merged += g.n * g.L * len(g.runs)
+    qs, ks = bs.pair_sizes()
+    area, S2 = qs * ks, bs.seq_len ** 2
+    partial = float(area[~bs.kv_full].sum()) / S2
+    stats = dict(density=float(area.sum()) / S2, partial=partial, calls=calls, lse_parts=lse, merged_rows=merged,
+                 perm=bs.perm is not None, keeps_all=partial == 0 and int(area.sum()) == S2)
+    bs.cache["cost_stats"] = stats
+    return stats
+
+
+def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
+    """Estimated seconds of kernel ``name`` for this call under constants ``c``; inf when the
+    model does not know the kernel."""
+    B, Hq, Sq, D = q.shape
+    Skv = k.shape[2]
+    E = B * Hq * Sq * Skv  # score elements
+    dense = E * per_d(c["elem_s"], D)
+    mask = E * per_d(c["mask_elem_s"], D)
+    stats = block_stats(plan.blocks) if plan.blocks is not None else None
+    if name == "sdpa":
+        if plan.mask_mod is None and mask is None:
+            causal = plan.causal and plan.q_offset == 0
+            return c["call_s"] + dense * (c["causal_factor"] if causal else 1.0)
+        if stats is not None and stats["keeps_all"] and plan.static and mask is None and not plan.causal:
+            return c["call_s"] + dense  # the cached mask keeps everything: plain SDPA
+        build = 0.0 if plan.static else c["build_s"] + B * Sq * Skv * c["build_s_per_elem"]
+        return c["call_s"] + dense + mask + build
+    if name == "tiles":
+        if stats is None:
+            return math.inf
+        rep_or_perm = stats["perm"] or Hq != k.shape[1]
+        gathered = (B * Hq * (Sq + 2 * Skv) * D + (B * Hq * Sq * v.shape[3] if stats["perm"] else 0)) * q.element_size()
+        return (c["call_s"] * stats["calls"] + stats["density"] * dense * c["tiles_factor"]
+                + stats["partial"] * mask + c["lse_s"] * stats["lse_parts"]  # partial blocks read a bias
+                + c["merge_s_per_elem"] * B * Hq * stats["merged_rows"] * v.shape[3]
+                + (c["gather_s_per_byte"] * gathered if rep_or_perm else 0.0))
+    return math.inf
+
+
+def rank(names: list[str], c: dict | None, q, k, v, plan, mask=None) -> tuple[list[str], dict]:
+    """``names`` (in preference order) with the kernels the model knows sorted by estimated cost
+    among the places they hold (unknown kernels keep theirs; near-ties keep the preference order);
+    also the estimates. Without constants: ``names`` unchanged."""
+    if c is None:
+        return list(names), {}
+    est = {n: estimate(n, c, q, k, v, plan, mask) for n in names}
+    known = [n for n in names if est[n] < math.inf]
+    ordered: list[str] = []
+    for n in sorted(known, key=lambda n: est[n]):  # stable: equal estimates keep the preference order
+        i = len(ordered)  # a near-tie goes to the kernel preferred first
+        while i > 0 and est[n] <= est[ordered[i - 1]] * (1 + TIE) and names.index(ordered[i - 1]) > names.index(n):
+            i -= 1
+        ordered.insert(i, n)
+    it = iter(ordered)
+    return [next(it) if est[n] < math.inf else n for n in names], est
+
+
+def threads() -> int:
+    return torch.get_num_threads()
