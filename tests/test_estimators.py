@@ -95,18 +95,24 @@ def test_causal_selection_that_drops_a_block_is_applied_at_small_sizes():
 
 
 def test_grid_with_one_tile_or_full_keep_runs_dense_without_an_estimate(monkeypatch):
-    """One tile (or keep=1.0): every tile is kept, so no estimate runs; the plan has no mask_mod (plain
-    SDPA) and an all-full block structure (a named block-sparse backend still runs it)."""
+    """One tile (or keep=1.0): every tile is kept, so no estimate runs and the plan is dense attention
+    (None: plain SDPA, no mask tensor)."""
     calls = []
     monkeypatch.setattr(ap.TopKBlocks, "estimate", lambda self, *a: calls.append(1))
     q, k, v = torch.randn(3, 1, 2, 80, 16).unbind(0)
     for m, site in ((ap.TopKBlocks(keep=0.25), Site(grid=(8, 8), text_len=16, kind="joint")),
                     (ap.TopKBlocks(keep=1.0, block=2), Site(grid=(8, 10)))):
-        plan = m.plan(q, k, site)
-        assert plan.mask_mod is None and bool(plan.blocks.kv_full.all())
-        torch.testing.assert_close(ap.attend(q, k, v, m, site, backend="tiles"),
-                                   torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+        assert m.plan(q, k, site) is None
+        torch.testing.assert_close(ap.attend(q, k, v, m, site), torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert not calls
+
+
+def test_grid_selection_that_drops_a_tile_is_applied_on_a_two_tile_grid():
+    """Two tiles, keep=0.25: each query tile keeps its own tile only (the smallest grid that selects)."""
+    q, k = torch.randn(2, 1, 2, 128, 16).unbind(0)
+    plan = ap.TopKBlocks(keep=0.25).plan(q, k, Site(grid=(4, 8, 4)))  # default 3-D tile (2, 8, 16): two tiles
+    keep = materialise_mask(plan, 1, 1, 128, 128, "cpu")[0, 0]
+    assert plan.blocks is not None and keep.float().mean().item() == 0.5
 
 
 # ---- SinkCalibration -------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def test_full_keep_is_dense_attention():
     site = Site(grid=(6, 7), text_len=4, kind="joint")
     q, k, v = _qkv(1, 2, 2, 46, 16)
     for m in (ap.TopKBlocks(keep=1.0, block=3), ap.TopKBlocks(mass=1.0, block=3)):
-        out = ap.attend(q, k, v, m, site, backend="tiles")
+        assert m.plan(q, k, site) is None  # every tile kept: plain SDPA, no mask tensor
+        out = ap.attend(q, k, v, m, site)
         torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 

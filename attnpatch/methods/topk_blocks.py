@@ -164,16 +164,6 @@ class TopKBlocks(Sparse):
             blocks = from_states(state, lay["bounds_cpu"], None, causal=True)
         return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
 
-    def _full_plan(self, site: Site, S: int, lay: dict) -> Plan:
-        """Every tile kept: dense attention exactly, as a plan with no mask_mod (plain SDPA runs it,
-        no mask tensor) whose all-full block structure a named block-sparse backend can still run
-        (built once per layout)."""
-        if "full_plan" not in lay:
-            nT = lay["sizes"].numel()
-            full = torch.full((nT, nT), 2, dtype=torch.uint8)
-            lay["full_plan"] = Plan(blocks=_grid.assemble(site, S, lay["perm"], lay["sizes"], full), name=repr(self))
-        return lay["full_plan"]
-
     def plan(self, q, k, site: Site) -> Plan | None:
         if site.causal:
             return self._causal_plan(q, k, site)
@@ -182,11 +172,11 @@ class TopKBlocks(Sparse):
             return None
         lay = self._layouts.get(site, q.shape[2], q.device)
         if lay["dense"]:
-            return self._full_plan(site, q.shape[2], lay)  # one tile, or keep takes every tile: no estimate needed
+            return None  # one tile, or keep takes every tile: dense attention is this plan, exactly (no estimate)
         keep = self.select(self.estimate(q, k, site, lay), lay["forced"])
         keep_cpu = keep.cpu()
         if bool(keep_cpu.all()):
-            return self._full_plan(site, q.shape[2], lay)
+            return None  # the estimate kept every tile (mass): plain SDPA, no mask tensor
         blocks = _grid.assemble(site, q.shape[2], lay["perm"], lay["sizes"], keep_cpu.to(torch.uint8) * 2)
         v0, n, tile_of = site.visual_start, site.visual_len, lay["tile_of"]
 
