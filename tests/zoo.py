@@ -174,6 +174,8 @@ ZOO = [
     Case("inwardwindow-text-last", ap.InwardWindow(train_grid=6, tile=4), Site(grid=(6, 13), text_len=2, text_first=False,
                                                                               kind="joint"),
          (1, 2, 1, 80, 80, 72), _keep(lambda s, S: G.inward_window(s, S, 6))),
+    Case("inwardwindow-short-rows", ap.InwardWindow(train_grid=8, tile=4), Site(grid=(4, 12)), (1, 2, 1, 48, 48, 16),
+         _keep(lambda s, S: G.inward_window(s, S, 8))),  # rows shorter than the window: dense on that axis
     Case("inwardwindow-video", ap.InwardWindow(train_grid=4, tile=4), Site(grid=(3, 5, 7), text_len=2, kind="joint"),
          (1, 2, 2, 107, 107, 64), _keep(lambda s, S: G.inward_window(s, S, 4))),
     # Radial
