@@ -267,3 +267,21 @@ def test_guidance_reads_the_cfg_scale_of_separate_cfg_pipelines(family, one_thre
         deltas.append(guided - stock)
     assert deltas[0].abs().max() > 1e-4
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=1e-4)
+
+
+def test_pag_on_the_flux_fixture_perturbs_the_conditional_pass_only(one_thread):
+    """The fixture's pipeline fills in true CFG defaults (true_cfg_scale=4, negative_prompt=""):
+    the guidance hook must see them, so only the conditional pass carries the perturbed rows."""
+    from attnpatch.methods.observe import Observed
+    from attnpatch.models import fixtures
+
+    pipe = fixtures.flux_shapes()
+    batches = []
+
+    def watch(q, k, site, groups):
+        if site.layer == 0 and site.kind != "cross":
+            batches.append(q.shape[0])
+
+    with ap.patch(pipe, Observed(ap.PAG(scale=2.0), watch)):
+        pipe("a red circle", num_inference_steps=2, output_type="latent")
+    assert batches == [2, 1, 2, 1], batches  # per step: cond + perturbed, then uncond alone

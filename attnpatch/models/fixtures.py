@@ -10,6 +10,7 @@ text length, steps, CFG); every other argument works as in the stock pipeline.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -71,6 +72,11 @@ def _defaults(base, **defaults):
             kwargs.setdefault(k, v)
         return base.__call__(self, *args, **kwargs)
 
+    # the base's signature with these defaults: whoever binds a call (the guidance hook reads
+    # true_cfg_scale / negative_prompt from it) sees the arguments the pipeline really runs with
+    sig = inspect.signature(base.__call__)
+    __call__.__signature__ = sig.replace(parameters=[
+        p.replace(default=defaults[p.name]) if p.name in defaults else p for p in sig.parameters.values()])
     return type(base.__name__, (base,), {"__call__": __call__, "__doc__": base.__doc__, "__module__": base.__module__})
 
 
