@@ -66,7 +66,7 @@ def draw(i: int):
     site, Sq, Skv = _site(r, method, site0)
     Hkv = r.choice([1, 2])
     Hq = Hkv * r.choice([1, 2, 3])
-    if getattr(method, "profile", None) is not None:  # a per-head table fixes the head count
+    if getattr(method, "profile", None) is not None or getattr(method, "heads", None) is not None:  # per-head: fixed heads
         Hq, Hkv = shape[1], r.choice([h for h in (1, 2) if shape[1] % h == 0])
     D = r.choice([8, 16, 24, 32, 40, 64])
     Dv = D if r.random() < 0.8 else r.choice([8, 24, 48])
