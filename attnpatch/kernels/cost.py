@@ -16,8 +16,9 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
 
       call_s + E * (elem_s(D) + mask_elem_s(D))  [+ build_s + B S_q S_kv * build_s_per_elem unless cached]
 
-  A static plan's mask is cached after its first call (``Plan.static``; kernels/sdpa.py); a static
-  plan whose BlockSparse keeps every block entirely needs no mask at all (plain cost).
+  A static plan's mask is cached after its first call (``Plan.static``; kernels/sdpa.py; masks
+  larger than that cache are built per call); a static plan whose BlockSparse keeps every block
+  entirely needs no mask at all (plain cost).
 - ``tiles`` (block-sparse: one SDPA call per run of blocks, parts merged by their LSE)::
 
       call_s * calls + density * E * elem_s(D) * tiles_factor + partial * E * mask_elem_s(D)
@@ -29,9 +30,11 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
   gathers are the tile-order permutation of q, k, v and of the output (and the GQA head repeat).
   ``tiles_factor`` is fitted on a video sliding-tile plan (its shorter calls run below the dense rate).
 
-Kernels the model does not know (flex, triton, reference, registered ones) and devices without a
-constants file keep the ``PREFERENCE`` order after the modelled ones; a tie (within 2 %) keeps the
-``PREFERENCE`` order too. The model only orders the capable kernels: capability stays each
+Kernels the model does not know (flex, triton, reference, registered ones) keep their places in
+the ``PREFERENCE`` list and the modelled ones are sorted among theirs; devices without a constants
+file (CUDA today) keep the ``PREFERENCE`` order; a near-tie (within 2 %) goes to the kernel
+preferred first. Constants measured on a 2-core CPU under load are rough (see the JSON's machine
+line): decisions near a crossover can go either way, which costs little by definition. The model only orders the capable kernels: capability stays each
 kernel's ``why_not``, and every kernel is exact, so a wrong estimate costs time, never accuracy.
 """
 from __future__ import annotations
@@ -115,7 +118,7 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
     Skv = k.shape[2]
     E = B * Hq * Sq * Skv  # score elements
     dense = E * per_d(c["elem_s"], D)
-    mask = E * per_d(c["mask_elem_s"], D)
+    read_mask = E * per_d(c["mask_elem_s"], D)
     stats = block_stats(plan.blocks) if plan.blocks is not None else None
     if name == "sdpa":
         if plan.mask_mod is None and mask is None:
@@ -123,15 +126,18 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
             return c["call_s"] + dense * (c["causal_factor"] if causal else 1.0)
         if stats is not None and stats["keeps_all"] and plan.static and mask is None and not plan.causal:
             return c["call_s"] + dense  # the cached mask keeps everything: plain SDPA
-        build = 0.0 if plan.static else c["build_s"] + B * Sq * Skv * c["build_s_per_elem"]
-        return c["call_s"] + dense + mask + build
+        from .sdpa import MASKS  # a static plan's mask is cached unless it is larger than the cache
+
+        cached = plan.static and Sq * Skv * q.element_size() <= MASKS.max_bytes
+        build = 0.0 if cached else c["build_s"] + B * Sq * Skv * c["build_s_per_elem"]
+        return c["call_s"] + dense + read_mask + build
     if name == "tiles":
         if stats is None:
             return math.inf
         rep_or_perm = stats["perm"] or Hq != k.shape[1]
         gathered = (B * Hq * (Sq + 2 * Skv) * D + (B * Hq * Sq * v.shape[3] if stats["perm"] else 0)) * q.element_size()
         return (c["call_s"] * stats["calls"] + stats["density"] * dense * c["tiles_factor"]
-                + stats["partial"] * mask + c["lse_s"] * stats["lse_parts"]  # partial blocks read a bias
+                + stats["partial"] * read_mask + c["lse_s"] * stats["lse_parts"]  # partial blocks read a bias
                 + c["merge_s_per_elem"] * B * Hq * stats["merged_rows"] * v.shape[3]
                 + (c["gather_s_per_byte"] * gathered if rep_or_perm else 0.0))
     return math.inf
