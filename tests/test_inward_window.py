@@ -119,7 +119,7 @@ def test_override_full_rows_dense_and_text_rows_copied(first):
     q, k, v = qkv(S, 4)
     site = Site(grid=grid, text_len=T, text_first=first, kind="joint", step=2, steps=6, roles=("cond", "perturbed"))
     m = InwardWindow(train_grid=4, full_every=2)
-    assert m.guidance and m.needs_roles and m.scale == 0 and m.guides(4) and not m.guides(3)
+    assert m.guidance and m.needs_roles and m.guidance_weight() == 0 and m.guides(4) and not m.guides(3)
     got = attend(q, k, v, m, site, backend="reference").double()
     window = golden(q, k, v, freeswim_keep(site, S, (4, 4)))
     full = golden(q, k, v, torch.ones(S, S, dtype=torch.bool), math.log(S) / math.log(T + 25))

@@ -10,6 +10,9 @@ read plain attributes (never ``getattr`` probes) and write nothing back onto a m
   (``Site.roles``); ``guidance`` implies it.
 - ``bind_model(model)``: called once by a patcher at patch time (check a profile against the
   model, keep a model fact such as FLUX's RoPE); default no-op.
+- ``guides(step)`` / ``guidance_weight()`` (for ``guidance`` methods): whether the denoiser wrapper
+  adds the perturbed rows at this step (default: every step), and the weight s of
+  ``cond + s * (cond - perturbed)`` (default 0: the perturbed prediction is dropped).
 - ``kv_policy()``: a KV-cache policy the transformers patcher applies to the model's cache
   (``SinkWindow(evict=True)``), or None (default) to leave the cache as it is.
 """
@@ -43,6 +46,14 @@ class Method:
 
     def bind_model(self, model) -> None:
         """Called once by a patcher at patch time with the patched model; default: nothing."""
+
+    def guides(self, step: int | None) -> bool:
+        """For ``guidance`` methods: the denoiser wrapper adds perturbed rows at ``step``."""
+        return self.guidance
+
+    def guidance_weight(self) -> float:
+        """For ``guidance`` methods: s in ``cond + s * (cond - perturbed)``; 0 drops the rows' prediction."""
+        return 0.0
 
     def kv_policy(self):
         """The KV-cache policy the transformers patcher applies (an object with the interface of

@@ -60,8 +60,8 @@ class InwardWindow(Sparse):
         self.override = check_bool(n, "override", self.override, example=True)
         self.entropy = check_bool(n, "entropy", self.entropy, example=True)
         # protocol flags per instance: only the override needs the wrapper's extra rows
+        # (guidance_weight stays 0: the wrapper returns the cond rows unchanged, the full prediction is dropped)
         self.guidance = self.needs_roles = self.full_every > 0 and self.override
-        self.scale = 0.0  # the wrapper returns cond + scale * (cond - full): the full prediction is dropped
         self.stride = check_ints(n, "stride", self.stride, 1, example=1)
         if self.tile is not None:
             self.tile = check_ints(n, "tile", self.tile, 1, example=8)

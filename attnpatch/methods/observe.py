@@ -53,6 +53,12 @@ class Observed(Method):
     def kv_policy(self):
         return self.inner.kv_policy()
 
+    def guides(self, step):
+        return self.inner.guides(step)
+
+    def guidance_weight(self) -> float:
+        return self.inner.guidance_weight()
+
     def plan(self, q, k, site: Site):
         return self.inner.plan(q, k, site)
 
@@ -70,8 +76,8 @@ class Observed(Method):
         return self.inner.name
 
     def __getattr__(self, attr: str):
-        """What a patcher reads of one method in particular (PAG's ``guides()`` and ``scale`` for the
-        guidance wrapper) comes from the inner method too; only called for names not found here."""
+        """The inner method's own parameters (e.g. ``dense_steps`` for a report label) read through
+        the wrapper; only called for names not found here (the protocol is forwarded above)."""
         if attr.startswith("__") or attr in ("inner", "watchers"):  # copy / pickle probes, half-built objects
             raise AttributeError(attr)
         return getattr(self.inner, attr)

@@ -126,6 +126,9 @@ class PAG(Method):
     def guides(self, step: int | None) -> bool:
         return self.active and (self.steps is None or step is None or step in self.steps)
 
+    def guidance_weight(self) -> float:
+        return self.scale
+
     def _layer_chosen(self, site: Site) -> bool:
         if self.layers is None:
             return True

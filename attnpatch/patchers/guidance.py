@@ -103,7 +103,7 @@ def _guided(hook, forward, mode: str, g: float, bound: dict):
     base, ptb = pred[:B], pred[B:]
     cond = base[rows]
     guided = base.clone()
-    guided[rows] = cond + (method.scale / g) * (cond - ptb)
+    guided[rows] = cond + (method.guidance_weight() / g) * (cond - ptb)
     if isinstance(out, tuple):
         return (guided, *out[1:])
     out.sample = guided
