@@ -60,7 +60,9 @@ def test_statement_says_no_method_is_ahead_when_the_cache_wins():
             _row("TopKBlocks() + FirstBlockCache(threshold=0.2)", "method + cache", 1.5, 26.0)]
     assert [r["setting"] for r in report.frontier(rows)] == ["stock attention", "FirstBlockCache(threshold=0.2)"]
     text = report.statement(rows)
-    assert "No method or method + cache is ahead" in text and "Ahead of" not in text
+    assert "No method or method + cache is ahead" in text and "Ahead of" not in text and "Caution" not in text
+    rows[1] = dict(rows[1], speedup_min=0.5, speedup_max=3.0)  # a loaded machine: 6x between repeats
+    assert "Caution: a speedup varied 6.0x between repeats" in report.statement(rows)
 
 
 def test_statement_names_a_combination_ahead_of_the_best_cache():

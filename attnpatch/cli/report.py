@@ -186,6 +186,10 @@ def statement(rows: list[dict], q: str = "psnr") -> str:
             "close to stock): "
             + "; ".join(_at(r, q) for r in front) + "."]
     pts = [r for r in rows if r.get("speedup") is not None and r.get(q) is not None]
+    wide = max((r["speedup_max"] / r["speedup_min"] for r in pts if r.get("repeats", 1) > 1 and r["speedup_min"] > 0), default=1)
+    if wide > 1.5:  # the load changed under the runs: say so before any speed claim is read
+        text.append(f"Caution: a speedup varied {wide:.1f}x between repeats (the machine's load changed); rerun on a quiet "
+                    "machine or with more --repeats before trusting small speed differences.")
     ours = [r for r in pts if r.get("kind") in ("method", "method + cache")]
     best = frontier([r for r in pts if r.get("kind") == "cache"], q)
     if not best:
