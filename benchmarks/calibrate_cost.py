@@ -113,23 +113,6 @@ def _median(runs: list[dict]) -> dict:
     return out
 
 
-PER_WORK = ("elem_s", "mask_elem_s", "build_s_per_elem", "merge_s_per_elem", "gather_s_per_byte", "tiles_factor")
-
-
-def _cap(table: dict) -> None:
-    """More threads never make a unit of work slower: where a per-element (per-byte) constant or the
-    tiles factor measured at more threads exceeds the fewest-thread value, the cores were busy with
-    other work (on a shared 2-core machine OpenMP barriers then wait milliseconds), and the
-    fewest-thread value is kept. Per-call constants stay as measured."""
-    base = table[min(table, key=int)]
-    for c in table.values():
-        for k in PER_WORK:
-            if isinstance(c[k], dict):
-                c[k] = {d: min(x, base[k][d]) for d, x in c[k].items()}
-            else:
-                c[k] = min(c[k], base[k])
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", default="1,2")
@@ -142,7 +125,6 @@ def main(argv=None):
         runs = [calibrate(n, a.reps) for _ in range(a.runs)]  # a loaded machine's spells move single runs
         table[str(n)] = _median(runs)
         print(n, "threads:", table[str(n)], flush=True)
-    _cap(table)
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))

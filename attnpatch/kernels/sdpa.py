@@ -67,6 +67,9 @@ def _cached_keep(plan: Plan, B, H, Sq, Skv, device, dtype, additive: bool):
     """NO_MASK, CAUSAL, or the mask of a static plan: additive float in ``dtype`` when ``additive``
     and every row keeps a key, else boolean (True = keep)."""
     key = (plan.mask_mod, plan.causal, plan.q_offset, B, H, Sq, Skv, str(device), dtype if additive else torch.bool)
+    memo = plan.__dict__.get("_sdpa_keep")
+    if memo is not None and memo[0] == key:
+        return memo[1]
 
     def build():
         keep = materialise_mask(plan, B, H, Sq, Skv, device)
@@ -80,7 +83,10 @@ def _cached_keep(plan: Plan, B, H, Sq, Skv, device, dtype, additive: bool):
             return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
         return keep
 
-    return MASKS.get(key, build)
+    value = MASKS.get(key, build)
+    if not torch.is_tensor(value):  # no tensor to bound: remembered on the (cached, frozen) plan, no lock
+        object.__setattr__(plan, "_sdpa_keep", (key, value))
+    return value
 
 
 class SDPA(Kernel):
