@@ -243,16 +243,18 @@ class _Call:
         work = torch.promote_types(q.dtype, torch.float32)
         B, h, C, D = q.shape
         hk, K = k.shape[1], k.shape[2]
+        # without autograd the scale (over the soft cap) rides on q: C x D multiplies instead of C x K
+        fold = 1.0 if grad else self.scale / (self.softcap or 1.0)
+        qw = q.to(work) * fold if fold != 1.0 else q.to(work)
         if hk != h:
-            s = (q.to(work).reshape(B, hk, h // hk * C, D) @ k.to(work).transpose(-1, -2)).view(B, h, C, K)
+            s = (qw.reshape(B, hk, h // hk * C, D) @ k.to(work).transpose(-1, -2)).view(B, h, C, K)
         else:
-            s = q.to(work) @ k.to(work).transpose(-1, -2)
+            s = qw @ k.to(work).transpose(-1, -2)
         if grad:  # out of place: autograd keeps what each step's backward reads
             return self._hide(s * self.scale if not self.softcap else self.softcap * torch.tanh(s * self.scale / self.softcap),
                               row0, cols, work, inplace=False)
-        s.mul_(self.scale)  # (scaling q first would save this pass but round differently from the kernel)
         if self.softcap:
-            s.div_(self.softcap).tanh_().mul_(self.softcap)
+            s.tanh_().mul_(self.softcap)
         return self._hide(s, row0, cols, work, inplace=True)
 
     def _hide(self, s, row0: int, cols, work, inplace: bool) -> torch.Tensor:
