@@ -29,6 +29,7 @@ import common  # noqa: E402
 import attnpatch as ap  # noqa: E402
 from attnpatch.cli.runner import BUILTIN_PROMPTS, parse_method  # noqa: E402
 from attnpatch.models import fixtures, shapes  # noqa: E402
+from attnpatch.tools.refine import blobs, refine  # noqa: E402
 
 TRAIN_PX, TRAIN_TOKENS = 64, 16
 SETTINGS = [  # method specs; "stock" is unpatched; "c2f(s) + M" is FreeSwim's coarse-to-fine pipeline under M
@@ -42,19 +43,6 @@ SETTINGS = [  # method specs; "stock" is unpatched; "c2f(s) + M" is FreeSwim's c
 ]
 
 
-def blobs(img: torch.Tensor, caption: str, min_frac: float = 0.004) -> int:
-    """Connected blobs (8-connectivity) of pixels near the caption's colour, each at least
-    ``min_frac`` of the image: 1 is one shape, more is repetition, 0 nothing drawn."""
-    from scipy import ndimage
-
-    want = torch.tensor(shapes.COLORS[shapes._parse(caption)["color"]]).view(3, 1, 1)
-    fg = (img - shapes.BACKGROUND).abs().amax(0) > 0.25
-    near = fg & ((img - want).square().sum(0).sqrt() < 0.35)  # (H, W) caption-coloured pixels
-    lab, n = ndimage.label(near.numpy(), structure=[[1, 1, 1]] * 3)
-    sizes = torch.bincount(torch.from_numpy(lab).flatten(), minlength=n + 1)[1:]
-    return int((sizes >= min_frac * img.shape[1] * img.shape[2]).sum())
-
-
 def split(spec: str) -> tuple[float | None, str | None]:
     """``"c2f(0.7) + Method(...)"`` -> (0.7, "Method(...)"); ``"Method(...)"`` -> (None, it); "stock" -> (None, None)."""
     strength, rest = None, spec.strip()
@@ -64,37 +52,34 @@ def split(spec: str) -> tuple[float | None, str | None]:
     return strength, (None if rest in ("", "stock") else rest)
 
 
-def generate(pipes, spec: str, caption: str, px: int, steps: int):
+def generate(pipe, spec: str, caption: str, px: int, steps: int):
     """(image (3, px, px) in [0, 1], (wall, cpu) seconds) of one generation under ``spec``: a method (or
-    stock) from noise, or ``c2f(s) + method``: FreeSwim's coarse-to-fine pipeline, timed whole:
-    stock generation at the training resolution, bilinear upsampling to ``px``, then img2img at
-    strength ``s`` (the last ``s * steps`` steps) under the method."""
-    pipe, i2i = pipes
+    stock) from noise, or ``c2f(s) + method``: FreeSwim's coarse-to-fine pipeline
+    (``attnpatch.tools.refine``), timed whole: generation at the training resolution, bilinear
+    upsampling to ``px``, then img2img at strength ``s`` (the last ``s * steps`` steps), both
+    stages under the method (at the training size the windows here keep every key: exact)."""
     strength, method = split(spec)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    t, c = time.perf_counter(), time.process_time()
-    if strength is not None:
-        base = pipe(caption, num_inference_steps=steps, generator=gen(), output_type="pt").images  # (1, 3, 64, 64)
-        up = torch.nn.functional.interpolate(base, size=(px, px), mode="bilinear", align_corners=False)
-        kw, target = dict(image=up, strength=strength, max_sequence_length=shapes.MAX_TOKENS), i2i
-    else:
-        kw, target = {}, pipe
     # the fixture's CFG defaults, given explicitly: the guidance wrapper (InwardWindow's override) reads the
     # call's own arguments to tell the conditional pass from the unconditional one
-    kw.update(true_cfg_scale=4.0, negative_prompt="", height=px, width=px, num_inference_steps=steps, generator=gen(), output_type="pt")
-    with ap.patch(target, parse_method(method)) if method else contextlib.nullcontext():
-        img = target(caption, **kw).images[0]
+    kw = dict(true_cfg_scale=4.0, negative_prompt="", height=px, width=px, num_inference_steps=steps,
+              generator=torch.Generator().manual_seed(0), output_type="pt")
+    t, c = time.perf_counter(), time.process_time()
+    with ap.patch(pipe, parse_method(method)) if method else contextlib.nullcontext():
+        if strength is None:
+            img = pipe(caption, **kw).images[0]
+        else:
+            img = refine(pipe, caption, from_size=TRAIN_PX, strength=strength, **kw).images[0]
     return img, (time.perf_counter() - t, time.process_time() - c)
 
 
-def run_scale(pipes, scale: int, captions, reps: int, steps: int, settings) -> tuple[list[dict], dict]:
+def run_scale(pipe, scale: int, captions, reps: int, steps: int, settings) -> tuple[list[dict], dict]:
     px = TRAIN_PX * scale
     times = {s: [] for s in settings}  # per (caption, repeat), in order
     images, judged = {}, {}
     for rep in range(reps):
         for cap in captions:
             for s in settings:  # interleaved: every setting in turn with stock
-                img, t = generate(pipes, s, cap, px, steps)
+                img, t = generate(pipe, s, cap, px, steps)
                 times[s].append(t)  # (wall, cpu)
                 images[(s, cap)] = img
                 judged[(s, cap)] = {**shapes.judge(img, cap), "blobs": blobs(img, cap)}
@@ -143,7 +128,7 @@ def report(stem: Path, rows, images, settings, captions, scales, a) -> None:
              "process (1 torch thread: robust to other processes on a shared machine) and wall clock. colour / shape / "
              "place: the fixture's pixel judge (fraction of captions). blobs: connected regions of the caption's colour "
              "(1 = one shape, >1 = repetition, 0 = none). `c2f(s) + M`: FreeSwim's coarse-to-fine pipeline, timed whole "
-             "(stock generation at 64px, bilinear upsampling, img2img at strength s under M). Pictures: "
+             "(generation at 64px, bilinear upsampling, img2img at strength s; both under M: attnpatch.tools.refine). Pictures: "
              f"{stem.with_suffix('.png').name} (rows: scale x caption; columns: settings in table order).")
     data = dict(machine=common.machine(), steps=a.steps, captions=captions, reps=a.reps or 1, settings=settings, rows=rows)
     common.write(stem, "Above the training resolution: FLUX fixture", intro, common.table(rows, COLUMNS), data)
@@ -167,14 +152,10 @@ def main(argv=None) -> None:
     custom = a.quick or a.scales or a.captions or a.reps or a.settings or a.steps != 20
     stem = common.out_stem("highres", a.out, "quick" if custom else None)
     pipe = fixtures.flux_shapes()
-    from diffusers import FluxImg2ImgPipeline
-
-    pipes = (pipe, FluxImg2ImgPipeline(**pipe.components))  # same modules: the coarse-to-fine second stage
-    pipes[1].set_progress_bar_config(disable=True)
-    generate(pipes, "stock", captions[0], TRAIN_PX, 1)  # warm-up
+    generate(pipe, "stock", captions[0], TRAIN_PX, 1)  # warm-up
     rows, images = [], {}
     for sc in scales:
-        r, images[sc] = run_scale(pipes, sc, captions, a.reps or 1, a.steps, settings)
+        r, images[sc] = run_scale(pipe, sc, captions, a.reps or 1, a.steps, settings)
         rows += r
         report(stem, rows, images, settings, captions, list(images), a)  # after every scale: a cut-short run keeps its rows
     print(common.table(rows, COLUMNS))

@@ -53,7 +53,8 @@ def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
     else:
         keys = ("method", "set", "methods", "grid", "prompt", "seed", "steps", "height", "width", "frames",
                 "max_new_tokens", "dtype", "device", "compare")
-        extra = [[k, getattr(args, k)] for k in ("caches", "combine") if getattr(args, k, None)]  # only when set: old digests stay
+        extra = [[k, getattr(args, k)] for k in ("caches", "combine", "refine_from", "refine_strength")
+                 if getattr(args, k, None)]  # only when set: old digests stay
         digest = hashlib.sha1(json.dumps([getattr(args, k, None) for k in keys] + extra).encode()).hexdigest()[:6]
         path = Path(root) / f"{_slug(name)}_{_slug('+'.join(what))[:40]}_{digest}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not args.force:
@@ -111,23 +112,26 @@ def _generate(args) -> int:
 
 
 def _compare(args) -> int:
-    from . import compare, report, runner
+    from . import compare, refine_setting, report, runner
 
     sets = compare.settings(args.methods, args.grid, args.caches, args.combine)
+    refine = refine_setting.check(args)  # --refine-from: checked before anything loads
     methods = [s.method for s in sets if s.method is not None]
     what = list(dict.fromkeys(type(s.method).__name__ if s.method is not None else s.cache.name for s in sets))
     out = _out_dir(args, "attnpatch-report", _prepare(args, methods, caches=any(s.cache for s in sets)), what)
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
     (out / "masks").mkdir(exist_ok=True)
-    rows, shown, images, status = compare.run_all(loaded, sets, prompts, args, out)
-    quality = "psnr" if loaded.kind == "diffusion" else "agreement"
+    rows, shown, images, status = compare.run_all(loaded, refine_setting.expand(sets, refine), prompts, args, out)
+    quality, head = "psnr" if loaded.kind == "diffusion" else "agreement", ""
+    if refine is not None and rows:  # quality from the pixels (PSNR vs a near-blank stock image means nothing)
+        head, quality = refine_setting.finish(loaded, rows, shown, prompts, args)
     if loaded.kind == "diffusion" and shown:
         report.grid(shown, out / "grid.png")
         images = {"outputs (rows: settings)": "grid.png", **images}
     report.scatter(rows, quality, out / "scatter.png")
     images = {"speed vs quality": "scatter.png", **images}
-    statement = report.statement(rows, quality) if rows else ""
+    statement = " ".join(filter(None, [head, report.statement(rows, quality) if rows else ""]))
     for r in rows:
         if "error" not in r:
             sp = f" ({report.spread(r)}x over {r['repeats']} repeats)" if report.spread(r) else ""
@@ -136,7 +140,8 @@ def _compare(args) -> int:
     note = (f"{len(prompts)} prompt(s), seed {args.seed}, device {args.device}, {args.dtype}; times are whole generations "
             f"measured in this process after a warm-up, stock and every setting in turn within each of {args.repeats} "
             "repeat(s) (order rotating); speedup = stock's time / the setting's in the same repeat, median and min-max "
-            f"over the repeats; quality vs stock attention with the same seed (the first repeat's outputs); {status}.")
+            f"over the repeats; quality vs stock attention with the same seed (the first repeat's outputs); {status}."
+            + (f" {refine_setting.NOTE}" if head else ""))
     meta = dict(model=args.model, prompts=prompts, status=status, note=note, statement=statement,
                 frontier=[r["setting"] for r in report.frontier(rows, quality)])
     report.write(out, meta, rows, loaded.kind, images)
@@ -211,6 +216,9 @@ def main(argv=None) -> int:
     cmp_.add_argument("--repeats", type=_positive, default=3, help="timed runs of stock and every setting, interleaved "
                                                                     "(speedup: median and min-max of the per-repeat ratios)")
     cmp_.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="expand every method with KEY over values")
+    from . import refine_setting  # --refine-from, --refine-strength
+
+    refine_setting.add_arguments(cmp_)
     cmp_.set_defaults(func=_compare)
     bench = sub.add_parser("bench", help="run a benchmark script (source checkout)")
     bench.add_argument("which", choices=["kernels", "pipelines", "llm", "fixtures", "guidance"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import api
 from ..methods.base import Method
 from ..tools import timing
-from . import caches, report, runner
+from . import caches, refine_setting, report, runner
 from ..methods.observe import Observed
 from ..methods.probe import Recall
 
@@ -78,19 +78,22 @@ class Setting:
     """What one row of the report runs: stock attention, a method, a diffusers cache, or both."""
     method: Method | None = None
     cache: caches.Cache | None = None
+    refine: object = None  # a refine_setting.Refine: the coarse-to-fine pipeline (--refine-from)
 
     @property
     def label(self) -> str:
+        c2f = [self.refine.label] if self.refine is not None else []
         if self.method is None and self.cache is None:
-            return "stock attention"
+            return " + ".join(["stock attention", *c2f])
         m = self.method
         parts = [] if m is None else [str(m) + (f" + dense_steps={m.dense_steps}" if hasattr(m, "dense_steps") else "")]
-        return " + ".join(parts + ([str(self.cache)] if self.cache is not None else []))
+        return " + ".join(parts + ([str(self.cache)] if self.cache is not None else []) + c2f)
 
     @property
     def kind(self) -> str:
-        return {(False, False): "stock", (True, False): "method", (False, True): "cache", (True, True): "method + cache"}[
+        kind = {(False, False): "stock", (True, False): "method", (False, True): "cache", (True, True): "method + cache"}[
             (self.method is not None, self.cache is not None)]
+        return kind if self.refine is None else f"{kind} + coarse-to-fine"
 
 
 def settings(methods: str, grids: list[str], cache_specs: str = "", combine: bool = False) -> list[Setting]:
@@ -181,6 +184,7 @@ def run_all(loaded, sets: list[Setting], prompts, args, out: Path) -> tuple[list
     for m in {str(s.method): s.method for s in sets if s.method is not None}.values():
         with contextlib.suppress(ValueError, RuntimeError, TypeError), api.patch(loaded.obj, m):
             warm(loaded, prompts, args.seed, kw)  # first-call costs (plans, compiles) out of repeat 0
+    refine_setting.warm(loaded, sets, prompts, args.seed, kw)
 
     def run_one(key: str, s: Setting, first: bool):
         if first and s.cache is not None:
@@ -188,7 +192,7 @@ def run_all(loaded, sets: list[Setting], prompts, args, out: Path) -> tuple[list
         with contextlib.ExitStack() as stack:
             handle = stack.enter_context(api.patch(loaded.obj, s.method)) if s.method is not None else None
             stack.enter_context(caches.enabled(loaded.obj, s.cache))
-            result, t = runner.run(loaded, prompts, args.seed, **kw)
+            result, t = (s.refine.run if s.refine is not None else runner.run)(loaded, prompts, args.seed, **kw)
             if first and handle is not None:
                 stats[key] = summary(handle, f"setting {key}: ")
         return result, t

@@ -104,7 +104,8 @@ def scatter(rows: list[dict], quality: str, path: Path) -> None:
                 label="frontier (no other setting both faster and closer to stock)")
     pts = rows
     ax.set_xlabel("speedup vs stock attention (median of repeats; bars: min-max)")
-    ax.set_ylabel({"psnr": "PSNR vs stock (dB, capped at 60)", "agreement": "token agreement with stock"}[quality])
+    ax.set_ylabel({"psnr": "PSNR vs stock (dB, capped at 60)", "agreement": "token agreement with stock",
+                   "judged": "judged (fraction of caption attributes right)"}[quality])
     ax.axvline(1.0, color="grey", lw=0.8)
     fig.tight_layout()
     if pts:
@@ -181,16 +182,17 @@ def statement(rows: list[dict], q: str = "psnr") -> str:
     method + cache beats the best caches alone (faster at equal-or-better quality, or better
     quality at equal-or-better speed); true whichever way it comes out."""
     front = frontier(rows, q)
-    what = {"psnr": "PSNR vs stock", "agreement": "token agreement with stock"}.get(q, q)
+    what = {"psnr": "PSNR vs stock", "agreement": "token agreement with stock", "judged": "judged caption accuracy"}.get(q, q)
+    good = "well judged" if q == "judged" else "close to stock"  # judged: read from the pixels, not vs stock
     text = [f"On the speed-quality frontier (speedup; {what}; no other setting is both at least as fast and at least as "
-            "close to stock): "
+            f"{good}): "
             + "; ".join(_at(r, q) for r in front) + "."]
     pts = [r for r in rows if r.get("speedup") is not None and r.get(q) is not None]
     wide = max((r["speedup_max"] / r["speedup_min"] for r in pts if r.get("repeats", 1) > 1 and r["speedup_min"] > 0), default=1)
     if wide > 1.5:  # the load changed under the runs: say so before any speed claim is read
         text.append(f"Caution: a speedup varied {wide:.1f}x between repeats (the machine's load changed); rerun on a quiet "
                     "machine or with more --repeats before trusting small speed differences.")
-    ours = [r for r in pts if r.get("kind") in ("method", "method + cache")]
+    ours = [r for r in pts if r.get("kind", "").startswith("method")]  # with or without cache / coarse-to-fine
     best = frontier([r for r in pts if r.get("kind") == "cache"], q)
     if not best:
         faster = [r["setting"] for r in ours if r["speedup"] > 1]
@@ -216,6 +218,7 @@ def write(folder: Path, meta: dict, rows: list[dict], kind: str, images: dict) -
     (folder / "report.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     cols = ["setting", "kind", "seconds", "speedup", "spread", "density", "recall"] + (
         ["psnr", "ssim"] + (["judged"] if any("judged" in r for r in rows) else []) if kind == "diffusion" else ["agreement"])
+    cols += [c for c in ("color", "shape", "place", "copies") if any(c in r for r in rows)]  # --refine-from's pixel judge
     rows_shown = [dict(r, spread=spread(r)) for r in rows]
 
     def fmt(v):
