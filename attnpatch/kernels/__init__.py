@@ -94,10 +94,10 @@ _RANKED_LOCK = threading.Lock()
 
 def _signature(q, k, v, plan, mask) -> tuple:
     """Everything the ranking depends on (the block structure by identity: it is cached per plan)."""
-    return (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), v.shape[3], torch.get_num_threads(),
-            plan.mask_mod is None, plan.score_mod is None, plan.causal, plan.q_offset, plan.static,
-            plan.blocks, None if mask is None else (mask.dtype, tuple(mask.shape)), len(_REGISTRY),
-            tuple(PREFERENCE.get((q.device.type, "plain" if plan.mask_mod is None else "masked")) or ()))
+    dev, plain = q.device.type, plan.mask_mod is None
+    return (dev, q.dtype, q.shape, k.shape, v.shape[3], torch.get_num_threads(), plain, plan.score_mod is None,
+            plan.causal, plan.q_offset, plan.static, plan.blocks, None if mask is None else (mask.dtype, mask.shape),
+            len(_REGISTRY), tuple(PREFERENCE.get((dev, "plain" if plain else "masked")) or ()))
 
 
 def ranked(q, k, v, plan, mask=None) -> list[Kernel]:

@@ -66,7 +66,7 @@ MASKS = MaskCache()
 def _cached_keep(plan: Plan, B, H, Sq, Skv, device, dtype, additive: bool):
     """NO_MASK, CAUSAL, or the mask of a static plan: additive float in ``dtype`` when ``additive``
     and every row keeps a key, else boolean (True = keep)."""
-    key = (plan.mask_mod, plan.causal, plan.q_offset, B, H, Sq, Skv, str(device), dtype if additive else torch.bool)
+    key = (plan.mask_mod, plan.causal, plan.q_offset, B, H, Sq, Skv, device, dtype if additive else torch.bool)
     memo = plan.__dict__.get("_sdpa_keep")
     if memo is not None and memo[0] == key:
         return memo[1]
