@@ -172,6 +172,29 @@ def test_bad_refine_flags_exit_2_before_loading(monkeypatch, tmp_path, capsys, e
     assert not (tmp_path / "r").exists()
 
 
+def test_generate_refine_from_with_compare_exits_2_before_loading(monkeypatch, tmp_path, capsys):
+    from attnpatch import cli
+    from attnpatch.cli import runner
+
+    monkeypatch.setattr(runner, "load", lambda *a, **k: pytest.fail("loaded a model before checking the flags"))
+    assert cli.main(["generate", "--model", "builtin:flux-shapes", "--method", "SlidingTile", "--refine-from", "64",
+                     "--height", "192", "--width", "192", "--compare", "--out", str(tmp_path / "g")]) == 2
+    assert "use: attnpatch compare --refine-from" in capsys.readouterr().err
+
+
+def test_generate_refine_from_runs_the_method_coarse_to_fine(tmp_path, capsys):
+    from attnpatch import cli
+
+    out = tmp_path / "g"
+    assert cli.main(["generate", "--model", "builtin:flux-shapes", "--method", "SlidingTile(tile=8, window=3)",
+                     "--refine-from", "64", "--height", "96", "--width", "96", "--steps", "3",
+                     "--prompt", "a large red circle at the top left", "--out", str(out), "--quiet"]) == 0
+    assert "attnpatch: " in capsys.readouterr().out  # the patch's counters: it ran under the method
+    from PIL import Image
+
+    assert Image.open(out / "patched_0.png").size == (96, 96)
+
+
 def test_a_malformed_refine_size_is_a_usage_error(capsys):
     from attnpatch import cli
 

@@ -88,9 +88,10 @@ def _slug(text: str) -> str:
 
 def _generate(args) -> int:
     from .. import api
-    from . import compare, runner
+    from . import compare, refine_setting, runner
 
     method = runner.parse_method(args.method, args.set)
+    refine = refine_setting.check(args)  # --refine-from: checked before anything loads
     out = _out_dir(args, "attnpatch-out", _prepare(args, [method]), [type(method).__name__])
     loaded = runner.load(args.model, args.device, args.dtype)
     prompts = args.prompt or loaded.prompts
@@ -101,7 +102,7 @@ def _generate(args) -> int:
         raise runner.UsageError(f"cannot patch {args.model} with {method}: {str(e).splitlines()[0]}") from None
     if not args.compare:
         with api.patch(loaded.obj, method) as handle:
-            result, t = runner.run(loaded, prompts, args.seed, **kw)
+            result, t = (refine.run if refine is not None else runner.run)(loaded, prompts, args.seed, **kw)
             compare.summary(handle)
         compare.save(loaded, result, prompts, out / "patched", args)
         print(f"{method}: {t:.2f} s for {len(prompts)} prompt(s)")
@@ -205,6 +206,9 @@ def main(argv=None) -> int:
     gen.add_argument("--compare", action="store_true", help="also run stock attention: time, speedup, quality")
     gen.add_argument("--repeats", type=_positive, default=3, help="with --compare: timed runs of stock and the method, "
                                                                    "interleaved (speedup: median and min-max of the ratios)")
+    from . import refine_setting  # --refine-from, --refine-strength
+
+    refine_setting.add_arguments(gen)
     gen.set_defaults(func=_generate)
     cmp_ = sub.add_parser("compare", help="stock vs several method settings: a report folder with index.html")
     _common(cmp_, "report")
@@ -216,8 +220,6 @@ def main(argv=None) -> int:
     cmp_.add_argument("--repeats", type=_positive, default=3, help="timed runs of stock and every setting, interleaved "
                                                                     "(speedup: median and min-max of the per-repeat ratios)")
     cmp_.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="expand every method with KEY over values")
-    from . import refine_setting  # --refine-from, --refine-strength
-
     refine_setting.add_arguments(cmp_)
     cmp_.set_defaults(func=_compare)
     bench = sub.add_parser("bench", help="run a benchmark script (source checkout)")

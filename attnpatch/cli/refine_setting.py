@@ -77,14 +77,15 @@ class Refine:
 
 def check(args) -> Refine | None:
     """The flags' ``Refine``, or a UsageError before anything loads (naming the fix)."""
-    from .runner import UsageError
+    from .runner import UsageError, resolve
 
     if args.refine_from is None:
         if args.refine_strength is not None:
             raise UsageError("--refine-strength sets the img2img strength of --refine-from; add --refine-from PX")
         return None
-    from .runner import resolve
-
+    if getattr(args, "compare", False):
+        raise UsageError("generate --refine-from runs the method coarse-to-fine once; to time it against stock "
+                         "attention (from noise and coarse-to-fine) use: attnpatch compare --refine-from")
     src = resolve(args.model)
     if src.is_pipe is False or src.name == "wan-shapes" or getattr(args, "frames", None):
         raise UsageError(f"--refine-from runs a text-to-image pipeline and its img2img counterpart; {args.model} is "
