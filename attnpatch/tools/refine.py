@@ -4,8 +4,8 @@ From noise at several times its training side, a text-to-image model either leav
 distribution (stock attention: near-blank images on the FLUX fixture at 3x) or, under a local
 window, draws the subject once per window (repetition). The coarse-to-fine pipeline fixes the
 layout first: generate at a size the model knows, upsample the decoded image, then run the
-pipeline's img2img counterpart (same modules) at the full size from ``strength`` of the way into
-the noise schedule, so only the last ``strength * steps`` steps run at full size::
+pipeline's img2img counterpart (same modules) at the full size on that image noised to level
+``strength``, so only the last ``strength * steps`` or so of the steps run at full size::
 
     import attnpatch as ap
     from attnpatch.tools.refine import refine
