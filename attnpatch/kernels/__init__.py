@@ -74,8 +74,9 @@ def get(name: str) -> Kernel:
 
 def release_buffers() -> int:
     """Free the buffers kernels keep between calls in the calling thread (``tiles`` keeps its
-    tile-order copies of q, k, v and its last outputs, a few times the size of one layer's q);
-    returns the bytes released. The next call allocates them again."""
+    tile-order copies of q, k, v and its last outputs, a few times the size of one layer's q) and
+    the static-plan masks ``sdpa`` caches for all threads (at most 32 MB); returns the bytes
+    released. The next call allocates them again."""
     return sum(k.release() for k in _REGISTRY)
 
 
