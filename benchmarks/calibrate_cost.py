@@ -85,12 +85,17 @@ def calibrate(threads: int, reps: int) -> dict:
         fns[f"dense{D}"] = lambda x=x: F.scaled_dot_product_attention(*x)
         fns[f"masked{D}"] = lambda x=x: F.scaled_dot_product_attention(*x, attn_mask=bias)
     fns["causal64"] = lambda x=qkv(H, S, 64): F.scaled_dot_product_attention(*x, is_causal=True)
+    # one 256-token diagonal block as tiles runs it (LSE kernel, is_causal) against the same block unmasked
+    blk = qkv(8, 256, 64)
+    fns["diag256"] = lambda: tiles._causal_lse(*blk, None)
+    fns["block256"] = lambda: sdpa_lse(*blk)
     t = timed(fns, reps)
     call, E = t["tiny"], H * S * S
     per = (t["build1024"] - t["build64"]) / (1024 ** 2 - 64 ** 2)
     c = dict(call_s=call, elem_s={str(D): (t[f"dense{D}"] - call) / E for D in DIMS},
              mask_elem_s={str(D): max(0.0, t[f"masked{D}"] - t[f"dense{D}"]) / E for D in DIMS},
              causal_factor=(t["causal64"] - call) / (t["dense64"] - call),
+             diag_factor=(t["diag256"] - call) / (t["block256"] - call),
              build_s=max(0.0, t["build64"] - per * 64 ** 2), build_s_per_elem=max(0.0, per),
              lse_s=max(0.0, t["lse"] - call) + t["merge_tiny"] / 2,
              merge_s_per_elem=max(0.0, (t["merge_big"] - t["merge_tiny"]) / (2 * 4 * 512 * 64)),
@@ -98,14 +103,14 @@ def calibrate(threads: int, reps: int) -> dict:
     # tiles_factor: its measured time less the modelled call, LSE, merge and gather terms, over the
     # kept fraction of the dense call on the same tensors, timed alongside
     rest = cost.estimate("tiles", dict(c, tiles_factor=0.0), *tq, tplan)
-    c["tiles_factor"] = max(0.5, (t["tiles"] - rest) / (cost.block_stats(tplan.blocks)["density"] * (t["dense128"] - call)))
+    c["tiles_factor"] = max(0.5, (t["tiles"] - rest) / (cost.block_stats(tplan.blocks, tplan)["density"] * (t["dense128"] - call)))
     return c
 
 
 def _median(runs: list[dict]) -> dict:
     """Each constant's median over the runs (per head dim for the per-dim tables), 4 digits."""
     out = {}
-    for k in cost.KEYS:
+    for k in runs[0]:  # cost.KEYS and the optional ones (diag_factor)
         if isinstance(runs[0][k], dict):
             out[k] = {d: float(f"{statistics.median(r[k][d] for r in runs):.4g}") for d in runs[0][k]}
         else:

@@ -21,11 +21,14 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
   entirely needs no mask at all (plain cost).
 - ``tiles`` (block-sparse: one SDPA call per run of blocks, parts merged by their LSE)::
 
-      call_s * calls + density * E * elem_s(D) * tiles_factor + partial * E * mask_elem_s(D)
+      call_s * calls + (density - diag * (1 - diag_factor)) * E * elem_s(D) * tiles_factor
+      + partial * E * mask_elem_s(D)
       + lse_s * lse_parts + merge_s_per_elem * merged elements + gather_s_per_byte * gathered bytes
 
-  ``density`` / ``partial`` are the kept / partially kept fractions of the score matrix (partial
-  blocks are computed whole, with an additive bias); ``calls`` / ``lse_parts`` / merged elements
+  ``density`` / ``partial`` / ``diag`` are the fractions of the score matrix the kernel's runs cover /
+  cover with an additive bias (partial runs, trimmed to their kept key columns) / as causal diagonal
+  blocks run with is_causal (``diag_factor`` of a dense block's time; optional in the constants file,
+  ``causal_factor`` stands in); ``calls`` / ``lse_parts`` / merged elements
   come from the tiles kernel's own call groups of the plan's BlockSparse (``tiles.groups``); the
   gathers are the tile-order permutation of q, k, v and of the output (and the GQA head repeat).
   ``tiles_factor`` is fitted on a video sliding-tile plan (its shorter calls run below the dense rate).
@@ -87,27 +90,33 @@ def per_d(table: dict, D: int) -> float:
     return pts[-1][1] * D / pts[-1][0]
 
 
-def block_stats(bs: BlockSparse) -> dict:
-    """What the tiles kernel does for ``bs`` (cached on it): kept fraction of the score matrix,
-    SDPA calls, LSE parts, merged query rows (times parts), and whether there is a permutation."""
-    if "cost_stats" in bs.cache:
-        return bs.cache["cost_stats"]
-    from .tiles import MAX_CALL_BYTES, groups  # noqa: F401 (same module family; groups are cached on bs)
+def block_stats(bs: BlockSparse, plan=None) -> dict:
+    """What the tiles kernel does for ``bs`` (with ``plan``: its refined runs, ``tiles.groups``; cached
+    on ``bs``): the fractions of the score matrix its calls compute with no mask (``density``, partial
+    and causal-diagonal runs included), with a bias (``partial``) and as causal diagonal blocks
+    (``diag``), SDPA calls, LSE parts, merged query rows (times parts), and whether there is a permutation."""
+    from . import tiles  # same module family; groups are cached on bs
 
+    key = ("cost_stats", plan is not None and tiles.REFINE)
+    if key in bs.cache:
+        return bs.cache[key]
     calls = lse = merged = 0
-    for g in groups(bs):
+    area = {False: 0, True: 0, tiles.CAUSAL: 0}  # computed score elements per run kind
+    for g in tiles.groups(bs, plan):
         if len(g.runs) == 1 and g.runs[0][3]:
             calls += 1
         else:
             calls += len(g.runs)
             lse += len(g.runs)
             merged += g.n * g.L * len(g.runs)
+        for _, _, lk, f in g.runs:
+            area[f] += g.n * g.L * lk
     qs, ks = bs.pair_sizes()
-    area, S2 = qs * ks, bs.seq_len ** 2
-    partial = float(area[~bs.kv_full].sum()) / S2
-    stats = dict(density=float(area.sum()) / S2, partial=partial, calls=calls, lse_parts=lse, merged_rows=merged,
-                 perm=bs.perm is not None, keeps_all=partial == 0 and int(area.sum()) == S2)
-    bs.cache["cost_stats"] = stats
+    S2 = bs.seq_len ** 2
+    stats = dict(density=sum(area.values()) / S2, partial=area[False] / S2, diag=area[tiles.CAUSAL] / S2, calls=calls,
+                 lse_parts=lse, merged_rows=merged, perm=bs.perm is not None,
+                 keeps_all=bool(bs.kv_full.all()) and int((qs * ks).sum()) == S2)
+    bs.cache[key] = stats
     return stats
 
 
@@ -119,7 +128,7 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
     E = B * Hq * Sq * Skv  # score elements
     dense = E * per_d(c["elem_s"], D)
     read_mask = E * per_d(c["mask_elem_s"], D)
-    stats = block_stats(plan.blocks) if plan.blocks is not None else None
+    stats = block_stats(plan.blocks, plan) if plan.blocks is not None else None
     if name == "sdpa":
         if plan.mask_mod is None and mask is None:
             causal = plan.causal and plan.q_offset == 0
@@ -136,7 +145,10 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
             return math.inf
         rep_or_perm = stats["perm"] or Hq != k.shape[1]
         gathered = (B * Hq * (Sq + 2 * Skv) * D + (B * Hq * Sq * v.shape[3] if stats["perm"] else 0)) * q.element_size()
-        return (c["call_s"] * stats["calls"] + stats["density"] * dense * c["tiles_factor"]
+        # causal diagonal blocks: is_causal skips the key chunks above the diagonal (diag_factor, measured on
+        # one 256-token block; the whole-matrix causal_factor before it was calibrated)
+        diag_saved = stats["diag"] * (1.0 - c.get("diag_factor", c["causal_factor"]))
+        return (c["call_s"] * stats["calls"] + (stats["density"] - diag_saved) * dense * c["tiles_factor"]
                 + stats["partial"] * read_mask + c["lse_s"] * stats["lse_parts"]  # partial blocks read a bias
                 + c["merge_s_per_elem"] * B * Hq * stats["merged_rows"] * v.shape[3]
                 + (c["gather_s_per_byte"] * gathered if rep_or_perm else 0.0))

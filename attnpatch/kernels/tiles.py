@@ -33,12 +33,7 @@ def _partial_bias(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, dtype, device):
     """(additive bias (1|B, 1|H, Lq, Lk), rows with any key (…, Lq)) for one partial run."""
     key = ("bias", qs, qe, ks, ke, dtype, str(device))
     if key not in bs.cache:
-        perm = bs.perm_on(device)
-        qi = torch.arange(qs, qe, device=device) if perm is None else perm[qs:qe]
-        ki = torch.arange(ks, ke, device=device) if perm is None else perm[ks:ke]
-        z = torch.zeros(1, dtype=torch.long, device=device).view(1, 1, 1, 1)
-        keep = plan.mask_mod(z, z, qi.view(1, 1, -1, 1), ki.view(1, 1, 1, -1))  # original indices
-        keep = keep.expand(*keep.shape[:2], qe - qs, ke - ks)
+        keep = _keep(plan, bs, qs, qe, ks, ke, device)
         bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
         bs.cache[key] = (bias, keep.any(-1))
     return bs.cache[key]
@@ -62,27 +57,117 @@ class Group:
     runs: list  # [(k0, dk, Lk, full)]
 
 
-def groups(bs: BlockSparse) -> list[Group]:
-    """``bs.runs()`` as call groups (cached on the block structure)."""
-    if "tile_groups" in bs.cache:
-        return bs.cache["tile_groups"]
+def groups(bs: BlockSparse, plan: Plan | None = None) -> list[Group]:
+    """``bs.runs()`` as call groups (cached on the block structure); with ``plan``, partial runs
+    are first refined by the plan's mask (``refine``) and partial runs join groups too where their
+    mask is the same in every range (one bias for the group)."""
+    key = "tile_groups" if plan is None or not REFINE else "tile_groups_refined"
+    if key in bs.cache:
+        return bs.cache[key]
     out: list[Group] = []
     for qs, qe, runs in bs.runs():
-        full = all(f for _, _, f in runs)
+        if plan is not None and REFINE:
+            runs = refine(plan, bs, qs, qe, runs)
         g = out[-1] if out else None
-        if full and g is not None and g.L == qe - qs and len(g.runs) == len(runs) and all(r[3] for r in g.runs) \
-                and all(r[2] == ke - ks for r, (ks, ke, _) in zip(g.runs, runs)):
+        # ranges with the same run lengths and kinds as the group's (and the same masks) join it
+        if g is not None and g.L == qe - qs and len(g.runs) == len(runs) \
+                and all(r[3] == f and r[2] == ke - ks for r, (ks, ke, f) in zip(g.runs, runs)) \
+                and (all(f for _, _, f in runs) or _same_masks(plan, bs, g, qs, runs)):
             if g.n == 1:
                 dq, dks = qs - g.q0, [ks - r[0] for r, (ks, _, _) in zip(g.runs, runs)]
                 if dq > 0 and min(dks) >= 0:
-                    g.dq, g.runs, g.n = dq, [(r[0], d, r[2], True) for r, d in zip(g.runs, dks)], 2
+                    g.dq, g.runs, g.n = dq, [(r[0], d, r[2], r[3]) for r, d in zip(g.runs, dks)], 2
                     continue
             elif qs == g.q0 + g.n * g.dq and all(ks == r[0] + g.n * r[1] for r, (ks, _, _) in zip(g.runs, runs)):
                 g.n += 1
                 continue
         out.append(Group(1, qs, 0, qe - qs, [(ks, 0, ke - ks, f) for ks, ke, f in runs]))
-    bs.cache["tile_groups"] = out
+    bs.cache[key] = out
     return out
+
+
+# Run kinds: False partial (an additive bias), True full (no mask), CAUSAL a square diagonal block whose
+# mask is exactly lower-triangular: one SDPA call with is_causal, no mask tensor, and the kernel skips
+# the key chunks above the diagonal (a causal LLM plan's diagonal blocks: SinkWindow with window >= block,
+# TopKBlocks' forced diagonal, Power with local >= block).
+CAUSAL = 2
+REFINE = True  # module switch: benchmarks compare refined runs with the block runs as stored
+MIN_GAP = 64  # masked key columns that split a partial run in two: an LSE part costs about this much work
+
+
+def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list) -> list:
+    """The runs of query range [qs, qe) as the plan's mask (evaluated once, so exact for any
+    mask_mod) lets them be cheaper: a diagonal block whose mask is exactly causal becomes a CAUSAL
+    run; the rest of a partial run keeps only its kept key columns, split at gaps of MIN_GAP or
+    more, each piece full where every row keeps all of it (e.g. 4 sink keys out of a 256-key block)."""
+    out = []
+    for ks, ke, f in runs:
+        if f:
+            out.append((ks, ke, f))
+            continue
+        diag = ke == qe and ks <= qs and _is_tril(plan, bs, qs, qe)
+        end = qs if diag else ke
+        if end > ks:
+            keep = _keep(plan, bs, qs, qe, ks, end, torch.device("cpu"))[0, 0]  # (Lq, Lk)
+            cols = keep.any(0).nonzero().flatten().tolist()
+            starts = [0] + [i for i in range(1, len(cols)) if cols[i] - cols[i - 1] > MIN_GAP]
+            for a, b in zip(starts, starts[1:] + [len(cols)]):
+                lo, hi = cols[a], cols[b - 1] + 1
+                out.append((ks + lo, ks + hi, bool(keep[:, lo:hi].all())))
+        if diag:
+            out.append((qs, qe, CAUSAL))
+    return out
+
+
+def _same_masks(plan, bs, g: Group, qs: int, runs: list) -> bool:
+    """Whether every partial run of range ``qs`` has the mask of the group's first range's run."""
+    if plan is None:
+        return False
+    L = g.L
+    return all(f or torch.equal(_keep(plan, bs, qs, qs + L, ks, ke, torch.device("cpu")),
+                                _keep(plan, bs, g.q0, g.q0 + L, r[0], r[0] + r[2], torch.device("cpu")))
+               for r, (ks, ke, f) in zip(g.runs, runs))
+
+
+def _keep(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, device) -> torch.Tensor:
+    """The plan's keep mask of tile-order rows [qs, qe) x keys [ks, ke): (1|B, 1|H, Lq, Lk) bool."""
+    perm = bs.perm_on(device)
+    qi = torch.arange(qs, qe, device=device) if perm is None else perm[qs:qe]
+    ki = torch.arange(ks, ke, device=device) if perm is None else perm[ks:ke]
+    z = torch.zeros(1, dtype=torch.long, device=device).view(1, 1, 1, 1)
+    keep = plan.mask_mod(z, z, qi.view(1, 1, -1, 1), ki.view(1, 1, 1, -1))  # original indices
+    return keep.expand(*keep.shape[:2], qe - qs, ke - ks)
+
+
+def _is_tril(plan: Plan, bs: BlockSparse, s: int, e: int) -> bool:
+    key = ("tril", s, e)
+    if key not in bs.cache:
+        tril = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+        bs.cache[key] = bool((_keep(plan, bs, s, e, s, e, torch.device("cpu")) == tril).all())
+    return bs.cache[key]
+
+
+def _tril_bias(bs: BlockSparse, L: int, dtype, device) -> torch.Tensor:
+    """The additive causal mask of an L x L diagonal block (for LSE paths without is_causal)."""
+    key = ("tril_bias", L, dtype, str(device))
+    if key not in bs.cache:
+        keep = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        bs.cache[key] = torch.zeros(L, L, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
+    return bs.cache[key]
+
+
+def _causal_lse(q, k, v, scale):
+    """(out, lse) of causal attention over one diagonal block by a fused kernel, or None where
+    none returns its LSE (the caller then applies the causal mask as a bias)."""
+    if q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+    if q.device.type == "cuda":
+        try:
+            out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True, scale=scale)
+            return out, lse[..., : q.shape[2]]
+        except RuntimeError:
+            return None
+    return None
 
 
 def _view(x: torch.Tensor, start: int, delta: int, n: int, L: int) -> torch.Tensor:
@@ -143,7 +228,7 @@ class Tiles(Kernel):
         B, Hq = q.shape[:2]
         mergeable = B == 1 or all(x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v, ot))
         row_bytes = B * Hq * ot.shape[3] * 4  # per query row of a call's output (float32 when merged)
-        for g in groups(bs):
+        for g in groups(bs, plan):
             # batch and heads that cannot merge into one view: one call per range; else calls whose
             # outputs stay below MAX_CALL_BYTES
             c = 1 if not mergeable else max(1, MAX_CALL_BYTES // (g.L * row_bytes))
@@ -159,15 +244,18 @@ class Tiles(Kernel):
         qv = _view(q, g.q0, g.dq, g.n, g.L)
         kv = [(_view(k, k0, dk, g.n, lk), _view(v, k0, dk, g.n, lk), k0, lk, f) for k0, dk, lk, f in g.runs]
         if len(kv) == 1 and kv[0][4]:
-            o = F.scaled_dot_product_attention(qv, kv[0][0], kv[0][1], scale=scale)
+            o = F.scaled_dot_product_attention(qv, kv[0][0], kv[0][1], scale=scale, is_causal=kv[0][4] == CAUSAL)
         else:
             if len(kv) > 1 and q.element_size() < 4:  # 16-bit parts rounded before merging: twice one rounding's error
                 qv, kv = qv.float(), [(kk.float(), vv.float(), *rest) for kk, vv, *rest in kv]
             parts = []
             for kk, vv, k0, lk, f in kv:
-                if f:
+                if f == CAUSAL:
+                    part = None if lse_fn is sdpa_lse_math else _causal_lse(qv, kk, vv, scale)
+                    parts.append(part or lse_fn(qv, kk, vv, _tril_bias(bs, lk, qv.dtype, q.device), scale))
+                elif f:
                     parts.append(lse_fn(qv, kk, vv, None, scale))
-                else:  # partial runs only occur in single ranges (n == 1)
+                else:  # a group's partial runs share one mask (groups checks): the first range's bias
                     bias, rows = _partial_bias(plan, bs, g.q0, g.q0 + g.L, k0, k0 + lk, qv.dtype, q.device)
                     o, lse = lse_fn(qv, kk, vv, bias, scale)
                     parts.append((o, lse.masked_fill(~rows, float("-inf"))))
