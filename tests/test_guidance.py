@@ -285,3 +285,23 @@ def test_pag_on_the_flux_fixture_perturbs_the_conditional_pass_only(one_thread):
     with ap.patch(pipe, Observed(ap.PAG(scale=2.0), watch)):
         pipe("a red circle", num_inference_steps=2, output_type="latent")
     assert batches == [2, 1, 2, 1], batches  # per step: cond + perturbed, then uncond alone
+
+
+def test_pag_in_the_refine_img2img_stage_perturbs_the_conditional_pass_only(one_thread):
+    """FluxImg2ImgPipeline (the coarse-to-fine second stage) is in the FLUX row: its true-CFG
+    passes are told apart too, so only the conditional one carries the perturbed rows."""
+    from attnpatch.methods.observe import Observed
+    from attnpatch.models import fixtures
+    from attnpatch.tools.refine import refine
+
+    pipe = fixtures.flux_shapes()
+    batches = []
+
+    def watch(q, k, site, groups):
+        if site.layer == 0 and site.kind != "cross":
+            batches.append(q.shape[0])
+
+    with ap.patch(pipe, Observed(ap.PAG(scale=2.0), watch)):
+        refine(pipe, "a red circle", height=96, width=96, from_size=64, strength=0.5, num_inference_steps=2,
+               output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert batches and batches == [2, 1] * (len(batches) // 2), batches  # both stages: cond + perturbed, uncond alone

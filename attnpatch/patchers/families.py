@@ -105,7 +105,7 @@ class Family:
 
 
 FAMILIES = (
-    Family("flux", "Flux", ("FluxTransformer2DModel",), ("FluxPipeline",), True, _flux_grid, t_scale=1.0,
+    Family("flux", "Flux", ("FluxTransformer2DModel",), ("FluxPipeline", "FluxImg2ImgPipeline"), True, _flux_grid, t_scale=1.0,
            cfg="separate", cfg_scale=("call:true_cfg_scale",), cfg_needs=_NEGATIVE,
            not_batched=_LAYOUT_ARGS | {"img_ids", "txt_ids"},
            tiny=dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
