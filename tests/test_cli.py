@@ -160,13 +160,23 @@ def test_existing_output_folder_exits_2_before_loading(main, cmd, tmp_path):
     assert code == 2 and "--force" in _one_line(err) and "--out" in err
 
 
+def _readme_command_1() -> list[str]:
+    """The arguments of README command 1's `attnpatch` call, read from the README itself."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if l.startswith("pip install") and "attnpatch compare" in l)
+    args = shlex.split(line.split("&& attnpatch ", 1)[1])
+    assert args[0] == "compare" and "--force" in args, args
+    return args
+
+
 def test_readme_compare_examples_run_one_after_another(main, monkeypatch, tmp_path):
     """README: command 1 (with --force), then the Command line section's compare: default folders
     are per model and settings, so the second does not clash with the first; the same command
     twice does, with a message naming --force and --out."""
     monkeypatch.chdir(tmp_path)
-    first = ["compare", "--model", "builtin:flux-shapes", "--methods", "Neighborhood(window=7, tile=4),SlidingTile(tile=4, "
-             "window=(1, 3)),TopKBlocks(keep=0.25, block=4)", "--grid", "dense_steps=0,0.4", "--force"]
+    first = _readme_command_1()
     second = ["compare", "--model", "builtin:flux-shapes", "--methods", "SlidingTile(tile=4, window=(1, 3)),TopKBlocks(block=4)",
               "--grid", "keep=0.25,0.5"]
     with pytest.raises(_Loaded):
