@@ -49,11 +49,14 @@ CAUSAL_PLANS = [  # S not a multiple of the block: the last diagonal block is pa
 ]
 
 
+@pytest.mark.parametrize("gather", [0, 3], ids=["parts", "gathered"])
 @pytest.mark.parametrize("method,S", CAUSAL_PLANS, ids=["sinkwindow", "nosink", "power", "topk"])
-def test_causal_diagonal_runs_with_is_causal(method, S, monkeypatch):
-    """Every diagonal block of these plans is exactly causal: one is_causal call each (the first
-    block alone through SDPA, the others as LSE parts; grouped ranges count once), and the result
-    equals the reference and tiles without the refinement, with GQA and B > 1."""
+def test_causal_diagonal_runs_with_is_causal(method, S, gather, monkeypatch):
+    """Every diagonal block of these plans is exactly causal: one is_causal call for each range
+    that is not gathered (the first block alone through SDPA, the others as LSE parts; grouped
+    ranges count once); gathered ranges mask it in their one call. The result equals the reference
+    and tiles without the refinement, with GQA and B > 1, both with gathering off and on."""
+    monkeypatch.setattr(tiles_mod, "GATHER_FACTOR", gather)
     site = Site(causal=True)
     q, k, v = _qkv(S, B=2)
     plan = method.plan(q, k, site).with_site(True, 0)
@@ -61,9 +64,10 @@ def test_causal_diagonal_runs_with_is_causal(method, S, monkeypatch):
     gs = tiles_mod.groups(plan.blocks, plan)
     diag = [g for g in gs if any(r[3] == tiles_mod.CAUSAL for r in g.runs)]
     assert sum(g.n for g in diag) == plan.blocks.num_blocks  # every diagonal block
+    assert any(g.gather for g in gs) == (gather > 0)
     n = _causal_calls(monkeypatch)
     out = ap.attend(q, k, v, method, site, backend="tiles")
-    assert n["lse"] + n["sdpa"] >= len(diag) and n["sdpa"] >= 1
+    assert n["lse"] + n["sdpa"] == sum(not g.gather for g in diag) and n["sdpa"] >= 1
     _close(out, q, k, v, plan)
     monkeypatch.setattr(tiles_mod, "REFINE", False)
     n["lse"] = n["sdpa"] = 0

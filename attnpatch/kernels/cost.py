@@ -25,6 +25,9 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
       + partial * E * mask_elem_s(D)
       + lse_s * lse_parts + merge_s_per_elem * merged elements + gather_s_per_byte * gathered bytes
 
+  A gathered group (``tiles.Group.gather``: a causal plan's runs copied side by side for one masked
+  call) counts one call, its whole area as partial, and the copied keys and values as gathered bytes.
+
   ``density`` / ``partial`` / ``diag`` are the fractions of the score matrix the kernel's runs cover /
   cover with an additive bias (partial runs, trimmed to their kept key columns) / as causal diagonal
   blocks run with is_causal (``diag_factor`` of a dense block's time; optional in the constants file,
@@ -97,12 +100,17 @@ def block_stats(bs: BlockSparse, plan=None) -> dict:
     (``diag``), SDPA calls, LSE parts, merged query rows (times parts), and whether there is a permutation."""
     from . import tiles  # same module family; groups are cached on bs
 
-    key = ("cost_stats", plan is not None and tiles.REFINE)
+    key = ("cost_stats", plan is not None and tiles.REFINE, tiles.GATHER_FACTOR)
     if key in bs.cache:
         return bs.cache[key]
-    calls = lse = merged = 0
+    calls = lse = merged = gathered = 0
     area = {False: 0, True: 0, tiles.CAUSAL: 0}  # computed score elements per run kind
     for g in tiles.groups(bs, plan):
+        if g.gather:  # one masked call over the runs' keys copied side by side
+            calls += 1
+            gathered += g.n * sum(r[2] for r in g.runs)
+            area[False] += g.n * g.L * sum(r[2] for r in g.runs)
+            continue
         if len(g.runs) == 1 and g.runs[0][3]:
             calls += 1
         else:
@@ -114,7 +122,7 @@ def block_stats(bs: BlockSparse, plan=None) -> dict:
     qs, ks = bs.pair_sizes()
     S2 = bs.seq_len ** 2
     stats = dict(density=sum(area.values()) / S2, partial=area[False] / S2, diag=area[tiles.CAUSAL] / S2, calls=calls,
-                 lse_parts=lse, merged_rows=merged, perm=bs.perm is not None,
+                 lse_parts=lse, merged_rows=merged, gathered_rows=gathered, perm=bs.perm is not None,
                  keeps_all=bool(bs.kv_full.all()) and int((qs * ks).sum()) == S2)
     bs.cache[key] = stats
     return stats
@@ -151,7 +159,8 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
         return (c["call_s"] * stats["calls"] + (stats["density"] - diag_saved) * dense * c["tiles_factor"]
                 + stats["partial"] * read_mask + c["lse_s"] * stats["lse_parts"]  # partial blocks read a bias
                 + c["merge_s_per_elem"] * B * Hq * stats["merged_rows"] * v.shape[3]
-                + (c["gather_s_per_byte"] * gathered if rep_or_perm else 0.0))
+                + (c["gather_s_per_byte"] * gathered if rep_or_perm else 0.0)
+                + c["gather_s_per_byte"] * B * Hq * stats["gathered_rows"] * (D + v.shape[3]) * q.element_size())
     return math.inf
 
 

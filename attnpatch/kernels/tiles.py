@@ -48,20 +48,22 @@ MAX_CALL_BYTES = 16 << 20
 @dataclass
 class Group:
     """``n`` query ranges ``[q0 + i*dq, q0 + i*dq + L)``; run r of range i is
-    ``[k0_r + i*dk_r, k0_r + i*dk_r + Lk_r)``; ``full`` False only for single ranges."""
+    ``[k0_r + i*dk_r, k0_r + i*dk_r + Lk_r)``, of kind False (partial), True (full) or CAUSAL;
+    ``gather``: the runs' keys are concatenated for one masked call instead of merged parts."""
 
     n: int
     q0: int
     dq: int
     L: int
-    runs: list  # [(k0, dk, Lk, full)]
+    runs: list  # [(k0, dk, Lk, kind)]
+    gather: bool = False
 
 
 def groups(bs: BlockSparse, plan: Plan | None = None) -> list[Group]:
     """``bs.runs()`` as call groups (cached on the block structure); with ``plan``, partial runs
     are first refined by the plan's mask (``refine``) and partial runs join groups too where their
     mask is the same in every range (one bias for the group)."""
-    key = "tile_groups" if plan is None or not REFINE else "tile_groups_refined"
+    key = "tile_groups" if plan is None or not REFINE else ("tile_groups_refined", GATHER_FACTOR)
     if key in bs.cache:
         return bs.cache[key]
     out: list[Group] = []
@@ -82,6 +84,9 @@ def groups(bs: BlockSparse, plan: Plan | None = None) -> list[Group]:
                 g.n += 1
                 continue
         out.append(Group(1, qs, 0, qe - qs, [(ks, 0, ke - ks, f) for ks, ke, f in runs]))
+    if plan is not None and REFINE and bs.causal:
+        for g in out:
+            g.gather = _gathers(plan, bs, g)
     bs.cache[key] = out
     return out
 
@@ -117,6 +122,39 @@ def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list) -> list:
         if diag:
             out.append((qs, qe, CAUSAL))
     return out
+
+
+GATHER_FACTOR = 3  # gather the keys of a range's runs when they are at most this many times its rows per run
+
+
+def _gathers(plan, bs, g: Group) -> bool:
+    """Whether ``g`` runs as one call on its runs' keys concatenated (``_gathered_mask``): where the
+    copy (two passes over the keys) costs less than merging its parts (several float32 passes over
+    each part's output: LSE weights, widening, the weighted sum; measured, benchmarks in the report),
+    and every row keeps some key (a masked SDPA row with none would be NaN, not the merge's zero)."""
+    if len(g.runs) < 2 or sum(r[2] for r in g.runs) > GATHER_FACTOR * g.L * len(g.runs):
+        return False
+    return bool(_gathered_mask(plan, bs, g, torch.device("cpu")).any(-1).all())
+
+
+def _gathered_mask(plan, bs, g: Group, device) -> torch.Tensor:
+    """Keep mask (L, sum Lk) of ``g``'s first range over its runs' keys concatenated (every range of
+    a group has the same: groups checks), cached."""
+    key = ("gathered", g.q0, g.L, tuple((r[0], r[2]) for r in g.runs), str(device))
+    if key not in bs.cache:
+        parts = [torch.ones(g.L, lk, dtype=torch.bool, device=device) if f is True else
+                 torch.ones(g.L, lk, dtype=torch.bool, device=device).tril() if f == CAUSAL else
+                 _keep(plan, bs, g.q0, g.q0 + g.L, k0, k0 + lk, device)[0, 0] for k0, _, lk, f in g.runs]
+        bs.cache[key] = torch.cat(parts, dim=1)
+    return bs.cache[key]
+
+
+def _gathered_bias(plan, bs, g: Group, dtype, device) -> torch.Tensor:
+    key = ("gathered_bias", g.q0, g.L, tuple((r[0], r[2]) for r in g.runs), dtype, str(device))
+    if key not in bs.cache:
+        keep = _gathered_mask(plan, bs, g, device)
+        bs.cache[key] = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
+    return bs.cache[key]
 
 
 def _same_masks(plan, bs, g: Group, qs: int, runs: list) -> bool:
@@ -234,7 +272,7 @@ class Tiles(Kernel):
             c = 1 if not mergeable else max(1, MAX_CALL_BYTES // (g.L * row_bytes))
             for i in range(0, g.n, c):
                 sub = g if c >= g.n else Group(min(c, g.n - i), g.q0 + i * g.dq, g.dq, g.L,
-                                               [(k0 + i * dk, dk, lk, f) for k0, dk, lk, f in g.runs])
+                                               [(k0 + i * dk, dk, lk, f) for k0, dk, lk, f in g.runs], g.gather)
                 self._call(plan, bs, q, k, v, ot, sub, scale)
 
     @staticmethod
@@ -245,6 +283,9 @@ class Tiles(Kernel):
         kv = [(_view(k, k0, dk, g.n, lk), _view(v, k0, dk, g.n, lk), k0, lk, f) for k0, dk, lk, f in g.runs]
         if len(kv) == 1 and kv[0][4]:
             o = F.scaled_dot_product_attention(qv, kv[0][0], kv[0][1], scale=scale, is_causal=kv[0][4] == CAUSAL)
+        elif g.gather:  # the runs' keys side by side: one call with their masks, nothing to merge
+            kk, vv = (torch.cat([x[i] for x in kv], dim=-2) for i in (0, 1))
+            o = F.scaled_dot_product_attention(qv, kk, vv, attn_mask=_gathered_bias(plan, bs, g, q.dtype, q.device), scale=scale)
         else:
             if len(kv) > 1 and q.element_size() < 4:  # 16-bit parts rounded before merging: twice one rounding's error
                 qv, kv = qv.float(), [(kk.float(), vv.float(), *rest) for kk, vv, *rest in kv]
