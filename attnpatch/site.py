@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -38,6 +39,9 @@ class Site:
     # rolling (sliding-window) cache has dropped; None means 0
     kv_shift: torch.Tensor | None = field(default=None, compare=False)
     decode: bool = False  # LLM decode (one new query token per row)
+    # the family's RoPE as a position shift: rope(x (..., N, D), offsets per axis) -> x with its
+    # rotary positions moved by the offsets (FLUX; from the patcher's family row), else None
+    rope: Callable | None = field(default=None, compare=False)
     # role of every batch row when a guidance wrapper set them: "cond", "uncond" or "perturbed"
     roles: tuple = ()
 
@@ -71,6 +75,9 @@ class Site:
         shift = self.kv_shift
         if shift is not None and (not isinstance(shift, torch.Tensor) or shift.dim() != 1 or shift.is_floating_point()):
             fail(s, "kv_shift", self.kv_shift, "None or a (B,) integer tensor", "torch.tensor([0, -3])", ParameterTypeError)
+        if self.rope is not None and not callable(self.rope):
+            fail(s, "rope", self.rope, "None or a callable rope(x, offsets) -> x", "attnpatch.ops.rope.rope_shift with "
+                 "its axes and theta bound", ParameterTypeError)
         roles = self.roles
         if isinstance(roles, str) or not isinstance(roles, (tuple, list)) or any(r not in ROLES for r in roles):
             fail(s, "roles", roles, f"a tuple with one of {ROLES} per batch row", '("uncond", "cond")',

@@ -168,20 +168,22 @@ def test_shift_pe_equals_rope_at_shifted_positions():
     shifted = ids.clone()
     shifted[:, 2] += Ww
     want = apply_rotary_emb(x, rope(shifted), sequence_dim=2)
-    m = ap.SharedAttention()
-    m._rope = (axes, 10000)
-    got = m._shift(k, Site(grid=(Hh, Ww), family="flux"))
+    from attnpatch.patchers.families import FAMILIES
+
+    flux = next(f for f in FAMILIES if f.name == "flux")
+    model = type("M", (), {"config": type("C", (), {"axes_dims_rope": axes})()})()  # what the row reads
+    got = ap.SharedAttention()._shift(k, Site(grid=(Hh, Ww), family="flux", rope=flux.rope(model)))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_shift_is_diffusers_rope_bit_for_bit(dtype):
-    """methods/ computes the FLUX RoPE shift with plain torch (no diffusers import): same bits as
+    """ops/ computes the FLUX RoPE shift with plain torch (no diffusers import): same bits as
     diffusers' own get_1d_rotary_pos_embed + apply_rotary_emb, which it replaced."""
     from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
 
-    from attnpatch.methods.shared import rope_shift
+    from attnpatch.ops.rope import rope_shift
 
     axes, shift = (16, 56, 56), torch.tensor([0.0, 0.0, 24.0])
     k = torch.randn(2, 3, 40, sum(axes)).to(dtype)
@@ -305,3 +307,28 @@ def test_pag_in_the_refine_img2img_stage_perturbs_the_conditional_pass_only(one_
         refine(pipe, "a red circle", height=96, width=96, from_size=64, strength=0.5, num_inference_steps=2,
                output_type="latent", generator=torch.Generator().manual_seed(0))
     assert batches and batches == [2, 1] * (len(batches) // 2), batches  # both stages: cond + perturbed, uncond alone
+
+
+def test_the_family_rope_reaches_the_sites_of_its_calls(one_thread):
+    """FLUX's RoPE comes from its family row through Site.rope (nothing imported by the method):
+    a patched FLUX pipeline's visual calls carry it, equal to rope_shift with the model's axes;
+    Wan's row has none."""
+    from attnpatch.methods.observe import Observed
+    from attnpatch.models import tiny
+    from attnpatch.ops.rope import rope_shift
+
+    seen = {}
+
+    def watch(q, k, site, groups):
+        seen.setdefault(site.family, site.rope)
+
+    flux = tiny.flux_pipeline()
+    with ap.patch(flux, Observed(ap.SharedAttention(), watch)):
+        tiny.flux_call(flux, steps=1)
+    wan = tiny.wan22_pipeline()
+    with ap.patch(wan, Observed(ap.SharedAttention(), watch)):
+        tiny.wan_call(wan, steps=1)
+    assert seen["wan"] is None and seen["flux"] is not None
+    x = torch.randn(1, 2, 5, sum(flux.transformer.config.axes_dims_rope))
+    want = rope_shift(x, tuple(flux.transformer.config.axes_dims_rope), 10000, (0.0, 0.0, 6.0))
+    assert torch.equal(seen["flux"](x, (0.0, 0.0, 6.0)), want)

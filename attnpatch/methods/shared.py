@@ -9,7 +9,7 @@ and a batch of one are unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,20 +25,6 @@ def _adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return (x - mu) / sd * rsd + rmu
 
 
-def rope_shift(x: torch.Tensor, axes: tuple[int, ...], theta: float, shift: tuple[float, ...]) -> torch.Tensor:
-    """x (..., N, D) rotated by FLUX-style multi-axis RoPE at position ``shift`` (one offset per axis).
-
-    FLUX's RoPE gives axis i the channels of its ``axes[i]`` block; within a block, channel pair
-    (2j, 2j+1) turns by angle p * theta ** (-2j / d). Rotations compose, so rotating keys that
-    already carry position p by this shift puts them at p + shift."""
-    angles = [p * (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)) for p, d in zip(shift, axes)]
-    ang = torch.cat(angles).repeat_interleave(2).to(x.device)  # (D,) float64: one angle per channel pair, twice
-    cos, sin = ang.cos().float(), ang.sin().float()
-    pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, D/2, 2): interleaved (real, imaginary) channels
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)  # (..., N, D): i * x
-    return (x.float() * cos + rotated * sin).to(x.dtype)
-
-
 @dataclass
 class SharedAttention(Method):
     """Every image attends to the reference image's keys / values too (StyleAligned-style)."""
@@ -50,18 +36,12 @@ class SharedAttention(Method):
     reference: int = 0
     adain: bool = True
     shift_pe: bool = True
-    _rope: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.reference = check_int("SharedAttention", "reference", self.reference, 0, example=0,
                                    expected="an integer >= 0 (the reference image's index within its prompt half)")
         self.adain = check_bool("SharedAttention", "adain", self.adain)
         self.shift_pe = check_bool("SharedAttention", "shift_pe", self.shift_pe)
-
-    def bind_model(self, model) -> None:
-        """FLUX: keep its RoPE (axes and theta) to shift the reference's positions."""
-        cfg = getattr(model, "config", None)
-        self._rope = (tuple(cfg.axes_dims_rope), 10000) if cfg is not None and hasattr(cfg, "axes_dims_rope") else None
 
     def _groups(self, site: Site, B: int) -> list[tuple[int, list[int]]]:
         """(reference row, other rows) per CFG half."""
@@ -78,11 +58,11 @@ class SharedAttention(Method):
         return out
 
     def _shift(self, k_ref: torch.Tensor, site: Site) -> torch.Tensor:
-        """Rotate FLUX keys (E, H, N, D) by one grid width along the image's width axis."""
-        if not self.shift_pe or self._rope is None or site.family != "flux" or len(site.grid) != 2:
+        """Rotate keys (E, H, N, D) by one grid width along the image's width axis, with the RoPE the
+        patcher's family row provides (``Site.rope``; FLUX): without it the keys stay as they are."""
+        if not self.shift_pe or site.rope is None or len(site.grid) != 2:
             return k_ref
-        axes, theta = self._rope
-        return rope_shift(k_ref, axes, theta, (0.0, 0.0, float(site.grid[1])))  # (frame, row, col) offset
+        return site.rope(k_ref, (0.0, 0.0, float(site.grid[1])))  # (frame, row, col) offset
 
     def plan(self, q, k, site: Site) -> Plan | None:
         B, S = q.shape[0], q.shape[2]

@@ -89,7 +89,8 @@ class _Call(SharesMethod):
         return Site(grid=grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
                     layer=self.layer, name=self.name, kind=kind, family=st.family.name,
                     timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None,
-                    steps=st.tracker.total if st.timestep is not None else None, roles=roles), ""
+                    steps=st.tracker.total if st.timestep is not None else None, roles=roles,
+                    rope=st.rope), ""
 
     def run(self, frame, q, k, v, *, mask, scale, causal):
         site, why = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(frame, q.shape[0]))

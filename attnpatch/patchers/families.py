@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .._log import log_once
+from ..ops.rope import rope_shift
 
 
 def _latent(p_t: str | None, p: str, layout: str) -> Callable:
@@ -36,6 +37,12 @@ def _latent(p_t: str | None, p: str, layout: str) -> Callable:
         return (math.ceil(dims["T"] / pt), *spatial)
 
     return grid
+
+
+def _flux_rope(model) -> Callable:
+    """FLUX's RoPE as a position shift (its axes from the config, theta 10000 as FluxPosEmbed)."""
+    axes = tuple(model.config.axes_dims_rope)
+    return lambda x, offsets: rope_shift(x, axes, 10000, offsets)
 
 
 def _flux_grid(model, args):
@@ -99,6 +106,7 @@ class Family:
     row_calls: bool = False  # the processor attends one batch row per call, in order (Mochi)
     tiny: dict | None = field(default=None, compare=False)  # the tiny random denoiser of the tests
     note: str = ""  # what the supported list adds after the label
+    rope: Callable | None = None  # model -> rope(x, offsets per axis), handed to methods as Site.rope
 
     def matches_pipeline(self, pipe) -> bool:
         return any(c.__name__ in self.pipelines for c in type(pipe).__mro__)
@@ -107,7 +115,7 @@ class Family:
 FAMILIES = (
     Family("flux", "Flux", ("FluxTransformer2DModel",), ("FluxPipeline", "FluxImg2ImgPipeline"), True, _flux_grid, t_scale=1.0,
            cfg="separate", cfg_scale=("call:true_cfg_scale",), cfg_needs=_NEGATIVE,
-           not_batched=_LAYOUT_ARGS | {"img_ids", "txt_ids"},
+           not_batched=_LAYOUT_ARGS | {"img_ids", "txt_ids"}, rope=_flux_rope,
            tiny=dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
                      num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))),
     Family("sd3", "SD3", ("SD3Transformer2DModel",), ("StableDiffusion3Pipeline",), False,

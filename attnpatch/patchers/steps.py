@@ -63,6 +63,7 @@ class ModelState:
         self.family = family  # the model's row of attnpatch.patchers.families
         self.tracker = tracker
         self.slot = slot  # which denoiser of its pipeline (1: transformer_2), for per-denoiser CFG scales
+        self.rope = family.rope(model) if family.rope is not None else None  # Site.rope of its calls
         self.params = list(inspect.signature(model.forward).parameters)  # positional order of forward's arguments
         self._local = threading.local()
 
@@ -70,6 +71,7 @@ class ModelState:
         new = object.__new__(ModelState)
         memo[id(self)] = new
         new.family, new.params, new.slot, new._local = self.family, self.params, self.slot, threading.local()
+        new.rope = self.rope
         new.tracker = copy.deepcopy(self.tracker, memo)
         return new
 
