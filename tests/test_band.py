@@ -8,6 +8,7 @@ import torch
 import attnpatch as ap
 from attnpatch import Site, kernels
 from attnpatch.kernels import cost, reference
+from attnpatch.kernels import tile_runs
 from attnpatch.kernels import tiles as tiles_mod
 
 
@@ -56,7 +57,7 @@ def test_causal_diagonal_runs_with_is_causal(method, S, gather, monkeypatch):
     that is not gathered (the first block alone through SDPA, the others as LSE parts; grouped
     ranges count once); gathered ranges mask it in their one call. The result equals the reference
     and tiles without the refinement, with GQA and B > 1, both with gathering off and on."""
-    monkeypatch.setattr(tiles_mod, "GATHER_FACTOR", gather)
+    monkeypatch.setattr(tile_runs, "GATHER_FACTOR", gather)
     site = Site(causal=True)
     q, k, v = _qkv(S, B=2)
     plan = method.plan(q, k, site).with_site(True, 0)
@@ -69,7 +70,7 @@ def test_causal_diagonal_runs_with_is_causal(method, S, gather, monkeypatch):
     out = ap.attend(q, k, v, method, site, backend="tiles")
     assert n["lse"] + n["sdpa"] == sum(not g.gather for g in diag) and n["sdpa"] >= 1
     _close(out, q, k, v, plan)
-    monkeypatch.setattr(tiles_mod, "REFINE", False)
+    monkeypatch.setattr(tile_runs, "REFINE", False)
     n["lse"] = n["sdpa"] = 0
     before = ap.attend(q, k, v, method, site, backend="tiles")
     assert n["lse"] + n["sdpa"] == 0  # the switch really turns the path off
@@ -120,12 +121,12 @@ def test_causal_diagonal_under_autograd():
     method, site = ap.SinkWindow(sink=4, window=64, block=32), Site(causal=True)
     grads = []
     for refine in (True, False):
-        tiles_mod.REFINE = refine
+        tile_runs.REFINE = refine
         try:
             q, k, v = (x.requires_grad_() for x in _qkv(150, seed=3))
             ap.attend(q, k, v, method, site, backend="tiles").square().sum().backward()
         finally:
-            tiles_mod.REFINE = True
+            tile_runs.REFINE = True
         grads.append([x.grad for x in (q, k, v)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

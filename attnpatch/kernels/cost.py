@@ -98,7 +98,7 @@ def block_stats(bs: BlockSparse, plan=None) -> dict:
     on ``bs``): the fractions of the score matrix its calls compute with no mask (``density``, partial
     and causal-diagonal runs included), with a bias (``partial``) and as causal diagonal blocks
     (``diag``), SDPA calls, LSE parts, merged query rows (times parts), and whether there is a permutation."""
-    from . import tiles  # same module family; groups are cached on bs
+    from . import tile_runs as tiles  # same module family; groups are cached on bs
 
     key = ("cost_stats", plan is not None and tiles.REFINE, tiles.GATHER_FACTOR)
     if key in bs.cache:

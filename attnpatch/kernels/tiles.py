@@ -7,7 +7,10 @@ plan's exact mask_mod as an additive mask (cached per plan). Consecutive query r
 have the same lengths and move by the same stride (the interior tiles of a sliding window, the
 diagonal of a blocked plan) run as one call: the group becomes an extra head axis of strided
 views, so per-call overhead is paid once per group. The result is written in tile order and
-put back into the original token order by one more row gather.
+put back into the original token order by one more row gather. With the plan at hand the runs are
+refined first (tile_runs.py): diagonal blocks whose mask is exactly causal run with is_causal and no
+mask, partial runs keep only their kept key columns (and join groups where their mask repeats), and a
+causal plan's ranges with several short runs copy their keys side by side for one masked call.
 
 Query ranges with several runs merge float32 parts (16-bit inputs are widened for those calls:
 parts rounded to 16 bits before the merge would double the error). Under autograd (inputs that
@@ -18,7 +21,6 @@ each call's graph to the previous one's.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from ..blocks import BlockSparse
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, block_sparse_why_not, needs_grad
 from ..ops.lse import merge, sdpa_lse, sdpa_lse_math
+from .tile_runs import CAUSAL, Group, _gathered_bias, _keep, _tril_bias, groups  # noqa: F401 (groups: tests, cost)
 
 
 def _partial_bias(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, dtype, device):
@@ -43,155 +46,6 @@ def _partial_bias(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, dtype, device):
 # 32 MB with mmap, so each such allocation page-faults on every call: measured on the 2-core CPU, a fresh
 # 40 MB buffer costs 20 ms to fill against 1.3 ms for a reused one. Groups are split below that.
 MAX_CALL_BYTES = 16 << 20
-
-
-@dataclass
-class Group:
-    """``n`` query ranges ``[q0 + i*dq, q0 + i*dq + L)``; run r of range i is
-    ``[k0_r + i*dk_r, k0_r + i*dk_r + Lk_r)``, of kind False (partial), True (full) or CAUSAL;
-    ``gather``: the runs' keys are concatenated for one masked call instead of merged parts."""
-
-    n: int
-    q0: int
-    dq: int
-    L: int
-    runs: list  # [(k0, dk, Lk, kind)]
-    gather: bool = False
-
-
-def groups(bs: BlockSparse, plan: Plan | None = None) -> list[Group]:
-    """``bs.runs()`` as call groups (cached on the block structure); with ``plan``, partial runs
-    are first refined by the plan's mask (``refine``) and partial runs join groups too where their
-    mask is the same in every range (one bias for the group)."""
-    key = "tile_groups" if plan is None or not REFINE else ("tile_groups_refined", GATHER_FACTOR)
-    if key in bs.cache:
-        return bs.cache[key]
-    out: list[Group] = []
-    for qs, qe, runs in bs.runs():
-        if plan is not None and REFINE:
-            runs = refine(plan, bs, qs, qe, runs)
-        g = out[-1] if out else None
-        # ranges with the same run lengths and kinds as the group's (and the same masks) join it
-        if g is not None and g.L == qe - qs and len(g.runs) == len(runs) \
-                and all(r[3] == f and r[2] == ke - ks for r, (ks, ke, f) in zip(g.runs, runs)) \
-                and (all(f for _, _, f in runs) or _same_masks(plan, bs, g, qs, runs)):
-            if g.n == 1:
-                dq, dks = qs - g.q0, [ks - r[0] for r, (ks, _, _) in zip(g.runs, runs)]
-                if dq > 0 and min(dks) >= 0:
-                    g.dq, g.runs, g.n = dq, [(r[0], d, r[2], r[3]) for r, d in zip(g.runs, dks)], 2
-                    continue
-            elif qs == g.q0 + g.n * g.dq and all(ks == r[0] + g.n * r[1] for r, (ks, _, _) in zip(g.runs, runs)):
-                g.n += 1
-                continue
-        out.append(Group(1, qs, 0, qe - qs, [(ks, 0, ke - ks, f) for ks, ke, f in runs]))
-    if plan is not None and REFINE and bs.causal:
-        for g in out:
-            g.gather = _gathers(plan, bs, g)
-    bs.cache[key] = out
-    return out
-
-
-# Run kinds: False partial (an additive bias), True full (no mask), CAUSAL a square diagonal block whose
-# mask is exactly lower-triangular: one SDPA call with is_causal, no mask tensor, and the kernel skips
-# the key chunks above the diagonal (a causal LLM plan's diagonal blocks: SinkWindow with window >= block,
-# TopKBlocks' forced diagonal, Power with local >= block).
-CAUSAL = 2
-REFINE = True  # module switch: benchmarks compare refined runs with the block runs as stored
-MIN_GAP = 64  # masked key columns that split a partial run in two: an LSE part costs about this much work
-
-
-def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list) -> list:
-    """The runs of query range [qs, qe) as the plan's mask (evaluated once, so exact for any
-    mask_mod) lets them be cheaper: a diagonal block whose mask is exactly causal becomes a CAUSAL
-    run; the rest of a partial run keeps only its kept key columns, split at gaps of MIN_GAP or
-    more, each piece full where every row keeps all of it (e.g. 4 sink keys out of a 256-key block)."""
-    out = []
-    for ks, ke, f in runs:
-        if f:
-            out.append((ks, ke, f))
-            continue
-        diag = ke == qe and ks <= qs and _is_tril(plan, bs, qs, qe)
-        end = qs if diag else ke
-        if end > ks:
-            keep = _keep(plan, bs, qs, qe, ks, end, torch.device("cpu"))[0, 0]  # (Lq, Lk)
-            cols = keep.any(0).nonzero().flatten().tolist()
-            starts = [0] + [i for i in range(1, len(cols)) if cols[i] - cols[i - 1] > MIN_GAP]
-            for a, b in zip(starts, starts[1:] + [len(cols)]):
-                lo, hi = cols[a], cols[b - 1] + 1
-                out.append((ks + lo, ks + hi, bool(keep[:, lo:hi].all())))
-        if diag:
-            out.append((qs, qe, CAUSAL))
-    return out
-
-
-GATHER_FACTOR = 3  # gather the keys of a range's runs when they are at most this many times its rows per run
-
-
-def _gathers(plan, bs, g: Group) -> bool:
-    """Whether ``g`` runs as one call on its runs' keys concatenated (``_gathered_mask``): where the
-    copy (two passes over the keys) costs less than merging its parts (several float32 passes over
-    each part's output: LSE weights, widening, the weighted sum; measured, benchmarks in the report),
-    and every row keeps some key (a masked SDPA row with none would be NaN, not the merge's zero)."""
-    if len(g.runs) < 2 or sum(r[2] for r in g.runs) > GATHER_FACTOR * g.L * len(g.runs):
-        return False
-    return bool(_gathered_mask(plan, bs, g, torch.device("cpu")).any(-1).all())
-
-
-def _gathered_mask(plan, bs, g: Group, device) -> torch.Tensor:
-    """Keep mask (L, sum Lk) of ``g``'s first range over its runs' keys concatenated (every range of
-    a group has the same: groups checks), cached."""
-    key = ("gathered", g.q0, g.L, tuple((r[0], r[2]) for r in g.runs), str(device))
-    if key not in bs.cache:
-        parts = [torch.ones(g.L, lk, dtype=torch.bool, device=device) if f is True else
-                 torch.ones(g.L, lk, dtype=torch.bool, device=device).tril() if f == CAUSAL else
-                 _keep(plan, bs, g.q0, g.q0 + g.L, k0, k0 + lk, device)[0, 0] for k0, _, lk, f in g.runs]
-        bs.cache[key] = torch.cat(parts, dim=1)
-    return bs.cache[key]
-
-
-def _gathered_bias(plan, bs, g: Group, dtype, device) -> torch.Tensor:
-    key = ("gathered_bias", g.q0, g.L, tuple((r[0], r[2]) for r in g.runs), dtype, str(device))
-    if key not in bs.cache:
-        keep = _gathered_mask(plan, bs, g, device)
-        bs.cache[key] = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
-    return bs.cache[key]
-
-
-def _same_masks(plan, bs, g: Group, qs: int, runs: list) -> bool:
-    """Whether every partial run of range ``qs`` has the mask of the group's first range's run."""
-    if plan is None:
-        return False
-    L = g.L
-    return all(f or torch.equal(_keep(plan, bs, qs, qs + L, ks, ke, torch.device("cpu")),
-                                _keep(plan, bs, g.q0, g.q0 + L, r[0], r[0] + r[2], torch.device("cpu")))
-               for r, (ks, ke, f) in zip(g.runs, runs))
-
-
-def _keep(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, device) -> torch.Tensor:
-    """The plan's keep mask of tile-order rows [qs, qe) x keys [ks, ke): (1|B, 1|H, Lq, Lk) bool."""
-    perm = bs.perm_on(device)
-    qi = torch.arange(qs, qe, device=device) if perm is None else perm[qs:qe]
-    ki = torch.arange(ks, ke, device=device) if perm is None else perm[ks:ke]
-    z = torch.zeros(1, dtype=torch.long, device=device).view(1, 1, 1, 1)
-    keep = plan.mask_mod(z, z, qi.view(1, 1, -1, 1), ki.view(1, 1, 1, -1))  # original indices
-    return keep.expand(*keep.shape[:2], qe - qs, ke - ks)
-
-
-def _is_tril(plan: Plan, bs: BlockSparse, s: int, e: int) -> bool:
-    key = ("tril", s, e)
-    if key not in bs.cache:
-        tril = torch.ones(e - s, e - s, dtype=torch.bool).tril()
-        bs.cache[key] = bool((_keep(plan, bs, s, e, s, e, torch.device("cpu")) == tril).all())
-    return bs.cache[key]
-
-
-def _tril_bias(bs: BlockSparse, L: int, dtype, device) -> torch.Tensor:
-    """The additive causal mask of an L x L diagonal block (for LSE paths without is_causal)."""
-    key = ("tril_bias", L, dtype, str(device))
-    if key not in bs.cache:
-        keep = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        bs.cache[key] = torch.zeros(L, L, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
-    return bs.cache[key]
 
 
 def _causal_lse(q, k, v, scale):
