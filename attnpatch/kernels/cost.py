@@ -93,7 +93,7 @@ def per_d(table: dict, D: int) -> float:
     return pts[-1][1] * D / pts[-1][0]
 
 
-def block_stats(bs: BlockSparse, plan=None) -> dict:
+def block_stats(bs: BlockSparse, plan=None, device=None) -> dict:
     """What the tiles kernel does for ``bs`` (with ``plan``: its refined runs, ``tiles.groups``; cached
     on ``bs``): the fractions of the score matrix its calls compute with no mask (``density``, partial
     and causal-diagonal runs included), with a bias (``partial``) and as causal diagonal blocks
@@ -105,7 +105,7 @@ def block_stats(bs: BlockSparse, plan=None) -> dict:
         return bs.cache[key]
     calls = lse = merged = gathered = 0
     area = {False: 0, True: 0, tiles.CAUSAL: 0}  # computed score elements per run kind
-    for g in tiles.groups(bs, plan):
+    for g in tiles.groups(bs, plan, device):
         if g.gather:  # one masked call over the runs' keys copied side by side
             calls += 1
             gathered += g.n * sum(r[2] for r in g.runs)
@@ -136,7 +136,7 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
     E = B * Hq * Sq * Skv  # score elements
     dense = E * per_d(c["elem_s"], D)
     read_mask = E * per_d(c["mask_elem_s"], D)
-    stats = block_stats(plan.blocks, plan) if plan.blocks is not None else None
+    stats = block_stats(plan.blocks, plan, q.device) if plan.blocks is not None else None
     if name == "sdpa":
         if plan.mask_mod is None and mask is None:
             causal = plan.causal and plan.q_offset == 0

@@ -27,22 +27,24 @@ class Group:
     gather: bool = False
 
 
-def groups(bs: BlockSparse, plan: Plan | None = None) -> list[Group]:
+def groups(bs: BlockSparse, plan: Plan | None = None, device=None) -> list[Group]:
     """``bs.runs()`` as call groups (cached on the block structure); with ``plan``, partial runs
-    are first refined by the plan's mask (``refine``) and partial runs join groups too where their
+    are first refined by the plan's mask (``refine``; evaluated on ``device``, the inputs' device:
+    a data-dependent mask_mod holds tensors there) and partial runs join groups too where their
     mask is the same in every range (one bias for the group)."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
     key = "tile_groups" if plan is None or not REFINE else ("tile_groups_refined", GATHER_FACTOR)
     if key in bs.cache:
         return bs.cache[key]
     out: list[Group] = []
     for qs, qe, runs in bs.runs():
         if plan is not None and REFINE:
-            runs = refine(plan, bs, qs, qe, runs)
+            runs = refine(plan, bs, qs, qe, runs, dev)
         g = out[-1] if out else None
         # ranges with the same run lengths and kinds as the group's (and the same masks) join it
         if g is not None and g.L == qe - qs and len(g.runs) == len(runs) \
                 and all(r[3] == f and r[2] == ke - ks for r, (ks, ke, f) in zip(g.runs, runs)) \
-                and (all(f for _, _, f in runs) or _same_masks(plan, bs, g, qs, runs)):
+                and (all(f for _, _, f in runs) or _same_masks(plan, bs, g, qs, runs, dev)):
             if g.n == 1:
                 dq, dks = qs - g.q0, [ks - r[0] for r, (ks, _, _) in zip(g.runs, runs)]
                 if dq > 0 and min(dks) >= 0:
@@ -54,7 +56,7 @@ def groups(bs: BlockSparse, plan: Plan | None = None) -> list[Group]:
         out.append(Group(1, qs, 0, qe - qs, [(ks, 0, ke - ks, f) for ks, ke, f in runs]))
     if plan is not None and REFINE and bs.causal:
         for g in out:
-            g.gather = _gathers(plan, bs, g)
+            g.gather = _gathers(plan, bs, g, dev)
     bs.cache[key] = out
     return out
 
@@ -69,7 +71,7 @@ REFINE = True  # module switch: benchmarks compare refined runs with the block r
 MIN_GAP = 64  # masked key columns that split a partial run in two: an LSE part costs about this much work
 
 
-def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list) -> list:
+def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list, device) -> list:
     """The runs of query range [qs, qe) as the plan's mask (evaluated once, so exact for any
     mask_mod) lets them be cheaper: a diagonal block whose mask is exactly causal becomes a CAUSAL
     run; the rest of a partial run keeps only its kept key columns, in a causal structure split at
@@ -80,14 +82,14 @@ def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list) -> list:
         if f:
             out.append((ks, ke, f))
             continue
-        diag = ke == qe and ks <= qs and _is_tril(plan, bs, qs, qe)
+        diag = ke == qe and ks <= qs and _is_tril(plan, bs, qs, qe, device)
         end = qs if diag else ke
         if end > ks:
-            keep = _keep(plan, bs, qs, qe, ks, end, torch.device("cpu"))[0, 0]  # (Lq, Lk)
+            keep = _keep(plan, bs, qs, qe, ks, end, device)[0, 0].cpu()  # (Lq, Lk)
             cols = keep.any(0).nonzero().flatten().tolist()
             gap = MIN_GAP if bs.causal else len(cols) + ke  # split only where the pieces can be gathered again
             starts = [0] + [i for i in range(1, len(cols)) if cols[i] - cols[i - 1] > gap]
-            for a, b in zip(starts, starts[1:] + [len(cols)]):
+            for a, b in zip(starts, starts[1:] + [len(cols)]) if cols else ():  # (no kept key: nothing to run)
                 lo, hi = cols[a], cols[b - 1] + 1
                 out.append((ks + lo, ks + hi, bool(keep[:, lo:hi].all())))
         if diag:
@@ -101,14 +103,14 @@ def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list) -> list:
 GATHER_FACTOR = 1
 
 
-def _gathers(plan, bs, g: Group) -> bool:
+def _gathers(plan, bs, g: Group, device) -> bool:
     """Whether ``g`` runs as one call on its runs' keys concatenated (``_gathered_mask``): where the
     copy (two passes over the keys) costs less than merging its parts (several float32 passes over
     each part's output: LSE weights, widening, the weighted sum; measured, benchmarks in the report),
     and every row keeps some key (a masked SDPA row with none would be NaN, not the merge's zero)."""
     if len(g.runs) < 2 or sum(r[2] for r in g.runs) > GATHER_FACTOR * g.L * len(g.runs):
         return False
-    return bool(_gathered_mask(plan, bs, g, torch.device("cpu")).any(-1).all())
+    return bool(_gathered_mask(plan, bs, g, device).any(-1).all())
 
 
 def _gathered_mask(plan, bs, g: Group, device) -> torch.Tensor:
@@ -131,13 +133,13 @@ def _gathered_bias(plan, bs, g: Group, dtype, device) -> torch.Tensor:
     return bs.cache[key]
 
 
-def _same_masks(plan, bs, g: Group, qs: int, runs: list) -> bool:
+def _same_masks(plan, bs, g: Group, qs: int, runs: list, device) -> bool:
     """Whether every partial run of range ``qs`` has the mask of the group's first range's run."""
     if plan is None:
         return False
     L = g.L
-    return all(f or torch.equal(_keep(plan, bs, qs, qs + L, ks, ke, torch.device("cpu")),
-                                _keep(plan, bs, g.q0, g.q0 + L, r[0], r[0] + r[2], torch.device("cpu")))
+    return all(f or torch.equal(_keep(plan, bs, qs, qs + L, ks, ke, device),
+                                _keep(plan, bs, g.q0, g.q0 + L, r[0], r[0] + r[2], device))
                for r, (ks, ke, f) in zip(g.runs, runs))
 
 
@@ -151,11 +153,11 @@ def _keep(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, device) -> torch.Tensor:
     return keep.expand(*keep.shape[:2], qe - qs, ke - ks)
 
 
-def _is_tril(plan: Plan, bs: BlockSparse, s: int, e: int) -> bool:
+def _is_tril(plan: Plan, bs: BlockSparse, s: int, e: int, device) -> bool:
     key = ("tril", s, e)
     if key not in bs.cache:
-        tril = torch.ones(e - s, e - s, dtype=torch.bool).tril()
-        bs.cache[key] = bool((_keep(plan, bs, s, e, s, e, torch.device("cpu")) == tril).all())
+        tril = torch.ones(e - s, e - s, dtype=torch.bool, device=device).tril()
+        bs.cache[key] = bool((_keep(plan, bs, s, e, s, e, device) == tril).all())
     return bs.cache[key]
 
 
