@@ -177,7 +177,7 @@ def test_speed_quality_plot_names_every_setting_inside_the_figure_without_overla
     report.scatter(rows, "psnr", tmp_path / "s.png")
     assert (tmp_path / "s.png").is_file() and seen["tight"] is None
     squash = lambda text: "".join(text.split())  # noqa: E731  (labels may be wrapped over lines)
-    labels = [(t, b) for t, b in seen["texts"] if any(squash(n)[:15] == squash(t)[:15] for n in names)]
+    labels = [(t, b) for t, b in seen["texts"] if any(squash(n)[:12] == squash(t)[:12] for n in names)]
     for n in names:
         whole = lambda t: squash(t) == squash(n) or (squash(t).startswith(squash(n) + "[") and t.endswith("]"))  # noqa: E731
         assert any(whole(t) for t, _ in labels), f"{n!r} not drawn whole"  # (a legend label may add its [kind])
