@@ -64,7 +64,7 @@ def test_causal_diagonal_runs_with_is_causal(method, S, gather, monkeypatch):
     assert kernels.get("tiles").why_not(q, k, v, plan) is None
     gs = tiles_mod.groups(plan.blocks, plan)
     diag = [g for g in gs if any(r[3] == tiles_mod.CAUSAL for r in g.runs)]
-    assert sum(g.n for g in diag) == plan.blocks.num_blocks  # every diagonal block
+    assert sum(g.n * g.L for g in diag) == S  # every row's diagonal block (blocks or SPLIT_ROWS ranges)
     assert any(g.gather for g in gs) == (gather > 0)
     n = _causal_calls(monkeypatch)
     out = ap.attend(q, k, v, method, site, backend="tiles")
@@ -103,6 +103,24 @@ def test_sink_block_trimmed_and_band_grouped():
     assert [(r[2], r[3]) for r in big.runs] == [(4, True), (255, False), (256, tiles_mod.CAUSAL)]
     assert sum(g.n * g.L for g in gs) == 2048  # every query row once
     _close(ap.attend(q, k, v, method, site, backend="tiles"), q, k, v, plan)
+
+
+def test_scattered_keys_split_into_short_ranges(monkeypatch):
+    """Power's power-of-two keys leave 256-row blocks partial across most of their keys: its ranges
+    split into SPLIT_ROWS-row ranges with their own trimmed runs (less than SPLIT_GAIN of the score
+    elements), which repeat and group; exact, and the same as tiles with splitting off."""
+    method, site = ap.Power(local=64), Site(causal=True)
+    q, k, v = _qkv(1024, Hq=3, Hkv=1)
+    plan = method.plan(q, k, site).with_site(True, 0)
+    gs = tile_runs.groups(plan.blocks, plan)
+    assert {g.L for g in gs} >= {tile_runs.SPLIT_ROWS} and max(g.n for g in gs) > 1
+    assert sum(g.n * g.L for g in gs) == 1024
+    split = cost.block_stats(plan.blocks, plan)["density"]
+    out = ap.attend(q, k, v, method, site, backend="tiles")
+    _close(out, q, k, v, plan)
+    monkeypatch.setattr(tile_runs, "SPLIT_ROWS", 0)
+    assert split < tile_runs.SPLIT_GAIN * cost.block_stats(plan.blocks, plan)["density"]
+    torch.testing.assert_close(out, ap.attend(q, k, v, method, site, backend="tiles"), rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_prefill_falls_back():

@@ -100,7 +100,7 @@ def block_stats(bs: BlockSparse, plan=None, device=None) -> dict:
     (``diag``), SDPA calls, LSE parts, merged query rows (times parts), and whether there is a permutation."""
     from . import tile_runs as tiles  # same module family; groups are cached on bs
 
-    key = ("cost_stats", plan is not None and tiles.REFINE, tiles.GATHER_FACTOR)
+    key = ("cost_stats", plan is not None and tiles.REFINE, tiles.GATHER_FACTOR, tiles.SPLIT_ROWS)
     if key in bs.cache:
         return bs.cache[key]
     calls = lse = merged = gathered = 0

@@ -33,13 +33,11 @@ def groups(bs: BlockSparse, plan: Plan | None = None, device=None) -> list[Group
     a data-dependent mask_mod holds tensors there) and partial runs join groups too where their
     mask is the same in every range (one bias for the group)."""
     dev = torch.device("cpu") if device is None else torch.device(device)
-    key = "tile_groups" if plan is None or not REFINE else ("tile_groups_refined", GATHER_FACTOR)
+    key = "tile_groups" if plan is None or not REFINE else ("tile_groups_refined", GATHER_FACTOR, SPLIT_ROWS)
     if key in bs.cache:
         return bs.cache[key]
     out: list[Group] = []
-    for qs, qe, runs in bs.runs():
-        if plan is not None and REFINE:
-            runs = refine(plan, bs, qs, qe, runs, dev)
+    for qs, qe, runs in (_ranges(plan, bs, dev) if plan is not None and REFINE else bs.runs()):
         g = out[-1] if out else None
         # ranges with the same run lengths and kinds as the group's (and the same masks) join it
         if g is not None and g.L == qe - qs and len(g.runs) == len(runs) \
@@ -69,6 +67,31 @@ def groups(bs: BlockSparse, plan: Plan | None = None, device=None) -> list[Group
 CAUSAL = 2
 REFINE = True  # module switch: benchmarks compare refined runs with the block runs as stored
 MIN_GAP = 64  # masked key columns that split a partial run in two: an LSE part costs about this much work
+
+
+SPLIT_ROWS = 64  # a causal structure's partial ranges split into ranges of this many rows where that ...
+SPLIT_GAIN = 0.6  # ... leaves at most this fraction of the score elements to compute (e.g. Power's scattered keys)
+
+
+def _ranges(plan, bs: BlockSparse, device):
+    """``bs.runs()`` refined (``refine``); in a causal structure a range with partial runs is cut
+    into ranges of SPLIT_ROWS rows, each with its own trimmed key runs (keys after its last row are
+    masked: causal), where they compute at most SPLIT_GAIN of the range's score elements."""
+    for qs, qe, runs in bs.runs():
+        whole = refine(plan, bs, qs, qe, runs, device)
+        if not (bs.causal and SPLIT_ROWS and qe - qs > SPLIT_ROWS and not all(f for _, _, f in runs)):
+            yield qs, qe, whole
+            continue
+        subs = []
+        for a in range(qs, qe, SPLIT_ROWS):
+            b = min(qe, a + SPLIT_ROWS)
+            clipped = [(ks, min(ke, b), f if ke <= b else False) for ks, ke, f in runs if ks < b]
+            subs.append((a, b, refine(plan, bs, a, b, clipped, device)))
+        area = lambda rs, L: L * sum(ke - ks for ks, ke, _ in rs)  # noqa: E731
+        if sum(area(r, b - a) for a, b, r in subs) <= SPLIT_GAIN * area(whole, qe - qs):
+            yield from subs
+        else:
+            yield qs, qe, whole
 
 
 def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list, device) -> list:
@@ -101,6 +124,7 @@ def refine(plan: Plan, bs: BlockSparse, qs: int, qe: int, runs: list, device) ->
 # 1024-2048-token SinkWindow runs at ~0.9 of stock gathered against ~1.1 merged; at 4096 (a 4-block
 # window: keys 1.25x rows per run) merging the 4 parts is cheaper (0.84 against 0.91, Llama-8B heads).
 GATHER_FACTOR = 1
+GATHER_MIN_ROWS = 128  # shorter ranges (SPLIT_ROWS) count as this many rows: their parts' fixed costs weigh more
 
 
 def _gathers(plan, bs, g: Group, device) -> bool:
@@ -108,7 +132,7 @@ def _gathers(plan, bs, g: Group, device) -> bool:
     copy (two passes over the keys) costs less than merging its parts (several float32 passes over
     each part's output: LSE weights, widening, the weighted sum; measured, benchmarks in the report),
     and every row keeps some key (a masked SDPA row with none would be NaN, not the merge's zero)."""
-    if len(g.runs) < 2 or sum(r[2] for r in g.runs) > GATHER_FACTOR * g.L * len(g.runs):
+    if len(g.runs) < 2 or sum(r[2] for r in g.runs) > GATHER_FACTOR * max(g.L, GATHER_MIN_ROWS) * len(g.runs):
         return False
     return bool(_gathered_mask(plan, bs, g, device).any(-1).all())
 
