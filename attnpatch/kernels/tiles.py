@@ -9,8 +9,9 @@ diagonal of a blocked plan) run as one call: the group becomes an extra head axi
 views, so per-call overhead is paid once per group. The result is written in tile order and
 put back into the original token order by one more row gather. With the plan at hand the runs are
 refined first (tile_runs.py): diagonal blocks whose mask is exactly causal run with is_causal and no
-mask, partial runs keep only their kept key columns (and join groups where their mask repeats), and a
-causal plan's ranges with several short runs copy their keys side by side for one masked call.
+mask, partial runs keep only their kept key columns (and join groups where their mask repeats); in a
+causal plan, ranges whose keys are scattered split into 64-row ranges, and ranges with several short
+runs copy their keys side by side for one masked call.
 
 Query ranges with several runs merge float32 parts (16-bit inputs are widened for those calls:
 parts rounded to 16 bits before the merge would double the error). Under autograd (inputs that
