@@ -26,7 +26,8 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
       + lse_s * lse_parts + merge_s_per_elem * merged elements + gather_s_per_byte * gathered bytes
 
   The groups are the refined ones (kernels/tile_runs.py: causal diagonals, trimmed and split runs). A
-  gathered group (``Group.gather``: a causal plan's runs copied side by side for one masked call) counts one call, its whole area as partial, and the copied keys and values as gathered bytes.
+  gathered group (``Group.gather``: a causal plan's runs copied side by side for one masked call)
+  counts one call, its whole area as partial, and the copied keys and values as gathered bytes.
 
   ``density`` / ``partial`` / ``diag`` are the fractions of the score matrix the kernel's runs cover /
   cover with an additive bias (partial runs, trimmed to their kept key columns) / as causal diagonal
