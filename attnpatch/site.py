@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -84,6 +84,18 @@ class Site:
                  ParameterTypeError if not isinstance(roles, (tuple, list)) else ValueError)
         object.__setattr__(self, "roles", tuple(roles))
 
+    @classmethod
+    def trusted(cls, **values) -> "Site":
+        """A Site from values a patcher computed (types right by construction), without the checks
+        of ``Site(...)``: they cost ~40 us, paid on every attention call otherwise. Users build Sites
+        with ``Site(...)``; tests/test_api.py checks both give equal Sites."""
+        site = object.__new__(cls)
+        for name, default in _DEFAULTS.items():
+            object.__setattr__(site, name, values.pop(name, default))
+        if values:
+            raise TypeError(f"Site.trusted: unknown fields {sorted(values)}")
+        return site
+
     @property
     def visual_len(self) -> int:
         """Number of visual tokens (0 without a grid)."""
@@ -97,3 +109,6 @@ class Site:
     @property
     def prefill(self) -> bool:
         return self.causal and not self.decode
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Site)}  # every Site field has a plain default

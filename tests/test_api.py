@@ -193,3 +193,33 @@ def test_observed_sinkwindow_still_evicts_and_nothing_is_written_onto_the_method
     assert vars(method).keys() == before.keys()  # no statistics written onto the method
     with pytest.raises(TypeError, match="PAG is an image / video"):  # llm = False is forwarded too
         ap.patch(model, Observed(ap.PAG()))
+
+
+def test_trusted_sites_equal_checked_sites():
+    """Patchers build their per-call Site with Site.trusted (no checks): it equals Site(...) on the
+    same values, and unknown fields still fail."""
+    from attnpatch import Site
+
+    kw = dict(grid=(4, 6), text_len=3, kind="joint", layer=2, name="blocks.2.attn", family="flux", timestep=0.5,
+              step=3, steps=20, roles=("cond", "perturbed"))
+    assert Site.trusted(**kw) == Site(**kw)
+    assert Site.trusted() == Site()
+    with pytest.raises(TypeError, match="unknown fields"):
+        Site.trusted(gird=(4, 6))
+
+
+def test_flux_grid_follows_new_ids_of_the_same_length():
+    """The FLUX grid is remembered per img_ids tensor: new ids with the same token count but another
+    layout (or the same tensor changed in place) give their own grid."""
+    from attnpatch.patchers.families import _flux_grid
+
+    def ids(H, W):
+        t = torch.zeros(H * W, 3)
+        t[:, 1], t[:, 2] = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+        return t
+
+    a = ids(16, 16)
+    assert _flux_grid(None, {"img_ids": a}) == (16, 16) == _flux_grid(None, {"img_ids": a})
+    assert _flux_grid(None, {"img_ids": ids(32, 8)}) == (32, 8)
+    a.copy_(ids(8, 32))
+    assert _flux_grid(None, {"img_ids": a}) == (8, 32)

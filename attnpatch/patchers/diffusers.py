@@ -86,7 +86,7 @@ class _Call(SharesMethod):
             kind, text_len = "joint", Sq - n
         elif n and Sq < n:
             return None, "text-only self-attention"  # e.g. a text refiner
-        return Site(grid=grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
+        return Site.trusted(grid=grid, text_len=text_len, text_first=st.family.text_first, causal=causal,
                     layer=self.layer, name=self.name, kind=kind, family=st.family.name,
                     timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None,
                     steps=st.tracker.total if st.timestep is not None else None, roles=roles,

@@ -45,10 +45,24 @@ def _flux_rope(model) -> Callable:
     return lambda x, offsets: rope_shift(x, axes, 10000, offsets)
 
 
+# (img_ids tensor, its version, grid) of the latest call: a pipeline passes the same ids tensor every step. The
+# tensor itself is held (not its address: a freed tensor's memory may hold other ids of the same shape next time)
+_FLUX_GRID: list = [None]
+
+
 def _flux_grid(model, args):
     ids = args.get("img_ids")
     if ids is None:
         return None
+    memo = _FLUX_GRID[0]  # one read: another thread may replace the triple, never part of it
+    if memo is not None and memo[0] is ids and memo[1] == ids._version:
+        return memo[2]
+    grid = _flux_grid_of(ids)
+    _FLUX_GRID[0] = (ids, ids._version, grid)
+    return grid
+
+
+def _flux_grid_of(ids):
     ids = ids[0] if ids.dim() == 3 else ids  # (S_img, 3): (frame, row, col); legacy 3-D ids are batched
     rows, cols = ids[:, 1].long(), ids[:, 2].long()
     rows, cols = rows - rows.min(), cols - cols.min()

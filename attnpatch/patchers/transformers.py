@@ -50,7 +50,7 @@ def _site(module, key, Sq: int, attention_mask, kwargs, layer: "_Layer | None") 
         # rolling cache has dropped
         shift = pos[:, -1] - (q_offset + Sq - 1)
         shift = shift if bool(shift.any()) else None
-    return Site(causal=causal, layer=idx, name=layer.name if layer else "",
+    return Site.trusted(causal=causal, layer=idx, name=layer.name if layer else "",
                 kind="self", family=layer.family if layer else "", q_offset=q_offset, kv_shift=shift, decode=Sq == 1)
 
 
