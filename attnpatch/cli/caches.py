@@ -15,7 +15,7 @@ import inspect
 import io
 from dataclasses import dataclass, field
 
-from .runner import UsageError
+from .runner import UsageError, parse_call
 
 # CLI name -> config class in diffusers.hooks (those the installed diffusers lacks are not offered)
 CONFIGS = {"FirstBlockCache": "FirstBlockCacheConfig", "TaylorSeerCache": "TaylorSeerCacheConfig",
@@ -72,22 +72,11 @@ def _fields(cls) -> list[str]:
 def parse(spec: str) -> Cache:
     """``Name`` or ``Name(k=v, ...)`` -> a checked ``Cache``; a UsageError names what is wrong and what is valid."""
     have = available()
-    name, _, rest = spec.strip().partition("(")
-    name = name.strip()
+    name = spec.strip().partition("(")[0].strip()
     if name not in have:
         missing = f" ({name} needs a newer diffusers)" if name in CONFIGS else ""
         raise UsageError(f"unknown cache {name!r}{missing}; available: {', '.join(have) or '(none: install diffusers)'}")
-    kwargs = {}
-    if rest:
-        if not rest.rstrip().endswith(")"):
-            raise UsageError(f"cache {spec!r}: missing ')'")
-        try:
-            call = ast.parse(f"f({rest}", mode="eval").body
-            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-        except (SyntaxError, ValueError) as e:
-            raise UsageError(f"cache {spec!r}: cannot parse its parameters ({e})") from None
-        if call.args:
-            raise UsageError(f"cache {spec!r}: give parameters by name, e.g. {name}(threshold=0.2)")
+    _, kwargs = parse_call(spec, "cache", "threshold=0.2")
     valid = [f for f in _fields(_config_class(name)) if f not in SUPPLIED and f != "calibrate"]
     bad = [k for k in kwargs if k not in valid]
     if bad:

@@ -53,27 +53,34 @@ def parameters(cls) -> list[str]:
     return sorted(valid, key=lambda n: n in ("dense_steps", "dense_layers", "profile"))
 
 
+def parse_call(spec: str, what: str, example: str) -> tuple[str, dict]:
+    """``Name`` or ``Name(k=v, ...)`` -> (name, keyword values as Python literals); ``what`` ("method",
+    "cache") and ``example`` (e.g. "window=7") name the thing in errors."""
+    spec = spec.strip()
+    name, _, rest = spec.partition("(")
+    name, kwargs = name.strip(), {}
+    if rest:
+        if not rest.rstrip().endswith(")"):
+            raise UsageError(f"{what} {spec!r}: missing ')'")
+        try:
+            call = ast.parse(f"f({rest}", mode="eval").body
+            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        except (SyntaxError, ValueError) as e:
+            raise UsageError(f"{what} {spec!r}: cannot parse its parameters ({e})") from None
+        if call.args:
+            raise UsageError(f"{what} {spec!r}: give parameters by name, e.g. {name}({example})")
+    return name, kwargs
+
+
 def parse_method(spec: str, settings: list[str] = ()):
     """A method instance from ``Name`` or ``Name(k=v, ...)`` plus ``k=v`` settings."""
     from .. import methods
 
-    spec = spec.strip()
-    name, _, rest = spec.partition("(")
-    name = name.strip()
-    if name not in method_names() or name == "Sparse":
+    name = spec.strip().partition("(")[0].strip()
+    if name not in method_names() or name == "Sparse":  # the name first: an unknown one is the likelier typo
         raise UsageError(f"unknown method {name!r}; valid: {', '.join(n for n in method_names() if n != 'Sparse')}")
     cls = getattr(methods, name)
-    kwargs = {}
-    if rest:
-        if not rest.rstrip().endswith(")"):
-            raise UsageError(f"method {spec!r}: missing ')'")
-        try:
-            call = ast.parse(f"f({rest}", mode="eval").body
-            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-            if call.args:
-                raise UsageError(f"method {spec!r}: give parameters by name, e.g. {name}(window=7)")
-        except (SyntaxError, ValueError) as e:
-            raise UsageError(f"method {spec!r}: cannot parse its parameters ({e})") from None
+    _, kwargs = parse_call(spec, "method", "window=7")
     for s in settings:
         key, eq, value = s.partition("=")
         if not eq:
