@@ -18,3 +18,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that run on a CUDA device when there is one carry the ``cuda`` marker, so a GPU machine
+    runs exactly them with ``pytest -m cuda`` (benchmarks/gpu.sh): the triton kernel's tests and every
+    parametrised case whose id names the cuda device (the zoo's goldens, kernels, fuzz, grad)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_cuda = callspec is not None and any(v == "cuda" for v in callspec.params.values() if isinstance(v, str))
+        if on_cuda or item.path.name == "test_triton.py":
+            item.add_marker(pytest.mark.cuda)
