@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from .. import api
-from ..methods.base import Method
 from ..tools import timing
 from . import caches, refine_setting, report, runner
+from .setting import Setting  # noqa: F401  (compare.Setting: the row type, re-exported)
 from ..methods.observe import Observed
 from ..methods.probe import Recall
 
@@ -71,29 +70,6 @@ def _expand(specs: list[str], grids: list[str]) -> list[list]:
             have = "; ".join(f"{m}: {', '.join(n)}" for m, n in params.items())
             raise runner.UsageError(f"--grid {key}=...: no method in --methods has a parameter {key!r} ({have})")
     return out
-
-
-@dataclass
-class Setting:
-    """What one row of the report runs: stock attention, a method, a diffusers cache, or both."""
-    method: Method | None = None
-    cache: caches.Cache | None = None
-    refine: object = None  # a refine_setting.Refine: the coarse-to-fine pipeline (--refine-from)
-
-    @property
-    def label(self) -> str:
-        c2f = [self.refine.label] if self.refine is not None else []
-        if self.method is None and self.cache is None:
-            return " + ".join(["stock attention", *c2f])
-        m = self.method
-        parts = [] if m is None else [str(m) + (f" + dense_steps={m.dense_steps}" if hasattr(m, "dense_steps") else "")]
-        return " + ".join(parts + ([str(self.cache)] if self.cache is not None else []) + c2f)
-
-    @property
-    def kind(self) -> str:
-        kind = {(False, False): "stock", (True, False): "method", (False, True): "cache", (True, True): "method + cache"}[
-            (self.method is not None, self.cache is not None)]
-        return kind if self.refine is None else f"{kind} + coarse-to-fine"
 
 
 def settings(methods: str, grids: list[str], cache_specs: str = "", combine: bool = False) -> list[Setting]:

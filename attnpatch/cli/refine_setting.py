@@ -118,7 +118,7 @@ def expand(sets: list, refine: Refine | None) -> list:
     settings from noise, then each setting coarse-to-fine."""
     if refine is None:
         return sets
-    from .compare import Setting
+    from .setting import Setting
 
     return [Setting(refine=refine), *sets, *(dataclasses.replace(s, refine=refine) for s in sets)]
 
