@@ -271,9 +271,8 @@ def test_guidance_reads_the_cfg_scale_of_separate_cfg_pipelines(family, one_thre
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=1e-4)
 
 
-def test_pag_on_the_flux_fixture_perturbs_the_conditional_pass_only(one_thread):
-    """The fixture's pipeline fills in true CFG defaults (true_cfg_scale=4, negative_prompt=""):
-    the guidance hook must see them, so only the conditional pass carries the perturbed rows."""
+def _pag_batches_on_the_fixture(generate) -> list[int]:
+    """Batch size of layer 0's self / joint calls while ``generate(pipe)`` runs under PAG(scale=2)."""
     from attnpatch.methods.observe import Observed
     from attnpatch.models import fixtures
 
@@ -285,27 +284,25 @@ def test_pag_on_the_flux_fixture_perturbs_the_conditional_pass_only(one_thread):
             batches.append(q.shape[0])
 
     with ap.patch(pipe, Observed(ap.PAG(scale=2.0), watch)):
-        pipe("a red circle", num_inference_steps=2, output_type="latent")
+        generate(pipe)
+    return batches
+
+
+def test_pag_on_the_flux_fixture_perturbs_the_conditional_pass_only(one_thread):
+    """The fixture's pipeline fills in true CFG defaults (true_cfg_scale=4, negative_prompt=""):
+    the guidance hook must see them, so only the conditional pass carries the perturbed rows."""
+    batches = _pag_batches_on_the_fixture(lambda pipe: pipe("a red circle", num_inference_steps=2, output_type="latent"))
     assert batches == [2, 1, 2, 1], batches  # per step: cond + perturbed, then uncond alone
 
 
 def test_pag_in_the_refine_img2img_stage_perturbs_the_conditional_pass_only(one_thread):
     """FluxImg2ImgPipeline (the coarse-to-fine second stage) is in the FLUX row: its true-CFG
     passes are told apart too, so only the conditional one carries the perturbed rows."""
-    from attnpatch.methods.observe import Observed
-    from attnpatch.models import fixtures
     from attnpatch.tools.refine import refine
 
-    pipe = fixtures.flux_shapes()
-    batches = []
-
-    def watch(q, k, site, groups):
-        if site.layer == 0 and site.kind != "cross":
-            batches.append(q.shape[0])
-
-    with ap.patch(pipe, Observed(ap.PAG(scale=2.0), watch)):
-        refine(pipe, "a red circle", height=96, width=96, from_size=64, strength=0.5, num_inference_steps=2,
-               output_type="latent", generator=torch.Generator().manual_seed(0))
+    batches = _pag_batches_on_the_fixture(lambda pipe: refine(
+        pipe, "a red circle", height=96, width=96, from_size=64, strength=0.5, num_inference_steps=2,
+        output_type="latent", generator=torch.Generator().manual_seed(0)))
     assert batches and batches == [2, 1] * (len(batches) // 2), batches  # both stages: cond + perturbed, uncond alone
 
 
