@@ -21,6 +21,7 @@ import attnpatch as ap
 from attnpatch import core, kernels
 from attnpatch.tools.timing import _sync
 
+ROW_S = 8.0  # a row whose calls would take longer than this gets fewer repeats (never under 2)
 SLOW = 1.1  # a patched call above this multiple of stock is flagged (issue 18: "never slower than stock")
 TINY_S, MANY = 0.2, 40  # rows whose calls are this fast get up to MANY repeats (at least TINY_S of timing)
 STEP = dict(step=10, steps=20, timestep=0.5)  # mid-generation: past any dense_steps, the sparse path runs
@@ -258,3 +259,27 @@ def crossover(points: list[tuple[int, float]]) -> float | None:
             f = (1.0 - y0) / (y1 - y0)
             return float(math.exp(math.log(s0) + f * (math.log(s1) - math.log(s0))))
     return None
+
+
+def sweep(cases, a, dtype, rate: float, deadline: float, data: dict, save, where: str = ""):
+    """Every method at every ``(family, Case)`` of ``cases`` (in order), the way percall.py and curves.py
+    both run them: a size whose stock call cannot fit ``a.max_call_s`` even with one KV group, or that
+    comes after ``deadline``, is listed in ``data["skipped"]`` (``where`` says e.g. " at 2 thread(s)");
+    a method that raises (CUDA out of memory at 64K) is listed and the sweep goes on. Yields each row as
+    measured and calls ``save()`` after every size, so a run cut short keeps what it measured."""
+    for fam, c in cases:
+        heads = fit_heads(c, rate, a.max_call_s)
+        if heads == 0 or time.monotonic() > deadline:
+            why = "time budget spent" if heads != 0 else f"stock call > {a.max_call_s} s even with one KV group"
+            data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens){where}: {why}")
+            continue
+        qkv = tensors(c, a.device, dtype, heads)
+        for m in methods_for(c):
+            try:
+                yield measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
+            except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
+                data["skipped"].append(f"{fam} {c.shape} {label(m)}{where}: {type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:200]}")
+                torch.cuda.empty_cache() if a.device == "cuda" else None
+        qkv = None
+        save()

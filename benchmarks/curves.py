@@ -34,7 +34,7 @@ CURVES = {  # family: sizes, 256 to 64K tokens
 }
 E2E = {"flux": [(16, 16), (32, 32), (64, 64)], "wan": [(5, 8, 8), (5, 16, 16), (5, 32, 32)]}  # token grids
 QUICK_TOKENS = 1100
-CPU_CALL_S, ROW_S = 0.3, 8.0  # as percall.py: heads narrowed above this stock-call time; row time bound
+CPU_CALL_S = 0.3  # as percall.py: heads narrowed above this stock-call time
 
 
 def per_call(a, rate, data: dict, save) -> None:
@@ -43,27 +43,10 @@ def per_call(a, rate, data: dict, save) -> None:
     deadline = time.monotonic() + a.budget_s
     # rung by rung of the size ladders, every family at each: a budget cut drops the largest sizes of all, not a family
     ladder = sorted((i, n, fam, size) for n, fam in enumerate(a.families.split(",")) for i, size in enumerate(CURVES[fam]))
-    for _, _, fam, size in ladder:
-        c = sp.case(fam, size)
-        if a.quick and c.S > QUICK_TOKENS:
-            continue
-        heads = sp.fit_heads(c, rate, a.max_call_s)
-        if heads == 0 or time.monotonic() > deadline:
-            data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens): " + ("time budget spent" if heads != 0 else
-                                   f"stock call > {a.max_call_s} s even with one KV group"))
-            continue
-        qkv = sp.tensors(c, a.device, dtype, heads)
-        for m in sp.methods_for(c):
-            try:
-                r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
-            except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
-                data["skipped"].append(f"{fam} {c.shape} {sp.label(m)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                torch.cuda.empty_cache() if a.device == "cuda" else None
-                continue
-            data["rows"].append(r)
-            print(f"{fam} {c.shape} {r['name']:<15} {r['kernel']:<10} {r['speedup']:.2f}x", flush=True)
-        qkv = None
-        save()
+    cases = [(fam, c) for _, _, fam, size in ladder for c in [sp.case(fam, size)] if not (a.quick and c.S > QUICK_TOKENS)]
+    for r in sp.sweep(cases, a, dtype, rate, deadline, data, save):
+        data["rows"].append(r)
+        print(f"{r['family']} {r['shape']} {r['name']:<15} {r['kernel']:<10} {r['speedup']:.2f}x", flush=True)
 
 
 def crossovers(rows: list[dict]) -> list[dict]:

@@ -28,7 +28,7 @@ FAMILIES = {"smollm2": sp.LADDER_1D, "llama8b": sp.LADDER_1D, "flux": sp.LADDER_
             "wan": sp.LADDER_3D}
 QUICK_TOKENS = 1100  # --quick: sizes up to this many tokens
 CPU_CALL_S = 0.3  # full CPU run: a stock call above this many seconds times fewer heads (or skips the size)
-ROW_S = 8.0  # a row whose calls would take longer than this gets fewer repeats (never under 2)
+ROW_S = sp.ROW_S
 
 
 def sizes(family: str, quick: bool) -> list:
@@ -46,28 +46,12 @@ def run_threads(a, threads: int, rate: float, data: dict, save) -> None:
     data["overhead"] += [dict(threads=threads, **r) for r in sp.overhead(device=a.device, dtype=dtype)]
     # rung by rung of the size ladders, every family at each: a budget cut drops the largest sizes of all, not a family
     ladder = sorted((i, n, fam, size) for n, fam in enumerate(a.families.split(",")) for i, size in enumerate(sizes(fam, a.quick)))
-    for _, _, fam, size in ladder:
-        c = sp.case(fam, size)
-        heads = sp.fit_heads(c, rate_t, a.max_call_s)
-        if heads == 0 or time.monotonic() > deadline:
-            why = "time budget spent" if heads != 0 else f"stock call > {a.max_call_s} s even with one KV group"
-            data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens) at {threads} thread(s): {why}")
-            continue
-        qkv = sp.tensors(c, a.device, dtype, heads)
-        for m in sp.methods_for(c):
-            try:
-                r = sp.measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
-            except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
-                data["skipped"].append(f"{fam} {c.shape} {sp.label(m)} at {threads} thread(s): {type(e).__name__}: "
-                                       f"{str(e).splitlines()[0][:200]}")
-                torch.cuda.empty_cache() if a.device == "cuda" else None
-                continue
-            r["threads"] = threads
-            data["rows"].append(r)
-            print(f"[{threads}t] {fam} {c.shape} H={r['heads']} {r['name']:<15} {r['kernel']:<12} "
-                  f"{r['ratio']:.2f}x stock ({r['stock_ms']:.2f} ms){'  SLOW' if r['slow'] else ''}", flush=True)
-        qkv = None
-        save()
+    cases = [(fam, sp.case(fam, size)) for _, _, fam, size in ladder]
+    for r in sp.sweep(cases, a, dtype, rate_t, deadline, data, save, where=f" at {threads} thread(s)"):
+        r["threads"] = threads
+        data["rows"].append(r)
+        print(f"[{threads}t] {r['family']} {r['shape']} H={r['heads']} {r['name']:<15} {r['kernel']:<12} "
+              f"{r['ratio']:.2f}x stock ({r['stock_ms']:.2f} ms){'  SLOW' if r['slow'] else ''}", flush=True)
 
 
 def render(data: dict) -> tuple[str, str]:
