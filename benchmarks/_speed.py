@@ -274,7 +274,10 @@ def sweep(cases, a, dtype, rate: float, deadline: float, data: dict, save, where
             data["skipped"].append(f"{fam} {c.shape} ({c.S} tokens){where}: {why}")
             continue
         qkv = tensors(c, a.device, dtype, heads)
+        only = getattr(a, "methods", None)  # --methods: a subset by class name (a partial run)
         for m in methods_for(c):
+            if only and type(m).__name__ not in only:
+                continue
             try:
                 yield measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
             except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on

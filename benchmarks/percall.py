@@ -119,6 +119,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help=f"sizes up to {QUICK_TOKENS} tokens, 1 thread (under the temp folder)")
     p.add_argument("--threads", default=None, help="comma-separated torch thread counts; default 1,2 (--quick: 1)")
     p.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
+    p.add_argument("--methods", default=None, help="comma-separated method class names (a partial run; default all)")
     p.add_argument("--reps", type=int, default=None, help="default 5 (CPU), 10 (GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--max-call-s", type=float, default=None, help=f"CPU size cap (default {CPU_CALL_S}; 0: none)")
@@ -130,7 +131,8 @@ def main(argv=None):
     threads = [int(t) for t in (a.threads or default_threads).split(",")]
     a.reps = a.reps or (5 if a.device == "cpu" else 10)
     a.max_call_s = (None if a.device == "cuda" else CPU_CALL_S) if a.max_call_s is None else (a.max_call_s or None)
-    default = a.families == ",".join(FAMILIES) and a.threads in (None, default_threads)
+    a.methods = a.methods.split(",") if a.methods else None
+    default = a.families == ",".join(FAMILIES) and a.threads in (None, default_threads) and not a.methods
     out = out_stem("percall" if a.device == "cpu" else f"gpu/percall_{a.device}", a.out,
                    "--quick" if a.quick else None if default else "a partial")
     per_thread = sp.sdpa_rate(a.device, bench_dtype(a.device)) / (torch.get_num_threads() if a.device == "cpu" else 1)
