@@ -218,3 +218,56 @@ def test_compare_refine_from_on_the_fixture_leads_with_the_pixel_judge(tmp_path,
     md = (out / "report.md").read_text().splitlines()
     assert md[2].startswith("At 96x96 px, stock attention judges colour/shape/place")
     assert "not PSNR" in (out / "report.md").read_text() and "| copies |" in md[6]
+
+
+def _cfg_kw():
+    kw = tiny._flux_kw()
+    kw.pop("height"), kw.pop("width")
+    g = torch.Generator().manual_seed(3)
+    neg = dict(negative_prompt_embeds=torch.randn(1, 7, 32, generator=g), negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g))
+    return dict(kw, **neg, true_cfg_scale=3.0)
+
+
+def _cached_refine(pipe, threshold):
+    from diffusers import FirstBlockCacheConfig
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        with torch.no_grad():
+            return rf.refine(pipe, None, **BIG, from_size=SMALL, strength=0.8, num_inference_steps=6,
+                             generator=torch.Generator().manual_seed(0), output_type="pt", **_cfg_kw()).images
+    finally:
+        pipe.transformer.disable_cache()
+
+
+def test_a_cache_on_the_shared_transformer_runs_through_the_img2img_stage_branch_by_branch():
+    """FluxImg2ImgPipeline names no cache_context: refine names each true-CFG call's branch, so
+    FirstBlockCache runs there; a threshold no residual change is under (0) never reuses and gives
+    exactly the uncached images; a huge one reuses every step after the first and changes them;
+    the uncond branch's state is its own (else the uncond call would reuse the cond residual)."""
+    pipe = tiny.flux_pipeline()
+    with torch.no_grad():
+        plain = rf.refine(pipe, None, **BIG, from_size=SMALL, strength=0.8, num_inference_steps=6,
+                          generator=torch.Generator().manual_seed(0), output_type="pt", **_cfg_kw()).images
+    assert torch.equal(_cached_refine(pipe, 0.0), plain)
+    seen = []
+    from diffusers.hooks import HookRegistry
+
+    reg = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    real = reg.__class__.reset_stateful_hooks
+
+    def spy(self, recurse=True):  # the states before diffusers resets them at the end of each pipeline call
+        for child in (self, *self._get_child_registries()):
+            for name in child._hook_order:
+                for attr in vars(child.hooks[name]).values():
+                    seen.extend(getattr(attr, "_state_cache", {}).keys())
+        return real(self, recurse)
+
+    reg.__class__.reset_stateful_hooks = spy
+    try:
+        reused = _cached_refine(pipe, 1e9)
+    finally:
+        reg.__class__.reset_stateful_hooks = real
+    assert not torch.equal(reused, plain)
+    assert {"cond", "uncond"} <= set(seen)
+    assert "forward" not in pipe.transformer.__dict__ or pipe.transformer.forward.__name__ != "forward"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
-import inspect
 import io
 from dataclasses import dataclass, field
 
+from ..tools.refine import call_source
 from .runner import UsageError, parse_call
 
 # CLI name -> config class in diffusers.hooks (those the installed diffusers lacks are not offered)
@@ -96,21 +96,12 @@ def check_pipeline(pipe, cache: Cache) -> None:
     if tr is None or not hasattr(tr, "enable_cache"):
         raise UsageError(f"{cache}: diffusers' caches attach to pipe.transformer (a diffusers transformer model); "
                          f"{type(pipe).__name__} has none")
-    if cache.name == "SeaCache" and "sigma=" not in _call_source(pipe):
+    if cache.name == "SeaCache" and "sigma=" not in call_source(pipe):
         # without step / sigma in cache_context SeaCache runs every block ("fail-open"): a cache that never caches
         raise UsageError(f"{cache}: {type(pipe).__name__} does not pass step_index / sigma / num_inference_steps to "
                          "transformer.cache_context, so SeaCache would never cache (diffusers runs it fail-open)")
 
 
-def _call_source(pipe) -> str:
-    """The source of the pipeline's ``__call__`` and its bases' (a subclass may only set defaults)."""
-    text = []
-    for cls in type(pipe).__mro__:
-        fn = cls.__dict__.get("__call__")
-        if fn is not None:
-            with contextlib.suppress(OSError, TypeError):
-                text.append(inspect.getsource(fn))
-    return "\n".join(text)
 
 
 def prepare(loaded, cache: Cache, calibrate) -> None:
@@ -121,7 +112,7 @@ def prepare(loaded, cache: Cache, calibrate) -> None:
     pipe = loaded.obj
     check_pipeline(pipe, cache)
     if cache.name == "FasterCache" and "is_guidance_distilled" not in cache.kwargs:
-        cache.resolved["is_guidance_distilled"] = 'cache_context("uncond")' in _call_source(pipe)
+        cache.resolved["is_guidance_distilled"] = 'cache_context("uncond")' in call_source(pipe)
     if cache.name == "MagCache":
         steps = len(pipe.scheduler.timesteps)  # of the stock run just made: the steps every run takes
         cache.resolved["num_inference_steps"] = cache.kwargs.get("num_inference_steps", steps)

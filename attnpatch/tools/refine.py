@@ -24,6 +24,7 @@ their img2img stage would perturb both branches.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 
@@ -118,8 +119,53 @@ def refine(pipe, prompt=None, *, height: int, width: int, from_size, strength: f
     align = dict(align_corners=False) if mode in ("bilinear", "bicubic") else {}
     up = torch.nn.functional.interpolate(base.float(), size=(height, width), mode=mode, **align).clamp(0, 1)
     kw = {**_carried(pipe, i2i), **call}
-    return i2i(prompt, image=up, strength=strength, height=height, width=width, generator=generator,
-               output_type=output_type, **kw)
+    with _cache_contexts(i2i):
+        return i2i(prompt, image=up, strength=strength, height=height, width=width, generator=generator,
+                   output_type=output_type, **kw)
+
+
+@contextlib.contextmanager
+def _cache_contexts(i2i):
+    """Name each denoiser call's CFG branch for diffusers' caches when the img2img pipeline does
+    not: FluxImg2ImgPipeline (diffusers 0.42) calls its transformer without ``cache_context``, so a
+    cache enabled on the shared transformer (FirstBlockCache, ...) raises "No cache context is set".
+    Its true-CFG loop calls the conditional branch first at each timestep, the unconditional one
+    second at the same timestep: the first call at a timestep is "cond", a repeat is "uncond", each
+    with the state of its own branch, as in the text-to-image pipeline that names them."""
+    model = getattr(i2i, "transformer", None)
+    if model is None or not getattr(model, "is_cache_enabled", False) or "cache_context" in call_source(i2i):
+        yield
+        return
+    own = model.__dict__.get("forward")  # the hook chain diffusers installed as the instance's forward
+    inner, last = model.forward, [None]
+
+    def forward(*args, **kwargs):
+        t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else t
+        name = "uncond" if last[0] is not None and t == last[0] else "cond"
+        last[0] = t
+        with model.cache_context(name):
+            return inner(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
+def call_source(pipe) -> str:
+    """The source of the pipeline's ``__call__`` and its bases'."""
+    text = []
+    for cls in type(pipe).__mro__:
+        fn = cls.__dict__.get("__call__")
+        if fn is not None:
+            with contextlib.suppress(OSError, TypeError):
+                text.append(inspect.getsource(fn))
+    return "\n".join(text)
 
 
 def blobs(img: torch.Tensor, caption: str, min_frac: float = 0.004) -> int:
