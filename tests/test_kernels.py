@@ -199,3 +199,44 @@ def test_flex_raises_dynamo_recompile_limit_only_during_its_calls(monkeypatch):
         assert cfg.recompile_limit == 8
     finally:
         cfg.recompile_limit = saved
+
+
+def test_a_static_plans_prepared_sdpa_call_matches_a_fresh_build_per_shape_and_scale():
+    """The second call of a static plan runs the SDPA call prepared by the first (kept on the plan);
+    it must equal the reference kernel for the same shape, and a new scale or shape is not served
+    the old call."""
+    from attnpatch.kernels.sdpa import SDPA
+
+    site = ap.Site(grid=(6, 6))
+    plan = ap.Neighborhood(window=3).plan(torch.zeros(1, 2, 36, 8), torch.zeros(1, 2, 36, 8), site).with_site(False, 0)
+    assert plan.static
+    torch.manual_seed(0)
+    sd, ref = SDPA(), kernels.get("reference")
+    for scale in (None, None, 0.3, 0.3):
+        q, k, v = (torch.randn(2, 2, 36, 8) for _ in range(3))
+        torch.testing.assert_close(sd.run(q, k, v, plan, scale=scale), ref.run(q, k, v, plan, scale=scale), atol=1e-5, rtol=1e-5)
+        assert plan.__dict__["_sdpa_call"][0][-1] == scale  # prepared for this scale
+    gq, gk = torch.randn(1, 4, 36, 8), torch.randn(1, 2, 36, 8)  # GQA: a new key shape, a new prepared call
+    torch.testing.assert_close(sd.run(gq, gk, gk, plan), ref.run(gq, gk, gk, plan), atol=1e-5, rtol=1e-5)
+
+
+def test_select_remembers_its_choice_on_a_static_plan_until_the_registry_changes():
+    q = k = v = torch.randn(1, 2, 36, 8)
+    plan = ap.Neighborhood(window=3).plan(q, k, ap.Site(grid=(6, 6))).with_site(False, 0)
+    first = kernels.select(q, k, v, plan)
+    assert plan.__dict__["_selected"][1] is first
+    class Always(type(kernels.get("reference"))):  # noqa: E306
+        name = "always"
+    try:
+        kernels.register(Always(), before=kernels.names()[0])
+        kernels.PREFERENCE[("cpu", "masked")].remove("always")
+        kernels.PREFERENCE[("cpu", "masked")].insert(0, "always")
+        kernels.invalidate()
+        assert kernels.select(q, k, v, plan).name == "always"  # not the remembered choice
+    finally:
+        kernels._REGISTRY[:] = [x for x in kernels._REGISTRY if x.name != "always"]
+        for order in kernels.PREFERENCE.values():
+            if "always" in order:
+                order.remove("always")
+        kernels.invalidate()
+    assert kernels.select(q, k, v, plan).name == first.name

@@ -89,6 +89,28 @@ def _cached_keep(plan: Plan, B, H, Sq, Skv, device, dtype, additive: bool):
     return value
 
 
+_PREPARED_MAX_BYTES = 1 << 20  # a prepared call holds its mask outside MASKS' byte bound: small masks only
+
+
+def _prepare(plan: Plan, key: tuple, keep, scale, gqa: bool) -> None:
+    """Remember on a static plan the exact SDPA call its next calls of this shape make (the
+    per-call Python work is what a 64-256-token call pays on top of SDPA itself)."""
+    if torch.is_tensor(keep) and keep.numel() * keep.element_size() > _PREPARED_MAX_BYTES:
+        return
+    mask = keep if torch.is_tensor(keep) else None
+    causal = keep is CAUSAL
+    if gqa:
+        def call(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    elif scale is None:
+        def call(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    else:
+        def call(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    object.__setattr__(plan, "_sdpa_call", (key, call))
+
+
 class SDPA(Kernel):
     name = "sdpa"
 
@@ -101,6 +123,9 @@ class SDPA(Kernel):
         return MASKS.clear()
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
+        fast = plan.__dict__.get("_sdpa_call") if mask is None else None
+        if fast is not None and fast[0] == (q.shape, k.shape, v.shape[3], q.dtype, q.device, scale):
+            return fast[1](q, k, v)  # a static plan's prepared call: no re-derivation, ~4 us less per call
         q, scale, plan = fold_q_scale(q, scale, plan)  # a no-op after core.run folded it
         gqa = q.shape[1] != k.shape[1]
         if not plan.causal and plan.mask_mod is None:
@@ -115,6 +140,8 @@ class SDPA(Kernel):
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)  # one decode query sees the whole cache
         if plan.static or plan.mask_mod is None:
             keep = _cached_keep(plan, B, Hq, Sq, Skv, q.device, q.dtype, additive=mask is None)
+            if mask is None and plan.q_scale is None:
+                _prepare(plan, (q.shape, k.shape, v.shape[3], q.dtype, q.device, scale), keep, scale, gqa)
             if keep is NO_MASK or (keep is CAUSAL and mask is None):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa,
                                                       is_causal=keep is CAUSAL)

@@ -172,8 +172,7 @@ class Memo:
         self._lock = threading.Lock()
 
     def get(self, key, build: Callable):
-        with self._lock:
-            value = self.store.get(key)
+        value = self.store.get(key)  # one dict read is atomic: the lock guards only the mutations
         if value is None:
             value = build()
             with self._lock:
