@@ -1,7 +1,7 @@
 """``Plan``: how to compute one attention call, in FlexAttention's vocabulary."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -11,6 +11,28 @@ import torch
 # q_idx: (1,1,Sq,1), kv_idx: (1,1,1,Skv)), so they must be written with torch ops.
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ScoreMod = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Lines:
+    """A causal pattern of whole key columns and whole diagonals (VerticalSlash; SinkWindow is sink
+    columns + window diagonals): ``keep[b, h, i, j] = j <= p_i & (j in cols[b, h] | p_i - j in diags[b, h])``
+    with ``p_i = i + q_offset``. Both are long tensors (B, H_q, n), padded with -1 (no line); duplicates are
+    allowed. Kernels that know it (kernels/lines.py) never build the (S_q, S_kv) mask; the plan's mask_mod
+    must describe the same pattern (every other kernel runs that)."""
+
+    cols: torch.Tensor  # (B, H_q, n_cols) key indices j
+    diags: torch.Tensor  # (B, H_q, n_diags) offsets p_i - j >= 0
+    cache: dict = field(default_factory=dict, repr=False)  # what kernels derive from it (one call's plan)
+
+    @staticmethod
+    def indices(keep: torch.Tensor) -> torch.Tensor:
+        """The True positions of a boolean (B, H, n) table as (B, H, max count) indices, ascending, -1 padded."""
+        n = max(1, int(keep.sum(-1).max()))
+        idx = torch.arange(keep.shape[-1], device=keep.device).expand(keep.shape)
+        big = keep.shape[-1]
+        idx = torch.where(keep, idx, big).sort(-1).values[..., :n]  # (B, H, n)
+        return idx.masked_fill_(idx == big, -1)
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,7 @@ class Plan:
     # between calls): kernels may then cache what they derive from it, keyed on the mask_mod object
     # (sdpa keeps the materialised mask). Static methods set it on the plans they cache and reuse.
     static: bool = False
+    lines: Lines | None = None  # the same pattern as mask_mod, as columns and diagonals (kernels/lines.py)
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":
         """This plan with the Site's causality; the derived plan is remembered on this (frozen) plan,

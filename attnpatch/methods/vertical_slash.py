@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import Plan
+from ..plan import Lines, Plan
 from ..site import Site
 from .base import Method, check_int
 
@@ -74,7 +74,20 @@ class VerticalSlash(Method):
             pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute position: left padding is negative
             return (keep_v[b, h, kv_idx] | slash | ((pos < self.sink) & (pos >= 0)) | (d < self.window)) & (d >= 0)
 
-        return Plan(mask_mod=mask_mod, name=repr(self))
+        return Plan(mask_mod=mask_mod, name=repr(self), lines=self._lines(keep_v, keep_s, Sq, off, shift))
+
+    def _lines(self, keep_v, keep_s, Sq: int, off: int, shift) -> Lines | None:
+        """The same pattern as columns (verticals and the sink keys of each batch row) and diagonals
+        (slashes and the window's offsets 0 .. window - 1), for kernels that skip the mask; None when
+        queries reach past the last key (mask_mod clamps their offsets to the table)."""
+        Skv = keep_v.shape[-1]
+        if off + Sq > Skv:
+            return None
+        j = torch.arange(Skv, device=keep_v.device)
+        pos = j if shift is None else j + shift.to(j.device).view(-1, 1, 1)  # (B|1, 1, Skv) absolute positions
+        cols = keep_v | ((pos < self.sink) & (pos >= 0))  # (B, H, Skv)
+        diags = keep_s | (j < self.window)  # (B, H, Skv) over offsets 0 .. Skv - 1
+        return Lines(Lines.indices(cols), Lines.indices(diags))
 
 
 def _whole(idx: torch.Tensor, n: int) -> bool:

@@ -1,0 +1,158 @@
+"""``lines``: exact attention for a plan of whole key columns and diagonals (``Plan.lines``: VerticalSlash,
+sink + window patterns) that never builds the (S_q, S_kv) mask.
+
+Query rows run in blocks of ``BLOCK``. The diagonals' offsets (the union over batch rows and heads) are
+clustered (gaps under a block merged): for a query block, a cluster of offsets [a, b] covers one contiguous
+key range, one fused SDPA call with an additive bias of that block's rows only. The bias is the diagonal
+table read through a strided view (offset p_i - j along a row and a column), OR the column table (max of
+0 / -inf), plus the causal triangle where a range reaches the block's diagonal; keys are reversed once so
+that view has positive strides. Columns that fall in none of a block's ranges (far verticals) run as one
+more call over the gathered columns for all rows. Parts merge exactly by their log-sum-exp. Every key is
+in exactly one part of a row, so nothing is counted twice.
+
+Measured at S=1024, 9 heads, D=64, one thread: blocks of 64-128 rows with a bias cost ~1.08x one causal SDPA
+call over the same rows, where a full boolean (S, S) mask costs 3-4x (benchmarks/percall.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.lse import merge, sdpa_lse
+from ..plan import Plan, fold_q_scale
+from .base import Kernel, core_step_why_not, needs_grad
+
+BLOCK = 128  # query rows per call: less costs more calls, more computes more of each block's triangle
+NEG = float("-inf")
+
+
+def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
+    """What a call computes (cached on ``lines``): ``ranges[blk]`` = key ranges [lo, hi) of query block blk,
+    ``covered`` (n_blk, Skv) True where a block's ranges hold the key, and the computed areas."""
+    key = ("layout", Sq, Skv, off, T)
+    if key in lines.cache:
+        return lines.cache[key]
+    d = lines.diags[lines.diags >= 0].unique()  # sorted offsets used by any row / head
+    if d.numel():
+        cut = ((d[1:] - d[:-1]) > T).nonzero().flatten()  # a gap over a block: a separate key range
+        a = torch.cat([d[:1], d[cut + 1]]).tolist()
+        b = torch.cat([d[cut], d[-1:]]).tolist()
+    else:
+        a = b = []
+    n_blk = -(-Sq // T)
+    covered = torch.zeros(n_blk, Skv + 1, dtype=torch.int32)
+    ranges, area = [], 0
+    for blk in range(n_blk):
+        i0 = blk * T
+        p0, p1 = i0 + off, min(i0 + T, Sq) - 1 + off  # positions of the block's first and last rows
+        rs = [(max(0, p0 - hi_off), min(Skv, p1 + 1 - lo_off)) for lo_off, hi_off in zip(a, b)]
+        rs = [(lo, hi) for lo, hi in rs if lo < hi]
+        for lo, hi in rs:
+            covered[blk, lo] += 1
+            covered[blk, hi] -= 1
+            area += (p1 - p0 + 1) * (hi - lo)
+        ranges.append(rs)
+    out = dict(ranges=ranges, covered=covered.cumsum(1)[:, :Skv] > 0, area=area, calls=sum(map(len, ranges)),
+               clusters=len(a))
+    lines.cache[key] = out
+    return out
+
+
+def _tables(lines, Skv: int, L: int, T: int, dtype, device):
+    """(diag table (B, H, L + 1): 0 at offset + T for every diagonal, else -inf (negative offsets: causal);
+    reversed column table (B, H, Skv + 1): 0 at Skv - 1 - j for every column j). Padding (-1) writes
+    to the last slot, which no view reads."""
+    cols, diags = lines.cols.to(device), lines.diags.to(device)
+    B, H = cols.shape[:2]
+    tab = torch.full((B, H, L + 1), NEG, dtype=dtype, device=device)
+    tab.scatter_(2, torch.where(diags >= 0, diags + T, L), 0.0)
+    colf = torch.full((B, H, Skv + 1), NEG, dtype=dtype, device=device)
+    colf.scatter_(2, torch.where(cols >= 0, Skv - 1 - cols, Skv), 0.0)
+    return tab, colf
+
+
+def _range_part(q, kr, vr, tab, colf, i0: int, Tb: int, off: int, lo: int, hi: int, T: int, scale):
+    """(out, lse) of query rows [i0, i0 + Tb) over keys [lo, hi) (reversed: kr rows Skv - hi .. Skv - lo)."""
+    B, H = q.shape[:2]
+    Skv, span, L1 = kr.shape[2], hi - lo, tab.shape[2]
+    # reversed key s is j = hi - 1 - s: offset p_i - j = (i0 + off - hi + 1) + t + s, stored at + T
+    diag = tab.as_strided((B, H, Tb, span), (H * L1, L1, 1, 1), tab.storage_offset() + i0 + off - hi + 1 + T)
+    bias = torch.maximum(diag, colf[:, :, None, Skv - hi:Skv - lo])  # (B, H, Tb, span)
+    c = hi - 1 - (i0 + off)  # keys past row t's position: reversed columns s < c - t (columns only)
+    if c > 0:
+        t, s = torch.arange(Tb, device=q.device), torch.arange(c, device=q.device)
+        bias[..., :c].masked_fill_(t[:, None] + s[None, :] < c, NEG)
+    out, lse = sdpa_lse(q[:, :, i0:i0 + Tb], kr[:, :, Skv - hi:Skv - lo], vr[:, :, Skv - hi:Skv - lo], bias, scale)
+    if not bool(tab[..., T].eq(0).all()) or hi != i0 + off + Tb or lo > i0 + off:  # else every row keeps p_i - 0
+        lse = lse.masked_fill(bias.amax(-1) == NEG, NEG)  # rows with no key here: weight 0 in the merge
+    return out, lse
+
+
+def _vertical_part(q, kr, vr, lines, lay, off: int, T: int, scale):
+    """(out, lse) over the columns outside each row's block ranges, or None when there are none."""
+    cols = lines.cols.to(q.device).sort(-1).values
+    cols[..., 1:].masked_fill_(cols[..., 1:] == cols[..., :-1], -1)  # a repeated column counts once
+    B, H, nc = cols.shape
+    Sq, Skv = q.shape[2], kr.shape[2]
+    j = cols.clamp(min=0)
+    free = (~lay["covered"].to(q.device))[:, j] & (cols >= 0)  # (n_blk, B, H, nc)
+    if not bool(free.any()):
+        return None
+    rows = free.repeat_interleave(T, 0)[:Sq].permute(1, 2, 0, 3)  # (B, H, Sq, nc)
+    keep = rows & (j[:, :, None, :] <= torch.arange(off, off + Sq, device=q.device)[:, None])
+    r = H // kr.shape[1]
+    bi = torch.arange(B, device=q.device).view(B, 1, 1)
+    hk = (torch.arange(H, device=q.device) // r).view(1, H, 1)
+    kc, vc = kr[bi, hk, Skv - 1 - j], vr[bi, hk, Skv - 1 - j]  # (B, H, nc, D): the columns' keys
+    bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, NEG)
+    out, lse = sdpa_lse(q, kc, vc, bias, scale)
+    dead = ~keep.any(-1)  # (B, H, Sq): rows with no column of their own here
+    return out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG)
+
+
+class Lines(Kernel):
+    name = "lines"
+
+    def why_not(self, q, k, v, plan, mask=None):
+        lines = plan.lines
+        if lines is None:
+            return "plan has no line structure (Plan.lines)"
+        if not plan.causal:
+            return "a line structure is causal"
+        if mask is not None:
+            return "an external attention mask (e.g. padding) is not supported"
+        if plan.score_mod is not None:
+            return "plan.score_mod is not supported"
+        if needs_grad(q, k, v):
+            return "no backward: the fused SDPA calls give no gradient through their LSE"
+        if tuple(lines.cols.shape[:2]) != tuple(q.shape[:2]) or tuple(lines.diags.shape[:2]) != tuple(q.shape[:2]):
+            return f"line tables {tuple(lines.cols.shape[:2])} do not match (B, H_q) = {tuple(q.shape[:2])}"
+        return core_step_why_not(plan)
+
+    def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
+        q, scale, plan = fold_q_scale(q, scale, plan)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        dtype, work = q.dtype, torch.promote_types(q.dtype, torch.float32)  # parts merge in float32
+        B, H, Sq, D = q.shape
+        Skv, off, T = k.shape[2], plan.q_offset, min(BLOCK, q.shape[2])
+        if q.device.type != "cpu" and H != k.shape[1]:  # the CPU flash kernel takes GQA; the others do not
+            k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
+        q = q.to(work)
+        kr, vr = k.to(work).flip(2), v.to(work).flip(2)  # (B, H_kv, Skv, D), keys reversed (see _range_part)
+        lay = layout(plan.lines, Sq, Skv, off, T)
+        tab, colf = _tables(plan.lines, Skv, max(Skv, off + Sq) + T, T, work, q.device)
+        out = torch.zeros(B, H, Sq, v.shape[3], dtype=work, device=q.device)
+        lse = torch.full((B, H, Sq), NEG, dtype=work, device=q.device)
+        for blk, rs in enumerate(lay["ranges"]):
+            i0 = blk * T
+            Tb = min(T, Sq - i0)
+            parts = [_range_part(q, kr, vr, tab, colf, i0, Tb, off, lo, hi, T, scale) for lo, hi in rs]
+            if len(parts) == 1:
+                out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb] = parts[0]
+            elif parts:
+                out[:, :, i0:i0 + Tb] = merge(parts)
+                lse[:, :, i0:i0 + Tb] = torch.stack([p[1] for p in parts]).logsumexp(0)
+        out.masked_fill_((lse == NEG)[..., None], 0.0)  # rows that keep no key (a fused kernel may leave NaN)
+        vert = _vertical_part(q, kr, vr, plan.lines, lay, off, T, scale)
+        if vert is not None:
+            out = merge([(out, lse), vert])
+        return out.to(dtype)
