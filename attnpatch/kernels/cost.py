@@ -37,6 +37,8 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
   gathers are the tile-order permutation of q, k, v and of the output (and the GQA head repeat).
   ``tiles_factor`` is fitted on a video sliding-tile plan (its shorter calls run below the dense rate).
 
+- ``lines`` (``Plan.lines``: columns and diagonals, kernels/lines.py): ``_lines_estimate`` below.
+
 Kernels the model does not know (flex, triton, reference, registered ones) keep their places in
 the ``PREFERENCE`` list and the modelled ones are sorted among theirs; devices without a constants
 file (CUDA today) keep the ``PREFERENCE`` order; a near-tie (within 2 %) goes to the kernel
@@ -162,7 +164,28 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
                 + c["merge_s_per_elem"] * B * Hq * stats["merged_rows"] * v.shape[3]
                 + (c["gather_s_per_byte"] * gathered if rep_or_perm else 0.0)
                 + c["gather_s_per_byte"] * B * Hq * stats["gathered_rows"] * (D + v.shape[3]) * q.element_size())
+    if name == "lines":
+        return _lines_estimate(c, q, k, v, plan)
     return math.inf
+
+
+def _lines_estimate(c: dict, q, k, v, plan) -> float:
+    """kernels/lines.py: its fused calls over each query block's key ranges read a bias built in one pass
+    (``2 * mask_elem_s`` per element: the build and the kernel's read; rated like a tiles call), one call
+    over the gathered columns outside those ranges (a mask built per element), the reversed copies of k and
+    v, and a merge where there are columns. Analytic, from the calibrated constants (no fit of its own)."""
+    if plan.lines is None:
+        return math.inf
+    from .lines import BLOCK, layout  # same module family; the layout is cached on plan.lines
+
+    B, Hq, Sq, D = q.shape
+    lay = layout(plan.lines, Sq, k.shape[2], plan.q_offset, min(BLOCK, Sq))
+    elem, bias = per_d(c["elem_s"], D), per_d(c["mask_elem_s"], D)
+    ranges = B * Hq * lay["area"] * (elem * c["tiles_factor"] + 2 * bias)
+    cols = B * Hq * lay["vertical"] * (elem + bias + c["build_s_per_elem"])
+    merge = c["merge_s_per_elem"] * 2 * B * Hq * Sq * v.shape[3] if lay["vertical"] else 0.0
+    copies = c["gather_s_per_byte"] * B * k.shape[1] * k.shape[2] * (D + v.shape[3]) * q.element_size()
+    return c["call_s"] * lay["calls"] + ranges + cols + merge + copies
 
 
 def rank(names: list[str], c: dict | None, q, k, v, plan, mask=None) -> tuple[list[str], dict]:

@@ -15,6 +15,10 @@ call over the same rows, where a full boolean (S, S) mask costs 3-4x (benchmarks
 """
 from __future__ import annotations
 
+import functools
+import math
+import threading
+
 import torch
 
 from ..ops.lse import merge, sdpa_lse
@@ -51,10 +55,21 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
             covered[blk, hi] -= 1
             area += (p1 - p0 + 1) * (hi - lo)
         ranges.append(rs)
-    out = dict(ranges=ranges, covered=covered.cumsum(1)[:, :Skv] > 0, area=area, calls=sum(map(len, ranges)),
-               clusters=len(a))
+    cols, free = _free_columns(lines.cols, covered.cumsum(1)[:, :Skv] > 0, Sq, off, T)
+    out = dict(ranges=ranges, area=area, calls=sum(map(len, ranges)) + bool(free.any()), clusters=len(a), cols=cols,
+               free=free, vertical=int(free.sum()) * T)
     lines.cache[key] = out
     return out
+
+
+def _free_columns(cols, covered, Sq: int, off: int, T: int):
+    """(the columns sorted, repeats as -1 (B, H, nc); (n_blk, B, H, nc) True where a block's rows see a column
+    (some row's position reaches it) that none of the block's ranges holds)."""
+    cols = cols.sort(-1).values
+    cols[..., 1:].masked_fill_(cols[..., 1:] == cols[..., :-1], -1)  # a repeated column counts once
+    j = cols.clamp(min=0)
+    last = torch.arange(1, covered.shape[0] + 1).mul_(T).clamp_(max=Sq).add_(off - 1)  # each block's last position
+    return cols, (~covered)[:, j.cpu()].to(cols.device) & (cols >= 0) & (j <= last.to(cols.device).view(-1, 1, 1, 1))
 
 
 def _tables(lines, Skv: int, L: int, T: int, dtype, device):
@@ -70,33 +85,53 @@ def _tables(lines, Skv: int, L: int, T: int, dtype, device):
     return tab, colf
 
 
-def _range_part(q, kr, vr, tab, colf, i0: int, Tb: int, off: int, lo: int, hi: int, T: int, scale):
-    """(out, lse) of query rows [i0, i0 + Tb) over keys [lo, hi) (reversed: kr rows Skv - hi .. Skv - lo)."""
+_LOCAL = threading.local()
+
+
+def _scratch(name: str, shape, dtype, device) -> torch.Tensor:
+    """An uninitialised contiguous tensor, carved from a buffer kept per thread and per ``name``: a fresh
+    multi-MB tensor per call is served by mmap and page-faults on every write (the bias build ran 2.5x slower)."""
+    n = math.prod(shape)
+    bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+        buf = bufs[name] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def _range_part(q, kr, vr, tab, colf, i0: int, Tb: int, off: int, lo: int, hi: int, T: int, scale, diag0: bool):
+    """(out, lse) of query rows [i0, i0 + Tb) over keys [lo, hi) (reversed: kr rows Skv - hi .. Skv - lo);
+    ``diag0``: every row and head keeps offset 0 (its own position)."""
     B, H = q.shape[:2]
     Skv, span, L1 = kr.shape[2], hi - lo, tab.shape[2]
     # reversed key s is j = hi - 1 - s: offset p_i - j = (i0 + off - hi + 1) + t + s, stored at + T
     diag = tab.as_strided((B, H, Tb, span), (H * L1, L1, 1, 1), tab.storage_offset() + i0 + off - hi + 1 + T)
-    bias = torch.maximum(diag, colf[:, :, None, Skv - hi:Skv - lo])  # (B, H, Tb, span)
+    bias = _scratch("bias", (B, H, Tb, span), tab.dtype, tab.device)  # contiguous: the fused kernel copies others
+    torch.maximum(diag, colf[:, :, None, Skv - hi:Skv - lo], out=bias)  # (B, H, Tb, span)
     c = hi - 1 - (i0 + off)  # keys past row t's position: reversed columns s < c - t (columns only)
     if c > 0:
-        t, s = torch.arange(Tb, device=q.device), torch.arange(c, device=q.device)
-        bias[..., :c].masked_fill_(t[:, None] + s[None, :] < c, NEG)
+        bias[..., :c].masked_fill_(_triangle(Tb, c, q.device), NEG)
     out, lse = sdpa_lse(q[:, :, i0:i0 + Tb], kr[:, :, Skv - hi:Skv - lo], vr[:, :, Skv - hi:Skv - lo], bias, scale)
-    if not bool(tab[..., T].eq(0).all()) or hi != i0 + off + Tb or lo > i0 + off:  # else every row keeps p_i - 0
+    if not diag0 or hi != i0 + off + Tb or lo > i0 + off:  # else every row keeps its own position
         lse = lse.masked_fill(bias.amax(-1) == NEG, NEG)  # rows with no key here: weight 0 in the merge
     return out, lse
 
 
+@functools.lru_cache(maxsize=16)
+def _triangle(Tb: int, c: int, device) -> torch.Tensor:
+    """(Tb, c) True where reversed key s is past row t's position: t + s < c."""
+    t, s = torch.arange(Tb, device=device), torch.arange(c, device=device)
+    return t[:, None] + s[None, :] < c
+
+
 def _vertical_part(q, kr, vr, lines, lay, off: int, T: int, scale):
     """(out, lse) over the columns outside each row's block ranges, or None when there are none."""
-    cols = lines.cols.to(q.device).sort(-1).values
-    cols[..., 1:].masked_fill_(cols[..., 1:] == cols[..., :-1], -1)  # a repeated column counts once
+    if not lay["vertical"]:
+        return None
+    cols, free = lay["cols"].to(q.device), lay["free"].to(q.device)  # (B, H, nc), (n_blk, B, H, nc)
     B, H, nc = cols.shape
     Sq, Skv = q.shape[2], kr.shape[2]
     j = cols.clamp(min=0)
-    free = (~lay["covered"].to(q.device))[:, j] & (cols >= 0)  # (n_blk, B, H, nc)
-    if not bool(free.any()):
-        return None
     rows = free.repeat_interleave(T, 0)[:Sq].permute(1, 2, 0, 3)  # (B, H, Sq, nc)
     keep = rows & (j[:, :, None, :] <= torch.arange(off, off + Sq, device=q.device)[:, None])
     r = H // kr.shape[1]
@@ -111,6 +146,10 @@ def _vertical_part(q, kr, vr, lines, lay, off: int, T: int, scale):
 
 class Lines(Kernel):
     name = "lines"
+
+    def release(self) -> int:
+        bufs = _LOCAL.__dict__.pop("bufs", {})
+        return sum(b.numel() * b.element_size() for b in bufs.values())
 
     def why_not(self, q, k, v, plan, mask=None):
         lines = plan.lines
@@ -137,21 +176,26 @@ class Lines(Kernel):
         if q.device.type != "cpu" and H != k.shape[1]:  # the CPU flash kernel takes GQA; the others do not
             k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
         q = q.to(work)
-        kr, vr = k.to(work).flip(2), v.to(work).flip(2)  # (B, H_kv, Skv, D), keys reversed (see _range_part)
+        rev = torch.arange(Skv - 1, -1, -1, device=q.device)
+        kr = torch.index_select(k.to(work), 2, rev, out=_scratch("k", k.shape, work, q.device))  # (B, H_kv, Skv, D),
+        vr = torch.index_select(v.to(work), 2, rev, out=_scratch("v", v.shape, work, q.device))  # keys reversed
         lay = layout(plan.lines, Sq, Skv, off, T)
         tab, colf = _tables(plan.lines, Skv, max(Skv, off + Sq) + T, T, work, q.device)
-        out = torch.zeros(B, H, Sq, v.shape[3], dtype=work, device=q.device)
+        diag0 = bool(tab[..., T].eq(0).all())
+        out = torch.empty(B, H, Sq, v.shape[3], dtype=work, device=q.device)  # rows no part writes: zeroed below
         lse = torch.full((B, H, Sq), NEG, dtype=work, device=q.device)
         for blk, rs in enumerate(lay["ranges"]):
             i0 = blk * T
             Tb = min(T, Sq - i0)
-            parts = [_range_part(q, kr, vr, tab, colf, i0, Tb, off, lo, hi, T, scale) for lo, hi in rs]
+            parts = [_range_part(q, kr, vr, tab, colf, i0, Tb, off, lo, hi, T, scale, diag0) for lo, hi in rs]
             if len(parts) == 1:
                 out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb] = parts[0]
             elif parts:
                 out[:, :, i0:i0 + Tb] = merge(parts)
                 lse[:, :, i0:i0 + Tb] = torch.stack([p[1] for p in parts]).logsumexp(0)
-        out.masked_fill_((lse == NEG)[..., None], 0.0)  # rows that keep no key (a fused kernel may leave NaN)
+        dead = lse == NEG  # (B, H, Sq) rows that keep no key so far (a fused kernel may leave NaN)
+        if bool(dead.any()):
+            out.masked_fill_(dead[..., None], 0.0)
         vert = _vertical_part(q, kr, vr, plan.lines, lay, off, T, scale)
         if vert is not None:
             out = merge([(out, lse), vert])

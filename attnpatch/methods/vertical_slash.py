@@ -58,6 +58,8 @@ class VerticalSlash(Method):
             return None  # decode: dense, as MInference
         B, H, Sq, _ = q.shape
         off, Skv, shift = site.q_offset, k.shape[2], site.kv_shift
+        if max(self.verticals, self.slashes) >= Skv or self.window >= off + Sq:
+            return None  # every column, every offset or the window keeps all causal keys: exact, no estimate
         keep_v, keep_s = self.estimate(q, k, off)
         full = []  # the whole (B, H, Sq, Skv) mask, built on first use by index arithmetic
 

@@ -1,0 +1,146 @@
+"""The ``lines`` kernel (Plan.lines: whole key columns and diagonals, kernels/lines.py) against the float64
+reference on random structures, and VerticalSlash's Lines against its own mask_mod."""
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import kernels
+from attnpatch.kernels import cost
+from attnpatch.kernels import lines as lines_mod
+from attnpatch.kernels.reference import attention
+from attnpatch.plan import Lines, Plan, materialise_mask
+from attnpatch.site import Site
+
+
+def keep_of(lines: Lines, Sq: int, Skv: int, off: int) -> torch.Tensor:
+    """(B, H, Sq, Skv) keep of a Lines by its definition, index by index (no strided views)."""
+    B, H = lines.cols.shape[:2]
+    p = torch.arange(off, off + Sq)[:, None]  # (Sq, 1) positions
+    j = torch.arange(Skv)[None, :]
+    keep = torch.zeros(B, H, Sq, Skv, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            cols = lines.cols[b, h][lines.cols[b, h] >= 0]
+            diags = lines.diags[b, h][lines.diags[b, h] >= 0]
+            keep[b, h] = torch.isin(j, cols).expand(Sq, Skv) | torch.isin(p - j, diags)
+    return keep & (j <= p)
+
+
+def plan_of(lines: Lines, Sq: int, Skv: int, off: int) -> Plan:
+    keep = keep_of(lines, Sq, Skv, off)
+    return Plan(mask_mod=lambda b, h, qi, kv: keep[b, h, qi, kv], causal=True, q_offset=off, lines=lines)
+
+
+def random_lines(g, B, H, Skv, nc, nd, near=None) -> Lines:
+    """Random columns and offsets, with padding (-1) and repeats; ``near``: offsets drawn from two bands
+    (0 .. near and far ones) so the kernel sees several key ranges per block."""
+    cols = torch.randint(-1, Skv, (B, H, nc), generator=g)
+    if near is None:
+        diags = torch.randint(-1, Skv, (B, H, nd), generator=g)
+    else:
+        diags = torch.cat([torch.randint(0, near, (B, H, nd - nd // 2), generator=g),
+                           torch.randint(Skv // 2, Skv, (B, H, nd // 2), generator=g)], -1)
+    return Lines(cols, diags)
+
+
+CASES = {  # B, Hq, Hkv, Sq, Skv, D, n_cols, n_diags, near, block
+    "one-block": (1, 2, 2, 40, 40, 16, 3, 4, None, 64),
+    "blocks": (1, 2, 2, 70, 70, 16, 5, 6, None, 16),
+    "gqa-chunk": (2, 4, 2, 9, 49, 32, 5, 3, None, 4),
+    "batch2-clusters-columns": (2, 3, 1, 90, 90, 16, 6, 8, 5, 16),
+    "offset-clusters": (1, 4, 2, 33, 80, 16, 4, 6, 4, 8),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_lines_kernel_matches_the_reference(case, dtype, monkeypatch):
+    B, Hq, Hkv, Sq, Skv, D, nc, nd, near, block = CASES[case]
+    monkeypatch.setattr(lines_mod, "BLOCK", block)
+    g = torch.Generator().manual_seed(sum(map(ord, case)))
+    q, k, v = (torch.randn(B, h, s, D, generator=g, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    plan = plan_of(random_lines(g, B, Hq, Skv, nc, nd, near), Sq, Skv, Skv - Sq)
+    assert kernels.get("lines").why_not(q, k, v, plan) is None
+    ref = attention(q, k, v, plan)  # float64
+    got = kernels.get("lines").run(q.to(dtype), k.to(dtype), v.to(dtype), plan)
+    assert got.dtype == dtype
+    err = (got.double() - ref).abs().max().item()
+    if dtype == torch.float64:
+        assert err < 1e-12
+    else:  # the flash-attn rule: at most twice the same-dtype reference's error (plus a floor)
+        same = attention(q.to(dtype), k.to(dtype), v.to(dtype), plan)
+        assert err <= 2 * (same.double() - ref).abs().max().item() + 1e-6
+
+
+def test_rows_that_see_no_key_are_zero_and_far_columns_merge_once(monkeypatch):
+    """No offset 0 and a late column: the first rows keep nothing (zeros, as the reference); a column
+    far left of a block's ranges runs in the gathered-column call, and one both in a range and listed
+    twice is counted once."""
+    monkeypatch.setattr(lines_mod, "BLOCK", 8)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    lines = Lines(torch.tensor([[[12, 12, -1], [30, 2, 2]]]), torch.tensor([[[3, -1], [5, 6]]]))
+    plan = plan_of(lines, 40, 40, 0)
+    lay = lines_mod.layout(lines, 40, 40, 0, 8)
+    assert lay["vertical"] > 0 and lay["clusters"] == 1  # the gathered-column part runs
+    got, ref = kernels.get("lines").run(q, k, v, plan), attention(q, k, v, plan)
+    assert torch.equal(got[0, 0, :3], torch.zeros(3, 16, dtype=torch.float64))  # rows 0-2: no column, no offset
+    assert (got - ref).abs().max() < 1e-12
+
+
+def test_why_not_sends_what_it_cannot_run_elsewhere():
+    q = torch.randn(1, 2, 8, 16)
+    lines = Lines(torch.zeros(1, 2, 1, dtype=torch.long), torch.zeros(1, 2, 1, dtype=torch.long))
+    plan = plan_of(lines, 8, 8, 0)
+    kern = kernels.get("lines")
+    assert "line structure" in kern.why_not(q, q, q, Plan(causal=True))
+    assert "mask" in kern.why_not(q, q, q, plan, torch.ones(8, 8, dtype=torch.bool))
+    assert "score_mod" in kern.why_not(q, q, q, Plan(causal=True, lines=lines, score_mod=lambda s, *a: s))
+    assert "causal" in kern.why_not(q, q, q, Plan(lines=lines))
+    assert "match" in kern.why_not(torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), plan)
+    assert kernels.select(q, q, q, plan, mask=torch.ones(8, 8, dtype=torch.bool)).name != "lines"
+
+
+SITES = {
+    "prefill-gqa": ((1, 6, 2, 90, 90), Site(causal=True)),
+    "chunk": ((1, 4, 2, 30, 100), Site(causal=True, q_offset=70)),
+    "left-padding-batch2": ((2, 4, 4, 80, 80), Site(causal=True, kv_shift=torch.tensor([0, -9]))),
+}
+
+
+@pytest.mark.parametrize("site_id", list(SITES))
+def test_vertical_slash_lines_are_its_mask(site_id, monkeypatch):
+    """Plan.lines describes exactly the mask_mod every other kernel runs, and the lines kernel gives the
+    reference's output on it."""
+    (B, Hq, Hkv, Sq, Skv), site = SITES[site_id]
+    monkeypatch.setattr(lines_mod, "BLOCK", 16)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, h, s, 32, generator=g) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    m = ap.VerticalSlash(verticals=5, slashes=4, last_q=8, sink=2, window=3)
+    plan = m.plan(q, k, site).with_site(True, site.q_offset)
+    assert plan.lines is not None
+    want = materialise_mask(plan, B, Hq, Sq, Skv, "cpu").expand(B, Hq, Sq, Skv)
+    assert torch.equal(keep_of(plan.lines, Sq, Skv, site.q_offset), want)
+    ref = ap.attend(q, k, v, m, site, backend="reference")
+    got = ap.attend(q, k, v, m, site, backend="lines")
+    assert (got - ref).abs().max() < 1e-5
+
+
+def test_vertical_slash_that_keeps_every_causal_key_plans_dense():
+    """verticals >= the keys (or a window over every offset): the pattern is plain causal attention,
+    exactly, so no estimate runs and no mask is built."""
+    q = torch.randn(1, 2, 64, 16)
+    assert ap.VerticalSlash().plan(q, q, Site(causal=True)) is None  # 256 verticals >= 64 keys
+    assert ap.VerticalSlash(verticals=4, slashes=4, window=64).plan(q, q, Site(causal=True)) is None
+    assert ap.VerticalSlash(verticals=4, slashes=4, window=8).plan(q, q, Site(causal=True)) is not None
+
+
+def test_the_cost_model_ranks_lines_before_a_materialised_mask():
+    """On the committed CPU constants a VerticalSlash plan at 1024 tokens (SmolLM2 heads) is estimated
+    cheaper by lines than by SDPA with its (S, S) mask, and select runs lines."""
+    c = cost.constants("cpu", 1)
+    q, k = torch.randn(1, 9, 1024, 64), torch.randn(1, 3, 1024, 64)
+    plan = ap.VerticalSlash().plan(q, k, Site(causal=True)).with_site(True, 0)
+    assert cost.estimate("lines", c, q, k, k, plan) < cost.estimate("sdpa", c, q, k, k, plan)
+    assert cost.estimate("lines", c, q, k, k, Plan(causal=True)) == float("inf")
+    assert kernels.select(q, k, k, plan).name == "lines"
