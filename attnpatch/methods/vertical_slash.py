@@ -32,24 +32,26 @@ class VerticalSlash(Method):
 
     def estimate(self, q, k, off: int):
         """(verticals (B, H, Skv), slashes (B, H, Skv)) boolean keep tables."""
+        return self._top(q, k, off)[:2]
+
+    def _top(self, q, k, off: int):
+        """(keep_v, keep_s, top columns (B, H, nv), top offsets (B, H, ns)): the tables and their indices."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         L = min(self.last_q, Sq)
         work = torch.promote_types(q.dtype, torch.float32)
-        qs = q[:, :, -L:].to(work).reshape(B, Hkv, H // Hkv * L, D)  # GQA: the query heads of a KV head share it
-        p = (qs @ k.to(work).transpose(-1, -2)).view(B, H, L, Skv).mul_(D**-0.5)
+        qs = (q[:, :, -L:].to(work) * D**-0.5).reshape(B, Hkv, H // Hkv * L, D)  # GQA: a KV head's query heads
+        p = (qs @ k.to(work).transpose(-1, -2)).view(B, H, L, Skv)  # scaled on q: L*D products, not L*Skv
         pos0 = Sq - L + off  # absolute position of the first of those queries
         if pos0 + 1 < Skv:  # causal: keys after a query's position (only the last columns have any)
             i, j = torch.arange(L, device=q.device)[:, None], torch.arange(pos0 + 1, Skv, device=q.device)
             p[..., pos0 + 1:].masked_fill_(j > i + pos0, float("-inf"))
         p = torch.softmax(p, -1)  # (B, H, L, Skv)
-        vert = p.sum(2)  # (B, H, Skv)
-        slash = _diagonal_sums(p, pos0)  # (B, H, Skv): attention mass at each offset p - j
-        keep_v = torch.zeros(B, H, Skv, dtype=torch.bool, device=q.device)
-        keep_v.scatter_(2, vert.topk(min(self.verticals, Skv), -1).indices, True)
-        keep_s = torch.zeros_like(keep_v)
-        keep_s.scatter_(2, slash.topk(min(self.slashes, Skv), -1).indices, True)
-        return keep_v, keep_s
+        top_v = p.sum(2).topk(min(self.verticals, Skv), -1).indices  # (B, H, nv) most attended columns
+        top_s = _diagonal_sums(p, pos0).topk(min(self.slashes, Skv), -1).indices  # (B, H, ns) offsets p - j
+        keep_v = torch.zeros(B, H, Skv, dtype=torch.bool, device=q.device).scatter_(2, top_v, True)
+        keep_s = torch.zeros_like(keep_v).scatter_(2, top_s, True)
+        return keep_v, keep_s, top_v, top_s
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if not site.causal:
@@ -60,7 +62,7 @@ class VerticalSlash(Method):
         off, Skv, shift = site.q_offset, k.shape[2], site.kv_shift
         if max(self.verticals, self.slashes) >= Skv or self.window >= off + Sq:
             return None  # every column, every offset or the window keeps all causal keys: exact, no estimate
-        keep_v, keep_s = self.estimate(q, k, off)
+        keep_v, keep_s, top_v, top_s = self._top(q, k, off)
         full = []  # the whole (B, H, Sq, Skv) mask, built on first use by index arithmetic
 
         def table():
@@ -76,20 +78,23 @@ class VerticalSlash(Method):
             pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute position: left padding is negative
             return (keep_v[b, h, kv_idx] | slash | ((pos < self.sink) & (pos >= 0)) | (d < self.window)) & (d >= 0)
 
-        return Plan(mask_mod=mask_mod, name=repr(self), lines=self._lines(keep_v, keep_s, Sq, off, shift))
+        return Plan(mask_mod=mask_mod, name=repr(self), lines=self._lines(top_v, top_s, Sq, off, Skv, shift))
 
-    def _lines(self, keep_v, keep_s, Sq: int, off: int, shift) -> Lines | None:
-        """The same pattern as columns (verticals and the sink keys of each batch row) and diagonals
-        (slashes and the window's offsets 0 .. window - 1), for kernels that skip the mask; None when
-        queries reach past the last key (mask_mod clamps their offsets to the table)."""
-        Skv = keep_v.shape[-1]
+    def _lines(self, top_v, top_s, Sq: int, off: int, Skv: int, shift) -> Lines | None:
+        """The same pattern as columns (the top columns and each batch row's sink keys) and diagonals (the
+        top offsets and the window's 0 .. window - 1), repeats allowed; None when queries reach past the
+        last key (mask_mod clamps their offsets to the table)."""
         if off + Sq > Skv:
             return None
-        j = torch.arange(Skv, device=keep_v.device)
-        pos = j if shift is None else j + shift.to(j.device).view(-1, 1, 1)  # (B|1, 1, Skv) absolute positions
-        cols = keep_v | ((pos < self.sink) & (pos >= 0))  # (B, H, Skv)
-        diags = keep_s | (j < self.window)  # (B, H, Skv) over offsets 0 .. Skv - 1
-        return Lines(Lines.indices(cols), Lines.indices(diags))
+        B, H, _ = top_v.shape
+        dev = top_v.device
+        sink = torch.arange(min(self.sink, Skv), device=dev).expand(B, 1, -1)  # (B, 1, ns) positions 0 .. sink - 1
+        if shift is not None:  # key j holds position j + shift[b]: the sink keys move right by the padding
+            sink = sink - shift.to(dev).view(-1, 1, 1)
+            sink = sink.masked_fill((sink < 0) | (sink >= Skv), -1)
+        cols = torch.cat([top_v, sink.expand(B, H, -1)], -1)  # (B, H, nv + ns)
+        window = torch.arange(min(self.window, Skv), device=dev).expand(B, H, -1)
+        return Lines(cols, torch.cat([top_s, window], -1))
 
 
 def _whole(idx: torch.Tensor, n: int) -> bool:
@@ -110,8 +115,10 @@ def _diagonal_sums(p: torch.Tensor, pos0: int) -> torch.Tensor:
         diag = (pos0 + torch.arange(L, device=p.device)[:, None] - torch.arange(Skv, device=p.device)).clamp(0, Skv - 1)
         return torch.zeros(B, H, Skv, device=p.device, dtype=p.dtype).index_add_(2, diag.flatten(), p.flatten(2))
     W = s0 + Skv + L  # row i at columns [s0, s0 + Skv); read from column s0 - s_i = i onwards
-    buf = p.new_zeros(B, H, L, W)
+    buf = p.new_empty(B, H, L, W)
     buf[..., s0:s0 + Skv] = p
+    buf[..., :s0] = 0  # only the padding is zeroed (a whole zero fill cost as much as the copy)
+    buf[..., s0 + Skv:] = 0
     view = buf.as_strided((B, H, L, Skv), (H * L * W, L * W, W + 1, 1), buf.storage_offset())
     return view.sum(2).flip(-1)
 
