@@ -44,6 +44,10 @@ class Site:
     rope: Callable | None = field(default=None, compare=False)
     # role of every batch row when a guidance wrapper set them: "cond", "uncond" or "perturbed"
     roles: tuple = ()
+    # the model's own index of each head of the call, when the call holds a subset of them (context or
+    # tensor parallelism: each rank attends with H / N heads); None: the call's heads are heads 0..H-1
+    heads: tuple | None = None
+    num_heads: int | None = None  # the model's head count when ``heads`` is set (per-head profiles' rows)
 
     def __post_init__(self):
         # every field is checked here, once, so a wrong Site fails where it is built, not deep in a kernel
@@ -83,6 +87,15 @@ class Site:
             fail(s, "roles", roles, f"a tuple with one of {ROLES} per batch row", '("uncond", "cond")',
                  ParameterTypeError if not isinstance(roles, (tuple, list)) else ValueError)
         object.__setattr__(self, "roles", tuple(roles))
+        if self.heads is not None or self.num_heads is not None:
+            n = check_int(s, "num_heads", self.num_heads, 1, example=24,
+                          expected="the model's head count (an integer >= 1) whenever heads is set")
+            hs = check_ints(s, "heads", self.heads, 0, axes=1 << 16, scalar=False, example=(0, 1, 2),
+                            expected="a tuple of the model's head indices, one per head of the call")
+            if max(hs) >= n or len(set(hs)) != len(hs):
+                fail(s, "heads", self.heads, f"distinct head indices below num_heads={n}", "(0, 1, 2)")
+            object.__setattr__(self, "heads", hs)
+            object.__setattr__(self, "num_heads", n)
 
     @classmethod
     def trusted(cls, **values) -> "Site":
@@ -95,6 +108,15 @@ class Site:
         if values:
             raise TypeError(f"Site.trusted: unknown fields {sorted(values)}")
         return site
+
+    def model_heads(self, H: int) -> tuple[range | tuple, int]:
+        """(the model's index of each of the call's ``H`` heads, the model's head count): per-head
+        parameters, profiles and head lists are in the model's numbering, whatever subset a rank holds."""
+        if self.heads is None:
+            return range(H), H
+        if len(self.heads) != H:
+            raise ValueError(f"Site.heads names {len(self.heads)} heads but the call has {H}")
+        return self.heads, self.num_heads
 
     @property
     def visual_len(self) -> int:

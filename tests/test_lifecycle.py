@@ -206,30 +206,6 @@ def test_dropout_is_handed_back_loudly(caplog):
 
 
 @torch.no_grad()
-def test_context_parallelism_is_handed_back_loudly(caplog, monkeypatch):
-    """The parallel_config branch of the dispatch router: stock attention, logged and counted."""
-    from diffusers.models.transformers import transformer_flux as tf
-
-    assert tf.__name__ not in route._INSTALLED  # the fake below must sit under the router
-    seen, orig = [], tf.dispatch_attention_fn
-
-    def dispatch(query, key, value, *, parallel_config=None, **kw):  # stands in for diffusers' context-parallel path
-        seen.append(parallel_config)
-        return orig(query, key, value, **kw)
-
-    monkeypatch.setattr(tf, "dispatch_attention_fn", dispatch)
-    model, inputs = _flux()
-    stock = model(**inputs())[0]
-    for p in model.attn_processors.values():
-        p._parallel_config = object()  # any config: attnpatch cannot run its sharded calls yet
-    with caplog.at_level(logging.WARNING, logger="attnpatch"), ap.patch(model, SPARSE) as h:
-        out = model(**inputs())[0]
-    assert h.stats() == {"routed": 0, "handed_back": {route.PARALLEL: 2}, "skipped": {}}
-    assert len(_warnings(caplog)) == 1 and "parallel_config" in _warnings(caplog)[0].getMessage()
-    assert len(seen) == 4 and torch.equal(out, stock)
-
-
-@torch.no_grad()
 def test_calls_that_are_not_visual_are_counted_as_not_applicable(caplog):
     model, inputs = _flux()
     attn = model.single_transformer_blocks[0].attn

@@ -83,6 +83,19 @@ class Dense(Method):
     source = "-"
 
 
+def call_heads(site: Site, H: int, model_heads) -> list[int] | None:
+    """The call's head positions (0..H-1) of the model heads listed in ``model_heads`` (None: all
+    heads, returned as None). Under context / tensor parallelism a call holds a subset of the model's
+    heads (``Site.heads``): a head list in the model's numbering selects those the call holds."""
+    if model_heads is None:
+        return None
+    idx, _ = site.model_heads(H)
+    if site.heads is None:
+        return list(model_heads)
+    wanted = set(model_heads)
+    return [i for i, h in enumerate(idx) if h in wanted]
+
+
 def ascii_mask(method: Method, site: Site, Sq: int, Skv: int | None = None, max_cols: int = 96) -> str:
     """The keep-mask of ``method`` at ``site`` as text: '#' attended, '.' skipped (head 0, row 0)."""
     Skv = Sq if Skv is None else Skv

@@ -20,7 +20,7 @@ import torch
 from ..plan import Part, Plan
 from ..site import Site
 from ..checks import as_int, read_safetensors
-from .base import Method, ParameterTypeError, check_indices, check_int, check_number, fail
+from .base import Method, ParameterTypeError, call_heads, check_indices, check_int, check_number, fail
 
 
 def load_heads(path) -> dict[int, list[int]]:
@@ -148,7 +148,7 @@ class PAG(Method):
         rows = [i for i, r in enumerate(site.roles) if r == "perturbed"]
         if not rows or site.kind == "cross" or q.shape[2] != k.shape[2] or not self._layer_chosen(site):
             return None
-        heads = self.heads_at(site.layer, q.shape[1])
+        heads = call_heads(site, q.shape[1], self.heads_at(site.layer, site.model_heads(q.shape[1])[1]))
         if heads is not None and not heads:
             return None
         image = (site.visual_start, site.visual_len) if site.grid else (0, q.shape[2])

@@ -179,9 +179,12 @@ class Sparse(Method):
         """``[(head indices or None, Plan | None)]``: the plans of this call by head group."""
         if self.dense_at(site):
             return [(None, None)]
-        values = self._values(site.layer, q.shape[1])
+        idx, total = site.model_heads(q.shape[1])
+        values = self._values(site.layer, total)
         if values is None:
             return [(None, self.plan(q, k, site))]
+        if site.heads is not None:  # a rank's subset of the model's heads (context / tensor parallelism)
+            values = [values[h] for h in idx]
         groups: dict = {}
         for h, v in enumerate(values):
             groups.setdefault(tuple(sorted(v.items())), []).append(h)

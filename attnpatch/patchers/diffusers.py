@@ -12,7 +12,7 @@ from .. import core
 from .._log import log_once
 from ..handle import Counters, SharesMethod
 from ..site import Site
-from . import SUPPORTED, families, guidance, layers as layer_sel, route, steps
+from . import SUPPORTED, families, guidance, layers as layer_sel, parallel, route, steps
 from .families import Family
 
 
@@ -72,7 +72,11 @@ class _Call(SharesMethod):
         log_once(logging.WARNING, f"{self.name}: attention batch {B} does not match the {len(roles)} rows the guidance set")
         return ()
 
-    def site(self, Sq: int, Skv: int, causal: bool, roles: tuple = ()) -> tuple[Site | None, str]:
+    def head_order(self, H: int, N: int):
+        """The model's heads in the order Ulysses deals them to ranks (H / N each), or None: in order."""
+        return None
+
+    def site(self, Sq: int, Skv: int, causal: bool, roles: tuple = (), heads=None, num_heads=None) -> tuple[Site | None, str]:
         """``(Site, "")`` for a visual call, else ``(None, why it is not one)``."""
         st = self.state
         grid = _level(st.grid, Sq) if st.family.multires else st.grid
@@ -81,7 +85,9 @@ class _Call(SharesMethod):
         if Sq != Skv:
             kind = "cross"
             if n and Sq != n:
-                return None, "text queries attending to other keys"
+                if not n or Sq * parallel.degree(st.parallel) != n:
+                    return None, "text queries attending to other keys"
+                grid = None  # context parallelism without a Ulysses exchange: this rank's shard of the visual queries
         elif n and Sq > n:
             kind, text_len = "joint", Sq - n
         elif n and Sq < n:
@@ -90,10 +96,12 @@ class _Call(SharesMethod):
                     layer=self.layer, name=self.name, kind=kind, family=st.family.name,
                     timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None,
                     steps=st.tracker.total if st.timestep is not None else None, roles=roles,
-                    rope=st.rope), ""
+                    rope=st.rope, heads=heads, num_heads=num_heads), ""
 
-    def run(self, frame, q, k, v, *, mask, scale, causal):
-        site, why = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(frame, q.shape[0]))
+    def run(self, frame, q, k, v, *, mask, scale, causal, heads=None, num_heads=None):
+        """The method's attention of ``(B, H, S, D)`` tensors (``heads``: the model's index of each
+        of the H heads, when the call holds a subset), or None: not a call the method applies to."""
+        site, why = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(frame, q.shape[0]), heads, num_heads)
         if site is None:
             self.counters.skip(why)
             return None
@@ -145,6 +153,7 @@ def _patch_models(models, method, backend, layers, tracker, counters):
     collected = []
     for prefix, model, slot in models:
         fam = family_of(model)
+        parallel.check_config(getattr(model, "_parallel_config", None))  # ring / unified: refused before any change
         collected.append((model, fam, slot, _attention_modules(model, fam, prefix)))
     chosen = layer_sel.select([(l, n) for *_, entries in collected for l, n, _ in entries], layers)
     collected = [(model, fam, slot, [e for e in entries if e[1] in chosen]) for model, fam, slot, entries in collected]

@@ -27,7 +27,6 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("attnpatch_frame", defa
 _INSTALLED: dict[str, list] = {}  # module name -> [refcount, undo callables]
 _LOCK = threading.Lock()
 PRIMITIVES = ("dispatch_attention_fn", "scaled_dot_product_attention")
-PARALLEL = "context parallelism (parallel_config) is not supported yet"
 
 
 class Frame:
@@ -51,14 +50,11 @@ def leave(call) -> None:
         _ACTIVE.reset(frame.token)
 
 
-def _route(q, k, v, attn_mask, dropout_p, is_causal, scale, parallel_config=None):
+def _route(q, k, v, attn_mask, dropout_p, is_causal, scale):
     """attnpatch's result on (B, H, S, D), or None when the call goes to the original function."""
     frame = _ACTIVE.get()
     if frame is None:
         return None  # not inside a patched attention module: not ours
-    if parallel_config is not None:
-        frame.call.hand_back(PARALLEL)
-        return None
     if dropout_p:
         frame.call.hand_back("dropout_p > 0")
         return None
@@ -69,9 +65,15 @@ def _make_dispatch(orig):
     @functools.wraps(orig)
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+        frame = _ACTIVE.get() if parallel_config is not None and not dropout_p else None
+        if frame is not None:  # diffusers' context parallelism: the method inside its Ulysses attention
+            from .parallel import run
+
+            return run(frame.call, frame, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                       parallel_config)
         # (B, S, H, D) -> (B, H, S, D) for the kernels, and back
         out = _route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                     attn_mask, dropout_p, is_causal, scale, parallel_config)
+                     attn_mask, dropout_p, is_causal, scale)
         if out is not None:
             return out.transpose(1, 2)
         return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,

@@ -66,12 +66,13 @@ class ModelState:
         self.rope = family.rope(model) if family.rope is not None else None  # Site.rope of its calls
         self.params = list(inspect.signature(model.forward).parameters)  # positional order of forward's arguments
         self._local = threading.local()
+        self.parallel, self.text_sharded = None, False  # the model's ParallelConfig, as _read_inputs last saw it
 
     def __deepcopy__(self, memo):  # a deep copy of the model: its own tracker, no call in flight
         new = object.__new__(ModelState)
         memo[id(self)] = new
         new.family, new.params, new.slot, new._local = self.family, self.params, self.slot, threading.local()
-        new.rope = self.rope
+        new.rope, new.parallel, new.text_sharded = self.rope, None, False
         new.tracker = copy.deepcopy(self.tracker, memo)
         return new
 
@@ -120,8 +121,7 @@ class DenoiserHook(SharesMethod, ModelHook):
         if module is not self.model:  # a deep copy's forward: diffusers' chain still names this hook
             kwargs[_COPY] = module
             return args, kwargs
-        self.state.read(module, self.state.bind(args, kwargs))
-        return args, kwargs
+        return args, kwargs  # the inputs were read by _read_inputs, before every hook of the registry
 
     def new_forward(self, module, *args, **kwargs):
         twin = kwargs.pop(_COPY, None)
@@ -140,11 +140,29 @@ class DenoiserHook(SharesMethod, ModelHook):
 
 
 def register(model, hook: DenoiserHook):
-    """Register ``hook`` in ``model``'s HookRegistry; returns the undo, which leaves the model as it
-    was (no ``forward`` attribute, no registry unless one was there before)."""
+    """Register ``hook`` in ``model``'s HookRegistry and ``_read_inputs`` as a forward pre-hook;
+    returns the undo, which leaves the model as it was (no ``forward`` attribute, no registry unless
+    one was there before)."""
     had_registry, had_forward = hasattr(model, "_diffusers_hook"), "forward" in model.__dict__
     HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, NAME)
-    return _Unregister(model, had_registry, had_forward)
+    return _Unregister(model, had_registry, had_forward, model.register_forward_pre_hook(_read_inputs, with_kwargs=True))
+
+
+def _read_inputs(module, args, kwargs):
+    """Grid and timestep of this forward, read from the inputs as the caller passed them: a torch
+    forward pre-hook runs before the registry's chain, so hooks that rewrite the inputs (diffusers'
+    context-parallel split hooks shard ``img_ids`` and ``hidden_states``) never hide the global
+    layout, whether they were registered before or after attnpatch's."""
+    registry = module.__dict__.get("_diffusers_hook")
+    hook = registry.hooks.get(NAME) if registry is not None else None
+    if hook is not None:  # a deep copy's registry holds the copy's own hook and state
+        hook.state.read(module, hook.state.bind(args, kwargs))
+        config = getattr(module, "_parallel_config", None)
+        if config is not hook.state.parallel:  # parallelism enabled (once per model, before or after the patch)
+            from .parallel import check_config, text_sharded
+
+            check_config(config)
+            hook.state.parallel, hook.state.text_sharded = config, text_sharded(module)
 
 
 def _remove(registry) -> None:
@@ -165,11 +183,12 @@ def _remove(registry) -> None:
 
 
 class _Unregister:
-    def __init__(self, model, had_registry: bool, had_forward: bool):
-        self.model, self.had_registry, self.had_forward = model, had_registry, had_forward
+    def __init__(self, model, had_registry: bool, had_forward: bool, reader):
+        self.model, self.had_registry, self.had_forward, self.reader = model, had_registry, had_forward, reader
 
     def __call__(self) -> None:
         m = self.model
+        self.reader.remove()
         registry = m.__dict__.get("_diffusers_hook")
         if registry is None:
             return

@@ -1,0 +1,181 @@
+"""Does a method give the same output under diffusers' Ulysses context parallelism as in one process?
+
+``check(jobs, world=2)`` starts ``world`` gloo processes on this machine (CPU), and for every job
+``(family, method, order)`` builds the family's tiny denoiser (same seed on every rank, inputs whose
+sequence splits evenly), and measures on rank 0:
+
+- ``single``: the patched output in one process (no parallelism);
+- ``parallel``: the patched output with ``ContextParallelConfig(ulysses_degree=world)``, the patch
+  applied ``"before"`` or ``"after"`` ``enable_parallelism``;
+- ``stock`` / ``stock_parallel``: unpatched, in one process and in parallel;
+- ``restored``: the parallel output after ``unpatch`` (must equal ``stock_parallel``).
+
+Returns one dict per job with the max absolute differences (``par_vs_single``, ``par_vs_stock``,
+``restored_vs_stock``) and the handle's routing counts. The tests (tests/test_parallel.py) and the
+benchmark (benchmarks/parallel.py) both run it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+
+# family -> (tiny config overrides, inputs(B) whose sequence splits over 2 and 4 ranks)
+FAMILIES = ("flux", "wan", "ltx")
+
+
+def _inputs(family: str, B: int = 1, text_mask: bool = False) -> dict:
+    from ..models.tiny import _g
+
+    if family == "flux":  # joint attention: 8 text + 4x4 image tokens, both sharded
+        H, W, T = 4, 4, 8
+        ids = torch.zeros(H * W, 3)
+        ids[:, 1], ids[:, 2] = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+        return dict(hidden_states=_g(B, H * W, 4), encoder_hidden_states=_g(B, T, 32), pooled_projections=_g(B, 32),
+                    timestep=torch.full((B,), 0.75), img_ids=ids, txt_ids=torch.zeros(T, 3), return_dict=False)
+    if family == "wan":  # self-attention over a 2x4x4 grid (sharded), cross-attention to 11 unsharded text tokens
+        return dict(hidden_states=_g(B, 4, 2, 8, 8), encoder_hidden_states=_g(B, 11, 16), timestep=torch.full((B,), 250),
+                    return_dict=False)
+    if family == "ltx":  # self-attention over 2x4x4 (sharded), cross-attention to 8 sharded text tokens (2 padded)
+        mask = torch.ones(B, 8)
+        mask[:, -2:] = 0
+        return dict(hidden_states=_g(B, 32, 8), encoder_hidden_states=_g(B, 8, 16), timestep=torch.full((B,), 600),
+                    encoder_attention_mask=mask if text_mask else None, num_frames=2, height=4, width=4, return_dict=False)
+    raise ValueError(f"no parallel check inputs for {family!r}; known: {FAMILIES}")
+
+
+def _model(family: str, heads: int | None):
+    from ..models import tiny
+
+    torch.manual_seed(0)
+    return tiny.model(family, **({"num_attention_heads": heads} if heads else {}))
+
+
+def _run(model, family: str, B: int, text_mask: bool = False) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**_inputs(family, B, text_mask))[0]
+
+
+def _job(job: dict, world: int) -> dict:
+    """One job on every rank; the numbers are rank 0's."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .. import api
+    from ..patchers.parallel import enable
+
+    fam, method, order, B, heads = job["family"], job["method"], job.get("order", "after"), job.get("batch", 1), job.get("heads")
+    run = functools.partial(_run, family=fam, B=B, text_mask=job.get("text_mask", False))
+    if job.get("ring"):
+        return _ring(job, world)
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
+    config = ContextParallelConfig(ulysses_degree=world, mesh=mesh)
+    one = _model(fam, heads)
+    stock = run(one)
+    with api.patch(one, method):
+        single = run(one)
+    par = _model(fam, heads)
+    if order == "before":
+        handle = api.patch(par, method)
+        enable(par, config)
+        out = run(par)
+        stats = handle.stats()
+        handle.remove()
+        stock_par = restored = _stock(run, par)
+    else:
+        enable(par, config)
+        stock_par = _stock(run, par)
+        with api.patch(par, method) as handle:
+            out = run(par)
+            stats = handle.stats()
+        restored = _stock(run, par)
+    diff = lambda a, b: float((a - b).abs().max()) if torch.is_tensor(a) and torch.is_tensor(b) else a if isinstance(a, str) else b  # noqa: E731
+    return dict(family=fam, method=repr(method), order=order, world=world, par_vs_single=diff(out, single),
+                par_vs_stock=diff(out, stock), single_vs_stock=diff(single, stock),
+                stock_par_vs_stock=diff(stock_par, stock), restored_vs_stock=diff(restored, stock_par),
+                routed=stats.get("routed", 0), handed_back=stats.get("handed_back", {}))
+
+
+def _ring(job: dict, world: int) -> dict:
+    """Ring attention: what ``patch`` after ``enable_parallelism`` and a call after ``patch`` say."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .. import api
+    from ..patchers.parallel import enable
+
+    fam, method = job["family"], job["method"]
+    run = functools.partial(_run, family=fam, B=1)
+    said = {}
+    for order in ("after", "before"):
+        model = _model(fam, None)
+        config = ContextParallelConfig(ring_degree=world, mesh=init_device_mesh("cpu", (world, 1), mesh_dim_names=("ring", "ulysses")))
+        try:
+            if order == "after":
+                enable(model, config)
+                api.patch(model, method)
+            else:
+                with api.patch(model, method):
+                    enable(model, config)
+                    run(model)
+            said[order] = "ran"
+        except RuntimeError as e:
+            said[order] = str(e)
+    return dict(family=fam, method=repr(method), order="ring", world=world, refused_after=said["after"],
+                refused_before=said["before"])
+
+
+def _stock(run, model):
+    """The unpatched parallel output, or why diffusers' own parallel attention failed (diffusers 0.42
+    keeps every head of LTX's text mask in its Ulysses op, which then fails to broadcast)."""
+    try:
+        return run(model)
+    except RuntimeError as e:
+        return f"stock parallel attention failed: {e}"
+
+
+def _worker(rank: int, world: int, port: int, jobs: list, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # world processes on a shared CPU
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = []
+    try:
+        for job in jobs:
+            try:
+                rows.append(_job(job, world))
+            except Exception as e:  # noqa: BLE001 - the row says what failed; every rank fails alike
+                rows.append(dict(family=job["family"], method=repr(job["method"]), order=job.get("order", "after"),
+                                 world=world, error=f"{type(e).__name__}: {e}", where=traceback.format_exc()[-1500:]))
+    finally:
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(rows, f)
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check(jobs: list[dict], world: int = 2) -> list[dict]:
+    """Run ``jobs`` (dicts: family, method, order "before" / "after", batch, heads) on ``world`` gloo
+    processes; one result dict per job (``error`` set where the job raised)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "rows.json")
+        mp.spawn(_worker, args=(world, _free_port(), jobs, out), nprocs=world)
+        with open(out) as f:
+            return json.load(f)
