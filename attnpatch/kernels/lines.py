@@ -34,8 +34,9 @@ NEG = float("-inf")
 
 
 def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
-    """What a call computes (cached on ``lines``): ``ranges[blk]`` = key ranges [lo, hi) of query block blk,
-    ``covered`` (n_blk, Skv) True where a block's ranges hold the key, and the computed areas."""
+    """What a call computes (cached on ``lines``): ``ranges[blk]`` = key ranges [lo, hi) of query block blk
+    (``area``: their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a block's rows reach
+    outside its ranges (None: none; ``vertical``: their scores), and the fused ``calls``."""
     key = ("layout", Sq, Skv, off, T)
     if key in lines.cache:
         return lines.cache[key]
@@ -47,21 +48,24 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     else:
         a = b = []
     n_blk = -(-Sq // T)
-    covered = torch.zeros(n_blk, Skv + 1, dtype=torch.int32)
-    ranges, area = [], 0
+    ranges, area, whole = [], 0, True
     for blk in range(n_blk):
         i0 = blk * T
         p0, p1 = i0 + off, min(i0 + T, Sq) - 1 + off  # positions of the block's first and last rows
         rs = [(max(0, p0 - hi_off), min(Skv, p1 + 1 - lo_off)) for lo_off, hi_off in zip(a, b)]
         rs = [(lo, hi) for lo, hi in rs if lo < hi]
-        for lo, hi in rs:
-            covered[blk, lo] += 1
-            covered[blk, hi] -= 1
-            area += (p1 - p0 + 1) * (hi - lo)
+        whole = whole and rs == [(0, min(Skv, p1 + 1))]
+        area += (p1 - p0 + 1) * sum(hi - lo for lo, hi in rs)
         ranges.append(rs)
-    cols, free = _free_columns(lines.cols, covered.cumsum(1)[:, :Skv] > 0, Sq, off, T)
-    out = dict(ranges=ranges, area=area, calls=sum(map(len, ranges)) + bool(free.any()), clusters=len(a), cols=cols,
-               free=free, vertical=int(free.sum()) * T)
+    out = dict(ranges=ranges, area=area, calls=sum(map(len, ranges)), clusters=len(a), cols=None, free=None, vertical=0)
+    if not whole:  # else every block's one range holds all keys up to its last row: no column is outside
+        covered = torch.zeros(n_blk, Skv, dtype=torch.bool)
+        for blk, rs in enumerate(ranges):
+            for lo, hi in rs:
+                covered[blk, lo:hi] = True
+        out["cols"], out["free"] = _free_columns(lines.cols, covered, Sq, off, T)
+        out["vertical"] = int(out["free"].sum()) * T  # computed scores, about (columns x block rows)
+        out["calls"] += bool(out["vertical"])
     lines.cache[key] = out
     return out
 
