@@ -8,7 +8,8 @@ import torch
 from . import kernels
 from .kernels.base import check_mask, check_qkv, check_scale
 from .methods.base import Method
-from .plan import Plan, fold_q_scale, q_scale_as_score_mod
+from .ops.lse import dense_lse
+from .plan import Plan, _derived, fold_q_scale, q_scale_as_score_mod
 from .site import Site
 
 
@@ -64,6 +65,7 @@ class Call:
     v_all: torch.Tensor = None
     own_mask: object = None
     inputs: tuple = ()
+    lse: torch.Tensor = None  # (B, H_q, S_q) of every row over the call's keys, when the kernel returned it
 
     def __post_init__(self):
         self.inputs = (self.q, self.k, self.v, self.mask)
@@ -112,15 +114,20 @@ def _q_scale(c: Call) -> None:
     c.q, c.scale, c.plan = fold_q_scale(c.q, c.scale, c.plan)  # every kernel then runs a temperature at its own speed
 
 
+def _names(fn) -> tuple:
+    code = getattr(fn, "__code__", None)
+    return code.co_varnames[:code.co_argcount + code.co_kwonlyargcount] if code is not None else ()
+
+
 def _output(c: Call, out):
     """``Plan.output(out, q, k, v, scale)``; a callback that recomputes attention (SinkCalibration)
-    names ``mask`` / ``softcap`` parameters and gets the call's own, so it sees what the kernel saw."""
+    names ``mask`` / ``softcap`` parameters and gets the call's own, so it sees what the kernel saw,
+    and ``lse``: each row's log-sum-exp when the kernel returned it (see ``_kernel``), else None."""
     fn = c.plan.output
     if fn is None:
         return out
-    code = getattr(fn, "__code__", None)
-    names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount] if code is not None else ()
-    call = dict(mask=c.own_mask, softcap=c.softcap)
+    names = _names(fn)
+    call = dict(mask=c.own_mask, softcap=c.softcap, lse=c.lse)
     return fn(out, c.q, c.k, c.v, c.scale, **{n: x for n, x in call.items() if n in names})
 
 
@@ -148,8 +155,16 @@ def _kernel(c: Call):
     """The selected kernel on the plan the steps before it leave (no step core applies itself)."""
     plan = c.plan
     if plan.output is not None or plan.extra_kv is not None or plan.transform is not None or plan.parts:
-        plan = dataclasses.replace(plan, output=None, extra_kv=None, transform=None, parts=())
+        # remembered on the plan: one a method caches and returns again derives its bare form (and kernel choice) once
+        plan = _derived(plan, "_bare", None, lambda: dataclasses.replace(plan, output=None, extra_kv=None, transform=None, parts=()))
     kernel = kernels.select(c.q, c.k_all, c.v_all, plan, mask=c.mask, backend=c.backend)
+    if kernel.name == "sdpa" and plan.mask_mod is None and c.k_all is c.k and "lse" in _names(c.plan.output):
+        # a plain plan whose output step wants each row's LSE: the fused kernel returns it with the output at
+        # SDPA's cost (SinkCalibration otherwise re-reads every score); None: no fused kernel fits, the step recomputes
+        got = dense_lse(c.q, c.k, c.v, mask=c.mask, scale=c.scale, causal=plan.causal, q_offset=plan.q_offset)
+        if got is not None:
+            out, c.lse = got
+            return out
     return kernel.run(c.q, c.k_all, c.v_all, plan, mask=c.mask, scale=c.scale)
 
 

@@ -175,7 +175,7 @@ def test_sink_scan_matches_the_explicit_softmax(case):
     elif kind == "dead-rows":  # left padding: the first 4 keys of row 1 hidden, so its first 4 queries see nothing
         mask = torch.ones(2, 1, Sq, Skv, dtype=torch.bool)
         mask[1, :, :, :4] = False
-    m = ap.SinkCalibration(threshold=1.5, beta=0.4)
+    m = ap.SinkCalibration(threshold=1.5, beta=0.4, detect_rows=None)  # every row: the exact mean (and every row's LSE)
     scale = 16 ** -0.5
     call = sc_mod._Call(off, causal, None, mask, scale, softcap)
     sinks, lse = m._scan(q, k, call)

@@ -4,10 +4,18 @@ Hidden Attention Sinks" (Yu et al. 2024). In the chosen heads, key columns other
 queries: the column mean of p_ij * n_i, n_i = keys query i sees) are sinks that waste attention;
 their attention is scaled by ``beta`` and the rows renormalised, which equals adding log(beta) to
 their scores. Computed exactly from the kernel's output and two log-sum-exps, all keys and the
-(few) sink keys, so no S x S bias is materialised. Detection and both partitions see what the
-kernel saw: the call's mask (padding), causality, soft-capping and scale; keys the mask hides are
-never sinks, rows that see no key are left as the kernel made them, and under left padding
-(``Site.kv_shift``) the ``first`` tokens are the first real ones.
+(few) sink keys, so no S x S bias is materialised; the first comes with the kernel's output where
+the kernel returns it (plain dense calls: attnpatch.core passes it as the output step's ``lse``).
+Detection and both partitions see what the kernel saw: the call's mask (padding), causality,
+soft-capping and scale; keys the mask hides are never sinks, rows that see no key are left as the
+kernel made them, and under left padding (``Site.kv_shift``) the ``first`` tokens are the first real ones.
+
+Detection reads ``detect_rows`` query rows (default 64), evenly spaced from the last one back (row
+Sq - 1 - floor(r Sq / R) for r < R: the last row, which sees every key of a causal call, always among
+them): a column's score is its mean of p_ij * n_i over those rows. The exact mean over every row (the
+paper's; ``detect_rows=None``, and any call of at most ``detect_rows`` queries) re-reads all S x S
+scores, which costs at least 60 % of an SDPA call on top of it; the sampled rows cost R x S. A sink
+is a column far above uniform in most rows (threshold 5), so evenly spaced rows see it too.
 
 Heads come from a calibration run (``attnpatch.tools.calibrate``) saved as a safetensors
 profile; ``bind_model`` checks the profile against the patched model.
@@ -20,6 +28,7 @@ import torch
 
 from ..plan import Plan
 from ..site import Site
+from ._sink_scores import _EXP_FLOOR, _Call, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, sample
 from .base import Method, check_int, check_number
 
 PROFILE_KIND = "act-heads"
@@ -62,14 +71,18 @@ class SinkCalibration(Method):
     beta: float = 0.4
     first: int = 1  # the initial tokens are never calibrated
     max_sinks: int = 16  # at most this many sink columns per (row, head), the strongest
+    detect_rows: int | None = 64  # query rows whose attention detects the sinks; None: every row (the paper's mean)
     _heads: dict | None = field(default=None, init=False, repr=False)
     _meta: dict = field(default_factory=dict, init=False, repr=False)
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (layer, H, site) -> Plan
 
     def __post_init__(self):
         check_number("SinkCalibration", "beta", self.beta, low=0, high=1, low_open=True, example=0.4)
         check_number("SinkCalibration", "threshold", self.threshold, low=0, low_open=True, example=5.0)
         check_int("SinkCalibration", "first", self.first, 0)
         check_int("SinkCalibration", "max_sinks", self.max_sinks, 1)
+        if self.detect_rows is not None:
+            check_int("SinkCalibration", "detect_rows", self.detect_rows, 1, example=64)
         if self.heads is None:
             self._heads = None
         elif isinstance(self.heads, dict):
@@ -116,73 +129,107 @@ class SinkCalibration(Method):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return self._scan(q, k, _Call(off, causal, kv_shift, mask, scale, softcap))[0]
 
-    def _scan(self, q, k, call: "_Call"):
-        """(sink columns (B, h, Skv), lse (B, h, Sq) of every row over all the keys it sees; 0 for
-        rows that see none). A column's score: mean over the rows that see a key of p_ij * n_i.
-        One score matmul per query chunk, exponentiated in place against its row's LSE, then the
-        n-weighted column sum as one more matmul; causal chunks stop at their last visible key.
-        k may hold fewer (GQA) heads than q."""
+    def _scan(self, q, k, call: _Call, lse=None):
+        """(sink columns (B, h, Skv), lse (B, h, Sq) of every row over all the keys it sees, 0 for rows
+        that see none; ``lse`` itself when given (the kernel's); None when only detection rows were read).
+        A column's score: mean over the detection rows that see a key of p_ij * n_i. One score matmul
+        per query chunk, exponentiated in place against its row's LSE, then the n-weighted column sum as
+        one more matmul; causal chunks stop at their last visible key. k may hold fewer (GQA) heads than q."""
         B, h, Sq, _ = q.shape
         Skv = k.shape[2]
+        rows, idx = sample(Sq, self.detect_rows, q.device)  # None: every row
+        C = Sq if rows is None else len(rows)
+        if lse is not None and call.mask is None and call.shift is None and (not call.causal or call.off >= 0) \
+                and B * h * C * Skv <= 1 << 24:  # the common call: four passes over the detection rows' scores
+            return self._pick(plain_col(q, k, call, lse, rows, idx, self.first), call, first_hidden=True), lse
         col = torch.zeros(B, h, Skv, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
         live = torch.zeros(B, h, 1, device=q.device, dtype=col.dtype)
-        lses = []
+        lses = [] if rows is None and lse is None else None  # the full pass also gives every row's LSE
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        for s, e in _chunks(Sq, B * h * Skv, call.causal):  # query chunks bound the memory of the scores
-            K = min(Skv, e + call.off) if call.causal else Skv  # keys past the chunk's last position: hidden
+        if grad and lses is None:  # detection alone: no graph (its result is boolean)
+            q, k, grad = q.detach(), k.detach(), False
+        for s, e in _chunks(C, B * h * Skv, call.causal):  # chunks bound the scores' memory
+            first, last, at = (s, e - 1, None) if rows is None else (rows[s], rows[e - 1], idx[s:e])
+            K = min(Skv, last + 1 + call.off) if call.causal else Skv  # keys past the chunk's last position: hidden
             if K <= 0:
-                lses.append(torch.zeros(B, h, e - s, device=q.device, dtype=col.dtype))
+                if lses is not None:
+                    lses.append(torch.zeros(B, h, e - s, device=q.device, dtype=col.dtype))
                 continue
-            sc = call.logits(q[:, :, s:e], k[:, :, :K], s, grad=grad)  # (B, h, C, K), -inf where hidden
-            n = call.seen(sc, s, Skv)  # (B|1, h|1, C) keys each row sees
+            sc = call.logits(q[:, :, s:e] if at is None else q.index_select(2, at), k[:, :, :K], first, grad=grad, rows=at)
+            n = call.seen(sc, first, Skv, rows=at)  # (B|1, h|1, C) keys each row sees; sc: (B, h, C, K), -inf where hidden
             if grad:  # the LSE feeds the calibrated output: out of place, rows that see no key masked first (no NaN)
-                dead = ~(sc > float("-inf")).any(-1, keepdim=True)
-                lses.append(sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True).masked_fill(dead, 0.0).squeeze(-1))
+                lses.append(masked_lse(sc))
                 sc = sc.detach().clone()
-            mx = sc.amax(-1, keepdim=True)  # the LSE as max + log(sum exp): no temporary, one exp pass
-            mx.masked_fill_(mx == float("-inf"), 0.0)  # rows that see no key: their exp is 0 everywhere
-            # in place; hidden scores (-inf) and any below -87 are raised to -87 first: exp of -inf or of a value whose
-            # exp is subnormal takes the CPU's slow path (4-170x); exp(-87) = 1.6e-38 is below the float32 resolution
-            # of every sum it enters (Z >= 1, and a column's score against the threshold)
-            p = sc.sub_(mx).clamp_min_(_EXP_FLOOR).exp_()
-            z = p.sum(-1)  # (B, h, C)
-            if not grad:
-                lses.append(torch.where(n > 0, mx.squeeze(-1) + z.log(), 0.0))  # rows that see no key: 0
-            wt = n.to(p.dtype) / z.clamp_min(torch.finfo(p.dtype).tiny)  # n_i / Z_i: p_ij * n_i = exp(s_ij - max_i) * that
-            col[..., :K] += (wt[:, :, None, :] @ p).squeeze(2)  # attention relative to uniform, summed over the rows
+            if lse is not None:  # the kernel's LSE (rows that see no key: any finite value), log n_i in the exponent
+                lr = (lse[:, :, s:e] if at is None else lse.index_select(2, at)).nan_to_num(0.0, 0.0, 0.0)
+                p = sc.sub_((lr - n.to(sc.dtype).log()).unsqueeze(-1)).clamp_min_(_EXP_FLOOR).exp_()
+                col[..., :K] += p.sum(-2)  # p_ij n_i summed over the rows (no subnormal products: see plain_col)
+            else:
+                mx = sc.amax(-1, keepdim=True)  # the LSE as max + log(sum exp): no temporary, one exp pass
+                mx.masked_fill_(mx == float("-inf"), 0.0)  # rows that see no key: their exp is 0 everywhere
+                # in place; hidden scores (-inf) and any below -87 are raised to -87 first: exp of -inf or of a value
+                # whose exp is subnormal takes the CPU's slow path (4-170x); exp(-87) = 1.6e-38 is below the float32
+                # resolution of every sum it enters (Z >= 1, and a column's score against the threshold)
+                p = sc.sub_(mx).clamp_min_(_EXP_FLOOR).exp_()
+                z = p.sum(-1)  # (B, h, C)
+                if lses is not None and not grad:
+                    lses.append(torch.where(n > 0, mx.squeeze(-1) + z.log(), 0.0))  # rows that see no key: 0
+                wt = n.to(p.dtype) / z.clamp_min(torch.finfo(p.dtype).tiny)  # n_i / Z_i: p_ij n_i = exp(s_ij - max_i) * that
+                col[..., :K] += (wt[:, :, None, :] @ p).squeeze(2)  # attention relative to uniform, summed over the rows
             live += (n > 0).sum(-1, keepdim=True).expand(B, h, 1)
-        j = torch.arange(Skv, device=q.device)
-        pos = j if call.shift is None else j + call.shift.to(q.device)[:, None]  # (Skv) or (B, Skv): absolute
-        early = (pos < self.first).view(-1, 1, Skv)  # the first real tokens are never calibrated
-        score = (col / live.clamp_min(1)).masked_fill(early, 0.0)
-        top = score.topk(min(self.max_sinks, Skv), -1)
-        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(2, top.indices, top.values > self.threshold)
-        return keep, torch.cat(lses, 2)
+        return self._pick(col.div_(live.clamp_min_(1)), call), lse if lses is None else torch.cat(lses, 2)
 
-    def _calibrate(self, out, q, k, v, call: "_Call"):
+    def _pick(self, score, call: _Call, first_hidden: bool = False):
+        """(B, h, Skv) boolean: the columns scoring above the threshold, at most max_sinks (the strongest),
+        never the first real tokens (already scored ~0 when ``first_hidden``)."""
+        Skv = score.shape[-1]
+        if first_hidden or not self.first:
+            pass
+        elif call.shift is None:
+            score[..., :self.first] = 0.0
+        else:
+            pos = torch.arange(Skv, device=score.device) + call.shift.to(score.device)[:, None]  # (B, Skv): absolute
+            score.masked_fill_((pos < self.first).view(-1, 1, Skv), 0.0)
+        keep = score > self.threshold
+        if self.max_sinks < Skv and keep.any() and int(keep.sum(-1).max()) > self.max_sinks:
+            top = score.topk(self.max_sinks, -1)  # with at most max_sinks above the threshold, keep is already these
+            keep = torch.zeros_like(keep).scatter_(2, top.indices, top.values > self.threshold)
+        return keep
+
+    def _calibrate(self, out, q, k, v, call: _Call, lse=None):
         """Heads ``call.heads`` of ``out`` (the kernel's result) with sink attention scaled by beta:
-        (N - (1 - beta) N_s) / (Z - (1 - beta) Z_s) = (out - w o_s) / (1 - w), w = (1 - beta) Z_s / Z."""
+        (N - (1 - beta) N_s) / (Z - (1 - beta) Z_s) = (out - w o_s) / (1 - w), w = (1 - beta) Z_s / Z.
+        ``lse``: (B, H, Sq) the kernel's row LSE, if it returned one (else recomputed, when a sink is found)."""
         rep = q.shape[1] // k.shape[1]
         if call.all_heads:  # every head: q as it is, k / v shared by their query heads (no repeated copies)
-            qh, kh, vh, kv_head = q, k, v, torch.arange(q.shape[1], device=q.device) // rep
+            qh, kh, vh = q, k, v
         else:
             kv_head = call.heads // rep
             qh, kh, vh = q[:, call.heads], k[:, kv_head], v[:, kv_head]  # (B, h, S, D)
-            kv_head = torch.arange(len(call.heads), device=q.device)
-        sink, lse_all = self._scan(qh, kh, call)  # (B, h, Skv), (B, h, Sq)
+            lse, rep = None if lse is None else lse[:, call.heads], 1
+        sink, lse_all = self._scan(qh, kh, call, lse)  # (B, h, Skv), (B, h, Sq) or None
         if not sink.any():
             return out
+        if lse_all is None:  # detection read sampled rows only, and the kernel gave no LSE: every row's, recomputed
+            lse_all = row_lse(qh, kh, call)
         m = int(sink.sum(-1).max())
         idx = sink.float().topk(m, -1).indices  # (B, h, m): sink columns first, then non-sinks to skip
-        ks, vs = _rows(kh, kv_head, idx), _rows(vh, kv_head, idx)  # (B, h, m, D): each head's sink keys / values
-        sc = call.logits(qh, ks, 0, idx)  # (B, h, Sq, m): the sink columns' own scores, mask and causality
+        kv_head = torch.arange(qh.shape[1], device=q.device) // rep  # the head of kh / vh each head of qh reads
+        ks, vs = gather_rows(kh, kv_head, idx), gather_rows(vh, kv_head, idx)  # (B, h, m, D): each head's sink keys / values
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, out))
+        sc = call.logits(qh, ks, 0, idx, grad=grad)  # (B, h, Sq, m): the sink columns' own scores, mask and causality
         sc = sc.masked_fill(~sink.gather(2, idx)[:, :, None, :], float("-inf"))
-        dead = ~(sc > float("-inf")).any(-1, keepdim=True)  # rows that see no sink: w = 0
-        lse_s = sc.masked_fill(dead, 0.0).logsumexp(-1, keepdim=True)
-        o_s = torch.exp(sc - lse_s).masked_fill(dead, 0.0) @ vs.to(sc.dtype)  # (B, h, Sq, Dv)
-        w = (1 - self.beta) * torch.exp(lse_s.squeeze(-1) - lse_all).masked_fill(dead.squeeze(-1), 0.0)
+        dead = ~(sc > float("-inf")).any(-1)  # rows that see no sink: w = 0
+        lse_s = sc.masked_fill(dead[..., None], 0.0).logsumexp(-1)
+        o_s = torch.exp(sc - lse_s[..., None]) @ vs.to(sc.dtype)  # (B, h, Sq, Dv); rows that see no sink: exp(-inf) = 0
+        # w below 1e-30 changes nothing a float holds, and its products would be subnormal (the CPU's slow path)
+        e = lse_s - lse_all
+        w = (1 - self.beta) * torch.exp(e.masked_fill(dead | (e < -69.0), float("-inf")))
         base = (out if call.all_heads else out[:, call.heads]).to(sc.dtype)
-        cal = (base - w[..., None] * o_s) / (1 - w[..., None])
+        # (base - w o_s) / (1 - w) = base + w / (1 - w) (base - o_s): one fused pass; without autograd into o_s (a
+        # fresh multi-MB tensor costs its page faults on CPU)
+        c = (w / (w - 1))[..., None]
+        cal = torch.lerp(base, o_s, c, out=None if grad else o_s)
         if call.all_heads:
             return cal.to(out.dtype)
         out = out.clone()
@@ -190,105 +237,27 @@ class SinkCalibration(Method):
         return out
 
     def plan(self, q, k, site: Site) -> Plan | None:
-        heads = self.heads_at(site.layer, q.shape[1])
+        # one Plan per (layer, heads, site geometry), returned again on every call: core and the kernels then
+        # reuse what they derive from it (the bare plan, the kernel choice) instead of rebuilding it per call
+        key = (site.layer, q.shape[1], site.q_offset, site.causal, q.device)
+        got = self._plans.get(key, self._plans) if site.kv_shift is None else self._plans
+        if got is not self._plans:
+            return got
+        plan = self._plan(q.shape[1], site.layer, site.q_offset, site.causal, site.kv_shift, q.device)
+        if site.kv_shift is None:  # a per-batch shift tensor is not a key: such plans are built per call
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _plan(self, H, layer, q_offset, causal, kv_shift, device) -> Plan | None:
+        heads = self.heads_at(layer, H)
         if not heads:
             return None
-        hidx = None if heads == list(range(q.shape[1])) else torch.tensor(heads, device=q.device)
+        hidx = None if heads == list(range(H)) else torch.tensor(heads, device=device)
 
-        def output(out, q, k, v, scale, mask=None, softcap=None):  # core passes the call's mask and softcap
+        def output(out, q, k, v, scale, mask=None, softcap=None, lse=None):  # core passes the call's mask, softcap, LSE
             scale = q.shape[-1] ** -0.5 if scale is None else scale
-            return self._calibrate(out, q, k, v, _Call(site.q_offset, site.causal, site.kv_shift, mask, scale, softcap, hidx))
+            return self._calibrate(out, q, k, v, _Call(q_offset, causal, kv_shift, mask, scale, softcap, hidx), lse)
 
         return Plan(output=output, name=repr(self))
-
-
-_EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38: the smallest normal float32 is 1.2e-38
-
-
-def _rows(x, kv_head, idx):
-    """(B, h, m, D): rows ``idx`` (B, h, m) of x (B, hk, S, D), head hh reading KV head ``kv_head[hh]``."""
-    B, hk, S, D = x.shape
-    h, m = idx.shape[1], idx.shape[2]
-    lin = (kv_head.view(1, h, 1) * S + idx).reshape(B, h * m, 1).expand(-1, -1, D)
-    return x.reshape(B, hk * S, D).gather(1, lin).view(B, h, m, D)
-
-
-def _chunks(Sq: int, per_row: int, causal: bool):
-    """(start, end) query chunks: at most 2**24 scores each (64 MB in float32) and 1024 rows; a causal
-    prefill in at least four, so the later chunks' score matmuls skip the keys no row of theirs sees."""
-    rows = max(1, min(1024, (1 << 24) // max(per_row, 1)))
-    if causal and Sq >= 256:
-        rows = min(rows, -(-Sq // 4))
-    return [(s, min(s + rows, Sq)) for s in range(0, Sq, rows)]
-
-
-class _Call:
-    """What one attention call's kernel saw, to recompute its scores: query offset, causality,
-    key positions, the call's mask, scale and soft-capping (heads: the calibrated ones; None: all)."""
-
-    def __init__(self, off, causal, shift, mask, scale, softcap, heads=None):
-        self.off, self.causal, self.shift, self.scale, self.softcap, self.heads = off, causal, shift, scale, softcap, heads
-        self.all_heads = heads is None
-        if mask is not None:
-            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B|1, H|1, Sq|1, Skv|1)
-            if heads is not None and mask.shape[1] > 1:
-                mask = mask[:, heads.to(mask.device)]
-        self.mask = mask
-
-    def logits(self, q, k, row0: int, cols=None, grad: bool = True) -> torch.Tensor:
-        """Scores (B, h, C, K) of query rows row0.. against k, float32 or wider, -inf where hidden;
-        ``cols`` (B, h, K): the key indices k holds (default: the first K keys, in order). k may
-        hold fewer (GQA) heads than q: each serves its group of query heads without a copy. ``grad``
-        False: the score tensor is rewritten in place (no autograd graph needs its steps)."""
-        work = torch.promote_types(q.dtype, torch.float32)
-        B, h, C, D = q.shape
-        hk, K = k.shape[1], k.shape[2]
-        # without autograd the scale (over the soft cap) rides on q: C x D multiplies instead of C x K
-        fold = 1.0 if grad else self.scale / (self.softcap or 1.0)
-        qw = q.to(work) * fold if fold != 1.0 else q.to(work)
-        if hk != h:
-            s = (qw.reshape(B, hk, h // hk * C, D) @ k.to(work).transpose(-1, -2)).view(B, h, C, K)
-        else:
-            s = qw @ k.to(work).transpose(-1, -2)
-        if grad:  # out of place: autograd keeps what each step's backward reads
-            return self._hide(s * self.scale if not self.softcap else self.softcap * torch.tanh(s * self.scale / self.softcap),
-                              row0, cols, work, inplace=False)
-        if self.softcap:
-            s.tanh_().mul_(self.softcap)
-        return self._hide(s, row0, cols, work, inplace=True)
-
-    def _hide(self, s, row0: int, cols, work, inplace: bool) -> torch.Tensor:
-        """Scores s (B, h, C, K) with causality and the call's mask applied (-inf where hidden)."""
-        C, K = s.shape[2], s.shape[3]
-        fill = (lambda x, m: x.masked_fill_(m, float("-inf"))) if inplace else (lambda x, m: x.masked_fill(m, float("-inf")))
-        j = torch.arange(K, device=s.device) if cols is None else cols[:, :, None, :]  # (K) / (B, h, 1, K)
-        if self.causal:
-            rows = torch.arange(row0 + self.off, row0 + self.off + C, device=s.device)
-            if inplace and cols is None:  # keys in order: only those past the chunk's first position can be hidden
-                lo = max(row0 + self.off + 1, 0)
-                if lo < K:
-                    s[..., lo:].masked_fill_(j[lo:] > rows[:, None], float("-inf"))
-            else:
-                s = fill(s, j > rows[:, None])
-        if self.mask is not None:
-            m = self.mask[:, :, row0:row0 + C] if self.mask.shape[2] > 1 else self.mask  # (B|1, h|1, C|1, Skv|1)
-            if cols is not None and m.shape[-1] > 1:
-                m = m.expand(cols.shape[0], cols.shape[1], m.shape[2], m.shape[3]).gather(
-                    3, cols[:, :, None, :].expand(-1, -1, m.shape[2], -1))
-            elif m.shape[-1] > 1:
-                m = m[..., :K]
-            if m.dtype == torch.bool:
-                s = fill(s, ~m)
-            else:
-                s = s.add_(m.to(work)) if inplace else s + m.to(work)
-        return s
-
-    def seen(self, s, row0: int, Skv: int) -> torch.Tensor:
-        """(B|1, h|1, C) number of keys each query row sees, from its scores ``s`` (before they are
-        exponentiated) or, without a mask, from causality alone."""
-        C = s.shape[2]
-        if self.mask is not None:
-            return (s > float("-inf")).sum(-1)
-        if not self.causal:
-            return torch.full((1, 1, C), Skv, device=s.device)
-        return (torch.arange(row0 + self.off + 1, row0 + self.off + 1 + C, device=s.device).clamp(0, Skv)).view(1, 1, C)

@@ -25,6 +25,45 @@ def sdpa_lse(q, k, v, bias=None, scale=None) -> tuple[torch.Tensor, torch.Tensor
     return sdpa_lse_math(q, k, v, bias, scale)
 
 
+_CPU_FLASH = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def dense_lse(q, k, v, *, mask=None, scale=None, causal=False, q_offset=0):
+    """``(out, lse (B, H, Sq))`` of dense attention from a fused kernel, at the cost of plain SDPA, or
+    None where none fits (autograd: the fused kernels give no gradient through the LSE; a shape or
+    device they refuse): the caller then recomputes. GQA allowed. ``mask``: boolean (True = keep) or
+    additive, broadcastable to (B, H, Sq, Skv); causality is attnpatch's (row i sees keys
+    j <= i + q_offset), not SDPA's top-left ``is_causal``. Rows that see no key: out 0 and lse 0 on CPU."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    Sq, Skv = q.shape[2], k.shape[2]
+    if causal and q_offset >= Skv - 1:
+        causal = False  # row 0 already sees every key
+    if causal and (q_offset != 0 or mask is not None):  # not SDPA's top-left causal: fold it into the mask
+        keep = torch.arange(Skv, device=q.device) <= torch.arange(q_offset, q_offset + Sq, device=q.device)[:, None]
+        mask, causal = (keep if mask is None else mask & keep if mask.dtype == torch.bool
+                        else mask.masked_fill(~keep, float("-inf"))), False
+    bias = mask
+    if mask is not None and mask.dtype == torch.bool:  # the fused kernels take additive masks only
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        bias = mask.to(q.dtype)
+    if q.device.type == "cpu" and q.dtype in _CPU_FLASH and v.shape[-1] == q.shape[-1]:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+        return out, lse
+    if q.device.type == "cuda":
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:  # the efficient kernel has no GQA: each query head gets its KV head's copy
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        try:
+            b = None if bias is None else bias.expand(q.shape[0], q.shape[1], Sq, Skv)
+            out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, b, True, 0.0, causal, scale=scale)
+            return out, lse[..., :Sq]  # the efficient kernel may pad lse to a multiple of 32
+        except RuntimeError as e:  # e.g. unsupported head_dim or bias alignment
+            debug_once(f"efficient attention with LSE unavailable ({e}); recomputing the LSE")
+    return None
+
+
 def sdpa_lse_math(q, k, v, bias=None, scale=None):
     """The explicit version, for devices without a fused LSE-returning kernel and for autograd
     (differentiable in its LSE too; rows with no key give lse -inf and zeros, with no NaN in
