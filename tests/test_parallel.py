@@ -25,6 +25,7 @@ def _methods(family):
 JOBS = [dict(family=f, method=m) for f in pc.FAMILIES for m in _methods(f)]
 JOBS += [dict(family=f, method=ap.Neighborhood(window=3), order="before") for f in pc.FAMILIES]
 JOBS += [dict(family=f, method=ap.SharedAttention(), batch=2) for f in pc.FAMILIES]
+JOBS += [dict(family="wan22", method=m) for m in (ap.Neighborhood(window=3), ap.PAG())]  # both experts, whole pipeline
 JOBS += [dict(family="ltx", method=ap.Neighborhood(window=3), text_mask=True),  # cross-attention with a padded text mask
          dict(family="flux", method=ap.Neighborhood(window=3), ring=True)]
 

@@ -72,6 +72,8 @@ def _job(job: dict, world: int) -> dict:
     run = functools.partial(_run, family=fam, B=B, text_mask=job.get("text_mask", False))
     if job.get("ring"):
         return _ring(job, world)
+    if fam == "wan22":
+        return _wan22(job, world)
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
     config = ContextParallelConfig(ulysses_degree=world, mesh=mesh)
     one = _model(fam, heads)
@@ -98,6 +100,37 @@ def _job(job: dict, world: int) -> dict:
                 par_vs_stock=diff(out, stock), single_vs_stock=diff(single, stock),
                 stock_par_vs_stock=diff(stock_par, stock), restored_vs_stock=diff(restored, stock_par),
                 routed=stats.get("routed", 0), handed_back=stats.get("handed_back", {}))
+
+
+def _wan22(job: dict, world: int) -> dict:
+    """Wan 2.2's pipeline with both experts (transformer and transformer_2), each under Ulysses:
+    the whole patched generation (CFG, 4 steps crossing the experts' boundary) vs one process."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .. import api
+    from ..models import tiny
+    from ..patchers.parallel import enable
+
+    kw = dict(tiny._wan_kw(), height=64, width=128)  # grid (3, 4, 8): 96 tokens per frame stack, even over 2 and 4
+    pipe = tiny.wan22_pipeline()
+    stock = tiny.run(pipe, kw, steps=4, output_type="latent")
+    with api.patch(pipe, job["method"]):
+        single = tiny.run(pipe, kw, steps=4, output_type="latent")
+    pipe = tiny.wan22_pipeline()
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
+    for m in (pipe.transformer, pipe.transformer_2):
+        enable(m, ContextParallelConfig(ulysses_degree=world, mesh=mesh))
+    stock_par = tiny.run(pipe, kw, steps=4, output_type="latent")
+    with api.patch(pipe, job["method"]) as handle:
+        out = tiny.run(pipe, kw, steps=4, output_type="latent")
+        names = handle.stats()
+    restored = tiny.run(pipe, kw, steps=4, output_type="latent")
+    d = lambda a, b: float((a - b).abs().max())  # noqa: E731
+    return dict(family="wan22", method=repr(job["method"]), order="after", world=world, par_vs_single=d(out, single),
+                par_vs_stock=d(out, stock), single_vs_stock=d(single, stock), stock_par_vs_stock=d(stock_par, stock),
+                restored_vs_stock=d(restored, stock_par), routed=names.get("routed", 0),
+                handed_back=names.get("handed_back", {}))
 
 
 def _ring(job: dict, world: int) -> dict:
