@@ -65,10 +65,11 @@ def shared(q, k, v, site, roles, reference=0, use_adain=True):
 
 # ---- calibrated -----------------------------------------------------------------------------
 
-def sink_calibration(q, k, v, off, is_causal, heads=None, threshold=5.0, beta=0.4, first=1, max_sinks=16):
+def sink_calibration(q, k, v, off, is_causal, heads=None, threshold=5.0, beta=0.4, first=1, max_sinks=16, detect_rows=None):
     """ACT: in the chosen heads, columns j >= ``first`` whose mean over queries of p_ij * n_i
     (attention relative to uniform) exceeds ``threshold`` (the strongest ``max_sinks``) get their
-    attention scaled by beta and the rows renormalised: log(beta) added to their scores."""
+    attention scaled by beta and the rows renormalised: log(beta) added to their scores. The mean
+    runs over every query, or with ``detect_rows`` = R < Sq over rows Sq - 1 - floor(r Sq / R), r < R."""
     B, H, Sq, D = q.shape
     Skv, rep = k.shape[2], H // k.shape[1]
     bias = torch.zeros(B, H, Sq, Skv, dtype=torch.float64)
@@ -77,12 +78,14 @@ def sink_calibration(q, k, v, off, is_causal, heads=None, threshold=5.0, beta=0.
     for b in range(B):
         for h in (range(H) if heads is None else heads):
             col = [0.0] * Skv
-            for i in range(Sq):
+            rows = range(Sq) if detect_rows is None or Sq <= detect_rows else \
+                [Sq - 1 - (r * Sq) // detect_rows for r in range(detect_rows)]
+            for i in rows:
                 s = torch.tensor([float(q[b, h, i].detach().double() @ k[b, h // rep, j].detach().double()) * D ** -0.5
                                   if vis[i][j] else NEG for j in range(Skv)])
                 p, n = torch.softmax(s, 0).tolist(), sum(vis[i])
                 for j in range(Skv):
-                    col[j] += p[j] * n / Sq
+                    col[j] += p[j] * n / len(rows)
             ranked = sorted((j for j in range(first, Skv)), key=lambda j: -col[j])[:max_sinks]
             margins += [abs(col[j] - threshold) for j in ranked]
             for j in ranked:

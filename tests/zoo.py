@@ -238,8 +238,15 @@ ZOO += [
     Case("shared-no-adain", ap.SharedAttention(adain=False), Site(grid=(2, 7)), (2, 2, 2, 14, 14, 80),
          lambda q, k, v, s: GG.shared(q, k, v, s, (), use_adain=False)),
     # SinkCalibration, Temperature, EntropyScale
-    Case("sinkcal-causal", ap.SinkCalibration(threshold=2.0, beta=0.4), C, (1, 2, 2, 40, 40, 64),
+    # detect_rows=None pins the paper's exact column mean over every query (any call of at most detect_rows queries too)
+    Case("sinkcal-causal", ap.SinkCalibration(threshold=2.0, beta=0.4, detect_rows=None), C, (1, 2, 2, 40, 40, 64),
          _sinkcal(threshold=2.0, beta=0.4), _boost(7, 4.0)),
+    Case("sinkcal-sampled", ap.SinkCalibration(threshold=2.0, beta=0.4, detect_rows=6), C, (1, 2, 2, 40, 40, 64),
+         _sinkcal(threshold=2.0, beta=0.4, detect_rows=6), _boost(7, 4.0)),
+    Case("sinkcal-sampled-chunk-gqa", ap.SinkCalibration(threshold=2.0, beta=0.5, detect_rows=4), C, (1, 4, 2, 10, 30, 80),
+         _sinkcal(threshold=2.0, beta=0.5, detect_rows=4), _boost(5, 4.0)),
+    Case("sinkcal-sampled-joint", ap.SinkCalibration(heads=[(0, 0)], threshold=1.5, beta=0.25, detect_rows=7),
+         Site(**J35), (1, 2, 2, 19, 19, 48), _sinkcal(heads=[0], threshold=1.5, beta=0.25, detect_rows=7), _boost(9, 4.0)),
     Case("sinkcal-heads", ap.SinkCalibration(heads=[(0, 1)], threshold=1.5, beta=0.25), Site(), (1, 2, 2, 30, 30, 48),
          _sinkcal(heads=[1], threshold=1.5, beta=0.25), _boost(9, 4.0)),
     Case("sinkcal-chunk-gqa", ap.SinkCalibration(threshold=2.0, beta=0.5), C, (1, 4, 2, 10, 30, 80),
