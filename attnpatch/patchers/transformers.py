@@ -30,9 +30,10 @@ class _Layer(SharesMethod):  # a deep copy of the model shares the method (see a
         self.method, self.backend, self.name, self.family = method, backend, name, family
         self.kv = kv  # the patch's kv_cache.KVCache when the method has a KV-cache policy, else None
         self.counters = counters  # the patch's attnpatch.handle.Counters
+        self.heads: dict = {}  # query heads of a call -> (the model's index of each, the model's head count)
 
 
-def _site(module, key, Sq: int, attention_mask, kwargs, layer: "_Layer | None") -> Site:
+def _site(module, key, Sq: int, attention_mask, kwargs, layer: "_Layer | None", H: int = 0) -> Site:
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     # key index of query 0: the cache before this call, except under the is_causal
@@ -50,8 +51,44 @@ def _site(module, key, Sq: int, attention_mask, kwargs, layer: "_Layer | None") 
         # rolling cache has dropped
         shift = pos[:, -1] - (q_offset + Sq - 1)
         shift = shift if bool(shift.any()) else None
+    heads, total = _model_heads(module, H, layer) if layer is not None else (None, None)
     return Site.trusted(causal=causal, layer=idx, name=layer.name if layer else "",
-                kind="self", family=layer.family if layer else "", q_offset=q_offset, kv_shift=shift, decode=Sq == 1)
+                kind="self", family=layer.family if layer else "", q_offset=q_offset, kv_shift=shift, decode=Sq == 1,
+                heads=heads, num_heads=total)
+
+
+def _model_heads(module, H: int, layer: "_Layer") -> tuple:
+    """(the model's index of each of the call's ``H`` query heads, the model's head count), or (None,
+    None) when the call holds every head. Under tensor parallelism (``tp_plan="auto"``: q/k/v_proj
+    colwise) a rank's call holds the heads of its rows of ``q_proj``; per-head profiles and head lists
+    name the model's heads, so the Site says which ones (cached per layer: the split never changes)."""
+    got = layer.heads.get(H)
+    if got is None:
+        got = layer.heads.setdefault(H, _shard_heads(module, H))
+    return got
+
+
+def _shard_heads(module, H: int) -> tuple:
+    total = getattr(getattr(module, "config", None), "num_attention_heads", H)
+    if H == total:
+        return None, None
+    weight = getattr(getattr(module, "q_proj", None), "weight", None)
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(weight, DTensor):  # fewer heads than the config says, and no shard to say which: refuse
+        raise RuntimeError(f"attnpatch: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) attends with "
+                           f"{H} of the model's {total} heads, but its q_proj is not a tensor-parallel DTensor, so "
+                           "which heads it holds is unknown (per-head parameters would index the wrong heads)")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    # colwise sharding: this rank's rows of q_proj, i.e. query heads [first, first + H) (torch.chunk order)
+    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    D = weight.shape[0] // total
+    if shape[0] != H * D or offset[0] % D:
+        raise RuntimeError(f"attnpatch: {type(module).__name__} holds q_proj rows [{offset[0]}, {offset[0] + shape[0]}) "
+                           f"of {weight.shape[0]}, which are not the {H} whole heads of {D} rows its call attends with")
+    first = offset[0] // D
+    return tuple(range(first, first + H)), total
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -59,7 +96,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
         raise NotImplementedError("attnpatch does not support learned attention sinks or position biases yet")
     layer = getattr(module, "_attnpatch", None)
-    site = _site(module, key, query.shape[2], attention_mask, kwargs, layer)
+    site = _site(module, key, query.shape[2], attention_mask, kwargs, layer, query.shape[1])
     method, backend = (layer.method, layer.backend) if layer else (_DENSE, None)
     if layer is not None and layer.counters is not None:
         layer.counters.route()
