@@ -25,6 +25,9 @@ def _methods(family):
 JOBS = [dict(family=f, method=m) for f in pc.FAMILIES for m in _methods(f)]
 JOBS += [dict(family=f, method=ap.Neighborhood(window=3), order="before") for f in pc.FAMILIES]
 JOBS += [dict(family=f, method=ap.SharedAttention(), batch=2) for f in pc.FAMILIES]
+BALANCE = dict(family="flux", method=ap.Neighborhood(tile=4, profile={"window": torch.tensor([[3, 3, 31, 31]] * 2)}),
+               heads=4, side=16)  # heads 2, 3 dense: in order, rank 1 would hold both
+JOBS += [BALANCE]
 JOBS += [dict(family="wan22", method=m) for m in (ap.Neighborhood(window=3), ap.PAG())]  # both experts, whole pipeline
 JOBS += [dict(family="ltx", method=ap.Neighborhood(window=3), text_mask=True),  # cross-attention with a padded text mask
          dict(family="flux", method=ap.Neighborhood(window=3), ring=True)]
@@ -109,3 +112,24 @@ def test_a_site_holding_a_subset_of_heads_gets_those_heads_parameters():
     site = ap.Site(grid=(8, 8), heads=(1,), num_heads=2, roles=("perturbed",))
     assert pag.plan(q, q, site).parts[0].heads == (0,)  # model head 1 is the call's head 0
     assert pag.plan(q, q, ap.Site(grid=(8, 8), heads=(0,), num_heads=2, roles=("perturbed",))) is None
+
+
+def test_uneven_heads_are_dealt_by_work_and_the_output_stays_exact(rows):
+    (r,) = [r for (fam, _, _, i), r in rows.items() if JOBS[i] is BALANCE]
+    assert r["dealt"] and all(order == [0, 2, 1, 3] for order in r["dealt"]), r["dealt"]  # one dense head per rank
+    assert r["par_vs_single"] <= TOL and r["par_vs_stock"] > 1e-3
+
+
+def test_deal_keeps_h_over_n_heads_per_rank_and_never_does_worse_than_in_order():
+    from attnpatch.patchers import balance
+
+    g = torch.Generator().manual_seed(0)
+    for H, N in ((8, 2), (24, 4), (40, 8), (12, 3)):
+        for _ in range(20):
+            work = torch.rand(H, generator=g) ** 3
+            ranks = balance.deal(work, N)
+            assert sorted(h for hs in ranks for h in hs) == list(range(H)) and {len(hs) for hs in ranks} == {H // N}
+            assert balance.imbalance(work, ranks) <= balance.imbalance(work, balance.in_order(H, N)) + 1e-6
+    work = torch.tensor([1.0, 1.0, 0.1, 0.1])
+    assert balance.order(work, 2).tolist() == [0, 2, 1, 3]
+    assert balance.order(torch.ones(4), 2) is None  # even: Ulysses' own order

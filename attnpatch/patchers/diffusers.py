@@ -72,10 +72,6 @@ class _Call(SharesMethod):
         log_once(logging.WARNING, f"{self.name}: attention batch {B} does not match the {len(roles)} rows the guidance set")
         return ()
 
-    def head_order(self, H: int, N: int):
-        """The model's heads in the order Ulysses deals them to ranks (H / N each), or None: in order."""
-        return None
-
     def site(self, Sq: int, Skv: int, causal: bool, roles: tuple = (), heads=None, num_heads=None) -> tuple[Site | None, str]:
         """``(Site, "")`` for a visual call, else ``(None, why it is not one)``."""
         st = self.state

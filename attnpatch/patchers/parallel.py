@@ -73,12 +73,12 @@ def run(call, frame, query, key, value, attn_mask, dropout_p, is_causal, scale, 
     H = query.shape[2]
     if H % N:
         raise RuntimeError(f"{call.name}: {H} heads do not split over ulysses_degree={N}; use a degree dividing {H}")
-    order = call.head_order(H, N)  # the model's heads in rank order (load balance), or None: in order
+    layout = _Layout(call, N, query.shape[1], key.shape[1])
+    order = _head_order(call, layout, H, N, query.shape[3], is_causal)  # the model's heads in rank order, or None
     if order is not None:
         query, key, value = (x[:, :, order] for x in (query, key, value))
     Hl = H // N
     heads = tuple(order[rank * Hl:(rank + 1) * Hl].tolist()) if order is not None else tuple(range(rank * Hl, (rank + 1) * Hl))
-    layout = _Layout(call, N, query.shape[1], key.shape[1])
     saved = {}
 
     def attend(q, k, v, mask):
@@ -117,6 +117,23 @@ def run(call, frame, query, key, value, attn_mask, dropout_p, is_causal, scale, 
     return out
 
 
+def _head_order(call, layout, H: int, N: int, D: int, causal: bool):
+    """Heads dealt to ranks by the work of their plans (``balance.order``), remembered per call
+    shape and step on the attention module's call object (every rank computes the same order)."""
+    st = call.state
+    key = (st.grid, layout.Sq_model, layout.Skv_model, H, N, st.tracker.step, st.timestep)
+    memo = call.__dict__.setdefault("_head_orders", {})
+    if key not in memo:
+        from . import balance
+
+        site, _ = call.site(layout.Sq_model, layout.Skv_model, bool(causal))
+        work = None if site is None else balance.head_work(call.method, site, H, layout.Sq_model, layout.Skv_model, D)
+        if len(memo) > 16:
+            memo.clear()
+        memo[key] = balance.order(work, N)
+    return memo[key]
+
+
 def _sdpa_mask(mask, B):
     if mask is not None and mask.dim() == 2 and mask.shape[0] == B:  # diffusers' [B, S_kv] key mask
         return mask[:, None, None, :]
@@ -139,7 +156,9 @@ class _Layout:
             self.kv_idx = None
         else:  # every rank held all of the text: N copies, one is the keys
             self.kv_idx = torch.arange(Skv_local)
-        self.Sq, self.Skv = Sq_local * N, Skv_local * N
+        self.Sq, self.Skv = Sq_local * N, Skv_local * N  # the global (rank-interleaved) lengths
+        self.Sq_model = self.Sq if self.q_idx is None else self.q_idx.numel()  # the lengths the method sees
+        self.Skv_model = self.Sq_model if Sq_local == Skv_local else self.Skv if self.kv_idx is None else self.kv_idx.numel()
 
     def canonical(self, q, k, v, mask):
         if self.q_idx is not None:

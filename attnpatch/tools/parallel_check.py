@@ -28,11 +28,11 @@ import torch
 FAMILIES = ("flux", "wan", "ltx")
 
 
-def _inputs(family: str, B: int = 1, text_mask: bool = False) -> dict:
+def _inputs(family: str, B: int = 1, text_mask: bool = False, side: int = 4) -> dict:
     from ..models.tiny import _g
 
-    if family == "flux":  # joint attention: 8 text + 4x4 image tokens, both sharded
-        H, W, T = 4, 4, 8
+    if family == "flux":  # joint attention: 8 text + 4x4 image tokens (side 8: 8x8), both sharded
+        H, W, T = side, side, 8
         ids = torch.zeros(H * W, 3)
         ids[:, 1], ids[:, 2] = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
         return dict(hidden_states=_g(B, H * W, 4), encoder_hidden_states=_g(B, T, 32), pooled_projections=_g(B, 32),
@@ -55,9 +55,9 @@ def _model(family: str, heads: int | None):
     return tiny.model(family, **({"num_attention_heads": heads} if heads else {}))
 
 
-def _run(model, family: str, B: int, text_mask: bool = False) -> torch.Tensor:
+def _run(model, family: str, B: int, text_mask: bool = False, side: int = 4) -> torch.Tensor:
     with torch.no_grad():
-        return model(**_inputs(family, B, text_mask))[0]
+        return model(**_inputs(family, B, text_mask, side))[0]
 
 
 def _job(job: dict, world: int) -> dict:
@@ -69,7 +69,7 @@ def _job(job: dict, world: int) -> dict:
     from ..patchers.parallel import enable
 
     fam, method, order, B, heads = job["family"], job["method"], job.get("order", "after"), job.get("batch", 1), job.get("heads")
-    run = functools.partial(_run, family=fam, B=B, text_mask=job.get("text_mask", False))
+    run = functools.partial(_run, family=fam, B=B, text_mask=job.get("text_mask", False), side=job.get("side", 4))
     if job.get("ring"):
         return _ring(job, world)
     if fam == "wan22":
@@ -86,6 +86,7 @@ def _job(job: dict, world: int) -> dict:
         enable(par, config)
         out = run(par)
         stats = handle.stats()
+        dealt = _dealt(par)
         handle.remove()
         stock_par = restored = _stock(run, par)
     else:
@@ -94,12 +95,24 @@ def _job(job: dict, world: int) -> dict:
         with api.patch(par, method) as handle:
             out = run(par)
             stats = handle.stats()
+            dealt = _dealt(par)
         restored = _stock(run, par)
     diff = lambda a, b: float((a - b).abs().max()) if torch.is_tensor(a) and torch.is_tensor(b) else a if isinstance(a, str) else b  # noqa: E731
     return dict(family=fam, method=repr(method), order=order, world=world, par_vs_single=diff(out, single),
                 par_vs_stock=diff(out, stock), single_vs_stock=diff(single, stock),
                 stock_par_vs_stock=diff(stock_par, stock), restored_vs_stock=diff(restored, stock_par),
-                routed=stats.get("routed", 0), handed_back=stats.get("handed_back", {}))
+                routed=stats.get("routed", 0), handed_back=stats.get("handed_back", {}), dealt=dealt)
+
+
+def _dealt(model) -> list:
+    """The head orders attnpatch's load balance chose on this patched model's attention calls."""
+    out = []
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            for order in getattr(getattr(hook, "__self__", None), "__dict__", {}).get("_head_orders", {}).values():
+                if order is not None:
+                    out.append(order.tolist())
+    return out
 
 
 def _wan22(job: dict, world: int) -> dict:
