@@ -154,23 +154,30 @@ def _triangle(Tb: int, c: int, dtype, device) -> torch.Tensor:
     return torch.zeros(Tb, c, dtype=dtype, device=device).masked_fill_(t[:, None] + s[None, :] < c, NEG)
 
 
-def _vertical_part(q, kr, vr, lines, lay, off: int, T: int, scale):
+def _vertical_part(q, kr, vr, lay, off: int, T: int, scale):
     """(out, lse) over the columns outside each row's block ranges, or None when there are none."""
     if not lay["vertical"]:
         return None
     cols, free = lay["cols"].to(q.device), lay["free"].to(q.device)  # (B, H, nc), (n_blk, B, H, nc)
     B, H, nc = cols.shape
-    Sq, Skv = q.shape[2], kr.shape[2]
+    Sq, Skv, n_blk = q.shape[2], kr.shape[2], free.shape[0]
     j = cols.clamp(min=0)
-    rows = free.repeat_interleave(T, 0)[:Sq].permute(1, 2, 0, 3)  # (B, H, Sq, nc)
-    keep = rows & (j[:, :, None, :] <= torch.arange(off, off + Sq, device=q.device)[:, None])
+    fb = torch.zeros(free.shape, dtype=q.dtype, device=q.device).masked_fill_(~free, NEG).permute(1, 2, 0, 3)
+    bias = _scratch("vbias", (B, H, Sq, nc), q.dtype, q.device)
+    full = Sq // T  # whole blocks; a block's rows share its columns: one write
+    bias[:, :, :full * T].view(B, H, full, T, nc).copy_(fb[:, :, :full, None])
+    bias[:, :, full * T:] = fb[:, :, full:].reshape(B, H, -1, nc)[:, :, :1]  # the last, shorter block
+    first = torch.arange(n_blk, device=q.device).mul_(T).add_(off).view(-1, 1, 1, 1)  # each block's first position
+    if bool((free & (j > first)).any()):  # a column past a block's first row (no offset 0 there): causal by row
+        bias.masked_fill_(j[:, :, None, :] > torch.arange(off, off + Sq, device=q.device)[:, None], NEG)
+        dead = (bias == NEG).all(-1)  # (B, H, Sq)
+    else:
+        dead = (fb == NEG).all(-1).repeat_interleave(T, -1)[..., :Sq]  # (B, H, Sq): rows whose block has none
     r = H // kr.shape[1]
     bi = torch.arange(B, device=q.device).view(B, 1, 1)
     hk = (torch.arange(H, device=q.device) // r).view(1, H, 1)
     kc, vc = kr[bi, hk, Skv - 1 - j], vr[bi, hk, Skv - 1 - j]  # (B, H, nc, D): the columns' keys
-    bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, NEG)
     out, lse = sdpa_lse(q, kc, vc, bias, scale)
-    dead = ~keep.any(-1)  # (B, H, Sq): rows with no column of their own here
     return out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG)
 
 
@@ -222,7 +229,7 @@ class Lines(Kernel):
         dead = lse == NEG  # (B, H, Sq) rows that keep no key so far (a fused kernel may leave NaN)
         if bool(dead.any()):
             out.masked_fill_(dead[..., None], 0.0)
-        vert = _vertical_part(q, kr, vr, plan.lines, lay, off, T, scale)
+        vert = _vertical_part(q, kr, vr, lay, off, T, scale)
         if vert is not None:
             out = merge([(out, lse), vert])
         return out.to(dtype)
