@@ -53,7 +53,7 @@ def _out_dir(args, root: str, name: str, what: list[str]) -> Path:
     else:
         keys = ("method", "set", "methods", "grid", "prompt", "seed", "steps", "height", "width", "frames",
                 "max_new_tokens", "dtype", "device", "compare")
-        extra = [[k, getattr(args, k)] for k in ("caches", "combine", "refine_from", "refine_strength")
+        extra = [[k, getattr(args, k)] for k in ("caches", "combine", "refine_from", "refine_strength", "parallel")
                  if getattr(args, k, None)]  # only when set: old digests stay
         digest = hashlib.sha1(json.dumps([getattr(args, k, None) for k in keys] + extra).encode()).hexdigest()[:6]
         path = Path(root) / f"{_slug(name)}_{_slug('+'.join(what))[:40]}_{digest}"
@@ -90,6 +90,10 @@ def _generate(args) -> int:
     from .. import api
     from . import compare, refine_setting, runner
 
+    if args.parallel:  # one generation over torchrun's processes: attnpatch/cli/parallel_cli.py
+        from .parallel_cli import generate
+
+        return generate(args)
     method = runner.parse_method(args.method, args.set)
     refine = refine_setting.check(args)  # --refine-from: checked before anything loads
     out = _out_dir(args, "attnpatch-out", _prepare(args, [method]), [type(method).__name__])
@@ -209,6 +213,9 @@ def main(argv=None) -> int:
     from . import refine_setting  # --refine-from, --refine-strength
 
     refine_setting.add_arguments(gen)
+    from .parallel_cli import add_arguments as parallel_arguments  # --parallel ulysses=N
+
+    parallel_arguments(gen)
     gen.set_defaults(func=_generate)
     cmp_ = sub.add_parser("compare", help="stock vs several method settings: a report folder with index.html")
     _common(cmp_, "report")
