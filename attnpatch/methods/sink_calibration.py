@@ -29,7 +29,7 @@ import torch
 from ..plan import Plan
 from ..site import Site
 from ._sink_scores import _EXP_FLOOR, _Call, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, sample
-from .base import Method, check_int, check_number
+from .base import Method, call_heads, check_int, check_number
 
 PROFILE_KIND = "act-heads"
 
@@ -191,7 +191,7 @@ class SinkCalibration(Method):
             pos = torch.arange(Skv, device=score.device) + call.shift.to(score.device)[:, None]  # (B, Skv): absolute
             score.masked_fill_((pos < self.first).view(-1, 1, Skv), 0.0)
         keep = score > self.threshold
-        if self.max_sinks < Skv and keep.any() and int(keep.sum(-1).max()) > self.max_sinks:
+        if self.max_sinks < Skv and int(keep.sum(-1).max()) > self.max_sinks:
             top = score.topk(self.max_sinks, -1)  # with at most max_sinks above the threshold, keep is already these
             keep = torch.zeros_like(keep).scatter_(2, top.indices, top.values > self.threshold)
         return keep
@@ -208,50 +208,57 @@ class SinkCalibration(Method):
             qh, kh, vh = q[:, call.heads], k[:, kv_head], v[:, kv_head]  # (B, h, S, D)
             lse, rep = None if lse is None else lse[:, call.heads], 1
         sink, lse_all = self._scan(qh, kh, call, lse)  # (B, h, Skv), (B, h, Sq) or None
-        if not sink.any():
+        m = int(sink.sum(-1).max())  # the most sink columns of any (row, head)
+        if m == 0:
             return out
         if lse_all is None:  # detection read sampled rows only, and the kernel gave no LSE: every row's, recomputed
             lse_all = row_lse(qh, kh, call)
-        m = int(sink.sum(-1).max())
-        idx = sink.float().topk(m, -1).indices  # (B, h, m): sink columns first, then non-sinks to skip
-        kv_head = torch.arange(qh.shape[1], device=q.device) // rep  # the head of kh / vh each head of qh reads
-        ks, vs = gather_rows(kh, kv_head, idx), gather_rows(vh, kv_head, idx)  # (B, h, m, D): each head's sink keys / values
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, out))
-        sc = call.logits(qh, ks, 0, idx, grad=grad)  # (B, h, Sq, m): the sink columns' own scores, mask and causality
-        sc = sc.masked_fill(~sink.gather(2, idx)[:, :, None, :], float("-inf"))
-        dead = ~(sc > float("-inf")).any(-1)  # rows that see no sink: w = 0
-        lse_s = sc.masked_fill(dead[..., None], 0.0).logsumexp(-1)
-        o_s = torch.exp(sc - lse_s[..., None]) @ vs.to(sc.dtype)  # (B, h, Sq, Dv); rows that see no sink: exp(-inf) = 0
-        # w below 1e-30 changes nothing a float holds, and its products would be subnormal (the CPU's slow path)
-        e = lse_s - lse_all
-        w = (1 - self.beta) * torch.exp(e.masked_fill(dead | (e < -69.0), float("-inf")))
-        base = (out if call.all_heads else out[:, call.heads]).to(sc.dtype)
-        # (base - w o_s) / (1 - w) = base + w / (1 - w) (base - o_s): one fused pass; without autograd into o_s (a
-        # fresh multi-MB tensor costs its page faults on CPU)
-        c = (w / (w - 1))[..., None]
-        cal = torch.lerp(base, o_s, c, out=None if grad else o_s)
+        base = (out if call.all_heads else out[:, call.heads]).to(torch.promote_types(q.dtype, torch.float32))
+        cal = self._correct(base, qh, kh, vh, sink, m, lse_all, call, rep, grad)
         if call.all_heads:
             return cal.to(out.dtype)
         out = out.clone()
         out[:, call.heads] = cal.to(out.dtype)
         return out
 
+    def _correct(self, base, qh, kh, vh, sink, m, lse_all, call: _Call, rep: int, grad: bool):
+        """``base`` (B, h, Sq, Dv), the kernel's output of these heads, with the attention of the sink columns
+        ``sink`` (B, h, Skv) scaled by beta: (base - w o_s) / (1 - w), w = (1 - beta) Z_s / Z (lse_all: log Z)."""
+        idx = sink.float().topk(m, -1).indices  # (B, h, m): sink columns first, then non-sinks to skip
+        kv_head = torch.arange(qh.shape[1], device=qh.device) // rep  # the head of kh / vh each head of qh reads
+        ks, vs = gather_rows(kh, kv_head, idx), gather_rows(vh, kv_head, idx)  # (B, h, m, D): each head's sink keys / values
+        sc = call.logits(qh, ks, 0, idx, grad=grad)  # (B, h, Sq, m): the sink columns' own scores, mask and causality
+        sc = sc.masked_fill(~sink.gather(2, idx)[:, :, None, :], float("-inf"))
+        mx = sc.detach().amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)  # rows that see no sink: 0 (cancels anyway)
+        ex = torch.exp(sc - mx)
+        z = ex.sum(-1, keepdim=True)  # Z_s / exp(mx); 0 for rows that see no sink
+        zc = z.clamp_min(torch.finfo(z.dtype).tiny)
+        o_s = (ex / zc) @ vs.to(sc.dtype)  # (B, h, Sq, Dv); rows that see no sink: 0
+        e = (mx + zc.log()).squeeze(-1) - lse_all  # log(Z_s / Z)
+        # w below 1e-30 changes nothing a float holds, and its products would be subnormal (the CPU's slow path)
+        w = (1 - self.beta) * torch.exp(e.masked_fill((z.squeeze(-1) == 0) | (e < -69.0), float("-inf")))
+        # (base - w o_s) / (1 - w) = base + w / (1 - w) (base - o_s): one fused pass; without autograd into o_s (a
+        # fresh multi-MB tensor costs its page faults on CPU)
+        return torch.lerp(base, o_s, (w / (w - 1))[..., None], out=None if grad else o_s)
+
     def plan(self, q, k, site: Site) -> Plan | None:
         # one Plan per (layer, heads, site geometry), returned again on every call: core and the kernels then
         # reuse what they derive from it (the bare plan, the kernel choice) instead of rebuilding it per call
-        key = (site.layer, q.shape[1], site.q_offset, site.causal, q.device)
+        key = (site.layer, q.shape[1], site.heads, site.q_offset, site.causal, q.device)
         got = self._plans.get(key, self._plans) if site.kv_shift is None else self._plans
         if got is not self._plans:
             return got
-        plan = self._plan(q.shape[1], site.layer, site.q_offset, site.causal, site.kv_shift, q.device)
+        # heads=[(layer, head)] name the model's heads; under tensor / context parallelism the call holds a subset
+        heads = call_heads(site, q.shape[1], self.heads_at(site.layer, site.model_heads(q.shape[1])[1]))
+        plan = self._plan(q.shape[1], heads, site.q_offset, site.causal, site.kv_shift, q.device)
         if site.kv_shift is None:  # a per-batch shift tensor is not a key: such plans are built per call
             if len(self._plans) >= 256:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
 
-    def _plan(self, H, layer, q_offset, causal, kv_shift, device) -> Plan | None:
-        heads = self.heads_at(layer, H)
+    def _plan(self, H, heads, q_offset, causal, kv_shift, device) -> Plan | None:
         if not heads:
             return None
         hidx = None if heads == list(range(H)) else torch.tensor(heads, device=device)
