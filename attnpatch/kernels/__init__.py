@@ -19,11 +19,12 @@ from . import cost
 from .base import Kernel, check_qkv
 from .reference import Reference
 from .flex import Flex
+from .lines import Lines
 from .sdpa import SDPA
 from .tiles import Tiles
 from .triton import Triton
 
-_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Flex(), Reference()]
+_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Flex(), Reference()]
 
 # Preference order: {(device kind, plan kind): kernel names, first tried first}. A "plain" plan has no
 # mask_mod (dense, causal, score-only): SDPA runs it at full speed, with no mask tensor or a causal one.
@@ -35,11 +36,11 @@ _REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Flex(), Reference()]
 # The cost model reorders the kernels it knows by estimated time; this order breaks ties and ranks the rest.
 PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cpu", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("cpu", "masked"): ["tiles", "sdpa", "flex", "triton", "reference"],
+    ("cpu", "masked"): ["tiles", "lines", "sdpa", "flex", "triton", "reference"],
     ("cuda", "plain"): ["sdpa", "triton", "flex", "tiles", "reference"],
-    ("cuda", "masked"): ["triton", "flex", "tiles", "sdpa", "reference"],
+    ("cuda", "masked"): ["triton", "lines", "flex", "tiles", "sdpa", "reference"],
     ("default", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("default", "masked"): ["tiles", "sdpa", "flex", "triton", "reference"],
+    ("default", "masked"): ["tiles", "lines", "sdpa", "flex", "triton", "reference"],
 }
 
 
