@@ -235,9 +235,10 @@ class SinkCalibration(Method):
         z = ex.sum(-1, keepdim=True)  # Z_s / exp(mx); 0 for rows that see no sink
         zc = z.clamp_min(torch.finfo(z.dtype).tiny)
         o_s = (ex / zc) @ vs.to(sc.dtype)  # (B, h, Sq, Dv); rows that see no sink: 0
-        e = (mx + zc.log()).squeeze(-1) - lse_all  # log(Z_s / Z)
+        # log(Z_s / Z); rows that see no sink: -inf (w = 0), through log(0) only without autograd (its backward is NaN)
+        e = (mx + (zc.log().masked_fill(z == 0, float("-inf")) if grad else z.log())).squeeze(-1) - lse_all
         # w below 1e-30 changes nothing a float holds, and its products would be subnormal (the CPU's slow path)
-        w = (1 - self.beta) * torch.exp(e.masked_fill((z.squeeze(-1) == 0) | (e < -69.0), float("-inf")))
+        w = (1 - self.beta) * torch.exp(e.masked_fill(e < -69.0, float("-inf")))
         # (base - w o_s) / (1 - w) = base + w / (1 - w) (base - o_s): one fused pass; without autograd into o_s (a
         # fresh multi-MB tensor costs its page faults on CPU)
         return torch.lerp(base, o_s, (w / (w - 1))[..., None], out=None if grad else o_s)
