@@ -40,7 +40,7 @@ PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cuda", "plain"): ["sdpa", "triton", "flex", "tiles", "reference"],
     ("cuda", "masked"): ["triton", "lines", "flex", "tiles", "sdpa", "reference"],
     ("default", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("default", "masked"): ["tiles", "lines", "sdpa", "flex", "triton", "reference"],
+    ("default", "masked"): ["tiles", "sdpa", "lines", "flex", "triton", "reference"],
 }
 
 
