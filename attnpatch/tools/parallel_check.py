@@ -48,11 +48,12 @@ def _inputs(family: str, B: int = 1, text_mask: bool = False, side: int = 4) -> 
     raise ValueError(f"no parallel check inputs for {family!r}; known: {FAMILIES}")
 
 
-def _model(family: str, heads: int | None):
+def _model(family: str, heads: int | None, head_dim: int | None = None):
     from ..models import tiny
 
     torch.manual_seed(0)
-    return tiny.model(family, **({"num_attention_heads": heads} if heads else {}))
+    over = {"num_attention_heads": heads} if heads else {}
+    return tiny.model(family, **over, **({"attention_head_dim": head_dim} if head_dim else {}))
 
 
 def _run(model, family: str, B: int, text_mask: bool = False, side: int = 4) -> torch.Tensor:
@@ -74,6 +75,8 @@ def _job(job: dict, world: int) -> dict:
         return _ring(job, world)
     if fam == "wan22":
         return _wan22(job, world)
+    if job.get("time"):
+        return _time(job, world)
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
     config = ContextParallelConfig(ulysses_degree=world, mesh=mesh)
     one = _model(fam, heads)
@@ -102,6 +105,50 @@ def _job(job: dict, world: int) -> dict:
                 par_vs_stock=diff(out, stock), single_vs_stock=diff(single, stock),
                 stock_par_vs_stock=diff(stock_par, stock), restored_vs_stock=diff(restored, stock_par),
                 routed=stats.get("routed", 0), handed_back=stats.get("handed_back", {}), dealt=dealt)
+
+
+def _time(job: dict, world: int) -> dict:
+    """Whole-forward times (ms, rank 0; barriers make each the slowest rank's) of stock and patched
+    attention, in one process and under Ulysses, interleaved over ``job["time"]`` repeats."""
+    import statistics
+    import time
+
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .. import api
+    from ..patchers.parallel import enable
+
+    fam, heads, reps = job["family"], job.get("heads"), int(job["time"])
+    run = functools.partial(_run, family=fam, B=1, side=job.get("side", 4))
+    build = functools.partial(_model, fam, heads, job.get("head_dim"))
+    one, par = build(), build()
+    enable(par, ContextParallelConfig(ulysses_degree=world, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))))
+    fns = {"stock_one": lambda: run(one), "stock_par": lambda: run(par)}
+    handles = []
+    try:
+        one_p, par_p = build(), build()
+        enable(par_p, ContextParallelConfig(ulysses_degree=world, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))))
+        handles = [api.patch(one_p, job["method"]), api.patch(par_p, job["method"])]
+        fns.update(patched_one=lambda: run(one_p), patched_par=lambda: run(par_p))
+        times = {k: [] for k in fns}
+        for i in range(reps + 1):  # the first round warms plans and caches: not counted
+            for name, fn in (list(fns.items()) if i % 2 else list(fns.items())[::-1]):
+                dist.barrier()
+                t = time.perf_counter()
+                fn()
+                dist.barrier()
+                if i:
+                    times[name].append(1e3 * (time.perf_counter() - t))
+    finally:
+        for h in handles:
+            h.remove()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = [s / p for s, p in zip(times["stock_par"], times["patched_par"])]
+    return dict(family=fam, method=repr(job["method"]), order="time", world=world, reps=reps,
+                **{f"{k}_ms": v for k, v in med.items()}, speedup_par=statistics.median(ratio),
+                speedup_min=min(ratio), speedup_max=max(ratio))
 
 
 def _dealt(model) -> list:
