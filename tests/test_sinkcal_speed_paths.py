@@ -5,6 +5,7 @@ is the exact mean when the call has few queries; the mask-free fast scan equals 
 the fallback without a kernel LSE gives the same output; plans are reused per site geometry."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -192,3 +193,9 @@ def test_plans_are_reused_per_site_geometry():
     assert a is b and m.plan(q, k, Site(causal=True, q_offset=3)) is not a
     shift = torch.tensor([0])
     assert m.plan(q, k, Site(causal=True, kv_shift=shift)) is not m.plan(q, k, Site(causal=True, kv_shift=shift))
+    twin = copy.deepcopy(m)  # its plans must call the copy, not the original
+    twin.beta = 1.0
+    qs, ks, vs = _qkv(1, 2, 2, 30, 30, 16, seed=4, sink=9)
+    dense, site = ap.attend(qs, ks, vs, ap.Dense(), Site(causal=True)), Site(causal=True)
+    assert (ap.attend(qs, ks, vs, m, site) - dense).abs().max() > 1e-3
+    torch.testing.assert_close(ap.attend(qs, ks, vs, twin, site), dense, atol=1e-6, rtol=1e-6)

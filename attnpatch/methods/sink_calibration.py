@@ -74,7 +74,7 @@ class SinkCalibration(Method):
     detect_rows: int | None = 64  # query rows whose attention detects the sinks; None: every row (the paper's mean)
     _heads: dict | None = field(default=None, init=False, repr=False)
     _meta: dict = field(default_factory=dict, init=False, repr=False)
-    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (layer, H, site) -> Plan
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (layer, H, site) -> (id, Plan)
 
     def __post_init__(self):
         check_number("SinkCalibration", "beta", self.beta, low=0, high=1, low_open=True, example=0.4)
@@ -247,16 +247,16 @@ class SinkCalibration(Method):
         # one Plan per (layer, heads, site geometry), returned again on every call: core and the kernels then
         # reuse what they derive from it (the bare plan, the kernel choice) instead of rebuilding it per call
         key = (site.layer, q.shape[1], site.heads, site.q_offset, site.causal, q.device)
-        got = self._plans.get(key, self._plans) if site.kv_shift is None else self._plans
-        if got is not self._plans:
-            return got
+        got = self._plans.get(key) if site.kv_shift is None else None
+        if got is not None and got[0] == id(self):  # a copy of this method (deepcopy) holds plans bound to the original
+            return got[1]
         # heads=[(layer, head)] name the model's heads; under tensor / context parallelism the call holds a subset
         heads = call_heads(site, q.shape[1], self.heads_at(site.layer, site.model_heads(q.shape[1])[1]))
         plan = self._plan(q.shape[1], heads, site.q_offset, site.causal, site.kv_shift, q.device)
         if site.kv_shift is None:  # a per-batch shift tensor is not a key: such plans are built per call
             if len(self._plans) >= 256:
                 self._plans.clear()
-            self._plans[key] = plan
+            self._plans[key] = (id(self), plan)
         return plan
 
     def _plan(self, H, heads, q_offset, causal, kv_shift, device) -> Plan | None:
