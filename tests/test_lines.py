@@ -144,3 +144,14 @@ def test_the_cost_model_ranks_lines_before_a_materialised_mask():
     assert cost.estimate("lines", c, q, k, k, plan) < cost.estimate("sdpa", c, q, k, k, plan)
     assert cost.estimate("lines", c, q, k, k, Plan(causal=True)) == float("inf")
     assert kernels.select(q, k, k, plan).name == "lines"
+
+
+def test_the_cost_model_keeps_a_tiny_call_on_sdpa():
+    """At 64 tokens the lines kernel's fixed work (layout, tables: ~0.3 ms) costs more than one SDPA call
+    with the materialised mask: the model says so, and select follows it."""
+    c = cost.constants("cpu", 1)
+    q, k = torch.randn(1, 9, 64, 64), torch.randn(1, 3, 64, 64)
+    plan = ap.VerticalSlash(verticals=16, slashes=16, window=16).plan(q, k, Site(causal=True)).with_site(True, 0)
+    assert plan.lines is not None
+    assert cost.estimate("sdpa", c, q, k, k, plan) < cost.estimate("lines", c, q, k, k, plan)
+    assert kernels.select(q, k, k, plan).name == "sdpa"
