@@ -133,3 +133,18 @@ def test_deal_keeps_h_over_n_heads_per_rank_and_never_does_worse_than_in_order()
     work = torch.tensor([1.0, 1.0, 0.1, 0.1])
     assert balance.order(work, 2).tolist() == [0, 2, 1, 3]
     assert balance.order(torch.ones(4), 2) is None  # even: Ulysses' own order
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "cogvideox", "mochi", "sd3"])
+def test_families_without_a_cp_plan_are_refused_under_context_parallelism(family):
+    """diffusers has no _cp_plan for them (enable_parallelism itself asks for one); with a plan of
+    the user's own attnpatch refuses at patch time, naming the families that work."""
+    from types import SimpleNamespace
+
+    from attnpatch.models import tiny
+
+    model = tiny.model(family)
+    assert getattr(type(model), "_cp_plan", None) is None
+    model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=1, ulysses_degree=2))
+    with pytest.raises(RuntimeError, match="_cp_plan.*FluxTransformer2DModel"):
+        ap.patch(model, ap.Neighborhood(window=3))

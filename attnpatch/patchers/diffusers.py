@@ -149,7 +149,7 @@ def _patch_models(models, method, backend, layers, tracker, counters):
     collected = []
     for prefix, model, slot in models:
         fam = family_of(model)
-        parallel.check_config(getattr(model, "_parallel_config", None))  # ring / unified: refused before any change
+        parallel.check_config(getattr(model, "_parallel_config", None), model)  # ring / no plan: refused before any change
         collected.append((model, fam, slot, _attention_modules(model, fam, prefix)))
     chosen = layer_sel.select([(l, n) for *_, entries in collected for l, n, _ in entries], layers)
     collected = [(model, fam, slot, [e for e in entries if e[1] in chosen]) for model, fam, slot, entries in collected]

@@ -33,11 +33,22 @@ ANYTHING = ("attnpatch does not run under ContextParallelConfig(ulysses_anything
             "ulysses_anything=False with a sequence length and head count divisible by ulysses_degree")
 
 
-def check_config(parallel_config) -> None:
-    """Raise ``RING`` / ``ANYTHING`` for context-parallel configs attnpatch does not run."""
+def no_plan(model) -> str:
+    return (f"attnpatch runs context parallelism through diffusers' own context-parallel plans (a model class's _cp_plan: "
+            f"FluxTransformer2DModel, WanTransformer3DModel, LTXVideoTransformer3DModel among the families it supports); "
+            f"{type(model).__name__} has none in this diffusers version (its processors do not all take a parallel_config, "
+            "so a plan of your own would leave some attention calls on one rank's shard), and attnpatch refuses it rather than "
+            "run a method on part of the sequence. Run this model on one device per sequence (or unpatch)")
+
+
+def check_config(parallel_config, model=None) -> None:
+    """Raise ``RING`` / ``ANYTHING`` for context-parallel configs attnpatch does not run, and
+    ``no_plan`` for a model whose class has no diffusers ``_cp_plan``."""
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None:
         return
+    if model is not None and getattr(type(model), "_cp_plan", None) is None:
+        raise RuntimeError(no_plan(model))
     if cp.ring_degree > 1:
         raise RuntimeError(RING)
     if getattr(cp, "ulysses_anything", False):

@@ -161,7 +161,7 @@ def _read_inputs(module, args, kwargs):
         if config is not hook.state.parallel:  # parallelism enabled (once per model, before or after the patch)
             from .parallel import check_config, text_sharded
 
-            check_config(config)
+            check_config(config, module)
             hook.state.parallel, hook.state.text_sharded = config, text_sharded(module)
 
 
