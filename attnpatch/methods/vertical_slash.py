@@ -4,6 +4,7 @@ and diagonals (slashes, by offset i - j); every query then sees those, the first
 and its last ``window`` keys (causal). Decode calls (one query) stay dense, as in MInference."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,7 @@ class VerticalSlash(Method):
         p = (qs @ k.to(work).transpose(-1, -2)).view(B, H, L, Skv)  # scaled on q: L*D products, not L*Skv
         pos0 = Sq - L + off  # absolute position of the first of those queries
         if pos0 + 1 < Skv:  # causal: keys after a query's position (only the last columns have any)
-            i, j = torch.arange(L, device=q.device)[:, None], torch.arange(pos0 + 1, Skv, device=q.device)
-            p[..., pos0 + 1:].masked_fill_(j > i + pos0, float("-inf"))
+            p[..., pos0 + 1:].add_(_future(L, Skv - pos0 - 1, work, q.device))  # additive: 3x a masked_fill
         p = torch.softmax(p, -1)  # (B, H, L, Skv)
         top_v = p.sum(2).topk(min(self.verticals, Skv), -1).indices  # (B, H, nv) most attended columns
         top_s = _diagonal_sums(p, pos0).topk(min(self.slashes, Skv), -1).indices  # (B, H, ns) offsets p - j
@@ -95,6 +95,13 @@ class VerticalSlash(Method):
         cols = torch.cat([top_v, sink.expand(B, H, -1)], -1)  # (B, H, nv + ns)
         window = torch.arange(min(self.window, Skv), device=dev).expand(B, H, -1)
         return Lines(cols, torch.cat([top_s, window], -1))
+
+
+@functools.lru_cache(maxsize=16)
+def _future(L: int, n: int, dtype, device) -> torch.Tensor:
+    """(L, n) additive: -inf where key pos0 + 1 + c lies after query pos0 + i (c >= i), else 0."""
+    i, c = torch.arange(L, device=device)[:, None], torch.arange(n, device=device)
+    return torch.zeros(L, n, dtype=dtype, device=device).masked_fill_(c >= i, float("-inf"))
 
 
 def _whole(idx: torch.Tensor, n: int) -> bool:
