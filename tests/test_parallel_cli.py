@@ -47,21 +47,39 @@ def pixels(path: Path):
     return np.asarray(Image.open(path)).astype(int)
 
 
-@needs_flux
-def test_torchrun_rank0_writes_the_single_process_image(tmp_path):
-    r = torchrun(*ARGS, "--method", METHOD, "--parallel", "ulysses=2", "--out", str(tmp_path / "par"))
+# wan-shapes: 4 heads, 9 frames of 32x32 -> 5x8x8 tokens (self-attention split), text not split (cross-attention)
+WAN = ["generate", "--model", "builtin:wan-shapes", "--prompt", "a large red square moving right", "--steps", "2",
+       "--video-format", "png", "--quiet"]
+
+
+@pytest.mark.parametrize("args", [pytest.param(ARGS, marks=needs_flux, id="flux"),
+                                  pytest.param(WAN, marks=[pytest.mark.slow, pytest.mark.skipif(
+                                      not (ROOT / "attnpatch/models/weights/wan-shapes").is_dir(), reason="no wan-shapes")],
+                                               id="wan")])
+def test_torchrun_rank0_writes_the_single_process_output(tmp_path, args):
+    r = torchrun(*args, "--method", METHOD, "--parallel", "ulysses=2", "--out", str(tmp_path / "par"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert sorted(p.name for p in (tmp_path / "par").iterdir()) == ["patched_0.png", "report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "par").iterdir()) == sorted(["report.json", "report.md", OUT[args[2]]])
     assert r.stdout.count("calls through Neighborhood") == 1, r.stdout  # rank 0 speaks, rank 1 is silent
     report = json.loads((tmp_path / "par" / "report.json").read_text())
     assert report["parallel"] == "ulysses=2" and report["backend"] == "gloo" and report["world_size"] == 2
     assert report["stats"]["routed"] > 0 and not report["stats"]["handed_back"], report["stats"]  # never quietly stock
     for method, name in ((METHOD, "single"), ("Dense", "dense")):
-        code, _, err = main(*ARGS, "--method", method, "--out", str(tmp_path / name))
+        code, _, err = main(*args, "--method", method, "--out", str(tmp_path / name))
         assert code == 0, err
-    par, single, dense = (pixels(tmp_path / d / "patched_0.png") for d in ("par", "single", "dense"))
+    par, single, dense = (frames(tmp_path / d / OUT[args[2]]) for d in ("par", "single", "dense"))
     assert abs(par - single).max() <= 1  # within 1/255 of one process (pixel-equal here)
-    assert abs(single - dense).max() > 8  # the method changes the image: the equality above means something
+    assert abs(single - dense).max() > 8  # the method changes the output: the equality above means something
+
+
+OUT = {"builtin:flux-shapes": "patched_0.png", "builtin:wan-shapes": "patched_0"}  # an image; a folder of frames
+
+
+def frames(path: Path):
+    """An image, or a video's frames stacked, as integers."""
+    import numpy as np
+
+    return pixels(path) if path.is_file() else np.stack([pixels(f) for f in sorted(path.glob("frame_*.png"))])
 
 
 @pytest.fixture
@@ -145,3 +163,21 @@ def test_torchrun_compare(tmp_path):
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["patched_0.png", "stock_0.png"]
     assert r.stdout.count("speedup") == 1 and "PSNR" in r.stdout
     assert abs(pixels(tmp_path / "c" / "patched_0.png") - pixels(tmp_path / "c" / "stock_0.png")).max() > 8
+
+
+def test_a_sequence_that_does_not_split_is_a_usage_error():
+    """diffusers' own check (a bare assertion on the first denoiser call) becomes a message naming the sizes."""
+    import torch
+    from diffusers.hooks.context_parallel import EquipartitionSharder
+
+    from attnpatch.cli import parallel_cli
+    from attnpatch.cli.runner import UsageError
+
+    class Mesh:
+        size = staticmethod(lambda: 2)
+
+    with pytest.raises(UsageError, match=r"not a multiple of 2\): choose --height / --width / --frames"):
+        with parallel_cli.shards(2):
+            EquipartitionSharder.shard(torch.zeros(1, 81, 4), 1, Mesh())
+    with pytest.raises(AssertionError, match="other"), parallel_cli.shards(2):  # any other assertion: as it was
+        raise AssertionError("other")

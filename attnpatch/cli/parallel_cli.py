@@ -14,10 +14,10 @@ Everything the command line and the model's config files tell is checked before 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from .runner import UsageError
@@ -199,9 +199,9 @@ def _run(args, method, n: int, dev, mesh, out: Path, rank: int) -> bool:
     enable(loaded.obj, n, mesh)
     prompts = args.prompt or loaded.prompts
     if args.compare:  # every rank runs it (the same collectives); the others save into a folder thrown away
-        with tempfile.TemporaryDirectory(prefix="attnpatch-rank-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="attnpatch-rank-") as scratch, shards(n):
             return compare.against_stock(loaded, method, prompts, args, out if rank == 0 else Path(scratch))
-    with api.patch(loaded.obj, method) as handle:
+    with api.patch(loaded.obj, method) as handle, shards(n):
         result, t = runner.run(loaded, prompts, args.seed, **compare.run_kw(args))
         stats = compare.summary(handle)
     if rank == 0:
@@ -210,6 +210,19 @@ def _run(args, method, n: int, dev, mesh, out: Path, rank: int) -> bool:
         print(f"{method}: {t:.2f} s for {len(prompts)} prompt(s) on {n} ranks (Ulysses)")
         print(f"outputs in {out}")
     return True
+
+
+@contextlib.contextmanager
+def shards(n: int):
+    """diffusers' bare assertion on a sequence that does not split (the first denoiser call) as a UsageError."""
+    try:
+        yield
+    except AssertionError as e:
+        if "divisible by mesh size" not in str(e):
+            raise
+        raise UsageError(f"--parallel ulysses={n}: diffusers splits every denoiser input's sequence evenly over the "
+                         f"{n} ranks and one does not split (its length is not a multiple of {n}): choose --height / "
+                         f"--width / --frames whose token counts (and a text length) are multiples of {n}") from None
 
 
 def _load(args, dev, rank: int):
