@@ -155,3 +155,25 @@ def test_the_cost_model_keeps_a_tiny_call_on_sdpa():
     assert plan.lines is not None
     assert cost.estimate("sdpa", c, q, k, k, plan) < cost.estimate("lines", c, q, k, k, plan)
     assert kernels.select(q, k, k, plan).name == "sdpa"
+
+
+def test_a_patched_llama_prefill_runs_lines_and_equals_the_reference():
+    """A transformers prefill with no padding reaches the kernel with no mask: lines runs it (selected
+    automatically) and the logits equal the reference kernel's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (1, 300))
+    m = ap.VerticalSlash(verticals=8, slashes=8, window=8, last_q=16)
+    ran = []
+    kern = kernels.get("lines")
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kern, "run", lambda *a, _run=kern.run, **kw: ran.append(1) or _run(*a, **kw))
+        with ap.patch(model, m, backend="reference"):
+            want = model(ids).logits
+        with ap.patch(model, m):
+            got = model(ids).logits
+    assert len(ran) == 2  # both layers
+    assert (got - want).abs().max() < 1e-5
