@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 
 from .runner import UsageError
@@ -150,7 +149,8 @@ def _start(device: str, n: int, ranks: tuple[int, int, int]):
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
         raise UsageError(f"--parallel runs on cpu (gloo) or cuda (nccl), not {dev.type}")
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=size)
+    cuda = dev.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size, device_id=dev if cuda else None)
     return dev, init_device_mesh(dev.type, (1, n), mesh_dim_names=("ring", "ulysses"))
 
 
@@ -176,12 +176,12 @@ def generate(args) -> int:
     import torch.distributed as dist
 
     dev, mesh = _start(args.device, n, ranks)
-    try:
-        if ranks[0] != 0:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for all
+    with contextlib.ExitStack() as stack:
+        stack.callback(dist.destroy_process_group)
+        if ranks[0] != 0:  # rank 0 speaks for all
+            args.quiet = True  # and shows the progress bars
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         return EXIT_OK if _run(args, method, n, dev, mesh, out, ranks[0]) else 1
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(args, method, n: int, dev, mesh, out: Path, rank: int) -> bool:
