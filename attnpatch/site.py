@@ -48,6 +48,9 @@ class Site:
     # tensor parallelism: each rank attends with H / N heads); None: the call's heads are heads 0..H-1
     heads: tuple | None = None
     num_heads: int | None = None  # the model's head count when ``heads`` is set (per-head profiles' rows)
+    # head_sum(x): x summed in place over the ranks that split the model's heads with this call (tensor
+    # parallelism), so an estimate averaged over heads (``head_mean``) is the one-process estimate; None: no split
+    head_sum: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self):
         # every field is checked here, once, so a wrong Site fails where it is built, not deep in a kernel
@@ -96,6 +99,9 @@ class Site:
                 fail(s, "heads", self.heads, f"distinct head indices below num_heads={n}", "(0, 1, 2)")
             object.__setattr__(self, "heads", hs)
             object.__setattr__(self, "num_heads", n)
+        if self.head_sum is not None and not callable(self.head_sum):
+            fail(s, "head_sum", self.head_sum, "None or a callable summing a tensor in place over the ranks",
+                 "functools.partial(torch.distributed.all_reduce, group=tp_group)", ParameterTypeError)
 
     @classmethod
     def trusted(cls, **values) -> "Site":
@@ -117,6 +123,15 @@ class Site:
         if len(self.heads) != H:
             raise ValueError(f"Site.heads names {len(self.heads)} heads but the call has {H}")
         return self.heads, self.num_heads
+
+    def head_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, h, ...) averaged over batch rows and heads: over every rank's heads when the model's
+        heads are split across ranks (``head_sum``; every rank must call it, a rank with h = 0 too)."""
+        if self.head_sum is None:
+            return x.mean((0, 1))
+        s = torch.cat([x.sum((0, 1)).flatten().float(), x.new_full((1,), x.shape[0] * x.shape[1], dtype=torch.float)])
+        self.head_sum(s)
+        return (s[:-1] / s[-1]).view(x.shape[2:]).to(x.dtype)
 
     @property
     def visual_len(self) -> int:

@@ -183,16 +183,22 @@ class Sparse(Method):
         values = self._values(site.layer, total)
         if values is None:
             return [(None, self.plan(q, k, site))]
-        if site.heads is not None:  # a rank's subset of the model's heads (context / tensor parallelism)
+        split = site.head_sum is not None  # estimates average over every rank's heads: every rank plans every group
+        if site.heads is not None and not split:  # a rank's subset of the model's heads (context / tensor parallelism)
             values = [values[h] for h in idx]
         groups: dict = {}
         for h, v in enumerate(values):
             groups.setdefault(tuple(sorted(v.items())), []).append(h)
         if len(groups) == 1:
             return [(None, self._variant(values[0]).plan(q, k, site))]
+        if split:  # the model's head groups in the call's positions; a group this rank lacks plans on 0 heads
+            mine = {h: i for i, h in enumerate(idx)}
+            groups = {key: [mine[h] for h in heads if h in mine] for key, heads in groups.items()}
         rep = q.shape[1] // k.shape[1]
         out = []
         for key, heads in groups.items():
-            idx = torch.tensor(heads, device=q.device)
-            out.append((idx, self._variant(dict(key)).plan(q[:, idx], k[:, idx // rep], site)))
+            idx = torch.tensor(heads, dtype=torch.long, device=q.device)
+            plan = self._variant(dict(key)).plan(q[:, idx], k[:, idx // rep], site)
+            if heads:
+                out.append((idx, plan))
         return out

@@ -84,7 +84,7 @@ class TopKBlocks(Sparse):
                 return tile_means(x[:, :, v0:v0 + n], lay["order"], lay["bounds"])
             return _pool(x[:, :, v0:v0 + n], lay["tile_of"], sizes)
 
-        return torch.softmax(_block_logits(pool(q), pool(k), sizes), -1).mean((0, 1))
+        return site.head_mean(torch.softmax(_block_logits(pool(q), pool(k), sizes), -1))  # every rank's heads
 
     def select(self, est: torch.Tensor, forced: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """(nq, nk) boolean blocks kept: forced ones, then by estimated mass (``keep`` counts a
@@ -148,7 +148,7 @@ class TopKBlocks(Sparse):
         pq = _pool(q, qgroup, lay["qcount"])
         pk = _pool(k, kblock, lay["sizes"])
         logits = _block_logits(pq, pk, lay["sizes"]).masked_fill(~allowed, float("-inf"))
-        est = torch.softmax(logits, -1).mean((0, 1))  # (nq, nk)
+        est = site.head_mean(torch.softmax(logits, -1))  # (nq, nk); over every rank's heads under tensor parallelism
         keep = self.select(est, lay["forced"], allowed) & allowed
         if bool(keep.eq(allowed).all()):
             return None  # everything the call can see is kept: plain causal attention is this plan, exactly
@@ -199,7 +199,7 @@ def _block_logits(pq, pk, sizes):
     the query heads of one KV head share its pooled keys (no repeated copy)."""
     B, H, nq, D = pq.shape
     Hkv, nk = pk.shape[1], pk.shape[2]
-    s = pq.view(B, Hkv, H // Hkv * nq, D) @ pk.transpose(-1, -2)
+    s = pq.view(B, Hkv, H // max(Hkv, 1) * nq, D) @ pk.transpose(-1, -2)  # Hkv = 0: a rank holding none of a group
     return s.view(B, H, nq, nk) * D**-0.5 + sizes.to(s.dtype).log()
 
 

@@ -51,17 +51,18 @@ def _site(module, key, Sq: int, attention_mask, kwargs, layer: "_Layer | None", 
         # rolling cache has dropped
         shift = pos[:, -1] - (q_offset + Sq - 1)
         shift = shift if bool(shift.any()) else None
-    heads, total = _model_heads(module, H, layer) if layer is not None else (None, None)
+    heads, total, head_sum = _model_heads(module, H, layer) if layer is not None else (None, None, None)
     return Site.trusted(causal=causal, layer=idx, name=layer.name if layer else "",
                 kind="self", family=layer.family if layer else "", q_offset=q_offset, kv_shift=shift, decode=Sq == 1,
-                heads=heads, num_heads=total)
+                heads=heads, num_heads=total, head_sum=head_sum)
 
 
 def _model_heads(module, H: int, layer: "_Layer") -> tuple:
-    """(the model's index of each of the call's ``H`` query heads, the model's head count), or (None,
-    None) when the call holds every head. Under tensor parallelism (``tp_plan="auto"``: q/k/v_proj
-    colwise) a rank's call holds the heads of its rows of ``q_proj``; per-head profiles and head lists
-    name the model's heads, so the Site says which ones (cached per layer: the split never changes)."""
+    """(the model's index of each of the call's ``H`` query heads, the model's head count, a sum over the
+    ranks sharing the heads), or Nones when the call holds every head. Under tensor parallelism
+    (``tp_plan="auto"``: q/k/v_proj colwise) a rank's call holds the heads of its rows of ``q_proj``;
+    per-head profiles and head lists name the model's heads, so the Site says which ones, and estimates
+    averaged over heads (TopKBlocks) sum over the TP group (cached per layer: the split never changes)."""
     got = layer.heads.get(H)
     if got is None:
         got = layer.heads.setdefault(H, _shard_heads(module, H))
@@ -71,7 +72,7 @@ def _model_heads(module, H: int, layer: "_Layer") -> tuple:
 def _shard_heads(module, H: int) -> tuple:
     total = getattr(getattr(module, "config", None), "num_attention_heads", H)
     if H == total:
-        return None, None
+        return None, None, None
     weight = getattr(getattr(module, "q_proj", None), "weight", None)
     from torch.distributed.tensor import DTensor
 
@@ -88,7 +89,14 @@ def _shard_heads(module, H: int) -> tuple:
         raise RuntimeError(f"attnpatch: {type(module).__name__} holds q_proj rows [{offset[0]}, {offset[0] + shape[0]}) "
                            f"of {weight.shape[0]}, which are not the {H} whole heads of {D} rows its call attends with")
     first = offset[0] // D
-    return tuple(range(first, first + H)), total
+    dims = [i for i, p in enumerate(weight.placements) if p.is_shard(0)]
+    if len(dims) != 1:
+        raise RuntimeError(f"attnpatch: q_proj of {type(module).__name__} is split over mesh dims {dims} of "
+                           f"{weight.device_mesh}; attnpatch runs tensor parallelism over one mesh dimension")
+    import torch.distributed as dist
+
+    head_sum = functools.partial(dist.all_reduce, group=weight.device_mesh.get_group(dims[0]))
+    return tuple(range(first, first + H)), total, head_sum
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

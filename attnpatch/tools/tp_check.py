@@ -34,13 +34,16 @@ def _prompt(job: dict) -> torch.Tensor:
 
 
 def _run(model, job: dict) -> torch.Tensor:
-    """Logits of the prefill of all but the last ``decode`` prompt tokens, then of each decode step."""
+    """Logits of the prefill of all but the last ``decode`` prompt tokens, then of each decode step
+    (``pad``: row 0 left-padded by that many tokens, through the attention mask)."""
     ids, n = _prompt(job), job.get("decode", 2)
+    mask = torch.ones_like(ids)
+    mask[0, :job.get("pad", 0)] = 0
     with torch.no_grad():
-        out = model(ids[:, :ids.shape[1] - n], use_cache=True)
+        out = model(ids[:, :ids.shape[1] - n], attention_mask=mask[:, :ids.shape[1] - n], use_cache=True)
         logits, cache = [out.logits], out.past_key_values
         for i in range(ids.shape[1] - n, ids.shape[1]):
-            out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache, use_cache=True)
             logits.append(out.logits)
             cache = out.past_key_values
     return torch.cat(logits, 1)
@@ -74,7 +77,7 @@ class _Models:
 
 def _seen_heads(model) -> dict:
     """{layer name: Site.heads of its calls} as the transformers patcher cached them."""
-    return {name: sorted({h for h, _ in m._attnpatch.heads.values() if h is not None})
+    return {name: sorted({got[0] for got in m._attnpatch.heads.values() if got[0] is not None})
             for name, m in model.named_modules() if getattr(m, "_attnpatch", None) is not None}
 
 
@@ -127,7 +130,7 @@ def _worker(rank: int, world: int, port: int, jobs: list, folder: str, out: str)
 
 
 def check(jobs: list[dict], world: int = 2) -> list[dict]:
-    """Run ``jobs`` (dicts: method; optional family, config overrides, tokens, decode, batch) on ``world``
+    """Run ``jobs`` (dicts: method; optional family, config overrides, tokens, decode, batch, pad) on ``world``
     gloo processes; one result dict per job (``error`` set where the job raised)."""
     import json
 
