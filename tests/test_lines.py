@@ -72,6 +72,19 @@ def test_lines_kernel_matches_the_reference(case, dtype, monkeypatch):
         assert err <= 2 * (same.double() - ref).abs().max().item() + 1e-6
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_calls_split_by_heads_and_row_chunks_give_the_same(case, monkeypatch):
+    """A bias cap of one byte: each range runs one KV head's query heads per call and the gathered
+    columns one block of rows per call; the output is the reference's all the same."""
+    B, Hq, Hkv, Sq, Skv, D, nc, nd, near, block = CASES[case]
+    monkeypatch.setattr(lines_mod, "BLOCK", block)
+    monkeypatch.setattr(lines_mod, "MAX_BIAS_BYTES", 1)
+    g = torch.Generator().manual_seed(sum(map(ord, case)))
+    q, k, v = (torch.randn(B, h, s, D, generator=g, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    plan = plan_of(random_lines(g, B, Hq, Skv, nc, nd, near), Sq, Skv, Skv - Sq)
+    assert (kernels.get("lines").run(q, k, v, plan) - attention(q, k, v, plan)).abs().max() < 1e-12
+
+
 def test_rows_that_see_no_key_are_zero_and_far_columns_merge_once(monkeypatch):
     """No offset 0 and a late column: the first rows keep nothing (zeros, as the reference); a column
     far left of a block's ranges runs in the gathered-column call, and one both in a range and listed

@@ -33,6 +33,9 @@ from .base import Kernel, core_step_why_not, needs_grad
 # 1024-4096 tokens (64 a little ahead), 32 ~1.5x slower; splitting a call's heads to keep its bias in cache
 # did not help
 BLOCK = 64
+# bias bytes one fused call may take (heads of a range split, gathered-column rows chunked): a whole
+# block's bias for 32 heads at 64K tokens would be 0.5 GB, the gathered columns' several GB
+MAX_BIAS_BYTES = 32 << 20
 NEG = float("-inf")
 
 
@@ -112,24 +115,32 @@ def _scratch(name: str, shape, dtype, device) -> torch.Tensor:
 
 def _range_part(q, kr, vr, tab, colf, blk: tuple, lo: int, hi: int, scale, diag0: bool, dst: tuple) -> None:
     """Query rows [i0, i0 + Tb) over keys [lo, hi) (reversed: kr rows Skv - hi .. Skv - lo) into ``dst`` =
-    (out (B, H, Tb, Dv), lse (B, H, Tb)); ``blk`` = (i0, Tb, off, T); ``diag0``: every row and head keeps
-    offset 0 (its own position)."""
+    (out (B, H, Tb, Dv), lse (B, H, Tb)), whole KV heads per call under ``MAX_BIAS_BYTES``; ``blk`` =
+    (i0, Tb, off, T); ``diag0``: every row and head keeps offset 0 (its own position)."""
     (i0, Tb, off, T), (o_dst, l_dst) = blk, dst
     B, H = q.shape[:2]
     Skv, span, L1 = kr.shape[2], hi - lo, tab.shape[2]
-    # reversed key s is j = hi - 1 - s: offset p_i - j = (i0 + off - hi + 1) + t + s, stored at + T
-    diag = tab.as_strided((B, H, Tb, span), (H * L1, L1, 1, 1), tab.storage_offset() + i0 + off - hi + 1 + T)
-    bias = _scratch("bias", (B, H, Tb, span), tab.dtype, tab.device)  # contiguous: the fused kernel copies others
-    torch.maximum(diag, colf[:, :, None, Skv - hi:Skv - lo], out=bias)  # (B, H, Tb, span)
+    r = H // kr.shape[1]
+    g = min(H, max(1, MAX_BIAS_BYTES // (B * r * Tb * span * tab.element_size())) * r)  # query heads per call
     c = hi - 1 - (i0 + off)  # keys past row t's position: reversed columns s < c - t (columns only)
-    if c > 0:
-        bias[..., :c].add_(_triangle(Tb, c, bias.dtype, q.device))  # an additive table: 3x a masked_fill's speed
-    out, lse = sdpa_lse(q[:, :, i0:i0 + Tb], kr[:, :, Skv - hi:Skv - lo], vr[:, :, Skv - hi:Skv - lo], bias, scale)
-    if not diag0 or hi != i0 + off + Tb or lo > i0 + off:  # else every row keeps its own position
-        dead = bias.amax(-1) == NEG  # (B, H, Tb) rows with no key here: weight 0 in the merge, no NaN
-        out, lse = out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG)
-    o_dst.copy_(out)
-    l_dst.copy_(lse)
+    check = not diag0 or hi != i0 + off + Tb or lo > i0 + off  # else every row keeps its own position
+    for h0 in range(0, H, g):
+        h1 = min(H, h0 + g)
+        # reversed key s is j = hi - 1 - s: offset p_i - j = (i0 + off - hi + 1) + t + s, stored at + T
+        diag = tab.as_strided((B, h1 - h0, Tb, span), (H * L1, L1, 1, 1),
+                              tab.storage_offset() + h0 * L1 + i0 + off - hi + 1 + T)
+        bias = _scratch("bias", (B, h1 - h0, Tb, span), tab.dtype, tab.device)  # contiguous: the kernel copies others
+        torch.maximum(diag, colf[:, h0:h1, None, Skv - hi:Skv - lo], out=bias)  # (B, g, Tb, span)
+        if c > 0:
+            bias[..., :c].add_(_triangle(Tb, c, bias.dtype, q.device))  # an additive table: 3x a masked_fill's speed
+        kv = slice(h0 // r, h1 // r)
+        out, lse = sdpa_lse(q[:, h0:h1, i0:i0 + Tb], kr[:, kv, Skv - hi:Skv - lo], vr[:, kv, Skv - hi:Skv - lo], bias,
+                            scale)
+        if check:
+            dead = bias.amax(-1) == NEG  # (B, g, Tb) rows with no key here: weight 0 in the merge, no NaN
+            out, lse = out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG)
+        o_dst[:, h0:h1] = out
+        l_dst[:, h0:h1] = lse
 
 
 def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, dst: tuple) -> None:
@@ -154,31 +165,35 @@ def _triangle(Tb: int, c: int, dtype, device) -> torch.Tensor:
     return torch.zeros(Tb, c, dtype=dtype, device=device).masked_fill_(t[:, None] + s[None, :] < c, NEG)
 
 
-def _vertical_part(q, kr, vr, lay, off: int, T: int, scale):
-    """(out, lse) over the columns outside each row's block ranges, or None when there are none."""
-    if not lay["vertical"]:
-        return None
+def _vertical_part(q, kr, vr, lay, off: int, T: int, scale, dst: tuple) -> None:
+    """Merge the columns outside each row's block ranges into ``dst`` = (out, lse) (B, H, Sq, ...), in
+    chunks of whole blocks whose bias stays under ``MAX_BIAS_BYTES``."""
     cols, free = lay["cols"].to(q.device), lay["free"].to(q.device)  # (B, H, nc), (n_blk, B, H, nc)
     B, H, nc = cols.shape
-    Sq, Skv, n_blk = q.shape[2], kr.shape[2], free.shape[0]
+    Sq, Skv = q.shape[2], kr.shape[2]
     j = cols.clamp(min=0)
     fb = torch.zeros(free.shape, dtype=q.dtype, device=q.device).masked_fill_(~free, NEG).permute(1, 2, 0, 3)
-    bias = _scratch("vbias", (B, H, Sq, nc), q.dtype, q.device)
-    full = Sq // T  # whole blocks; a block's rows share its columns: one write
-    bias[:, :, :full * T].view(B, H, full, T, nc).copy_(fb[:, :, :full, None])
-    bias[:, :, full * T:] = fb[:, :, full:].reshape(B, H, -1, nc)[:, :, :1]  # the last, shorter block
-    first = torch.arange(n_blk, device=q.device).mul_(T).add_(off).view(-1, 1, 1, 1)  # each block's first position
-    if bool((free & (j > first)).any()):  # a column past a block's first row (no offset 0 there): causal by row
-        bias.masked_fill_(j[:, :, None, :] > torch.arange(off, off + Sq, device=q.device)[:, None], NEG)
-        dead = (bias == NEG).all(-1)  # (B, H, Sq)
-    else:
-        dead = (fb == NEG).all(-1).repeat_interleave(T, -1)[..., :Sq]  # (B, H, Sq): rows whose block has none
+    first = torch.arange(free.shape[0], device=q.device).mul_(T).add_(off).view(-1, 1, 1, 1)  # blocks' first positions
+    by_row = bool((free & (j > first)).any())  # a column past a block's first row (no offset 0 there): causal by row
     r = H // kr.shape[1]
     bi = torch.arange(B, device=q.device).view(B, 1, 1)
     hk = (torch.arange(H, device=q.device) // r).view(1, H, 1)
     kc, vc = kr[bi, hk, Skv - 1 - j], vr[bi, hk, Skv - 1 - j]  # (B, H, nc, D): the columns' keys
-    out, lse = sdpa_lse(q, kc, vc, bias, scale)
-    return out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG)
+    rows = max(1, MAX_BIAS_BYTES // (B * H * T * nc * q.element_size())) * T
+    for r0 in range(0, Sq, rows):
+        r1, b0 = min(Sq, r0 + rows), r0 // T
+        n, full = r1 - r0, (r1 - r0) // T
+        bias = _scratch("vbias", (B, H, n, nc), q.dtype, q.device)  # a block's rows share its columns: one write
+        bias[:, :, :full * T].view(B, H, full, T, nc).copy_(fb[:, :, b0:b0 + full, None])
+        bias[:, :, full * T:] = fb[:, :, b0 + full:b0 + full + 1]  # the last, shorter block
+        if by_row:
+            bias.masked_fill_(j[:, :, None, :] > torch.arange(off + r0, off + r1, device=q.device)[:, None], NEG)
+            dead = (bias == NEG).all(-1)  # (B, H, n)
+        else:
+            dead = (fb[:, :, b0:b0 + full + 1] == NEG).all(-1).repeat_interleave(T, -1)[..., :n]
+        out, lse = sdpa_lse(q[:, :, r0:r1], kc, vc, bias, scale)
+        part = (out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG))
+        dst[0][:, :, r0:r1] = merge([(dst[0][:, :, r0:r1], dst[1][:, :, r0:r1]), part])
 
 
 class Lines(Kernel):
@@ -229,7 +244,6 @@ class Lines(Kernel):
         dead = lse == NEG  # (B, H, Sq) rows that keep no key so far (a fused kernel may leave NaN)
         if bool(dead.any()):
             out.masked_fill_(dead[..., None], 0.0)
-        vert = _vertical_part(q, kr, vr, lay, off, T, scale)
-        if vert is not None:
-            out = merge([(out, lse), vert])
+        if lay["vertical"]:
+            _vertical_part(q, kr, vr, lay, off, T, scale, (out, lse))
         return out.to(dtype)
