@@ -130,8 +130,14 @@ class SinkCalibration(Method):
         return self._scan(q, k, _Call(off, causal, kv_shift, mask, scale, softcap))[0]
 
     def _scan(self, q, k, call: _Call, lse=None):
-        """(sink columns (B, h, Skv), lse (B, h, Sq) of every row over all the keys it sees, 0 for rows
-        that see none; ``lse`` itself when given (the kernel's); None when only detection rows were read).
+        """(sink columns, lse) of ``_detect``."""
+        keep, _, lse = self._detect(q, k, call, lse)
+        return keep, lse
+
+    def _detect(self, q, k, call: _Call, lse=None):
+        """(sink columns (B, h, Skv), the most sink columns of any head, lse (B, h, Sq) of every row over all
+        the keys it sees, 0 for rows that see none; ``lse`` itself when given (the kernel's); None when only
+        detection rows were read).
         A column's score: mean over the detection rows that see a key of p_ij * n_i. One score matmul
         per query chunk, exponentiated in place against its row's LSE, then the n-weighted column sum as
         one more matmul; causal chunks stop at their last visible key. k may hold fewer (GQA) heads than q."""
@@ -141,7 +147,7 @@ class SinkCalibration(Method):
         C = Sq if rows is None else len(rows)
         if lse is not None and call.mask is None and call.shift is None and (not call.causal or call.off >= 0) \
                 and B * h * C * Skv <= 1 << 24:  # the common call: four passes over the detection rows' scores
-            return self._pick(plain_col(q, k, call, lse, rows, idx, self.first), call, first_hidden=True), lse
+            return (*self._pick(plain_col(q, k, call, lse, rows, idx, self.first), call, first_hidden=True), lse)
         col = torch.zeros(B, h, Skv, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
         live = torch.zeros(B, h, 1, device=q.device, dtype=col.dtype)
         lses = [] if rows is None and lse is None else None  # the full pass also gives every row's LSE
@@ -177,11 +183,11 @@ class SinkCalibration(Method):
                 wt = n.to(p.dtype) / z.clamp_min(torch.finfo(p.dtype).tiny)  # n_i / Z_i: p_ij n_i = exp(s_ij - max_i) * that
                 col[..., :K] += (wt[:, :, None, :] @ p).squeeze(2)  # attention relative to uniform, summed over the rows
             live += (n > 0).sum(-1, keepdim=True).expand(B, h, 1)
-        return self._pick(col.div_(live.clamp_min_(1)), call), lse if lses is None else torch.cat(lses, 2)
+        return (*self._pick(col.div_(live.clamp_min_(1)), call), lse if lses is None else torch.cat(lses, 2))
 
     def _pick(self, score, call: _Call, first_hidden: bool = False):
-        """(B, h, Skv) boolean: the columns scoring above the threshold, at most max_sinks (the strongest),
-        never the first real tokens (already scored ~0 when ``first_hidden``)."""
+        """((B, h, Skv) boolean: the columns scoring above the threshold, at most max_sinks (the strongest),
+        never the first real tokens (already scored ~0 when ``first_hidden``); the most of any head)."""
         Skv = score.shape[-1]
         if first_hidden or not self.first:
             pass
@@ -191,10 +197,11 @@ class SinkCalibration(Method):
             pos = torch.arange(Skv, device=score.device) + call.shift.to(score.device)[:, None]  # (B, Skv): absolute
             score.masked_fill_((pos < self.first).view(-1, 1, Skv), 0.0)
         keep = score > self.threshold
-        if self.max_sinks < Skv and int(keep.sum(-1).max()) > self.max_sinks:
+        m = int(keep.sum(-1).max())
+        if m > self.max_sinks:
             top = score.topk(self.max_sinks, -1)  # with at most max_sinks above the threshold, keep is already these
-            keep = torch.zeros_like(keep).scatter_(2, top.indices, top.values > self.threshold)
-        return keep
+            keep, m = torch.zeros_like(keep).scatter_(2, top.indices, top.values > self.threshold), self.max_sinks
+        return keep, m
 
     def _calibrate(self, out, q, k, v, call: _Call, lse=None):
         """Heads ``call.heads`` of ``out`` (the kernel's result) with sink attention scaled by beta:
@@ -207,8 +214,7 @@ class SinkCalibration(Method):
             kv_head = call.heads // rep
             qh, kh, vh = q[:, call.heads], k[:, kv_head], v[:, kv_head]  # (B, h, S, D)
             lse, rep = None if lse is None else lse[:, call.heads], 1
-        sink, lse_all = self._scan(qh, kh, call, lse)  # (B, h, Skv), (B, h, Sq) or None
-        m = int(sink.sum(-1).max())  # the most sink columns of any (row, head)
+        sink, m, lse_all = self._detect(qh, kh, call, lse)  # (B, h, Skv), the most of any head, (B, h, Sq) or None
         if m == 0:
             return out
         if lse_all is None:  # detection read sampled rows only, and the kernel gave no LSE: every row's, recomputed
