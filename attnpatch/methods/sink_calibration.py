@@ -4,8 +4,8 @@ Hidden Attention Sinks" (Yu et al. 2024). In the chosen heads, key columns other
 queries: the column mean of p_ij * n_i, n_i = keys query i sees) are sinks that waste attention;
 their attention is scaled by ``beta`` and the rows renormalised, which equals adding log(beta) to
 their scores. Computed exactly from the kernel's output and two log-sum-exps, all keys and the
-(few) sink keys, so no S x S bias is materialised; the first comes with the kernel's output where
-the kernel returns it (plain dense calls: attnpatch.core passes it as the output step's ``lse``).
+(few) sink keys, so no S x S bias is materialised; the all-keys one comes with the kernel's output
+where the kernel returns it (plain dense calls: attnpatch.core passes it as the output step's ``lse``).
 Detection and both partitions see what the kernel saw: the call's mask (padding), causality,
 soft-capping and scale; keys the mask hides are never sinks, rows that see no key are left as the
 kernel made them, and under left padding (``Site.kv_shift``) the ``first`` tokens are the first real ones.
@@ -138,16 +138,22 @@ class SinkCalibration(Method):
         """(sink columns (B, h, Skv), the most sink columns of any head, lse (B, h, Sq) of every row over all
         the keys it sees, 0 for rows that see none; ``lse`` itself when given (the kernel's); None when only
         detection rows were read).
-        A column's score: mean over the detection rows that see a key of p_ij * n_i. One score matmul
-        per query chunk, exponentiated in place against its row's LSE, then the n-weighted column sum as
-        one more matmul; causal chunks stop at their last visible key. k may hold fewer (GQA) heads than q."""
+        A column's score: mean over the detection rows that see a key of p_ij * n_i."""
         B, h, Sq, _ = q.shape
-        Skv = k.shape[2]
         rows, idx = sample(Sq, self.detect_rows, q.device)  # None: every row
         C = Sq if rows is None else len(rows)
         if lse is not None and call.mask is None and call.shift is None and (not call.causal or call.off >= 0) \
-                and B * h * C * Skv <= 1 << 24:  # the common call: four passes over the detection rows' scores
+                and B * h * C * k.shape[2] <= 1 << 24:  # the common call: four passes over the detection rows' scores
             return (*self._pick(plain_col(q, k, call, lse, rows, idx, self.first), call, first_hidden=True), lse)
+        col, lse = self._columns(q, k, call, lse, rows, idx)
+        return (*self._pick(col, call), lse)
+
+    def _columns(self, q, k, call: _Call, lse, rows, idx):
+        """(column scores (B, h, Skv), lse as ``_detect`` returns it) in query chunks: one score matmul per
+        chunk, exponentiated in place against its row's LSE, then the n-weighted column sum; causal chunks
+        stop at their last visible key. k may hold fewer (GQA) heads than q."""
+        B, h, Sq, _ = q.shape
+        Skv, C = k.shape[2], Sq if rows is None else len(rows)
         col = torch.zeros(B, h, Skv, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
         live = torch.zeros(B, h, 1, device=q.device, dtype=col.dtype)
         lses = [] if rows is None and lse is None else None  # the full pass also gives every row's LSE
@@ -183,7 +189,7 @@ class SinkCalibration(Method):
                 wt = n.to(p.dtype) / z.clamp_min(torch.finfo(p.dtype).tiny)  # n_i / Z_i: p_ij n_i = exp(s_ij - max_i) * that
                 col[..., :K] += (wt[:, :, None, :] @ p).squeeze(2)  # attention relative to uniform, summed over the rows
             live += (n > 0).sum(-1, keepdim=True).expand(B, h, 1)
-        return (*self._pick(col.div_(live.clamp_min_(1)), call), lse if lses is None else torch.cat(lses, 2))
+        return col.div_(live.clamp_min_(1)), lse if lses is None else torch.cat(lses, 2)
 
     def _pick(self, score, call: _Call, first_hidden: bool = False):
         """((B, h, Skv) boolean: the columns scoring above the threshold, at most max_sinks (the strongest),
