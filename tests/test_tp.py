@@ -96,14 +96,14 @@ class _Ranks:
         return reduce
 
 
-def _split_run(method, q, k, v, layer, world=2):
+def _split_run(method, q, k, v, layer, where, world=2):
     """The call run by ``world`` thread ranks, each with its colwise share of the heads, concatenated."""
     H, Hkv = q.shape[1], k.shape[1]
     ranks, outs, errors = _Ranks(world), [None] * world, []
 
     def rank(r):
         h, hk = slice(r * H // world, (r + 1) * H // world), slice(r * Hkv // world, (r + 1) * Hkv // world)
-        site = Site(causal=True, layer=layer, heads=tuple(range(H))[h], num_heads=H, head_sum=ranks.head_sum(r))
+        site = Site(layer=layer, heads=tuple(range(H))[h], num_heads=H, head_sum=ranks.head_sum(r), **where)
         try:
             outs[r] = core.run(q[:, h], k[:, hk], v[:, hk], method, site)
         except Exception as e:  # noqa: BLE001 - reported by the test
@@ -123,15 +123,16 @@ def _split_run(method, q, k, v, layer, world=2):
 @pytest.mark.parametrize("method", [ap.TopKBlocks(keep=0.5, block=4), ap.TopKBlocks(keep=0.5, block=4, profile=KEEP),
                                     ap.SinkCalibration(heads=[(0, 3), (1, 1)], threshold=0.5)], ids=repr)
 @pytest.mark.parametrize("layer", [0, 1])
-def test_a_head_split_call_equals_the_whole_call(method, layer):
+@pytest.mark.parametrize("where", [dict(causal=True), dict(grid=(8, 12))], ids=["causal", "grid"])
+def test_a_head_split_call_equals_the_whole_call(method, layer, where):
     """Per-head parameters follow the model's head index and estimates average over every rank's heads:
     the split call equals the one-process call (and the method changes the output)."""
     torch.manual_seed(layer)
     q, k, v = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 16)
     k[:, :, 9] *= 6  # a non-initial key most queries like: a sink for SinkCalibration
-    whole = core.run(q, k, v, method, Site(causal=True, layer=layer))
-    assert (whole - core.run(q, k, v, ap.Dense(), Site(causal=True))).abs().max() > 1e-3
-    assert torch.allclose(_split_run(method, q, k, v, layer), whole, atol=1e-5)
+    whole = core.run(q, k, v, method, Site(layer=layer, **where))
+    assert (whole - core.run(q, k, v, ap.Dense(), Site(**where))).abs().max() > 1e-3
+    assert torch.allclose(_split_run(method, q, k, v, layer, where), whole, atol=1e-5)
 
 
 def test_a_call_with_fewer_heads_than_the_model_and_no_tp_shard_is_refused():

@@ -78,7 +78,7 @@ class TopKBlocks(Sparse):
         sizes = lay["sizes"].to(q.device)
 
         def pool(x):  # (B, h, n, D) -> (B, h, nT, D) tile means
-            if x.device.type == "cuda" and D >= 16 and not D & (D - 1):
+            if x.device.type == "cuda" and D >= 16 and not D & (D - 1) and x.shape[1]:  # 0 heads: a rank lacking a group
                 from ..ops.triton_pool import tile_means  # fused on the GPU: no permuted copy
 
                 return tile_means(x[:, :, v0:v0 + n], lay["order"], lay["bounds"])
