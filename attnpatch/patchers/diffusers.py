@@ -44,6 +44,7 @@ class _Call(SharesMethod):
         self.method, self.backend, self.layer, self.name, self.state = method, backend, layer, name, state
         self.counters, self.routes = counters, routes
 
+    @route.eager  # dynamo would trace the processor check (lru_cache ignored) and break on the contextvar
     def pre(self, module, args, kwargs):
         """Forward pre-hook. The processor may have changed since patch (``set_attn_processor``,
         an adapter loader, ``fuse_qkv_projections``): route whichever one runs now, or say why not."""
@@ -55,6 +56,7 @@ class _Call(SharesMethod):
         self.routes.add(proc.__module__)
         route.enter(self)
 
+    @route.eager
     def post(self, module, args, kwargs, output):
         """Forward hook, run even when forward raises."""
         route.leave(self)

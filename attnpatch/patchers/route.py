@@ -21,6 +21,7 @@ import sys
 import threading
 import types
 
+import torch
 import torch.nn.functional as F
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("attnpatch_frame", default=None)
@@ -50,6 +51,22 @@ def leave(call) -> None:
         _ACTIVE.reset(frame.token)
 
 
+def eager(fn):
+    """``fn``, run eagerly under torch.compile (one graph break per call). attnpatch's attention builds
+    its plans from Python state (the step, the grid, data-dependent block choices, cached kernel
+    choices) that dynamo would otherwise trace into dozens of fragments, guard on per step, or fail
+    on (data-dependent sizes). Outside compile this costs one ``is_compiling`` check (~0.1 us, where
+    ``torch.compiler.disable`` alone costs ~0.7 us a call)."""
+    off = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return (off if torch.compiler.is_compiling() else fn)(*args, **kwargs)
+
+    return wrapper
+
+
+@eager
 def _route(q, k, v, attn_mask, dropout_p, is_causal, scale):
     """attnpatch's result on (B, H, S, D), or None when the call goes to the original function."""
     frame = _ACTIVE.get()
@@ -65,12 +82,10 @@ def _make_dispatch(orig):
     @functools.wraps(orig)
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        frame = _ACTIVE.get() if parallel_config is not None and not dropout_p else None
-        if frame is not None:  # diffusers' context parallelism: the method inside its Ulysses attention
-            from .parallel import run
-
-            return run(frame.call, frame, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                       parallel_config)
+        out = _parallel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, parallel_config) \
+            if parallel_config is not None and not dropout_p else None
+        if out is not None:
+            return out
         # (B, S, H, D) -> (B, H, S, D) for the kernels, and back
         out = _route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                      attn_mask, dropout_p, is_causal, scale)
@@ -81,6 +96,17 @@ def _make_dispatch(orig):
                     parallel_config=parallel_config)
 
     return dispatch_attention_fn
+
+
+@eager
+def _parallel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, parallel_config):
+    """diffusers' context parallelism: the method inside its Ulysses attention, or None: not ours."""
+    frame = _ACTIVE.get()
+    if frame is None:
+        return None
+    from .parallel import run
+
+    return run(frame.call, frame, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, parallel_config)
 
 
 class _Functional(types.ModuleType):

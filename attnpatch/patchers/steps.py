@@ -14,6 +14,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..handle import SharesMethod
+from .route import eager
 
 NAME = "attnpatch"  # the hook's name in the model's HookRegistry
 _COPY = "_attnpatch_copy"  # forward kwarg: the call is a deep copy's (see DenoiserHook.pre_forward)
@@ -148,6 +149,7 @@ def register(model, hook: DenoiserHook):
     return _Unregister(model, had_registry, had_forward, model.register_forward_pre_hook(_read_inputs, with_kwargs=True))
 
 
+@eager  # under torch.compile: the grid and timestep are Python numbers read off tensors (.item())
 def _read_inputs(module, args, kwargs):
     """Grid and timestep of this forward, read from the inputs as the caller passed them: a torch
     forward pre-hook runs before the registry's chain, so hooks that rewrite the inputs (diffusers'
