@@ -36,9 +36,10 @@ def plain_col(q, k, call: "_Call", lse, rows, idx, first: int):
     work = torch.promote_types(q.dtype, torch.float32)
     C, rep = Sq if rows is None else len(rows), h // hk
     lo, hi, logw = _geometry(Sq, Skv, call.off if call.causal else None, None if rows is None else C, first, q.device, work)
-    qc = (q if idx is None else q.index_select(2, idx)).to(work) * call.scale  # the scale rides on q: C x D multiplies
-    sc = (qc.reshape(B * hk, rep * C, D) @ k.to(work).reshape(B * hk, Skv, D).transpose(1, 2)).view(B, h, C, Skv)
-    sc.sub_((lse if idx is None else lse.index_select(2, idx)).to(work).sub(logw).unsqueeze(-1))
+    qc = (q if idx is None else q.index_select(2, idx)).to(work).reshape(B * hk, rep * C, D)
+    r = (lse if idx is None else lse.index_select(2, idx)).to(work).sub(logw).reshape(B * hk, rep * C, 1)
+    # s_ij - lse_i + log w_i in one op: the scale and the row terms ride in the matmul (few ops: small calls pay per op)
+    sc = torch.baddbmm(r, qc, k.to(work).reshape(B * hk, Skv, D).transpose(1, 2), beta=-1, alpha=call.scale).view(B, h, C, Skv)
     # exp(-87) stays far below every sum's resolution (a column's score against the threshold): the floor hides
     return (sc.clamp_(lo, hi) if hi is not None else sc.clamp_min_(_EXP_FLOOR)).exp_().sum(-2)
 
