@@ -41,11 +41,11 @@ def _run(model, job: dict) -> torch.Tensor:
     mask[0, :job.get("pad", 0)] = 0
     with torch.no_grad():
         out = model(ids[:, :ids.shape[1] - n], attention_mask=mask[:, :ids.shape[1] - n], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
+        logits, cache = [out.logits], out.cache  # transformers 5.24: ``cache`` (past_key_values is deprecated)
         for i in range(ids.shape[1] - n, ids.shape[1]):
-            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache, use_cache=True)
             logits.append(out.logits)
-            cache = out.past_key_values
+            cache = out.cache
     return torch.cat(logits, 1)
 
 
