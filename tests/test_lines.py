@@ -49,7 +49,14 @@ CASES = {  # B, Hq, Hkv, Sq, Skv, D, n_cols, n_diags, near, block
     "gqa-chunk": (2, 4, 2, 9, 49, 32, 5, 3, None, 4),
     "batch2-clusters-columns": (2, 3, 1, 90, 90, 16, 6, 8, 5, 16),
     "offset-clusters": (1, 4, 2, 33, 80, 16, 4, 6, 4, 8),
+    "gqa-value-dim": (2, 6, 2, 17, 69, (32, 48), 2, 3, None, 8),  # v's head dim differs: no flash kernel
 }
+
+
+def _qkv(g, B, Hq, Hkv, Sq, Skv, D):
+    """float64 q, k, v; ``D`` may be (head dim of q and k, head dim of v)."""
+    D, Dv = D if isinstance(D, tuple) else (D, D)
+    return (torch.randn(B, h, s, d, generator=g, dtype=torch.float64) for h, s, d in ((Hq, Sq, D), (Hkv, Skv, D), (Hkv, Skv, Dv)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -58,7 +65,7 @@ def test_lines_kernel_matches_the_reference(case, dtype, monkeypatch):
     B, Hq, Hkv, Sq, Skv, D, nc, nd, near, block = CASES[case]
     monkeypatch.setattr(lines_mod, "BLOCK", block)
     g = torch.Generator().manual_seed(sum(map(ord, case)))
-    q, k, v = (torch.randn(B, h, s, D, generator=g, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    q, k, v = _qkv(g, B, Hq, Hkv, Sq, Skv, D)
     plan = plan_of(random_lines(g, B, Hq, Skv, nc, nd, near), Sq, Skv, Skv - Sq)
     assert kernels.get("lines").why_not(q, k, v, plan) is None
     ref = attention(q, k, v, plan)  # float64
@@ -80,7 +87,7 @@ def test_calls_split_by_heads_and_row_chunks_give_the_same(case, monkeypatch):
     monkeypatch.setattr(lines_mod, "BLOCK", block)
     monkeypatch.setattr(lines_mod, "MAX_BIAS_BYTES", 1)
     g = torch.Generator().manual_seed(sum(map(ord, case)))
-    q, k, v = (torch.randn(B, h, s, D, generator=g, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    q, k, v = _qkv(g, B, Hq, Hkv, Sq, Skv, D)
     plan = plan_of(random_lines(g, B, Hq, Skv, nc, nd, near), Sq, Skv, Skv - Sq)
     assert (kernels.get("lines").run(q, k, v, plan) - attention(q, k, v, plan)).abs().max() < 1e-12
 

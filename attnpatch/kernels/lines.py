@@ -225,7 +225,7 @@ class Lines(Kernel):
         dtype, work = q.dtype, torch.promote_types(q.dtype, torch.float32)  # parts merge in float32
         B, H, Sq, D = q.shape
         Skv, off, T = k.shape[2], plan.q_offset, min(BLOCK, q.shape[2])
-        if q.device.type != "cpu" and H != k.shape[1]:  # the CPU flash kernel takes GQA; the others do not
+        if H != k.shape[1] and (q.device.type != "cpu" or v.shape[3] != D):  # only the CPU flash kernel takes GQA
             k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
         q = q.to(work)
         rev = torch.arange(Skv - 1, -1, -1, device=q.device)
