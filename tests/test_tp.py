@@ -147,3 +147,14 @@ def test_a_call_with_fewer_heads_than_the_model_and_no_tp_shard_is_refused():
         q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 1, 8, 16)
         with pytest.raises(RuntimeError, match="not a tensor-parallel DTensor"):
             tp.attention(attn, q, k, k, None, scaling=0.25)
+
+
+def test_site_head_sum_must_be_callable_and_without_it_head_mean_is_the_plain_mean():
+    from attnpatch.checks import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError, match="head_sum"):
+        Site(heads=(0,), num_heads=2, head_sum=3)
+    x = torch.randn(2, 3, 4, 5)
+    assert torch.equal(Site().head_mean(x), x.mean((0, 1)))
+    doubled = Site(head_sum=lambda t: t.mul_(2)).head_mean(x)  # two equal ranks: sum and count both double
+    assert torch.allclose(doubled, x.mean((0, 1)), atol=1e-6)
