@@ -199,3 +199,23 @@ def test_plans_are_reused_per_site_geometry():
     dense, site = ap.attend(qs, ks, vs, ap.Dense(), Site(causal=True)), Site(causal=True)
     assert (ap.attend(qs, ks, vs, m, site) - dense).abs().max() > 1e-3
     torch.testing.assert_close(ap.attend(qs, ks, vs, twin, site), dense, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cols", [(9,), (9, 17)], ids=["one-sink", "two-sinks"])
+def test_correction_matches_the_definition_with_one_and_several_sinks(cols):
+    """One sink column per head takes the shortcut (its value row is o_s); several the general sum: both equal
+    the softmax with log(beta) added to the sink columns' scores."""
+    B, H, Hkv, S_, D = 1, 4, 2, 60, 16
+    q, k, v = _qkv(B, H, Hkv, S_, S_, D, seed=7, dtype=torch.float64)
+    c = torch.randn(D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    q += c
+    for j in cols:
+        k[:, :, j] = 4 * c
+    m = ap.SinkCalibration(threshold=2.0, beta=0.3, detect_rows=16)
+    out = ap.attend(q.float(), k.float(), v.float(), m, Site(causal=True))
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    sinks = m.sinks(q, kk, 0, True)
+    assert sinks[..., list(cols)].all() and int(sinks.sum(-1).max()) == len(cols)
+    s = q @ kk.transpose(-1, -2) / math.sqrt(D) + torch.where(sinks[:, :, None, :], math.log(0.3), 0.0)
+    s = s.masked_fill(torch.ones(S_, S_, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ vv, atol=2e-6, rtol=2e-6)

@@ -242,18 +242,21 @@ class SinkCalibration(Method):
         ks, vs = gather_rows(kh, kv_head, idx), gather_rows(vh, kv_head, idx)  # (B, h, m, D): each head's sink keys / values
         sc = call.logits(qh, ks, 0, idx, grad=grad)  # (B, h, Sq, m): the sink columns' own scores, mask and causality
         sc = sc.masked_fill(~sink.gather(2, idx)[:, :, None, :], float("-inf"))
-        mx = sc.detach().amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)  # rows that see no sink: 0 (cancels anyway)
-        ex = torch.exp(sc - mx)
-        z = ex.sum(-1, keepdim=True)  # Z_s / exp(mx); 0 for rows that see no sink
-        zc = z.clamp_min(torch.finfo(z.dtype).tiny)
-        o_s = (ex / zc) @ vs.to(sc.dtype)  # (B, h, Sq, Dv); rows that see no sink: 0
-        # log(Z_s / Z); rows that see no sink: -inf (w = 0), through log(0) only without autograd (its backward is NaN)
-        e = (mx + (zc.log().masked_fill(z == 0, float("-inf")) if grad else z.log())).squeeze(-1) - lse_all
+        if m == 1:  # one sink column: o_s is its value row, log Z_s its score; no (B, h, Sq, Dv) temporary
+            e, o_s = sc.squeeze(-1) - lse_all, vs.to(sc.dtype)  # rows that see no sink: -inf
+        else:
+            mx = sc.detach().amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)  # rows that see no sink: 0 (cancels anyway)
+            ex = torch.exp(sc - mx)
+            z = ex.sum(-1, keepdim=True)  # Z_s / exp(mx); 0 for rows that see no sink
+            zc = z.clamp_min(torch.finfo(z.dtype).tiny)
+            o_s = (ex / zc) @ vs.to(sc.dtype)  # (B, h, Sq, Dv); rows that see no sink: 0
+            # log(Z_s / Z); rows that see no sink: -inf (w = 0), through log(0) only without autograd (its backward is NaN)
+            e = (mx + (zc.log().masked_fill(z == 0, float("-inf")) if grad else z.log())).squeeze(-1) - lse_all
         # w below 1e-30 changes nothing a float holds, and its products would be subnormal (the CPU's slow path)
         w = (1 - self.beta) * torch.exp(e.masked_fill(e < -69.0, float("-inf")))
-        # (base - w o_s) / (1 - w) = base + w / (1 - w) (base - o_s): one fused pass; without autograd into o_s (a
-        # fresh multi-MB tensor costs its page faults on CPU)
-        return torch.lerp(base, o_s, (w / (w - 1))[..., None], out=None if grad else o_s)
+        # (base - w o_s) / (1 - w) = base + w / (1 - w) (base - o_s): one fused pass, without autograd in place (a
+        # fresh multi-MB tensor costs its page faults on CPU; base is the kernel's own output or a copy)
+        return torch.lerp(base, o_s, (w / (w - 1))[..., None], out=None if grad else base)
 
     def plan(self, q, k, site: Site) -> Plan | None:
         # one Plan per (layer, heads, site geometry), returned again on every call: core and the kernels then
