@@ -1,7 +1,9 @@
 """``VerticalSlash``: MInference's vertical-slash pattern for LLM prefill. From the last
 ``last_q`` queries, per batch row and head, estimate the most attended key columns (verticals)
 and diagonals (slashes, by offset i - j); every query then sees those, the first ``sink`` keys
-and its last ``window`` keys (causal). Decode calls (one query) stay dense, as in MInference."""
+and its last ``window`` keys (causal). Decode calls (one query) stay dense, as in MInference.
+The plan carries the pattern twice: a mask_mod (every kernel, the goldens) and ``Plan.lines`` (columns +
+diagonals), which the ``lines`` kernel runs without building the (S_q, S_kv) mask."""
 from __future__ import annotations
 
 import functools
