@@ -24,6 +24,9 @@ def _methods(family):
 
 JOBS = [dict(family=f, method=m) for f in pc.FAMILIES for m in _methods(f)]
 JOBS += [dict(family=f, method=ap.Neighborhood(window=3), order="before") for f in pc.FAMILIES]
+# TopKBlocks averages its block estimate over all heads: the ranks sum theirs (Site.head_sum)
+JOBS += [dict(family="wan", method=ap.TopKBlocks(keep=k, block=(1, 2, 2))) for k in (0.5, 0.25)]
+JOBS += [dict(family=f, method=ap.TopKBlocks(keep=0.5, block=(2, 2))) for f in ("flux",)]
 JOBS += [dict(family=f, method=ap.SharedAttention(), batch=2) for f in pc.FAMILIES]
 BALANCE = dict(family="flux", method=ap.Neighborhood(tile=4, profile={"window": torch.tensor([[3, 3, 31, 31]] * 2)}),
                heads=4, side=16)  # heads 2, 3 dense: in order, rank 1 would hold both

@@ -74,7 +74,8 @@ class _Call(SharesMethod):
         log_once(logging.WARNING, f"{self.name}: attention batch {B} does not match the {len(roles)} rows the guidance set")
         return ()
 
-    def site(self, Sq: int, Skv: int, causal: bool, roles: tuple = (), heads=None, num_heads=None) -> tuple[Site | None, str]:
+    def site(self, Sq: int, Skv: int, causal: bool, roles: tuple = (), heads=None, num_heads=None,
+             head_sum=None) -> tuple[Site | None, str]:
         """``(Site, "")`` for a visual call, else ``(None, why it is not one)``."""
         st = self.state
         grid = _level(st.grid, Sq) if st.family.multires else st.grid
@@ -94,12 +95,13 @@ class _Call(SharesMethod):
                     layer=self.layer, name=self.name, kind=kind, family=st.family.name,
                     timestep=st.timestep, step=st.tracker.step if st.timestep is not None else None,
                     steps=st.tracker.total if st.timestep is not None else None, roles=roles,
-                    rope=st.rope, heads=heads, num_heads=num_heads), ""
+                    rope=st.rope, heads=heads, num_heads=num_heads, head_sum=head_sum), ""
 
-    def run(self, frame, q, k, v, *, mask, scale, causal, heads=None, num_heads=None):
+    def run(self, frame, q, k, v, *, mask, scale, causal, heads=None, num_heads=None, head_sum=None):
         """The method's attention of ``(B, H, S, D)`` tensors (``heads``: the model's index of each
         of the H heads, when the call holds a subset), or None: not a call the method applies to."""
-        site, why = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(frame, q.shape[0]), heads, num_heads)
+        site, why = self.site(q.shape[2], k.shape[2], bool(causal), self._roles(frame, q.shape[0]), heads, num_heads,
+                              head_sum)
         if site is None:
             self.counters.skip(why)
             return None

@@ -14,13 +14,16 @@ op, so each rank runs the method on the global sequence of its heads:
 - the Site names the model heads the rank holds (``Site.heads``), so per-head parameters,
   profiles and head lists index the model's heads; the grid and timestep come from the model's
   unsharded inputs (``steps._read_inputs``);
-- data-dependent methods estimate on what the rank holds: every head's whole sequence, so each
-  head's estimate equals the single-process one.
+- data-dependent methods estimate on what the rank holds: every head's whole sequence, so a
+  per-head estimate equals the single-process one; an estimate averaged over heads (TopKBlocks)
+  sums over the Ulysses group (``Site.head_sum``, one all-reduce).
 
 Ring and unified attention (``ring_degree > 1``) split each call's keys across ranks; they are
 refused with ``RING`` rather than run dense.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +94,8 @@ def run(call, frame, query, key, value, attn_mask, dropout_p, is_causal, scale, 
     Hl = H // N
     heads = tuple(order[rank * Hl:(rank + 1) * Hl].tolist()) if order is not None else tuple(range(rank * Hl, (rank + 1) * Hl))
     saved = {}
+    # estimates averaged over heads (TopKBlocks) sum over the Ulysses group: each rank holds H / N of them
+    head_sum = functools.partial(torch.distributed.all_reduce, group=cp._ulysses_mesh.get_group()) if N > 1 else None
 
     def attend(q, k, v, mask):
         """(B, S_global, Hl, D) -> the same, through the method in the model's token order."""
@@ -98,7 +103,7 @@ def run(call, frame, query, key, value, attn_mask, dropout_p, is_causal, scale, 
             mask = mask[:, list(heads)]  # a per-head mask keeps all H heads: the rank's (diffusers' own op fails here)
         qc, kc, vc, mc = layout.canonical(q, k, v, mask)
         out = call.run(frame, qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), mask=mc, scale=scale,
-                       causal=is_causal, heads=heads, num_heads=H)
+                       causal=is_causal, heads=heads, num_heads=H, head_sum=head_sum)
         if out is None:  # not a call the method applies to (e.g. text-only): stock attention, as diffusers'
             out = F.scaled_dot_product_attention(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
                                                  attn_mask=_sdpa_mask(mc, q.shape[0]), scale=scale, is_causal=is_causal)
