@@ -172,7 +172,8 @@ def test_accelerate_device_map_equals_the_plain_patched_llm():
 # --- diffusers' FirstBlockCache under Ulysses context parallelism ---------------------------------
 
 CP_JOBS = [dict(family="flux", method=ap.Neighborhood(window=3)), dict(family="wan", method=ap.Neighborhood(window=3)),
-           dict(family="flux", method=ap.TopKBlocks(keep=0.25, block=2))]
+           dict(family="flux", method=ap.TopKBlocks(keep=0.25, block=2)),
+           dict(family="ltx", method=ap.Neighborhood(window=3), layers=dict(num_layers=2))]  # the cache needs 2+ blocks
 
 
 def test_first_block_cache_under_ulysses_equals_one_process():
