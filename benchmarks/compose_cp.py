@@ -170,7 +170,8 @@ def _worker(rank: int, world: int, port: int, jobs: list, out: str) -> None:
             try:
                 rows.append(_job(job, world))
             except Exception as e:  # noqa: BLE001 - the row says what failed; every rank fails alike
-                rows.append(dict(family=job["family"], method=repr(job["method"]), error=f"{type(e).__name__}: {e}",
+                rows.append(dict(family=job["family"], method=repr(job["method"]), order=job.get("order", "cache_first"),
+                                 error=f"{type(e).__name__}: {e}",
                                  where=traceback.format_exc()[-1500:]))
     finally:
         if rank == 0:
