@@ -18,6 +18,7 @@ import torch
 import attnpatch as ap
 import goldens as G
 import goldens_guided as GG
+import goldens_hyper as GH
 import goldens_select as GS
 from attnpatch import Site
 
@@ -261,6 +262,21 @@ ZOO += [
     Case("entropyscale-grid", ap.EntropyScale(train_len=16), Site(grid=(5, 7)), (1, 2, 2, 35, 35, 64),
          _scaled(lambda n: math.log(n) / math.log(16))),
     Case("entropyscale-decode", ap.EntropyScale(train_len=8), C, (1, 2, 2, 1, 41, 48), _entropy(8)),
+]
+
+
+
+def _hyper(**kw):
+    return lambda q, k, v, s: GH.hyper_attention(q, k, v, s.q_offset, s.causal, layer=s.layer, **kw)
+
+
+HYPER = dict(block=4, samples=5, hashes=3, min_len=8, seed=1)
+ZOO += [  # HyperAttention: sorted LSH blocks + weighted samples; causal by recursion down to min_len (dense)
+    Case("hyper-causal", ap.HyperAttention(**HYPER), replace(C, layer=2), (1, 4, 2, 40, 40, 64), _hyper(**HYPER)),
+    Case("hyper-chunk-gqa", ap.HyperAttention(**HYPER), C, (2, 4, 2, 12, 44, 48), _hyper(**HYPER)),
+    Case("hyper-noncausal", ap.HyperAttention(block=5, samples=4, hashes=2, min_len=6, seed=3), Site(), (1, 2, 1, 30, 27, 80),
+         _hyper(block=5, samples=4, hashes=2, min_len=6, seed=3)),
+    Case("hyper-decode", ap.HyperAttention(**HYPER), C, (2, 2, 1, 1, 23, 16), _dense),  # one query: exact by definition
 ]
 
 

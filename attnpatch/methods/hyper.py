@@ -1,0 +1,179 @@
+"""``HyperAttention``: near-linear attention by sorted LSH buckets plus a sampled residual (Han et al. 2023).
+
+Non-causal attention of ``nq`` queries on ``nk`` keys (one problem per batch row and query head; a GQA
+query head uses its KV head's keys):
+
+1. sortLSH: ``hashes`` random hyperplanes (shared by every head of a layer) give each query and key
+   a bucket ``sum_i 2^i [x . w_i > 0]``; buckets are ranked by their place in the reflected Gray
+   code, so neighbouring ranks differ in one hyperplane, and queries and keys are sorted by rank
+   (stable: ties keep token order).
+2. Block diagonal: sorted keys fall in ``nb = ceil(nk / block)`` blocks of ``block``; the query at
+   sorted place p is in block ``p * nb // nq`` (``block`` queries per block when nq == nk); a query
+   attends exactly to the keys of its block.
+3. Residual: ``samples`` sorted key places drawn uniformly with replacement (when nb > 1); each draw
+   outside the query's block adds its key with weight ``nk / samples``: the softmax numerator and
+   denominator are both estimated, i.e. score + log(draws * nk / samples).
+   A call of fewer than ``min_len`` queries is exact (dense).
+
+Causal (the paper's recursion): a causal square of n tokens is exact when n <= ``min_len``, else it
+splits at h = ceil(n / 2) into the two diagonal causal halves (recursively) and the lower-left
+unmasked block (h rows on the first h keys, step 1-3); the pieces are one softmax (merged by their
+log-sum-exp). A chunk of queries after ``q_offset`` cached keys is the unmasked block of those keys
+plus the causal square of its own tokens, so a decode call (one query) is exact, as in the paper.
+Randomness is seeded: hyperplanes by (seed, layer), the draws of each unmasked block by (seed, layer,
+its first query, its first key) through ``stream``; the same call gives the same output.
+
+Differences from the authors' code (insu-han/hyper-attn): buckets are ranked by the inverse of the
+Gray code (their ``perm[bin]`` applies the Gray code itself, which a later fork flags as a bug: the
+paper sorts so adjacent buckets differ in one bit); odd lengths split at ceil(n / 2) and short last
+blocks stay short (they pad with zero tokens, which take softmax mass); under left padding the pad
+tokens take part in sorting (the model's mask hides their keys). The plan is a score table over the
+(S_q, S_kv) grid, run by the reference and flex kernels: exact, but not near-linear in time.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import Plan
+from ..site import Site
+from .base import Method, check_int
+
+_MOD = 2**61 - 1
+
+
+def stream(*ints: int) -> int:
+    """A generator seed from integers (documented so a golden can reproduce every draw)."""
+    h = 0
+    for x in ints:
+        h = (h * 1_000_003 + int(x) + 1) % _MOD
+    return h
+
+
+@functools.lru_cache(maxsize=8)
+def _gray_rank(bits: int) -> torch.Tensor:
+    """(2^bits,) long: bucket b -> its place in the reflected Gray code (the inverse Gray code)."""
+    gray = torch.arange(2**bits)
+    gray = gray ^ (gray >> 1)  # place i holds bucket gray[i]
+    return torch.empty_like(gray).scatter_(0, gray, torch.arange(2**bits))
+
+
+@dataclass
+class HyperAttention(Method):
+    """sortLSH block diagonal plus a uniformly sampled residual; causal by the paper's recursion."""
+
+    source = "HyperAttention: Long-context Attention in Near-Linear Time (Han et al. 2023)"
+
+    block: int = 256
+    samples: int = 256
+    hashes: int = 7
+    min_len: int = 4096
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, low, example in (("block", 1, 256), ("samples", 0, 256), ("hashes", 1, 7), ("min_len", 1, 4096),
+                                   ("seed", 0, 0)):
+            setattr(self, name, check_int("HyperAttention", name, getattr(self, name), low, example=example))
+        if self.hashes > 16:
+            raise ValueError(f"HyperAttention(hashes={self.hashes}): expected at most 16 hyperplanes (2^hashes "
+                             "buckets), e.g. HyperAttention(hashes=7)")
+
+    def nodes(self, Sq: int, Skv: int, off: int, causal: bool) -> list[tuple]:
+        """The call's pieces as (kind, first row, rows, first key, keys) in absolute positions, kind
+        "dense" (exact; causal when rows and keys start together) or "hyper" (steps 1-3)."""
+        if not causal:
+            return [self._unmasked(off, Sq, 0, Skv)]
+        if off + Sq != Skv:
+            raise ValueError(f"{self}: a causal call needs its queries to be the last keys (q_offset {off} + "
+                             f"{Sq} queries != {Skv} keys)")
+        out = [self._unmasked(off, Sq, 0, off)] if off else []
+        return out + self._square(off, Sq)
+
+    def _unmasked(self, q0: int, nq: int, k0: int, nk: int) -> tuple:
+        return ("dense" if nq < self.min_len else "hyper", q0, nq, k0, nk)
+
+    def _square(self, a: int, n: int) -> list[tuple]:
+        if n <= self.min_len:
+            return [("dense", a, n, a, n)]
+        h = (n + 1) // 2
+        return self._square(a, h) + [self._unmasked(a + h, n - h, a, h)] + self._square(a + h, n - h)
+
+    def ranks(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """(B, H, S) Gray-code rank of each token's bucket (x (B, H, S, D))."""
+        g = torch.Generator().manual_seed(stream(self.seed, layer))
+        w = torch.randn(x.shape[-1], self.hashes, generator=g, dtype=torch.float64)  # (D, hashes)
+        work = torch.promote_types(x.dtype, torch.float32)
+        bits = (x.to(work) @ w.to(x.device, work)) > 0  # (B, H, S, hashes)
+        bucket = (bits.long() << torch.arange(self.hashes, device=x.device)).sum(-1)
+        return _gray_rank(self.hashes).to(x.device)[bucket]
+
+    def _hyper(self, q, k, node: tuple, layer: int) -> torch.Tensor:
+        """(B, Hq, nq, nk) score bias of one unmasked piece: 0 in a query's block, log(draws * nk / samples)
+        for drawn keys outside it, -inf elsewhere."""
+        _, q0, nq, k0, nk = node
+        B, H = q.shape[:2]
+        rep = H // k.shape[1]
+        q_order = torch.sort(self.ranks(q, layer), dim=-1, stable=True).indices  # (B, H, nq) sorted place -> query
+        k_order = torch.sort(self.ranks(k, layer), dim=-1, stable=True).indices.repeat_interleave(rep, 1)  # (B, H, nk)
+        nb = -(-nk // self.block)
+        q_blk = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=q.device).expand_as(q_order) * nb // nq)
+        k_blk = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(nk, device=q.device).expand_as(k_order) // self.block)
+        same = q_blk[..., :, None] == k_blk[..., None, :]  # (B, H, nq, nk)
+        work = torch.promote_types(q.dtype, torch.float32)
+        out = torch.zeros(same.shape, dtype=work, device=q.device)
+        if nb == 1 or self.samples == 0:
+            return out.masked_fill_(~same, float("-inf"))
+        g = torch.Generator().manual_seed(stream(self.seed, layer, q0, k0))
+        drawn = torch.randint(nk, (B, H, self.samples), generator=g).to(q.device)  # sorted key places
+        count = torch.zeros(B, H, nk, dtype=work, device=q.device).scatter_add_(
+            -1, k_order.gather(-1, drawn), torch.ones(drawn.shape, dtype=work, device=q.device))  # (B, H, nk) draws per key
+        w = (count * (nk / self.samples)).log()  # -inf for keys never drawn
+        return torch.where(same, out, w[..., None, :])
+
+    def table(self, q, k, site: Site) -> torch.Tensor | None:
+        """(B, Hq, Sq, Skv) score bias of the call (-inf: not attended), or None when every piece is exact."""
+        B, H, Sq, _ = q.shape
+        Skv, off = k.shape[2], site.q_offset
+        nodes = self.nodes(Sq, Skv, off, site.causal)
+        if all(n[0] == "dense" for n in nodes):
+            return None
+        work = torch.promote_types(q.dtype, torch.float32)
+        out = torch.full((B, H, Sq, Skv), float("-inf"), dtype=work, device=q.device)
+        for node in nodes:
+            kind, q0, nq, k0, nk = node
+            rows, cols = slice(q0 - off, q0 - off + nq), slice(k0, k0 + nk)
+            if kind == "hyper":
+                out[:, :, rows, cols] = self._hyper(q[:, :, rows], k[:, :, cols], node, site.layer)
+            else:  # exact; the kernel applies causality
+                out[:, :, rows, cols] = 0.0
+        return out
+
+    def plan(self, q, k, site: Site) -> Plan | None:
+        bias = self.table(q, k, site)
+        if bias is None:
+            return None  # every piece is exact: dense (causal) attention
+        keep = bias > float("-inf")
+        bias = bias.masked_fill(~keep, 0.0)  # masked scores never reach the softmax: no -inf arithmetic
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return keep[b, h, q_idx, kv_idx]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, h, q_idx, kv_idx].to(score.dtype)
+
+        return Plan(mask_mod=mask_mod, score_mod=score_mod, name=repr(self))
+
+
+if __name__ == "__main__":
+    from ..plan import materialise_mask
+
+    torch.manual_seed(0)
+    S = 32
+    q, k = torch.randn(1, 1, S, 8), torch.randn(1, 1, S, 8)
+    m = HyperAttention(block=4, samples=3, hashes=3, min_len=8)
+    keep = materialise_mask(m.plan(q, k, Site(causal=True)).with_site(True, 0), 1, 1, S, S, "cpu")[0, 0]
+    print(f"{m} on random q, k (causal, {S} tokens; log(n/m)-weighted samples shown as kept):")
+    print("\n".join("".join("#" if x else "." for x in row.tolist()) for row in keep))
