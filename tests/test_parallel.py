@@ -12,6 +12,20 @@ from attnpatch.tools import parallel_check as pc
 pytest.importorskip("diffusers")
 
 TOL = 1e-4
+
+
+class RowCoupled(ap.Method):
+    """A test method whose cross-attention rows depend on each other (each row minus the mean over the
+    call's rows), like SinkCalibration's column statistics: under context parallelism Wan's
+    cross-attention holds one rank's query rows, which must be gathered for the one-process result."""
+
+    llm = False
+    rows_coupled = True
+
+    def plan(self, q, k, site):
+        if site.kind != "cross":
+            return None
+        return ap.Plan(output=lambda out, q, k, v, scale: out - 0.5 * out.mean(2, keepdim=True), name="row-coupled")
 PROFILE = {"window": torch.tensor([[3, 5], [5, 3]])}  # (layers, heads): head 1 differs from head 0
 
 
@@ -31,6 +45,9 @@ JOBS += [dict(family=f, method=ap.SharedAttention(), batch=2) for f in pc.FAMILI
 BALANCE = dict(family="flux", method=ap.Neighborhood(tile=4, profile={"window": torch.tensor([[3, 3, 31, 31]] * 2)}),
                heads=4, side=16)  # heads 2, 3 dense: in order, rank 1 would hold both
 JOBS += [BALANCE]
+# SinkCalibration's sinks come from all query rows: Wan's cross-attention (query rows sharded, no exchange) gathers them
+JOBS += [dict(family=f, method=ap.SinkCalibration(threshold=1.2, detect_rows=None)) for f in pc.FAMILIES]
+JOBS += [dict(family="wan", method=ap.SinkCalibration(threshold=1.2, detect_rows=8)), dict(family="wan", method=RowCoupled())]
 JOBS += [dict(family="wan22", method=m) for m in (ap.Neighborhood(window=3), ap.PAG())]  # both experts, whole pipeline
 JOBS += [dict(family="ltx", method=ap.Neighborhood(window=3), text_mask=True),  # cross-attention with a padded text mask
          dict(family="flux", method=ap.Neighborhood(window=3), ring=True)]

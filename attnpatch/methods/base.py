@@ -43,6 +43,9 @@ class Method:
     llm = True  # runs in a transformers causal decoder
     guidance = False  # the diffusers patcher wraps the denoiser to add perturbed rows
     needs_roles = False  # attention calls must know their CFG batch roles (guidance implies it)
+    # the output of a query row depends on other query rows (statistics over the call's rows, as
+    # SinkCalibration's column means): a call split by query rows across ranks is gathered first
+    rows_coupled = False
 
     def bind_model(self, model) -> None:
         """Called once by a patcher at patch time with the patched model; default: nothing."""

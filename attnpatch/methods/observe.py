@@ -47,6 +47,10 @@ class Observed(Method):
     def needs_roles(self) -> bool:
         return self.inner.needs_roles
 
+    @property
+    def rows_coupled(self) -> bool:
+        return self.inner.rows_coupled
+
     def bind_model(self, model) -> None:
         self.inner.bind_model(model)
 

@@ -65,6 +65,7 @@ class SinkCalibration(Method):
     """Scale the attention of detected non-initial sink tokens by ``beta`` in chosen heads."""
 
     source = "Unveiling and Harnessing Hidden Attention Sinks (ACT, Yu et al. 2024)"
+    rows_coupled = True  # sinks come from column statistics over the call's query rows
 
     heads: object = None  # None: every head; [(layer, head), ...]; {layer: [heads]}; or a profile path
     threshold: float = 5.0

@@ -106,6 +106,11 @@ class _Call(SharesMethod):
             self.counters.skip(why)
             return None
         self.counters.route()
+        if self.method.rows_coupled and site.kind == "cross" and site.grid is None and self.state.parallel is not None:
+            # this rank's shard of the query rows (no Ulysses exchange: the keys are whole on every rank) and a
+            # method whose rows depend on each other: all the rows, then this rank's
+            return parallel.all_rows(self.state.parallel, q, mask, lambda q_, m_: core.run(
+                q_, k, v, self.method, site, backend=self.backend, mask=m_, scale=scale))
         return core.run(q, k, v, self.method, site, backend=self.backend, mask=mask, scale=scale)
 
 

@@ -150,6 +150,23 @@ def _head_order(call, layout, H: int, N: int, D: int, causal: bool):
     return memo[key]
 
 
+def all_rows(parallel_config, q, mask, attend):
+    """``attend(q, mask)`` on the query rows of every rank (rank r holds rows [r S, (r+1) S) of the
+    sequence: diffusers' split hooks shard contiguously), then this rank's rows of the output."""
+    cp = parallel_config.context_parallel_config
+    group, N = cp._ulysses_mesh.get_group(), cp.ulysses_degree
+    rank, S = cp._ulysses_mesh.get_local_rank(), q.shape[2]
+
+    def gather(x, dim):
+        parts = [torch.empty_like(x) for _ in range(N)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim)
+
+    if mask is not None and mask.dim() >= 2 and mask.shape[-2] == S and S > 1:
+        mask = gather(mask, mask.dim() - 2)
+    return attend(gather(q, 2), mask)[:, :, rank * S:(rank + 1) * S]
+
+
 def _sdpa_mask(mask, B):
     if mask is not None and mask.dim() == 2 and mask.shape[0] == B:  # diffusers' [B, S_kv] key mask
         return mask[:, None, None, :]
