@@ -20,6 +20,7 @@ import compose_cp  # noqa: E402
 
 TOL = 1e-4
 SPARSE = 1e-3  # a patched output differs from stock by more than this
+METHOD = lambda: ap.Neighborhood(window=3)  # noqa: E731
 
 
 def _diff(a, b) -> float:
@@ -59,7 +60,7 @@ def _fresh(family: str, method=None):
 # --- torch.compile -------------------------------------------------------------------------------
 
 COMPILE = [("flux", lambda: ap.Neighborhood(window=3, dense_steps=1)), ("flux", lambda: ap.TopKBlocks(keep=0.25, block=2)),
-           ("flux", lambda: ap.Temperature(tau=0.8)), ("wan", lambda: ap.Neighborhood(window=3, dense_steps=1))]
+           ("wan", lambda: ap.Neighborhood(window=3, dense_steps=1))]  # Temperature: benchmarks/compose.py
 
 
 @pytest.mark.parametrize("family,make", COMPILE, ids=[f"{f}-{i}" for i, (f, _) in enumerate(COMPILE)])
@@ -76,6 +77,26 @@ def test_compiled_patched_transformer_equals_eager_at_every_step(family, make):
             assert _diff(c, s) > SPARSE, f"step {i}: compiled output is stock attention's"
     if getattr(make(), "dense_steps", 0) == 1:
         assert _diff(compiled[0], stock[0]) <= TOL, "dense_steps=1: the first step must run dense under compile too"
+
+
+def test_in_place_and_regional_compile_compose_with_patch_in_either_order():
+    """``model.compile()`` then patch (in-place compile keeps the module, so patching is allowed) and
+    unpatch; patch then diffusers' regional ``compile_repeated_blocks()``: both equal eager."""
+    kw = _steps("flux")
+    eager, stock = _outputs(_fresh("flux", METHOD()), "flux"), _outputs(_fresh("flux"), "flux")
+    torch._dynamo.reset()
+    model = _fresh("flux")
+    model.compile()
+    handle = ap.patch(model, METHOD())
+    with torch.no_grad():
+        out = [model(**k)[0] for k in kw]
+    handle.remove()
+    assert max(map(_diff, out, eager)) <= TOL
+    assert max(map(_diff, _outputs(model, "flux"), stock)) <= TOL, "unpatch must restore the compiled stock output"
+    torch._dynamo.reset()
+    regional = _fresh("flux", METHOD())
+    regional.compile_repeated_blocks(fullgraph=False)  # fullgraph=True fails: attnpatch's attention is a graph break
+    assert max(map(_diff, _outputs(regional, "flux"), eager)) <= TOL
 
 
 def test_graph_breaks_are_only_attnpatch_eager_boundaries():
@@ -96,9 +117,6 @@ def test_graph_breaks_are_only_attnpatch_eager_boundaries():
 
 
 # --- diffusers offloading ------------------------------------------------------------------------
-
-METHOD = lambda: ap.Neighborhood(window=3)  # noqa: E731
-
 
 @pytest.fixture(scope="module")
 def flux_ref():
