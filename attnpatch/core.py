@@ -91,8 +91,13 @@ def _softcap(c: Call) -> None:
 
 
 def _transform(c: Call) -> None:
-    if c.plan.transform is not None:
-        c.q, c.k, c.v = c.plan.transform(c.q, c.k, c.v)
+    fn = c.plan.transform
+    if fn is None:
+        return
+    if "mask" in _names(fn):  # a transform that selects keys (decode gathers: Quest, SinkWindow) maps the mask too
+        c.q, c.k, c.v, c.mask = fn(c.q, c.k, c.v, mask=c.mask)
+    else:
+        c.q, c.k, c.v = fn(c.q, c.k, c.v)
 
 
 def _extra_kv(c: Call) -> None:

@@ -55,6 +55,7 @@ class Plan:
     # every row's own (shared attention); mask_mod sees them as kv_idx >= S_kv
     extra_kv: tuple | Callable | None = None
     transform: Callable | None = None  # (q, k, v) -> (q, k, v) before the kernel (AdaIN of shared attention)
+    # (one naming a `mask` parameter gets the call's mask and returns (q, k, v, mask): a key selection, decode gathers)
     # Parts of the call computed with plans of their own and blended into this plan's output (PAG's
     # perturbed rows): each runs through the same steps and kernels as any plan (attnpatch.core)
     parts: tuple["Part", ...] = ()

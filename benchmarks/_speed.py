@@ -92,7 +92,9 @@ def methods_for(c: Case) -> list[ap.Method]:
         w = min(4096, max(16, S // 4))
         return [ap.SinkWindow(sink=4, window=w), ap.TopKBlocks(keep=0.25), ap.Power(local=min(512, max(16, S // 16))),
                 ap.VerticalSlash(verticals=min(1024, max(16, S // 16)), slashes=min(1024, max(16, S // 16)),
-                                 window=min(1024, max(16, S // 16))), *calibrated]
+                                 window=min(1024, max(16, S // 16))),
+                ap.Quest(budget=max(32, S // 4)),  # prefill is dense by definition; decode: benchmarks/decode.py
+                *calibrated]
     side = c.grid[-1]
     tile = 8 if side <= 32 else 16
     inward = ap.InwardWindow(train_grid=max(4, side // 2))  # generating at twice the training side

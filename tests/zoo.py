@@ -19,6 +19,7 @@ import attnpatch as ap
 import goldens as G
 import goldens_guided as GG
 import goldens_hyper as GH
+import goldens_quest as GQ
 import goldens_select as GS
 from attnpatch import Site
 
@@ -277,6 +278,18 @@ ZOO += [  # HyperAttention: sorted LSH blocks + weighted samples; causal by recu
     Case("hyper-noncausal", ap.HyperAttention(block=5, samples=4, hashes=2, min_len=6, seed=3), Site(), (1, 2, 1, 30, 27, 80),
          _hyper(block=5, samples=4, hashes=2, min_len=6, seed=3)),
     Case("hyper-decode", ap.HyperAttention(**HYPER), C, (2, 2, 1, 1, 23, 16), _dense),  # one query: exact by definition
+]
+
+
+def _quest(budget, page, dense=False):
+    return lambda q, k, v, s: G.attention(q, k, v, GQ.quest_keep(q, k, s.q_offset, budget, page, dense))
+
+
+ZOO += [  # Quest: decode reads the sink page, its own page and the pages with the largest key bounds
+    Case("quest-decode-gqa", ap.Quest(budget=16, page=4, dense_layers=()), C, (2, 6, 2, 1, 37, 48), _quest(16, 4)),
+    Case("quest-decode-full-page", ap.Quest(budget=12, page=4, dense_layers=()), C, (1, 4, 1, 1, 40, 64), _quest(12, 4)),
+    Case("quest-prefill", ap.Quest(budget=8, page=4, dense_layers=()), C, (1, 2, 2, 30, 30, 80), _quest(8, 4)),
+    Case("quest-dense-layer", ap.Quest(budget=8, page=4), C, (1, 2, 1, 1, 33, 16), _quest(8, 4, dense=True)),
 ]
 
 

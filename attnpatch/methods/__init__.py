@@ -19,6 +19,7 @@ _FILES = {
     "Temperature": "temperature",
     "EntropyScale": "temperature",
     "SinkCalibration": "sink_calibration",
+    "Quest": "quest",
     "HyperAttention": "hyper",
 }  # public name -> module file
 

@@ -6,7 +6,9 @@ absolute (``Site.kv_shift``): under left padding the sink is the first *real* to
 rolling cache that has dropped them keeps no sink. ``evict=True`` gives the method a KV-cache
 policy (``kv_policy()``, a ``SinkEviction``): a cache layer under it holds [sink keys | a run of
 keys ending at the query]; the transformers patcher describes those calls in slot coordinates
-(``kv_shift`` None), where this same mask is exact.
+(``kv_shift`` None), where this same mask is exact. A decode query (one row, no ``kv_shift``) reads
+only its sink and window keys, sliced from the cache (``_decode``): no length-S mask, and a cost that
+stops growing with the context.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class SinkEviction:
     turns it into a cache layer. One object per patch (``kv_policy()`` makes a new one), so its
     statistics (``stats()``, read through ``Handle.stats()``) are that patch's, never the method's."""
 
+    evicts = True  # the cache layer holds slots, not positions (see kv_cache.KVCache.note)
+
     def __init__(self, sink: int, window: int):
         self.sink, self.window = sink, window
         self.keep = sink + window - 1  # keys a layer holds between forwards
@@ -43,6 +47,10 @@ class SinkEviction:
             return keys, values
         tail = S - (self.window - 1)
         return tuple(torch.cat([t[:, :, :self.sink], t[:, :, tail:]], 2) for t in (keys, values))
+
+    def observe(self, layer: int, state: dict, keys: torch.Tensor) -> None:
+        """Called by the cache layer after each update (a policy may keep per-layer data beside the
+        cache, as Quest's page bounds): eviction needs none."""
 
     def record(self, layer: int, seen: int, held: int, token_bytes: int) -> None:
         with self._lock:
@@ -116,12 +124,32 @@ class SinkWindow(Method):
                 f"SinkWindow is causal (LLM) attention but {site.name or 'this site'} is not causal; "
                 "for image / video models use a locality method such as Neighborhood"
             )
+        if q is not None and q.shape[2] == 1 and site.kv_shift is None:
+            return self._decode(site.q_offset, k.shape[2])
         if site.kv_shift is not None or q is None:
             return self._plan(q, k, site)
         # without kv_shift the plan depends only on these: one Plan object per key (for every layer and
         # step), so kernels' caches keyed on its mask_mod (sdpa's materialised mask) hit on every call
         key = (self.sink, self.window, self.block, q.shape[2], k.shape[2], site.q_offset, str(q.device))
         return self._plans.get(key, lambda: self._plan(q, k, site))
+
+    def _decode(self, p: int, Skv: int) -> Plan | None:
+        """One query at position ``p`` reads only its keys, [0, sink) and [p - window + 1, p], sliced
+        from the cache (a view, or one copy of sink + window keys when the two runs are apart): decode
+        cost stops growing with the context. None when those are all the keys: plain attention, exactly."""
+        sink, lo = min(self.sink, p + 1), max(0, p - self.window + 1)
+        runs = [(0, p + 1)] if lo <= sink else [(0, sink), (lo, p + 1)] if sink else [(lo, p + 1)]
+        if runs == [(0, Skv)]:
+            return None
+
+        def read(q, k, v, mask=None):
+            """The call's kept keys / values (B, H_kv, n, D), and its mask at them."""
+            k, v = _runs(k, runs, 2), _runs(v, runs, 2)
+            if mask is not None and mask.shape[-1] == Skv:
+                mask = _runs(mask, runs, mask.dim() - 1)
+            return q, k, v, mask
+
+        return Plan(transform=read, name=f"SinkWindow(sink={self.sink}, window={self.window})")
 
     def _plan(self, q, k, site: Site) -> Plan:
         sink, window, offset, shift = self.sink, self.window, site.q_offset, site.kv_shift
@@ -136,6 +164,12 @@ class SinkWindow(Method):
         prefill = S is not None and S == k.shape[2] and offset == 0 and shift is None and S > self.block
         return Plan(mask_mod=mask_mod, blocks=self.blocks(S) if prefill else None,
                     name=f"SinkWindow(sink={sink}, window={window})", static=shift is None)
+
+
+def _runs(x: torch.Tensor, runs: list, dim: int) -> torch.Tensor:
+    """``x`` narrowed to the index runs [a, b) along ``dim``: a view for one run, else one cat."""
+    parts = [x.narrow(dim, a, b - a) for a, b in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ builds RoPE correctly), and ``get_mask_sizes`` places the held keys just before 
 causal mask is the same under that shift). ``KVCache`` is one patch's policy on one model: it
 puts a ``PolicyLayer`` in place of each chosen full-attention layer of every cache the model is
 called with, refuses caches it cannot apply to, and tells the attention calls whose keys came
-from a policy layer (their slots are not positions: the patcher describes them in slot
-coordinates, where the method's mask is exact).
+from an evicting policy's layer (their slots are not positions: the patcher describes them in slot
+coordinates, where the method's mask is exact). A policy may also keep data of its own beside each
+layer's keys (``policy.observe(layer, state, keys)`` after every update; Quest's page bounds), which
+whatever reorders or cuts the keys (beam search, crop, reset) clears.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class PolicyLayer(DynamicLayer):
         super().__init__()
         self.kv, self.layer_idx = kv, layer_idx
         self.cumulative_length = 0  # tokens seen; reset() zeroes it
+        self.state: dict = {}  # what the policy keeps beside this layer's keys (Quest's page bounds)
 
     @classmethod
     def adopt(cls, layer: DynamicLayer, kv: "KVCache", layer_idx: int) -> "PolicyLayer":
@@ -45,10 +48,13 @@ class PolicyLayer(DynamicLayer):
         keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, held + new, D)
         values = torch.cat([self.values, value_states], dim=-2)
         self.cumulative_length += key_states.shape[-2]
-        self.keys, self.values = self.kv.policy.retain(keys, values)
+        policy = self.kv.policy
+        self.keys, self.values = policy.retain(keys, values)
+        policy.observe(self.layer_idx, self.state, keys)
         token_bytes = sum(t[..., :1, :].numel() * t.element_size() for t in (key_states, value_states))
-        self.kv.policy.record(self.layer_idx, self.cumulative_length, self.keys.shape[-2], token_bytes)
-        self.kv.note(self.layer_idx, keys)
+        policy.record(self.layer_idx, self.cumulative_length, self.keys.shape[-2], token_bytes)
+        if policy.evicts:  # slots are not positions: the patcher describes such calls in slot coordinates
+            self.kv.note(self.layer_idx, keys)
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -58,7 +64,25 @@ class PolicyLayer(DynamicLayer):
         held = self.keys.shape[-2] if self.is_initialized else 0
         return held + query_length, self.cumulative_length - held
 
+    # whatever reorders or cuts the keys invalidates the policy's data beside them (rebuilt at the next update)
+    def reset(self) -> None:
+        self.state.clear()
+        super().reset()
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.state.clear()
+        super().reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices) -> None:
+        self.state.clear()
+        super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.state.clear()
+        super().batch_repeat_interleave(repeats)
+
     def crop(self, tokens_to_remove: int) -> None:
+        self.state.clear()
         held = self.keys.shape[-2] if self.is_initialized else 0
         super().crop(tokens_to_remove)  # refuses a positive count
         self.cumulative_length -= held - (self.keys.shape[-2] if self.is_initialized else 0)
@@ -109,7 +133,7 @@ class KVCache:
 
     def _pre(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+        if self.policy.evicts and mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError(f"{self.owner} needs an unpadded batch (left padding would keep pad slots as the sink): "
                              "generate one sequence at a time, or use evict=False")
         cache = _cache_of(kwargs)

@@ -1,0 +1,173 @@
+"""``Quest``: query-aware page selection for LLM decode (Tang et al. 2024, "Quest: Query-Aware Sparsity
+for Efficient Long-Context LLM Inference").
+
+The KV cache is cut into pages of ``page`` keys. Per page and head dimension d the elementwise maximum
+M_d and minimum m_d of its keys bound any key's logit against a query q: ``q . k <= sum_d max(q_d M_d,
+q_d m_d)``. A decode query reads the first page (attention sink), its own (last, maybe partial) page and
+the pages with the largest bound, ``budget // page`` pages in all, chosen per KV head (GQA: a page's
+bound is the largest over the query heads of its group, so a page any of them may need is a candidate).
+The kept keys are gathered (one copy of ~budget keys) and attended with plain SDPA: decode reads the
+bounds (2 / page of the keys) and the budget, not the whole cache. Prefill and multi-token chunks stay
+dense, as in the paper; so do ``dense_layers`` (the paper leaves the first two dense).
+
+Under ``attnpatch.patch`` the bounds are kept incrementally beside the cache (``kv_policy()``: a
+``PageBounds`` per patch; the transformers patcher makes each cache layer update them as pages fill),
+so a decode step computes bounds only for pages completed since the last one. Without such a cache
+(``attnpatch.attend``) they are computed from the keys given: the same numbers, at dense read cost.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import Plan
+from ..site import Site
+from .base import Method, check_int, check_indices
+
+
+class PageBounds:
+    """The KV-cache policy of ``Quest``: every layer keeps all its keys (``evicts = False``) and,
+    beside them, the elementwise max / min of each full page (``observe``, called by the cache layer
+    after each update with a state dict of its own). ``bounds(layer, keys)`` hands a decode call the
+    bounds of exactly the keys it was given (the cache layer's latest keys, checked by identity), or
+    None. One object per patch; it registers itself with its method's ``registry``."""
+
+    evicts = False
+
+    def __init__(self, page: int, registry: weakref.WeakSet):
+        self.page, self.registry = page, registry
+        self.local = threading.local()  # layer -> (weakref of the keys handed out, max, min) per thread
+        self._lock = threading.Lock()
+        self._layers: dict = {}  # layer -> (tokens, bound bytes, bytes per token)
+        registry.add(self)
+
+    def retain(self, keys, values):
+        return keys, values  # nothing is evicted: Quest reads a subset per step, the cache keeps all
+
+    def observe(self, layer: int, state: dict, keys: torch.Tensor) -> None:
+        """Extend ``state``'s bounds to every full page of ``keys`` (B, H_kv, S, D), computing only
+        the pages completed since the last call, and note them for this thread's attention call."""
+        P, full = self.page, keys.shape[2] // self.page
+        mx, n = state.get("max"), state.get("n", 0)
+        if mx is None or mx.shape[:2] != keys.shape[:2] or mx.shape[3] != keys.shape[3] or mx.device != keys.device \
+                or mx.dtype != keys.dtype or n > full:
+            mx, n = None, 0  # a new batch, device or a cropped cache: start over
+        if full > n:
+            if mx is None or mx.shape[2] < full:  # capacity doubles: amortised O(1) per page
+                cap = max(full, 2 * (0 if mx is None else mx.shape[2]), 64)
+                grown = [keys.detach().new_empty(*keys.shape[:2], cap, keys.shape[3]) for _ in range(2)]
+                if mx is not None:
+                    grown[0][:, :, :n], grown[1][:, :, :n] = mx[:, :, :n], state["min"][:, :, :n]
+                state["max"], state["min"] = mx, _ = grown
+            new = keys.detach()[:, :, n * P:full * P].unflatten(2, (full - n, P))  # (B, H_kv, pages, P, D)
+            torch.amax(new, 3, out=state["max"][:, :, n:full])  # an estimate: no gradient flows through a selection
+            torch.amin(new, 3, out=state["min"][:, :, n:full])
+        state["n"] = full
+        notes = self.local.__dict__.setdefault("notes", {})
+        notes[layer] = (weakref.ref(keys), state["max"][:, :, :full], state["min"][:, :, :full])
+
+    def bounds(self, layer: int, keys: torch.Tensor):
+        """(max, min) (B, H_kv, full pages, D) of ``keys`` when they are the keys a cache layer under
+        this policy just handed to ``layer`` in this thread, else None."""
+        got = self.local.__dict__.get("notes", {}).get(layer)
+        return None if got is None or got[0]() is not keys else got[1:]
+
+    def record(self, layer: int, seen: int, held: int, token_bytes: int) -> None:
+        with self._lock:
+            self._layers[layer] = (seen, token_bytes)
+
+    def stats(self) -> dict:
+        """``{"evicted": 0, "before": bytes, "after": bytes, "bounds": bytes}``: the cache is kept
+        whole; ``bounds`` is what the page bounds add (2 / page of the keys)."""
+        with self._lock:
+            rows = list(self._layers.values())
+        kv = sum(seen * b for seen, b in rows)
+        return {"evicted": 0, "before": kv, "after": kv, "bounds": sum(seen // self.page * b for seen, b in rows)}
+
+    def __deepcopy__(self, memo):  # a deep copy of a patched model keeps bounds of its own caches
+        new = PageBounds(self.page, self.registry)
+        memo[id(self)] = new
+        return new
+
+    def __repr__(self) -> str:
+        return f"PageBounds(page={self.page})"
+
+
+@dataclass
+class Quest(Method):
+    """Decode reads the sink page, its own page and the pages whose key bounds score highest."""
+
+    source = "Quest (Tang et al. 2024, arXiv:2406.10774)"
+
+    budget: int = 1024  # keys a decode query reads (whole pages, the sink and own page included)
+    page: int = 16  # keys per page
+    dense_layers: tuple = (0, 1)  # layers left dense (the paper's first two)
+
+    def __post_init__(self):
+        self.page = check_int("Quest", "page", self.page, 1, example=16)
+        self.budget = check_int("Quest", "budget", self.budget, 2 * self.page, example=1024,
+                                expected=f"an integer >= 2 * page = {2 * self.page} (the sink page and the query's own)")
+        self.dense_layers = check_indices("Quest", "dense_layers", self.dense_layers, example=(0, 1))
+        self._policies = weakref.WeakSet()  # PageBounds of the patches using this method
+
+    def kv_policy(self) -> PageBounds:
+        return PageBounds(self.page, self._policies)
+
+    def plan(self, q, k, site: Site) -> Plan | None:
+        if not site.causal:
+            raise ValueError(f"Quest selects pages of an LLM's KV cache at decode, but {site.name or 'this site'} is "
+                             "not causal; for image / video models use TopKBlocks")
+        P, Skv = self.page, k.shape[2]
+        last = (Skv - 1) // P  # the query's own page (the newest, maybe partial)
+        if q.shape[2] != 1 or site.layer in self.dense_layers or last + 1 <= self.budget // P:
+            return None  # prefill / chunks / dense layers, or the budget holds every page: dense, exactly
+        tok = self.select(q, k, site)  # (B, H_kv, n) key indices, ascending
+
+        def gather(q, k, v, mask=None):
+            """The kept keys / values (B, H_kv, n, D) and the call's mask at them (B, H_q, 1, n)."""
+            idx = tok.to(k.device)
+            k, v = (x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[3])) for x in (k, v))
+            if mask is not None:
+                B, H = q.shape[:2]
+                mi = idx.repeat_interleave(H // idx.shape[1], 1)[:, :, None]  # (B, H_q, 1, n): each query head's KV head
+                mask = mask.expand(B, H, q.shape[2], Skv).gather(3, mi)
+            return q, k, v, mask
+
+        return Plan(transform=gather, name=repr(self))
+
+    def select(self, q, k, site: Site) -> torch.Tensor:
+        """(B, H_kv, n) ascending indices of the keys a decode query reads: page 0, the top pages by
+        bound among 1 .. last - 1, and the own page [last * page, Skv)."""
+        P, Skv = self.page, k.shape[2]
+        last = (Skv - 1) // P
+        mx, mn = self._bounds(k, site, last)  # (B, H_kv, last - 1, D) of pages 1 .. last - 1
+        B, Hkv, D = k.shape[0], k.shape[1], k.shape[3]
+        qg = q.float().view(B, Hkv, -1, D)  # (B, H_kv, group, D): the query heads of each KV head
+        # sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m: two matmuls instead of a (group, pages, D) product
+        bound = qg.clamp(min=0) @ mx.float().transpose(-1, -2) + qg.clamp(max=0) @ mn.float().transpose(-1, -2)
+        top = bound.amax(2).topk(self.budget // P - 2, -1).indices + 1  # (B, H_kv, kept) page numbers
+        ar = torch.arange(P, device=k.device)
+        pages = (top.sort(-1).values[..., None] * P + ar).flatten(-2)  # (B, H_kv, kept * P)
+        own = torch.arange(last * P, Skv, device=k.device).expand(B, Hkv, -1)
+        return torch.cat([ar.expand(B, Hkv, -1), pages, own], -1)
+
+    def _bounds(self, k, site: Site, last: int):
+        """(max, min) of pages 1 .. last - 1: from this thread's cache layer when it keeps them, else from k."""
+        for policy in list(self._policies):
+            got = policy.bounds(site.layer, k)
+            if got is not None and got[0].shape[2] >= last:
+                return got[0][:, :, 1:last], got[1][:, :, 1:last]
+        pages = k[:, :, self.page:last * self.page].unflatten(2, (last - 1, self.page))  # (B, H_kv, last - 1, P, D)
+        return pages.amax(3), pages.amin(3)
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    m = Quest(budget=16, page=4, dense_layers=())
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 40, 8)
+    k[:, :, 21] = 3 * q[0, 0, 0]  # one key close to the query: its page should be kept
+    tok = m.select(q, k, Site(causal=True, q_offset=39, decode=True))[0, 0]
+    print(f"{m} on random keys (40 keys, pages of 4; key 21 aligned with the query):")
+    print("".join("#" if j in set(tok.tolist()) else "." for j in range(40)))
