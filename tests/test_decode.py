@@ -148,3 +148,27 @@ def test_sinkwindow_decode_reads_only_kept_keys(sink, window, Skv, n):
     want = ap.attend(q.double(), k.double(), v.double(), ap.Dense(), Site(causal=True, q_offset=Skv - 1),
                      mask=__import__("attnpatch").plan.materialise_mask(full.with_site(True, Skv - 1), 1, 4, 1, Skv, "cpu"))
     assert (ap.attend(q, k, v, m, site).double() - want).abs().max() < 1e-6
+
+
+def test_quest_cache_layer_appends_in_place_and_equals_dynamic_layer():
+    """A Quest cache layer appends into buffers with room (no O(length) copy per decode step) and holds
+    exactly what transformers' DynamicLayer holds through updates, crop and beam reordering."""
+    from transformers.cache_utils import DynamicLayer
+
+    from attnpatch.patchers.kv_cache import KVCache, PolicyLayer
+
+    kv = KVCache(ap.Quest(page=4, budget=8).kv_policy(), [0])
+    ours, plain = PolicyLayer(kv, 0), DynamicLayer()
+    g = torch.Generator().manual_seed(3)
+    ptrs = set()
+    for step, n in enumerate([20, 1, 1, 3, 1, 1]):
+        k, v = torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g)
+        a, b = ours.update(k, v), plain.update(k, v)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        ptrs.add(a[0].data_ptr())
+        if step == 3:
+            ours.crop(-2), plain.crop(-2)
+        if step == 4:
+            ours.reorder_cache(torch.tensor([1, 0])), plain.reorder_cache(torch.tensor([1, 0]))
+    assert len(ptrs) <= 2  # one buffer, re-seated once by the reordering
+    assert torch.equal(ours.keys, plain.keys) and ours.get_seq_length() == plain.get_seq_length()

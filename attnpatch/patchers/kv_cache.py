@@ -45,10 +45,13 @@ class PolicyLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, held + new, D)
-        values = torch.cat([self.values, value_states], dim=-2)
-        self.cumulative_length += key_states.shape[-2]
         policy = self.kv.policy
+        if policy.evicts:
+            keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, held + new, D)
+            values = torch.cat([self.values, value_states], dim=-2)
+        else:
+            keys, values = self._append(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
         self.keys, self.values = policy.retain(keys, values)
         policy.observe(self.layer_idx, self.state, keys)
         token_bytes = sum(t[..., :1, :].numel() * t.element_size() for t in (key_states, value_states))
@@ -56,6 +59,25 @@ class PolicyLayer(DynamicLayer):
         if policy.evicts:  # slots are not positions: the patcher describes such calls in slot coordinates
             self.kv.note(self.layer_idx, keys)
         return keys, values
+
+    def _append(self, key_states, value_states):
+        """Keys / values with the new ones appended, as views of buffers with room to grow: a cache that
+        keeps every key (Quest reads a budget of them per step) then costs O(new tokens) per update, not
+        the O(length) copy of DynamicLayer's cat. Buffers are re-seated whenever the held keys are not a
+        prefix of them (reordered, cropped then regrown elsewhere, adopted) or full (grown by 1/4)."""
+        held = self.keys if self.keys.dim() == 4 else None  # lazy_initialization leaves an empty 1-D tensor
+        n, new = (0 if held is None else held.shape[-2]), key_states.shape[-2]
+        bufs = self.__dict__.get("_bufs")
+        if bufs is None or held is None or bufs[0].shape[-2] < n + new or held.data_ptr() != bufs[0].data_ptr() \
+                or held.stride() != bufs[0].stride() or bufs[0].shape[:2] != key_states.shape[:2] \
+                or bufs[0].dtype != key_states.dtype or bufs[0].device != key_states.device:
+            cap = n + new + max(256, (n + new) // 4)
+            bufs = tuple(t.new_empty(*t.shape[:-2], cap, t.shape[-1]) for t in (key_states, value_states))
+            if held is not None:
+                bufs[0][..., :n, :], bufs[1][..., :n, :] = held, self.values
+            self._bufs = bufs
+        bufs[0][..., n:n + new, :], bufs[1][..., n:n + new, :] = key_states, value_states
+        return bufs[0][..., :n + new, :], bufs[1][..., :n + new, :]  # (B, H_kv, n + new, D) views
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
