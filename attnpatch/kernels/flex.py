@@ -116,6 +116,8 @@ def _cpu_why_not(q, k, v, plan) -> str | None:
         return None  # eager (debugging): no compile per shape
     if not shutil.which("g++"):
         return "compiling FlexAttention on CPU needs a C++ compiler (g++)"
+    if q.dtype == torch.float64:  # inductor's CPU flex template raises on float64 (torch 2.13)
+        return "compiled FlexAttention on CPU runs float32 / float16 / bfloat16 only"
     if plan.mask_mod is None and plan.blocks is None:
         return "a score-only plan skips nothing: compiling per shape costs more than the eager path saves"
     return None
