@@ -61,6 +61,7 @@ TIE = 0.02  # estimates within 2 % of each other keep the preference order
 # lines' fixed work per call (layout, tables, ~60 small tensor ops), in SDPA call overheads: measured
 # ~0.3 ms at 64 tokens on the 2-core CPU, where one masked SDPA call is cheaper
 LINES_FIXED_CALLS = 40
+GROUP_FIXED_CALLS = 10  # and per further KV head group (its tables and row checks: ~10 small ops)
 KEYS = ("call_s", "elem_s", "causal_factor", "mask_elem_s", "build_s", "build_s_per_elem", "tiles_factor",
         "lse_s", "merge_s_per_elem", "gather_s_per_byte")
 _TABLES: dict = {}
@@ -173,22 +174,30 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
 
 
 def _lines_estimate(c: dict, q, k, v, plan) -> float:
-    """kernels/lines.py: its fused calls over each query block's key ranges read a bias built in one pass
-    (``2 * mask_elem_s`` per element: the build and the kernel's read; rated like a tiles call), one call
-    over the gathered columns outside those ranges (a mask built per element), the reversed copies of k and
-    v, and a merge where there are columns. Analytic, from the calibrated constants (no fit of its own)."""
+    """kernels/lines.py, per KV head group: its fused calls over each query block's key ranges (copied side
+    by side when there are several) read a bias built in one pass (``2 * mask_elem_s`` per element: the
+    build and the kernel's read; rated like a tiles call), one call over the gathered columns outside those
+    ranges (a mask built per element), the reversed copies of k and v, and a merge where there are columns.
+    Analytic, from the calibrated constants (no fit of its own)."""
     if plan.lines is None:
         return math.inf
-    from .lines import BLOCK, layout  # same module family; the layout is cached on plan.lines
+    from .lines import BLOCK, groups, layout  # same module family; the layouts are cached on plan.lines
 
     B, Hq, Sq, D = q.shape
-    lay = layout(plan.lines, Sq, k.shape[2], plan.q_offset, min(BLOCK, Sq))
+    G = k.shape[1] if q.device.type == "cpu" and v.shape[3] == D else Hq  # elsewhere k, v are repeated per head
+    T = min(BLOCK, Sq)
+    subs = groups(plan.lines, G, Sq, k.shape[2], plan.q_offset, T)
+    lays = [layout(sub, Sq, k.shape[2], plan.q_offset, T) for sub in subs]
+    G = len(subs)
     elem, bias = per_d(c["elem_s"], D), per_d(c["mask_elem_s"], D)
-    ranges = B * Hq * lay["area"] * (elem * c["tiles_factor"] + 2 * bias)
-    cols = B * Hq * lay["vertical"] * (elem + bias + c["build_s_per_elem"])
-    merge = c["merge_s_per_elem"] * 2 * B * Hq * Sq * v.shape[3] if lay["vertical"] else 0.0
+    area = B * (Hq // G) * sum(lay["area"] for lay in lays)  # scores computed in the ranges
+    vertical = sum(lay["vertical"] for lay in lays)  # scores of the gathered columns (batch and heads counted)
+    ranges = area * (elem * c["tiles_factor"] + 2 * bias)
+    cols = vertical * (elem + bias + c["build_s_per_elem"])
+    merge = c["merge_s_per_elem"] * 2 * B * Hq * Sq * v.shape[3] * sum(bool(lay["vertical"]) for lay in lays) / G
     copies = c["gather_s_per_byte"] * B * k.shape[1] * k.shape[2] * (D + v.shape[3]) * q.element_size()
-    return c["call_s"] * (LINES_FIXED_CALLS + lay["calls"]) + ranges + cols + merge + copies
+    calls = sum(lay["calls"] for lay in lays)
+    return c["call_s"] * (LINES_FIXED_CALLS + GROUP_FIXED_CALLS * (G - 1) + calls) + ranges + cols + merge + copies
 
 
 def rank(names: list[str], c: dict | None, q, k, v, plan, mask=None) -> tuple[list[str], dict]:

@@ -24,7 +24,7 @@ import threading
 
 import torch
 
-from ..ops.lse import merge, sdpa_lse
+from ..ops.lse import sdpa_lse
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, core_step_why_not, needs_grad
 
@@ -37,6 +37,8 @@ BLOCK = 64
 # block's bias for 32 heads at 64K tokens would be 0.5 GB, the gathered columns' several GB
 MAX_BIAS_BYTES = 32 << 20
 NEG = float("-inf")
+# per-KV-head-group key ranges only where they compute less than this fraction of the all-heads union's area
+SPLIT_GAIN = 0.9
 
 
 def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
@@ -113,49 +115,50 @@ def _scratch(name: str, shape, dtype, device) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def _range_part(q, kr, vr, tab, colf, blk: tuple, lo: int, hi: int, scale, diag0: bool, dst: tuple) -> None:
-    """Query rows [i0, i0 + Tb) over keys [lo, hi) (reversed: kr rows Skv - hi .. Skv - lo) into ``dst`` =
-    (out (B, H, Tb, Dv), lse (B, H, Tb)), whole KV heads per call under ``MAX_BIAS_BYTES``; ``blk`` =
-    (i0, Tb, off, T); ``diag0``: every row and head keeps offset 0 (its own position)."""
+def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, dst: tuple) -> None:
+    """Query rows [i0, i0 + Tb) over their key ranges [lo, hi) into ``dst`` = (out (B, H, Tb, Dv), lse (B, H, Tb)):
+    one fused call per group of whole KV heads under ``MAX_BIAS_BYTES``. One range runs on a view of the
+    reversed keys (kr rows Skv - hi .. Skv - lo); several are copied side by side first, so a block is one
+    call with no LSE merge (merging a block's parts cost ~30 % of a Power call at 8K, the copy a few %).
+    ``blk`` = (i0, Tb, off, T); ``diag0``: every row and head keeps offset 0 (its own position)."""
     (i0, Tb, off, T), (o_dst, l_dst) = blk, dst
+    if not ranges:
+        return  # no key in any range: the caller zeroes rows left at lse -inf
     B, H = q.shape[:2]
-    Skv, span, L1 = kr.shape[2], hi - lo, tab.shape[2]
+    Skv, L1 = kr.shape[2], tab.shape[2]
     r = H // kr.shape[1]
-    g = min(H, max(1, MAX_BIAS_BYTES // (B * r * Tb * span * tab.element_size())) * r)  # query heads per call
-    c = hi - 1 - (i0 + off)  # keys past row t's position: reversed columns s < c - t (columns only)
-    check = not diag0 or hi != i0 + off + Tb or lo > i0 + off  # else every row keeps its own position
+    p0 = i0 + off  # position of the block's first row
+    if len(ranges) == 1:
+        lo, hi = ranges[0]
+        kg, vg = kr[:, :, Skv - hi:Skv - lo], vr[:, :, Skv - hi:Skv - lo]
+    else:
+        idx = torch.cat([torch.arange(Skv - hi, Skv - lo, device=q.device) for lo, hi in ranges])
+        kg = torch.index_select(kr, 2, idx, out=_scratch("kg", (*kr.shape[:2], idx.numel(), kr.shape[3]), kr.dtype, q.device))
+        vg = torch.index_select(vr, 2, idx, out=_scratch("vg", (*vr.shape[:2], idx.numel(), vr.shape[3]), vr.dtype, q.device))
+    n = kg.shape[2]
+    # some row may keep no key here unless offset 0 is kept everywhere and a range holds every row's own position
+    check = not (diag0 and any(lo <= p0 and hi == p0 + Tb for lo, hi in ranges))
+    g = min(H, max(1, MAX_BIAS_BYTES // (B * r * Tb * n * tab.element_size())) * r)  # query heads per call
     for h0 in range(0, H, g):
         h1 = min(H, h0 + g)
-        # reversed key s is j = hi - 1 - s: offset p_i - j = (i0 + off - hi + 1) + t + s, stored at + T
-        diag = tab.as_strided((B, h1 - h0, Tb, span), (H * L1, L1, 1, 1),
-                              tab.storage_offset() + h0 * L1 + i0 + off - hi + 1 + T)
-        bias = _scratch("bias", (B, h1 - h0, Tb, span), tab.dtype, tab.device)  # contiguous: the kernel copies others
-        torch.maximum(diag, colf[:, h0:h1, None, Skv - hi:Skv - lo], out=bias)  # (B, g, Tb, span)
-        if c > 0:
-            bias[..., :c].add_(_triangle(Tb, c, bias.dtype, q.device))  # an additive table: 3x a masked_fill's speed
+        bias = _scratch("bias", (B, h1 - h0, Tb, n), tab.dtype, tab.device)  # contiguous: the kernel copies others
+        c0 = 0
+        for lo, hi in ranges:
+            span = hi - lo
+            # reversed key s is j = hi - 1 - s: offset p_i - j = (p0 - hi + 1) + t + s, stored at + T
+            diag = tab.as_strided((B, h1 - h0, Tb, span), (H * L1, L1, 1, 1), tab.storage_offset() + h0 * L1 + p0 - hi + 1 + T)
+            torch.maximum(diag, colf[:, h0:h1, None, Skv - hi:Skv - lo], out=bias[..., c0:c0 + span])
+            c = hi - 1 - p0  # keys past row t's position: reversed columns s < c - t (c <= span: lo <= p0)
+            if c > 0:
+                bias[..., c0:c0 + c].add_(_triangle(Tb, c, bias.dtype, q.device))  # additive: 3x a masked_fill's speed
+            c0 += span
         kv = slice(h0 // r, h1 // r)
-        out, lse = sdpa_lse(q[:, h0:h1, i0:i0 + Tb], kr[:, kv, Skv - hi:Skv - lo], vr[:, kv, Skv - hi:Skv - lo], bias,
-                            scale)
+        out, lse = sdpa_lse(q[:, h0:h1, i0:i0 + Tb], kg[:, kv], vg[:, kv], bias, scale)
         if check:
-            dead = bias.amax(-1) == NEG  # (B, g, Tb) rows with no key here: weight 0 in the merge, no NaN
+            dead = bias.amax(-1) == NEG  # (B, g, Tb) rows with no key here: zero, not NaN
             out, lse = out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG)
         o_dst[:, h0:h1] = out
         l_dst[:, h0:h1] = lse
-
-
-def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, dst: tuple) -> None:
-    """One query block over its key ranges into ``dst`` (out, lse): written in place by a single range,
-    else merged from one part per range."""
-    if len(ranges) == 1:
-        _range_part(q, kr, vr, tab, colf, blk, *ranges[0], scale, diag0, dst)
-        return
-    parts = []
-    for lo, hi in ranges:
-        parts.append((torch.empty_like(dst[0]), torch.empty_like(dst[1])))
-        _range_part(q, kr, vr, tab, colf, blk, lo, hi, scale, diag0, parts[-1])
-    if parts:
-        dst[0].copy_(merge(parts))
-        dst[1].copy_(torch.stack([p[1] for p in parts]).logsumexp(0))
 
 
 @functools.lru_cache(maxsize=16)
@@ -192,8 +195,56 @@ def _vertical_part(q, kr, vr, lay, off: int, T: int, scale, dst: tuple) -> None:
         else:
             dead = (fb[:, :, b0:b0 + full + 1] == NEG).all(-1).repeat_interleave(T, -1)[..., :n]
         out, lse = sdpa_lse(q[:, :, r0:r1], kc, vc, bias, scale)
-        part = (out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG))
-        dst[0][:, :, r0:r1] = merge([(dst[0][:, :, r0:r1], dst[1][:, :, r0:r1]), part])
+        if bool(dead.any()):  # rows with no column here: a fused kernel may leave NaN
+            out.masked_fill_(dead[..., None], 0.0)
+        _merge_into(dst[0][:, :, r0:r1], dst[1][:, :, r0:r1], out, lse.masked_fill(dead, NEG))
+
+
+def _merge_into(o_acc, l_acc, o_new, l_new) -> None:
+    """(o_acc, l_acc) <- the exact softmax over both parts' keys, in place: weights per row, two passes over
+    the outputs (``ops.lse.merge`` stacks and allocates: ~5 passes over full-size tensors, each page-faulted
+    fresh). Rows with no key in a part have lse -inf and output 0; in both parts they stay 0, -inf."""
+    m = torch.maximum(l_acc, l_new)
+    m.masked_fill_(m == NEG, 0.0)
+    w_acc, w_new = (l_acc - m).exp_(), (l_new - m).exp_()
+    tot = w_acc + w_new
+    l_acc.copy_(tot.log().add_(m))
+    tot.masked_fill_(tot == 0, 1.0)
+    o_acc.mul_(w_acc.div_(tot)[..., None])
+    o_acc.addcmul_(o_new, w_new.div_(tot)[..., None])
+
+
+def groups(lines, G: int, Sq: int, Skv: int, off: int, T: int = BLOCK) -> list:
+    """``lines`` as the groups of whole KV heads a call runs (cached): G groups, each with key ranges from
+    its own heads' diagonals only (real SmolLM2 heads at 32K: half the computed area of the union over
+    all heads), or all heads in one group where that saves under ``SPLIT_GAIN`` of the area (fewer calls)."""
+    key = ("groups", G, Sq, Skv, off, T)
+    if key not in lines.cache:
+        r = lines.cols.shape[1] // G
+        subs = [type(lines)(lines.cols[:, g * r:(g + 1) * r], lines.diags[:, g * r:(g + 1) * r]) for g in range(G)]
+        split = G > 1 and sum(layout(sub, Sq, Skv, off, T)["area"] for sub in subs) < \
+            SPLIT_GAIN * G * layout(lines, Sq, Skv, off, T)["area"]
+        lines.cache[key] = subs if split else [lines]
+    return lines.cache[key]
+
+
+def _run_group(q, kr, vr, lines, shape: tuple, scale, dst: tuple) -> None:
+    """Query heads q (B, r, Sq, D) of one KV head (kr, vr reversed (B, 1, Skv, D)) under ``lines`` into
+    ``dst`` = (out, lse) views: block by block over their key ranges, then the far columns merged in."""
+    (off, T), (out, lse) = shape, dst
+    Sq, Skv = q.shape[2], kr.shape[2]
+    lay = layout(lines, Sq, Skv, off, T)
+    tab, colf = _tables(lines, Skv, max(Skv, off + Sq) + T, T, q.dtype, q.device)
+    diag0 = bool(tab[..., T].eq(0).all())  # every row and head keeps offset 0 (its own position)
+    for blk, rs in enumerate(lay["ranges"]):
+        i0 = blk * T
+        Tb = min(T, Sq - i0)
+        _block(q, kr, vr, tab, colf, (i0, Tb, off, T), rs, scale, diag0, (out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb]))
+    dead = lse == NEG  # (B, r, Sq) rows that keep no key so far (a fused kernel may leave NaN)
+    if bool(dead.any()):
+        out.masked_fill_(dead[..., None], 0.0)
+    if lay["vertical"]:
+        _vertical_part(q, kr, vr, lay, off, T, scale, (out, lse))
 
 
 class Lines(Kernel):
@@ -231,19 +282,12 @@ class Lines(Kernel):
         rev = torch.arange(Skv - 1, -1, -1, device=q.device)
         kr = torch.index_select(k.to(work), 2, rev, out=_scratch("k", k.shape, work, q.device))  # (B, H_kv, Skv, D),
         vr = torch.index_select(v.to(work), 2, rev, out=_scratch("v", v.shape, work, q.device))  # keys reversed
-        lay = layout(plan.lines, Sq, Skv, off, T)
-        tab, colf = _tables(plan.lines, Skv, max(Skv, off + Sq) + T, T, work, q.device)
-        diag0 = bool(tab[..., T].eq(0).all())  # every row and head keeps offset 0 (its own position)
         out = torch.empty(B, H, Sq, v.shape[3], dtype=work, device=q.device)  # rows no part writes: zeroed below
         lse = torch.full((B, H, Sq), NEG, dtype=work, device=q.device)
-        for blk, rs in enumerate(lay["ranges"]):
-            i0 = blk * T
-            Tb = min(T, Sq - i0)
-            dst = (out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb])
-            _block(q, kr, vr, tab, colf, (i0, Tb, off, T), rs, scale, diag0, dst)
-        dead = lse == NEG  # (B, H, Sq) rows that keep no key so far (a fused kernel may leave NaN)
-        if bool(dead.any()):
-            out.masked_fill_(dead[..., None], 0.0)
-        if lay["vertical"]:
-            _vertical_part(q, kr, vr, lay, off, T, scale, (out, lse))
+        subs = groups(plan.lines, kr.shape[1], Sq, Skv, off, T)
+        r, n = H // len(subs), kr.shape[1] // len(subs)  # query heads, KV heads per group
+        for g, sub in enumerate(subs):  # one KV head and its query heads at a time, or all at once
+            hs = slice(g * r, (g + 1) * r)
+            _run_group(q[:, hs], kr[:, g * n:(g + 1) * n], vr[:, g * n:(g + 1) * n], sub, (off, T), scale,
+                       (out[:, hs], lse[:, hs]))
         return out.to(dtype)
