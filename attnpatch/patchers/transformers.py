@@ -9,6 +9,7 @@ cache update. The mask entry is transformers' own SDPA mask builder: a boolean
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -196,6 +197,19 @@ class _SwitchUnpatches:
                     "first (attnpatch is the model's attention implementation); call attnpatch.patch again to re-apply")
             handle.remove()
         return type(self.model).set_attn_implementation(self.model, *args, **kwargs)
+
+
+def cache_name(model) -> str:
+    """The forward keyword of a model's KV cache: ``cache`` where the installed transformers has it
+    (5.24 deprecates ``past_key_values``, removal planned for 5.40), else ``past_key_values`` (5.20-5.23)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a forward returned, under either name (``cache`` read first: reading
+    ``past_key_values`` of a 5.24 output logs a deprecation)."""
+    cache = output.get("cache")
+    return cache if cache is not None else output.get("past_key_values")
 
 
 def _cache_bytes(cache) -> int:

@@ -25,6 +25,7 @@ import traceback
 
 import torch
 
+from ..patchers.transformers import cache_name, cache_of
 from .parallel_check import _free_port
 
 
@@ -41,11 +42,11 @@ def _run(model, job: dict) -> torch.Tensor:
     mask[0, :job.get("pad", 0)] = 0
     with torch.no_grad():
         out = model(ids[:, :ids.shape[1] - n], attention_mask=mask[:, :ids.shape[1] - n], use_cache=True)
-        logits, cache = [out.logits], out.cache  # transformers 5.24: ``cache`` (past_key_values is deprecated)
+        logits, cache, name = [out.logits], cache_of(out), cache_name(model)  # ``cache`` from 5.24, else past_key_values
         for i in range(ids.shape[1] - n, ids.shape[1]):
-            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache, use_cache=True)
+            out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], use_cache=True, **{name: cache})
             logits.append(out.logits)
-            cache = out.cache
+            cache = cache_of(out)
     return torch.cat(logits, 1)
 
 
