@@ -99,6 +99,24 @@ def test_in_place_and_regional_compile_compose_with_patch_in_either_order():
     assert max(map(_diff, _outputs(regional, "flux"), eager)) <= TOL
 
 
+def test_compiled_patched_llm_equals_eager():
+    """A transformers Llama patched with SinkWindow, then compiled: the prefill logits equal eager's
+    (before route.eager on the attention function, inductor failed on the plan's Python state)."""
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    method = lambda: ap.SinkWindow(sink=2, window=8, block=16)  # noqa: E731
+    model = tiny.llm("llama")
+    with torch.no_grad():
+        stock = model(ids).logits
+        with ap.patch(model, method()):
+            eager = model(ids).logits
+    torch._dynamo.reset()
+    model = tiny.llm("llama")
+    _HANDLES.append(ap.patch(model, method()))
+    with torch.no_grad():
+        out = torch.compile(model)(ids).logits
+    assert _diff(out, eager) <= TOL and _diff(out, stock) > SPARSE
+
+
 def test_graph_breaks_are_only_attnpatch_eager_boundaries():
     """Stock tiny Flux compiles to one graph (while no patch routes its module); patched, dynamo breaks
     only where attnpatch's hooks and attention run eagerly (route.eager), not inside plan building or

@@ -19,6 +19,7 @@ from ..handle import SharesMethod, handle_of, pop_attr
 from ..methods.base import Dense
 from ..site import Site
 from . import SUPPORTED, layers as layer_sel
+from .route import eager
 
 NAME = "attnpatch"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
@@ -100,6 +101,7 @@ def _shard_heads(module, H: int) -> tuple:
     return tuple(range(first, first + H)), total, head_sum
 
 
+@eager  # under torch.compile: plans come from Python state dynamo cannot trace (see route.eager)
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: ``(out (B, Sq, Hq, D), None)``."""
     if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
