@@ -1,0 +1,140 @@
+"""HyperAttention: the pieces of the causal recursion, the Gray-code bucket order, the estimator's
+weights (unbiased: a key outside the query's block has expected weight 1), seeded determinism, when a
+call is exact, and a patched tiny Llama equal to the float64 golden. The golden itself: tests/zoo.py rows."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnpatch as ap
+from attnpatch import Site
+from attnpatch.methods.hyper import _gray_rank
+
+sys.path.insert(0, str(Path(__file__).parent))
+import goldens_hyper as GH  # noqa: E402
+
+SMALL = dict(block=4, samples=5, hashes=3, min_len=8, seed=1)
+
+
+def _qkv(B, Hq, Hkv, Sq, Skv, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, h, s, D, generator=g, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+
+
+def test_causal_recursion_tiles_the_lower_triangle_once():
+    """Every causal (row, key) pair lies in exactly one piece, with dense pieces only at <= min_len."""
+    m = ap.HyperAttention(min_len=5, block=2)
+    for Sq, off in [(37, 0), (12, 30), (1, 40), (64, 3)]:
+        seen = torch.zeros(Sq, off + Sq, dtype=torch.long)
+        for kind, q0, nq, k0, nk in m.nodes(Sq, off + Sq, off, True):
+            causal = kind == "dense" and q0 == k0
+            assert kind == "hyper" or (nq <= 5 if causal else nq < 5)
+            i = torch.arange(q0, q0 + nq)[:, None]
+            j = torch.arange(k0, k0 + nk)[None, :]
+            seen[q0 - off:q0 - off + nq, k0:k0 + nk] += ((j <= i) if causal else torch.ones_like(i * j, dtype=torch.bool)).long()
+        i = torch.arange(off, off + Sq)[:, None]
+        assert torch.equal(seen, (torch.arange(off + Sq)[None, :] <= i).long())
+
+
+def test_neighbouring_gray_places_differ_in_one_hyperplane():
+    for bits in (1, 3, 7):
+        rank = _gray_rank(bits)
+        bucket = torch.empty_like(rank).scatter_(0, rank, torch.arange(2**bits))  # place -> bucket
+        flips = bucket[1:] ^ bucket[:-1]
+        assert torch.equal(flips & (flips - 1), torch.zeros_like(flips))  # one bit each
+        assert sorted(rank.tolist()) == list(range(2**bits))
+
+
+def test_sampled_weights_are_unbiased():
+    """Averaged over seeds, every key outside a query's block carries weight 1 (draws * nk / samples),
+    and a key in the block exactly 1: the estimator's numerator and denominator are unbiased."""
+    q, k, _ = _qkv(1, 1, 1, 16, 16, seed=3)
+    site = Site()
+    total = torch.zeros(16, 16, dtype=torch.float64)
+    runs = 600
+    for seed in range(runs):
+        t = ap.HyperAttention(block=4, samples=6, hashes=2, min_len=1, seed=seed).table(q, k, site)[0, 0]
+        total += t.exp()
+    mean = total / runs
+    assert (mean - 1).abs().max() < 0.35, mean  # each draw hits a key with probability 1/16
+    assert ((mean - 1).abs().mean()) < 0.08
+
+
+def test_one_block_is_exact_and_the_recursion_merges_correctly():
+    """block >= every piece's keys: each piece is exact, so the merged recursion is causal attention."""
+    q, k, v = _qkv(2, 4, 2, 40, 40)
+    out = ap.attend(q, k, v, ap.HyperAttention(block=64, samples=3, min_len=4), Site(causal=True), backend="reference")
+    dense = ap.attend(q, k, v, ap.Dense(), Site(causal=True))
+    assert (out - dense).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("Sq,Skv,block,more", [(15, 15, 2, 1), (1, 30, 2, 7), (7, 30, 2, 1), (30, 60, 30, 0)],
+                         ids=["short-prefill", "decode", "short-chunk", "one-block"])
+def test_exact_calls_plan_dense(Sq, Skv, block, more):
+    """Exact calls make no plan (plain SDPA): a prefill under 2 * min_len tokens (its lower-left half has
+    fewer than min_len queries), a chunk (a decode) of fewer than min_len queries, pieces whose keys fit one
+    block. The first call past each bound (``more`` queries added, or a block one key smaller) makes one."""
+    q, k, _ = _qkv(1, 2, 2, Sq + more, Skv + more)
+    site = Site(causal=True, q_offset=Skv - Sq)
+    assert ap.HyperAttention(min_len=8, block=block).plan(q[:, :, more:], k[:, :, more:], site) is None
+    assert ap.HyperAttention(min_len=8, block=block - 1 + more).plan(q, k, site) is not None
+
+
+def test_seeded_and_sparse():
+    q, k, v = _qkv(1, 2, 1, 40, 40)
+    site = Site(causal=True, layer=1)
+    a = ap.attend(q, k, v, ap.HyperAttention(**SMALL), site)
+    assert torch.equal(a, ap.attend(q, k, v, ap.HyperAttention(**SMALL), site))
+    assert not torch.equal(a, ap.attend(q, k, v, ap.HyperAttention(**{**SMALL, "seed": 2}), site))
+    assert not torch.equal(a, ap.attend(q, k, v, ap.HyperAttention(**SMALL), Site(causal=True, layer=2)))  # hyperplanes per layer
+    keep = ap.HyperAttention(**SMALL).table(q, k, site) > float("-inf")
+    assert keep.float().mean() < 0.75 * torch.ones(40, 40).tril().mean()  # it skips causal keys (30 % here)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(block=0), "block"), (dict(hashes=17), "hashes"), (dict(samples=-1), "samples"),
+                                      (dict(min_len=1.5), "min_len")])
+def test_parameters_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ap.HyperAttention(**kw)
+
+
+def test_causal_call_must_end_at_the_last_key():
+    q, k, _ = _qkv(1, 1, 1, 20, 30)
+    with pytest.raises(ValueError, match="last keys"):
+        ap.HyperAttention(**SMALL).plan(q, k, Site(causal=True, q_offset=3))
+
+
+def test_patched_llama_prefill_equals_the_golden():
+    """Through transformers (GQA 4/2, RoPE, the model's own q, k, v): each layer's output is the golden's."""
+    from attnpatch.models import tiny
+
+    model = tiny.llm("llama")
+    seen = []
+
+    def spy(module, args, kwargs, out):
+        seen.append((module.layer_idx, out))
+
+    from attnpatch.patchers import transformers as tp
+
+    calls = []
+    orig = tp.core.run
+
+    def run(q, k, v, method, site, **kw):
+        out = orig(q, k, v, method, site, **kw)
+        calls.append((q, k, v, site, out))
+        return out
+
+    ids = torch.randint(1, 90, (1, 24), generator=torch.Generator().manual_seed(0))
+    tp.core.run = run
+    try:
+        with torch.no_grad(), ap.patch(model, ap.HyperAttention(**SMALL)):
+            model(ids)
+    finally:
+        tp.core.run = orig
+    assert len(calls) == model.config.num_hidden_layers
+    for q, k, v, site, out in calls:
+        want = GH.hyper_attention(q, k, v, site.q_offset, True, layer=site.layer, **SMALL)
+        assert (out.double() - want).abs().max() < 1e-5, site.layer
