@@ -43,8 +43,17 @@ def weighted(qi, keys, vals, weights, scale):
     return (torch.exp(s - lse)[:, None] * torch.stack(vals)).sum(0), lse
 
 
-def hyper_attention(q, k, v, off, causal, block, samples, hashes, min_len, seed, layer=0):
-    """(B, H, Sq, D) float64 HyperAttention of a call whose first query sits at position ``off``."""
+def hyper_attention(q, k, v, off, causal, block, samples, hashes, min_len, seed, layer=0, pads=None):
+    """(B, H, Sq, D) float64 HyperAttention of a call whose first query sits at position ``off``. ``pads``:
+    leading pad tokens of each batch row, left out (their query rows: 0): each row is computed alone, on
+    its real tokens at their positions."""
+    if pads is not None and any(pads):
+        out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=torch.float64)
+        for b, p in enumerate(pads):
+            r0 = max(0, p - off)
+            out[b:b + 1, :, r0:] = hyper_attention(q[b:b + 1, :, r0:], k[b:b + 1, :, p:], v[b:b + 1, :, p:], off + r0 - p,
+                                                   causal, block, samples, hashes, min_len, seed, layer)
+        return out
     q, k, v = q.double(), k.double(), v.double()
     B, H, Sq, D = q.shape
     rep, Skv, scale = H // k.shape[1], k.shape[2], D ** -0.5
@@ -69,7 +78,7 @@ def hyper_attention(q, k, v, off, causal, block, samples, hashes, min_len, seed,
         nb = -(-nk // block)
         draws = None
         if nb > 1 and samples > 0:
-            draws = torch.randint(nk, (B, H, samples), generator=torch.Generator().manual_seed(stream(seed, layer, q0, k0)))
+            draws = torch.randint(nk, (H, samples), generator=torch.Generator().manual_seed(stream(seed, layer, q0, k0)))
         out = {}
         for b in range(B):
             for h in range(H):
@@ -78,7 +87,7 @@ def hyper_attention(q, k, v, off, causal, block, samples, hashes, min_len, seed,
                 q_blk = {i: p * nb // nq for p, i in enumerate(qs)}
                 k_blk = {j: p // block for p, j in enumerate(ks)}
                 count = {}
-                for t in ([] if draws is None else draws[b, h].tolist()):
+                for t in ([] if draws is None else draws[h].tolist()):  # one draw per head, shared by the rows
                     count[ks[t]] = count.get(ks[t], 0) + 1
                 rows = []
                 for i in range(q0, q0 + nq):

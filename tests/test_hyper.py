@@ -138,3 +138,21 @@ def test_patched_llama_prefill_equals_the_golden():
     for q, k, v, site, out in calls:
         want = GH.hyper_attention(q, k, v, site.q_offset, True, layer=site.layer, **SMALL)
         assert (out.double() - want).abs().max() < 1e-5, site.layer
+
+
+@pytest.mark.parametrize("Sq,Skv", [(40, 40), (12, 44)], ids=["prefill", "chunk"])
+def test_left_padding_is_left_out(Sq, Skv):
+    """Left padding (Site.kv_shift, the model's mask): each row equals the golden of its real tokens
+    alone, which is also what the row computes unpadded at batch size 1."""
+    q, k, v = _qkv(3, 4, 2, Sq, Skv, seed=5)
+    pads = [0, 7, 3]
+    site = Site(causal=True, q_offset=Skv - Sq, kv_shift=-torch.tensor(pads), layer=1)
+    mask = torch.arange(Skv)[None, :] >= torch.tensor(pads)[:, None]  # (B, Skv) real keys
+    out = ap.attend(q, k, v, ap.HyperAttention(**SMALL), site, backend="reference", mask=mask[:, None, None, :])
+    want = GH.hyper_attention(q, k, v, Skv - Sq, True, layer=1, pads=pads, **SMALL)
+    for b, p in enumerate(pads):
+        r0 = max(0, p - (Skv - Sq))
+        assert (out[b, :, r0:] - want[b, :, r0:]).abs().max() < 1e-12, b
+        alone = ap.attend(q[b:b + 1, :, r0:], k[b:b + 1, :, p:], v[b:b + 1, :, p:], ap.HyperAttention(**SMALL),
+                          Site(causal=True, q_offset=Skv - p - (Sq - r0), layer=1), backend="reference")
+        assert (out[b:b + 1, :, r0:] - alone).abs().max() < 1e-12, b

@@ -4,7 +4,8 @@ tokens). The automatic kernel choice equals the reference kernel running the sam
 within 1e-4, same tokens), and the method applies (the logits differ from stock), so no path quietly
 runs dense. Already elsewhere: covering methods equal stock generate, padded or not (test_llm.py);
 SinkCalibration's definition under padding (test_llm.py); eviction over many steps and chunks
-(test_llm_defects.py); HyperAttention against its golden through the model (test_hyper.py).
+(test_llm_defects.py); HyperAttention against its golden through the model (test_hyper.py). And a
+left-padded row equals the row alone (strict xfails: the methods whose pattern counts pad slots).
 
 Also: attnpatch's own calls into transformers raise no deprecation (5.24 renamed ``past_key_values``
 to ``cache``)."""
@@ -108,6 +109,31 @@ def test_auto_kernels_equal_the_reference_and_the_method_applies(model, name, pa
     assert err <= 1e-4, f"{name} on {path}: automatic kernels differ from the reference by {err}"
     moved = (ref - stock).abs().max().item() if ref.shape == stock.shape else float("inf")
     assert moved > 1e-3, f"{name} on {path}: logits equal stock ({moved}): the pattern did not apply"
+
+
+# methods whose pattern is counted in key slots, so the pad slots move it (found here; the padded batch still
+# equals the reference kernel above): TopKBlocks' blocks and VerticalSlash's estimate include the pad keys,
+# EntropyScale's length n counts them
+SLOT_BASED = {"topkblocks": "TopKBlocks: key blocks are counted from the first slot, pad slots included",
+              "verticalslash": "VerticalSlash: the last queries' estimate softmax includes the pad keys",
+              "entropyscale": "EntropyScale: log(n) / log(train_len) counts the pad keys in n"}
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "sinkwindow-evict"])
+def test_a_left_padded_row_equals_the_row_alone(model, name, request):
+    """Row 1 of a left-padded batch (positions as generate numbers them) gives the logits the row gives
+    alone, for a forward pass and for generate: a method's pattern follows token positions, not slots."""
+    if name in SLOT_BASED:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=SLOT_BASED[name]))
+    ids, mask = _padded()
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad(), ap.patch(model, METHODS[name]()):
+        both = model(ids, attention_mask=mask, position_ids=pos).logits[1, 5:]
+        alone = model(ids[1:, 5:]).logits[0]
+        _, gen_both = generated(model, ids, mask)
+        _, gen_alone = generated(model, ids[1:, 5:], None)
+    assert (both - alone).abs().max() < 1e-4
+    assert (gen_both[1] - gen_alone[0]).abs().max() < 1e-4
 
 
 class _Records(logging.Handler):

@@ -10,30 +10,30 @@ query head uses its KV head's keys):
 2. Block diagonal: sorted keys fall in ``nb = ceil(nk / block)`` blocks of ``block``; the query at
    sorted place p is in block ``p * nb // nq`` (``block`` queries per block when nq == nk); a query
    attends exactly to the keys of its block.
-3. Residual: ``samples`` sorted key places drawn uniformly with replacement (when nb > 1); each draw
+3. Residual: ``samples`` sorted key places drawn uniformly with replacement (when nb > 1; one draw per
+   head, shared by the batch rows, so a row's output does not depend on its batch); each draw
    outside the query's block adds its key with weight ``nk / samples``: the softmax numerator and
    denominator are both estimated, i.e. score + log(draws * nk / samples).
-   A call of fewer than ``min_len`` queries is exact (dense).
+   A piece of fewer than ``min_len`` queries (or of at most ``block`` keys: one block) is exact.
 
 Causal (the paper's recursion): a causal square of n tokens is exact when n <= ``min_len``, else it
 splits at h = ceil(n / 2) into the two diagonal causal halves (recursively) and the lower-left
-unmasked block (h rows on the first h keys, step 1-3); the pieces are one softmax (merged by their
+unmasked block (the last n - h rows on the first h keys, steps 1-3); the pieces are one softmax (merged by their
 log-sum-exp). A chunk of queries after ``q_offset`` cached keys is the unmasked block of those keys
 plus the causal square of its own tokens, so a decode call (one query) is exact, as in the paper.
 Randomness is seeded: hyperplanes by (seed, layer), the draws of each unmasked block by (seed, layer,
-its first query, its first key) through ``stream``; the same call gives the same output.
+the positions of its first query and first key) through ``stream``; the same call gives the same output.
 
 Differences from the authors' code (insu-han/hyper-attn): buckets are ranked by the inverse of the
 Gray code (their ``perm[bin]`` applies the Gray code itself, which a later fork flags as a bug: the
 paper sorts so adjacent buckets differ in one bit); odd lengths split at ceil(n / 2) and short last
-blocks stay short (they pad with zero tokens, which take softmax mass); under left padding the pad
-tokens take part in sorting (the model's mask hides their keys). The plan is a score table over the
-(S_q, S_kv) grid, run by the reference and flex kernels: exact, but not near-linear in time.
+blocks stay short (they pad with zero tokens, which take softmax mass). Left padding (``Site.kv_shift``)
+is left out of every piece: a padded row computes what the row alone computes. The plan is a score
+table over the (S_q, S_kv) grid, run by the reference and flex kernels: exact, not near-linear in time.
 """
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -86,14 +86,12 @@ class HyperAttention(Method):
         "dense" (exact; causal when rows and keys start together) or "hyper" (steps 1-3)."""
         if not causal:
             return [self._unmasked(off, Sq, 0, Skv)]
-        if off + Sq != Skv:
-            raise ValueError(f"{self}: a causal call needs its queries to be the last keys (q_offset {off} + "
-                             f"{Sq} queries != {Skv} keys)")
         out = [self._unmasked(off, Sq, 0, off)] if off else []
         return out + self._square(off, Sq)
 
     def _unmasked(self, q0: int, nq: int, k0: int, nk: int) -> tuple:
-        return ("dense" if nq < self.min_len else "hyper", q0, nq, k0, nk)
+        exact = nq < self.min_len or nk <= self.block  # the paper's short-call rule; one block holds every key
+        return ("dense" if exact else "hyper", q0, nq, k0, nk)
 
     def _square(self, a: int, n: int) -> list[tuple]:
         if n <= self.min_len:
@@ -127,24 +125,49 @@ class HyperAttention(Method):
         if nb == 1 or self.samples == 0:
             return out.masked_fill_(~same, float("-inf"))
         g = torch.Generator().manual_seed(stream(self.seed, layer, q0, k0))
-        drawn = torch.randint(nk, (B, H, self.samples), generator=g).to(q.device)  # sorted key places
+        # (H, samples) sorted key places, the same for every batch row: a row's output never depends on its batch
+        drawn = torch.randint(nk, (H, self.samples), generator=g).to(q.device).expand(B, H, self.samples)
         count = torch.zeros(B, H, nk, dtype=work, device=q.device).scatter_add_(
             -1, k_order.gather(-1, drawn), torch.ones(drawn.shape, dtype=work, device=q.device))  # (B, H, nk) draws per key
         w = (count * (nk / self.samples)).log()  # -inf for keys never drawn
         return torch.where(same, out, w[..., None, :])
 
     def table(self, q, k, site: Site) -> torch.Tensor | None:
-        """(B, Hq, Sq, Skv) score bias of the call (-inf: not attended), or None when every piece is exact."""
-        B, H, Sq, _ = q.shape
-        Skv, off = k.shape[2], site.q_offset
-        nodes = self.nodes(Sq, Skv, off, site.causal)
+        """(B, Hq, Sq, Skv) score bias of the call (-inf: not attended), or None when every piece is exact.
+        Left padding (``Site.kv_shift``): each row's pieces are those of its real tokens alone, in positions."""
+        B, Sq, Skv, off = q.shape[0], q.shape[2], k.shape[2], site.q_offset
+        if site.causal and off + Sq != Skv:
+            raise ValueError(f"{self}: a causal call needs its queries to be the last keys (q_offset {off} + "
+                             f"{Sq} queries != {Skv} keys)")
+        pads = [0] * B if site.kv_shift is None else (-site.kv_shift).clamp_min(0).tolist()
+        parts = {}
+        for pad in sorted(set(pads)):  # rows with the same padding share one computation
+            rows = [b for b in range(B) if pads[b] == pad]
+            parts[pad] = rows, self._rows(q[rows], k[rows], off, min(int(pad), Skv), site)
+        if all(t is None for _, t in parts.values()):
+            return None
+        out = torch.zeros(B, q.shape[1], Sq, Skv, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        for rows, t in parts.values():
+            if t is not None:  # None: exact, zeros (the kernel applies causality and the model's mask)
+                out[rows] = t
+        return out
+
+    def _rows(self, q, k, off: int, pad: int, site: Site) -> torch.Tensor | None:
+        """The table of batch rows with ``pad`` leading pad keys: pieces over their real tokens (query index i
+        holds position i + off - pad), pad query rows left at 0 (their output is masked by the model)."""
+        Sq, Skv = q.shape[2], k.shape[2]
+        r0 = min(Sq, max(0, pad - off))  # first real query row
+        if r0 == Sq or pad == Skv:
+            return None
+        nodes = self.nodes(Sq - r0, Skv - pad, off + r0 - pad, site.causal)
         if all(n[0] == "dense" for n in nodes):
             return None
-        work = torch.promote_types(q.dtype, torch.float32)
-        out = torch.full((B, H, Sq, Skv), float("-inf"), dtype=work, device=q.device)
+        out = torch.full((q.shape[0], q.shape[1], Sq, Skv), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
+                         device=q.device)
+        out[:, :, :r0] = 0.0
         for node in nodes:
-            kind, q0, nq, k0, nk = node
-            rows, cols = slice(q0 - off, q0 - off + nq), slice(k0, k0 + nk)
+            kind, q0, nq, k0, nk = node  # positions: query row q0 - off + pad, key k0 + pad
+            rows, cols = slice(q0 + pad - off, q0 + pad - off + nq), slice(k0 + pad, k0 + pad + nk)
             if kind == "hyper":
                 out[:, :, rows, cols] = self._hyper(q[:, :, rows], k[:, :, cols], node, site.layer)
             else:  # exact; the kernel applies causality
