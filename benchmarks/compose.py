@@ -69,70 +69,77 @@ def timed(fn):
     return run
 
 
-def _graphs(model, kw) -> tuple[int, int]:
+def _graphs(model, args, kw) -> tuple[int, int]:
     torch._dynamo.reset()
-    ex = torch._dynamo.explain(model)(**kw)
+    ex = torch._dynamo.explain(model)(*args, **kw)
     return ex.graph_count, ex.graph_break_count
 
 
-def _first_call(model, kw):
+def _first_call(fn):
     import time
 
     t = time.perf_counter()
     with torch.no_grad():
-        out = model(**kw)[0]
+        out = fn()
     return out, time.perf_counter() - t
 
 
-def compile_section(grid, repeats: int) -> list[dict]:
+def compile_rows(base, inputs, methods: dict, repeats: int) -> list[dict]:
     """Two phases, each interleaved with stock eager: stock compiled alone (before any patch: a live
     patch routes every model's attention module, so the stock graph would break there too), then
-    every method eager and compiled."""
+    every method eager and compiled. ``inputs``: (args, kwargs) of one forward."""
     from torch._dynamo.utils import counters
 
-    from attnpatch.models import fixtures
-
-    torch._dynamo.config.recompile_limit = 64  # several compiled copies of one class must not fall back to eager
-    base = fixtures.flux_shapes().transformer.eval()
-    kw = flux_inputs(grid)
-    call = lambda m: timed(lambda: m(**kw))  # noqa: E731
+    args, kw = inputs
+    run = lambda m: (lambda o: o[0] if isinstance(o, tuple) else o.logits)(m(*args, **kw))  # noqa: E731
+    call = lambda m: timed(lambda: run(m))  # noqa: E731
+    diff = lambda a, b: f"{float((a - b).abs().max()):.1e}"  # noqa: E731
     with torch.no_grad():
-        stock_out = base(**kw)[0]
+        stock_out = run(base)
     rows = [dict(setting="stock", mode="eager", graphs=1, breaks=0)]
-    stock_graphs = _graphs(copy.deepcopy(base), kw)
+    stock_graphs = _graphs(copy.deepcopy(base), args, kw)
     compiled = torch.compile(copy.deepcopy(base))
-    out, first = _first_call(compiled, kw)
-    rows.append(dict(setting="stock", mode="compiled", compile_s=first, diff_eager=f"{float((out - stock_out).abs().max()):.1e}",
+    out, first = _first_call(lambda: run(compiled))
+    rows.append(dict(setting="stock", mode="compiled", compile_s=first, diff_eager=diff(out, stock_out),
                      graphs=stock_graphs[0], breaks=stock_graphs[1]))
     with torch.no_grad():
         phase1 = ratios(interleave({"stock eager": call(base), "stock compiled": call(compiled)}, repeats), "stock eager")
-    rows[0].update(phase1["stock eager"])
-    rows[1].update(phase1["stock compiled"])
+    rows[1].update(phase1["stock compiled"], ms_stock_eager_phase1=phase1["stock eager"]["ms"])
     runs = {"stock eager": call(base)}
-    for name, method in methods(grid).items():
-        eager = copy.deepcopy(base)
-        ap.patch(eager, copy.deepcopy(method))
+    for name, method in methods.items():
+        eager, g, c = (copy.deepcopy(base) for _ in range(3))
+        for m in (eager, g, c):
+            ap.patch(m, copy.deepcopy(method))
         with torch.no_grad():
-            ref = eager(**kw)[0]
-        g = copy.deepcopy(base)
-        ap.patch(g, copy.deepcopy(method))
-        graphs = _graphs(g, kw)
-        c = copy.deepcopy(base)
-        ap.patch(c, copy.deepcopy(method))
+            ref = run(eager)
+        graphs = _graphs(g, args, kw)
         c = torch.compile(c)
-        out, first = _first_call(c, kw)
+        out, first = _first_call(lambda: run(c))
         rows.append(dict(setting=name, mode="eager", vs_stock=float((ref - stock_out).abs().max())))
-        rows.append(dict(setting=name, mode="compiled", compile_s=first, diff_eager=f"{float((out - ref).abs().max()):.1e}",
-                         graphs=graphs[0], breaks=graphs[1]))
+        rows.append(dict(setting=name, mode="compiled", compile_s=first, diff_eager=diff(out, ref), graphs=graphs[0],
+                         breaks=graphs[1]))
         runs[f"{name} eager"], runs[f"{name} compiled"] = call(eager), call(c)
     before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         phase2 = ratios(interleave(runs, repeats), "stock eager")
     recompiled = counters["stats"]["unique_graphs"] - before
+    rows[0].update(phase2["stock eager"])
     for r in rows[2:]:
         r.update(phase2[f"{r['setting']} {r['mode']}"])
         r["recompiled_graphs"] = recompiled if r["mode"] == "compiled" else None
     return rows
+
+
+def compile_section(grid, repeats: int) -> tuple[list[dict], list[dict]]:
+    """The FLUX fixture's transformer on ``grid``, and a random Llama (4 layers) on a 1024-token prefill."""
+    from attnpatch.models import fixtures
+
+    torch._dynamo.config.recompile_limit = 64  # several compiled copies of one class must not fall back to eager
+    flux = compile_rows(fixtures.flux_shapes().transformer.eval(), ((), flux_inputs(grid)), methods(grid), repeats)
+    llm, ids = compose_offload.llama()
+    llm_methods = {"SinkWindow(sink=4, window=256)": ap.SinkWindow(sink=4, window=256, block=64),
+                   "TopKBlocks(keep=0.25)": ap.TopKBlocks(keep=0.25, block=64)}
+    return flux, compile_rows(llm, ((ids,), {}), llm_methods, repeats)
 
 
 def cache_cp_section(grid, repeats: int) -> list[dict]:
@@ -180,17 +187,21 @@ def main(argv=None) -> None:
     data = dict(machine=machine(), grid=grid, repeats=reps)
     body = []
     if a.only in (None, "compile"):
-        data["compile"] = rows = compile_section(grid, reps)
-        body += [f"## torch.compile (FLUX fixture transformer, {grid[0]}x{grid[1]} image + 16 text tokens)\n",
-                 table(rows, COMPILE_COLS), ""]
+        data["compile"], data["compile_llm"] = flux, llm = compile_section(grid, reps)
+        body += [f"## torch.compile: FLUX fixture transformer, {grid[0]}x{grid[1]} image + 16 text tokens\n",
+                 table(flux, COMPILE_COLS), "", "## torch.compile: Llama, 4 layers (random weights), 1024-token prefill\n",
+                 table(llm, COMPILE_COLS), ""]
     if a.only in (None, "offload"):
         data["offload"] = rows = compose_offload.section(reps)
         body += ["## Offloading\n", table(rows, compose_offload.COLUMNS), ""]
     if a.only in (None, "cache"):
         data["cache_cp"] = rows = cache_cp_section((32, 32) if not a.quick else (16, 16), reps)
         body += ["## FirstBlockCache under Ulysses-2 (2 gloo processes)\n", table(rows, CP_COLS), ""]
-    intro = ("Ratios are per repeat to stock eager measured in the same interleaved loop (rotating order); "
-             "median with min / max over the repeats.")
+    intro = ("Ratios are per repeat to a reference measured in the same interleaved loop (rotating order); median "
+             "with min / max over the repeats. torch.compile: the reference is stock eager; stock compiled is timed in a "
+             "loop of its own with stock eager, before any patch exists in the process (a live patch routes the attention "
+             "modules of every model of that class, which would add graph breaks to the stock model too); its ms / call is "
+             "that loop's. Offloading: the reference is the plainly loaded patched model.")
     write(stem, "Composition: torch.compile, offloading, caches with context parallelism", intro, "\n".join(body), data)
     print(f"wrote {stem}.md / .json")
 

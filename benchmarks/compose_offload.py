@@ -83,6 +83,15 @@ def flux_rows(repeats: int) -> list[dict]:
     return rows + [dict(model="FLUX fixture pipeline", **f) for f in failed]
 
 
+def llama():
+    """A random Llama (4 layers, 8 / 4 heads of 32) and a 1024-token prompt."""
+    from attnpatch.models import tiny
+
+    base = tiny.llm("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=32, max_position_embeddings=2048)
+    return base, torch.randint(1, 97, (1, 1024), generator=torch.Generator().manual_seed(0))
+
+
 def llm_rows(repeats: int) -> list[dict]:
     """A random Llama (4 layers, 8/4 heads of 32) saved, loaded plainly and with accelerate device_maps
     (all on CPU; layer 3 offloaded to disk), each patched with SinkWindow; a 1024-token prefill."""
@@ -90,11 +99,7 @@ def llm_rows(repeats: int) -> list[dict]:
 
     import transformers
 
-    from attnpatch.models import tiny
-
-    base = tiny.llm("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                    num_key_value_heads=4, head_dim=32, max_position_embeddings=2048)
-    ids = torch.randint(1, 97, (1, 1024), generator=torch.Generator().manual_seed(0))
+    base, ids = llama()
     method = ap.SinkWindow(sink=4, window=256, block=64)
     d = tempfile.mkdtemp()
     base.save_pretrained(d)
