@@ -197,3 +197,58 @@ def test_a_patched_llama_prefill_runs_lines_and_equals_the_reference():
             got = model(ids).logits
     assert len(ran) == 2  # both layers
     assert (got - want).abs().max() < 1e-5
+
+
+def test_head_groups_split_where_their_diagonals_differ(monkeypatch):
+    """Two KV heads whose diagonals lie far apart: with calls free, each group's key ranges come from its own
+    heads only (less area than their union; one group per query head would compute no less) and the output is the reference's; with calls dear (at 200
+    tokens the saved scores are worth fewer than the extra calls) all heads run together."""
+    monkeypatch.setattr(lines_mod, "BLOCK", 16)
+    monkeypatch.setattr(lines_mod, "CALL_SCORES", 1)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = _qkv(g, 1, 4, 2, 200, 200, 16)
+    diags = torch.tensor([[[0, 1, 2], [0, 2, 1], [0, 120, 121], [0, 121, 120]]])  # the same per KV head
+    lines = Lines(torch.tensor([[[7], [9], [-1], [3]]]), diags)
+    subs = lines_mod.groups(lines, 2, 200, 200, 0, 16)
+    assert len(subs) == 2 and [s.diags.shape[1] for s in subs] == [2, 2]
+    union = lines_mod.layout(lines, 200, 200, 0, 16)["area"]
+    assert sum(lines_mod.layout(s, 200, 200, 0, 16)["area"] for s in subs) < 2 * union
+    plan = plan_of(lines, 200, 200, 0)
+    assert (kernels.get("lines").run(q, k, v, plan) - attention(q, k, v, plan)).abs().max() < 1e-12
+    monkeypatch.setattr(lines_mod, "CALL_SCORES", 10**6)
+    assert len(lines_mod.groups(Lines(lines.cols, lines.diags), 2, 200, 200, 0, 16)) == 1  # a fresh cache
+
+
+PEAK = """
+import resource, sys, torch, attnpatch as ap
+from attnpatch.site import Site
+S = 8192
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, h, S, 16, generator=g) for h in (2, 1, 1))
+site = Site(causal=True)
+methods = [ap.Power(local=64), ap.VerticalSlash(verticals=32, slashes=32, window=64)]
+for m in methods:  # warm-up at a small size: libraries, kernels' first-use buffers
+    ap.attend(q[:, :, :512], k[:, :, :512], v[:, :, :512], m, site, backend="lines")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+for m in methods:
+    ap.attend(q, k, v, m, site, backend="lines")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+ap.attend(q, k, v, methods[0], site, backend="sdpa")  # the control: the materialised (S, S) mask
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+
+
+def test_the_lines_path_builds_no_s_by_s_tensor():
+    """At 8K tokens (2 query heads, 1 KV head) Power and VerticalSlash, plan and kernel, raise the process's
+    peak memory by less than S * S / 2 bytes (32 MiB, half an (S, S) boolean mask; measured 3 and 12 MiB: their largest tensors are O(S * block): the estimate's
+    (last_q, S) scores, a block's bias), while SDPA with Power's materialised (S, S) mask exceeds it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PEAK], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    power, vslash, control = (int(x) * 1024 for x in out.stdout.split())
+    bound = 8192 * 8192 // 2
+    assert power < bound and vslash < bound, (power, vslash)
+    assert control > bound

@@ -185,6 +185,7 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
 
     B, Hq, Sq, D = q.shape
     G = k.shape[1] if q.device.type == "cpu" and v.shape[3] == D else Hq  # elsewhere k, v are repeated per head
+    copies = c["gather_s_per_byte"] * B * G * k.shape[2] * (D + v.shape[3]) * q.element_size()
     T = min(BLOCK, Sq)
     subs = groups(plan.lines, G, Sq, k.shape[2], plan.q_offset, T)
     lays = [layout(sub, Sq, k.shape[2], plan.q_offset, T) for sub in subs]
@@ -195,7 +196,6 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     ranges = area * (elem * c["tiles_factor"] + 2 * bias)
     cols = vertical * (elem + bias + c["build_s_per_elem"])
     merge = c["merge_s_per_elem"] * 2 * B * Hq * Sq * v.shape[3] * sum(bool(lay["vertical"]) for lay in lays) / G
-    copies = c["gather_s_per_byte"] * B * k.shape[1] * k.shape[2] * (D + v.shape[3]) * q.element_size()
     calls = sum(lay["calls"] for lay in lays)
     return c["call_s"] * (LINES_FIXED_CALLS + GROUP_FIXED_CALLS * (G - 1) + calls) + ranges + cols + merge + copies
 

@@ -37,8 +37,9 @@ BLOCK = 64
 # block's bias for 32 heads at 64K tokens would be 0.5 GB, the gathered columns' several GB
 MAX_BIAS_BYTES = 32 << 20
 NEG = float("-inf")
-# per-KV-head-group key ranges only where they compute less than this fraction of the all-heads union's area
-SPLIT_GAIN = 0.9
+# a call's fixed work (bias views, copies, ~10 small ops: ~40 us on the 2-core CPU) in scores of a fused call
+# (~2.3 ns each at head dim 64), when choosing how to group heads
+CALL_SCORES = 16384
 
 
 def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
@@ -215,16 +216,23 @@ def _merge_into(o_acc, l_acc, o_new, l_new) -> None:
 
 
 def groups(lines, G: int, Sq: int, Skv: int, off: int, T: int = BLOCK) -> list:
-    """``lines`` as the groups of whole KV heads a call runs (cached): G groups, each with key ranges from
-    its own heads' diagonals only (real SmolLM2 heads at 32K: half the computed area of the union over
-    all heads), or all heads in one group where that saves under ``SPLIT_GAIN`` of the area (fewer calls)."""
+    """``lines`` as the head groups a call runs (cached), each with key ranges from its own heads' diagonals
+    only: all heads at once, one group per KV head (real SmolLM2 heads at 32K: half the area of the union
+    over all heads) or one per query head (a third less again, but no KV range shared across a GQA group):
+    the one with the least work, ``CALL_SCORES`` per call plus the scores it computes."""
     key = ("groups", G, Sq, Skv, off, T)
     if key not in lines.cache:
-        r = lines.cols.shape[1] // G
-        subs = [type(lines)(lines.cols[:, g * r:(g + 1) * r], lines.diags[:, g * r:(g + 1) * r]) for g in range(G)]
-        split = G > 1 and sum(layout(sub, Sq, Skv, off, T)["area"] for sub in subs) < \
-            SPLIT_GAIN * G * layout(lines, Sq, Skv, off, T)["area"]
-        lines.cache[key] = subs if split else [lines]
+        H = lines.cols.shape[1]
+        best, cost = None, math.inf
+        for n in sorted({1, G, H}):
+            r = H // n
+            subs = [lines] if n == 1 else [type(lines)(lines.cols[:, g * r:(g + 1) * r], lines.diags[:, g * r:(g + 1) * r])
+                                           for g in range(n)]
+            lays = [layout(sub, Sq, Skv, off, T) for sub in subs]
+            c = sum(lay["area"] * r + lay["vertical"] + CALL_SCORES * lay["calls"] for lay in lays)
+            if c < cost:
+                best, cost = subs, c
+        lines.cache[key] = best
     return lines.cache[key]
 
 
@@ -285,9 +293,8 @@ class Lines(Kernel):
         out = torch.empty(B, H, Sq, v.shape[3], dtype=work, device=q.device)  # rows no part writes: zeroed below
         lse = torch.full((B, H, Sq), NEG, dtype=work, device=q.device)
         subs = groups(plan.lines, kr.shape[1], Sq, Skv, off, T)
-        r, n = H // len(subs), kr.shape[1] // len(subs)  # query heads, KV heads per group
-        for g, sub in enumerate(subs):  # one KV head and its query heads at a time, or all at once
-            hs = slice(g * r, (g + 1) * r)
-            _run_group(q[:, hs], kr[:, g * n:(g + 1) * n], vr[:, g * n:(g + 1) * n], sub, (off, T), scale,
-                       (out[:, hs], lse[:, hs]))
+        r, rep = H // len(subs), H // kr.shape[1]  # query heads per group, per KV head
+        for g, sub in enumerate(subs):  # all heads at once, one KV head's query heads or one query head at a time
+            hs, kv = slice(g * r, (g + 1) * r), slice(g * r // rep, ((g + 1) * r - 1) // rep + 1)
+            _run_group(q[:, hs], kr[:, kv], vr[:, kv], sub, (off, T), scale, (out[:, hs], lse[:, hs]))
         return out.to(dtype)
