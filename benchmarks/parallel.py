@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,7 +105,10 @@ def render(data: dict) -> tuple[str, str]:
     body += table(bal, [("size", "size"), ("ranks", "ranks"), ("heads", "heads"), ("method", "method"),
                         ("density_min", "head density min"), ("density_max", "max"), ("in_order", "max/mean in order"),
                         ("dealt", "max/mean dealt"), ("used", "attnpatch uses"), ("note", "note")])
-    body += ("\n\n## Time: one forward, stock vs patched, one process vs Ulysses-2 (ms, median)\n\n" + table(
+    load = data.get("load")
+    body += ("\n\n## Time: one forward, stock vs patched, one process vs Ulysses-2 (ms, median)\n\n"
+             + (f"Machine load (1-minute average) {load[0]} before and {load[1]} after the timing on {data['machine']['cores']} "
+                "cores: above the core count, other processes shared them and the spread shows it.\n\n" if load else "") + table(
         tim, [("method", "method"), ("reps", "reps"), ("stock_one_ms", "stock 1 proc"), ("patched_one_ms", "patched 1 proc"),
               ("stock_par_ms", "stock Ulysses-2"), ("patched_par_ms", "patched Ulysses-2"),
               ("speedup_par", "speedup under Ulysses-2"), ("speedup_min", "min"), ("speedup_max", "max"), ("error", "error")]))
@@ -123,7 +127,9 @@ def main(argv=None):
     data["correctness"] = pc.check(correctness_jobs(a.quick), world=2)
     data["balance"] = [] if a.quick else balance_rows()
     timed = [ap.Neighborhood(window=9, tile=8), ap.SlidingTile(tile=8, window=3)]
+    load0 = os.getloadavg()[0]
     data["time"] = pc.check([dict(family="flux", method=m, time=reps, heads=4, head_dim=64, side=48) for m in timed], world=2)
+    data["load"] = [round(load0, 1), round(os.getloadavg()[0], 1)]  # 1-minute load average before / after the timing
     intro, body = render(data)
     write(out, "attnpatch under Ulysses context parallelism", intro, body, data)
     print(f"wrote {out}.md / .json")

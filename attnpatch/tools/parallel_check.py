@@ -53,7 +53,10 @@ def _model(family: str, heads: int | None, head_dim: int | None = None):
 
     torch.manual_seed(0)
     over = {"num_attention_heads": heads} if heads else {}
-    return tiny.model(family, **over, **({"attention_head_dim": head_dim} if head_dim else {}))
+    if head_dim:  # FLUX's rotary axes must add up to the head dim
+        over.update(attention_head_dim=head_dim, **({"axes_dims_rope": (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)}
+                                                    if family == "flux" else {}))
+    return tiny.model(family, **over)
 
 
 def _run(model, family: str, B: int, text_mask: bool = False, side: int = 4) -> torch.Tensor:
