@@ -63,7 +63,7 @@ COMPILE = [("flux", lambda: ap.Neighborhood(window=3, dense_steps=1)), ("flux", 
            ("wan", lambda: ap.Neighborhood(window=3, dense_steps=1))]  # Temperature: benchmarks/compose.py
 
 
-@pytest.mark.parametrize("family,make", COMPILE, ids=[f"{f}-{i}" for i, (f, _) in enumerate(COMPILE)])
+@pytest.mark.parametrize("family,make", COMPILE, ids=[f"{f}-{type(m()).__name__}" for f, m in COMPILE])
 def test_compiled_patched_transformer_equals_eager_at_every_step(family, make):
     """Compiled with no eager call first (plans, grid and step are built under compile), the output
     follows the eager patched output step by step, including a schedule's dense first step."""
