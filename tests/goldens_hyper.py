@@ -61,7 +61,7 @@ def hyper_attention(q, k, v, off, causal, block, samples, hashes, min_len, seed,
     places = gray_places(hashes)
 
     def place(x):  # Gray place of a vector's bucket
-        return places[sum(2**i for i in range(hashes) if float(x @ w[:, i]) > 0)]
+        return places[sum(2**i for i in range(hashes) if float(x.detach() @ w[:, i]) > 0)]
 
     def exact(b, h, q0, nq, k0, nk, is_causal):
         rows = []
