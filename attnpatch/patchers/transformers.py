@@ -128,7 +128,7 @@ def _register() -> None:
     _registered = True
 
 
-LLM_METHODS = "SinkWindow, Power, VerticalSlash, TopKBlocks, Temperature, EntropyScale, SinkCalibration or Dense"
+LLM_METHODS = "SinkWindow, Power, VerticalSlash, TopKBlocks, HyperAttention, Temperature, EntropyScale, SinkCalibration or Dense"
 
 
 def _check_method(method, model) -> None:
