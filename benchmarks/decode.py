@@ -168,7 +168,7 @@ def _greedy(model, cache, first, method, new: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768])
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samples", type=int, default=30)
     p.add_argument("--needle-tokens", type=int, default=3000)

@@ -129,7 +129,7 @@ class Quest(Method):
         def gather(q, k, v, mask=None):
             """The kept keys / values (B, H_kv, n, D) and the call's mask at them (B, H_q, 1, n)."""
             idx = tok.to(k.device)
-            k, v = (x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[3])) for x in (k, v))
+            k, v = _take(k, idx), _take(v, idx)
             if mask is not None:
                 B, H = q.shape[:2]
                 mi = idx.repeat_interleave(H // idx.shape[1], 1)[:, :, None]  # (B, H_q, 1, n): each query head's KV head
@@ -162,6 +162,19 @@ class Quest(Method):
                 return got[0][:, :, 1:last], got[1][:, :, 1:last]
         pages = k[:, :, self.page:last * self.page].unflatten(2, (last - 1, self.page))  # (B, H_kv, last - 1, P, D)
         return pages.amax(3), pages.amin(3)
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, H, S, D) at the key indices ``idx`` (B, H, n): (B, H, n, D). Row copies by index_select per
+    (batch row, head), ~3x torch.gather's speed on the CPU (which reads an index per element); gather
+    where autograd records (index_select with out= has no backward)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[3]))
+    out = x.new_empty(*idx.shape, x.shape[3])
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            torch.index_select(x[b, h], 0, idx[b, h], out=out[b, h])
+    return out
+
 
 if __name__ == "__main__":
     torch.manual_seed(0)
