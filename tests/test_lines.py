@@ -252,3 +252,13 @@ def test_the_lines_path_builds_no_s_by_s_tensor():
     bound = 8192 * 8192 // 2
     assert power < bound and vslash < bound, (power, vslash)
     assert control > bound
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kept_counts_the_mask(case):
+    """``lines.kept`` (what benchmarks/llm.py reports as the kept fraction) equals the count of the mask by
+    definition, with padding, repeats, offsets and columns on kept diagonals."""
+    B, Hq, Hkv, Sq, Skv, D, nc, nd, near, block = CASES[case]
+    g = torch.Generator().manual_seed(sum(map(ord, case)) + 1)
+    lines = random_lines(g, B, Hq, Skv, nc, nd, near)
+    assert torch.equal(lines_mod.kept(lines, Sq, Skv - Sq), keep_of(lines, Sq, Skv, Skv - Sq).sum((2, 3)))

@@ -66,7 +66,7 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
         whole = whole and rs == [(0, min(Skv, p1 + 1))]
         area += (p1 - p0 + 1) * sum(hi - lo for lo, hi in rs)
         ranges.append(rs)
-    out = dict(ranges=ranges, area=area, calls=sum(map(len, ranges)), clusters=len(a), cols=None, free=None, vertical=0)
+    out = dict(ranges=ranges, area=area, calls=sum(map(bool, ranges)), clusters=len(a), cols=None, free=None, vertical=0)
     if not whole:  # else every block's one range holds all keys up to its last row: no column is outside
         covered = torch.zeros(n_blk, Skv, dtype=torch.bool)
         for blk, rs in enumerate(ranges):
@@ -77,6 +77,25 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
         out["calls"] += bool(out["vertical"])
     lines.cache[key] = out
     return out
+
+
+def kept(lines, Sq: int, off: int) -> torch.Tensor:
+    """(B, H) number of (row, key) scores ``lines`` keeps for Sq rows at positions off .. off + Sq - 1 (keys
+    up to each row's position), without the mask: per column the rows at or after it, per diagonal the rows
+    at or past its offset, less the pairs (column c, offset d) with c + d a row's position (counted twice)."""
+    P = off + Sq  # one past the last row's position
+
+    def distinct(x):  # sorted, repeats and padding (-1) moved past every real value
+        x = x.sort(-1).values
+        x[..., 1:].masked_fill_(x[..., 1:] == x[..., :-1], -1)
+        return x.masked_fill(x < 0, 1 << 62).sort(-1).values
+
+    c, d = distinct(lines.cols.clone()), distinct(lines.diags.clone())
+    rows = lambda x: (P - x.clamp(min=off)).clamp(min=0).masked_fill(x >= 1 << 62, 0)  # noqa: E731
+    lo = torch.searchsorted(d, (off - c).clamp(min=0).contiguous())  # offsets d with off <= c + d <= P - 1
+    hi = torch.searchsorted(d, (P - c).contiguous())
+    pairs = ((hi - lo).clamp(min=0) * (c < P)).sum(-1)
+    return rows(c).sum(-1) + rows(d).sum(-1) - pairs
 
 
 def _free_columns(cols, covered, Sq: int, off: int, T: int):
