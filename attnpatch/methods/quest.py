@@ -14,6 +14,9 @@ Under ``attnpatch.patch`` the bounds are kept incrementally beside the cache (``
 ``PageBounds`` per patch; the transformers patcher makes each cache layer update them as pages fill),
 so a decode step computes bounds only for pages completed since the last one. Without such a cache
 (``attnpatch.attend``) they are computed from the keys given: the same numbers, at dense read cost.
+Those cache layers also append in place (buffers with room), so a step no longer copies the whole
+cache as DynamicLayer's cat does. The policy covers every layer: choose dense layers with
+``dense_layers``, not ``patch(..., layers=...)``.
 """
 from __future__ import annotations
 
