@@ -108,53 +108,64 @@ class HyperAttention(Method):
         bucket = (bits.long() << torch.arange(self.hashes, device=x.device)).sum(-1)
         return _gray_rank(self.hashes).to(x.device)[bucket]
 
-    def _hyper(self, q, k, node: tuple, layer: int) -> torch.Tensor:
-        """(B, Hq, nq, nk) score bias of one unmasked piece: 0 in a query's block, log(draws * nk / samples)
-        for drawn keys outside it, -inf elsewhere."""
+    def _hyper(self, q, k, node: tuple, layer: int) -> tuple:
+        """(keep, bias) (B, Hq, nq, nk) of one unmasked piece: a query's block (bias 0) and the drawn keys
+        outside it (bias log(draws * nk / samples)); bias None: 0 everywhere."""
         _, q0, nq, k0, nk = node
         B, H = q.shape[:2]
         rep = H // k.shape[1]
         q_order = torch.sort(self.ranks(q, layer), dim=-1, stable=True).indices  # (B, H, nq) sorted place -> query
         k_order = torch.sort(self.ranks(k, layer), dim=-1, stable=True).indices.repeat_interleave(rep, 1)  # (B, H, nk)
         nb = -(-nk // self.block)
-        q_blk = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(nq, device=q.device).expand_as(q_order) * nb // nq)
-        k_blk = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(nk, device=q.device).expand_as(k_order) // self.block)
+        place_q = torch.arange(nq, device=q.device).expand_as(q_order)
+        place_k = torch.arange(nk, device=q.device).expand_as(k_order)
+        q_blk = torch.empty_like(q_order).scatter_(-1, q_order, place_q * nb // nq)  # (B, H, nq) block of each query
+        k_blk = torch.empty_like(k_order).scatter_(-1, k_order, place_k // self.block)  # (B, H, nk) block of each key
         same = q_blk[..., :, None] == k_blk[..., None, :]  # (B, H, nq, nk)
-        work = torch.promote_types(q.dtype, torch.float32)
-        out = torch.zeros(same.shape, dtype=work, device=q.device)
         if nb == 1 or self.samples == 0:
-            return out.masked_fill_(~same, float("-inf"))
+            return same, None
+        work = torch.promote_types(q.dtype, torch.float32)
         g = torch.Generator().manual_seed(stream(self.seed, layer, q0, k0))
         # (H, samples) sorted key places, the same for every batch row: a row's output never depends on its batch
         drawn = torch.randint(nk, (H, self.samples), generator=g).to(q.device).expand(B, H, self.samples)
         count = torch.zeros(B, H, nk, dtype=work, device=q.device).scatter_add_(
             -1, k_order.gather(-1, drawn), torch.ones(drawn.shape, dtype=work, device=q.device))  # (B, H, nk) draws per key
-        w = (count * (nk / self.samples)).log()  # -inf for keys never drawn
-        return torch.where(same, out, w[..., None, :])
+        w = (count.clamp_min(1) * (nk / self.samples)).log()  # keys never drawn are not kept: any finite value
+        return same | (count > 0)[..., None, :], torch.where(same, 0.0, w[..., None, :])
 
-    def table(self, q, k, site: Site) -> torch.Tensor | None:
-        """(B, Hq, Sq, Skv) score bias of the call (-inf: not attended), or None when every piece is exact.
-        Left padding (``Site.kv_shift``): each row's pieces are those of its real tokens alone, in positions."""
+    def pattern(self, q, k, site: Site) -> tuple | None:
+        """(keep (B, Hq, Sq, Skv) bool, score bias of the same shape): the kept keys, 0 in blocks and exact
+        pieces, log(draws * nk / samples) on drawn keys; None when every piece is exact. Causality is the
+        kernel's (keep may hold future keys). Left padding (``Site.kv_shift``): each row's pieces are those
+        of its real tokens alone, in positions."""
         B, Sq, Skv, off = q.shape[0], q.shape[2], k.shape[2], site.q_offset
         if site.causal and off + Sq != Skv:
             raise ValueError(f"{self}: a causal call needs its queries to be the last keys (q_offset {off} + "
                              f"{Sq} queries != {Skv} keys)")
         pads = [0] * B if site.kv_shift is None else (-site.kv_shift).clamp_min(0).tolist()
-        parts = {}
+        parts = []
         for pad in sorted(set(pads)):  # rows with the same padding share one computation
             rows = [b for b in range(B) if pads[b] == pad]
-            parts[pad] = rows, self._rows(q[rows], k[rows], off, min(int(pad), Skv), site)
-        if all(t is None for _, t in parts.values()):
+            parts.append((rows, self._rows(q[rows], k[rows], off, min(int(pad), Skv), site)))
+        if all(t is None for _, t in parts):
             return None
-        out = torch.zeros(B, q.shape[1], Sq, Skv, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-        for rows, t in parts.values():
-            if t is not None:  # None: exact, zeros (the kernel applies causality and the model's mask)
-                out[rows] = t
-        return out
+        if len(parts) == 1:
+            return parts[0][1]
+        keep = torch.ones(B, q.shape[1], Sq, Skv, dtype=torch.bool, device=q.device)
+        bias = torch.zeros(keep.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        for rows, t in parts:
+            if t is not None:  # None: exact (the kernel applies causality and the model's mask)
+                keep[rows], bias[rows] = t
+        return keep, bias
 
-    def _rows(self, q, k, off: int, pad: int, site: Site) -> torch.Tensor | None:
-        """The table of batch rows with ``pad`` leading pad keys: pieces over their real tokens (query index i
-        holds position i + off - pad), pad query rows left at 0 (their output is masked by the model)."""
+    def table(self, q, k, site: Site) -> torch.Tensor | None:
+        """The pattern as one (B, Hq, Sq, Skv) score bias, -inf where not kept (inspection), or None."""
+        got = self.pattern(q, k, site)
+        return None if got is None else got[1].masked_fill(~got[0], float("-inf"))
+
+    def _rows(self, q, k, off: int, pad: int, site: Site) -> tuple | None:
+        """The pattern of batch rows with ``pad`` leading pad keys: pieces over their real tokens (query index i
+        holds position i + off - pad), pad query rows keep everything (their output is masked by the model)."""
         Sq, Skv = q.shape[2], k.shape[2]
         r0 = min(Sq, max(0, pad - off))  # first real query row
         if r0 == Sq or pad == Skv:
@@ -162,32 +173,49 @@ class HyperAttention(Method):
         nodes = self.nodes(Sq - r0, Skv - pad, off + r0 - pad, site.causal)
         if all(n[0] == "dense" for n in nodes):
             return None
-        out = torch.full((q.shape[0], q.shape[1], Sq, Skv), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
-                         device=q.device)
-        out[:, :, :r0] = 0.0
+        keep = torch.zeros(q.shape[:3] + (Skv,), dtype=torch.bool, device=q.device)
+        bias = torch.zeros(keep.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        keep[:, :, :r0] = True
         for node in nodes:
             kind, q0, nq, k0, nk = node  # positions: query row q0 - off + pad, key k0 + pad
             rows, cols = slice(q0 + pad - off, q0 + pad - off + nq), slice(k0 + pad, k0 + pad + nk)
-            if kind == "hyper":
-                out[:, :, rows, cols] = self._hyper(q[:, :, rows], k[:, :, cols], node, site.layer)
-            else:  # exact; the kernel applies causality
-                out[:, :, rows, cols] = 0.0
-        return out
+            if kind == "dense":  # exact; the kernel applies causality
+                keep[:, :, rows, cols] = True
+                continue
+            keep[:, :, rows, cols], b = self._hyper(q[:, :, rows], k[:, :, cols], node, site.layer)
+            if b is not None:
+                bias[:, :, rows, cols] = b
+        return keep, bias
 
     def plan(self, q, k, site: Site) -> Plan | None:
-        bias = self.table(q, k, site)
-        if bias is None:
+        got = self.pattern(q, k, site)
+        if got is None:
             return None  # every piece is exact: dense (causal) attention
-        keep = bias > float("-inf")
-        bias = bias.masked_fill(~keep, 0.0)  # masked scores never reach the softmax: no -inf arithmetic
+        keep, bias = got
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return keep[b, h, q_idx, kv_idx]
+            rows = _grid_rows(keep.shape, b, h, q_idx, kv_idx)
+            return keep[:, :, rows] if rows is not None else keep[b, h, q_idx, kv_idx]
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias[b, h, q_idx, kv_idx].to(score.dtype)
+            rows = _grid_rows(bias.shape, b, h, q_idx, kv_idx)
+            return score + (bias[:, :, rows] if rows is not None else bias[b, h, q_idx, kv_idx]).to(score.dtype)
 
         return Plan(mask_mod=mask_mod, score_mod=score_mod, name=repr(self))
+
+
+def _grid_rows(shape, b, h, q_idx, kv_idx) -> slice | None:
+    """The rows a kernel asks for when its index tensors are the full grids of ``plan.index_grids`` (every
+    batch row, head and key; a run of query rows): a view of the table instead of a 4-index gather."""
+    B, H, _, Skv = shape
+    if (b.shape, h.shape, kv_idx.shape) != ((B, 1, 1, 1), (1, H, 1, 1), (1, 1, 1, Skv)) or q_idx.dim() != 4 \
+            or q_idx.shape[:2] + q_idx.shape[3:] != (1, 1, 1):
+        return None
+    start, n = int(q_idx.reshape(-1)[0]), q_idx.shape[2]
+    for idx, first, count in ((b, 0, B), (h, 0, H), (q_idx, start, n), (kv_idx, 0, Skv)):
+        if not torch.equal(idx.reshape(-1), torch.arange(first, first + count, device=idx.device)):
+            return None
+    return slice(start, start + n)
 
 
 if __name__ == "__main__":
