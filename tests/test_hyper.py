@@ -156,3 +156,28 @@ def test_left_padding_is_left_out(Sq, Skv):
         alone = ap.attend(q[b:b + 1, :, r0:], k[b:b + 1, :, p:], v[b:b + 1, :, p:], ap.HyperAttention(**SMALL),
                           Site(causal=True, q_offset=Skv - p - (Sq - r0), layer=1), backend="reference")
         assert (out[b:b + 1, :, r0:] - alone).abs().max() < 1e-12, b
+
+
+def test_whole_grid_views_equal_the_gathered_entries():
+    """mask_mod / score_mod answer whole index grids (a run of rows) with a view of the tables, any other
+    indices by gathering: both give the same entries."""
+    from attnpatch.plan import index_grids
+
+    q, k, _ = _qkv(2, 4, 2, 40, 40)
+    plan = ap.HyperAttention(**SMALL).plan(q, k, Site(causal=True))
+    b, h, i, j = index_grids(2, 4, 30, 40, "cpu", q_start=10)
+    score = torch.randn(2, 4, 30, 40, dtype=torch.float64)
+    flip = torch.arange(39, -1, -1).view(1, 1, 1, 40)  # the same keys in reverse: no view applies
+    assert torch.equal(plan.mask_mod(b, h, i, j), plan.mask_mod(b, h, i, flip).flip(-1))
+    assert torch.equal(plan.score_mod(score, b, h, i, j), plan.score_mod(score.flip(-1), b, h, i, flip).flip(-1))
+
+
+def test_method_file_prints_its_mask():
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "attnpatch.methods.hyper"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    rows = [line for line in r.stdout.splitlines() if line and set(line) <= {"#", "."}]
+    assert r.returncode == 0 and r.stderr == "" and len(rows) == 32
+    assert all(row[i + 1:] == "." * (31 - i) for i, row in enumerate(rows))  # causal
+    assert any(row[:i + 1].count(".") for i, row in enumerate(rows))  # and sparse below the diagonal
