@@ -2,10 +2,11 @@
 
 Speed: a SmolLM2-135M-shaped Llama (30 layers, GQA 9/3, head dim 64; random weights: speed does not
 depend on them) decodes one token at a time after a KV cache of S random keys (8K, 16K, 32K: building it
-by prefill would take the CPU minutes per length and the same numbers). Each setting gets a fresh cache
-over the same tensors; two untimed steps first (Quest's cache layers then copy the cache into their
-buffers and compute every page's bounds, once per generation, as after a prefill), then ``--steps``
-timed steps; settings interleave within each repeat and tokens/s ratios to stock are per repeat. "KV
+by prefill would take the CPU minutes per length and the same numbers). Each setting has its own copy of
+the model (patched once) and its own cache over the same tensors; the settings decode one token each in
+turn (two untimed rounds first: Quest's cache layers then copy the cache into their buffers and bound
+every page, once per generation, as after a prefill), ``--steps`` timed rounds, tokens/s the median
+step and "x stock" the median of the per-round ratios (a busy machine slows every setting of a round). "KV
 read" is what attention reads per token over all layers (keys + values, Quest's bounds included);
 "cache write" what the cache update copies per token (DynamicLayer's cat copies the whole cache).
 
@@ -15,7 +16,7 @@ Quest's prefill is dense by definition, so each prompt is prefilled once and eve
 its own copy of that cache.
 
     python benchmarks/decode.py                       # full run: benchmarks/results/decode.{md,json}
-    python benchmarks/decode.py --lengths 8192 --samples 4 --repeats 1   # a quick look (scratch output)
+    python benchmarks/decode.py --lengths 8192 --samples 4 --steps 2   # a quick look (scratch output)
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _cache(base):
 
 def _kv_bytes(method, S: int, layers: int, per_key: int) -> tuple[float, float]:
     """(attention KV read, cache write) bytes per decoded token over all layers, from the method's rule."""
-    if isinstance(method, ap.Quest):
+    if isinstance(method, ap.Quest) and S > method.budget:  # else its plan is dense (every page fits)
         sparse = layers - len([i for i in method.dense_layers if i < layers])
         # a page's max and min weigh what one key and its value do
         read = (layers - sparse) * S + sparse * (min(S, method.budget) + S / method.page)
@@ -71,42 +72,35 @@ def _kv_bytes(method, S: int, layers: int, per_key: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def speed(lengths, steps: int, repeats: int) -> list[dict]:
+def speed(lengths, steps: int) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOL)).eval()
+    stock = LlamaForCausalLM(LlamaConfig(**SMOL)).eval()
+    models = {name: stock if m is None else copy.deepcopy(stock) for name, m in SPEED.items()}
+    handles = [ap.patch(models[name], m) for name, m in SPEED.items() if m is not None]
     L, Hkv, D = SMOL["num_hidden_layers"], SMOL["num_key_value_heads"], SMOL["head_dim"]
-    rows = []
+    rows, ids = [], torch.tensor([[42]])
     for S in lengths:
         base = [(torch.randn(1, Hkv, S, D), torch.randn(1, Hkv, S, D)) for _ in range(L)]
+        caches = {name: _cache(base) for name in SPEED}
         times = {name: [] for name in SPEED}
-        for _ in range(repeats):
-            for name, method in SPEED.items():  # interleaved: every setting once per repeat
-                times[name].append(_time_decode(model, base, method, steps))
+        for step in range(2 + steps):  # interleaved per step: every setting decodes one token in turn
+            for name in SPEED:
+                t0 = time.perf_counter()
+                models[name](ids, cache=caches[name], use_cache=True)
+                if step >= 2:  # untimed: Quest copies the cache and bounds every page; first calls warm the allocator
+                    times[name].append(time.perf_counter() - t0)
         for name, method in SPEED.items():
             ratios = [s / t for s, t in zip(times["stock"], times[name])]
             read, write_ = _kv_bytes(method, S, L, 2 * Hkv * D * 4)
-            rows.append(dict(context=S, setting=name, tok_s=steps / statistics.median(times[name]),
+            rows.append(dict(context=S, setting=name, tok_s=1 / statistics.median(times[name]),
                              speedup=statistics.median(ratios), kv_read_mb=read / 2**20, cache_write_mb=write_ / 2**20))
             print(rows[-1], flush=True)
-        del base
+        del base, caches
+    for h in handles:
+        h.remove()
     return rows
-
-
-def _time_decode(model, base, method, steps: int) -> float:
-    cache, ids = _cache(base), torch.tensor([[42]])
-    handle = ap.patch(model, method) if method is not None else None
-    try:
-        for _ in range(2):  # untimed: Quest copies the cache and bounds every page; first calls warm the allocator
-            model(ids, cache=cache, use_cache=True)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            model(ids, cache=cache, use_cache=True)
-        return time.perf_counter() - t0
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
@@ -168,15 +162,14 @@ def _greedy(model, cache, first, method, new: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768])
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps per setting (interleaved)")
     p.add_argument("--samples", type=int, default=30)
     p.add_argument("--needle-tokens", type=int, default=3000)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    full = a.lengths == [8192, 16384, 32768] and a.samples >= 30 and a.repeats >= 3
+    full = a.lengths == [8192, 16384, 32768] and a.samples >= 30 and a.steps >= 8
     out = out_stem("decode", a.out, None if full else "quick")
-    data = dict(machine=machine(), args=vars(a), speed=speed(a.lengths, a.steps, a.repeats) if a.lengths else [],
+    data = dict(machine=machine(), args=vars(a), speed=speed(a.lengths, a.steps) if a.lengths else [],
                 accuracy=accuracy(a.samples, a.needle_tokens) if a.samples else [])
     body = "## Decode speed (SmolLM2-135M shapes, random weights, batch 1, float32)\n\n" + table(data["speed"], [
         ("context", "context"), ("setting", "setting"), ("tok_s", "tokens/s"), ("speedup", "x stock"),
