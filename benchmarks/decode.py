@@ -36,6 +36,8 @@ SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidde
             num_key_value_heads=3, head_dim=64, max_position_embeddings=65536, rope_theta=100000.0)
 SPEED = {  # setting -> method (None: stock transformers, sdpa + DynamicCache)
     "stock": None,
+    # dense attention over Quest's in-place cache (budget above any length): what the cache alone saves
+    "dense, in-place cache": ap.Quest(budget=1 << 30, page=16),
     "Quest(budget=1024)": ap.Quest(budget=1024, page=16),
     "Quest(budget=2048)": ap.Quest(budget=2048, page=16),
     "SinkWindow(4, 1024)": ap.SinkWindow(sink=4, window=1024),
@@ -61,7 +63,9 @@ def _cache(base):
 
 def _kv_bytes(method, S: int, layers: int, per_key: int) -> tuple[float, float]:
     """(attention KV read, cache write) bytes per decoded token over all layers, from the method's rule."""
-    if isinstance(method, ap.Quest) and S > method.budget:  # else its plan is dense (every page fits)
+    if isinstance(method, ap.Quest) and S <= method.budget:  # every page fits: dense attention, in-place appends
+        return layers * S * per_key, layers * per_key
+    if isinstance(method, ap.Quest):
         sparse = layers - len([i for i in method.dense_layers if i < layers])
         # a page's max and min weigh what one key and its value do
         read = (layers - sparse) * S + sparse * (min(S, method.budget) + S / method.page)
