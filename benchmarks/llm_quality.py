@@ -1,0 +1,281 @@
+"""Long-context quality on SmolLM2-135M-Instruct: a RULER-style suite (attnpatch.tools.ruler) for
+every LLM method, side by side with kvpress's presses at the same KV budgets, in one process.
+
+    python benchmarks/llm_quality.py                      # -> benchmarks/results/llm_quality.{md,json}
+    python benchmarks/llm_quality.py --minutes 60         # stop starting new samples after 60 min
+    python benchmarks/llm_quality.py --render             # re-render the .md from the .json
+
+Every prompt goes through one greedy ``generate`` (prompt = context + question + answer prefix),
+the method patched in (attnpatch) or the press's hooks on (kvpress: it compresses the KV cache of
+the prefill; prefill attention itself stays dense). kvpress presses get SinkWindow(window=512)'s
+KV budget: compression_ratio = 1 - min(1, (4 + 512) / prompt tokens). Work runs in priority order
+(dense on every task first, then every setting on the tasks where dense beats chance, 1K before
+2K ...), settings taken in turn on each sample, and the json is saved after every sample, so a
+stopped run keeps what it measured (the table says n). kvpress is a benchmark-only extra
+(``pip install attnpatch[kvpress]``); without it its rows are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attnpatch as ap  # noqa: E402
+from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402
+from attnpatch.tools import ruler  # noqa: E402
+from common import machine, out_stem, table, write  # noqa: E402
+
+SINKCAL = Path(__file__).resolve().parent / "results" / "smollm2_act.safetensors"
+PRESS_WINDOW = 512  # kvpress budgets match SinkWindow(sink=4, window=512)
+
+
+def attnpatch_settings() -> dict:
+    return {
+        "dense": None,
+        "SinkWindow(4, 256, evict)": ap.SinkWindow(sink=4, window=256, evict=True),
+        "SinkWindow(4, 512, evict)": ap.SinkWindow(sink=4, window=512, evict=True),
+        "TopKBlocks(keep=0.25, block=128)": ap.TopKBlocks(keep=0.25, block=128),
+        "TopKBlocks(keep=0.5, block=128)": ap.TopKBlocks(keep=0.5, block=128),
+        "VerticalSlash(256, 256, window=128)": ap.VerticalSlash(verticals=256, slashes=256, window=128),
+        "Power(local=256)": ap.Power(local=256),
+        "SinkCalibration(smollm2_act)": ap.SinkCalibration(heads=str(SINKCAL)),
+    }
+
+
+def _kvpress():
+    """kvpress 0.5.5, importable without its unused heavy imports (datasets / fire: DuoAttention's
+    download and a CLI), or None when it is not installed."""
+    for name in ("datasets", "fire"):
+        try:
+            __import__(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+            sys.modules[name].load_dataset = None
+    try:
+        import kvpress
+    except ImportError:
+        return None
+    return kvpress
+
+
+def _adapt(press):
+    """kvpress 0.5.5 reads ``past_key_values`` / ``cache_position`` from the attention's kwargs;
+    transformers >= 5.24 passes ``cache`` and no positions: supply them (prefill <=> the cache
+    holds exactly this call's tokens)."""
+    orig = press.forward_hook
+
+    def hook(module, args, kwargs, output):
+        kw = dict(kwargs)
+        kw.setdefault("hidden_states", args[0] if args else None)
+        cache = kw.get("past_key_values", kw.get("cache"))
+        kw["past_key_values"] = cache
+        if "cache_position" not in kw:
+            q, S = kw["hidden_states"].shape[1], cache.get_seq_length(module.layer_idx)
+            kw["cache_position"] = torch.arange(S - q, S)
+        return orig(module, args, kw, output)
+
+    press.forward_hook = hook
+    return press
+
+
+def press_settings(kvpress) -> dict:
+    """name -> factory(prompt tokens) of a press at SinkWindow(4, PRESS_WINDOW)'s budget."""
+    if kvpress is None:
+        return {}
+    ratio = lambda S: max(0.0, 1 - (4 + PRESS_WINDOW) / S)  # noqa: E731
+    return {
+        f"kvpress StreamingLLM (={PRESS_WINDOW + 4} keys)": lambda S: kvpress.StreamingLLMPress(compression_ratio=ratio(S), n_sink=4),
+        f"kvpress SnapKV (={PRESS_WINDOW + 4} keys)": lambda S: kvpress.SnapKVPress(compression_ratio=ratio(S)),
+        f"kvpress Knorm (={PRESS_WINDOW + 4} keys)": lambda S: kvpress.KnormPress(compression_ratio=ratio(S)),
+        f"kvpress ExpectedAttention (={PRESS_WINDOW + 4} keys)": lambda S: kvpress.ExpectedAttentionPress(compression_ratio=ratio(S)),
+    }
+
+
+def runner(model, tok):
+    """``run(setting, ids, new) -> (texts, kv MiB per row, seconds, new tokens)``: one greedy generate
+    of a batch of equal-length prompts (no padding: every method sees plain rows)."""
+    aps, presses = attnpatch_settings(), press_settings(_kvpress())
+
+    def ctx(name, S):
+        if name in presses:
+            return _adapt(presses[name](S))(model)
+        return ap.patch(model, aps[name]) if aps[name] is not None else contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def run(name, ids, new):
+        with ctx(name, ids.shape[1]):
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+                                 pad_token_id=tok.eos_token_id)
+            dt = time.perf_counter() - t0
+        texts = tok.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
+        return texts, _cache_bytes(out.past_key_values) / 2**20 / ids.shape[0], dt, out.sequences.shape[1] - ids.shape[1]
+
+    return run, list(aps) + list(presses)
+
+
+def _key(task, L, name):
+    return f"{task}|{L}|{name}"
+
+
+def qualifies(data, task, L) -> bool:
+    """Dense clearly above chance on ``task`` at the shortest length measured up to ``L``: its
+    95 % interval's lower end above the chance score."""
+    cells = [c for c in data["cells"].values() if c["task"] == task and c["setting"] == "dense" and c["length"] <= L]
+    c = min(cells, key=lambda c: c["length"], default=None)
+    return bool(c and c["scores"]) and ruler.interval(c["scores"])[0] > statistics.mean(c["chance"])
+
+
+def work(data, a, names):
+    """(task, length, settings, samples) in order: dense probes of every task, the speed table, then
+    every setting on the main tasks (by default those where the dense probe beats chance)."""
+    lengths = [int(x) for x in a.lengths.split(",")]
+    parts = a.parts.split(",")
+    if "probe" in parts:
+        for L in lengths:
+            for task in ruler.TASKS:
+                yield task, L, ["dense"], a.probe
+    if "speed" in parts:
+        yield "speed", None, names, None
+    if "main" in parts:
+        for L in lengths:
+            for task in a.tasks.split(",") if a.tasks else ruler.TASKS:
+                if a.tasks or qualifies(data, task, L):
+                    yield task, L, names, a.samples
+
+
+def exact(tok, prompt: str, L: int) -> list[int]:
+    """The prompt's ids made exactly ``L`` long by noise sentences in front (the generator fills to
+    at most L), so samples batch without padding."""
+    ids = tok(prompt).input_ids
+    fill = tok(" ".join([ruler.NOISE] * (L // 8 + 1)) + "\n").input_ids
+    return fill[len(fill) - (L - len(ids)):] + ids if len(ids) < L else ids
+
+
+def run_cell(data, save, run, tok, task, L, names, n, stop, batch):
+    count = lambda s: len(tok(s).input_ids)  # noqa: E731
+    samples = ruler.generate(task, L, n, count, seed=0)
+    for b in range(0, n, batch):
+        if time.time() > stop:
+            return False
+        chunk = samples[b:b + batch]
+        ids = torch.tensor([exact(tok, s.prompt, L) for s in chunk])
+        for name in names:
+            c = data["cells"].setdefault(_key(task, L, name), dict(task=task, length=L, setting=name, scores=[], chance=[],
+                                                                   kv_mib=[], outputs=[]))
+            if len(c["scores"]) >= b + len(chunk):  # measured by an earlier (stopped) run
+                continue
+            texts, kv, dt, _ = run(name, ids, max(s.max_new_tokens for s in chunk))
+            c["scores"] += [ruler.score(t, s.answers) for t, s in zip(texts, chunk)]
+            c["chance"] += [s.chance for s in chunk]
+            c["kv_mib"] += [kv] * len(chunk)
+            c["outputs"] += [dict(answers=s.answers, output=t) for t, s in zip(texts, chunk)][:max(0, 3 - len(c["outputs"]))]
+            save()
+        print(task, L, b + len(chunk), {nm: round(statistics.mean(data["cells"][_key(task, L, nm)]["scores"]), 2) for nm in names},
+              time.strftime("%H:%M:%S"), flush=True)
+    return True
+
+
+def speed(run, tok, names, L, new, reps):
+    """Prefill seconds (generate of 1 token), decode tokens/s (the other new - 1) and KV MiB at the
+    end, settings in turn within every repetition (order rotating), medians."""
+    s = ruler.generate("niah_single", L, 1, lambda t: len(tok(t).input_ids), seed=1)[0]
+    ids = torch.tensor([exact(tok, s.prompt, L)])
+    got = {nm: [] for nm in names}
+    for r in range(reps):
+        for nm in names[r % len(names):] + names[:r % len(names)]:
+            _, _, t1, _ = run(nm, ids, 1)
+            _, kv, tn, steps = run(nm, ids, new)
+            got[nm].append((t1, (steps - 1) / max(tn - t1, 1e-9), kv))
+            print("speed", nm, got[nm][-1], flush=True)
+    return [dict(setting=nm, tokens=ids.shape[1], new_tokens=new, reps=reps, prefill_s=statistics.median(g[0] for g in v),
+                 decode_tps=statistics.median(g[1] for g in v), kv_mib=statistics.median(g[2] for g in v)) for nm, v in got.items()]
+
+
+def summary(data) -> list[dict]:
+    rows = []
+    for c in data["cells"].values():
+        lo, hi = ruler.interval(c["scores"])
+        rows.append(dict(task=c["task"], length=c["length"], setting=c["setting"], n=len(c["scores"]),
+                         score=statistics.mean(c["scores"]), lo=lo, hi=hi, chance=statistics.mean(c["chance"]),
+                         kv_mib=statistics.mean(c["kv_mib"])))
+    order = {t: i for i, t in enumerate(ruler.TASKS)}
+    return sorted(rows, key=lambda r: (r["length"], order[r["task"]], r["setting"] != "dense"))
+
+
+def render(data) -> str:
+    rows = summary(data)
+    for r in rows:
+        r["ci"] = f"{r['lo']:.2f} - {r['hi']:.2f}"
+    cols = [("task", "task"), ("length", "tokens"), ("setting", "setting"), ("n", "n"), ("score", "score"), ("ci", "95 % CI"),
+            ("chance", "chance"), ("kv_mib", "KV at the end (MiB)")]
+    parts = ["## RULER-style accuracy (SmolLM2-135M-Instruct, greedy)\n\n" + table(rows, cols)]
+    if data.get("speed"):
+        parts.append(f"## Prefill, decode and KV memory at {data['speed'][0]['tokens']} tokens (one process, settings in turn)\n\n"
+                     + table(data["speed"], [("setting", "setting"), ("tokens", "prompt tokens"), ("prefill_s", "prefill (s)"),
+                                             ("decode_tps", "decode tokens / s"), ("kv_mib", "KV cache (MiB)"),
+                                             ("reps", "repetitions")]))
+    if data.get("notes"):
+        parts.append("Run notes: " + data["notes"])
+    return "\n\n".join(parts)
+
+
+INTRO = ("Scores are RULER's string_match_all (fraction of the reference strings in the greedy output; exact match for "
+         "one answer); 95 % intervals: Wilson for 0/1 scores, seeded bootstrap for partial credit. Chance: an "
+         "answer-shaped guess (see attnpatch/tools/ruler.py). Prompts from `attnpatch.tools.ruler.generate(task, length, n, "
+         "seed=0)`; settings run in turn on every sample in this process.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="1024,2048,4096,8192")
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--probe", type=int, default=10, help="dense samples per task that decide where the methods run")
+    p.add_argument("--speed-length", type=int, default=2048)
+    p.add_argument("--new", type=int, default=16, help="new tokens of the speed table's decode")
+    p.add_argument("--minutes", type=float, default=60.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared 2-core box is oversubscribed)")
+    p.add_argument("--batch", type=int, default=10, help="equal-length samples per generate call")
+    p.add_argument("--parts", default="probe,speed,main", help="any of probe (dense on every task), speed, main")
+    p.add_argument("--tasks", default="", help="main tasks (default: where the dense probe beats chance)")
+    p.add_argument("--merge", nargs="*", default=[], help="json files of other runs whose cells and speed rows to add")
+    p.add_argument("--render", action="store_true")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = out_stem("llm_quality", a.out)
+    path = out.with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.is_file() else {"machine": machine(), "cells": {}, "speed": [], "notes": ""}
+    save = lambda: path.write_text(json.dumps(data, indent=1))  # noqa: E731
+    for other in map(lambda f: json.loads(Path(f).read_text()), a.merge):
+        data["cells"].update({k: c for k, c in other["cells"].items() if len(c["scores"]) > len(data["cells"].get(k, {}).get("scores", []))})
+        data["speed"] = data["speed"] or other["speed"]
+    if not a.render:
+        from attnpatch.models import smollm2
+
+        model, tok = smollm2()
+        run, names = runner(model, tok)
+        stop = time.time() + 60 * a.minutes
+        for task, L, which, n in work(data, a, names):
+            if time.time() > stop:
+                break
+            if task == "speed":
+                if not data["speed"]:
+                    data["speed"] = speed(run, tok, names, a.speed_length, a.new, 2)
+                    save()
+                continue
+            run_cell(data, save, run, tok, task, L, which, n, stop, min(a.batch, n))
+    write(out, "Long-context quality: RULER-style suite and kvpress, SmolLM2-135M", INTRO, render(data), data)
+
+
+if __name__ == "__main__":
+    main()
