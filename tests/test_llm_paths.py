@@ -31,7 +31,9 @@ METHODS = {  # parameters small enough to bite on 20-30 tokens
     "temperature": lambda: ap.Temperature(tau=0.6),
     "entropyscale": lambda: ap.EntropyScale(train_len=8),
     "hyperattention": lambda: ap.HyperAttention(block=4, samples=5, hashes=3, min_len=8),
+    "quest": lambda: ap.Quest(budget=8, page=4, dense_layers=()),
 }
+DENSE_PREFILL = {"quest"}  # decode-only methods: a forward pass alone is stock by definition
 EVICT_PADDING = "SinkWindow(evict=True) refuses padded batches (tested in test_llm.py)"
 
 
@@ -108,15 +110,19 @@ def test_auto_kernels_equal_the_reference_and_the_method_applies(model, name, pa
     err = (auto - ref).abs().max().item()
     assert err <= 1e-4, f"{name} on {path}: automatic kernels differ from the reference by {err}"
     moved = (ref - stock).abs().max().item() if ref.shape == stock.shape else float("inf")
+    if path == "padded-batch" and name in DENSE_PREFILL:
+        assert moved < 1e-4, f"{name}: its prefill is dense by definition ({moved})"
+        return
     assert moved > 1e-3, f"{name} on {path}: logits equal stock ({moved}): the pattern did not apply"
 
 
 # methods whose pattern is counted in key slots, so the pad slots move it (found here; the padded batch still
-# equals the reference kernel above): TopKBlocks' blocks and VerticalSlash's estimate include the pad keys,
-# EntropyScale's length n counts them
+# equals the reference kernel above): TopKBlocks' blocks, VerticalSlash's estimate and Quest's pages include
+# the pad keys, EntropyScale's length n counts them
 SLOT_BASED = {"topkblocks": "TopKBlocks: key blocks are counted from the first slot, pad slots included",
               "verticalslash": "VerticalSlash: the last queries' estimate softmax includes the pad keys",
-              "entropyscale": "EntropyScale: log(n) / log(train_len) counts the pad keys in n"}
+              "entropyscale": "EntropyScale: log(n) / log(train_len) counts the pad keys in n",
+              "quest": "Quest: pages are cut from the first slot (under left padding the sink page is pad slots)"}
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "sinkwindow-evict"])
