@@ -142,6 +142,31 @@ def compile_section(grid, repeats: int) -> tuple[list[dict], list[dict]]:
     return flux, compile_rows(llm, ((ids,), {}), llm_methods, repeats)
 
 
+def family_rows() -> list[dict]:
+    """Every tiny diffusers family patched with Neighborhood(window=3), compiled with no eager call
+    first: max |compiled - eager| and |compiled - stock| (0 where the window covers the tiny grid)."""
+    from attnpatch.models import tiny
+
+    rows = []
+    for fam, case in tiny.CASES.items():
+        kw = case.inputs()
+        torch.manual_seed(0)
+        model = case.build().eval()
+        with torch.no_grad():
+            stock = model(**kw)[0]
+            with ap.patch(model, ap.Neighborhood(window=3)):
+                ref = model(**kw)[0]
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = case.build().eval()
+        with ap.patch(model, ap.Neighborhood(window=3)) as handle:
+            out, first = _first_call(lambda: torch.compile(model)(**kw)[0])
+            routed = handle.stats()["routed"]
+        rows.append(dict(family=fam, grid=str(case.grid), diff_eager=f"{float((out - ref).abs().max()):.1e}",
+                         diff_stock=f"{float((out - stock).abs().max()):.1e}", routed=routed, compile_s=first))
+    return rows
+
+
 def cache_cp_section(grid, repeats: int) -> list[dict]:
     nb = max(3, grid[0] // 4) | 1
     jobs = [dict(family="flux", method=ap.Neighborhood(window=nb, dense_steps=0), grid=grid,
@@ -167,6 +192,8 @@ def cache_cp_section(grid, repeats: int) -> list[dict]:
 COMPILE_COLS = [("setting", "setting"), ("mode", "mode"), ("ms", "ms / call"), ("ratio", "x stock eager (median)"),
                 ("lo", "min"), ("hi", "max"), ("compile_s", "first call s"), ("graphs", "graphs"), ("breaks", "breaks"),
                 ("recompiled_graphs", "graphs compiled while timed"), ("diff_eager", "max |compiled - eager|")]
+FAMILY_COLS = [("family", "family"), ("grid", "grid"), ("diff_eager", "max |compiled - eager|"),
+               ("diff_stock", "max |compiled - stock|"), ("routed", "calls routed"), ("compile_s", "first call s")]
 CP_COLS = [("family", "family"), ("method", "method"), ("order", "cache enabled"), ("result", "result"),
            ("max_par_vs_single", "max |Ulysses-2 - one process|"), ("skips", "steps (one process / Ulysses): c computed, s cached"),
            ("cached_ratio", "cached / uncached time (median)"), ("cached_lo", "min"), ("cached_hi", "max")]
@@ -191,6 +218,8 @@ def main(argv=None) -> None:
         body += [f"## torch.compile: FLUX fixture transformer, {grid[0]}x{grid[1]} image + 16 text tokens\n",
                  table(flux, COMPILE_COLS), "", "## torch.compile: Llama, 4 layers (random weights), 1024-token prefill\n",
                  table(llm, COMPILE_COLS), ""]
+        data["compile_families"] = fams = family_rows()
+        body += ["## torch.compile: every tiny diffusers family, Neighborhood(window=3)\n", table(fams, FAMILY_COLS), ""]
     if a.only in (None, "offload"):
         data["offload"] = rows = compose_offload.section(reps)
         body += ["## Offloading\n", table(rows, compose_offload.COLUMNS), ""]
