@@ -118,10 +118,9 @@ def test_auto_kernels_equal_the_reference_and_the_method_applies(model, name, pa
 
 # methods whose pattern is counted in key slots, so the pad slots move it (found here; the padded batch still
 # equals the reference kernel above): TopKBlocks' blocks, VerticalSlash's estimate and Quest's pages include
-# the pad keys, EntropyScale's length n counts them
+# the pad keys
 SLOT_BASED = {"topkblocks": "TopKBlocks: key blocks are counted from the first slot, pad slots included",
               "verticalslash": "VerticalSlash: the last queries' estimate softmax includes the pad keys",
-              "entropyscale": "EntropyScale: log(n) / log(train_len) counts the pad keys in n",
               "quest": "Quest: pages are cut from the first slot (under left padding the sink page is pad slots)"}
 
 

@@ -56,14 +56,21 @@ class EntropyScale(Method):
         if k.shape[2] <= self.train_len:
             return None  # within the training length every factor is 1
         # the factors depend only on this key: one Plan per key, for every layer and step
-        key = (self.train_len, q.shape[2], k.shape[2], site.q_offset, site.causal, str(q.device))
-        return self._plans.get(key, lambda: self._plan(q, k, site))
+        shift = None if site.kv_shift is None else tuple(site.kv_shift.tolist())
+        key = (self.train_len, q.shape[2], k.shape[2], site.q_offset, site.causal, str(q.device), shift)
+        return self._plans.get(key, lambda: self._plan(q, k, site, shift))
 
-    def _plan(self, q, k, site: Site) -> Plan:
+    def _plan(self, q, k, site: Site, shift=None) -> Plan:
         Skv, off, base = k.shape[2], site.q_offset, math.log(self.train_len)
-        if not site.causal or q.shape[2] == 1:  # every row sees the same n keys: one factor
+        if shift is None and (not site.causal or q.shape[2] == 1):  # every row sees the same n keys: one factor
             n = Skv if not site.causal else min(off + 1, Skv)
             return Plan(q_scale=max(1.0, math.log(n) / base), name=repr(self))
-        n = (torch.arange(q.shape[2], dtype=torch.float64) + off + 1).clamp_max(Skv)  # keys each row sees
-        factor = (n.log() / base).clamp_min(1.0).view(1, 1, -1, 1)  # (1, 1, Sq, 1)
+        if site.causal:
+            n = (torch.arange(q.shape[2], dtype=torch.float64) + off + 1).clamp_max(Skv)  # key slots each row sees
+        else:
+            n = torch.full((q.shape[2],), float(Skv), dtype=torch.float64)
+        n = n.view(1, 1, -1, 1)
+        if shift is not None:  # left padding (kv_shift = -pad): the pad slots are not keys the row sees
+            n = (n + torch.tensor(shift, dtype=torch.float64).view(-1, 1, 1, 1)).clamp_min(1.0)
+        factor = (n.log() / base).clamp_min(1.0)  # (1 | B, 1, Sq, 1)
         return Plan(q_scale=factor.to(q.device), name=repr(self))  # scales q's rows: SDPA speed
