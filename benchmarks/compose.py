@@ -84,6 +84,21 @@ def _first_call(fn):
     return out, time.perf_counter() - t
 
 
+def _patched(base, method, run, inputs, stock_out):
+    """Copies of ``base`` patched with ``method``: eager, compiled (first call made), and their rows."""
+    eager, g, c = (copy.deepcopy(base) for _ in range(3))
+    for m in (eager, g, c):
+        ap.patch(m, copy.deepcopy(method))
+    with torch.no_grad():
+        ref = run(eager)
+    graphs = _graphs(g, *inputs)
+    c = torch.compile(c)
+    out, first = _first_call(lambda: run(c))
+    return eager, c, {"eager": dict(vs_stock=float((ref - stock_out).abs().max())),
+                      "compiled": dict(compile_s=first, diff_eager=f"{float((out - ref).abs().max()):.1e}",
+                                       graphs=graphs[0], breaks=graphs[1])}
+
+
 def compile_rows(base, inputs, methods: dict, repeats: int) -> list[dict]:
     """Two phases, each interleaved with stock eager: stock compiled alone (before any patch: a live
     patch routes every model's attention module, so the stock graph would break there too), then
@@ -107,17 +122,8 @@ def compile_rows(base, inputs, methods: dict, repeats: int) -> list[dict]:
     rows[1].update(phase1["stock compiled"], ms_stock_eager_phase1=phase1["stock eager"]["ms"])
     runs = {"stock eager": call(base)}
     for name, method in methods.items():
-        eager, g, c = (copy.deepcopy(base) for _ in range(3))
-        for m in (eager, g, c):
-            ap.patch(m, copy.deepcopy(method))
-        with torch.no_grad():
-            ref = run(eager)
-        graphs = _graphs(g, args, kw)
-        c = torch.compile(c)
-        out, first = _first_call(lambda: run(c))
-        rows.append(dict(setting=name, mode="eager", vs_stock=float((ref - stock_out).abs().max())))
-        rows.append(dict(setting=name, mode="compiled", compile_s=first, diff_eager=diff(out, ref), graphs=graphs[0],
-                         breaks=graphs[1]))
+        eager, c, new = _patched(base, method, run, inputs, stock_out)
+        rows += [dict(setting=name, mode=k, **v) for k, v in new.items()]
         runs[f"{name} eager"], runs[f"{name} compiled"] = call(eager), call(c)
     before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
