@@ -1,5 +1,8 @@
 """``Power``: PowerAttention (2025). Causal; query i sees key j iff i - j < ``local`` or i - j is
-a power of two, so d layers reach 2^d tokens back; the first ``sink`` tokens stay visible."""
+a power of two, so d layers reach 2^d tokens back; the first ``sink`` tokens stay visible.
+The plan carries the pattern as a mask_mod (every kernel, the goldens) and as ``Plan.lines`` (diagonals
+0 .. local - 1 and the powers of two, the sink columns), which the ``lines`` kernel runs at the cost of
+what is kept, with no (S_q, S_kv) mask."""
 from __future__ import annotations
 
 from dataclasses import dataclass
