@@ -135,7 +135,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def accuracy(samples: int, tokens: int, new: int = 8) -> list[dict]:
     from transformers import DynamicCache
 
-    model, tok = ap.models.smollm2()
+    from attnpatch.models import smollm2
+
+    model, tok = smollm2()
     rng, hits = random.Random(20), {name: 0 for name in ACCURACY}
     for i in range(samples):
         key = rng.randrange(10000, 100000)
