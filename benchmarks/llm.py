@@ -97,8 +97,9 @@ def speed_model(layers: int, weights: str, device):
 def speed(lengths, layers: int, quick: bool, device="cpu", weights="real") -> list[dict]:
     """Per length: each method's forward (after an untimed one: plans and their caches are built per shape)
     timed right after a dense one, so a slow spell of the shared machine hits both; speedup = that dense time
-    / the method's. A prefill computes the last token's logits only, as ``generate``'s does (all 32K tokens'
-    logits would cost a 6 GB (S, vocab) tensor and dilute the attention share)."""
+    / the method's; attention share = dense causal SDPA time x layers / the median dense forward. A prefill
+    computes the last token's logits only, as ``generate``'s does (all 32K tokens' logits would cost a 6 GB
+    (S, vocab) tensor and dilute the attention share)."""
     model, text = speed_model(layers, weights, device)
     rows = []
     for S in lengths:
@@ -106,25 +107,31 @@ def speed(lengths, layers: int, quick: bool, device="cpu", weights="real") -> li
                else torch.randint(0, 49152, (1, S), generator=torch.Generator().manual_seed(S))).to(device)
         with torch.inference_mode():
             fwd = lambda: model(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-            dense0 = timeit(fwd, reps=1)
+            denses = [timeit(fwd, reps=1)]
             q, k, v = (torch.randn(1, 9, S, 64, device=device, dtype=bench_dtype(device)) for _ in range(3))
-            attn = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), reps=1) * layers
-            share = min(attn / dense0, 1.0)
-            print(f"prefill {S}: dense {dense0:.2f} s, attention share {share:.3f}", flush=True)
+            attn = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                          reps=3 if S <= 16384 else 1) * layers
+            new = []
             for m in SPEED_METHODS(quick):
                 probe = _Density()
                 with ap.patch(model, Observed(m, probe)):
                     fwd()  # untimed: the plans' per-shape caches
                 dense = timeit(fwd, reps=1, warmup=0)
+                denses.append(dense)
                 probe.values, probe.computed = [], []
                 with ap.patch(model, Observed(m, probe)):
                     t = timeit(fwd, reps=1, warmup=0)
-                density = sum(probe.values) / len(probe.values)
-                bound = 1 / ((1 - share) + share * density)
-                rows.append(dict(tokens=S, method=repr(m), density=density, attention_share=share, dense_s=dense, method_s=t,
-                                 speedup=dense / t, bound=bound, fraction=dense / t / bound,
-                                 computed=sum(probe.computed) / len(probe.computed) if probe.computed else None))
-                print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+                new.append(dict(tokens=S, method=repr(m), density=sum(probe.values) / len(probe.values), dense_s=dense,
+                                method_s=t, speedup=dense / t,
+                                computed=sum(probe.computed) / len(probe.computed) if probe.computed else None))
+                print({k: round(v, 3) if isinstance(v, float) else v for k, v in new[-1].items()}, flush=True)
+            # the share from the median of this length's dense forwards (one shared-machine spell moves one of them)
+            share = min(attn / statistics.median(denses), 1.0)
+            print(f"prefill {S}: dense median {statistics.median(denses):.2f} s, attention share {share:.3f}", flush=True)
+            for row in new:
+                bound = 1 / ((1 - share) + share * row["density"])
+                row.update(attention_share=share, bound=bound, fraction=row["speedup"] / bound)
+            rows += new
     return rows
 
 
@@ -351,7 +358,9 @@ def main(argv=None):
             "temperature_machine": old.get("temperature_machine"), "notes": old.get("notes", "")}
     if a.part in ("speed", "all"):
         lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [1024, 2048] if a.quick else [8192, 16384, 32768]
-        data["speed"] = speed(lengths, 1 if a.quick else a.layers, a.quick, a.device, a.speed_weights)
+        new = speed(lengths, 1 if a.quick else a.layers, a.quick, a.device, a.speed_weights)
+        done = {r["tokens"] for r in new}  # --lengths: the other lengths' rows are kept
+        data["speed"] = sorted([r for r in data["speed"] if r["tokens"] not in done] + new, key=lambda r: r["tokens"])
         data["decode"] = decode(512 if a.quick else 4096, 8 if a.quick else 64, 1 if a.quick else a.layers, a.device)
     if a.part in ("quality", "all"):
         from attnpatch.models import smollm2
