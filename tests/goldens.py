@@ -188,3 +188,9 @@ def inward_window(site, S, train):
                 return False
         return True
     return keep
+
+
+def streaming_heads(full, sink, window, off):
+    """StreamingHeads: query heads in ``full`` causal dense, every other head the sink + window rule."""
+    rule = sink_window(sink, window)
+    return lambda b, h, i, j: j <= i + off and (h in full or rule(i + off, j))

@@ -300,3 +300,19 @@ def public_methods() -> set:
 
 def covered(case: Case) -> set:
     return {type(case.method).__name__, *case.covers}
+
+
+def _streaming(full, sink, window):
+    return lambda q, k, v, s: G.attention(q, k, v, G.streaming_heads(full, sink, window, s.q_offset))
+
+
+SH = [(1, 0), (1, 3), (2, 1)]  # retrieval heads: layer 1 heads 0 and 3 (two KV groups under GQA 4/2), layer 2 head 1
+ZOO += [  # StreamingHeads: retrieval heads dense, the others SinkWindow
+    Case("streaming-heads-gqa", ap.StreamingHeads(SH, sink=2, window=5), replace(C, layer=1), (1, 4, 2, 40, 40, 64),
+         _streaming({0, 3}, 2, 5)),
+    Case("streaming-heads-chunk", ap.StreamingHeads(SH, sink=3, window=4), replace(C, layer=2), (2, 4, 4, 6, 30, 48),
+         _streaming({1}, 3, 4)),
+    Case("streaming-heads-none", ap.StreamingHeads(SH, sink=1, window=3), C, (1, 2, 1, 17, 17, 80), _streaming(set(), 1, 3)),
+    Case("streaming-heads-decode", ap.StreamingHeads(SH, sink=1, window=6), replace(C, layer=1), (2, 4, 2, 1, 37, 72),
+         _streaming({0, 3}, 1, 6)),
+]

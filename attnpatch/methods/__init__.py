@@ -21,6 +21,7 @@ _FILES = {
     "SinkCalibration": "sink_calibration",
     "Quest": "quest",
     "HyperAttention": "hyper",
+    "StreamingHeads": "duo",
 }  # public name -> module file
 
 
