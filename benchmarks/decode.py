@@ -11,7 +11,7 @@ read" is what attention reads per token over all layers (keys + values, Quest's 
 "cache write" what the cache update copies per token (DynamicLayer's cat copies the whole cache).
 
 Accuracy: the real SmolLM2-135M-Instruct on passkey retrieval (a 5-digit key at a random depth in
-filler text, ``--samples`` prompts of ``--needle-tokens``), greedy 8 tokens, Wilson 95 % intervals.
+filler text (the classic repeated filler), ``--samples`` prompts of ``--needle-tokens``), greedy 8 tokens, Wilson 95 % intervals.
 Quest's prefill is dense by definition, so each prompt is prefilled once and every setting decodes from
 its own copy of that cache.
 
@@ -107,22 +107,20 @@ def speed(lengths, steps: int) -> list[dict]:
     return rows
 
 
-FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
-          "The river flows to the sea.", "Birds fly south in winter.", "A cup of tea is warm."]
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
-def passkey_prompt(tok, tokens: int, depth: float, key: int, rng: random.Random) -> str:
-    """Filler sentences in a seeded random order around the needle at ``depth``, about ``tokens`` long."""
+def passkey_prompt(tok, tokens: int, depth: float, key: int) -> str:
+    """The classic passkey prompt (Mohtashami & Jaggi 2023; as benchmarks/llm.py): repeated filler with
+    the needle at ``depth``, about ``tokens`` long. (Filler sentences in a random order instead made dense
+    SmolLM2-135M fail at 3K tokens, 0 / 24: no test of what sparsity loses.)"""
     head = "There is an important number hidden inside a lot of irrelevant text. Find it and memorize it.\n"
     needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
     tail = "\nWhat is the pass key? The pass key is"
-    words, n = [], len(tok(head + needle + tail).input_ids)
-    while n < tokens:
-        s = rng.choice(FILLER)
-        words.append(s)
-        n += len(tok(" " + s).input_ids)
+    n_fill = max(0, tokens - len(tok(head + needle + tail).input_ids))
+    words = tok(FILLER * (n_fill // len(tok(FILLER).input_ids) + 1)).input_ids[:n_fill]
     cut = int(len(words) * depth)
-    return head + " ".join(words[:cut]) + needle + " ".join(words[cut:]) + tail
+    return head + tok.decode(words[:cut]) + needle + tok.decode(words[cut:]) + tail
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -141,7 +139,7 @@ def accuracy(samples: int, tokens: int, new: int = 8) -> list[dict]:
     rng, hits = random.Random(20), {name: 0 for name in ACCURACY}
     for i in range(samples):
         key = rng.randrange(10000, 100000)
-        ids = tok(passkey_prompt(tok, tokens, rng.random(), key, rng), return_tensors="pt").input_ids
+        ids = tok(passkey_prompt(tok, tokens, rng.random(), key), return_tensors="pt").input_ids
         cache = DynamicCache(config=model.config)
         first = model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)  # dense prefill, shared
         for name, method in ACCURACY.items():
