@@ -119,6 +119,7 @@ def runner(model, tok):
         texts = tok.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
         return texts, _cache_bytes(out.past_key_values) / 2**20 / ids.shape[0], dt, out.sequences.shape[1] - ids.shape[1]
 
+    run.ctx = ctx
     return run, list(aps) + list(presses)
 
 
@@ -184,19 +185,31 @@ def run_cell(data, save, run, tok, task, L, names, n, stop, batch):
     return True
 
 
-def speed(run, tok, names, L, new, reps):
-    """Prefill seconds (generate of 1 token), decode tokens/s (the other new - 1) and KV MiB at the
-    end, settings in turn within every repetition (order rotating), medians."""
+@torch.inference_mode()
+def _timed(model, ctx, ids, new):
+    """Prefill seconds, decode tokens/s over ``new`` greedy steps (own loop: prefill noise stays out
+    of the decode rate) and the KV cache MiB after them."""
+    with ctx:
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        t1 = time.perf_counter()
+        for _ in range(new):
+            out = model(out.logits[:, -1:].argmax(-1), cache=out.past_key_values, use_cache=True)
+        t2 = time.perf_counter()
+    return t1 - t0, new / (t2 - t1), _cache_bytes(out.past_key_values) / 2**20
+
+
+def speed(model, run, tok, names, L, new, reps):
+    """Every setting's ``_timed`` on one niah_single prompt, in turn within every repetition (order
+    rotating), medians."""
     s = ruler.generate("niah_single", L, 1, lambda t: len(tok(t).input_ids), seed=1)[0]
     ids = torch.tensor([exact(tok, s.prompt, L)])
     got = {nm: [] for nm in names}
     for r in range(reps):
         for nm in names[r % len(names):] + names[:r % len(names)]:
-            _, _, t1, _ = run(nm, ids, 1)
-            _, kv, tn, steps = run(nm, ids, new)
-            got[nm].append((t1, (steps - 1) / max(tn - t1, 1e-9), kv))
+            got[nm].append(_timed(model, run.ctx(nm, L), ids, new))
             print("speed", nm, got[nm][-1], flush=True)
-    return [dict(setting=nm, tokens=ids.shape[1], new_tokens=new, reps=reps, prefill_s=statistics.median(g[0] for g in v),
+    return [dict(setting=nm, tokens=L, new_tokens=new, reps=reps, prefill_s=statistics.median(g[0] for g in v),
                  decode_tps=statistics.median(g[1] for g in v), kv_mib=statistics.median(g[2] for g in v)) for nm, v in got.items()]
 
 
@@ -248,6 +261,7 @@ def main(argv=None):
     p.add_argument("--tasks", default="", help="main tasks (default: where the dense probe beats chance)")
     p.add_argument("--merge", nargs="*", default=[], help="json files of other runs whose cells and speed rows to add")
     p.add_argument("--render", action="store_true")
+    p.add_argument("--notes", default=None, help="run notes kept in the json and shown under the tables")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -259,6 +273,7 @@ def main(argv=None):
     for other in map(lambda f: json.loads(Path(f).read_text()), a.merge):
         data["cells"].update({k: c for k, c in other["cells"].items() if len(c["scores"]) > len(data["cells"].get(k, {}).get("scores", []))})
         data["speed"] = data["speed"] or other["speed"]
+    data["notes"] = data.get("notes", "") if a.notes is None else a.notes
     if not a.render:
         from attnpatch.models import smollm2
 
@@ -270,7 +285,7 @@ def main(argv=None):
                 break
             if task == "speed":
                 if not data["speed"]:
-                    data["speed"] = speed(run, tok, names, a.speed_length, a.new, 2)
+                    data["speed"] = speed(model, run, tok, names, a.speed_length, a.new, 2)
                     save()
                 continue
             run_cell(data, save, run, tok, task, L, which, n, stop, min(a.batch, n))
