@@ -297,10 +297,16 @@ INTRO = ("Speed: SmolLM2-135M-Instruct's own first layers (576 wide, 9 / 3 heads
 def render(d: dict) -> str:
     parts = []
     if d.get("speed"):
-        parts.append("## Prefill speed\n\n" + table(d["speed"], [
+        m = d.get("speed_machine") or d["machine"]
+        parts.append("## Prefill speed\n\n"
+                     f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads) with "
+                     "`python benchmarks/llm.py --part speed` (which also measures the decode rows): one forward per method, paired with the dense forward "
+                     "run just before it; the share uses the median of the length's dense forwards. On a shared machine "
+                     "under load, dense forwards of one length vary by up to 1.5x: a fraction of bound above 1 is that "
+                     "noise.\n\n" + table(d["speed"], [
             ("tokens", "tokens"), ("method", "method"), ("density", "density (of the causal triangle)"),
             ("computed", "computed by lines"), ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"), ("speedup", "speedup"),
-            ("bound", "Amdahl bound"), ("fraction", "fraction of bound"), ("note", "note")]))
+            ("bound", "Amdahl bound"), ("fraction", "fraction of bound")]))
     if d.get("decode"):
         parts.append("## Decode speed and KV memory\n\n" + table(d["decode"], [
             ("method", "method"), ("prompt", "prompt tokens"), ("new_tokens", "new tokens"), ("tokens_per_s", "tokens / s"),
@@ -355,9 +361,11 @@ def main(argv=None):
     # a partial run keeps the other parts' rows, the machine they were measured on and the hand-written notes
     data = {"machine": machine() if a.part == "all" or not old else old["machine"],
             **{k: old.get(k, []) for k in ("speed", "decode", "perplexity", "passkey", "calibration", "temperature_generate")},
-            "temperature_machine": old.get("temperature_machine"), "notes": old.get("notes", "")}
+            "temperature_machine": old.get("temperature_machine"), "speed_machine": old.get("speed_machine"),
+            "notes": old.get("notes", "")}
     if a.part in ("speed", "all"):
         lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [1024, 2048] if a.quick else [8192, 16384, 32768]
+        data["speed_machine"] = machine()
         new = speed(lengths, 1 if a.quick else a.layers, a.quick, a.device, a.speed_weights)
         done = {r["tokens"] for r in new}  # --lengths: the other lengths' rows are kept
         data["speed"] = sorted([r for r in data["speed"] if r["tokens"] not in done] + new, key=lambda r: r["tokens"])
