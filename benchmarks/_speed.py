@@ -94,6 +94,9 @@ def methods_for(c: Case) -> list[ap.Method]:
                 ap.VerticalSlash(verticals=min(1024, max(16, S // 16)), slashes=min(1024, max(16, S // 16)),
                                  window=min(1024, max(16, S // 16))),
                 ap.Quest(budget=max(32, S // 4)),  # prefill is dense by definition; decode: benchmarks/decode.py
+                # one KV group of the call's layer full, the rest sink + window: a mixed layer (SmolLM2's profile
+                # has 7 of 30 layers mixed, the others all-streaming: benchmarks/duo.py)
+                ap.StreamingHeads([(0, h) for h in range(c.H // c.Hkv)], sink=4, window=w),
                 *calibrated]
     side = c.grid[-1]
     tile = 8 if side <= 32 else 16
