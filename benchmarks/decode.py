@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import random
 import statistics
@@ -30,7 +31,7 @@ import time
 import torch
 
 import attnpatch as ap
-from common import machine, out_stem, table, write
+from common import RESULTS, machine, out_stem, table, write
 
 SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
             num_key_value_heads=3, head_dim=64, max_position_embeddings=65536, rope_theta=100000.0)
@@ -43,7 +44,7 @@ SPEED = {  # setting -> method (None: stock transformers, sdpa + DynamicCache)
     "SinkWindow(4, 1024)": ap.SinkWindow(sink=4, window=1024),
 }
 ACCURACY = {"dense": None, "Quest(budget=256)": ap.Quest(budget=256, page=16),
-            "Quest(budget=512)": ap.Quest(budget=512, page=16)}
+            "Quest(budget=512)": ap.Quest(budget=512, page=16), "Quest(budget=1024)": ap.Quest(budget=1024, page=16)}
 
 
 def _cache(base):
@@ -169,11 +170,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per setting (interleaved)")
     p.add_argument("--samples", type=int, default=30)
     p.add_argument("--needle-tokens", type=int, default=3000)
+    p.add_argument("--keep-speed", action="store_true", help="reuse the speed rows of the committed decode.json")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    full = a.lengths == [8192, 16384, 32768] and a.samples >= 30 and a.steps >= 8
+    full = (a.keep_speed or a.lengths == [8192, 16384, 32768] and a.steps >= 8) and a.samples >= 30
     out = out_stem("decode", a.out, None if full else "quick")
-    data = dict(machine=machine(), args=vars(a), speed=speed(a.lengths, a.steps) if a.lengths else [],
+    old = json.loads((RESULTS / "decode.json").read_text()) if a.keep_speed else {}
+    data = dict(machine=machine(), args=vars(a),
+                speed=old["speed"] if a.keep_speed else speed(a.lengths, a.steps) if a.lengths else [],
                 accuracy=accuracy(a.samples, a.needle_tokens) if a.samples else [])
     body = "## Decode speed (SmolLM2-135M shapes, random weights, batch 1, float32)\n\n" + table(data["speed"], [
         ("context", "context"), ("setting", "setting"), ("tok_s", "tokens/s"), ("speedup", "x stock"),
