@@ -11,8 +11,9 @@ the prefill; prefill attention itself stays dense). kvpress presses get SinkWind
 KV budget: compression_ratio = 1 - min(1, (4 + 512) / prompt tokens). Work runs in priority order
 (dense on every task first, then every setting on the tasks where dense beats chance, 1K before
 2K ...), settings taken in turn on each sample, and the json is saved after every sample, so a
-stopped run keeps what it measured (the table says n). kvpress is a benchmark-only extra
-(``pip install attnpatch[kvpress]``); without it its rows are skipped.
+stopped run keeps what it measured (the table says n). kvpress is benchmark-only and not an extra
+(kvpress 0.5.5 pins transformers<5.3): ``pip install --no-deps kvpress==0.5.5 cachetools``; without it
+its rows are skipped.
 """
 from __future__ import annotations
 
