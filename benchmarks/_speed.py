@@ -97,6 +97,8 @@ def methods_for(c: Case) -> list[ap.Method]:
                 # one KV group of the call's layer full, the rest sink + window: a mixed layer (SmolLM2's profile
                 # has 7 of 30 layers mixed, the others all-streaming: benchmarks/duo.py)
                 ap.StreamingHeads([(0, h) for h in range(c.H // c.Hkv)], sink=4, window=w),
+                # sortLSH blocks + samples; exact (dense) at min_len or below, so the recursion runs from 256 tokens
+                ap.HyperAttention(block=64, samples=64, min_len=256),
                 *calibrated]
     side = c.grid[-1]
     tile = 8 if side <= 32 else 16
