@@ -18,9 +18,6 @@ and benchmarks/compose.py.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
-import traceback
 
 import torch
 
@@ -156,39 +153,17 @@ def _times(job: dict, world: int, cached, run) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, jobs: list, out: str) -> None:
-    import json
+def _run_job(job: dict, world: int, state) -> dict:
+    return _job(job, world)
 
-    import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # world processes on a shared CPU
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    rows = []
-    try:
-        for job in jobs:
-            try:
-                rows.append(_job(job, world))
-            except Exception as e:  # noqa: BLE001 - the row says what failed; every rank fails alike
-                rows.append(dict(family=job["family"], method=repr(job["method"]), order=job.get("order", "cache_first"),
-                                 error=f"{type(e).__name__}: {e}",
-                                 where=traceback.format_exc()[-1500:]))
-    finally:
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(rows, f)
-        dist.destroy_process_group()
+def _label(job: dict) -> dict:
+    return dict(family=job["family"], method=repr(job["method"]), order=job.get("order", "cache_first"))
 
 
 def check(jobs: list[dict], world: int = 2) -> list[dict]:
     """Run ``jobs`` on ``world`` gloo processes; rows of rank 0. A job: family, method, threshold;
     optionally grid (Flux's (H, W)), layers (tiny config overrides) and repeats (time the loop)."""
-    import json
+    from attnpatch.tools import gloo
 
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "rows.json")
-        mp.spawn(_worker, args=(world, pc._free_port(), jobs, out), nprocs=world)
-        with open(out) as f:
-            return json.load(f)
+    return gloo.run(_run_job, jobs, world, label=_label)

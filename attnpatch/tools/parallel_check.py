@@ -17,11 +17,6 @@ benchmark (benchmarks/parallel.py) both run it.
 from __future__ import annotations
 
 import functools
-import os
-import socket
-import tempfile
-import traceback
-
 import torch
 
 # family -> (tiny config overrides, inputs(B) whose sequence splits over 2 and 4 ranks)
@@ -234,44 +229,17 @@ def _stock(run, model):
         return f"stock parallel attention failed: {e}"
 
 
-def _worker(rank: int, world: int, port: int, jobs: list, out: str) -> None:
-    import json
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # world processes on a shared CPU
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    rows = []
-    try:
-        for job in jobs:
-            try:
-                rows.append(_job(job, world))
-            except Exception as e:  # noqa: BLE001 - the row says what failed; every rank fails alike
-                rows.append(dict(family=job["family"], method=repr(job["method"]), order=job.get("order", "after"),
-                                 world=world, error=f"{type(e).__name__}: {e}", where=traceback.format_exc()[-1500:]))
-    finally:
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(rows, f)
-        dist.destroy_process_group()
+def _run_job(job: dict, world: int, state) -> dict:
+    return _job(job, world)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _label(job: dict) -> dict:
+    return dict(family=job["family"], method=repr(job["method"]), order=job.get("order", "after"))
 
 
 def check(jobs: list[dict], world: int = 2) -> list[dict]:
     """Run ``jobs`` (dicts: family, method, order "before" / "after", batch, heads) on ``world`` gloo
     processes; one result dict per job (``error`` set where the job raised)."""
-    import json
+    from . import gloo
 
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "rows.json")
-        mp.spawn(_worker, args=(world, _free_port(), jobs, out), nprocs=world)
-        with open(out) as f:
-            return json.load(f)
+    return gloo.run(_run_job, jobs, world, label=_label)

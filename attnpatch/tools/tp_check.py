@@ -20,13 +20,10 @@ tests/test_tp.py runs it.
 from __future__ import annotations
 
 import os
-import tempfile
-import traceback
 
 import torch
 
 from ..patchers.transformers import cache_name, cache_of
-from .parallel_check import _free_port
 
 
 def _prompt(job: dict) -> torch.Tensor:
@@ -106,39 +103,21 @@ def _job(job: dict, models: _Models) -> dict:
                 routed=routed, heads=heads)
 
 
-def _worker(rank: int, world: int, port: int, jobs: list, folder: str, out: str) -> None:
-    import json
+def _models(rank: int, world: int, folder: str) -> _Models:
+    return _Models(folder, world)
 
-    import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # transformers reads LOCAL_RANK when it binds a device
-    torch.set_num_threads(1)  # world processes on a shared CPU
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    models, rows = _Models(folder, world), []
-    try:
-        for job in jobs:
-            try:
-                rows.append(_job(job, models))
-            except Exception as e:  # noqa: BLE001 - the row says what failed; every rank fails alike
-                rows.append(dict(family=job.get("family", "llama"), method=repr(job["method"]), world=world,
-                                 error=f"{type(e).__name__}: {e}", where=traceback.format_exc()[-1500:]))
-    finally:
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(rows, f)
-        dist.destroy_process_group()
+def _label(job: dict) -> dict:
+    return dict(family=job.get("family", "llama"), method=repr(job["method"]))
 
 
 def check(jobs: list[dict], world: int = 2) -> list[dict]:
     """Run ``jobs`` (dicts: method; optional family, config overrides, tokens, decode, batch, pad) on ``world``
     gloo processes; one result dict per job (``error`` set where the job raised)."""
-    import json
+    from . import gloo
 
-    import torch.multiprocessing as mp
+    return gloo.run(_job_on, jobs, world, setup=_models, label=_label)
 
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "rows.json")
-        mp.spawn(_worker, args=(world, _free_port(), jobs, d, out), nprocs=world)
-        with open(out) as f:
-            return json.load(f)
+
+def _job_on(job: dict, world: int, models: _Models) -> dict:
+    return _job(job, models)
