@@ -12,6 +12,7 @@ both exact, and the fastest path SDPA has.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 
@@ -97,17 +98,8 @@ def _prepare(plan: Plan, key: tuple, keep, scale, gqa: bool) -> None:
     per-call Python work is what a 64-256-token call pays on top of SDPA itself)."""
     if torch.is_tensor(keep) and keep.numel() * keep.element_size() > _PREPARED_MAX_BYTES:
         return
-    mask = keep if torch.is_tensor(keep) else None
-    causal = keep is CAUSAL
-    if gqa:
-        def call(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
-    elif scale is None:
-        def call(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    else:
-        def call(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    call = functools.partial(F.scaled_dot_product_attention, attn_mask=keep if torch.is_tensor(keep) else None,
+                             is_causal=keep is CAUSAL, scale=scale, enable_gqa=gqa)
     object.__setattr__(plan, "_sdpa_call", (key, call))
 
 

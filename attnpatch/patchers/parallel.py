@@ -24,6 +24,7 @@ refused with ``RING`` rather than run dense.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -178,20 +179,19 @@ class _Layout:
 
     def __init__(self, call, N: int, Sq_local: int, Skv_local: int):
         st = call.state
-        n = 1
-        for x in st.grid or ():
-            n *= x
+        n = math.prod(st.grid or ())
         joint = Sq_local == Skv_local and st.grid is not None and Sq_local * N > n
         self.q_idx, self.q_back = _segments(Sq_local, N, n if joint else None, st.family.text_first, call.state.text_sharded)
         if Sq_local == Skv_local:
             self.kv_idx = self.q_idx
         elif call.state.text_sharded:  # cross-attention to sharded text: the ranks' shards in order
             self.kv_idx = None
-        else:  # every rank held all of the text: N copies, one is the keys
-            self.kv_idx = torch.arange(Skv_local)
+        else:  # every rank held all of the text: N copies, the first one is the keys
+            self.kv_idx = slice(0, Skv_local)
         self.Sq, self.Skv = Sq_local * N, Skv_local * N  # the global (rank-interleaved) lengths
         self.Sq_model = self.Sq if self.q_idx is None else self.q_idx.numel()  # the lengths the method sees
-        self.Skv_model = self.Sq_model if Sq_local == Skv_local else self.Skv if self.kv_idx is None else self.kv_idx.numel()
+        self.Skv_model = (self.Sq_model if Sq_local == Skv_local else self.Skv if self.kv_idx is None
+                          else Skv_local)
 
     def canonical(self, q, k, v, mask):
         if self.q_idx is not None:
@@ -209,6 +209,7 @@ class _Layout:
         return out if self.q_back is None else out[:, self.q_back]
 
 
+@functools.lru_cache(maxsize=64)  # per call shape: the same indices for every layer and step (never written to)
 def _segments(S_local: int, N: int, visual: int | None, text_first: bool, text_sharded: bool):
     """(global index of each token in the model's order, model-order index of each global token);
     (None, None) when the orders agree (a self-attention call over one sharded segment)."""
