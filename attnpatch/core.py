@@ -7,6 +7,7 @@ import torch
 
 from . import kernels
 from .kernels.base import check_mask, check_qkv, check_scale
+from .merge_heads import merged
 from .methods.base import Method
 from .ops.lse import dense_lse
 from .plan import Plan, _derived, fold_q_scale, q_scale_as_score_mod
@@ -26,6 +27,9 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
     groups = method.head_plans(q, k, site)
     if len(groups) == 1 and groups[0][0] is None:
         return _run_plan(q, k, v, groups[0][1], site, backend, mask, scale, softcap)
+    one = merged(groups, q, k, v, site, mask, backend)  # small static groups: one masked call is cheaper
+    if one is not None:
+        return _run_plan(q, k, v, one, site, backend, mask, scale, softcap)
     rep = q.shape[1] // k.shape[1]
     out = q.new_empty(*q.shape[:3], v.shape[3])
     for heads, plan in groups:  # per-head profiles: one plan per group of heads with equal parameters

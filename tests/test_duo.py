@@ -116,3 +116,49 @@ def test_top_heads_whole_kv_groups():
     assert top_heads(s, 1, kv_heads=2) == [(1, 3), (1, 4), (1, 5)]
     assert top_heads(s, 2) == [(0, 0), (1, 4)]  # per query head
     assert len(top_heads(s, 0.5, kv_heads=2)) == 6  # half of the 4 groups
+
+
+def _split(m, q, k, v, site):
+    """Each head group through its own plan, as core.run does without merging (the reference)."""
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    for heads, plan in m.head_plans(q, k, site):
+        got = ap.core._run_plan(q[:, heads], k[:, heads // rep], v[:, heads // rep], plan, site, "reference",
+                                None, None, None)
+        out[:, heads] = got
+    return out
+
+
+def test_small_head_groups_run_as_one_merged_call_equal_to_the_split():
+    """At 64 tokens the cost model merges StreamingHeads' full and streaming heads into one masked call
+    (StreamingHeads' groups are static); the output equals each group through its own plan."""
+    from attnpatch import merge_heads
+
+    m = ap.StreamingHeads([(1, 0), (1, 3)], sink=2, window=5)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 64, 16, generator=g) for h in (4, 2, 2))
+    site = Site(causal=True, layer=1)
+    groups = m.head_plans(q, k, site)
+    assert m.head_plans(q, k, site) is groups  # static: the same list, found by identity
+    plan = merge_heads.merged(groups, q, k, v, site, None, None)
+    assert plan is not None and plan.static and "merged" in plan.name
+    got = ap.core.run(q, k, v, m, site)
+    ref = _split(m, q, k, v, site)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             is_causal=True)
+    assert (got[:, [1, 2]] - dense[:, [1, 2]]).abs().max() > 1e-3  # streaming heads are not dense
+    torch.testing.assert_close(got[:, [0, 3]], dense[:, [0, 3]], atol=1e-5, rtol=1e-5)
+
+
+def test_merge_is_refused_for_a_mask_a_backend_or_a_non_static_plan():
+    from attnpatch import merge_heads
+
+    m = ap.StreamingHeads([(1, 0)], sink=2, window=5)
+    q, k = _qk(Hq=4, Hkv=4, S=32)
+    site = Site(causal=True, layer=1)
+    groups = m.head_plans(q, k, site)
+    assert merge_heads.merged(groups, q, k, k, site, torch.ones(32, 32, dtype=torch.bool), None) is None
+    assert merge_heads.merged(groups, q, k, k, site, None, "reference") is None
+    moving = [(h, None if p is None else __import__("dataclasses").replace(p, static=False)) for h, p in groups]
+    assert merge_heads.merged(moving, q, k, k, site, None, None) is None

@@ -95,10 +95,13 @@ _RANKED_LOCK = threading.Lock()
 
 
 def _signature(q, k, v, plan, mask) -> tuple:
-    """Everything the ranking depends on (the block structure by identity: it is cached per plan)."""
+    """Everything the ranking depends on: the block structure by identity (cached per plan); whether the
+    plan has lines (a plan without them must not reuse the ranking of one with them), not which: a
+    data-dependent plan's lines change every call by content, not by size, and re-ranking would pay the
+    lines layout on calls that SDPA then runs."""
     dev, plain = q.device.type, plan.mask_mod is None
     return (dev, q.dtype, q.shape, k.shape, v.shape[3], torch.get_num_threads(), plain, plan.score_mod is None,
-            plan.causal, plan.q_offset, plan.static, plan.blocks, None if mask is None else (mask.dtype, mask.shape),
+            plan.causal, plan.q_offset, plan.static, plan.blocks, plan.lines is not None, None if mask is None else (mask.dtype, mask.shape),
             len(_REGISTRY), tuple(PREFERENCE.get((dev, "plain" if plain else "masked")) or ()))
 
 

@@ -85,6 +85,7 @@ class StreamingHeads(Method):
         for layer, head in pairs:
             self._full[layer] = self._full.get(layer, frozenset()) | {head}
         self._stream = SinkWindow(sink=self.sink, window=self.window, block=self.block)
+        self._memo: dict = {}  # static head groups per (layer, shape, offset)
 
     def full_heads(self, layer: int) -> frozenset:
         """The model's query heads of ``layer`` that keep full attention."""
@@ -100,6 +101,18 @@ class StreamingHeads(Method):
         full = self.full_heads(site.layer)
         if not full:
             return [(None, self.plan(q, k, site))]
+        if site.kv_shift is not None:
+            return self._groups(q, k, site, full)
+        # static: the same list object per (layer, shape, offset), so core's merged-call memo finds it by identity
+        key = (site.layer, q.shape, k.shape, site.causal, site.q_offset, site.heads, q.device)
+        got = self._memo.get(key)
+        if got is None:
+            if len(self._memo) > 256:
+                self._memo.clear()
+            got = self._memo[key] = self._groups(q, k, site, full)
+        return got
+
+    def _groups(self, q, k, site: Site, full: frozenset) -> list:
         idx, _ = site.model_heads(q.shape[1])
         dense = [i for i, h in enumerate(idx) if h in full]
         if len(dense) == q.shape[1]:
