@@ -186,3 +186,21 @@ def test_with_site_and_fold_reuse_their_derived_plan():
 
     assert fold_q_scale(q, None, a)[2] is fold_q_scale(q, None, a)[2]
     assert plan.with_site(False, 3).q_offset == 3 and plan.with_site(True, 0) is not a  # latest key only
+
+
+def test_a_plan_with_lines_never_reuses_the_ranking_of_one_without():
+    """Power's plan (with lines) and a mask-only plan of the same signature: each gets its own ranking,
+    equal to a ranking made with an empty cache (a collision once ran Power's 64-token call on lines)."""
+    kernels.invalidate()
+    q, k = torch.randn(1, 4, 2048, 32), torch.randn(1, 2, 2048, 32)  # lines is the cheapest here
+    site = ap.Site(causal=True)
+    with_lines = ap.Power(local=16).plan(q, k, site).with_site(True, 0)
+    assert with_lines.lines is not None
+    import dataclasses
+    bare = dataclasses.replace(with_lines, lines=None)
+    first = [kr.name for kr in kernels.ranked(q, k, k, bare)]
+    second = [kr.name for kr in kernels.ranked(q, k, k, with_lines)]
+    kernels.invalidate()
+    fresh = [kr.name for kr in kernels.ranked(q, k, k, with_lines)]
+    assert fresh[0] == "lines" and second == fresh and first[0] != "lines"
+    kernels.invalidate()
