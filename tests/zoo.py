@@ -316,3 +316,37 @@ ZOO += [  # StreamingHeads: retrieval heads dense, the others SinkWindow
     Case("streaming-heads-decode", ap.StreamingHeads(SH, sink=1, window=6), replace(C, layer=1), (2, 4, 2, 1, 37, 72),
          _streaming({0, 3}, 1, 6)),
 ]
+
+
+def _style(id, seed, gamma, T, site, shape, batches=(1, 1)):
+    """The row of a StyleInjection that recorded a style pass and a content pass at ``site`` (features from
+    goldens_style.features; the passes run through ap.attend, as in a pipeline). The rows carry batch roles
+    so test_fuzz leaves them out: recorded features fit one shape only."""
+    import goldens_style as GST  # imported here: this block is appended at the end of the file
+
+    B, Hq, Hkv, S, _, D = shape
+    cs, _ = G.coords(site, S)
+    vis = [i for i in range(S) if cs[i] is not None]
+    bc, bs = batches
+    q_c, _, _ = GST.features(seed, bc, Hq, Hkv, len(vis), D)
+    _, k_s, v_s = GST.features(seed + 1, bs, Hq, Hkv, len(vis), D)
+
+    def full(b, h, part):  # a pass's (b, h, S, D) input holding ``part`` at the visual tokens
+        x = torch.zeros(b, h, S, D, dtype=torch.float64)
+        x[:, :, vis] = part
+        return x
+
+    m = ap.StyleInjection(query_keep=gamma, temperature=T)
+    ap.attend(full(bs, Hq, 1.0), full(bs, Hkv, k_s), full(bs, Hkv, v_s), m.record("style"), site)
+    ap.attend(full(bc, Hq, q_c), full(bc, Hkv, 0.5), full(bc, Hkv, 0.5), m.record("content"), site)
+    return Case(id, m.record(None), site, shape, lambda q, k, v, s: GST.style_injection(q, k, v, s, q_c, k_s, v_s, gamma, T))
+
+
+ZOO += [  # StyleInjection: visual K / V from the style pass, queries blended toward the content's, scores times T
+    _style("style-self", 11, 0.75, 1.5, Site(grid=(4, 5), timestep=0.5, roles=("cond",)), (1, 2, 2, 20, 20, 64)),
+    _style("style-joint-gqa-batch", 13, 0.5, 1.3, Site(grid=(3, 4), text_len=3, kind="joint", timestep=0.3,
+                                                        roles=("cond", "cond")), (2, 4, 2, 15, 15, 48), batches=(2, 1)),
+    _style("style-joint-text-last", 17, 0.3, 2.0, Site(grid=(2, 7), text_len=2, text_first=False, kind="joint", step=3,
+                                                        roles=("cond",)), (1, 2, 1, 16, 16, 80)),
+    Case("style-cross", ap.StyleInjection(), Site(kind="cross", roles=("cond",)), (1, 2, 2, 12, 7, 64), _dense),
+]
