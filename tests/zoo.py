@@ -350,3 +350,26 @@ ZOO += [  # StyleInjection: visual K / V from the style pass, queries blended to
                                                         roles=("cond",)), (1, 2, 1, 16, 16, 80)),
     Case("style-cross", ap.StyleInjection(), Site(kind="cross", roles=("cond",)), (1, 2, 2, 12, 7, 64), _dense),
 ]
+
+
+def _redist(**kw):
+    import goldens_redistribute as GR  # imported here: this block is appended at the end of the file
+
+    return lambda q, k, v, s: GR.redistribution(q, k, v, s.q_offset, s.causal, **kw)
+
+
+J35_TEXT, J35_VISUAL = range(0, 4), range(4, 19)  # Site(**J35): 4 text tokens first, then the 3 x 5 grid
+ZOO += [  # SinkRedistribution: alpha of the magnets' attention moved to the targets, pro rata (VAR's rule)
+    Case("redist-causal-targets", ap.SinkRedistribution(alpha=0.4, targets=range(18, 40), threshold=2.0, detect_rows=None),
+         C, (1, 2, 2, 40, 40, 64), _redist(alpha=0.4, targets=range(18, 40), threshold=2.0), _boost(7, 4.0)),
+    Case("redist-sampled-chunk-gqa", ap.SinkRedistribution(alpha=0.5, threshold=2.0, first=1, detect_rows=4), C,
+         (1, 4, 2, 10, 30, 80), _redist(alpha=0.5, threshold=2.0, first=1, detect_rows=4), _boost(5, 4.0)),
+    Case("redist-joint-text-magnets", ap.SinkRedistribution(heads=[(0, 0)], alpha=0.6, targets="visual", candidates="text",
+                                                           threshold=1.5, detect_rows=7),
+         Site(**J35), (1, 2, 2, 19, 19, 48), _redist(heads=[0], alpha=0.6, targets=J35_VISUAL, candidates=J35_TEXT,
+                                                     threshold=1.5, detect_rows=7), _boost(2, 4.0)),
+    Case("redist-given-visual-rows", ap.SinkRedistribution(magnets=[0, 2], alpha=0.7, targets="visual", queries="visual"),
+         Site(**J35), (2, 2, 1, 19, 19, 72), _redist(magnets=[0, 2], alpha=0.7, targets=J35_VISUAL, queries=J35_VISUAL)),
+    Case("redist-given-decode", ap.SinkRedistribution(magnets=[0, 5], alpha=0.4, targets=range(10, 16)), C,
+         (2, 4, 2, 1, 23, 16), _redist(magnets=[0, 5], alpha=0.4, targets=range(10, 16))),
+]

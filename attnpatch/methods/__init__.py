@@ -22,6 +22,7 @@ _FILES = {
     "Quest": "quest",
     "HyperAttention": "hyper",
     "StreamingHeads": "duo",
+    "SinkRedistribution": "redistribute",
     "StyleInjection": "style",
 }  # public name -> module file
 
