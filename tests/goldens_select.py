@@ -46,20 +46,104 @@ def block_estimate(q, k, q_groups, k_groups, allowed=None):
     return est / (B * H)
 
 
-def topk_grid_keep(q, k, site, keep=None, mass=None, block=None, local=0):
-    """TopKBlocks on a grid: tiles of ``block`` per axis (default ~256 tokens), estimate, keep."""
+def topk_grid_keep(q, k, site, keep=None, mass=None, block=None, local=0, score="mean", stride=8, scope="query",
+                   partition=None):
+    """TopKBlocks on a grid: tiles of ``block`` per axis (default ~256 tokens; with ``partition``, the
+    tiling of the site's layer), estimate by ``score``, keep per query tile or over the whole map."""
     S = q.shape[2]
     cs, grid = coords(site, S)
     base = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}[len(grid)]
     tile = tuple(per_axis(block, a) if block else min(n, base[a]) for a, n in enumerate(grid))
+    tile = layer_tile(grid, tile, partition, site.layer)
     tiles = sorted({tuple(c[a] // tile[a] for a in range(len(grid))) for c in cs if c is not None})
     tid = {t: n for n, t in enumerate(tiles)}
     of = [None if c is None else tid[tuple(c[a] // tile[a] for a in range(len(grid)))] for c in cs]
-    groups = [[i for i in range(S) if of[i] == t] for t in range(len(tiles))]
-    est = block_estimate(q, k, groups, groups)
+    groups = [[i for i in range(S) if of[i] == t] for t in range(len(tiles))]  # each tile's tokens, row-major
+    if score == "antidiagonal":
+        est = antidiagonal_estimate(q, k, groups, stride)
+    elif score == "similarity":
+        est = similarity_estimate(q, k, groups, scope)
+    else:
+        est = block_estimate(q, k, groups, groups)
     forced = [[max(abs(x - y) for x, y in zip(ta, tb)) <= local for tb in tiles] for ta in tiles]
-    kept = [top_blocks(est[t].tolist(), forced[t], keep, mass) for t in range(len(tiles))]
+    if scope == "global":
+        pairs = top_pairs_global(est.tolist(), forced, keep, mass)
+        kept = [{j for (i, j) in pairs if i == t} for t in range(len(tiles))]
+    else:
+        kept = [top_blocks(est[t].tolist(), forced[t], keep, mass) for t in range(len(tiles))]
     return lambda b, h, i, j: of[i] is None or of[j] is None or of[j] in kept[of[i]]
+
+
+def layer_tile(grid, tile, partition, layer):
+    """VMoBA's layer-wise recurrent partition: ``"cycle"`` tiles along the first axis only, the other
+    axes only, then every axis (layer % 3; a 1-D grid has one tiling); a tuple of tiles cycles as given."""
+    if partition is None:
+        return tile
+    tiles = ([tile] if len(grid) == 1 else [(tile[0], *grid[1:]), (grid[0], *tile[1:]), tile]) if partition == "cycle" \
+        else partition
+    return tuple(min(n, b) for n, b in zip(grid, tiles[layer % len(tiles)]))
+
+
+def antidiagonal_estimate(q, k, groups, stride):
+    """XAttention: each tile's tokens (row-major) cut into groups of ``stride`` (the last one short: zero
+    padding); a query group scores a key group by sum_t q[a][S-1-t] . k[c][t] / (sqrt(D) S); softmax over
+    all key groups; a tile pair sums its groups' shares, divided by the query tile's group count;
+    averaged over batch and heads."""
+    B, H, _, D = q.shape
+    rep = H // k.shape[1]
+    chunks = [(t, g[i:i + stride]) for t, g in enumerate(groups) for i in range(0, len(g), stride)]
+    count = [sum(1 for t, _ in chunks if t == u) for u in range(len(groups))]
+    est = torch.zeros(len(groups), len(groups), dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            Q, K = q[b, h].double(), k[b, h // rep].double()
+            logit = torch.tensor([[sum(float(Q[a[stride - 1 - t]] @ K[c[t]]) for t in range(stride)
+                                       if stride - 1 - t < len(a) and t < len(c)) for _, c in chunks] for _, a in chunks],
+                                 dtype=torch.float64)
+            p = torch.softmax(logit / (math.sqrt(D) * stride), -1)
+            for x, (ta, _) in enumerate(chunks):
+                for y, (tc, _) in enumerate(chunks):
+                    est[ta, tc] += p[x, y] / count[ta]
+    return est / (B * H)
+
+
+def similarity_estimate(q, k, groups, scope):
+    """VMoBA's gate mean(q_tile) . mean(k_tile), min-max normalised per row ("query") or per map
+    ("global") for each (batch, head) (a range <= 1e-6 is left unscaled), averaged, then scaled so each
+    row (query) or the whole map (global) sums to 1."""
+    B, H, _, D = q.shape
+    rep = H // k.shape[1]
+    est = torch.zeros(len(groups), len(groups), dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            pq = torch.stack([q[b, h, g].double().mean(0) for g in groups])
+            pk = torch.stack([k[b, h // rep, g].double().mean(0) for g in groups])
+            s = pq @ pk.T
+            lo = s.amin(-1, keepdim=True) if scope == "query" else s.min()
+            hi = s.amax(-1, keepdim=True) if scope == "query" else s.max()
+            span = hi - lo
+            est += (s - lo) / torch.where(span <= 1e-6, torch.ones_like(span), span)
+    est /= B * H
+    return est / (est.sum(-1, keepdim=True) if scope == "query" else est.sum())
+
+
+def top_pairs_global(est, forced, keep=None, mass=None):
+    """VMoBA's global selection: forced pairs, then every other pair of the map by estimate, either
+    until ``ceil(keep * n^2)`` pairs in all or while the share of the map's total taken is below ``mass``."""
+    n = len(est)
+    kept = {(i, j) for i in range(n) for j in range(n) if forced[i][j]}
+    rest = sorted(((i, j) for i in range(n) for j in range(n) if not forced[i][j]), key=lambda p: -est[p[0]][p[1]])
+    if mass is not None:
+        total = sum(map(sum, est))
+        acc = sum(est[i][j] for i, j in kept) / total
+        for i, j in rest:
+            if acc >= mass:
+                break
+            kept.add((i, j))
+            acc += est[i][j] / total
+    else:
+        kept |= set(rest[:max(0, math.ceil(keep * n * n - 1e-9) - len(kept))])
+    return kept
 
 
 def topk_causal_keep(q, k, off, keep=None, mass=None, block=256, local=0):

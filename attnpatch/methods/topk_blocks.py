@@ -6,9 +6,17 @@ the largest estimated mass, or the smallest set reaching ``mass``, plus its own 
 ``local`` tile neighbourhood) and the text, both ways. The estimate is averaged over batch and
 heads, so one block structure serves the whole call (what block-sparse kernels run).
 Estimation is O(S * D + tiles^2 * D): well under 1 % of dense attention at 16K tokens.
+
+Options from the block-selection papers (grids only; ``_block_scores`` has the definitions):
+``score="antidiagonal", stride=8`` (XAttention: strided antidiagonal sums; with ``mass`` its threshold),
+``score="similarity"`` (VMoBA's min-max normalised gate; with ``mass`` its cumulative-similarity threshold),
+``scope="global"`` (VMoBA: tile pairs compete over the whole map, not per query tile) and
+``partition="cycle"`` (VMoBA: layer ``l`` tiles along the first axis, the other axes, or all, by ``l % 3``;
+or a tuple of per-axis tiles cycled over layers).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,6 +25,7 @@ import torch
 from ..blocks import from_states
 from ..plan import Plan
 from ..site import Site
+from . import _block_scores as _bs
 from . import _grid
 from .base import check_int, check_ints, check_number
 from .schedule import Sparse
@@ -34,6 +43,10 @@ class TopKBlocks(Sparse):
     mass: float | None = None  # or: the smallest set of tiles whose estimated mass reaches this
     block: int | tuple | None = None  # tile per grid axis; default about 256 tokens
     local: int = 0  # also keep tiles within this Chebyshev tile distance (0: own tile only)
+    score: str = "mean"  # block estimate: "mean" pooling, "antidiagonal" (XAttention), "similarity" (VMoBA)
+    stride: int = 8  # antidiagonal: tokens per group (the estimate costs 1 / stride of dense q k^T)
+    scope: str = "query"  # "query": a budget per query tile; "global": all tile pairs compete (VMoBA)
+    partition: str | tuple | None = None  # "cycle" (VMoBA 1-D / 2-D / 3-D by layer) or a tuple of tiles to cycle
 
     def __post_init__(self):
         t = "TopKBlocks"
@@ -47,16 +60,48 @@ class TopKBlocks(Sparse):
         if self.block is not None:
             self.block = check_ints(t, "block", self.block, 1, example=16)
         self.local = check_int(t, "local", self.local, 0, example=1)
+        self._check_options()
         super().__post_init__()  # after the parameters: a profile's values are checked against them
-        self._layouts = _grid.PlanCache(self._layout)
+        self._layouts = _Layouts(self)
         self._causal_layouts: dict = {}  # (Sq, Skv, q_offset, device) -> index tensors of a causal call
 
-    def _layout(self, site: Site, S: int, device) -> dict:
-        """Tile order of the grid (cached per layout): permutation, sizes, tile of every visual
-        token (row-major), per-axis tile coordinates, and the always-kept tile pairs."""
+    def _check_options(self) -> None:
+        t = "TopKBlocks"
+        for name, allowed in (("score", _bs.SCORES), ("scope", _bs.SCOPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{t}({name}={getattr(self, name)!r}): {name} must be one of {allowed}; "
+                                 f"e.g. {t}({name}={allowed[1]!r})")
+        self.stride = check_int(t, "stride", self.stride, 1, example=8)
+        p = self.partition
+        if p is not None and p != "cycle":
+            if not isinstance(p, (tuple, list)) or not p or not all(isinstance(x, (tuple, list)) for x in p):
+                raise ValueError(f"{t}(partition={p!r}): partition must be None, 'cycle' or a tuple of per-axis "
+                                 "tiles cycled over layers; e.g. TopKBlocks(partition=((1, 8, 8), (4, 2, 2)))")
+            self.partition = tuple(check_ints(t, "partition", x, 1, example=(2, 8, 8)) for x in p)
+
+    def __repr__(self) -> str:  # the options show only when set: reprs of the plain method stay as they were
+        shown = [f for f in dataclasses.fields(self) if f.repr and (f.name not in _OPTIONS or getattr(self, f.name) != f.default)]
+        return f"TopKBlocks({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
+
+    def _tile(self, site: Site) -> tuple:
+        """This call's tile per grid axis: ``block`` (default about 256 tokens), or the partition of
+        the call's layer."""
         grid = site.grid
         tile = (_grid.per_axis(self.block, len(grid), "block", "TopKBlocks") if self.block
                 else tuple(min(n, b) for n, b in zip(grid, BASE_TILE[len(grid)])))
+        if self.partition is None:
+            return tile
+        tiles = _bs.partition_tiles(grid, tile) if self.partition == "cycle" else self.partition
+        pick = tuple(tiles[site.layer % len(tiles)])
+        if len(pick) != len(grid):
+            raise ValueError(f"TopKBlocks(partition={self.partition!r}): a tile of {len(pick)} axes for a grid of "
+                             f"{len(grid)} axes {grid}")
+        return tuple(min(n, b) for n, b in zip(grid, pick))
+
+    def _layout(self, site: Site, S: int, device, tile: tuple) -> dict:
+        """Tile order of the grid (cached per layout and tile): permutation, sizes, tile of every visual
+        token (row-major), per-axis tile coordinates, and the always-kept tile pairs."""
+        grid = site.grid
         axes = [_grid.axis_tiling(n, t) for n, t in zip(grid, tile)]
         perm, sizes, tile_axes = _grid.visual_layout(grid, axes)
         n = site.visual_len
@@ -67,9 +112,14 @@ class TopKBlocks(Sparse):
         forced = (ta[:, None] - ta[None, :]).abs().amax(-1) <= self.local  # (nT, nT)
         bounds = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
         nT = sizes.numel()  # dense: no selection can drop a tile (one tile, or keep takes them all)
-        dense = bool(forced.all()) or (self.mass is None and math.ceil(self.keep * nT) >= nT)
+        if self.scope == "global":
+            takes_all = self.mass is None and math.ceil(self.keep * nT * nT - 1e-9) >= nT * nT
+        else:
+            takes_all = self.mass is None and math.ceil(self.keep * nT) >= nT
+        dense = bool(forced.all()) or takes_all
+        groups = _bs.stride_groups(order, sizes, n, self.stride) if self.score == "antidiagonal" else None
         return dict(perm=perm, sizes=sizes, tile_of=tile_of.to(device), forced=forced.to(device), order=order.to(device),
-                    bounds=bounds.to(device), dense=dense)
+                    bounds=bounds.to(device), dense=dense, groups=groups)
 
     def estimate(self, q, k, site: Site, lay: dict) -> torch.Tensor:
         """(nT, nT) estimated share of each query tile's attention mass per key tile."""
@@ -84,11 +134,18 @@ class TopKBlocks(Sparse):
                 return tile_means(x[:, :, v0:v0 + n], lay["order"], lay["bounds"])
             return _pool(x[:, :, v0:v0 + n], lay["tile_of"], sizes)
 
+        if self.score == "antidiagonal":
+            return _bs.antidiagonal(q, k, v0, n, lay["groups"], self.stride, site.head_mean)
+        if self.score == "similarity":
+            return _bs.similarity(pool(q), pool(k), self.scope, site.head_mean)
         return site.head_mean(torch.softmax(_block_logits(pool(q), pool(k), sizes), -1))  # every rank's heads
 
     def select(self, est: torch.Tensor, forced: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """(nq, nk) boolean blocks kept: forced ones, then by estimated mass (``keep`` counts a
-        fraction of the ``allowed`` blocks of each row, all of them by default)."""
+        fraction of the ``allowed`` blocks of each row, all of them by default; ``scope="global"``: of the
+        whole map)."""
+        if self.scope == "global" and allowed is None:
+            return _bs.select_global(est, forced, self.keep, self.mass)
         nT = est.shape[1]
         score = est.masked_fill(forced, float("inf"))
         order = score.argsort(-1, descending=True)
@@ -139,6 +196,9 @@ class TopKBlocks(Sparse):
         (plain causal attention, exact) when the rule keeps every block the call can see."""
         if isinstance(self.block, (tuple, list)):
             raise ValueError(f"TopKBlocks(block={self.block!r}) must be one int for causal (LLM) attention")
+        if (self.score, self.scope, self.partition) != ("mean", "query", None):
+            raise ValueError(f"{self!r}: score / scope / partition options are for grids (DiT self / joint "
+                             "attention); causal (LLM) calls use TopKBlocks(keep=...) or TopKBlocks(mass=...)")
         B, H, Sq, D = q.shape
         Skv, off = k.shape[2], site.q_offset
         lay = self._causal_layout(Sq, Skv, off, q.device)
@@ -186,6 +246,22 @@ class TopKBlocks(Sparse):
             return keep[tile_of[qv.clamp(0, n - 1)], tile_of[kv.clamp(0, n - 1)]] | text
 
         return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
+
+
+_OPTIONS = ("score", "stride", "scope", "partition")  # shown in the repr only when not the default
+
+
+class _Layouts(_grid.Memo):
+    """Grid layouts by (tile of the call's layer, grid, text, length, device)."""
+
+    def __init__(self, method: TopKBlocks):
+        super().__init__()
+        self.method = method
+
+    def get(self, site: Site, S: int, device) -> dict:
+        tile = self.method._tile(site)
+        key = (tile, site.grid, site.text_len, site.text_first, S, str(device))
+        return super().get(key, lambda: self.method._layout(site, S, device, tile))
 
 
 def _pool(x, idx, counts):
