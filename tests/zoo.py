@@ -373,3 +373,30 @@ ZOO += [  # SinkRedistribution: alpha of the magnets' attention moved to the tar
     Case("redist-given-decode", ap.SinkRedistribution(magnets=[0, 5], alpha=0.4, targets=range(10, 16)), C,
          (2, 4, 2, 1, 23, 16), _redist(magnets=[0, 5], alpha=0.4, targets=range(10, 16))),
 ]
+
+
+def _pick(**kw):
+    return _select(GS.topk_grid_keep, **kw)
+
+
+AD, SIM, GL = dict(score="antidiagonal"), dict(score="similarity"), dict(scope="global")
+VM = dict(mass=0.6, block=(1, 2, 3), score="similarity", scope="global", partition="cycle")
+ZOO += [  # TopKBlocks as XAttention (antidiagonal scores) and VMoBA (similarity threshold, global, partition cycle) select
+    Case("topk-antidiag-2d-gqa", ap.TopKBlocks(keep=0.3, block=(2, 4), stride=3, **AD), Site(grid=(6, 8)),
+         (1, 2, 1, 48, 48, 48), _pick(keep=0.3, block=(2, 4), stride=3, **AD)),
+    Case("topk-antidiag-mass-joint", ap.TopKBlocks(mass=0.8, block=(2, 2), stride=3, **AD),
+         Site(grid=(4, 6), text_len=5, kind="joint"), (2, 2, 2, 29, 29, 64), _pick(mass=0.8, block=(2, 2), stride=3, **AD)),
+    Case("topk-antidiag-3d-local", ap.TopKBlocks(keep=0.25, block=(1, 2, 2), local=1, stride=3, **AD), Site(grid=(2, 4, 8)),
+         (1, 4, 2, 64, 64, 16), _pick(keep=0.25, block=(1, 2, 2), local=1, stride=3, **AD)),
+    Case("topk-similarity-mass", ap.TopKBlocks(mass=0.5, block=(2, 3), **SIM), Site(grid=(5, 7)), (1, 2, 2, 35, 35, 80),
+         _pick(mass=0.5, block=(2, 3), **SIM)),
+    Case("topk-global-keep", ap.TopKBlocks(keep=0.3, block=(2, 2), **GL), Site(grid=(4, 6)), (2, 2, 1, 24, 24, 64),
+         _pick(keep=0.3, block=(2, 2), **GL)),
+    Case("topk-antidiag-global-mass-text-last", ap.TopKBlocks(mass=0.7, block=(2, 2), stride=2, **AD, **GL),
+         Site(grid=(4, 6), text_len=3, text_first=False, kind="joint"), (1, 2, 1, 27, 27, 72),
+         _pick(mass=0.7, block=(2, 2), stride=2, **AD, **GL)),
+    *(Case(f"topk-vmoba-cycle-layer{layer}", ap.TopKBlocks(**VM), Site(grid=(3, 4, 6), layer=layer), (1, 2, 1, 72, 72, 48),
+           _pick(**VM)) for layer in range(3)),
+    Case("topk-partition-tuple", ap.TopKBlocks(keep=0.4, partition=((2, 2), (1, 4))), Site(grid=(4, 8), layer=1),
+         (1, 2, 2, 32, 32, 16), _pick(keep=0.4, partition=((2, 2), (1, 4)))),
+]
