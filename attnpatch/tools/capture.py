@@ -112,11 +112,12 @@ def summarise(acc: dict[str, torch.Tensor]) -> dict[str, list]:
 
 def decay(acc: dict[str, torch.Tensor], axis: str) -> torch.Tensor | None:
     """(H, bins) mean probability of a (query, key) pair at each distance of ``axis`` ("token",
-    "spatial", "temporal") over the mean probability of any visible pair: 1 = uniform; NaN where
-    no pair falls in the bin."""
+    "spatial", "temporal") over the mean probability of any visible pair (on a grid: of any visual
+    (query, key) pair, so the text's share does not move the curve): 1 = uniform; NaN where no pair
+    falls in the bin."""
     if f"dist_{axis}_mass" not in acc:
         return None
-    uniform = acc["rows"] / acc["visible"]
+    uniform = acc["rows"] / acc["visible"] if axis == "token" else (acc["visual_mass"] / acc["visual_pairs"])[:, None]
     return acc[f"dist_{axis}_mass"] / acc[f"dist_{axis}_pairs"] / uniform
 
 
@@ -186,6 +187,8 @@ def _grid_stats(acc: dict, pm: torch.Tensor, i0: int, site: Site, B: int) -> Non
     vis_mass = pv[..., v0:v0 + nv]  # (H, r, N)
     _add(acc, "visual_rows", torch.tensor([B * (b - a)]))
     _add(acc, "text_mass", pv.sum((1, 2)) - vis_mass.sum((1, 2)))
+    _add(acc, "visual_mass", vis_mass.sum((1, 2)))  # (H,) mass of visual queries on visual keys
+    _add(acc, "visual_pairs", torch.tensor([B * (b - a) * nv]))
     co = _coords(site.grid, pm.device)  # (N, n)
     cq = co[a - v0:b - v0]  # (r, n)
     space = (cq[:, None, -2:] - co[None, :, -2:]).abs().amax(-1)  # (r, N) Chebyshev distance in the frame
