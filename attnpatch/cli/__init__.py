@@ -6,6 +6,7 @@
     attnpatch bench     the benchmark scripts (kernels, pipelines, llm, fixtures, guidance)
     attnpatch methods   every method with its parameters, defaults and source
     attnpatch demo      patch every supported model family (tiny embedded models) and check it
+    attnpatch analyze   capture attention per layer / head (entropy, sinks, decay, recall): a report folder
 
 Exit codes: 0 success, 1 failure (or interrupted), 2 bad input.
 """
@@ -237,6 +238,9 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     sub.add_parser("methods", help="list methods, parameters, defaults and sources").set_defaults(func=_methods)
+    from .analyze import add_parser as analyze_parser  # attnpatch analyze: attention capture report
+
+    analyze_parser(sub, _common, _positive)
     args = parser.parse_args(argv)
     from .runner import UsageError
 
