@@ -94,40 +94,41 @@ def keys_figure(cap: Capture, path: Path, first: int = 64) -> str:
     plt = _plt()
     layers = sorted(cap.layers)
     grid, text_len, text_first = cap.grids[layers[0]]
-    if grid is None:  # LLM: mean attention given visibility on the first keys, per layer
-        rows = []
-        for l in layers:
-            acc = cap.layers[l]
-            share = acc["key_mass"].mean(0) / acc["key_vis"].clamp_min(1)  # (S_kv,) mean p of a row that sees the key
-            rows.append(share[:first])
-        n = min(len(r) for r in rows)
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        im = ax.imshow(torch.stack([r[:n] for r in rows]).clamp_min(1e-6).log10().numpy(), aspect="auto", cmap="magma",
-                       interpolation="nearest")
-        ax.set(xlabel="key position", ylabel="layer", title="log10 mean attention a key receives (rows that see it)")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        caption = f"attention received by each of the first {n} key positions (mean over heads), per layer"
-    else:
-        cols = min(len(layers), 6)
-        fig, axes = plt.subplots(math.ceil(len(layers) / cols), cols, figsize=(1.9 * cols, 1.9 * math.ceil(len(layers) / cols)),
-                                 squeeze=False)
-        v0 = text_len if text_first else 0
-        N = math.prod(grid)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, l in zip(axes.flat, layers):
-            acc = cap.layers[l]
-            share = acc["key_mass"].mean(0)[v0:v0 + N]
-            share = share / share.sum() * N  # 1 = the uniform share of the visual keys' mass
-            img = share.view(*grid[-2:]) if len(grid) < 3 else share.view(grid[0], *grid[-2:]).mean(0)
-            ax.imshow(img.numpy(), cmap="magma", interpolation="nearest")
-            ax.set_title(f"layer {l}: max {img.max().item():.1f}", fontsize=7)
-        caption = ("attention each visual key receives over its uniform share of the visual keys' mass (mean over heads" +
-                   (" and frames" if len(grid) == 3 else "") + "), per layer: bright spots are sink tokens")
+    fig, caption = (_llm_keys(plt, cap, layers, first) if grid is None
+                    else _grid_keys(plt, cap, layers, grid, text_len if text_first else 0))
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return caption
+
+
+def _llm_keys(plt, cap: Capture, layers: list, first: int):
+    """Layers x the first keys: the mean attention a key receives from the rows that see it (mean over heads)."""
+    rows = [(cap.layers[l]["key_mass"].mean(0) / cap.layers[l]["key_vis"].clamp_min(1))[:first] for l in layers]
+    n = min(len(r) for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    im = ax.imshow(torch.stack([r[:n] for r in rows]).clamp_min(1e-6).log10().numpy(), aspect="auto", cmap="magma",
+                   interpolation="nearest")
+    ax.set(xlabel="key position", ylabel="layer", title="log10 mean attention a key receives (rows that see it)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig, f"attention received by each of the first {n} key positions (mean over heads), per layer"
+
+
+def _grid_keys(plt, cap: Capture, layers: list, grid: tuple, v0: int):
+    """One small heatmap per layer: each visual key's mass over its uniform share (frames averaged)."""
+    cols, N = min(len(layers), 6), math.prod(grid)
+    nrows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 1.9 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, l in zip(axes.flat, layers):
+        share = cap.layers[l]["key_mass"].mean(0)[v0:v0 + N]
+        share = share / share.sum() * N  # 1 = the uniform share of the visual keys' mass
+        img = share.view(grid[0], -1, grid[-1]).mean(0) if len(grid) == 3 else share.view(-1, grid[-1])  # (H, W) / (1, W)
+        ax.imshow(img.numpy(), cmap="magma", interpolation="nearest")
+        ax.set_title(f"layer {l}: max {img.max().item():.1f}", fontsize=7)
+    return fig, ("attention each visual key receives over its uniform share of the visual keys' mass (mean over heads"
+                 + (" and frames" if len(grid) == 3 else "") + "), per layer: bright spots are sink tokens")
 
 
 def recall_figure(recalls: dict[str, Capture], path: Path) -> None:
