@@ -133,3 +133,16 @@ def test_antidiagonal_chunks_heads_like_one_pass(monkeypatch):
     whole = _estimate(m, q, k, site)
     monkeypatch.setattr(bs, "CHUNK", 24 * 24)  # one head per chunk
     torch.testing.assert_close(_estimate(m, q, k, site), whole)
+
+
+def test_block_selection_example_on_the_fixture():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "examples/block_selection.py", "--steps", "3"], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [l for l in r.stdout.splitlines() if "density" in l]
+    assert len(lines) == 3 and all("PSNR" in l for l in lines), r.stdout
