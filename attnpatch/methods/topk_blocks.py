@@ -35,9 +35,9 @@ BASE_TILE = {1: (256,), 2: (16, 16), 3: (2, 8, 16)}
 
 @dataclass
 class TopKBlocks(Sparse):
-    """Keep, per query tile, the key tiles with the largest estimated attention mass."""
+    """Keep, per query tile (or over the whole tile map), the key tiles with the largest estimated attention mass."""
 
-    source = "VMoBA (training-free), SpargeAttn, DHSA, SEA, HiP"
+    source = "VMoBA (Wu et al. 2025, training-free), XAttention (Xu et al. 2025), SpargeAttn, DHSA, SEA, HiP"
 
     keep: float | None = 0.25  # fraction of key tiles per query tile (ignored when mass is set)
     mass: float | None = None  # or: the smallest set of tiles whose estimated mass reaches this
