@@ -26,7 +26,8 @@ def _detect(p, vis, threshold, first, max_magnets, detect_rows, candidates):
     Sq, Skv = p.shape
     rows = list(range(Sq)) if detect_rows is None or Sq <= detect_rows else \
         [Sq - 1 - (r * Sq) // detect_rows for r in range(detect_rows)]
-    col = [sum(float(p[i, j]) * int(vis[i].sum()) for i in rows) / len(rows) for j in range(Skv)]
+    pd = p.detach()
+    col = [sum(float(pd[i, j]) * int(vis[i].sum()) for i in rows) / len(rows) for j in range(Skv)]
     pool = [j for j in range(first, Skv) if candidates is None or j in candidates]
     ranked = sorted(pool, key=lambda j: -col[j])[:max_magnets]
     return [j for j in ranked if col[j] > threshold], min((abs(col[j] - threshold) for j in ranked), default=1.0)
@@ -50,15 +51,14 @@ def redistribution(q, k, v, off, is_causal, alpha=0.4, heads=None, magnets=None,
                     margins.append(margin)
                 found += len(mags)
                 tgt = [j for j in range(Skv) if j not in mags and (targets is None or j in targets)]
+                rows = []  # out of place: autograd runs through this golden (tests/test_grad.py)
                 for i in range(Sq):
-                    if queries is not None and i not in queries:
+                    M, T = p[i, mags].sum(), p[i, tgt].sum()
+                    if (queries is not None and i not in queries) or T == 0:
+                        rows.append(p[i])
                         continue
-                    M, T = float(p[i, mags].sum()), float(p[i, tgt].sum())
-                    if T == 0:
-                        continue
-                    row = p[i].clone()
-                    row[mags] *= 1 - alpha
-                    row[tgt] *= 1 + alpha * M / T
-                    p[i] = row
+                    scale = [1 - alpha if j in mags else 1 + alpha * M / T if j in tgt else 1.0 for j in range(Skv)]
+                    rows.append(p[i] * torch.stack([torch.as_tensor(x, dtype=p.dtype) for x in scale]))
+                p = torch.stack(rows)
             out[b, h] = p @ v[b, h // rep].double()
     return out, min(margins), found

@@ -180,3 +180,12 @@ class _Call:
         if not self.causal:
             return torch.full((1, 1, C), Skv, device=s.device)
         return (self._positions(row0, C, rows, s.device) + 1).clamp_(0, Skv).view(1, 1, C)
+
+
+def key_mass(q, k, call: "_Call", rows) -> torch.Tensor:
+    """(B, h, Skv) mean attention probability of query rows ``rows`` (ascending (R,) tensor of row indices)
+    on each key, as the kernel saw them (causality, mask, scale, soft cap); rows that see no key count 0."""
+    sc = call.logits(q.index_select(2, rows), k, int(rows[0]), grad=False, rows=rows)  # (B, h, R, Skv)
+    mx = sc.amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)  # rows that see no key: exp(-inf) = 0 below
+    p = sc.sub_(mx).exp_()
+    return (p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)).mean(2)

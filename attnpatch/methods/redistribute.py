@@ -29,7 +29,7 @@ import torch
 
 from ..plan import Plan
 from ..site import Site
-from ._sink_scores import _Call, chunks, gather_rows, plain_col, row_lse, sample
+from ._sink_scores import _Call, chunks, gather_rows, key_mass, plain_col, row_lse, sample
 from .base import Method, call_heads, check_int, check_number, fail
 from .sink_calibration import SinkCalibration
 
@@ -186,6 +186,46 @@ class SinkRedistribution(Method):
         return scan._pick(col, call, first_hidden=hidden)[0], lse
 
 
+class MagnetScan:
+    """A calibration watcher (``Observed(Dense(), scan)``): per (layer, head), the mean attention of the query
+    rows at positions ``queries`` (None: every row) on each key. ``magnets(threshold)``: keys whose attention
+    relative to uniform, averaged over layers >= ``from_layer`` and heads, exceeds the threshold (ACT's rule);
+    ``heads(magnets, visual, rho, summ)``: VAR's image-centric heads, whose rows give at least ``summ`` of their
+    attention to the ``visual`` keys and at most ``rho`` of that to visual magnets. Calls of one shape only."""
+
+    def __init__(self, queries=None, from_layer: int = 0):
+        self.queries, self.from_layer, self.mass = queries, from_layer, {}  # layer -> [sum of (H, Skv), calls]
+
+    def __call__(self, q, k, site: Site, groups=None) -> None:
+        Sq = q.shape[2]
+        rows = torch.arange(Sq, device=q.device) if self.queries is None else \
+            torch.tensor([i - site.q_offset for i in self.queries if 0 <= i - site.q_offset < Sq], device=q.device)
+        if not len(rows):
+            return
+        call = _Call(site.q_offset, site.causal, site.kv_shift, None, q.shape[-1] ** -0.5, None)
+        m = key_mass(q, k, call, rows).mean(0)  # (H, Skv)
+        acc = self.mass.setdefault(site.layer, [torch.zeros_like(m), 0])
+        acc[0], acc[1] = acc[0] + m, acc[1] + 1
+
+    def layer_mass(self, layer: int) -> torch.Tensor:
+        total, n = self.mass[layer]
+        return total / n
+
+    def magnets(self, threshold: float) -> list[int]:
+        ms = [self.layer_mass(l) for l in sorted(self.mass) if l >= self.from_layer]
+        score = torch.stack(ms).mean((0, 1)) * ms[0].shape[-1]  # (Skv,) attention relative to uniform
+        return (score > threshold).nonzero().flatten().tolist()
+
+    def heads(self, magnets, visual, rho: float = 0.5, summ: float = 0.2) -> list[tuple[int, int]]:
+        out = []
+        for l in sorted(x for x in self.mass if x >= self.from_layer):
+            m = self.layer_mass(l)  # (H, Skv)
+            vis = m[:, list(visual)].sum(-1)
+            sink = m[:, [j for j in magnets if j in set(visual)]].sum(-1)
+            out += [(l, h) for h in range(m.shape[0]) if vis[h] >= summ and sink[h] <= rho * vis[h]]
+        return out
+
+
 def _move(alpha, base, qh, kh, vh, mag, tgt, lse, call: _Call, rep, grad):
     """``base`` (B, h, Sq, Dv) with alpha of the magnet columns ``mag`` (B, h, Skv) moved to the targets
     ``tgt`` (Skv,) less the magnets (None: every other key): base - alpha A_M + alpha M A_T / T. The gathered
@@ -211,9 +251,11 @@ def _move(alpha, base, qh, kh, vh, mag, tgt, lse, call: _Call, rep, grad):
             T, a_t = po.sum(-1), po @ vs.to(p.dtype)
         else:  # the complement's attention: targets are everything else the row sees
             # 1 - (the complement's mass) is rounding noise for a row that sees no target: such rows are found exactly
-            T, a_t = torch.where(_sees(tg, call, s, e), 1.0 - po.sum(-1), 0.0), b - po @ vs.to(p.dtype)
-            # A_T / T from a difference loses the kernel's rounding / T: rows with little target mass, directly
-            T, a_t = _direct_rows((T > 0) & (T < _RECOMPUTE), T, a_t, qh, kh, vh, tg, lse, call, s, grad)
+            sees = _sees(tg, call, s, e)
+            T, a_t = torch.where(sees, 1.0 - po.sum(-1), 0.0), b - po @ vs.to(p.dtype)
+            # A_T / T from a difference loses the kernel's rounding / T (T may even round to 0): rows with little
+            # target mass get both directly
+            T, a_t = _direct_rows(sees & (T < _RECOMPUTE), T, a_t, qh, kh, vh, tg, lse, call, s, grad)
         live = T > 0
         f = torch.where(live, alpha * M / T.clamp_min(torch.finfo(T.dtype).tiny), 0.0)
         outs.append(b - (alpha * live.to(b.dtype))[..., None] * a_m + f[..., None] * a_t)  # (where(live, alpha, 0) is float32)
