@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _speed as sp  # noqa: E402
 
-GUIDANCE = {"PAG", "SharedAttention"}  # add work by design: not in the per-call benchmark
+GUIDANCE = {"PAG", "SharedAttention", "StyleInjection"}  # add work by design: not in the per-call benchmark
 
 
 def test_every_sparse_and_calibrated_public_method_is_benchmarked():
