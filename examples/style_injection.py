@@ -28,19 +28,22 @@ def main():
     if a.model is None:
         from attnpatch.models import flux_shapes
 
-        pipe, kw = flux_shapes(), {}
+        pipe, kw, layers = flux_shapes(), {}, None  # every layer: 6 blocks of 256 tokens
         prompts = ["a large red circle at the top left", "a large blue square in the center"]
     else:
         from diffusers import FluxPipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = FluxPipeline.from_pretrained(a.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
-        kw = dict(height=1024, width=1024)
+        # recorded features cost layers x steps x 3 x tokens x width: a few late single blocks at 512 px
+        # (4 x 50 x 3 x 1024 tokens x 3072 x 2 bytes = 3.8 GB); untested here (no hub weights offline)
+        kw, layers = dict(height=512, width=512), ["transformer.single_transformer_blocks.3[4-7].attn"]
         prompts = ["a photo of a lighthouse on a cliff", "a watercolor painting of flowers, loose blue and orange washes"]
     content, style = (pipe(c, generator=torch.Generator().manual_seed(i), output_type="pt", **kw).images
                       for i, c in enumerate(prompts))
     method = ap.StyleInjection(query_keep=a.query_keep, temperature=a.temperature)
-    out = style_transfer(pipe, content, style, method, num_inference_steps=a.steps, output_type="pt", **kw).images
+    out = style_transfer(pipe, content, style, method, layers=layers, num_inference_steps=a.steps, output_type="pt",
+                         **kw).images
     layers = len(method.bank)
     print(f"recorded {layers} attention layers x {a.steps} steps; result mean colour {out[0].mean((1, 2)).tolist()}")
     from PIL import Image

@@ -191,7 +191,9 @@ def style_transfer(pipe, content, style, method: StyleInjection | None = None, *
                    **call):
     """Style Injection in Diffusion: ``content`` restyled after ``style`` (images or latents of one size).
     ``call`` goes to every pipeline call (``num_inference_steps``, ``prompt`` / ``prompt_embeds``, ...);
-    the prompt defaults to "" and guidance is off, as the paper. Returns the pipeline's output."""
+    the prompt defaults to "" and guidance is off, as the paper. ``layers`` as in ``patch`` ("default": a UNet's
+    decoder self-attention, a DiT's every block). The recorded features stay on ``method.bank`` (layers x steps x
+    3 x tokens x width: choose a few layers of a large model). Returns the pipeline's output."""
     method = method or StyleInjection()
     if "prompt" not in call and "prompt_embeds" not in call:
         call["prompt"] = ""
