@@ -152,3 +152,15 @@ def test_style_transfer_on_the_flux_fixture_keeps_the_content_shape_and_place_an
     out = I.style_transfer(pipe, content, style, output_type="pt").images
     verdict = judge(out[0], "a large blue circle at the top left")
     assert verdict["color"] and verdict["place"], verdict
+
+
+def test_the_example_runs_offline(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "examples/style_injection.py", "--steps", "6", "--out", str(tmp_path / "s.png")],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "recorded 6 attention layers x 6 steps" in r.stdout and (tmp_path / "s.png").is_file()
