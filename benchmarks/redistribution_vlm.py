@@ -23,9 +23,10 @@ from attnpatch.methods.observe import Observed
 from attnpatch.methods.redistribute import MagnetScan, load_profile, save_profile
 
 N_IMG, IMAGE_ID = 16, 49151  # 16 image tokens (32 px, 8 px patches); the image placeholder: the vocab's last id
-PROMPTS = ["User: look at this picture", "User: here is a photo", "User: what do you see in", "User: describe the image"]
-QUESTIONS = [" What colour is the large shape in it?", " Is there a circle at the top left?",
-             " How many objects are there, and where?", " Describe it in one short sentence."]
+# 6 + 16 + 6 tokens each: MagnetScan averages calls of one layout
+PROMPTS = ["User: look at this picture", "User: here is a photo", "User: look at this image", "User: here is a picture"]
+QUESTIONS = [" How many objects are there?", " Describe it in one sentence.", " Where is the large square?",
+             " What is in the middle?"]
 
 
 def build_vlm(seed: int = 0):

@@ -76,11 +76,10 @@ class SinkRedistribution(Method):
     """Give ``alpha`` of the magnet tokens' attention to the target tokens, pro rata (chosen heads)."""
 
     source = "RefAM (Kukleva et al. 2025) attention magnets; VAR (Kang et al., ICLR 2025) redistribution"
-    rows_coupled = True  # detected magnets come from column statistics over the call's query rows
 
     heads: object = None  # None: every head; [(layer, head)]; {layer: [heads]}; or a profile path
     alpha: float = 0.4  # fraction of the magnets' attention moved (VAR's p = 1 - alpha)
-    magnets: object = None  # None: detected per call; or key positions (a profile's, when heads is a path)
+    magnets: object = None  # None: detected per call; or key indices of the call (a profile's, when heads is a path)
     targets: object = None  # None: every non-magnet key; "visual" / "text" (the site's segment); or key positions
     candidates: object = None  # keys detection may pick: None (any), "text", "visual" or key positions
     queries: object = None  # rows redistributed: None (all), "text", "visual" or query positions
@@ -106,6 +105,10 @@ class SinkRedistribution(Method):
         # the detection machinery and head parsing are ACT's (beta unused)
         self._scan = SinkCalibration(heads=heads, threshold=self.threshold, first=self.first, max_sinks=self.max_magnets,
                                      detect_rows=self.detect_rows)
+
+    @property
+    def rows_coupled(self) -> bool:  # detected magnets come from column statistics over the call's query rows
+        return self.magnets is None
 
     def bind_model(self, model) -> None:
         self._scan.bind_model(model)
