@@ -51,11 +51,25 @@ def fg(img):
     return mask, (img[:, mask].median(1).values if mask.sum() > 3 else torch.full((3,), shapes.BACKGROUND))
 
 
+def read(img) -> dict:
+    """What the judge reads off an image: colour, shape and the nearest named place (None: nothing seen)."""
+    r = shapes._read(img.float())
+    if r is None:
+        return dict(color=None, shape=None, place=None)
+    place = min(shapes.PLACES, key=lambda p: sum((a - b) ** 2 for a, b in zip(shapes.PLACES[p], r["centre"])))
+    return dict(color=r["color"], shape=r["shape"], place=place)
+
+
 def measure(out, content, style, target: str) -> dict:
+    """Against the target caption (judge), and against what the judge reads off the two input images."""
     (m, col), (mc, cc), (_, sc) = fg(out), fg(content), fg(style)
     j = shapes.judge(out, target)
-    return dict(**j, all=all(j.values()), to_style=(col - sc).norm().item(), to_content=(col - cc).norm().item(),
-                iou=((m & mc).sum() / (m | mc).sum().clamp_min(1)).item())
+    ro, rc, rs = read(out), read(content), read(style)
+    rel = dict(color_as_style=ro["color"] is not None and ro["color"] == rs["color"],
+               shape_as_content=ro["shape"] is not None and ro["shape"] == rc["shape"],
+               place_as_content=ro["place"] is not None and ro["place"] == rc["place"])
+    return dict(**j, all=all(j.values()), **rel, all_as_inputs=all(rel.values()), to_style=(col - sc).norm().item(),
+                to_content=(col - cc).norm().item(), iou=((m & mc).sum() / (m | mc).sum().clamp_min(1)).item())
 
 
 def settings(quick: bool) -> list[dict]:
@@ -143,9 +157,10 @@ def inversion(pipe, image, caption: str, steps) -> dict:
 
 
 def pick(sweep, rows) -> int:
-    """The injection setting with the most pairs fully right, then the closest colour, then the best IoU."""
+    """The injection setting with the most pairs whose result has the style image's colour and the content image's
+    shape and place (as the judge reads the images), then the most right by caption, then the closest colour."""
     cands = [i for i, s in enumerate(sweep) if s.get("inject", True)]
-    return max(cands, key=lambda i: (round(rows[i]["all"], 6), round(rows[i]["color"], 6), -rows[i]["to_style"], rows[i]["iou"]))
+    return max(cands, key=lambda i: (round(rows[i]["all_as_inputs"], 6), round(rows[i]["all"], 6), -rows[i]["to_style"]))
 
 
 def timing(pipe, content, style, steps: int, repeats: int = 3) -> dict:
@@ -209,7 +224,9 @@ def intro(n, rec, ceiling, same, steps) -> str:
             f"with the reversed flow ODE over {steps} steps (`attnpatch.tools.invert`, prompt \"\", no guidance); the transfer samples "
             "from the content's inverted latent (AdaIN-ed toward the style's unless the row says not) with "
             "`StyleInjection` patched into the layers the row names. Judged against \"<style colour> <content shape> "
-            "<content place>\" (`attnpatch.models.shapes.judge`): rates over the pairs; `all` = the three right. "
+            "<content place>\" (`attnpatch.models.shapes.judge`): rates over the pairs; `all` = the three right. The "
+            "\"as image\" columns compare what the judge reads off the result with what it reads off the style image "
+            "(colour) and the content image (shape, place), so a misgenerated input does not count against the transfer. "
             "Colour distances: RGB norm between the foreground's median colour and the style's / content's; IoU: "
             "foreground against the content's.\n\n"
             f"Inversion alone (first row: invert, then sample back with stock attention): PSNR {rec['psnr']:.1f} dB, "
@@ -222,9 +239,10 @@ def intro(n, rec, ceiling, same, steps) -> str:
 
 def body(rows, chosen, speed) -> str:
     cols = [("setting", "setting"), ("color", "style colour"), ("shape", "content shape"), ("place", "content place"),
-            ("all", "all"), ("to_style", "colour dist. to style"), ("to_content", "colour dist. to content"),
-            ("iou", "IoU with content")]
-    return ("## Sweep\n\n" + table(rows, cols) + f"\n\nChosen (most pairs with all three right, then colour): "
+            ("all", "all"), ("color_as_style", "colour as style image"), ("shape_as_content", "shape as content image"),
+            ("place_as_content", "place as content image"), ("all_as_inputs", "all as images"),
+            ("to_style", "colour dist. to style"), ("to_content", "colour dist. to content"), ("iou", "IoU with content")]
+    return ("## Sweep\n\n" + table(rows, cols) + f"\n\nChosen (most pairs with all three as the images, then by caption, then colour): "
             f"**{chosen}**.\n\n## Pictures\n\nRows: the first six pairs; columns: content, style, reconstruction "
             "(no injection), initial AdaIN only, the paper's setting (query_keep 0.75, T 1.5, every layer), the chosen "
             "setting.\n\n![grid](style/grid.png)\n\nPair 0 under every setting of the sweep (table order):\n\n"
