@@ -87,7 +87,8 @@ def methods_for(c: Case) -> list[ap.Method]:
     methods (PAG, SharedAttention) add work by design and are left out; tests/test_speed_tools.py checks
     that every other public method appears in some layout."""
     S = c.S
-    calibrated = [ap.Temperature(tau=0.9), ap.EntropyScale(train_len=max(16, S // 4)), ap.SinkCalibration()]
+    calibrated = [ap.Temperature(tau=0.9), ap.EntropyScale(train_len=max(16, S // 4)), ap.SinkCalibration(),
+                  ap.SinkRedistribution()]  # magnets detected per call, as SinkCalibration's sinks
     if not c.grid:
         w = min(4096, max(16, S // 4))
         return [ap.SinkWindow(sink=4, window=w), ap.TopKBlocks(keep=0.25), ap.Power(local=min(512, max(16, S // 16))),
