@@ -35,6 +35,36 @@ class Lines:
         return idx.masked_fill_(idx == big, -1)
 
 
+@dataclass(frozen=True, eq=False)
+class Piece:
+    """One piece of a bucketed call (``Buckets``): query rows ``q0 .. q0 + nq - 1`` of the call on keys
+    ``k0 .. k0 + nk - 1``. ``order_q`` / ``order_k`` None: exact attention (``causal``: a causal square
+    whose rows and keys start together). Else sorted blocks: ``order_q`` / ``order_k`` (B, H_q, n) map a
+    sorted place to a row / key; the query at place p sits in block ``p * nb // nq``, the key at place p in
+    block ``p // block``; a query sees its block's keys, and the sorted key places ``drawn`` (H_q, m), when
+    outside its block, each with weight ``nk / m`` (score + log(nk / m); repeats add up)."""
+
+    q0: int
+    nq: int
+    k0: int
+    nk: int
+    causal: bool = False
+    order_q: torch.Tensor | None = None
+    order_k: torch.Tensor | None = None
+    block: int = 0
+    drawn: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Buckets:
+    """A call as pieces whose results merge by their log-sum-exp into one softmax (HyperAttention's
+    sorted LSH blocks, sampled residuals and causal recursion). Every row belongs to the pieces that
+    name it; kernels/buckets.py runs them at the cost of what they hold, the plan's mask_mod /
+    score_mod describe the same attention for every other kernel."""
+
+    pieces: tuple
+
+
 @dataclass(frozen=True)
 class Plan:
     """``Plan()`` is plain dense attention. Every field narrows or transforms it.
@@ -69,6 +99,7 @@ class Plan:
     # (sdpa keeps the materialised mask). Static methods set it on the plans they cache and reuse.
     static: bool = False
     lines: Lines | None = None  # the same pattern as mask_mod, as columns and diagonals (kernels/lines.py)
+    buckets: Buckets | None = None  # the same attention as pieces merged by LSE (kernels/buckets.py)
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":
         """This plan with the Site's causality; the derived plan is remembered on this (frozen) plan,

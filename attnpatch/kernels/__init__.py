@@ -19,12 +19,13 @@ from . import cost
 from .base import Kernel, check_qkv
 from .reference import Reference
 from .flex import Flex
+from .buckets import Buckets
 from .lines import Lines
 from .sdpa import SDPA
 from .tiles import Tiles
 from .triton import Triton
 
-_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Flex(), Reference()]
+_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Buckets(), Flex(), Reference()]
 
 # Preference order: {(device kind, plan kind): kernel names, first tried first}. A "plain" plan has no
 # mask_mod (dense, causal, score-only): SDPA runs it at full speed, with no mask tensor or a causal one.
@@ -34,13 +35,15 @@ _REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Flex(), Reference
 # (DESIGN.md), and triton only runs interpreted (tests name it). The reference oracle is always last.
 # Other device kinds (mps, xpu, ...) use "default". Kernels added by ``register`` join every list.
 # The cost model reorders the kernels it knows by estimated time; this order breaks ties and ranks the rest.
+# buckets leads the masked lists: only a plan with Plan.buckets (HyperAttention) has it, and for that plan
+# every other kernel builds the (S_q, S_kv) score table.
 PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cpu", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("cpu", "masked"): ["tiles", "lines", "sdpa", "flex", "triton", "reference"],
+    ("cpu", "masked"): ["buckets", "tiles", "lines", "sdpa", "flex", "triton", "reference"],
     ("cuda", "plain"): ["sdpa", "triton", "flex", "tiles", "reference"],
-    ("cuda", "masked"): ["triton", "lines", "flex", "tiles", "sdpa", "reference"],
+    ("cuda", "masked"): ["buckets", "triton", "lines", "flex", "tiles", "sdpa", "reference"],
     ("default", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("default", "masked"): ["tiles", "sdpa", "lines", "flex", "triton", "reference"],
+    ("default", "masked"): ["buckets", "tiles", "sdpa", "lines", "flex", "triton", "reference"],
 }
 
 

@@ -28,21 +28,25 @@ Differences from the authors' code (insu-han/hyper-attn): buckets are ranked by 
 Gray code (their ``perm[bin]`` applies the Gray code itself, which a later fork flags as a bug: the
 paper sorts so adjacent buckets differ in one bit); odd lengths split at ceil(n / 2) and short last
 blocks stay short (they pad with zero tokens, which take softmax mass). Left padding (``Site.kv_shift``)
-is left out of every piece: a padded row computes what the row alone computes. The plan is a score
-table over the (S_q, S_kv) grid, run by the reference and flex kernels: exact, not near-linear in time.
+is left out of every piece: a padded row computes what the row alone computes. The plan carries the pieces
+(``Plan.buckets``), which kernels/buckets.py runs at the cost of the blocks and draws (no S x S tensor), and,
+for every other kernel, a score table over the (S_q, S_kv) grid built on first use (left-padded batches:
+the table only, run by the reference and flex kernels).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 
-from ..plan import Plan
+from ..plan import Buckets, Piece, Plan
 from ..site import Site
 from .base import Method, check_int
 
 _MOD = 2**61 - 1
+_EXACT = object()  # _pieces: every piece of the call is exact
 
 
 def stream(*ints: int) -> int:
@@ -108,30 +112,43 @@ class HyperAttention(Method):
         bucket = (bits.long() << torch.arange(self.hashes, device=x.device)).sum(-1)
         return _gray_rank(self.hashes).to(x.device)[bucket]
 
-    def _hyper(self, q, k, node: tuple, layer: int) -> tuple:
-        """(keep, bias) (B, Hq, nq, nk) of one unmasked piece: a query's block (bias 0) and the drawn keys
-        outside it (bias log(draws * nk / samples)); bias None: 0 everywhere."""
+    def _draw(self, q, k, node: tuple, layer: int) -> Piece:
+        """One unmasked piece's sorted orders and draws (the random part, kept out of the score table so
+        a table built inside a kernel's vmap draws nothing)."""
         _, q0, nq, k0, nk = node
-        B, H = q.shape[:2]
-        rep = H // k.shape[1]
-        q_order = torch.sort(self.ranks(q, layer), dim=-1, stable=True).indices  # (B, H, nq) sorted place -> query
-        k_order = torch.sort(self.ranks(k, layer), dim=-1, stable=True).indices.repeat_interleave(rep, 1)  # (B, H, nk)
-        nb = -(-nk // self.block)
-        place_q = torch.arange(nq, device=q.device).expand_as(q_order)
-        place_k = torch.arange(nk, device=q.device).expand_as(k_order)
-        q_blk = torch.empty_like(q_order).scatter_(-1, q_order, place_q * nb // nq)  # (B, H, nq) block of each query
-        k_blk = torch.empty_like(k_order).scatter_(-1, k_order, place_k // self.block)  # (B, H, nk) block of each key
+        rep = q.shape[1] // k.shape[1]
+        order_q = torch.sort(self.ranks(q, layer), dim=-1, stable=True).indices  # (B, H, nq) sorted place -> query
+        order_k = torch.sort(self.ranks(k, layer), dim=-1, stable=True).indices.repeat_interleave(rep, 1)  # (B, H, nk)
+        drawn = None
+        if -(-nk // self.block) > 1 and self.samples:
+            g = torch.Generator().manual_seed(stream(self.seed, layer, q0, k0))
+            # (H, samples) sorted key places, the same for every batch row: a row's output never depends on its batch
+            drawn = torch.randint(nk, (q.shape[1], self.samples), generator=g).to(q.device)
+        return Piece(q0, nq, k0, nk, order_q=order_q, order_k=order_k, block=self.block, drawn=drawn)
+
+    @staticmethod
+    def _table(p: Piece, dtype) -> tuple:
+        """(keep, bias) (B, Hq, nq, nk) of one sorted piece: a query's block (bias 0) and the drawn keys
+        outside it (bias log(draws * nk / samples)); bias None: 0 everywhere."""
+        nq, nk, order_q, order_k = p.nq, p.nk, p.order_q, p.order_k
+        B, H = order_q.shape[:2]
+        nb = -(-nk // p.block)
+        place_q = torch.arange(nq, device=order_q.device).expand_as(order_q)
+        place_k = torch.arange(nk, device=order_q.device).expand_as(order_k)
+        q_blk = torch.empty_like(order_q).scatter_(-1, order_q, place_q * nb // nq)  # (B, H, nq) block of each query
+        k_blk = torch.empty_like(order_k).scatter_(-1, order_k, place_k // p.block)  # (B, H, nk) block of each key
         same = q_blk[..., :, None] == k_blk[..., None, :]  # (B, H, nq, nk)
-        if nb == 1 or self.samples == 0:
+        if p.drawn is None:
             return same, None
-        work = torch.promote_types(q.dtype, torch.float32)
-        g = torch.Generator().manual_seed(stream(self.seed, layer, q0, k0))
-        # (H, samples) sorted key places, the same for every batch row: a row's output never depends on its batch
-        drawn = torch.randint(nk, (H, self.samples), generator=g).to(q.device).expand(B, H, self.samples)
-        count = torch.zeros(B, H, nk, dtype=work, device=q.device).scatter_add_(
-            -1, k_order.gather(-1, drawn), torch.ones(drawn.shape, dtype=work, device=q.device))  # (B, H, nk) draws per key
-        w = (count.clamp_min(1) * (nk / self.samples)).log()  # keys never drawn are not kept: any finite value
+        work = torch.promote_types(dtype, torch.float32)
+        drawn = p.drawn.expand(B, H, -1)
+        count = torch.zeros(B, H, nk, dtype=work, device=order_q.device).scatter_add_(
+            -1, order_k.gather(-1, drawn), torch.ones(drawn.shape, dtype=work, device=order_q.device))  # draws per key
+        w = (count.clamp_min(1) * (nk / drawn.shape[-1])).log()  # keys never drawn are not kept: any finite value
         return same | (count > 0)[..., None, :], torch.where(same, 0.0, w[..., None, :])
+
+    def _hyper(self, q, k, node: tuple, layer: int) -> tuple:
+        return self._table(self._draw(q, k, node, layer), q.dtype)
 
     def pattern(self, q, k, site: Site) -> tuple | None:
         """(keep (B, Hq, Sq, Skv) bool, score bias of the same shape): the kept keys, 0 in blocks and exact
@@ -187,21 +204,77 @@ class HyperAttention(Method):
                 bias[:, :, rows, cols] = b
         return keep, bias
 
+    def _pieces(self, q, k, site: Site) -> Buckets | None:
+        """The call as ``Plan.buckets`` (kernels/buckets.py: no score table), or None: left padding (a row's
+        pieces depend on its padding; the table runs it) or every piece exact."""
+        if site.kv_shift is not None and bool((site.kv_shift < 0).any()):
+            return None
+        off, Sq, Skv = site.q_offset, q.shape[2], k.shape[2]
+        if site.causal and off + Sq != Skv:
+            return None  # pattern() raises the error
+        nodes = self.nodes(Sq, Skv, off, site.causal)
+        if all(n[0] == "dense" for n in nodes):
+            return _EXACT
+        out = []
+        for node in nodes:
+            kind, q0, nq, k0, nk = node
+            if kind == "dense":
+                out.append(Piece(q0 - off, nq, k0, nk, causal=site.causal and q0 == k0))
+                continue
+            p = self._draw(q[:, :, q0 - off:q0 - off + nq], k[:, :, k0:k0 + nk], node, site.layer)
+            out.append(dataclasses.replace(p, q0=q0 - off))  # call-local rows
+        return Buckets(tuple(out))
+
     def plan(self, q, k, site: Site) -> Plan | None:
+        buckets = self._pieces(q, k, site)
+        if buckets is _EXACT:
+            return None  # every piece is exact: dense (causal) attention, no table
+        if buckets is not None:  # the score table is built only if a kernel other than buckets asks for it
+            table: list = []
+            shape, dtype = q.shape[:3] + (k.shape[2],), q.dtype
+
+            def got():
+                if not table:
+                    table.append(_from_pieces(buckets, shape, dtype))
+                return table[0]
+            return self._table_plan(got, buckets)
         got = self.pattern(q, k, site)
         if got is None:
             return None  # every piece is exact: dense (causal) attention
-        keep, bias = got
+        return self._table_plan(lambda: got, None)
+
+    def _table_plan(self, got, buckets) -> Plan:
+        """The plan whose mask_mod / score_mod read the (keep, bias) table ``got()`` returns."""
 
         def mask_mod(b, h, q_idx, kv_idx):
+            keep = got()[0]
             rows = _grid_rows(keep.shape, b, h, q_idx, kv_idx)
             return keep[:, :, rows] if rows is not None else keep[b, h, q_idx, kv_idx]
 
         def score_mod(score, b, h, q_idx, kv_idx):
+            bias = got()[1]
             rows = _grid_rows(bias.shape, b, h, q_idx, kv_idx)
             return score + (bias[:, :, rows] if rows is not None else bias[b, h, q_idx, kv_idx]).to(score.dtype)
 
-        return Plan(mask_mod=mask_mod, score_mod=score_mod, name=repr(self))
+        return Plan(mask_mod=mask_mod, score_mod=score_mod, name=repr(self), buckets=buckets)
+
+
+def _from_pieces(buckets: Buckets, shape, dtype) -> tuple:
+    """(keep, bias) (B, Hq, Sq, Skv) of a call given as pieces (no padding: exact pieces keep every key;
+    the kernel applies causality)."""
+    p0 = buckets.pieces[0]
+    dev = (p0.order_q if p0.order_q is not None else next(p.order_q for p in buckets.pieces if p.order_q is not None)).device
+    keep = torch.zeros(shape, dtype=torch.bool, device=dev)
+    bias = torch.zeros(shape, dtype=torch.promote_types(dtype, torch.float32), device=dev)
+    for p in buckets.pieces:
+        rows, cols = slice(p.q0, p.q0 + p.nq), slice(p.k0, p.k0 + p.nk)
+        if p.order_q is None:
+            keep[:, :, rows, cols] = True
+            continue
+        keep[:, :, rows, cols], b = HyperAttention._table(p, dtype)
+        if b is not None:
+            bias[:, :, rows, cols] = b
+    return keep, bias
 
 
 def _grid_rows(shape, b, h, q_idx, kv_idx) -> slice | None:

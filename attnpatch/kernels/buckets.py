@@ -1,0 +1,138 @@
+"""``buckets``: a plan given as pieces (``Plan.buckets``: HyperAttention's sorted LSH blocks, sampled
+residual and causal recursion) run at the cost of what the pieces hold, never building the
+(S_q, S_kv) score table the plan's mask_mod / score_mod describe for the other kernels.
+
+Per piece, an exact one is one fused attention call that returns each row's log-sum-exp (causal
+squares run as ``is_causal``); a sorted one gathers its queries and keys into block order (``nb``
+blocks side by side in the batch axis, the uneven query counts padded, the short last key block
+masked) for one call, and its drawn keys (weight nk / m each, the keys of a query's own block
+masked) for another; the parts merge by their LSE, scattered back to the rows' order, and merged
+again with the other pieces of the same rows. float32 accumulation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops.lse import dense_lse, sdpa_lse, sdpa_lse_math
+from ..plan import Piece, Plan
+from .base import Kernel
+
+
+class Buckets(Kernel):
+    name = "buckets"
+
+    def why_not(self, q, k, v, plan: Plan, mask=None):
+        if plan.buckets is None:
+            return "plan has no bucket structure (Plan.buckets)"
+        if mask is not None:
+            return "a model mask (the pieces are the call's whole pattern)"
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return "autograd (the fused LSE kernels give no gradient through the LSE)"
+        return None
+
+    def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
+        B, Hq, Sq, D = q.shape
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        if plan.q_scale is not None:
+            q = q * plan.q_scale  # a q_scale left on the plan (core folds it first; direct callers may not)
+        rep = Hq // k.shape[1]
+        if rep > 1:  # every piece gathers per query head (sorted orders differ by head)
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        work = torch.promote_types(q.dtype, torch.float32)
+        out = torch.empty(B, Hq, Sq, v.shape[3], dtype=work, device=q.device)
+        lse = torch.empty(B, Hq, Sq, dtype=work, device=q.device)
+        seen = [False] * Sq  # rows some piece has written (the recursion's row ranges nest: all or none)
+        for piece in plan.buckets.pieces:
+            rows = slice(piece.q0, piece.q0 + piece.nq)
+            qs, ks, vs = q[:, :, rows], k[:, :, piece.k0:piece.k0 + piece.nk], v[:, :, piece.k0:piece.k0 + piece.nk]
+            o, l = _exact(qs, ks, vs, piece.causal, scale) if piece.order_q is None else _sorted(qs, ks, vs, piece, scale)
+            if not any(seen[rows]):
+                out[:, :, rows], lse[:, :, rows] = o, l
+            else:
+                out[:, :, rows], lse[:, :, rows] = _merge2((out[:, :, rows], lse[:, :, rows]), (o, l))
+            seen[rows] = [True] * piece.nq
+        return out.to(q.dtype)
+
+
+def _merge2(a, b):
+    """(out, lse) of one softmax over two parts' keys; ``a``'s rows all see a key, ``b``'s may not (-inf)."""
+    (o1, l1), (o2, l2) = a, b
+    work = torch.promote_types(o1.dtype, torch.float32)
+    l1, l2 = l1.to(work), l2.to(work)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)  # w2 = 0 where b sees no key
+    total = w1 + w2
+    o = torch.lerp(o1.to(work), o2.to(work), (w2 / total)[..., None])
+    return o, m + torch.log(total)
+
+
+def _rows(x, idx):
+    """x (B, H, S, D) rows ``idx`` (B, H, n) per (batch, head), as (B, H, n, D): one index_select on the
+    flattened rows (a 4-D gather with an expanded index costs ~3x as much on CPU)."""
+    B, H, S, D = x.shape
+    base = (torch.arange(B * H, device=x.device) * S).view(B, H, 1)
+    return x.reshape(B * H * S, D).index_select(0, (idx + base).reshape(-1)).view(B, H, idx.shape[-1], D)
+
+
+def _exact(q, k, v, causal: bool, scale):
+    got = dense_lse(q, k, v, scale=scale, causal=causal)
+    if got is None:
+        bias = None
+        if causal:
+            keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+        return sdpa_lse_math(q, k, v, bias, scale)
+    return got
+
+
+def _sorted(q, k, v, p: Piece, scale):
+    """(out, lse) of one sorted piece: its block part merged with its drawn keys."""
+    B, H, nq, D = q.shape
+    nk, block = p.nk, p.block
+    nb = -(-nk // block)
+    dev = q.device
+    per = -(-nq // nb)  # queries per block at most (place p is in block p * nb // nq)
+    place = torch.arange(nq, device=dev)
+    q_blk_of_place = place * nb // nq
+    first = torch.searchsorted(q_blk_of_place, torch.arange(nb, device=dev))  # first place of each block
+    slot = first[:, None] + torch.arange(per, device=dev)  # (nb, per) places, padded past the block's end
+    last = torch.cat([first[1:], first.new_tensor([nq])])
+    valid = slot < last[:, None]  # (nb, per)
+    slot = torch.where(valid, slot, first[:, None])  # padding rows repeat the block's first query (dropped)
+    qi = p.order_q.gather(2, slot.reshape(1, 1, -1).expand(B, H, -1))  # (B, H, nb * per) row of each slot
+    kslot = torch.arange(nb * block, device=dev).clamp_max(nk - 1)
+    ki = p.order_k.gather(2, kslot.expand(B, H, -1))  # (B, H, nb * block)
+    qb = _rows(q, qi).view(B, H * nb, per, D)
+    kb = _rows(k, ki).view(B, H * nb, block, D)
+    vb = _rows(v, ki).view(B, H * nb, block, v.shape[3])
+    bias = None
+    if nb * block > nk:  # the last block is short: its padding keys are masked
+        pad = torch.arange(nb * block, device=dev).reshape(nb, block) >= nk
+        bias = torch.zeros(nb, 1, block, dtype=q.dtype, device=dev).masked_fill_(pad[:, None], float("-inf"))
+        bias = bias.repeat(H, 1, 1).unsqueeze(0)  # (1, H * nb, 1, block)
+    ob, lb = sdpa_lse(qb, kb, vb, bias, scale)
+    ob = ob.reshape(B, H, nb * per, -1)[:, :, valid.reshape(-1)]  # (B, H, nq, Dv) in place order
+    lb = lb.reshape(B, H, nb * per)[:, :, valid.reshape(-1)]
+    order = p.order_q  # place -> row
+    o_rows = torch.empty_like(ob).scatter_(2, order[..., None].expand_as(ob), ob)
+    l_rows = torch.empty_like(lb).scatter_(2, order, lb)
+    if p.drawn is None or nb == 1:
+        return o_rows, l_rows
+    return _with_drawn(q, k, v, p, nb, scale, (o_rows, l_rows))
+
+
+def _with_drawn(q, k, v, p: Piece, nb: int, scale, blocks):
+    """The block part merged with the drawn keys outside each query's block, weight nk / m each."""
+    B, H, nq, D = q.shape
+    m = p.drawn.shape[-1]
+    drawn = p.drawn.to(q.device).expand(B, H, m)
+    keys = p.order_k.gather(2, drawn)  # (B, H, m) key index of each draw
+    k_blk = drawn // p.block  # a drawn place's block
+    q_blk = torch.empty_like(p.order_q).scatter_(2, p.order_q, (torch.arange(nq, device=q.device) * nb // nq).expand(B, H, nq))
+    own = q_blk[..., :, None] == k_blk[..., None, :]  # (B, H, nq, m): in the query's own block, counted there
+    bias = torch.full(own.shape, math.log(p.nk / m), dtype=q.dtype, device=q.device).masked_fill_(own, float("-inf"))
+    od, ld = sdpa_lse(q, _rows(k, keys), _rows(v, keys), bias, scale)
+    ld = ld.masked_fill(own.all(-1), float("-inf"))  # rows whose every draw is in their block: no residual
+    return _merge2(blocks, (od, ld))
