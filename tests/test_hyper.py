@@ -181,3 +181,27 @@ def test_method_file_prints_its_mask():
     assert r.returncode == 0 and r.stderr == "" and len(rows) == 32
     assert all(row[i + 1:] == "." * (31 - i) for i, row in enumerate(rows))  # causal
     assert any(row[:i + 1].count(".") for i, row in enumerate(rows))  # and sparse below the diagonal
+
+
+def test_buckets_kernel_runs_without_the_score_table(monkeypatch):
+    """The automatic choice for a HyperAttention prefill is the buckets kernel, which never builds the
+    (S_q, S_kv) table (the table builder is made to fail) and equals the reference kernel on the table."""
+    from attnpatch.methods import hyper
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 96, 16, generator=g) for h in (4, 2, 2))
+    m = ap.HyperAttention(block=8, samples=6, hashes=3, min_len=20)
+    site = ap.Site(causal=True, layer=1)
+    ref = ap.attend(q, k, v, m, site, backend="reference")
+    plan = m.plan(q, k, site)
+    assert plan.buckets is not None and any(p.order_q is not None for p in plan.buckets.pieces)
+    assert ap.kernels.select(q, k, v, plan.with_site(True, 0)).name == "buckets"
+
+    def no_table(*a, **kw):
+        raise AssertionError("the score table was built")
+
+    monkeypatch.setattr(hyper, "_from_pieces", no_table)
+    got = ap.attend(q, k, v, m, site)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    dense = ap.attend(q, k, v, ap.Dense(), site)
+    assert (got - dense).abs().max() > 1e-3  # the pattern applies: not dense
