@@ -205,3 +205,28 @@ def test_a_plan_with_lines_never_reuses_the_ranking_of_one_without():
     runs = [n for n in fresh if kernels.get(n).why_not(q, k, k, with_lines) is None]
     assert runs[0] == "lines" and second == fresh and first != fresh
     kernels.invalidate()
+
+
+def test_gather_kernel_on_joint_attention_splits_wide_text_blocks_and_is_exact():
+    """The fixture's joint call (16 text rows that see every key, then a 32 x 32 grid under a 9 x 9
+    neighbourhood): the gather layout puts the wide text block in a group of its own (not padding every
+    block to 1,040 keys), computes well under half the dense scores, matches masked SDPA, and the cost
+    model picks it at D 24 (calibrated CPU constants) but not at D 128, where it measured slower."""
+    from attnpatch.kernels import gather
+
+    kernels.invalidate()
+    site = ap.Site(grid=(32, 32), text_len=16, text_first=True, kind="joint", family="fixture", layer=0,
+                   step=10, steps=20, timestep=0.5)
+    q, k, v = (torch.randn(1, 4, 1040, 24) for _ in range(3))
+    plan = ap.Neighborhood(window=9).plan(q, k, site).with_site(False, 0)
+    rows = gather.best_rows(plan, q, k)
+    lay = gather.layout(plan, 1040, 1040, "cpu", rows)
+    assert len(lay["groups"]) == 2 and max(g["K"] for g in lay["groups"]) == 1040
+    assert lay["cost"] < 0.5 * 1040 * 1040
+    got = kernels.get("gather").run(q, k, v, plan)
+    torch.testing.assert_close(got, kernels.get("sdpa").run(q, k, v, plan), atol=2e-6, rtol=1e-5)
+    c = cost.constants("cpu", 1)
+    assert cost.estimate("gather", c, q, k, v, plan) < cost.estimate("sdpa", c, q, k, v, plan)
+    q128, k128 = torch.randn(1, 4, 1040, 128), torch.randn(1, 4, 1040, 128)
+    assert cost.estimate("gather", c, q128, k128, k128, plan) == float("inf")
+    kernels.invalidate()

@@ -20,12 +20,13 @@ from .base import Kernel, check_qkv
 from .reference import Reference
 from .flex import Flex
 from .buckets import Buckets
+from .gather import Gather
 from .lines import Lines
 from .sdpa import SDPA
 from .tiles import Tiles
 from .triton import Triton
 
-_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Buckets(), Flex(), Reference()]
+_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Gather(), Buckets(), Flex(), Reference()]
 
 # Preference order: {(device kind, plan kind): kernel names, first tried first}. A "plain" plan has no
 # mask_mod (dense, causal, score-only): SDPA runs it at full speed, with no mask tensor or a causal one.
@@ -36,14 +37,15 @@ _REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Buckets(), Flex()
 # Other device kinds (mps, xpu, ...) use "default". Kernels added by ``register`` join every list.
 # The cost model reorders the kernels it knows by estimated time; this order breaks ties and ranks the rest.
 # buckets leads the masked lists: only a plan with Plan.buckets (HyperAttention) has it, and for that plan
-# every other kernel builds the (S_q, S_kv) score table.
+# every other kernel builds the (S_q, S_kv) score table. gather follows sdpa: where the cost model has no
+# estimate for it (head dims above cost.MAX_MODELLED_D, uncalibrated devices) masked SDPA runs first.
 PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cpu", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("cpu", "masked"): ["buckets", "tiles", "lines", "sdpa", "flex", "triton", "reference"],
+    ("cpu", "masked"): ["buckets", "tiles", "lines", "sdpa", "gather", "flex", "triton", "reference"],
     ("cuda", "plain"): ["sdpa", "triton", "flex", "tiles", "reference"],
-    ("cuda", "masked"): ["buckets", "triton", "lines", "flex", "tiles", "sdpa", "reference"],
+    ("cuda", "masked"): ["buckets", "triton", "lines", "flex", "tiles", "sdpa", "gather", "reference"],
     ("default", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("default", "masked"): ["buckets", "tiles", "sdpa", "lines", "flex", "triton", "reference"],
+    ("default", "masked"): ["buckets", "tiles", "sdpa", "lines", "gather", "flex", "triton", "reference"],
 }
 
 

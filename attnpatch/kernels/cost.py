@@ -38,6 +38,10 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
   ``tiles_factor`` is fitted on a video sliding-tile plan (its shorter calls run below the dense rate).
 
 - ``lines`` (``Plan.lines``: columns and diagonals, kernels/lines.py): ``_lines_estimate`` below.
+- ``gather`` (static masked plans, kernels/gather.py): one masked call over each query block's gathered
+  keys, ``3 call_s + B H_q nb T K (elem_s(D) + mask_elem_s(D)) (1 + 8 / T) + gather_s_per_byte * gathered
+  k / v bytes`` (``nb`` blocks of ``T`` queries, ``K`` keys in the widest block of each of at most two
+  groups; the two factors fitted on the fixture's 1,040-token call: ``_gather_estimate``).
 
 Kernels the model does not know (flex, triton, reference, registered ones) keep their places in
 the ``PREFERENCE`` list and the modelled ones are sorted among theirs; devices without a constants
@@ -58,6 +62,7 @@ from ..blocks import BlockSparse
 
 HERE = Path(__file__).resolve().parent
 TIE = 0.02  # estimates within 2 % of each other keep the preference order
+MAX_MODELLED_D = 32  # the gather kernel's estimate holds up to this head dim (fitted at 24; at 64 and 128 it chose gather 1.4-1.9x slower)
 # lines' fixed work per call (layout, tables, ~60 small tensor ops), in SDPA call overheads: measured
 # ~0.3 ms at 64 tokens on the 2-core CPU, where one masked SDPA call is cheaper
 LINES_FIXED_CALLS = 40
@@ -170,7 +175,27 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
                 + c["gather_s_per_byte"] * B * Hq * stats["gathered_rows"] * (D + v.shape[3]) * q.element_size())
     if name == "lines":
         return _lines_estimate(c, q, k, v, plan)
+    if name == "gather":
+        return _gather_estimate(c, q, k, v, plan, mask)
     return math.inf
+
+
+def _gather_estimate(c: dict, q, k, v, plan, mask) -> float:
+    """kernels/gather.py: one masked SDPA call over each query block's gathered keys (its layout, derived
+    once per static plan, gives the block height and the widest block), plus the gathers of k and v."""
+    from .gather import BLOCK_OVERHEAD, GATHER_WEIGHT, MAX_ELEMS, best_rows, layout  # same module family
+
+    B, Hq, Sq, D = q.shape
+    Skv = k.shape[2]
+    if plan.mask_mod is None or not plan.static or plan.score_mod is not None or mask is not None or Sq * Skv > MAX_ELEMS:
+        return math.inf
+    if D > MAX_MODELLED_D:  # measured at D 64 (SmolLM2 SinkWindow 1K) and 128 (Wan 4x16x16): the gathers cost more than the
+        return math.inf  # calls save, which this model does not capture; left to the kernels it knows there
+    lay = layout(plan, Sq, Skv, q.device, best_rows(plan, q, k))
+    elems = B * Hq * lay["cost"] * (1 + BLOCK_OVERHEAD / lay["rows"])
+    gathered = GATHER_WEIGHT * B * Hq * lay["cost"] // lay["rows"] * (D + v.shape[3]) * q.element_size()
+    perm = B * Hq * Sq * (D + v.shape[3]) * q.element_size() if lay["slot"] is not None else 0  # q in, out back
+    return c["call_s"] * 3 * len(lay["groups"]) + c["gather_s_per_byte"] * perm + elems * (per_d(c["elem_s"], D) + per_d(c["mask_elem_s"], D)) + c["gather_s_per_byte"] * gathered
 
 
 def _lines_estimate(c: dict, q, k, v, plan) -> float:
