@@ -119,6 +119,7 @@ class Gather(Kernel):
         B, Hq, Sq, D = q.shape
         Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
         lay = layout(plan, Sq, Skv, q.device, best_rows(plan, q, k))
+        plan.__dict__.pop("_gather_keep", None)  # the whole mask was needed only to derive the layout
         nb, T = lay["nb"], lay["rows"]
         if lay["slot"] is not None or nb * T != Sq:
             q = q.index_select(2, lay["qidx"])
@@ -176,5 +177,9 @@ def best_rows(plan: Plan, q, k) -> int | None:
         def cost(r):
             lay = layout(plan, Sq, Skv, q.device, r)
             return lay["cost"] * (1 + BLOCK_OVERHEAD / lay["rows"]) + (Sq * q.shape[3] if lay["slot"] is not None else 0)
-        memo[key] = min(options, key=cost)
+        memo[key] = best = min(options, key=cost)
+        lays = plan.__dict__["_gather"]  # keep only the chosen layout of this shape (the others' biases are large)
+        for r in options:
+            if r != best:
+                lays.pop((Sq, Skv, str(q.device), r), None)
     return memo[key]
