@@ -44,7 +44,8 @@ SPEED = {  # setting -> method (None: stock transformers, sdpa + DynamicCache)
     "SinkWindow(4, 1024)": ap.SinkWindow(sink=4, window=1024),
 }
 ACCURACY = {"dense": None, "Quest(budget=256)": ap.Quest(budget=256, page=16),
-            "Quest(budget=512)": ap.Quest(budget=512, page=16), "Quest(budget=1024)": ap.Quest(budget=1024, page=16)}
+            "Quest(budget=512)": ap.Quest(budget=512, page=16), "Quest(budget=1024)": ap.Quest(budget=1024, page=16),
+            "Quest(budget=2048)": ap.Quest(budget=2048, page=16)}  # the budgets the speed table times
 
 
 def _cache(base):
