@@ -146,3 +146,22 @@ def test_block_selection_example_on_the_fixture():
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stdout.splitlines() if "density" in l]
     assert len(lines) == 3 and all("PSNR" in l for l in lines), r.stdout
+
+
+@pytest.mark.parametrize("method", [ap.TopKBlocks(keep=0.5, block=4, score="antidiagonal", stride=3),
+                                    ap.TopKBlocks(mass=0.5, block=4, score="similarity", scope="global", partition=((4, 4), (2, 12)))],
+                         ids=["antidiagonal", "vmoba"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_head_split_call_equals_the_whole_call(method, layer):
+    """Tensor parallelism: the estimates average over every rank's heads, so two thread ranks holding
+    half the heads each plan what one process plans (and the method changes the output)."""
+    from test_tp import _split_run
+
+    from attnpatch import core
+
+    torch.manual_seed(layer)
+    q, k, v = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 16)
+    where = dict(grid=(8, 12))
+    whole = core.run(q, k, v, method, Site(layer=layer, **where))
+    assert (whole - core.run(q, k, v, ap.Dense(), Site(**where))).abs().max() > 1e-3
+    assert torch.allclose(_split_run(method, q, k, v, layer, where), whole, atol=1e-5)
