@@ -5,7 +5,7 @@ Four parts, each written into benchmarks/results/selection.{md,json} (parts not 
 - recall: q / k of every self / joint attention call of the trained fixtures, captured at two denoising
   steps with stock attention, at the fixtures' own size and at 4K tokens (FLUX 256 px = 64x64 image
   tokens, the token grid of FLUX at 1024 px; Wan 13 frames of 128 px = 4x32x32 tokens). Each setting plans
-  every captured call; recall = dense attention mass its mask keeps (1024 query rows per call), density =
+  every captured call; recall = dense attention mass its mask keeps (1024 query rows per call; 512 on synthetic), density =
   block density of the plan (text included). ``oracle`` = the same rule on the true block mass
   (antidiagonal at stride 1 is exactly that). Sweeps: keep, thresholds, stride.
 - cost: block estimation + selection at real layer shapes (FLUX 1024 px: 4096 image + 512 text tokens,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -61,6 +62,55 @@ def capture(kind: str, kw: dict, steps: int, at: tuple) -> list:
     return calls
 
 
+LOGIT = 16.0  # synthetic heads: a strength-1 direction adds this to a matching pair's logit (median top probability ~0.08 at 1K keys)
+SYNTH = {  # name: (grid, text tokens, heads, RoPE channels per axis (FLUX: text axis first), block, stride)
+    "synthetic FLUX-1024": ((64, 64), 512, 24, (16, 56, 56), (8, 8), 8),
+    "synthetic Wan 4x32x32": ((4, 32, 32), 0, 12, (44, 42, 42), (1, 8, 8), 8),
+}
+
+
+def _blobs(grid, n, g) -> torch.Tensor:
+    """Object id (0: background) of every visual token, row-major: ``n`` discs (moving ones on video)."""
+    *T, H, W = grid
+    t = torch.arange(T[0] if T else 1).view(-1, 1, 1).float()
+    y, x = torch.arange(H).view(1, -1, 1).float(), torch.arange(W).view(1, 1, -1).float()
+    obj = torch.zeros(t.shape[0], H, W, dtype=torch.long)
+    for i in range(n, 0, -1):
+        cy, cx, r, vy, vx = (torch.rand(5, generator=g) * torch.tensor([H, W, 0.2 * min(H, W), 4, 4])).tolist()
+        obj[((y - cy - (vy - 2) * t) ** 2 + (x - cx - (vx - 2) * t) ** 2) < (r + 2) ** 2] = i
+    return obj.flatten()
+
+
+def synthetic(grid, text, heads, axes, layers=3, D=128) -> list:
+    """q / k of a DiT-like layer at real shapes, no trained weights: each head mixes a shared direction
+    (with RoPE: attention to nearby tokens), an object direction per disc (long-range attention inside
+    objects) and unit noise, with per-head strengths; RoPE over the grid axes as FLUX / Wan apply it;
+    text tokens (FLUX) plain noise at position 0. One seeded set per layer."""
+    n = math.prod(grid)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(a) for a in grid], indexing="ij"), -1).view(n, -1).float()
+    coords = torch.cat([torch.zeros(n, len(axes) - len(grid)), coords], 1)  # FLUX: image tokens at text axis 0
+    ang = torch.cat([coords[:, i:i + 1] * 1e4 ** (-torch.arange(0, d, 2) / d) for i, d in enumerate(axes)], 1)  # (n, D/2)
+    cos, sin = ang.cos(), ang.sin()
+    calls = []
+    for layer in range(layers):
+        g = torch.Generator().manual_seed(layer)
+        obj = _blobs(grid, 8, g)
+        scale = (LOGIT * D ** 0.5) ** 0.5  # a strength-1 direction adds LOGIT to the logit of a matching pair
+        alpha, beta = (0.3 + 0.7 * torch.rand(2, heads, 1, 1, generator=g)).unbind(0)
+        shared = torch.nn.functional.normalize(torch.randn(heads, 1, D, generator=g), dim=-1) * scale
+        objs = torch.nn.functional.normalize(torch.randn(heads, 9, D, generator=g), dim=-1) * scale
+        base = alpha[0] * shared + beta[0] * objs[:, obj]  # (heads, n, D)
+
+        def rope(x):
+            x2 = x.view(*x.shape[:-1], -1, 2)
+            return torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1).flatten(-2)
+
+        q, k = (torch.cat([torch.randn(1, heads, text, D, generator=g), rope(base + torch.randn(heads, n, D, generator=g))[None]], 2)
+                for _ in range(2))
+        calls.append((q, k, Site(grid=grid, text_len=text, kind="joint" if text else "self", layer=layer)))
+    return calls
+
+
 def settings(block, stride) -> list[tuple[str, str, ap.Method]]:
     """(family, label, method): the equal-density grid (keep x score x scope), the partition cycle,
     the stride sweep and the papers' thresholds."""
@@ -87,11 +137,15 @@ def settings(block, stride) -> list[tuple[str, str, ap.Method]]:
 def recall(names: list[str]) -> list[dict]:
     rows = []
     for name in names:
-        kind, kw, steps, at, block, stride = CAPTURE[name]
-        calls = capture(kind, kw, steps, at)
+        if name in SYNTH:
+            grid, text, heads, axes, block, stride = SYNTH[name]
+            calls = synthetic(grid, text, heads, axes)
+        else:
+            kind, kw, steps, at, block, stride = CAPTURE[name]
+            calls = capture(kind, kw, steps, at)
         print(f"{name}: {len(calls)} calls captured, {calls[0][0].shape[2]} tokens", flush=True)
         for family, label, m in settings(block, stride):
-            rec = Recall(max_queries=1024)
+            rec = Recall(max_queries=512 if name in SYNTH else 1024)
             for q, k, site in calls:
                 rec(q, k, site, [(None, m.plan(q, k, site))])
             s = rec.summary()
@@ -252,7 +306,7 @@ def render(data: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["recall", "cost", "quality", "speed", "all"], default="all")
-    p.add_argument("--shapes", default=",".join(CAPTURE), help=f"recall part: comma-separated subset of {','.join(CAPTURE)}")
+    p.add_argument("--shapes", default=",".join([*CAPTURE, *SYNTH]), help=f"recall part: comma-separated subset of {','.join([*CAPTURE, *SYNTH])}")
     p.add_argument("--models", default="flux,wan", help="quality part: which fixtures")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="small shapes, native-size capture only (written under the temp folder)")
