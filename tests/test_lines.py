@@ -7,6 +7,7 @@ import attnpatch as ap
 from attnpatch import kernels
 from attnpatch.kernels import cost
 from attnpatch.kernels import lines as lines_mod
+from attnpatch.kernels import lines_layout
 from attnpatch.kernels.reference import attention
 from attnpatch.plan import Lines, Plan, materialise_mask
 from attnpatch.site import Site
@@ -205,7 +206,7 @@ def test_head_groups_split_where_their_diagonals_differ(monkeypatch):
     heads only (less area than their union; one group per query head would compute no less) and the output is the reference's; with calls dear (at 200
     tokens the saved scores are worth fewer than the extra calls) all heads run together."""
     monkeypatch.setattr(lines_mod, "BLOCK", 16)
-    monkeypatch.setattr(lines_mod, "CALL_SCORES", 1)
+    monkeypatch.setattr(lines_layout, "CALL_SCORES", 1)
     g = torch.Generator().manual_seed(5)
     q, k, v = _qkv(g, 1, 4, 2, 200, 200, 16)
     diags = torch.tensor([[[0, 1, 2], [0, 2, 1], [0, 120, 121], [0, 121, 120]]])  # the same per KV head
@@ -216,7 +217,7 @@ def test_head_groups_split_where_their_diagonals_differ(monkeypatch):
     assert sum(lines_mod.layout(s, 200, 200, 0, 16)["area"] for s in subs) < 2 * union
     plan = plan_of(lines, 200, 200, 0)
     assert (kernels.get("lines").run(q, k, v, plan) - attention(q, k, v, plan)).abs().max() < 1e-12
-    monkeypatch.setattr(lines_mod, "CALL_SCORES", 10**6)
+    monkeypatch.setattr(lines_layout, "CALL_SCORES", 10**6)
     assert len(lines_mod.groups(Lines(lines.cols, lines.diags), 2, 200, 200, 0, 16)) == 1  # a fresh cache
 
 

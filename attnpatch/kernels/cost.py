@@ -206,7 +206,7 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     Analytic, from the calibrated constants (no fit of its own)."""
     if plan.lines is None:
         return math.inf
-    from .lines import BLOCK, groups, layout  # same module family; the layouts are cached on plan.lines
+    from .lines_layout import BLOCK, groups, layout  # same module family; the layouts are cached on plan.lines
 
     B, Hq, Sq, D = q.shape
     G = k.shape[1] if q.device.type == "cpu" and v.shape[3] == D else Hq  # elsewhere k, v are repeated per head
