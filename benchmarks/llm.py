@@ -20,9 +20,7 @@ turn within every repetition (the order alternating), median and spread of the p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -36,6 +34,7 @@ from attnpatch.methods.observe import Observed  # noqa: E402
 from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402  (KV cache size of a cache)
 from attnpatch.tools.timing import _sync  # noqa: E402
 from common import bench_dtype, machine, out_stem, pick_device, table, timeit, write  # noqa: E402
+from llm_tasks import calibration, doc_text, passkey, perplexity, temperature_generate  # noqa: E402,F401
 
 
 def smol_shaped(layers: int):
@@ -160,126 +159,6 @@ def decode(prompt: int, new: int, layers: int, device="cpu") -> list[dict]:
                 ctx.__exit__(None, None, None)
         new_steps = new - 1
         rows.append(dict(method=name, prompt=prompt, new_tokens=new, tokens_per_s=new_steps / dt, kv_mib=_cache_bytes(cache) / 2**20))
-        print(rows[-1], flush=True)
-    return rows
-
-
-def doc_text() -> str:
-    """Long English text shipped with Python: the language reference topics of pydoc."""
-    import pydoc_data.topics as topics
-
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-
-
-QUALITY_METHODS = lambda: {  # noqa: E731
-    "dense": None,
-    "SinkWindow(sink=4, window=1024)": ap.SinkWindow(sink=4, window=1024),
-    "SinkWindow(sink=4, window=256)": ap.SinkWindow(sink=4, window=256),
-    "TopKBlocks(keep=0.25, block=256)": ap.TopKBlocks(keep=0.25, block=256),
-    "VerticalSlash(512, 512)": ap.VerticalSlash(verticals=512, slashes=512, window=256),
-    "Power(local=256)": ap.Power(local=256),
-}
-
-
-def _with(model, method, fn):
-    if method is None:
-        return fn()
-    with ap.patch(model, method):
-        return fn()
-
-
-@torch.no_grad()
-def perplexity(model, tok, lengths) -> list[dict]:
-    ids = tok(doc_text(), return_tensors="pt").input_ids
-    rows = []
-    for n in lengths:
-        x = ids[:, :n]
-        for name, m in QUALITY_METHODS().items():
-            loss = _with(model, m, lambda: model(x, labels=x).loss.item())
-            rows.append(dict(tokens=n, method=name, perplexity=math.exp(loss)))
-            print(rows[-1], flush=True)
-    return rows
-
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def passkey_prompt(tok, length: int, depth: float, key: int) -> str:
-    head = "There is an important number hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    tail = "\nWhat is the pass key? The pass key is"
-    n_fill = max(0, length - len(tok(head + needle + tail).input_ids))
-    per = len(tok(FILLER).input_ids)
-    filler = FILLER * (n_fill // per + 1)
-    words = tok(filler).input_ids[:n_fill]
-    cut = int(len(words) * depth)
-    return head + tok.decode(words[:cut]) + needle + tok.decode(words[cut:]) + tail
-
-
-@torch.no_grad()
-def passkey(model, tok, lengths, depths=(0.1, 0.5, 0.9)) -> list[dict]:
-    rows = []
-    keep = ("dense", "SinkWindow(sink=4, window=1024)", "TopKBlocks(keep=0.25, block=256)", "VerticalSlash(512, 512)")
-    for n in lengths:
-        for name, m in QUALITY_METHODS().items():
-            if name not in keep:
-                continue
-            hits = 0
-            for i, d in enumerate(depths):
-                key = 10000 + (7919 * (n + i)) % 89999
-                ids = tok(passkey_prompt(tok, n, d, key), return_tensors="pt").input_ids
-                out = _with(model, m, lambda: model.generate(ids, max_new_tokens=8, do_sample=False))
-                hits += str(key) in tok.decode(out[0, ids.shape[1]:])
-            rows.append(dict(tokens=n, method=name, accuracy=hits / len(depths)))
-            print(rows[-1], flush=True)
-    return rows
-
-
-def calibration(model, tok, out_dir: Path) -> list[dict]:
-    from attnpatch.models import cloze
-    from attnpatch.tools import calibrate
-
-    r = calibrate.calibrate(model, tok)
-    path = out_dir / "smollm2_act.safetensors"
-    calibrate.save(path, model, r)
-    rows = [dict(model="SmolLM2-135M-Instruct (stock)", heads=0, cloze_accuracy=cloze.accuracy(model, tok), calibration_loss=r["base"])]
-    with ap.patch(model, ap.SinkCalibration(heads=path)):
-        acc = cloze.accuracy(model, tok)
-    rows.append(dict(model=f"+ SinkCalibration (profile {path.name})", heads=len(r["heads"]), cloze_accuracy=acc,
-                     calibration_loss=r["calibrated"]))
-    for row in rows:
-        print(row, flush=True)
-    return rows
-
-
-@torch.inference_mode()
-def temperature_generate(model, tok, tau: float, new: int, reps: int) -> list[dict]:
-    """Wall time of a greedy ``generate`` of ``new`` tokens: stock, patched with Dense() (attnpatch's
-    own routing) and with Temperature(tau), taken in turn within every repetition (order rotating,
-    one warm-up each). A score-only plan must run at SDPA speed: no per-shape compiles as the key
-    length grows every step. Ratios to stock per repetition: median, min, max."""
-    ids = tok(doc_text()[:400], return_tensors="pt").input_ids[:, :64]
-    settings = {"stock": None, "Dense()": ap.Dense(), repr(ap.Temperature(tau=tau)): ap.Temperature(tau=tau)}
-
-    def run(method) -> float:
-        with ap.patch(model, method) if method is not None else contextlib.nullcontext():
-            t = time.perf_counter()
-            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            return time.perf_counter() - t
-
-    for method in settings.values():  # warm-up
-        run(method)
-    names = list(settings)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(run(settings[name]))
-            print(f"rep {r} {name}: {times[name][-1]:.2f} s", flush=True)
-    rows = []
-    for name in names:
-        ratios = sorted(t / s for s, t in zip(times["stock"], times[name]))
-        rows.append(dict(method=name, prompt_tokens=ids.shape[1], new_tokens=new, reps=reps, seconds=statistics.median(times[name]),
-                         ratio=statistics.median(ratios), ratio_min=ratios[0], ratio_max=ratios[-1]))
         print(rows[-1], flush=True)
     return rows
 
