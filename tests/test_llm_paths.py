@@ -120,7 +120,6 @@ def test_auto_kernels_equal_the_reference_and_the_method_applies(model, name, pa
 # equals the reference kernel above): TopKBlocks' blocks, VerticalSlash's estimate and Quest's pages include
 # the pad keys
 SLOT_BASED = {"topkblocks": "TopKBlocks: key blocks are counted from the first slot, pad slots included",
-              "verticalslash": "VerticalSlash: the last queries' estimate softmax includes the pad keys",
               "quest": "Quest: pages are cut from the first slot (under left padding the sink page is pad slots)"}
 
 

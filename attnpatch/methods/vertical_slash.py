@@ -37,8 +37,10 @@ class VerticalSlash(Method):
         """(verticals (B, H, Skv), slashes (B, H, Skv)) boolean keep tables."""
         return self._top(q, k, off)[:2]
 
-    def _top(self, q, k, off: int):
-        """(keep_v, keep_s, top columns (B, H, nv), top offsets (B, H, ns)): the tables and their indices."""
+    def _top(self, q, k, off: int, shift=None):
+        """(keep_v, keep_s, top columns (B, H, nv), top offsets (B, H, ns)): the tables and their indices.
+        ``shift`` (B,): key j of row b holds position j + shift[b] (left padding): pad keys take no share of
+        the estimate's softmax and pad query rows add nothing, so a padded row estimates what it does alone."""
         B, H, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         L = min(self.last_q, Sq)
@@ -48,7 +50,12 @@ class VerticalSlash(Method):
         pos0 = Sq - L + off  # absolute position of the first of those queries
         if pos0 + 1 < Skv:  # causal: keys after a query's position (only the last columns have any)
             p[..., pos0 + 1:].add_(_future(L, Skv - pos0 - 1, work, q.device))  # additive: 3x a masked_fill
+        if shift is not None:
+            pad = torch.arange(Skv, device=q.device) + shift.to(q.device).view(-1, 1) < 0  # (B, Skv)
+            p.masked_fill_(pad[:, None, None, :], float("-inf"))
         p = torch.softmax(p, -1)  # (B, H, L, Skv)
+        if shift is not None:  # pad query rows see only pad keys: NaN rows, counted as nothing
+            p = p.nan_to_num_(0.0)
         top_v = p.sum(2).topk(min(self.verticals, Skv), -1).indices  # (B, H, nv) most attended columns
         top_s = _diagonal_sums(p, pos0).topk(min(self.slashes, Skv), -1).indices  # (B, H, ns) offsets p - j
         keep_v = torch.zeros(B, H, Skv, dtype=torch.bool, device=q.device).scatter_(2, top_v, True)
@@ -64,7 +71,7 @@ class VerticalSlash(Method):
         off, Skv, shift = site.q_offset, k.shape[2], site.kv_shift
         if max(self.verticals, self.slashes) >= Skv or self.window >= off + Sq:
             return None  # every column, every offset or the window keeps all causal keys: exact, no estimate
-        keep_v, keep_s, top_v, top_s = self._top(q, k, off)
+        keep_v, keep_s, top_v, top_s = self._top(q, k, off, shift)
         full = []  # the whole (B, H, Sq, Skv) mask, built on first use by index arithmetic
 
         def table():
