@@ -78,9 +78,12 @@ def settings(quick: bool) -> list[dict]:
             dict(name="initial AdaIN only (no injection)", inject=False, adain=True)]
     gammas, temps = ((0.3, 0.75), (1.0, 1.5)) if quick else ((0.3, 0.5, 0.75, 0.9), (1.0, 1.5, 2.0))
     rows += [dict(name=f"query_keep={g}, T={t}, all layers", gamma=g, T=t) for g in gammas for t in temps]
-    layer_sets = {"double blocks [0, 1]": [0, 1], "single blocks [2..5]": [2, 3, 4, 5], "last two [4, 5]": [4, 5]}
-    rows += [dict(name=f"query_keep=0.75, T=1.5, {k}", gamma=0.75, T=1.5, layers=v) for k, v in layer_sets.items()]
-    rows.append(dict(name="query_keep=0.75, T=1.5, all layers, no AdaIN", gamma=0.75, T=1.5, adain=False))
+    layer_sets = {"double blocks [0, 1]": [0, 1], "single blocks [2..5]": [2, 3, 4, 5], "last two [4, 5]": [4, 5],
+                  "last one [5]": [5]}
+    grid = [(0.75, 1.5)] if quick else [(g, t) for g in (0.75, 0.9) for t in (1.5, 2.0)]
+    rows += [dict(name=f"query_keep={g}, T={t}, {k}", gamma=g, T=t, layers=v) for k, v in layer_sets.items() for g, t in grid]
+    rows += [dict(name=f"query_keep=0.75, T=1.5, {k}, no AdaIN", gamma=0.75, T=1.5, adain=False, layers=v)
+             for k, v in (("all layers", None), ("last two [4, 5]", [4, 5]))]
     return rows
 
 
@@ -118,7 +121,7 @@ def summarise(sweep, per) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pairs", type=int, default=12)
+    p.add_argument("--pairs", type=int, default=24)
     p.add_argument("--steps", type=int, default=50, help="inversion and transfer steps (the paper: 50 DDIM steps)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
@@ -188,8 +191,9 @@ def finish(a, out, pics, pipe, sweep, rows, inputs, shown, recon, per):
         caps += ["content", "style", "reconstruction", "AdaIN only", "paper (0.75, 1.5)", "chosen"][:2 + len(cols)]
     grid_png(imgs, caps, pics / "grid.png", cols=2 + len(cols), scale=2)
     content, style, outs = shown[0]
-    grid_png([content, style] + outs, ["content", "style"] + [s["name"].replace("query_keep=", "g=") for s in sweep],
-             pics / "sweep.png", cols=6, scale=2)
+    few = [i for i, s in enumerate(sweep) if not s.get("layers") or (s["gamma"], s["T"]) == (0.75, 1.5)]
+    grid_png([content, style] + [outs[i] for i in few], ["content", "style"] + [sweep[i]["name"].replace("query_keep=", "g=")
+             for i in few], pics / "sweep.png", cols=6, scale=2)
     api = I.style_transfer(pipe, content[None], style[None], output_type="pt", num_inference_steps=a.steps).images[0]
     same = (api - shown[0][2][paper]).abs().max().item()
     speed = timing(pipe, content[None], style[None], a.steps, repeats=1 if a.quick else 3)
@@ -245,7 +249,8 @@ def body(rows, chosen, speed) -> str:
     return ("## Sweep\n\n" + table(rows, cols) + f"\n\nChosen (most pairs with all three as the images, then by caption, then colour): "
             f"**{chosen}**.\n\n## Pictures\n\nRows: the first six pairs; columns: content, style, reconstruction "
             "(no injection), initial AdaIN only, the paper's setting (query_keep 0.75, T 1.5, every layer), the chosen "
-            "setting.\n\n![grid](style/grid.png)\n\nPair 0 under every setting of the sweep (table order):\n\n"
+            "setting.\n\n![grid](style/grid.png)\n\nPair 0 under the settings of the sweep (table order; of the layer subsets, "
+            "query_keep 0.75, T 1.5 only):\n\n"
             "![sweep](style/sweep.png)\n\n## Cost\n\nOne transfer is two inversions and one sampling pass without "
             f"guidance (3 x {speed['steps']} denoiser calls) against 2 x 20 for a stock generation with true CFG: measured "
             f"{speed['ratio_median']:.2f}x a stock generation (min {speed['ratio_min']:.2f}, max {speed['ratio_max']:.2f}, "
