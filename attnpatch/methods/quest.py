@@ -8,7 +8,9 @@ the pages with the largest bound, ``budget // page`` pages in all, chosen per KV
 bound is the largest over the query heads of its group, so a page any of them may need is a candidate).
 The kept keys are gathered (one copy of ~budget keys) and attended with plain SDPA: decode reads the
 bounds (2 / page of the keys) and the budget, not the whole cache. Prefill and multi-token chunks stay
-dense, as in the paper; so do ``dense_layers`` (the paper leaves the first two dense).
+dense, as in the paper; so do ``dense_layers`` (the paper leaves the first two dense). Under left padding
+(``Site.kv_shift``) each row's pages are cut from its first real key, so a padded row reads what it reads alone
+(bounds then come from its keys, at dense read cost).
 
 Under ``attnpatch.patch`` the bounds are kept incrementally beside the cache (``kv_policy()``: a
 ``PageBounds`` per patch; the transformers patcher makes each cache layer update them as pages fill),
@@ -127,16 +129,24 @@ class Quest(Method):
         last = (Skv - 1) // P  # the query's own page (the newest, maybe partial)
         if q.shape[2] != 1 or site.layer in self.dense_layers or last + 1 <= self.budget // P:
             return None  # prefill / chunks / dense layers, or the budget holds every page: dense, exactly
-        tok = self.select(q, k, site)  # (B, H_kv, n) key indices, ascending
+        pads = None if site.kv_shift is None else (-site.kv_shift).clamp_min(0)
+        if pads is not None and bool(pads.any()):
+            tok, valid = self._select_rows(q, k, site, pads.tolist())
+        else:
+            tok, valid = self.select(q, k, site), None  # (B, H_kv, n) key indices, ascending
 
         def gather(q, k, v, mask=None):
             """The kept keys / values (B, H_kv, n, D) and the call's mask at them (B, H_q, 1, n)."""
             idx = tok.to(k.device)
             k, v = _take(k, idx), _take(v, idx)
+            B, H = q.shape[:2]
             if mask is not None:
-                B, H = q.shape[:2]
                 mi = idx.repeat_interleave(H // idx.shape[1], 1)[:, :, None]  # (B, H_q, 1, n): each query head's KV head
                 mask = mask.expand(B, H, q.shape[2], Skv).gather(3, mi)
+            if valid is not None:  # a padded row's repeated filler slots are hidden
+                keep = valid.to(k.device).repeat_interleave(H // idx.shape[1], 1)[:, :, None]
+                mask = keep if mask is None else (mask & keep if mask.dtype == torch.bool
+                                                  else mask.masked_fill(~keep, float("-inf")))
             return q, k, v, mask
 
         return Plan(transform=gather, name=repr(self))
@@ -156,6 +166,29 @@ class Quest(Method):
         pages = (top.sort(-1).values[..., None] * P + ar).flatten(-2)  # (B, H_kv, kept * P)
         own = torch.arange(last * P, Skv, device=k.device).expand(B, Hkv, -1)
         return torch.cat([ar.expand(B, Hkv, -1), pages, own], -1)
+
+    def _select_rows(self, q, k, site: Site, pads: list) -> tuple:
+        """Left padding: each row's pages cut from its first real key, as the row alone would be (its sink page is
+        its first real tokens): the keys of each row selected on its own (bounds read from its keys, at dense read
+        cost), in slot indices, padded to one width by repeating a kept key; (indices (B, H_kv, n), valid (B, H_kv, n))."""
+        P, Skv = self.page, k.shape[2]
+        rows = []
+        for b, pad in enumerate(pads):
+            real = Skv - pad
+            if (real - 1) // P + 1 <= self.budget // P:  # the budget holds every page of this row: all its keys
+                idx = torch.arange(pad, Skv, device=k.device).expand(1, k.shape[1], -1)
+            else:
+                alone = Site(causal=True, q_offset=real - 1, layer=site.layer, decode=True)
+                idx = self.select(q[b:b + 1], k[b:b + 1, :, pad:], alone) + pad
+            rows.append(idx)
+        n = max(r.shape[-1] for r in rows)
+        valid = torch.zeros(len(pads), k.shape[1], n, dtype=torch.bool, device=k.device)
+        out = torch.empty(len(pads), k.shape[1], n, dtype=torch.long, device=k.device)
+        for b, idx in enumerate(rows):
+            w = idx.shape[-1]
+            out[b, :, :w], valid[b, :, :w] = idx[0], True
+            out[b, :, w:] = idx[0, :, :1]  # filler: a kept key, hidden by valid
+        return out, valid
 
     def _bounds(self, k, site: Site, last: int):
         """(max, min) of pages 1 .. last - 1: from this thread's cache layer when it keeps them, else from k."""
