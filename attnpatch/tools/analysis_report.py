@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -134,11 +135,12 @@ def _grid_keys(plt, cap: Capture, layers: list, grid: tuple, v0: int):
 def recall_figure(recalls: dict[str, Capture], path: Path) -> None:
     """Per method: recall over (layer, head), its mean density in the title."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(recalls), figsize=(3.8 * len(recalls), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(recalls), figsize=(3.8 * len(recalls), 4.0), squeeze=False)
     for ax, (name, cap) in zip(axes[0], recalls.items()):
         r, d = _table(cap, "recall"), _table(cap, "density")
         im = ax.imshow(r.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        ax.set(title=f"{name[:40]}\nrecall {r.nanmean():.3f} at density {d.nanmean():.3f}", xlabel="head", ylabel="layer")
+        label = "\n".join(textwrap.wrap(name, 48)[:3])
+        ax.set(title=f"{label}\nrecall {r.nanmean():.3f} at density {d.nanmean():.3f}", xlabel="head", ylabel="layer")
         ax.title.set_fontsize(8)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -206,3 +208,17 @@ window.addEventListener('load', () => {{
 }});
 </script></body></html>
 """)
+
+
+def rewrite(folder: Path) -> None:
+    """The report of ``folder`` drawn again from its capture.safetensors and recall_<i>.safetensors."""
+    folder = Path(folder)
+    cap = Capture.load(folder / "capture.safetensors")
+    for l, (grid, text_len, _) in cap.grids.items():
+        if grid is not None and not text_len:  # no text keys: no text share (runs before it was skipped)
+            cap.layers[l].pop("text_mass", None), cap.layers[l].pop("visual_rows", None)
+    recalls = {}
+    for path in sorted(folder.glob("recall_*.safetensors"), key=lambda p: int(p.stem.split("_")[1])):
+        r = Capture.load(path)
+        recalls[r.meta.get("method", path.stem)] = r
+    write(folder, cap, recalls, cap.meta)

@@ -85,7 +85,23 @@ class Capture:
 
         info = {k: json.dumps(v) for k, v in meta.items()}
         info["grids"] = json.dumps({str(l): g for l, g in self.grids.items()})
+        info["keys"] = json.dumps({str(l): sorted(acc) for l, acc in self.layers.items()})  # what each layer holds
         save_file({k: v.contiguous() for k, v in self.tensors().items()}, str(path), metadata=info)
+
+    @classmethod
+    def load(cls, path) -> "Capture":
+        """A capture read back from ``save`` (its accumulators and grids; metadata in ``.meta``)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            t, info = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        cap = cls()
+        cap.meta = {k: json.loads(v) for k, v in info.items() if k not in ("grids", "keys")}
+        cap.grids = {int(l): (tuple(g[0]) if g[0] else None, g[1], g[2]) for l, g in json.loads(info.get("grids", "{}")).items()}
+        keys = json.loads(info.get("keys", "{}"))  # a layer lacking an accumulator was stacked with zeros: drop them
+        cap.layers = {int(l): {k: v[i] for k, v in t.items() if k != "layers" and k in keys.get(str(l), t)}
+                      for i, l in enumerate(t["layers"].tolist())}
+        return cap
 
     def summary(self) -> dict[int, dict[str, list]]:
         """{layer: {statistic: one value per head}}: entropy (nats per query row), entropy_norm (over
@@ -185,8 +201,9 @@ def _grid_stats(acc: dict, pm: torch.Tensor, i0: int, site: Site, B: int) -> Non
         return
     pv = pm[:, a - i0:b - i0]  # (H, r, S_kv)
     vis_mass = pv[..., v0:v0 + nv]  # (H, r, N)
-    _add(acc, "visual_rows", torch.tensor([B * (b - a)]))
-    _add(acc, "text_mass", pv.sum((1, 2)) - vis_mass.sum((1, 2)))
+    if site.text_len:  # joint attention: the visual queries' share on the text keys
+        _add(acc, "visual_rows", torch.tensor([B * (b - a)]))
+        _add(acc, "text_mass", pv.sum((1, 2)) - vis_mass.sum((1, 2)))
     _add(acc, "visual_mass", vis_mass.sum((1, 2)))  # (H,) mass of visual queries on visual keys
     _add(acc, "visual_pairs", torch.tensor([B * (b - a) * nv]))
     co = _coords(site.grid, pm.device)  # (N, n)
