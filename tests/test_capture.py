@@ -239,3 +239,19 @@ def test_saved_capture_loads_back_with_the_same_summary(tmp_path):
         assert s.keys() == back.summary()[l].keys()  # layer 0 has no recall: none read back either
         for key, v in s.items():
             assert back.summary()[l][key] == pytest.approx(v), (l, key)
+
+
+def test_token_distance_without_causality_counts_both_sides():
+    q, k = _qk(B=1, H=2, Hkv=1, Sq=11, Skv=11, seed=5)
+    cap = Capture(chunk_bytes=2 * 4 * 11 * 8)  # 4 rows per chunk
+    cap.record(q, k, Site())  # no grid, not causal: an encoder's self-attention
+    p = _dense(q, k, False)[0]
+    mass, pairs = torch.zeros(2, len(TOKEN_EDGES), dtype=torch.float64), torch.zeros(len(TOKEN_EDGES), dtype=torch.float64)
+    for i in range(11):
+        for j in range(11):
+            mass[:, _bin(abs(i - j))] += p[:, i, j]
+            pairs[_bin(abs(i - j))] += 1
+    n = cap.layers[0]["dist_token_mass"].shape[1]
+    assert pairs[n:].sum() == 0
+    torch.testing.assert_close(cap.layers[0]["dist_token_mass"], mass[:, :n])
+    torch.testing.assert_close(cap.layers[0]["dist_token_pairs"], pairs[:n])

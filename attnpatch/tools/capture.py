@@ -187,7 +187,7 @@ def _stats(acc: dict, p: torch.Tensor, vis, i0: int, site: Site) -> None:
         d = torch.arange(i0, i0 + c, device=p.device)[:, None] + site.q_offset - torch.arange(Skv, device=p.device)[None]
         d = d if site.causal else d.abs()  # (c, S_kv) token distance; negative: not visible
         b = torch.bucketize(d.clamp(min=0), TOKEN_EDGES.to(p.device), right=True) - 1
-        _bins(acc, "token", pm, b.masked_fill(d < 0, -1), B)
+        _bins(acc, "token", pm, b.masked_fill(d < 0, -1), B)  # (prefix sums per row measured 1.9x slower on CPU)
         return
     _grid_stats(acc, pm, i0, site, B)
 
