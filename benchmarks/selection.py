@@ -4,7 +4,7 @@ Four parts, each written into benchmarks/results/selection.{md,json} (parts not 
 
 - recall: q / k of every self / joint attention call of the trained fixtures, captured at two denoising
   steps with stock attention, at the fixtures' own size and at 4K tokens (FLUX 256 px = 64x64 image
-  tokens, the token grid of FLUX at 1024 px; Wan 13 frames of 128 px = 4x32x32 tokens). Each setting plans
+  tokens, the token grid of FLUX at 1024 px; Wan 7 frames of 128 px = 4x32x32 tokens). Each setting plans
   every captured call; recall = dense attention mass its mask keeps (1024 query rows per call; 512 on synthetic), density =
   block density of the plan (text included). ``oracle`` = the same rule on the true block mass
   (antidiagonal at stride 1 is exactly that). Sweeps: keep, thresholds, stride.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -34,81 +33,9 @@ from attnpatch import Site  # noqa: E402
 from attnpatch.methods.observe import Observed  # noqa: E402
 from attnpatch.methods.probe import Recall  # noqa: E402
 from common import machine, out_stem, table, timeit_interleaved, write  # noqa: E402
+from selection_inputs import CAPTURE, SYNTH, capture, synthetic  # noqa: E402
 
 TK = ap.TopKBlocks
-CAPTURE = {  # name: (fixture, pipeline kwargs, steps, captured steps, block, stride)
-    "flux-16x16": ("flux", {}, 20, (5, 14), (4, 4), 4),
-    "flux-64x64": ("flux", dict(height=256, width=256), 8, (2, 5), (8, 8), 8),
-    "wan-5x8x8": ("wan", {}, 20, (5, 14), (1, 4, 4), 4),
-    "wan-4x32x32": ("wan", dict(num_frames=13, height=128, width=128), 8, (2, 5), (1, 8, 8), 8),
-}
-CAPTION = {"flux": "a large red circle at the top left", "wan": "a large blue circle moving left"}
-
-
-def capture(kind: str, kw: dict, steps: int, at: tuple) -> list:
-    """(q, k, site) of every self / joint call at the denoising steps ``at`` under stock attention."""
-    from attnpatch.models import fixtures
-
-    pipe = (fixtures.flux_shapes if kind == "flux" else fixtures.wan_shapes)()
-    pipe.set_progress_bar_config(disable=True)
-    calls = []
-
-    def watch(q, k, site, groups):
-        if site.kind != "cross" and site.step in at:
-            calls.append((q.detach().float().clone(), k.detach().float().clone(), site))
-
-    with torch.no_grad(), ap.patch(pipe, Observed(ap.Dense(), watch)):
-        pipe(CAPTION[kind], generator=torch.Generator().manual_seed(0), num_inference_steps=steps, output_type="latent", **kw)
-    return calls
-
-
-LOGIT = 16.0  # synthetic heads: a strength-1 direction adds this to a matching pair's logit (median top probability ~0.08 at 1K keys)
-SYNTH = {  # name: (grid, text tokens, heads, RoPE channels per axis (FLUX: text axis first), block, stride)
-    "synthetic FLUX-1024": ((64, 64), 512, 24, (16, 56, 56), (8, 8), 8),
-    "synthetic Wan 4x32x32": ((4, 32, 32), 0, 12, (44, 42, 42), (1, 8, 8), 8),
-}
-
-
-def _blobs(grid, n, g) -> torch.Tensor:
-    """Object id (0: background) of every visual token, row-major: ``n`` discs (moving ones on video)."""
-    *T, H, W = grid
-    t = torch.arange(T[0] if T else 1).view(-1, 1, 1).float()
-    y, x = torch.arange(H).view(1, -1, 1).float(), torch.arange(W).view(1, 1, -1).float()
-    obj = torch.zeros(t.shape[0], H, W, dtype=torch.long)
-    for i in range(n, 0, -1):
-        cy, cx, r, vy, vx = (torch.rand(5, generator=g) * torch.tensor([H, W, 0.2 * min(H, W), 4, 4])).tolist()
-        obj[((y - cy - (vy - 2) * t) ** 2 + (x - cx - (vx - 2) * t) ** 2) < (r + 2) ** 2] = i
-    return obj.flatten()
-
-
-def synthetic(grid, text, heads, axes, layers=3, D=128) -> list:
-    """q / k of a DiT-like layer at real shapes, no trained weights: each head mixes a shared direction
-    (with RoPE: attention to nearby tokens), an object direction per disc (long-range attention inside
-    objects) and unit noise, with per-head strengths; RoPE over the grid axes as FLUX / Wan apply it;
-    text tokens (FLUX) plain noise at position 0. One seeded set per layer."""
-    n = math.prod(grid)
-    coords = torch.stack(torch.meshgrid(*[torch.arange(a) for a in grid], indexing="ij"), -1).view(n, -1).float()
-    coords = torch.cat([torch.zeros(n, len(axes) - len(grid)), coords], 1)  # FLUX: image tokens at text axis 0
-    ang = torch.cat([coords[:, i:i + 1] * 1e4 ** (-torch.arange(0, d, 2) / d) for i, d in enumerate(axes)], 1)  # (n, D/2)
-    cos, sin = ang.cos(), ang.sin()
-    calls = []
-    for layer in range(layers):
-        g = torch.Generator().manual_seed(layer)
-        obj = _blobs(grid, 8, g)
-        scale = (LOGIT * D ** 0.5) ** 0.5  # a strength-1 direction adds LOGIT to the logit of a matching pair
-        alpha, beta = (0.3 + 0.7 * torch.rand(2, heads, 1, 1, generator=g)).unbind(0)
-        shared = torch.nn.functional.normalize(torch.randn(heads, 1, D, generator=g), dim=-1) * scale
-        objs = torch.nn.functional.normalize(torch.randn(heads, 9, D, generator=g), dim=-1) * scale
-        base = alpha[0] * shared + beta[0] * objs[:, obj]  # (heads, n, D)
-
-        def rope(x):
-            x2 = x.view(*x.shape[:-1], -1, 2)
-            return torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1).flatten(-2)
-
-        q, k = (torch.cat([torch.randn(1, heads, text, D, generator=g), rope(base + torch.randn(heads, n, D, generator=g))[None]], 2)
-                for _ in range(2))
-        calls.append((q, k, Site(grid=grid, text_len=text, kind="joint" if text else "self", layer=layer)))
-    return calls
 
 
 def settings(block, stride) -> list[tuple[str, str, ap.Method]]:
@@ -254,7 +181,28 @@ INTRO = (
     "layer l tiles along the first axis / the other axes / all axes by l % 3). Recall = fraction of the dense attention "
     "mass the mask keeps; density = fraction of the score matrix computed (text included); oracle = the same rule on "
     "the true block mass. The fixtures are small trained models (4 heads x 24); the 4K-token rows run them at 4x their "
-    "trained side (the FLUX-1024 / Wan 4x32x32 token grids, not their head counts).")
+    "trained side (the FLUX-1024 / Wan 4x32x32 token grids, not their head counts); the synthetic rows have the real head "
+    "counts (24 / 12 x 128). Recall, cost and quality ran with 1 torch thread, the speed part with 2.")
+
+
+NOTES = """Findings (this run):
+
+- **Trained fixtures** (captured q / k): every estimator is within 0.02 of the oracle at equal density; their attention is
+  diffuse (recall 1.2-2.5x the density), so there is little to choose. Mean pooling sits at the oracle (wan-4x32x32, keep
+  0.125: 0.297 vs oracle 0.304; antidiagonal 0.299); with 16-token tiles (stride 4: 4 groups a tile) antidiagonal is a little
+  below it (wan-5x8x8: 0.347 vs 0.367); similarity is 0.01-0.02 below mean pooling.
+- **Synthetic DiT-like heads at real shapes** (RoPE locality + object affinity, per-head strengths; no trained weights): all
+  three are 0.02-0.06 below the oracle; antidiagonal beats mean pooling at keep 0.25 (Wan 0.775 vs 0.764, FLUX 0.873 vs 0.858)
+  and at keep 0.125 with stride 4 (Wan 0.656 vs 0.614; stride 8: 0.601, 16: 0.597).
+- **Thresholds:** XAttention's antidiagonal mass is the better-calibrated estimate of attention mass: on synthetic Wan,
+  tau = 0.9 keeps 0.830 of the mass at density 0.350, mean-pooled mass 0.9 keeps 0.760 at 0.304 (mean pooling overstates
+  the mass it keeps by 0.14, antidiagonal by 0.07; at equal density antidiagonal is ~0.04 ahead). On the fixtures both match.
+- **VMoBA's options, training-free:** the similarity threshold per query tile is on the mean-pooling curve (synthetic Wan
+  0.25: density 0.139, recall 0.626); the global scope and the partition cycle lower recall at equal density here
+  (similarity global 0.519 vs 0.614 per query at keep 0.125; cycle 0.629 vs 0.764 at keep 0.25: the temporal / band layers'
+  large tiles spend the budget on the forced own tile). VMoBA trains with them; we measure them without training.
+- **Cost** (below): mean pooling and similarity cost ~1 % of one dense SDPA call; antidiagonal 14-15 % at stride 8 (10-12 % at
+  16) on this CPU: its (S / stride)^2 x stride D product is 1 / stride of q k^T's FLOPs but runs less efficiently than SDPA."""
 
 
 def _recall_md(rows: list[dict]) -> str:
@@ -276,10 +224,25 @@ def _recall_md(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def _summary(rows: list[dict], keep: str = "0.125") -> str:
+    """One line per shape and scope: recall of each score at the same keep (equal density), and the oracle's."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for scope in ("query", "global"):
+            got = {r["setting"].split(",")[0].split(" s")[0]: r for r in rows if r["shape"] == shape and r["family"] == "keep"
+                   and r["setting"].endswith(f", {scope}") and f"keep={keep}," in r["method"]}
+            if got:
+                out.append(dict(shape=shape, scope=scope, density=got["mean"]["density"],
+                                **{k: got[k]["recall"] for k in ("mean", "antidiagonal", "similarity", "oracle") if k in got}))
+    return table(out, [("shape", "q / k"), ("scope", "scope"), ("density", "density"), ("mean", "mean pooling"),
+                       ("antidiagonal", "antidiagonal (XAttention)"), ("similarity", "similarity (VMoBA)"), ("oracle", "oracle")])
+
+
 def render(data: dict) -> str:
     parts = []
     if data.get("recall"):
-        parts.append("## Recall of dense attention mass\n\n" + _recall_md(data["recall"]))
+        parts.append(f"## Recall of dense attention mass\n\n{NOTES}\n\nAt keep 0.125 (equal density within a row):\n\n"
+                     + _summary(data["recall"]) + "\n\n" + _recall_md(data["recall"]))
     if data.get("cost"):
         parts.append("## Estimation cost and per-call speed at real layer shapes\n\nRandom q / k (float32, batch 1, head dim 128), "
                      "timed interleaved with one dense SDPA call (median of the repeats); `call:` rows are whole sparse calls "
@@ -305,7 +268,8 @@ def render(data: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["recall", "cost", "quality", "speed", "all"], default="all")
+    p.add_argument("--part", choices=["recall", "cost", "quality", "speed", "all", "render"], default="all",
+                   help="render: rewrite the page from the JSON, running nothing")
     p.add_argument("--shapes", default=",".join([*CAPTURE, *SYNTH]), help=f"recall part: comma-separated subset of {','.join([*CAPTURE, *SYNTH])}")
     p.add_argument("--models", default="flux,wan", help="quality part: which fixtures")
     p.add_argument("--reps", type=int, default=3)
