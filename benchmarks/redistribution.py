@@ -17,6 +17,7 @@ padding, interleaved, median of 3 (8 captions x 4 steps, one torch thread, a sha
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,25 @@ def time_ratio(pipe, caps, L, make, n=8) -> float:
     return t["patched"] / t["stock"]
 
 
+def percall(reps: int = 5) -> list[dict]:
+    """Per-call time of SinkRedistribution over the same call's Dense (both through ``ap.attend`` on sdpa,
+    interleaved, median of ``reps``) at FLUX-like joint layers: 256 text keys of which 200 are padding."""
+    rows = []
+    for side in (32, 64):
+        site = ap.Site(grid=(side, side), text_len=256, kind="joint")
+        S = 256 + side * side
+        q, k, v = (torch.randn(1, 8, S, 64) for _ in range(3))
+        pads = list(range(56, 256))
+        methods = {"Dense": ap.Dense(), "padding -> all others": ap.SinkRedistribution(magnets=pads, alpha=0.7),
+                   "padding -> visual": ap.SinkRedistribution(magnets=pads, alpha=0.7, targets="visual"),
+                   "rule among text -> visual": ap.SinkRedistribution(candidates="text", targets="visual", threshold=1.5,
+                                                                      max_magnets=64, alpha=0.7)}
+        fns = {n: (lambda m=m: ap.attend(q, k, v, m, site, backend="sdpa")) for n, m in methods.items()}
+        t = timeit_interleaved(fns, reps=reps)
+        rows += [dict(layer=f"{S} tokens (8 heads x 64)", setting=n, ratio=t[n] / t["Dense"]) for n in methods if n != "Dense"]
+    return rows
+
+
 COLS = [("setting", "setting"), ("color", "colour"), ("shape", "shape"), ("place", "place"), ("all", "all three"),
         ("psnr_pad", "PSNR vs stock padded"), ("ssim_pad", "SSIM vs stock padded"),
         ("psnr_train", "PSNR vs stock 16"), ("ssim_train", "SSIM vs stock 16"), ("time_ratio", "time / stock")]
@@ -154,6 +174,9 @@ def body(data: dict) -> str:
                     f"Held-out captions (n={f['n']}, seed 777), with the setting chosen on the dev sweep below: **{r['best']}**.",
                     "", table(r["held"], COLS), "", f"![stock {f['train']} / stock {L} / redistributed](redistribution/flux_pad{L}.png)",
                     "", f"### Sweep, {L} tokens (dev captions, n={f['n']}, seed 778)", "", table(r["sweep"], COLS), ""]
+    if "percall" in data:
+        out += ["## Per call, FLUX-like joint layers (one torch thread; time over Dense in the same process)", "",
+                table(data["percall"], [("layer", "layer"), ("setting", "setting"), ("ratio", "time / Dense")]), ""]
     if "vlm" in data:
         out += ["## Mechanics on a LLaVA built from a config (SmolLM2-135M language model, tiny random vision tower)", "",
                 data["vlm"]["md"], ""]
@@ -164,14 +187,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=32, help="captions per set (dev sweep and held-out)")
     p.add_argument("--pads", type=int, nargs="+", default=[64, 128], help="max_sequence_length values to pad to")
-    p.add_argument("--part", choices=("flux", "vlm", "all"), default="all")
+    p.add_argument("--part", choices=("flux", "vlm", "percall", "time", "all"), default="all")
+    p.add_argument("--merge", action="store_true", help="rerun --part into the committed results, keeping the other parts")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    out = out_stem("redistribution", a.out, None if (a.n >= 32 and a.part == "all") else "quick")
+    out = out_stem("redistribution", a.out, None if (a.n >= 32 and a.part == "all") or a.merge else "quick")
     pics = out.parent / out.name
     pics.mkdir(parents=True, exist_ok=True)
-    data = dict(machine=machine())
+    data = json.loads(out.with_suffix(".json").read_text()) if a.merge else {}
+    data["machine"] = machine()
+    if a.part in ("percall", "all"):
+        data["percall"] = percall()
+    if a.part == "time":  # the chosen settings' pipeline time again (after a speed change), quality rows kept
+        pipe, held = fixtures.flux_shapes(), shapes.images(data["flux"]["n"], seed=777)[1]
+        for L, r in data["flux"]["pads"].items():
+            r["held"][-1]["time_ratio"] = time_ratio(pipe, held, int(L), settings(int(L))[r["best"]][0])
     if a.part in ("flux", "all"):
         data["flux"] = flux(a, pics)
     if a.part in ("vlm", "all"):

@@ -242,20 +242,25 @@ def _move(alpha, base, qh, kh, vh, mag, tgt, lse, call: _Call, rep, grad):
     idx = cols.to(torch.uint8).topk(m, -1, sorted=False).indices  # (B, h, m): each head's columns (then padding)
     kv_head = torch.arange(h, device=qh.device) // rep
     ks, vs = gather_rows(kh, kv_head, idx), gather_rows(vh, kv_head, idx)  # (B, h, m, D)
-    w_mag = (mag & cols).gather(2, idx).to(base.dtype)[:, :, None, :]  # (B, h, 1, m): 1 at magnet columns
-    w_oth = other.gather(2, idx).to(base.dtype)[:, :, None, :]
-    outs = []
+    w_mag = (mag & cols).gather(2, idx)[:, :, None, :]  # (B, h, 1, m): True at magnet columns
+    w_oth = other.gather(2, idx)[:, :, None, :]
+    only_mag = bool(w_mag.all())  # every gathered column a magnet (given positions): no weights to apply
+    same = tgt is None  # the complement of the targets is the magnets: its sums are the magnets' own
+    outs, vw = [], vs.to(torch.promote_types(vs.dtype, torch.float32))
     for s, e in chunks(Sq, B * h * m, False):  # row chunks bound the (rows x m) probabilities' memory
         sc = call.logits(qh[:, :, s:e], ks, s, idx, grad=grad)  # (B, h, c, m), -inf where hidden
-        p = torch.exp(sc - lse[:, :, s:e, None])  # exact probabilities of these columns
-        pm, po = p * w_mag, p * w_oth
-        M, a_m, b = pm.sum(-1), pm @ vs.to(p.dtype), base[:, :, s:e]
+        # exact probabilities of these columns (in place without autograd: a fresh tensor per op costs on CPU)
+        p = sc.sub_(lse[:, :, s:e, None]).exp_() if not grad else torch.exp(sc - lse[:, :, s:e, None])
+        pm = p if only_mag else p * w_mag
+        M, a_m, b = pm.sum(-1), pm @ vw, base[:, :, s:e]
         if direct:
-            T, a_t = po.sum(-1), po @ vs.to(p.dtype)
+            po = p * w_oth
+            T, a_t = po.sum(-1), po @ vw
         else:  # the complement's attention: targets are everything else the row sees
             # 1 - (the complement's mass) is rounding noise for a row that sees no target: such rows are found exactly
+            po = pm if same else p * w_oth
             sees = _sees(tg, call, s, e)
-            T, a_t = torch.where(sees, 1.0 - po.sum(-1), 0.0), b - po @ vs.to(p.dtype)
+            T, a_t = torch.where(sees, 1.0 - (M if same else po.sum(-1)), 0.0), b - (a_m if same else po @ vw)
             # A_T / T from a difference loses the kernel's rounding / T (T may even round to 0): rows with little
             # target mass get both directly
             T, a_t = _direct_rows(sees & (T < _RECOMPUTE), T, a_t, qh, kh, vh, tg, lse, call, s, grad)
