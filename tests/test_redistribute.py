@@ -133,3 +133,12 @@ def test_diffusers_flux_joint_calls():
         assert h.stats()["routed"] > 0
     stock, got = (x[0] if isinstance(x, (tuple, list)) else x for x in (stock, got))
     assert not torch.allclose(torch.as_tensor(got), torch.as_tensor(stock))
+
+
+def test_all_other_keys_as_targets_match_the_golden_on_each_path():
+    """targets=None (the magnets' own sums reused) and the same set given explicitly (the general path)."""
+    q, k, v = _qkv(S=16, B=2, H=2, seed=5)
+    want = redistribution(q, k, v, 0, False, alpha=0.6, magnets=[0, 2])[0]
+    others = [j for j in range(16) if j not in (0, 2)]
+    for m in (ap.SinkRedistribution(magnets=[0, 2], alpha=0.6), ap.SinkRedistribution(magnets=[0, 2], targets=others, alpha=0.6)):
+        assert (ap.attend(q, k, v, m, J, backend="reference") - want).abs().max() < 1e-12
