@@ -55,7 +55,9 @@ def groups_of(heads, rep: int) -> set:
 
 
 @torch.inference_mode()
-def accuracy(model, tok, profiles: dict, a, rows: list) -> None:
+def accuracy(model, tok, profiles: dict, a, rows: list, save=lambda: None) -> None:
+    """Settings in turn on every sample; ``rows`` rewritten and ``save()`` called after each sample (a run
+    cut short keeps what it measured)."""
     count = lambda s: len(tok(s)["input_ids"])  # noqa: E731
     shape = (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads)
     hits: dict = {}
@@ -79,9 +81,11 @@ def accuracy(model, tok, profiles: dict, a, rows: list) -> None:
             h = hits.setdefault(key.split(" (window")[0], [0, 0, 0.0])
             h[0], h[1], h[2] = h[0] + hit, h[1] + 1, h[2] + kv
         print(s.index, {k: v[0] for k, v in hits.items()}, flush=True)
-    for key, (h, n, kv) in hits.items():
-        lo, hi = ruler.wilson(h, n)
-        rows.append(dict(setting=key, n=n, accuracy=h / n, ci=f"{lo:.2f}-{hi:.2f}", kv_tokens=kv / n))
+        rows.clear()
+        for key, (h, n, kv) in hits.items():
+            lo, hi = ruler.wilson(h, n)
+            rows.append(dict(setting=key, n=n, accuracy=h / n, ci=f"{lo:.2f}-{hi:.2f}", kv_tokens=kv / n))
+        save()
 
 
 class _null:
@@ -102,7 +106,7 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=9, help="KV groups kept full (duo.py's profile keeps 9 of 90)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    stem = out_stem("retrieval_compare", a.out, None if a.samples >= 30 else "quick")
+    stem = out_stem("retrieval_compare", a.out, None if a.samples >= 30 else "quick")  # --out: a partial run, named n
     from attnpatch.models import smollm2
     from safetensors.torch import load_file
 
@@ -135,18 +139,23 @@ def main() -> None:
                  focused_layers=sorted({l for l, _ in by_focus}))
     print(agree, flush=True)
     rows: list = []
-    accuracy(model, tok, {"copy-paste": by_copy, "captured far share": by_cap, "captured far x focus": by_focus}, a, rows)
     data = dict(machine=machine(), args=vars(a), agreement=agree, accuracy=rows,
                 capture_scores=cap_scores.tolist(), focused_scores=focused.tolist(), capture_cost_calls=cap.calls)
-    body = (f"## Agreement\n\nSpearman over {L * H} query heads: {agree['spearman_heads']:.3f}; over {L * Hkv} KV groups: "
-            f"{agree['spearman_groups']:.3f}. Top {a.groups} KV groups: {agree['top_overlap']} in common (copy-paste in layers "
-            f"{agree['copy_layers']}, captured in layers {agree['capture_layers']}). Far share x focus (1 - normalised "
-            f"entropy): Spearman {agree['focused_spearman_heads']:.3f}, top-{a.groups} overlap {agree['focused_top_overlap']} "
-            f"(layers {agree['focused_layers']}).\n\n"
-            f"## Needle accuracy at equal KV budget (niah_single, {a.length} tokens, teacher-forced)\n\n"
-            + table(rows, [("setting", "setting"), ("n", "n"), ("accuracy", "accuracy"), ("ci", "Wilson 95 %"),
-                           ("kv_tokens", "KV tokens / (layer, KV head)")]))
-    write(stem, "Retrieval heads: copy-paste scoring vs captured attention (SmolLM2-135M)", __doc__.split("\n\n")[0], body, data)
+
+    def save():
+        body = (f"## Agreement\n\nSpearman over {L * H} query heads: {agree['spearman_heads']:.3f}; over {L * Hkv} KV groups: "
+                f"{agree['spearman_groups']:.3f}. Top {a.groups} KV groups: {agree['top_overlap']} in common (copy-paste in layers "
+                f"{agree['copy_layers']}, captured in layers {agree['capture_layers']}). Far share x focus (1 - normalised "
+                f"entropy): Spearman {agree['focused_spearman_heads']:.3f}, top-{a.groups} overlap {agree['focused_top_overlap']} "
+                f"(layers {agree['focused_layers']}).\n\n"
+                f"## Needle accuracy at equal KV budget (niah_single, {a.length} tokens, teacher-forced)\n\n"
+                + table(rows, [("setting", "setting"), ("n", "n"), ("accuracy", "accuracy"), ("ci", "Wilson 95 %"),
+                               ("kv_tokens", "KV tokens / (layer, KV head)")]))
+        write(stem, "Retrieval heads: copy-paste scoring vs captured attention (SmolLM2-135M)", __doc__.split("\n\n")[0],
+              body, data)
+
+    accuracy(model, tok, {"copy-paste": by_copy, "captured far share": by_cap, "captured far x focus": by_focus}, a, rows,
+             save)
     print(stem.with_suffix(".md").read_text())
 
 
