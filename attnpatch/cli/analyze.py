@@ -83,7 +83,9 @@ def analyze(args) -> int:
     from ..tools.capture import capture
 
     methods = [runner.parse_method(s) for s in runner.split_top(args.methods)] if args.methods else []
-    out = _out_dir(args, "attnpatch-analysis", _prepare(args, methods), ["analyze", *(type(m).__name__ for m in methods)])
+    what = ["analyze", f"{args.prompts}x{args.length}", *([f"rows{args.rows}"] if args.rows else []),
+            *(type(m).__name__ for m in methods)]  # in the default folder's name: other settings, another folder
+    out = _out_dir(args, "attnpatch-analysis", _prepare(args, methods), what)
     loaded = runner.load(args.model, args.device, args.dtype)
     if args.quiet and hasattr(loaded.obj, "set_progress_bar_config"):
         loaded.obj.set_progress_bar_config(disable=True)
