@@ -119,7 +119,7 @@ def test_auto_kernels_equal_the_reference_and_the_method_applies(model, name, pa
 # methods whose pattern is counted in key slots, so the pad slots move it (found here; the padded batch still
 # equals the reference kernel above): TopKBlocks' blocks, VerticalSlash's estimate and Quest's pages include
 # the pad keys
-SLOT_BASED = {"topkblocks": "TopKBlocks: key blocks are counted from the first slot, pad slots included"}
+SLOT_BASED: dict = {}  # methods whose pattern counts pad slots (none left: TopKBlocks, VerticalSlash, Quest follow positions)
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "sinkwindow-evict"])

@@ -97,3 +97,22 @@ def test_bad_parameters_name_themselves(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name if name != "keep" or bad[name] is not None else "keep"):
         ap.TopKBlocks(**bad)
+
+
+def test_left_padded_causal_rows_are_planned_alone():
+    """Under left padding each row's TopKBlocks pattern is the one it gets alone (blocks from its first real
+    token, its own estimate), shifted by its padding; the pattern is sparse, not plain causal."""
+    from attnpatch.plan import materialise_mask
+
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 1, 40, 8, generator=g)
+    m = ap.TopKBlocks(keep=0.3, block=4, local=1)
+    site = ap.Site(causal=True, kv_shift=torch.tensor([0, -7]))
+    keep = materialise_mask(m.plan(q, k, site).with_site(True, 0), 2, 2, 40, 40, "cpu")
+    for b, pad in ((0, 0), (1, 7)):
+        alone = m.plan(q[b:b + 1, :, pad:], k[b:b + 1, :, pad:], ap.Site(causal=True)).with_site(True, 0)
+        ref = materialise_mask(alone, 1, 2, 40 - pad, 40 - pad, "cpu")[0]
+        assert torch.equal(keep[b, :, pad:, pad:], ref.expand_as(keep[b, :, pad:, pad:]))
+        assert not keep[b, :, pad:, :pad].any()  # real queries never see padding
+        causal = torch.ones(40 - pad, 40 - pad, dtype=torch.bool).tril()
+        assert not torch.equal(ref[0], causal)  # sparse: some causal pairs dropped

@@ -25,6 +25,7 @@ import torch
 from ..blocks import from_states
 from ..plan import Plan
 from ..site import Site
+from ._padded import per_row
 from . import _block_scores as _bs
 from . import _grid
 from .base import check_int, check_ints, check_number
@@ -199,6 +200,8 @@ class TopKBlocks(Sparse):
         if (self.score, self.scope, self.partition) != ("mean", "query", None):
             raise ValueError(f"{self!r}: score / scope / partition options are for grids (DiT self / joint "
                              "attention); causal (LLM) calls use TopKBlocks(keep=...) or TopKBlocks(mass=...)")
+        if site.kv_shift is not None and bool((site.kv_shift < 0).any()):  # left padding: blocks from each row's
+            return per_row(self._causal_plan, q, k, site, repr(self))  # first real token, estimates per row
         B, H, Sq, D = q.shape
         Skv, off = k.shape[2], site.q_offset
         lay = self._causal_layout(Sq, Skv, off, q.device)
