@@ -192,7 +192,7 @@ def test_a_plan_with_lines_never_reuses_the_ranking_of_one_without():
     """Power's plan (with lines) and a mask-only plan of the same signature: each gets its own ranking,
     equal to a ranking made with an empty cache (a collision once ran Power's 64-token call on lines)."""
     kernels.invalidate()
-    q, k = torch.randn(1, 4, 2048, 32), torch.randn(1, 2, 2048, 32)  # lines is the cheapest here
+    q, k = torch.randn(1, 4, 2048, 64), torch.randn(1, 2, 2048, 64)  # lines is the cheapest here (gather: D > 32)
     site = ap.Site(causal=True)
     with_lines = ap.Power(local=16).plan(q, k, site).with_site(True, 0)
     assert with_lines.lines is not None

@@ -134,7 +134,8 @@ def test_preference_table_decides_the_order(monkeypatch):
     order = kernels.PREFERENCE[("cpu", "plain")]
     monkeypatch.setitem(kernels.PREFERENCE, ("cpu", "plain"), ["reference"] + [n for n in order if n != "reference"])
     assert kernels.select(q, k, v, Plan()).name == "reference"
-    assert [x.name for x in kernels.preference("xpu", Plan(mask_mod=lambda b, h, i, j: i >= j))][:2] == ["tiles", "sdpa"]
+    # buckets leads every masked list but runs only plans with Plan.buckets; after it, the default list's order
+    assert [x.name for x in kernels.preference("xpu", Plan(mask_mod=lambda b, h, i, j: i >= j))][:3] == ["buckets", "tiles", "sdpa"]
 
 
 def test_flex_call_leaves_dynamo_config_unchanged(monkeypatch):

@@ -41,6 +41,9 @@ class Buckets(Kernel):
         if rep > 1:  # every piece gathers per query head (sorted orders differ by head)
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         work = torch.promote_types(q.dtype, torch.float32)
+        dtype = q.dtype
+        if dtype != work:  # half / bfloat16: every piece in float32 (each piece's rounding would add up over the merges)
+            q, k, v = q.to(work), k.to(work), v.to(work)
         out = torch.empty(B, Hq, Sq, v.shape[3], dtype=work, device=q.device)
         lse = torch.empty(B, Hq, Sq, dtype=work, device=q.device)
         seen = [False] * Sq  # rows some piece has written (the recursion's row ranges nest: all or none)
@@ -53,7 +56,7 @@ class Buckets(Kernel):
             else:
                 out[:, :, rows], lse[:, :, rows] = _merge2((out[:, :, rows], lse[:, :, rows]), (o, l))
             seen[rows] = [True] * piece.nq
-        return out.to(q.dtype)
+        return out.to(dtype)
 
 
 def _merge2(a, b):
