@@ -62,6 +62,8 @@ from ..blocks import BlockSparse
 
 HERE = Path(__file__).resolve().parent
 TIE = 0.02  # estimates within 2 % of each other keep the preference order
+MAX_MODELLED_ELEMS = 1 << 21  # ... and up to this many scores per head (~1.4K tokens; beyond, tiles won)
+GATHER_MARGIN = 1.3
 MAX_MODELLED_D = 32  # the gather kernel's estimate holds up to this head dim (fitted at 24; at 64 and 128 it chose gather 1.4-1.9x slower)
 # lines' fixed work per call (layout, tables, ~60 small tensor ops), in SDPA call overheads: measured
 # ~0.3 ms at 64 tokens on the 2-core CPU, where one masked SDPA call is cheaper
@@ -191,11 +193,15 @@ def _gather_estimate(c: dict, q, k, v, plan, mask) -> float:
         return math.inf
     if D > MAX_MODELLED_D:  # measured at D 64 (SmolLM2 SinkWindow 1K) and 128 (Wan 4x16x16): the gathers cost more than the
         return math.inf  # calls save, which this model does not capture; left to the kernels it knows there
+    if Sq * Skv > MAX_MODELLED_ELEMS:  # the fixture at 4K tokens: tiles ran 0.60-0.67x stock where gather ran 0.78-0.89x
+        return math.inf
     lay = layout(plan, Sq, Skv, q.device, best_rows(plan, q, k))
     elems = B * Hq * lay["cost"] * (1 + BLOCK_OVERHEAD / lay["rows"])
     gathered = GATHER_WEIGHT * B * Hq * lay["cost"] // lay["rows"] * (D + v.shape[3]) * q.element_size()
     perm = B * Hq * Sq * (D + v.shape[3]) * q.element_size() if lay["slot"] is not None else 0  # q in, out back
-    return c["call_s"] * 3 * len(lay["groups"]) + c["gather_s_per_byte"] * perm + elems * (per_d(c["elem_s"], D) + per_d(c["mask_elem_s"], D)) + c["gather_s_per_byte"] * gathered
+    est = (c["call_s"] * 3 * len(lay["groups"]) + c["gather_s_per_byte"] * (perm + gathered)
+           + elems * (per_d(c["elem_s"], D) + per_d(c["mask_elem_s"], D)))
+    return est * GATHER_MARGIN  # measured 1.2-1.3x above this at 2 threads (its blocks parallelise worse): near-ties lose
 
 
 def _lines_estimate(c: dict, q, k, v, plan) -> float:
