@@ -18,6 +18,7 @@ profile keeps more needle accuracy at the same KV budget?
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -74,7 +75,7 @@ def accuracy(model, tok, profiles: dict, a, rows: list, save=lambda: None) -> No
                 key = name if not name.startswith("StreamingHeads") else f"{name}, {pname} profile"
                 if key in cells or (name == "dense" and "dense" in cells):
                     continue
-                with ap.patch(model, method) if method is not None else _null():
+                with ap.patch(model, method) if method is not None else contextlib.nullcontext():
                     pred = model(full, logits_to_keep=n + 1).logits[0, :-1].argmax(-1)
                 cells[key] = (int(bool((pred == ans[0])[skip:].all())), kv)
         for key, (hit, kv) in cells.items():
@@ -86,14 +87,6 @@ def accuracy(model, tok, profiles: dict, a, rows: list, save=lambda: None) -> No
             lo, hi = ruler.wilson(h, n)
             rows.append(dict(setting=key, n=n, accuracy=h / n, ci=f"{lo:.2f}-{hi:.2f}", kv_tokens=kv / n))
         save()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> None:
