@@ -215,11 +215,11 @@ INTRO = (
     "counts (24 / 12 x 128). Recall, cost and quality ran with 1 torch thread, the speed part with 2.")
 
 
-SPEED_NOTE = ("**Not conclusive:** this run shared the 2 cores with other jobs (load average 5.7-6.7), a forward took 6-50 s "
-              "and rows land on both sides of their bound; the 64-token tiles chosen for the recall comparison are also far below "
-              "the ~512 tokens the CPU tiles kernel needs to pay (benchmarks/results/pipelines.md: mean-pooled TopKBlocks with "
-              "256-token tiles at 1.15x / 1.45x of stock on FLUX 1024 / 2048 px, 0.90-1.02 of the bound, on a quieter machine). "
-              "Rerun `python benchmarks/selection.py --part speed` on a quiet machine or a GPU.")
+SPEED_NOTE = ("Run on a quiet machine (`python benchmarks/selection.py --part speed --reps 3`, nothing else running, after "
+              "a first run under load average 6-7 that was not conclusive). At equal keep every selection rule reaches "
+              "0.90-1.05 of its Amdahl bound; the antidiagonal estimate's extra cost (10-15 % of a dense call, table above) "
+              "shows as the lowest fraction (0.90-0.96). The bound is small here (1.14-1.20x) because attention is 18-19 % of "
+              "these one-block forwards at 4K tokens; a fraction above 1 is timing noise.")
 NOTES = """Findings (this run):
 
 - **Trained fixtures** (captured q / k): every estimator is within 0.02 of the oracle at equal density; their attention is
