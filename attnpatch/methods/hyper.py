@@ -147,9 +147,6 @@ class HyperAttention(Method):
         w = (count.clamp_min(1) * (nk / drawn.shape[-1])).log()  # keys never drawn are not kept: any finite value
         return same | (count > 0)[..., None, :], torch.where(same, 0.0, w[..., None, :])
 
-    def _hyper(self, q, k, node: tuple, layer: int) -> tuple:
-        return self._table(self._draw(q, k, node, layer), q.dtype)
-
     def pattern(self, q, k, site: Site) -> tuple | None:
         """(keep (B, Hq, Sq, Skv) bool, score bias of the same shape): the kept keys, 0 in blocks and exact
         pieces, log(draws * nk / samples) on drawn keys; None when every piece is exact. Causality is the
@@ -193,16 +190,22 @@ class HyperAttention(Method):
         keep = torch.zeros(q.shape[:3] + (Skv,), dtype=torch.bool, device=q.device)
         bias = torch.zeros(keep.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         keep[:, :, :r0] = True
-        for node in nodes:
-            kind, q0, nq, k0, nk = node  # positions: query row q0 - off + pad, key k0 + pad
-            rows, cols = slice(q0 + pad - off, q0 + pad - off + nq), slice(k0 + pad, k0 + pad + nk)
-            if kind == "dense":  # exact; the kernel applies causality
-                keep[:, :, rows, cols] = True
-                continue
-            keep[:, :, rows, cols], b = self._hyper(q[:, :, rows], k[:, :, cols], node, site.layer)
-            if b is not None:
-                bias[:, :, rows, cols] = b
+        _fill(keep, bias, self._node_pieces(q, k, nodes, off - pad, pad, site), q.dtype)  # position p: row p - off + pad
         return keep, bias
+
+    def _node_pieces(self, q, k, nodes, row_at: int, key_at: int, site: Site) -> list:
+        """``nodes`` as Pieces in call-local rows / keys: the query at position p is row p - ``row_at``, the key at
+        position p is key p + ``key_at``; sorted pieces drawn on their own rows and keys (seeded by positions)."""
+        out = []
+        for node in nodes:
+            kind, q0, nq, k0, nk = node
+            r, c = q0 - row_at, k0 + key_at
+            if kind == "dense":
+                out.append(Piece(r, nq, c, nk, causal=site.causal and q0 == k0))
+            else:
+                p = self._draw(q[:, :, r:r + nq], k[:, :, c:c + nk], node, site.layer)
+                out.append(dataclasses.replace(p, q0=r, k0=c))
+        return out
 
     def _pieces(self, q, k, site: Site) -> Buckets | None:
         """The call as ``Plan.buckets`` (kernels/buckets.py: no score table), or None: left padding (a row's
@@ -215,15 +218,7 @@ class HyperAttention(Method):
         nodes = self.nodes(Sq, Skv, off, site.causal)
         if all(n[0] == "dense" for n in nodes):
             return _EXACT
-        out = []
-        for node in nodes:
-            kind, q0, nq, k0, nk = node
-            if kind == "dense":
-                out.append(Piece(q0 - off, nq, k0, nk, causal=site.causal and q0 == k0))
-                continue
-            p = self._draw(q[:, :, q0 - off:q0 - off + nq], k[:, :, k0:k0 + nk], node, site.layer)
-            out.append(dataclasses.replace(p, q0=q0 - off))  # call-local rows
-        return Buckets(tuple(out))
+        return Buckets(tuple(self._node_pieces(q, k, nodes, off, 0, site)))
 
     def plan(self, q, k, site: Site) -> Plan | None:
         buckets = self._pieces(q, k, site)
@@ -262,11 +257,17 @@ class HyperAttention(Method):
 def _from_pieces(buckets: Buckets, shape, dtype) -> tuple:
     """(keep, bias) (B, Hq, Sq, Skv) of a call given as pieces (no padding: exact pieces keep every key;
     the kernel applies causality)."""
-    p0 = buckets.pieces[0]
-    dev = (p0.order_q if p0.order_q is not None else next(p.order_q for p in buckets.pieces if p.order_q is not None)).device
+    dev = next(p.order_q for p in buckets.pieces if p.order_q is not None).device
     keep = torch.zeros(shape, dtype=torch.bool, device=dev)
     bias = torch.zeros(shape, dtype=torch.promote_types(dtype, torch.float32), device=dev)
-    for p in buckets.pieces:
+    _fill(keep, bias, buckets.pieces, dtype)
+    return keep, bias
+
+
+def _fill(keep, bias, pieces, dtype) -> None:
+    """Write each piece's pattern into the (B, Hq, Sq, Skv) tables: exact pieces keep every key of theirs (the
+    kernel applies causality), sorted ones their blocks and drawn keys with the draws' bias."""
+    for p in pieces:
         rows, cols = slice(p.q0, p.q0 + p.nq), slice(p.k0, p.k0 + p.nk)
         if p.order_q is None:
             keep[:, :, rows, cols] = True
@@ -274,7 +275,6 @@ def _from_pieces(buckets: Buckets, shape, dtype) -> tuple:
         keep[:, :, rows, cols], b = HyperAttention._table(p, dtype)
         if b is not None:
             bias[:, :, rows, cols] = b
-    return keep, bias
 
 
 def _grid_rows(shape, b, h, q_idx, kv_idx) -> slice | None:
