@@ -13,6 +13,7 @@ import torch
 
 from .._extras import require
 from ..site import Site
+from ..tools.page import IMAGES_LOADED, figures
 from ..tools.quality import psnr, ssim
 
 
@@ -234,8 +235,7 @@ def write(folder: Path, meta: dict, rows: list[dict], kind: str, images: dict) -
     (folder / "report.md").write_text("\n".join(md) + "\n")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows_shown)
-    imgs = "".join(f"<figure><img src='{html.escape(v)}' alt='{html.escape(k)}'><figcaption>{html.escape(k)}</figcaption></figure>"
-                   for k, v in images.items())
+    imgs = figures(images)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>attnpatch compare: {html.escape(meta['model'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px}}
@@ -243,13 +243,7 @@ figure{{display:inline-block;margin:1em;vertical-align:top}} img{{max-width:900p
 <body><h1>attnpatch compare: {html.escape(meta['model'])}</h1><p>{html.escape(meta.get('statement', ''))}</p>
 <p>{html.escape(meta['note'])}</p>
 <table><tr>{head}</tr>{body}</table>{imgs}
-<script>
-window.addEventListener('load', () => {{
-  const imgs = [...document.images];
-  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.setAttribute('data-images-loaded', ok + '/' + imgs.length);
-}});
-</script></body></html>
+{IMAGES_LOADED}</body></html>
 """
     (folder / "index.html").write_text(page)
 

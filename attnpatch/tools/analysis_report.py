@@ -17,6 +17,7 @@ import torch
 
 from .._extras import require
 from .capture import TOKEN_EDGES, Capture, decay
+from .page import IMAGES_LOADED, figures
 
 DPI = 72
 
@@ -191,8 +192,7 @@ def write(folder: Path, cap: Capture, recalls: dict[str, Capture], meta: dict) -
     (folder / "report.md").write_text("\n".join(md) + "\n")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, '-'))}</td>" for c in cols) + "</tr>" for r in rows)
-    figs = "".join(f"<figure><img src='{html.escape(v)}' alt='{html.escape(k)}'><figcaption>{html.escape(k)}</figcaption>"
-                   "</figure>" for k, v in images.items())
+    figs = figures(images)
     (folder / "index.html").write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>attnpatch analyze: {html.escape(meta['model'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
@@ -200,13 +200,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}} figure{{display:inline-block;marg
 img{{max-width:1000px}}</style></head>
 <body><h1>attnpatch analyze: {html.escape(meta['model'])}</h1><p>{html.escape(meta.get('note', ''))}</p>
 {figs}<table><tr>{head}</tr>{body}</table>
-<script>
-window.addEventListener('load', () => {{
-  const imgs = [...document.images];
-  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.setAttribute('data-images-loaded', ok + '/' + imgs.length);
-}});
-</script></body></html>
+{IMAGES_LOADED}</body></html>
 """)
 
 
