@@ -400,3 +400,24 @@ ZOO += [  # TopKBlocks as XAttention (antidiagonal scores) and VMoBA (similarity
     Case("topk-partition-tuple", ap.TopKBlocks(keep=0.4, partition=((2, 2), (1, 4))), Site(grid=(4, 8), layer=1),
          (1, 2, 2, 32, 32, 16), _pick(keep=0.4, partition=((2, 2), (1, 4)))),
 ]
+
+
+def _sw_heads(params):
+    import goldens_sinkwindow_heads as GSW  # imported here: this block is appended at the end of the file
+
+    return GSW.attention(params)
+
+
+SWP = {"window": torch.tensor([[3, 8, 3, 20], [5, 2, 9, 1]]), "sink": torch.tensor([[0, 2, 2, 1], [3, 3, 0, 1]])}
+ZOO += [  # SinkWindow with a per-(layer, head) profile: each head as its own uniform SinkWindow
+    Case("sinkwindow-profile-gqa", ap.SinkWindow(profile=SWP), C, (1, 4, 2, 40, 40, 64),
+         _sw_heads([(0, 3), (2, 8), (2, 3), (1, 20)])),
+    Case("sinkwindow-profile-chunk-layer1", ap.SinkWindow(profile=SWP), replace(C, layer=1), (2, 4, 1, 6, 30, 48),
+         _sw_heads([(3, 5), (3, 2), (0, 9), (1, 1)])),
+    Case("sinkwindow-profile-decode", ap.SinkWindow(profile=SWP), replace(C, layer=1), (2, 4, 2, 1, 37, 80),
+         _sw_heads([(3, 5), (3, 2), (0, 9), (1, 1)])),
+    Case("sinkwindow-profile-blocks", ap.SinkWindow(block=16, profile={"window": torch.tensor([[4, 24]])}), C,
+         (1, 2, 1, 72, 72, 64), _sw_heads([(4, 4), (4, 24)])),
+    Case("sinkwindow-profile-dense-layer", ap.SinkWindow(window=3, profile={"window": torch.tensor([[2, 5]])},
+                                                         dense_layers=(0,)), C, (1, 2, 2, 17, 17, 64), _dense),
+]

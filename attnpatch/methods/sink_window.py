@@ -9,10 +9,15 @@ keys ending at the query]; the transformers patcher describes those calls in slo
 (``kv_shift`` None), where this same mask is exact. A decode query (one row, no ``kv_shift``) reads
 only its sink and window keys, sliced from the cache (``_decode``): no length-S mask, and a cost that
 stops growing with the context.
+
+``profile=`` (``Sparse``'s per-layer / per-head tables, e.g. ``{"window": (layers, heads)}`` from
+``attnpatch.tools.profile_search``) gives each head its own sink / window; heads with equal values
+run as one group (``Sparse.head_plans``). LLM calls carry no denoising step, so ``dense_steps``
+defaults to 0 and never applies there; ``dense_layers`` keeps whole layers dense.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import threading
 
@@ -22,7 +27,8 @@ from ..blocks import causal_states, from_states, overlap
 from ..plan import Plan
 from ..site import Site
 from ._grid import Memo
-from .base import Method, check_bool, check_int
+from .base import check_bool, check_int
+from .schedule import Sparse
 
 
 class SinkEviction:
@@ -74,7 +80,7 @@ class SinkEviction:
 
 
 @dataclass
-class SinkWindow(Method):
+class SinkWindow(Sparse):
     """Causal: the first ``sink`` tokens plus the last ``window`` tokens (A-shape)."""
 
     source = "StreamingLLM; When Attention Sink Emerges (Gu et al. 2025); MInference A-shape"
@@ -85,12 +91,18 @@ class SinkWindow(Method):
     # transformers: each full-attention layer's KV cache keeps the first sink and last window - 1 keys
     # (kv_policy); the logits equal evict=False (unpadded batches, the default DynamicCache)
     evict: bool = False
+    dense_steps: int | float = field(default=0, kw_only=True, repr=False)  # LLM calls have no steps to schedule
 
     def __post_init__(self):
         check_int("SinkWindow", "sink", self.sink, 0)
         check_int("SinkWindow", "window", self.window, 1)
         check_int("SinkWindow", "block", self.block, 16)
         self.evict = check_bool("SinkWindow", "evict", self.evict)
+        if self.evict and self.profile is not None:  # one cache per layer holds one run of keys for all its heads
+            raise ValueError("SinkWindow(evict=True, profile=...): KV eviction keeps one sink + window run per layer, "
+                             "but a per-head profile gives heads different windows; use evict=False with the profile "
+                             "(exact masks, full cache), or evict=True with one uniform window (e.g. the profile's largest)")
+        super().__post_init__()  # after the parameters: a profile's values are checked against them
         self._blocks: tuple = (None, None)  # (S, structure) of the latest prefill length
         self._plans = Memo()  # static plans per (parameters, shape, q_offset, device); see plan()
 
