@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
     # as the triton kernel never runs on CPU unless named.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# measured kernel choice (attnpatch/kernels/tune.py) times the first calls of a static plan: kernel choices in
+# tests stay the cost model's, deterministic; tests/test_tune.py switches it on
+os.environ.setdefault("ATTNPATCH_TUNE", "0")
+
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -15,7 +15,7 @@ import threading
 import torch
 
 from .._log import debug_once
-from . import cost
+from . import cost, tune
 from .base import Kernel, check_qkv
 from .reference import Reference
 from .flex import Flex
@@ -150,6 +150,10 @@ def select(q, k, v, plan, *, mask=None, backend: str | None = None) -> Kernel:
         if memo is not None and memo[0] == memo_key:
             return memo[1]
     kernel = _select(q, k, v, plan, mask)
+    if memo_key is not None and tune.applies(plan):  # a static masked plan: its first calls may measure
+        kernel, final = tune.choose(memo_key, kernel, lambda: _capable(q, k, v, plan, mask), q, k, v, plan, mask)
+        if not final:
+            return kernel  # not remembered yet: the next call of this shape goes on measuring
     if memo_key is not None:
         object.__setattr__(plan, "_selected", (memo_key, kernel))  # one tuple: readers see old or new
     return kernel
@@ -159,10 +163,17 @@ _EPOCH = [0]  # bumped when PREFERENCE or the cost constants may have changed (i
 
 
 def invalidate() -> None:
-    """Forget every cached kernel choice (after editing ``PREFERENCE`` or the cost constants)."""
+    """Forget every cached kernel choice (after editing ``PREFERENCE`` or the cost constants) and every
+    measured one (kernels/tune.py)."""
     _EPOCH[0] += 1
+    tune.reset()
     with _RANKED_LOCK:
         _RANKED.clear()
+
+
+def _capable(q, k, v, plan, mask) -> list[Kernel]:
+    """Every kernel that can run the call, in ranked order."""
+    return [kr for kr in ranked(q, k, v, plan, mask) if kr.why_not(q, k, v, plan, mask) is None]
 
 
 def _select(q, k, v, plan, mask) -> Kernel:

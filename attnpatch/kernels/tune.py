@@ -1,0 +1,145 @@
+"""Measured kernel choice for repeated static plans: the cost model (kernels/cost.py) ranks the capable
+kernels from constants fitted on one machine, and near a crossover it can pick a kernel 1.2-1.5x slower
+than another exact one (measured on the 2-core CPU: Power at 256 tokens on ``lines`` 1.46x stock where
+masked SDPA ran 1.03x; a Wan 4x8x8 Neighborhood on ``tiles`` 1.15x vs SDPA 1.04x). A static plan runs the
+same shapes on every layer and step, so its first calls can measure instead.
+
+From the ``MIN_SEEN``-th call of a signature (shapes, dtype, threads, plan structure: what the ranking is
+cached by) the next calls run, in turn, each candidate: the cost model's pick and every capable kernel it
+estimates within ``SPAN`` of the best estimate. Each candidate's first run is a warm-up (layouts, masks,
+buffers are built then), the next ``TRIALS`` are timed; the fastest minimum wins and is kept for the
+signature. Every candidate is exact, so a trial costs time, never accuracy; the calls that run trials
+return their own kernel's output. A signature seen once (decode steps, whose key length grows every call)
+is never tuned. Kernels without an estimate are not tried (flex and triton compile, the reference is an
+oracle), except ``UNMODELLED`` ones (gather, whose estimate is withheld above head dim 32). ``ATTNPATCH_TUNE=0`` (or ``enabled(False)``) keeps the cost model's order alone (the test suite
+does, so kernel choices in tests are deterministic)."""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+import torch
+
+from . import cost
+from .base import Kernel
+
+SPAN = 2.0  # candidates: estimated within this multiple of the best estimate (misses seen: up to 1.5x)
+# capable kernels tried even without an estimate: gather's is withheld above head dim 32, where it ran
+# 0.6-1.9x the time of the kernel chosen (SmolLM2 Power at 1K: 0.93x stock where lines ran 1.15x)
+UNMODELLED = ("gather",)
+TRIALS = 2  # timed runs per candidate, after its warm-up run
+MIN_SEEN = 2  # calls of a signature before trials start
+_ENABLED = [os.environ.get("ATTNPATCH_TUNE", "1") != "0"]
+_EPOCH = [0]  # reset() bumps it: trials recorded before are ignored
+_LOCK = threading.Lock()
+UNSETTLED = [0]  # calls that ran a kernel not yet final (benchmarks warm up until a call adds none)
+
+
+def enabled(on: bool | None = None) -> bool:
+    """Whether measured choice is on; ``enabled(False)`` / ``enabled(True)`` switches it (and forgets
+    what was measured)."""
+    if on is not None:
+        _ENABLED[0] = bool(on)
+        reset()
+    return _ENABLED[0]
+
+
+def reset() -> None:
+    """Forget every measurement (plans compare the epoch in their key)."""
+    _EPOCH[0] += 1
+
+
+def applies(plan) -> bool:
+    """Only static masked plans: a method returns the same plan for every layer and step of a shape."""
+    return _ENABLED[0] and plan.static and plan.mask_mod is not None
+
+
+class _State:
+    """One signature's trials: candidates in the order they run, each one's run count and timed seconds."""
+
+    def __init__(self):
+        self.seen, self.cands, self.runs, self.times, self.winner = 1, None, {}, {}, None
+
+    def next(self) -> Kernel | None:
+        left = [kr for kr in self.cands if self.runs[kr.name] < 1 + TRIALS]
+        return min(left, key=lambda kr: self.runs[kr.name]) if left else None
+
+    def record(self, kernel: Kernel, seconds: float) -> None:
+        with _LOCK:
+            self.runs[kernel.name] += 1
+            if self.runs[kernel.name] > 1:  # the first run of each is its warm-up
+                self.times[kernel.name].append(seconds)
+            if self.winner is None and self.next() is None:
+                self.winner = min(self.cands, key=lambda kr: min(self.times[kr.name]))
+
+
+def _candidates(picked: Kernel, capable: list, q, k, v, plan, mask) -> list:
+    c = cost.constants(q.device.type, torch.get_num_threads())
+    if c is None:
+        return [picked]  # no estimates: which kernels would be safe to try is unknown (compiling ones)
+    est = {kr.name: cost.estimate(kr.name, c, q, k, v, plan, mask) for kr in capable}
+    best = min((e for e in est.values() if e < math.inf), default=math.inf)
+    return [picked] + [kr for kr in capable if kr is not picked
+                       and (est[kr.name] <= SPAN * best or (est[kr.name] == math.inf and kr.name in UNMODELLED))]
+
+
+def choose(key, picked: Kernel, capable, q, k, v, plan, mask) -> tuple[Kernel, bool]:
+    """(the kernel to run this call, whether the choice is final). The trials live on the plan (a static
+    plan is one object per method, shape and geometry) under ``key`` (the call shape); ``capable`` gives
+    the capable kernels in ranked order (called once per plan and shape)."""
+    key = (key, _EPOCH[0])
+    got = _choose(key, picked, capable, q, k, v, plan, mask)
+    if not got[1]:
+        UNSETTLED[0] += 1
+    return got
+
+
+def _choose(key, picked: Kernel, capable, q, k, v, plan, mask) -> tuple[Kernel, bool]:
+    with _LOCK:
+        got = plan.__dict__.get("_tune")
+        if got is None or got[0] != key:
+            object.__setattr__(plan, "_tune", (key, _State()))
+            return picked, False
+        st = got[1]
+        if st.winner is not None:
+            return st.winner, True
+        st.seen += 1
+        fresh = st.cands is None and st.seen >= MIN_SEEN
+    if fresh:
+        cands = _candidates(picked, capable(), q, k, v, plan, mask)
+        with _LOCK:
+            if st.cands is None:
+                st.cands, st.runs, st.times = cands, {kr.name: 0 for kr in cands}, {kr.name: [] for kr in cands}
+                if len(cands) == 1:
+                    st.winner = cands[0]
+    with _LOCK:
+        if st.cands is None:
+            return picked, False
+        if st.winner is not None:
+            return st.winner, True
+        nxt = st.next()
+    return (Trial(nxt, st), False) if nxt is not None else (picked, False)
+
+
+class Trial(Kernel):
+    """``kernel`` run and timed for the tuner (same name, same result)."""
+
+    def __init__(self, kernel: Kernel, state: _State):
+        self.kernel, self.state, self.name = kernel, state, kernel.name
+
+    def why_not(self, q, k, v, plan, mask=None):
+        return self.kernel.why_not(q, k, v, plan, mask)
+
+    def run(self, q, k, v, plan, *, mask=None, scale=None):
+        sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        out = self.kernel.run(q, k, v, plan, mask=mask, scale=scale)
+        sync()
+        self.state.record(self.kernel, time.perf_counter() - t)
+        return out
+
+    def release(self) -> int:
+        return self.kernel.release()
