@@ -116,3 +116,31 @@ def test_left_padded_causal_rows_are_planned_alone():
         assert not keep[b, :, pad:, :pad].any()  # real queries never see padding
         causal = torch.ones(40 - pad, 40 - pad, dtype=torch.bool).tril()
         assert not torch.equal(ref[0], causal)  # sparse: some causal pairs dropped
+
+
+def test_causal_block_structures_are_shared_per_kept_pattern_and_stay_exact():
+    """A causal prefill's BlockSparse is reused for a repeated kept pattern (so the kernels' derived runs are),
+    never for a different one: each call's tiles output equals SDPA with that call's own mask."""
+    m = ap.TopKBlocks(keep=0.6, block=32, local=0)  # the first, own and previous blocks forced, plus the best free
+    site = Site(causal=True)
+    g = torch.Generator().manual_seed(3)
+    calls = []
+    for i in range(3):  # call i: every query likes key block 2 + 2i, so the free block it keeps differs
+        q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+        d = torch.randn(16, generator=g)
+        q += d
+        k[:, :, 32 * (2 + 2 * i):32 * (3 + 2 * i)] += 2 * d
+        calls.append((q, k, v))
+    calls.append(calls[0])  # the first call again: same pattern
+    plans = []
+    for q, k, v in calls:
+        plan = m.plan(q, k, site)
+        keep = materialise_mask(plan.with_site(True, 0), 1, 2, 256, 256, "cpu")
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep)
+        got = ap.core.run(q, k, v, m, site, backend="tiles")
+        torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
+        plans.append((plan.blocks, keep))
+    assert plans[3][0] is plans[0][0]
+    for (b1, k1), (b2, k2) in zip(plans, plans[1:3]):
+        assert (b1 is b2) == torch.equal(k1, k2)
+    assert not all(torch.equal(plans[0][1], p[1]) for p in plans[1:3])  # the inputs did give other patterns

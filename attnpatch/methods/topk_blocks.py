@@ -65,6 +65,7 @@ class TopKBlocks(Sparse):
         super().__post_init__()  # after the parameters: a profile's values are checked against them
         self._layouts = _Layouts(self)
         self._causal_layouts: dict = {}  # (Sq, Skv, q_offset, device) -> index tensors of a causal call
+        self._causal_blocks: dict = {}  # (Sq, Skv, q_offset, kept pattern) -> its BlockSparse (with the kernels' cache)
 
     def _check_options(self) -> None:
         t = "TopKBlocks"
@@ -224,7 +225,14 @@ class TopKBlocks(Sparse):
         if lay["block_rows"] and site.kv_shift is None:
             state = keep.cpu().to(torch.uint8) * 2
             state.diagonal().fill_(1)  # the causal diagonal block is partial
-            blocks = from_states(state, lay["bounds_cpu"], None, causal=True)
+            # the mask is keep's blocks & causal: one BlockSparse per kept pattern, whose cache then keeps what the
+            # kernels derive from it (refined runs, diagonal checks, biases: ~a third of a 1K call) across calls
+            memo, pattern = self._causal_blocks, (Sq, Skv, off, state.numpy().tobytes())
+            blocks = memo.get(pattern)
+            if blocks is None:
+                if len(memo) >= 32:
+                    memo.pop(next(iter(memo)))
+                blocks = memo[pattern] = from_states(state, lay["bounds_cpu"], None, causal=True)
         return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
 
     def plan(self, q, k, site: Site) -> Plan | None:
