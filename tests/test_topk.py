@@ -144,3 +144,27 @@ def test_causal_block_structures_are_shared_per_kept_pattern_and_stay_exact():
     for (b1, k1), (b2, k2) in zip(plans, plans[1:3]):
         assert (b1 is b2) == torch.equal(k1, k2)
     assert not all(torch.equal(plans[0][1], p[1]) for p in plans[1:3])  # the inputs did give other patterns
+
+
+def test_grid_block_structures_are_shared_per_kept_pattern_and_stay_exact():
+    m = ap.TopKBlocks(keep=0.25, block=(2, 2))
+    site = Site(grid=(8, 8), step=10, steps=20, timestep=0.5)
+    g = torch.Generator().manual_seed(4)
+    calls, plans = [], []
+    for i in range(3):  # call i: every query likes the tile at row 2 i: the kept tiles differ
+        q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+        d = torch.randn(16, generator=g)
+        q += d
+        k.view(1, 2, 8, 8, 16)[:, :, 2 * i:2 * i + 2, 4:6] += 3 * d
+        calls.append((q, k, v))
+    calls.append(calls[0])
+    for q, k, v in calls:
+        plan = m.plan(q, k, site)
+        keep = materialise_mask(plan.with_site(False, 0), 1, 2, 64, 64, "cpu")
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep)
+        torch.testing.assert_close(ap.core.run(q, k, v, m, site, backend="tiles"), want.float(), atol=2e-5, rtol=1e-4)
+        plans.append((plan.blocks, keep))
+    assert plans[3][0] is plans[0][0]
+    for (b1, k1), (b2, k2) in zip(plans, plans[1:3]):
+        assert (b1 is b2) == torch.equal(k1, k2)
+    assert not all(torch.equal(plans[0][1], p[1]) for p in plans[1:3])

@@ -248,7 +248,12 @@ class TopKBlocks(Sparse):
         keep_cpu = keep.cpu()
         if bool(keep_cpu.all()):
             return None  # the estimate kept every tile (mass): plain SDPA, no mask tensor
-        blocks = _grid.assemble(site, q.shape[2], lay["perm"], lay["sizes"], keep_cpu.to(torch.uint8) * 2)
+        memo, pattern = lay.setdefault("blocks_by_pattern", {}), keep_cpu.numpy().tobytes()  # as _causal_plan's
+        blocks = memo.get(pattern)
+        if blocks is None:
+            if len(memo) >= 32:
+                memo.pop(next(iter(memo)))
+            blocks = memo[pattern] = _grid.assemble(site, q.shape[2], lay["perm"], lay["sizes"], keep_cpu.to(torch.uint8) * 2)
         v0, n, tile_of = site.visual_start, site.visual_len, lay["tile_of"]
 
         def mask_mod(b, h, q_idx, kv_idx):
