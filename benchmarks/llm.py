@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.methods.observe import Observed  # noqa: E402
-from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402  (KV cache size of a cache)
+from attnpatch.patchers.transformers import _cache_bytes, cache_of  # noqa: E402  (KV cache size; the cache under either name)
 from attnpatch.tools.timing import _sync  # noqa: E402
 from common import bench_dtype, machine, out_stem, pick_device, table, timeit, write  # noqa: E402
 from llm_tasks import calibration, doc_text, passkey, perplexity, temperature_generate  # noqa: E402,F401
@@ -153,7 +153,7 @@ def decode(prompt: int, new: int, layers: int, device="cpu") -> list[dict]:
             out = gen(new)
             _sync()
             dt = time.perf_counter() - t - t1  # the new - 1 decode steps
-            cache = out.past_key_values
+            cache = cache_of(out)
         finally:
             if ctx:
                 ctx.__exit__(None, None, None)

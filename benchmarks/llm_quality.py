@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
-from attnpatch.patchers.transformers import _cache_bytes  # noqa: E402
+from attnpatch.patchers.transformers import _cache_bytes, cache_name, cache_of  # noqa: E402
 from attnpatch.tools import ruler  # noqa: E402
 from common import machine, out_stem, table, write  # noqa: E402
 
@@ -114,11 +114,11 @@ def runner(model, tok):
     def run(name, ids, new):
         with ctx(name, ids.shape[1]):
             t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
-                                 pad_token_id=tok.eos_token_id)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                 return_dict_in_generate=True, pad_token_id=tok.eos_token_id)  # no padding: all ones
             dt = time.perf_counter() - t0
         texts = tok.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
-        return texts, _cache_bytes(out.past_key_values) / 2**20 / ids.shape[0], dt, out.sequences.shape[1] - ids.shape[1]
+        return texts, _cache_bytes(cache_of(out)) / 2**20 / ids.shape[0], dt, out.sequences.shape[1] - ids.shape[1]
 
     run.ctx = ctx
     return run, list(aps) + list(presses)
@@ -195,9 +195,9 @@ def _timed(model, ctx, ids, new):
         out = model(ids, use_cache=True)
         t1 = time.perf_counter()
         for _ in range(new):
-            out = model(out.logits[:, -1:].argmax(-1), cache=out.past_key_values, use_cache=True)
+            out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **{cache_name(model): cache_of(out)})
         t2 = time.perf_counter()
-    return t1 - t0, new / (t2 - t1), _cache_bytes(out.past_key_values) / 2**20
+    return t1 - t0, new / (t2 - t1), _cache_bytes(cache_of(out)) / 2**20
 
 
 def speed(model, run, tok, names, L, new, reps):
