@@ -79,3 +79,39 @@ def test_search_meets_the_budget_and_the_profile_decodes_like_it_prefills(llm, t
         out = model(x[:, :-1], use_cache=True)
         step = model(x[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def _bench():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import profile_search_llm
+
+    return profile_search_llm
+
+
+def test_benchmark_density_is_the_measured_density(llm):
+    """benchmarks/profile_search_llm.py sets the budget and equal-density windows from a closed form:
+    it equals the search's measured density (kept / causally visible pairs) for every window."""
+    model, ids = llm
+    values = [1, 3, 8, 47, 100]
+    m = measure(model, lambda mod: mod(ids), ap.SinkWindow(sink=4), "window", values)
+    want = torch.tensor([_bench().density(48, 4, w) for w in values], dtype=torch.float64)
+    torch.testing.assert_close(m["density"].mean((1, 2)), want)
+    per_head = torch.tensor([[3, 47, 8, 1]])
+    torch.testing.assert_close(_bench().density(48, 4, per_head), want[[1, 3, 2, 0]].mean().item())
+
+
+def test_output_error_probe_leaves_the_forward_dense(llm):
+    """The output-error criterion watches dense attention: logits unchanged, the widest window (all keys
+    at this length) has zero error and the narrowest some."""
+    model, ids = llm
+    probe = _bench()._ErrorProbe([2, 64])
+    with torch.no_grad():
+        want = model(ids).logits
+        with ap.patch(model, probe):
+            got = model(ids).logits
+    torch.testing.assert_close(got, want)
+    err = torch.stack([probe.err[layer] / probe.norm[layer] for layer in sorted(probe.err)], 1)  # (values, layers, heads)
+    assert err.shape == (2, 2, 4) and (err[1] < 1e-12).all() and (err[0] > 1e-4).all()
