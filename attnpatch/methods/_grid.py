@@ -200,3 +200,13 @@ class PlanCache(Memo):
     def get(self, site: Site, Sq: int, device):
         key = (site.grid, site.text_len, site.text_first, site.causal, site.q_offset, Sq, str(device))
         return super().get(key, lambda: self.build(site, Sq, device))
+
+
+def shared_blocks(memo: dict, pattern, make):
+    """The BlockSparse of a data-dependent plan's kept pattern (``pattern``: hashable), built once per memo:
+    its cache then keeps what the kernels derive from it (refined runs, biases) across calls and layers."""
+    if pattern not in memo:
+        if len(memo) >= 32:
+            memo.pop(next(iter(memo)))
+        memo[pattern] = make()
+    return memo[pattern]

@@ -227,12 +227,8 @@ class TopKBlocks(Sparse):
             state.diagonal().fill_(1)  # the causal diagonal block is partial
             # the mask is keep's blocks & causal: one BlockSparse per kept pattern, whose cache then keeps what the
             # kernels derive from it (refined runs, diagonal checks, biases: ~a third of a 1K call) across calls
-            memo, pattern = self._causal_blocks, (Sq, Skv, off, state.numpy().tobytes())
-            blocks = memo.get(pattern)
-            if blocks is None:
-                if len(memo) >= 32:
-                    memo.pop(next(iter(memo)))
-                blocks = memo[pattern] = from_states(state, lay["bounds_cpu"], None, causal=True)
+            blocks = _grid.shared_blocks(self._causal_blocks, (Sq, Skv, off, state.numpy().tobytes()),
+                             lambda: from_states(state, lay["bounds_cpu"], None, causal=True))
         return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
 
     def plan(self, q, k, site: Site) -> Plan | None:
@@ -248,12 +244,8 @@ class TopKBlocks(Sparse):
         keep_cpu = keep.cpu()
         if bool(keep_cpu.all()):
             return None  # the estimate kept every tile (mass): plain SDPA, no mask tensor
-        memo, pattern = lay.setdefault("blocks_by_pattern", {}), keep_cpu.numpy().tobytes()  # as _causal_plan's
-        blocks = memo.get(pattern)
-        if blocks is None:
-            if len(memo) >= 32:
-                memo.pop(next(iter(memo)))
-            blocks = memo[pattern] = _grid.assemble(site, q.shape[2], lay["perm"], lay["sizes"], keep_cpu.to(torch.uint8) * 2)
+        blocks = _grid.shared_blocks(lay.setdefault("blocks_by_pattern", {}), keep_cpu.numpy().tobytes(),  # as _causal_plan's
+                         lambda: _grid.assemble(site, q.shape[2], lay["perm"], lay["sizes"], keep_cpu.to(torch.uint8) * 2))
         v0, n, tile_of = site.visual_start, site.visual_len, lay["tile_of"]
 
         def mask_mod(b, h, q_idx, kv_idx):
