@@ -4,15 +4,17 @@ than another exact one (measured on the 2-core CPU: Power at 256 tokens on ``lin
 masked SDPA ran 1.03x; a Wan 4x8x8 Neighborhood on ``tiles`` 1.15x vs SDPA 1.04x). A static plan runs the
 same shapes on every layer and step, so its first calls can measure instead.
 
-From the ``MIN_SEEN``-th call of a signature (shapes, dtype, threads, plan structure: what the ranking is
-cached by) the next calls run, in turn, each candidate: the cost model's pick and every capable kernel it
-estimates within ``SPAN`` of the best estimate. Each candidate's first run is a warm-up (layouts, masks,
-buffers are built then), the next ``TRIALS`` are timed; the fastest minimum wins and is kept for the
-signature. Every candidate is exact, so a trial costs time, never accuracy; the calls that run trials
-return their own kernel's output. A signature seen once (decode steps, whose key length grows every call)
-is never tuned. Kernels without an estimate are not tried (flex and triton compile, the reference is an
-oracle), except ``UNMODELLED`` ones (gather, whose estimate is withheld above head dim 32). ``ATTNPATCH_TUNE=0`` (or ``enabled(False)``) keeps the cost model's order alone (the test suite
-does, so kernel choices in tests are deterministic)."""
+From the ``MIN_SEEN``-th call of a plan at one call shape (shapes, dtype, device, threads, mask) the next
+calls run, in turn, each candidate: the cost model's pick and every capable kernel it estimates within
+``SPAN`` of the best estimate. Each candidate's first run is a warm-up (layouts, masks, buffers are built
+then), the next ``TRIALS`` are timed; the fastest minimum wins and stays with the plan for that shape (the
+trials live on the plan object: a static plan is one object per method, shape and geometry). Every
+candidate is exact, so a trial costs time, never accuracy; the calls that run trials return their own
+kernel's output. A shape seen once (decode steps, whose key length grows every call) is never tried.
+Kernels without an estimate are not tried (flex and triton compile, the reference is an oracle), except
+``UNMODELLED`` ones (gather, whose estimate is withheld above head dim 32); devices without cost constants
+(CUDA today) keep the model's preference order. ``ATTNPATCH_TUNE=0`` (or ``enabled(False)``) keeps the
+cost model's choice alone (the test suite does, so kernel choices in tests are deterministic)."""
 from __future__ import annotations
 
 import math
@@ -41,8 +43,10 @@ def enabled(on: bool | None = None) -> bool:
     """Whether measured choice is on; ``enabled(False)`` / ``enabled(True)`` switches it (and forgets
     what was measured)."""
     if on is not None:
+        from . import invalidate  # kernels/__init__ imports this module: at call time
+
         _ENABLED[0] = bool(on)
-        reset()
+        invalidate()  # choices remembered on plans go too (and reset() with them)
     return _ENABLED[0]
 
 
