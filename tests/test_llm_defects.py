@@ -195,3 +195,37 @@ def test_image_video_methods_refused_at_patch_time(model, method):
         ap.patch(model, method)
     assert model.config._attn_implementation == impl
     assert not any(hasattr(m, "_attnpatch") for m in model.modules())
+
+
+# --- StreamingHeads(evict=True): the all-streaming layers' caches are trimmed, logits unchanged ----------
+
+
+@pytest.mark.parametrize("full_layer", [0, 1])
+def test_streaming_heads_eviction_trims_streaming_layers_only_and_is_exact(model, full_layer):
+    """The layer with retrieval heads keeps every key, the other holds sink + window - 1; greedy tokens and
+    logits equal the un-evicted run, for generate and for chunked prefill on a cache (whichever layer holds
+    the retrieval heads: transformers sizes the shared mask from layer 0's cache)."""
+    heads = [(full_layer, 0), (full_layer, 1)]  # one KV group of the 2-layer tiny Llama kept full
+    plain, evict = ap.StreamingHeads(heads, sink=2, window=6), ap.StreamingHeads(heads, sink=2, window=6, evict=True)
+    ids = _ids(30, 13)
+    seq, logits = _greedy(model, ids, plain, 20)
+    seq_e, logits_e = _greedy(model, ids, evict, 20)
+    torch.testing.assert_close(logits_e, logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(seq_e, seq)
+    runs = []
+    for method in (plain, evict):
+        with torch.no_grad(), ap.patch(model, method):
+            first = model(ids[:, :18], use_cache=True)
+            cache = first.cache
+            model(ids[:, 18:21], cache=cache, use_cache=True)  # adopts the cache (trimmed after this call)
+            chunk = model(ids[:, 21:26], cache=cache, use_cache=True).logits  # 5 queries on a trimmed cache
+            steps = [model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(26, 30)]
+        runs.append((chunk, torch.cat(steps, 1), [layer.keys.shape[2] for layer in cache.layers]))
+    (c0, s0, held0), (c1, s1, held1) = runs
+    torch.testing.assert_close(c1, c0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
+    assert held0 == [30, 30]
+    assert held1[full_layer] == 30 and held1[1 - full_layer] == 2 + 6 - 1
+    stock = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+    assert (torch.stack(stock.logits, 1) - logits).abs().max() > 1e-2  # the streaming heads' window does matter

@@ -9,8 +9,9 @@ of copy steps where a head's top key is the needle token being copied), saved as
 Heads are named in the model's numbering as query heads ``(layer, head)``. Under GQA a KV head whose
 group holds any retrieval head must keep its whole cache, so KV memory is counted per KV head
 (``kv_tokens``); ``retrieval_heads.top_heads(..., by_kv=True)`` picks whole groups so nothing is
-kept for a single head. This method changes what heads *compute*; the cache itself stays whole (a
-per-head cache is not built yet): ``kv_tokens`` is what such a cache would hold.
+kept for a single head. ``evict=True`` trims the KV cache of every layer whose heads all stream (SinkWindow's
+eviction, logits unchanged); a layer with a retrieval head keeps its whole cache (one tensor per layer: a
+per-head cache is not built), so ``kv_tokens`` (what a per-head cache would hold) stays below what is held.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 
 from ..checks import read_safetensors
 from ..site import Site
-from .base import Method, ParameterTypeError, check_int, fail
-from .sink_window import SinkWindow
+from .base import Method, ParameterTypeError, check_bool, check_int, fail
+from .sink_window import SinkEviction, SinkWindow
 
 KIND = "retrieval-heads"
 HOW = ("write one with attnpatch.tools.retrieval_heads (python -m attnpatch.tools.retrieval_heads --out heads.safetensors) "
@@ -72,11 +73,15 @@ class StreamingHeads(Method):
     sink: int = 4
     window: int = 2048
     block: int = 256
+    # transformers: the cache of every layer without retrieval heads keeps its first sink and last window - 1 keys
+    # (SinkEviction); layers with any retrieval head keep theirs whole; the logits equal evict=False
+    evict: bool = False
 
     def __post_init__(self):
         check_int("StreamingHeads", "sink", self.sink, 0)
         check_int("StreamingHeads", "window", self.window, 1)
         check_int("StreamingHeads", "block", self.block, 16)
+        self.evict = check_bool("StreamingHeads", "evict", self.evict)
         if isinstance(self.heads, (str,)) or hasattr(self.heads, "__fspath__"):
             pairs = load_heads(self.heads)
         else:
@@ -124,6 +129,11 @@ class StreamingHeads(Method):
         d, r = (torch.tensor(x, dtype=torch.long, device=q.device) for x in (dense, rest))
         return [(d, None), (r, self._stream.plan(q[:, r], k[:, r // rep], site))]
 
+    def kv_policy(self) -> SinkEviction | None:
+        """``evict=True``: SinkWindow's eviction on the layers whose heads all stream (a layer's cache is one
+        tensor for all its KV heads, so a layer with a retrieval head keeps every key of every head)."""
+        return SinkEviction(self.sink, self.window, frozenset(self._full)) if self.evict else None
+
     def kv_tokens(self, layers: int, q_heads: int, kv_heads: int, context: int) -> int:
         """Cached tokens summed over (layer, KV head) that a per-head cache would hold after
         ``context`` tokens: a KV head serving any retrieval head keeps all, the others
@@ -134,7 +144,7 @@ class StreamingHeads(Method):
 
     def __repr__(self) -> str:
         n = sum(len(v) for v in self._full.values())
-        return f"StreamingHeads({n} retrieval heads, sink={self.sink}, window={self.window})"
+        return f"StreamingHeads({n} retrieval heads, sink={self.sink}, window={self.window}{', evict' if self.evict else ''})"
 
 
 if __name__ == "__main__":

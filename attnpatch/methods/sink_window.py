@@ -40,11 +40,15 @@ class SinkEviction:
 
     evicts = True  # the cache layer holds slots, not positions (see kv_cache.KVCache.note)
 
-    def __init__(self, sink: int, window: int):
-        self.sink, self.window = sink, window
+    def __init__(self, sink: int, window: int, skip: frozenset = frozenset()):
+        self.sink, self.window, self.skip = sink, window, frozenset(skip)  # skip: layers whose cache stays whole
         self.keep = sink + window - 1  # keys a layer holds between forwards
         self._lock = threading.Lock()
         self._layers: dict = {}  # layer -> (tokens seen, tokens held, bytes per token) of its latest update
+
+    def applies(self, layer: int) -> bool:
+        """Whether this policy trims ``layer``'s cache (StreamingHeads: not the layers with retrieval heads)."""
+        return layer not in self.skip
 
     def retain(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What a layer keeps of its (B, H_kv, S, D) keys / values once this forward has used them."""
@@ -71,12 +75,13 @@ class SinkEviction:
                 "before": sum(seen * b for seen, _, b in rows), "after": sum(held * b for _, held, b in rows)}
 
     def __deepcopy__(self, memo):  # a deep copy of a patched model counts its own cache from zero
-        new = SinkEviction(self.sink, self.window)
+        new = SinkEviction(self.sink, self.window, self.skip)
         memo[id(self)] = new
         return new
 
     def __repr__(self) -> str:
-        return f"SinkEviction(sink={self.sink}, window={self.window})"
+        skip = f", skip={sorted(self.skip)}" if self.skip else ""
+        return f"SinkEviction(sink={self.sink}, window={self.window}{skip})"
 
 
 @dataclass

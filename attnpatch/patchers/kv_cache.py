@@ -131,7 +131,9 @@ class KVCache:
     or the caller made it; one the model makes itself gets it from its next forward)."""
 
     def __init__(self, policy, layers, owner: str = ""):
-        self.policy, self.layers, self.local = policy, set(layers), threading.local()
+        applies = getattr(policy, "applies", None)  # a policy may leave some layers whole (StreamingHeads)
+        self.policy, self.local = policy, threading.local()
+        self.layers = {i for i in layers if applies is None or applies(i)}
         self.owner = owner or repr(policy)  # the method, for error messages
 
     def __deepcopy__(self, memo):  # a deep copy of the model applies a fresh policy of its own

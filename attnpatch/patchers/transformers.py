@@ -108,6 +108,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         raise NotImplementedError("attnpatch does not support learned attention sinks or position biases yet")
     layer = getattr(module, "_attnpatch", None)
     site = _site(module, key, query.shape[2], attention_mask, kwargs, layer, query.shape[1])
+    if attention_mask is not None and layer is not None and layer.kv is not None and layer.kv.policy.evicts \
+            and attention_mask.shape[-1] != key.shape[2]:
+        # transformers sizes one mask for all full-attention layers from the first one's cache; under a policy that
+        # trims some layers only (StreamingHeads) the others hold more keys. The policy refuses padded batches, so
+        # the mask says causality only, which the site already does (q_offset): drop it
+        attention_mask = None
     method, backend = (layer.method, layer.backend) if layer else (_DENSE, None)
     if layer is not None and layer.counters is not None:
         layer.counters.route()
