@@ -45,7 +45,7 @@ class Power(Method):
         # step, so kernels' caches keyed on its mask_mod (sdpa's materialised mask) or its Lines' layout hit
         B, H, S = q.shape[:3]
         prefill = S == k.shape[2] and site.q_offset == 0  # a causal block structure lets tiles skip the future
-        key = (self.local, self.sink, site.q_offset, S, k.shape[2], B, H, str(q.device))
+        key = (self.local, self.sink, site.q_offset, S, k.shape[2], B, H, q.device)
         return self._plans.get(key, lambda: self._plan(site, S if prefill else None, self._lines(q, k, site)))
 
     def _lines(self, q, k, site: Site) -> Lines | None:

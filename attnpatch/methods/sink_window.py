@@ -147,7 +147,7 @@ class SinkWindow(Sparse):
             return self._plan(q, k, site)
         # without kv_shift the plan depends only on these: one Plan object per key (for every layer and
         # step), so kernels' caches keyed on its mask_mod (sdpa's materialised mask) hit on every call
-        key = (self.sink, self.window, self.block, q.shape[2], k.shape[2], site.q_offset, str(q.device))
+        key = (self.sink, self.window, self.block, q.shape[2], k.shape[2], site.q_offset, q.device)
         return self._plans.get(key, lambda: self._plan(q, k, site))
 
     def _decode(self, p: int, Skv: int) -> Plan | None:

@@ -57,7 +57,7 @@ class EntropyScale(Method):
             return None  # within the training length every factor is 1
         # the factors depend only on this key: one Plan per key, for every layer and step
         shift = None if site.kv_shift is None else tuple(site.kv_shift.tolist())
-        key = (self.train_len, q.shape[2], k.shape[2], site.q_offset, site.causal, str(q.device), shift)
+        key = (self.train_len, q.shape[2], k.shape[2], site.q_offset, site.causal, q.device, shift)
         return self._plans.get(key, lambda: self._plan(q, k, site, shift))
 
     def _plan(self, q, k, site: Site, shift=None) -> Plan:

@@ -167,7 +167,7 @@ class TopKBlocks(Sparse):
         block bounds and block of every key, query groups (rows sharing the block of their own
         position), the causal and forced block pairs, and ``dense`` when the selection cannot
         drop any allowed block (every allowed block forced, or ``keep`` takes them all)."""
-        key = (Sq, Skv, off, str(device))
+        key = (Sq, Skv, off, device)
         lay = self._causal_layouts.get(key)
         if lay is not None:
             return lay
@@ -268,7 +268,7 @@ class _Layouts(_grid.Memo):
 
     def get(self, site: Site, S: int, device) -> dict:
         tile = self.method._tile(site)
-        key = (tile, site.grid, site.text_len, site.text_first, S, str(device))
+        key = (tile, site.grid, site.text_len, site.text_first, S, device)
         return super().get(key, lambda: self.method._layout(site, S, device, tile))
 
 
