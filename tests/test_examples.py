@@ -22,7 +22,7 @@ def test_demo_runs_and_checks_every_family():
 
 def test_methods_lists_parameters():
     r = cli_main("methods")  # in process (test_cli.py runs the console entry point as a subprocess)
-    assert r.returncode == 0 and "SinkWindow(sink=4, window=2048, block=256, evict=False)" in r.stdout
+    assert r.returncode == 0 and "SinkWindow(dense_steps=0, dense_layers=(), sink=4, window=2048, block=256, evict=False)" in r.stdout
 
 
 def test_bad_subcommand_exits_2():

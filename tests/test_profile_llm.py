@@ -115,3 +115,13 @@ def test_output_error_probe_leaves_the_forward_dense(llm):
     torch.testing.assert_close(got, want)
     err = torch.stack([probe.err[layer] / probe.norm[layer] for layer in sorted(probe.err)], 1)  # (values, layers, heads)
     assert err.shape == (2, 2, 4) and (err[1] < 1e-12).all() and (err[0] > 1e-4).all()
+
+
+def test_a_window_covering_every_query_plans_plain_causal_attention():
+    """A head whose window reaches every key its queries may see (a profile's widest windows at a short
+    context) plans None: exact, and no masked kernel; one token short of that it keeps its mask."""
+    q, k = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 40, 16)
+    site = Site(causal=True, q_offset=32)
+    assert ap.SinkWindow(window=40).plan(q, k, site) is None
+    assert ap.SinkWindow(window=39).plan(q, k, site) is not None
+    assert ap.SinkWindow(window=64).plan(torch.zeros(1, 2, 64, 16), torch.zeros(1, 2, 64, 16), Site(causal=True)) is None
