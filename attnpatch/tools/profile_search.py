@@ -54,7 +54,7 @@ def measure(model_or_pipe, run, method: Sparse, param: str, values: list, *, row
     ``run(model_or_pipe)``. Candidates run their pattern on every step and layer (no dense schedule)."""
     if not isinstance(method, Sparse):
         raise TypeError(f"profile search needs a sparse method with profile= support (Neighborhood, SlidingTile, Radial, "
-                        f"TopKBlocks, ...), got {type(method).__name__}")
+                        f"TopKBlocks, SinkWindow, ...), got {type(method).__name__}")
     cands = [dataclasses.replace(method, profile=None, dense_steps=0, dense_layers=(), **{param: v}) for v in values]
     watch = _Candidates(cands, rows, chunk_bytes)
     with api.patch(model_or_pipe, Observed(Dense(), watch)):
