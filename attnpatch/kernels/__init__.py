@@ -164,9 +164,8 @@ _EPOCH = [0]  # bumped when PREFERENCE or the cost constants may have changed (i
 
 def invalidate() -> None:
     """Forget every cached kernel choice (after editing ``PREFERENCE`` or the cost constants) and every
-    measured one (kernels/tune.py)."""
+    measured one (kernels/tune.py: its trials are keyed by the same epoch)."""
     _EPOCH[0] += 1
-    tune.reset()
     with _RANKED_LOCK:
         _RANKED.clear()
 

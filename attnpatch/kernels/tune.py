@@ -34,7 +34,6 @@ UNMODELLED = ("gather",)
 TRIALS = 2  # timed runs per candidate, after its warm-up run
 MIN_SEEN = 2  # calls of a signature before trials start
 _ENABLED = [os.environ.get("ATTNPATCH_TUNE", "1") != "0"]
-_EPOCH = [0]  # reset() bumps it: trials recorded before are ignored
 _LOCK = threading.Lock()
 UNSETTLED = [0]  # calls that ran a kernel not yet final (benchmarks warm up until a call adds none)
 
@@ -46,13 +45,8 @@ def enabled(on: bool | None = None) -> bool:
         from . import invalidate  # kernels/__init__ imports this module: at call time
 
         _ENABLED[0] = bool(on)
-        invalidate()  # choices remembered on plans go too (and reset() with them)
+        invalidate()  # its epoch is in every call key: choices and trials remembered on plans go too
     return _ENABLED[0]
-
-
-def reset() -> None:
-    """Forget every measurement (plans compare the epoch in their key)."""
-    _EPOCH[0] += 1
 
 
 def applies(plan) -> bool:
@@ -92,8 +86,8 @@ def _candidates(picked: Kernel, capable: list, q, k, v, plan, mask) -> list:
 def choose(key, picked: Kernel, capable, q, k, v, plan, mask) -> tuple[Kernel, bool]:
     """(the kernel to run this call, whether the choice is final). The trials live on the plan (a static
     plan is one object per method, shape and geometry) under ``key`` (the call shape); ``capable`` gives
-    the capable kernels in ranked order (called once per plan and shape)."""
-    key = (key, _EPOCH[0])
+    the capable kernels in ranked order (called once per plan and shape). ``key`` holds the registry's epoch,
+    so ``kernels.invalidate()`` starts the trials anew."""
     got = _choose(key, picked, capable, q, k, v, plan, mask)
     if not got[1]:
         UNSETTLED[0] += 1
