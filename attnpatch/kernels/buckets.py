@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..ops.bias import additive
 from ..ops.lse import dense_lse, sdpa_lse, sdpa_lse_math
 from ..plan import Piece, Plan
 from .base import Kernel
@@ -85,7 +86,7 @@ def _exact(q, k, v, causal: bool, scale):
         bias = None
         if causal:
             keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+            bias = additive(keep, q.dtype)
         return sdpa_lse_math(q, k, v, bias, scale)
     return got
 

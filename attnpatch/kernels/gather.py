@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.bias import additive
 from ..plan import Plan, materialise_mask
 from .base import Kernel
 
@@ -83,7 +84,7 @@ def _group(blocks, used, which, Skv: int, device) -> dict:
     pad = cols == Skv
     cols = torch.where(pad, cols[:, :1], cols)  # padding points at a kept key, masked below
     kept = blocks.gather(2, cols[:, None, :].expand(n, rows, K)) & ~pad[:, None, :]
-    bias = torch.zeros(kept.shape, dtype=torch.float32, device=device).masked_fill_(~kept, float("-inf"))
+    bias = additive(kept, torch.float32)
     return dict(blocks=which, cols=cols, bias=bias[None], K=K)
 
 

@@ -27,6 +27,7 @@ import threading
 
 import torch
 
+from ..ops.bias import additive
 from ..ops.lse import sdpa_lse
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, core_step_why_not, needs_grad
@@ -135,7 +136,7 @@ def _vertical_part(q, kr, vr, lay, off: int, T: int, scale, dst: tuple) -> None:
     B, H, nc = cols.shape
     Sq, Skv = q.shape[2], kr.shape[2]
     j = cols.clamp(min=0)
-    fb = torch.zeros(free.shape, dtype=q.dtype, device=q.device).masked_fill_(~free, NEG).permute(1, 2, 0, 3)
+    fb = additive(free, q.dtype).permute(1, 2, 0, 3)
     first = torch.arange(free.shape[0], device=q.device).mul_(T).add_(off).view(-1, 1, 1, 1)  # blocks' first positions
     by_row = bool((free & (j > first)).any())  # a column past a block's first row (no offset 0 there): causal by row
     r = H // kr.shape[1]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import BlockSparse
+from ..ops.bias import additive
 from ..plan import Plan
 
 
@@ -153,7 +154,7 @@ def _gathered_bias(plan, bs, g: Group, dtype, device) -> torch.Tensor:
     key = ("gathered_bias", g.q0, g.L, tuple((r[0], r[2]) for r in g.runs), dtype, str(device))
     if key not in bs.cache:
         keep = _gathered_mask(plan, bs, g, device)
-        bs.cache[key] = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
+        bs.cache[key] = additive(keep, dtype)
     return bs.cache[key]
 
 
@@ -190,5 +191,5 @@ def _tril_bias(bs: BlockSparse, L: int, dtype, device) -> torch.Tensor:
     key = ("tril_bias", L, dtype, str(device))
     if key not in bs.cache:
         keep = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        bs.cache[key] = torch.zeros(L, L, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
+        bs.cache[key] = additive(keep, dtype)
     return bs.cache[key]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..blocks import BlockSparse
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, block_sparse_why_not, needs_grad
+from ..ops.bias import additive
 from ..ops.lse import merge, sdpa_lse, sdpa_lse_math
 from .tile_runs import CAUSAL, Group, _gathered_bias, _keep, _tril_bias, groups  # noqa: F401 (groups: tests, cost)
 
@@ -38,7 +39,7 @@ def _partial_bias(plan: Plan, bs: BlockSparse, qs, qe, ks, ke, dtype, device):
     key = ("bias", qs, qe, ks, ke, dtype, str(device))
     if key not in bs.cache:
         keep = _keep(plan, bs, qs, qe, ks, ke, device)
-        bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
+        bias = additive(keep, dtype)
         bs.cache[key] = (bias, keep.any(-1))
     return bs.cache[key]
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .._log import debug_once
+from .bias import additive
 
 
 def sdpa_lse(q, k, v, bias=None, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,7 @@ def dense_lse(q, k, v, *, mask=None, scale=None, causal=False, q_offset=0):
                         else mask.masked_fill(~keep, float("-inf"))), False
     bias = mask
     if mask is not None and mask.dtype == torch.bool:  # the fused kernels take additive masks only
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        bias = additive(mask, q.dtype)
     elif mask is not None:
         bias = mask.to(q.dtype)
     if q.device.type == "cpu" and q.dtype in _CPU_FLASH and v.shape[-1] == q.shape[-1]:
