@@ -33,7 +33,7 @@ import attnpatch as ap  # noqa: E402
 from attnpatch.methods.observe import Observed  # noqa: E402
 from attnpatch.patchers.transformers import _cache_bytes, cache_of  # noqa: E402  (KV cache size; the cache under either name)
 from attnpatch.tools.timing import _sync  # noqa: E402
-from common import bench_dtype, machine, out_stem, pick_device, table, timeit, write  # noqa: E402
+from common import RESULTS, bench_dtype, machine, out_stem, pick_device, table, timeit, write  # noqa: E402
 from llm_tasks import calibration, doc_text, passkey, perplexity, temperature_generate  # noqa: E402,F401
 
 
@@ -213,6 +213,16 @@ def render(d: dict) -> str:
             ("calibration_loss", "loss on the calibration prompts")]))
     if d.get("notes"):
         parts.append("Run notes: " + d["notes"])
+    quality = RESULTS / "llm_quality.json"
+    if quality.is_file():  # the RULER-style and kvpress tables, measured by benchmarks/llm_quality.py
+        import llm_quality
+
+        q = json.loads(quality.read_text())
+        m = q["machine"]
+        parts.append("## Long-context quality: RULER-style suite and kvpress\n\n"
+                     f"From `benchmarks/results/llm_quality.json` (`python benchmarks/llm_quality.py`; measured on {m['cpu']}, "
+                     f"{m['cores']} cores, {m['torch_threads']} torch threads; its page `llm_quality.md` has the same tables). "
+                     + llm_quality.INTRO + "\n\n" + llm_quality.render(q).replace("\n## ", "\n### ").replace("## ", "### ", 1))
     return "\n\n".join(parts)
 
 
@@ -225,6 +235,8 @@ def main(argv=None):
                    help="prefill speed: SmolLM2's own first layers on real text, or random weights on random tokens")
     p.add_argument("--lengths", default=None, help="prefill lengths (default 8192,16384,32768; --quick 1024,2048)")
     p.add_argument("--ppl-lengths", default="2048,4096,8192", help="perplexity lengths ('' to skip); rows of other lengths are kept")
+    p.add_argument("--ppl-methods", default=None, help="perplexity of these methods only (';'-separated names of "
+                   "llm_tasks.QUALITY_METHODS); the other methods' rows are kept")
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8192", help="passkey lengths ('' to skip)")
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--tau", type=float, default=0.8, help="Temperature(tau) of the generate timing")
@@ -232,7 +244,13 @@ def main(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="speed part only (bf16 on a GPU; writes benchmarks/results/gpu/llm_cuda); quality runs on the CPU")
     p.add_argument("--out", default=None, help="output stem; default benchmarks/results/llm, under the temp folder for --quick")
+    p.add_argument("--render", action="store_true", help="re-render the .md from the .json (and llm_quality.json) only")
     a = p.parse_args(argv)
+    if a.render:
+        out = out_stem("llm", a.out)
+        data = json.loads(out.with_suffix(".json").read_text())
+        write(out, "LLM attention: sparse prefill, decode memory, quality on SmolLM2-135M", INTRO, render(data), data)
+        return
     a.device = pick_device(p, a.device)
     out = out_stem("llm" if a.device == "cpu" else f"gpu/llm_{a.device}", a.out, "--quick" if a.quick else None)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +277,8 @@ def main(argv=None):
             return sorted([r for r in old if (r["tokens"], r["method"]) not in keys] + new, key=lambda r: r["tokens"])
 
         lengths = lambda text: [512] if a.quick else [int(x) for x in text.split(",") if x]  # noqa: E731
-        data["perplexity"] = merge(data["perplexity"], perplexity(model, tok, lengths(a.ppl_lengths)))
+        only = None if a.ppl_methods is None else [x.strip() for x in a.ppl_methods.split(";") if x.strip()]
+        data["perplexity"] = merge(data["perplexity"], perplexity(model, tok, lengths(a.ppl_lengths), only))
         data["passkey"] = merge(data["passkey"], passkey(model, tok, lengths(a.passkey_lengths)))
         if not a.no_calibration:
             data["calibration"] = calibration(model, tok, out.parent)

@@ -35,6 +35,7 @@ from attnpatch.tools import ruler  # noqa: E402
 from common import machine, out_stem, table, write  # noqa: E402
 
 SINKCAL = Path(__file__).resolve().parent / "results" / "smollm2_act.safetensors"
+DUO = Path(__file__).resolve().parent / "results" / "duo_heads.safetensors"
 PRESS_WINDOW = 512  # kvpress budgets match SinkWindow(sink=4, window=512)
 
 
@@ -48,6 +49,12 @@ def attnpatch_settings() -> dict:
         "VerticalSlash(256, 256, window=128)": ap.VerticalSlash(verticals=256, slashes=256, window=128),
         "Power(local=256)": ap.Power(local=256),
         "SinkCalibration(smollm2_act)": ap.SinkCalibration(heads=str(SINKCAL)),
+        # query-aware decode (prefill dense), retrieval / streaming heads (benchmarks/duo.py's profile) and
+        # HyperAttention sparse from 256 tokens (its default min_len=4096 is exact dense at these lengths)
+        "Quest(budget=256)": ap.Quest(budget=256),
+        "Quest(budget=512)": ap.Quest(budget=512),
+        "StreamingHeads(duo, 4, 256, evict)": ap.StreamingHeads(str(DUO), sink=4, window=256, evict=True),
+        "HyperAttention(64, 64, min_len=256)": ap.HyperAttention(block=64, samples=64, min_len=256),
     }
 
 

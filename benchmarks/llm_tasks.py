@@ -21,6 +21,7 @@ def doc_text() -> str:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
 QUALITY_METHODS = lambda: {  # noqa: E731
     "dense": None,
     "SinkWindow(sink=4, window=1024)": ap.SinkWindow(sink=4, window=1024),
@@ -28,7 +29,12 @@ QUALITY_METHODS = lambda: {  # noqa: E731
     "TopKBlocks(keep=0.25, block=256)": ap.TopKBlocks(keep=0.25, block=256),
     "VerticalSlash(512, 512)": ap.VerticalSlash(verticals=512, slashes=512, window=256),
     "Power(local=256)": ap.Power(local=256),
-}
+    # sparse from 1K tokens (its default min_len=4096 is exact dense below 4K)
+    "HyperAttention(block=256, samples=256, min_len=1024)": ap.HyperAttention(block=256, samples=256, min_len=1024),
+    # benchmarks/duo.py's retrieval-head profile: those heads full, the others sink + window
+    "StreamingHeads(duo, sink=4, window=256)": ap.StreamingHeads(str(RESULTS / "duo_heads.safetensors"), sink=4, window=256),
+    "SinkCalibration(smollm2_act)": ap.SinkCalibration(heads=str(RESULTS / "smollm2_act.safetensors")),
+}  # Quest's prefill is dense by definition (its pages select keys for decode): its perplexity is dense's
 
 
 def _with(model, method, fn):
@@ -39,12 +45,15 @@ def _with(model, method, fn):
 
 
 @torch.no_grad()
-def perplexity(model, tok, lengths) -> list[dict]:
+def perplexity(model, tok, lengths, only=None) -> list[dict]:
+    """Rows (tokens, method, perplexity); ``only``: these QUALITY_METHODS names (None: all)."""
     ids = tok(doc_text(), return_tensors="pt").input_ids
     rows = []
     for n in lengths:
         x = ids[:, :n]
         for name, m in QUALITY_METHODS().items():
+            if only is not None and name not in only:
+                continue
             loss = _with(model, m, lambda: model(x, labels=x).loss.item())
             rows.append(dict(tokens=n, method=name, perplexity=math.exp(loss)))
             print(rows[-1], flush=True)
