@@ -33,9 +33,26 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
     rep = q.shape[1] // k.shape[1]
     out = q.new_empty(*q.shape[:3], v.shape[3])
     for heads, plan in groups:  # per-head profiles: one plan per group of heads with equal parameters
-        m = _mask_slice(mask, None, heads)
-        out[:, heads] = _run_plan(q[:, heads], k[:, heads // rep], v[:, heads // rep], plan, site, backend, m, scale, softcap)
+        sel, kv = _head_select(heads, rep)
+        m = _mask_slice(mask, None, sel)
+        out[:, sel] = _run_plan(q[:, sel], k[:, kv], v[:, kv], plan, site, backend, m, scale, softcap)
     return out
+
+
+def _head_select(heads: torch.Tensor, rep: int):
+    """(query-head selector, KV-head selector) of a group of query heads (ascending): slices (views, no copy)
+    when the group is one run of whole GQA groups, each KV head gathered once when it is whole GQA groups (the
+    kernel keeps GQA), else each query head's KV head (one KV copy per query head: llama-8B shapes at 1K
+    copied ~30 MB per call that way)."""
+    h = heads.tolist()
+    n = len(h)
+    whole = n % rep == 0 and all(h[i] % rep == 0 and h[i + rep - 1] == h[i] + rep - 1 for i in range(0, n, rep))
+    if whole:
+        kv = h[::rep]
+        if h == list(range(h[0], h[0] + n)):
+            return slice(h[0], h[0] + n), slice(kv[0] // rep, kv[0] // rep + n // rep)
+        return heads, heads[::rep] // rep
+    return heads, heads // rep
 
 
 def _mask_slice(mask, rows, heads):
