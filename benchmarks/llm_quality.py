@@ -268,6 +268,8 @@ def main(argv=None):
     p.add_argument("--parts", default="probe,speed,main", help="any of probe (dense on every task), speed, main")
     p.add_argument("--tasks", default="", help="main tasks (default: where the dense probe beats chance)")
     p.add_argument("--merge", nargs="*", default=[], help="json files of other runs whose cells and speed rows to add")
+    p.add_argument("--settings", default="", help="';'-separated setting names to run (default: all)")
+    p.add_argument("--redo-speed", action="store_true", help="measure the speed table again (default: kept once measured)")
     p.add_argument("--render", action="store_true")
     p.add_argument("--notes", default=None, help="run notes kept in the json and shown under the tables")
     p.add_argument("--out", default=None)
@@ -282,11 +284,19 @@ def main(argv=None):
         data["cells"].update({k: c for k, c in other["cells"].items() if len(c["scores"]) > len(data["cells"].get(k, {}).get("scores", []))})
         data["speed"] = data["speed"] or other["speed"]
     data["notes"] = data.get("notes", "") if a.notes is None else a.notes
+    if a.redo_speed and not a.render:
+        data["speed"] = []
     if not a.render:
         from attnpatch.models import smollm2
 
         model, tok = smollm2()
         run, names = runner(model, tok)
+        if a.settings:
+            want = [x.strip() for x in a.settings.split(";") if x.strip()]
+            unknown = [x for x in want if x not in names]
+            if unknown:
+                p.error(f"--settings: unknown {unknown}; the settings are {names}")
+            names = [n for n in names if n in want]
         stop = time.time() + 60 * a.minutes
         for task, L, which, n in work(data, a, names):
             if time.time() > stop:
