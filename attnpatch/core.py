@@ -47,10 +47,9 @@ def _head_select(heads: torch.Tensor, rep: int):
     h = heads.tolist()
     n = len(h)
     whole = n % rep == 0 and all(h[i] % rep == 0 and h[i + rep - 1] == h[i] + rep - 1 for i in range(0, n, rep))
+    if whole and h == list(range(h[0], h[0] + n)):  # one ascending run: views
+        return slice(h[0], h[0] + n), slice(h[0] // rep, (h[0] + n) // rep)
     if whole:
-        kv = h[::rep]
-        if h == list(range(h[0], h[0] + n)):
-            return slice(h[0], h[0] + n), slice(kv[0] // rep, kv[0] // rep + n // rep)
         return heads, heads[::rep] // rep
     return heads, heads // rep
 

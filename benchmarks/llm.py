@@ -222,7 +222,7 @@ def render(d: dict) -> str:
         parts.append("## Long-context quality: RULER-style suite and kvpress\n\n"
                      f"From `benchmarks/results/llm_quality.json` (`python benchmarks/llm_quality.py`; measured on {m['cpu']}, "
                      f"{m['cores']} cores, {m['torch_threads']} torch threads; its page `llm_quality.md` has the same tables). "
-                     + llm_quality.INTRO + "\n\n" + llm_quality.render(q).replace("\n## ", "\n### ").replace("## ", "### ", 1))
+                     + llm_quality.INTRO + "\n\n" + llm_quality.render(q, "###"))
     return "\n\n".join(parts)
 
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnpatch as ap  # noqa: E402
 from attnpatch.patchers.transformers import _cache_bytes, cache_name, cache_of  # noqa: E402
 from attnpatch.tools import ruler  # noqa: E402
-from common import machine, out_stem, table, write  # noqa: E402
+from common import RESULTS, machine, out_stem, table, write  # noqa: E402
 
-SINKCAL = Path(__file__).resolve().parent / "results" / "smollm2_act.safetensors"
-DUO = Path(__file__).resolve().parent / "results" / "duo_heads.safetensors"
+SINKCAL = RESULTS / "smollm2_act.safetensors"
+DUO = RESULTS / "duo_heads.safetensors"
 PRESS_WINDOW = 512  # kvpress budgets match SinkWindow(sink=4, window=512)
 
 
@@ -232,15 +232,16 @@ def summary(data) -> list[dict]:
     return sorted(rows, key=lambda r: (r["length"], order[r["task"]], r["setting"] != "dense"))
 
 
-def render(data) -> str:
+def render(data, level: str = "##") -> str:
+    """The page body; ``level``: the markdown heading of its sections (llm.md nests them one deeper)."""
     rows = summary(data)
     for r in rows:
         r["ci"] = f"{r['lo']:.2f} - {r['hi']:.2f}"
     cols = [("task", "task"), ("length", "tokens"), ("setting", "setting"), ("n", "n"), ("score", "score"), ("ci", "95 % CI"),
             ("chance", "chance"), ("kv_mib", "KV at the end (MiB)")]
-    parts = ["## RULER-style accuracy (SmolLM2-135M-Instruct, greedy)\n\n" + table(rows, cols)]
+    parts = [f"{level} RULER-style accuracy (SmolLM2-135M-Instruct, greedy)\n\n" + table(rows, cols)]
     if data.get("speed"):
-        parts.append(f"## Prefill, decode and KV memory at {data['speed'][0]['tokens']} tokens (one process, settings in turn)\n\n"
+        parts.append(f"{level} Prefill, decode and KV memory at {data['speed'][0]['tokens']} tokens (one process, settings in turn)\n\n"
                      + table(data["speed"], [("setting", "setting"), ("tokens", "prompt tokens"), ("prefill_s", "prefill (s)"),
                                              ("decode_tps", "decode tokens / s"), ("kv_mib", "KV cache (MiB)"),
                                              ("reps", "repetitions")]))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import attnpatch as ap
+from common import RESULTS
 
 
 def doc_text() -> str:
@@ -21,7 +22,6 @@ def doc_text() -> str:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
-RESULTS = Path(__file__).resolve().parent / "results"
 QUALITY_METHODS = lambda: {  # noqa: E731
     "dense": None,
     "SinkWindow(sink=4, window=1024)": ap.SinkWindow(sink=4, window=1024),

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.bias import additive as additive_bias
+from ..ops.lse import _CPU_FLASH
 from ..plan import Plan, materialise_mask, fold_q_scale
 from .base import Kernel, core_step_why_not
 
@@ -107,7 +108,7 @@ def _prepare(plan: Plan, key: tuple, keep, scale, gqa: bool) -> None:
 def _cpu_flash(q, k, v) -> bool:
     """True where CPU SDPA runs its flash kernel (which takes additive masks): floating 4-D inputs with one head
     size and unit last strides (else it falls back to the math backend)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) \
+    return q.device.type == "cpu" and q.dtype in _CPU_FLASH \
         and q.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
 
 

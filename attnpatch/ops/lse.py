@@ -43,7 +43,7 @@ def dense_lse(q, k, v, *, mask=None, scale=None, causal=False, q_offset=0):
     if causal and (q_offset != 0 or mask is not None):  # not SDPA's top-left causal: fold it into the mask
         keep = torch.arange(Skv, device=q.device) <= torch.arange(q_offset, q_offset + Sq, device=q.device)[:, None]
         mask, causal = (keep if mask is None else mask & keep if mask.dtype == torch.bool
-                        else mask.masked_fill(~keep, float("-inf"))), False
+                        else mask + additive(keep, mask.dtype)), False
     bias = mask
     if mask is not None and mask.dtype == torch.bool:  # the fused kernels take additive masks only
         bias = additive(mask, q.dtype)
