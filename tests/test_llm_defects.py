@@ -200,12 +200,18 @@ def test_image_video_methods_refused_at_patch_time(model, method):
 # --- StreamingHeads(evict=True): the all-streaming layers' caches are trimmed, logits unchanged ----------
 
 
-@pytest.mark.parametrize("full_layer", [0, 1])
-def test_streaming_heads_eviction_trims_streaming_layers_only_and_is_exact(model, full_layer):
-    """The layer with retrieval heads keeps every key, the other holds sink + window - 1; greedy tokens and
-    logits equal the un-evicted run, for generate and for chunked prefill on a cache (whichever layer holds
-    the retrieval heads: transformers sizes the shared mask from layer 0's cache)."""
-    heads = [(full_layer, 0), (full_layer, 1)]  # one KV group of the 2-layer tiny Llama kept full
+@pytest.mark.parametrize("heads", [((0, 0), (0, 1)), ((1, 0), (1, 1)), ((0, 1),), ((1, 2), (1, 3))],
+                         ids=["L0-group0", "L1-group0", "L0-head1", "L1-group1"])
+def test_streaming_heads_eviction_is_per_kv_head_and_exact(model, heads):
+    """A layer with retrieval heads splits its cache per KV head: the KV head serving a retrieval head keeps every
+    key, the other holds sink + window - 1, as every KV head of the all-streaming layer; greedy tokens and logits
+    equal the un-evicted run, for generate and for chunked prefill on a cache (whichever layer holds the
+    retrieval heads: transformers sizes the shared mask from layer 0's cache), also where a streaming query head
+    shares its KV head with a retrieval head ("L0-head1": head 0 streams on the whole keys)."""
+    from attnpatch.patchers.transformers import _cache_bytes
+
+    full_layer = heads[0][0]
+    full_kv = heads[0][1] // 2  # the tiny Llama: 4 query heads on 2 KV heads
     plain, evict = ap.StreamingHeads(heads, sink=2, window=6), ap.StreamingHeads(heads, sink=2, window=6, evict=True)
     ids = _ids(30, 13)
     seq, logits = _greedy(model, ids, plain, 20)
@@ -214,18 +220,47 @@ def test_streaming_heads_eviction_trims_streaming_layers_only_and_is_exact(model
     assert torch.equal(seq_e, seq)
     runs = []
     for method in (plain, evict):
-        with torch.no_grad(), ap.patch(model, method):
+        with torch.no_grad(), ap.patch(model, method) as handle:
             first = model(ids[:, :18], use_cache=True)
             cache = first.cache
             model(ids[:, 18:21], cache=cache, use_cache=True)  # adopts the cache (trimmed after this call)
             chunk = model(ids[:, 21:26], cache=cache, use_cache=True).logits  # 5 queries on a trimmed cache
             steps = [model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(26, 30)]
-        runs.append((chunk, torch.cat(steps, 1), [layer.keys.shape[2] for layer in cache.layers]))
-    (c0, s0, held0), (c1, s1, held1) = runs
+            stats = handle.stats().get("kv_cache")
+        held = [(layer.keys.shape[1], layer.keys.shape[2], None if getattr(layer, "stream", None) is None
+                 else tuple(layer.stream[0].shape[1:3])) for layer in cache.layers]
+        runs.append((chunk, torch.cat(steps, 1), held, _cache_bytes(cache), stats))
+    (c0, s0, held0, bytes0, _), (c1, s1, held1, bytes1, stats) = runs
     torch.testing.assert_close(c1, c0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
-    assert held0 == [30, 30]
-    assert held1[full_layer] == 30 and held1[1 - full_layer] == 2 + 6 - 1
+    assert held0 == [(2, 30, None), (2, 30, None)]
+    assert held1[full_layer] == (1, 30, (1, 2 + 6 - 1)) and held1[1 - full_layer] == (2, 2 + 6 - 1, None)
+    assert cache.layers[full_layer]._head_idx[0].tolist() == [full_kv]
+    per_token = bytes0 // (2 * 2 * 30)  # bytes of one token of one KV head (keys and values)
+    assert bytes1 == per_token * (30 + 7 + 2 * 7) and stats["after"] == bytes1 and stats["evicted"] == 30 - 7
+    assert ap.StreamingHeads(heads, sink=2, window=6).kv_tokens(2, 4, 2, 30) == 30 + 3 * 7
     stock = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, output_logits=True,
                            return_dict_in_generate=True)
     assert (torch.stack(stock.logits, 1) - logits).abs().max() > 1e-2  # the streaming heads' window does matter
+
+
+def test_streaming_heads_split_cache_follows_beam_search_and_refuses_crop(model):
+    """The split layer's trimmed heads follow the batch operations of beam search (expand, reorder): the beams
+    equal the un-evicted run's; a layer whose KV heads all serve retrieval heads stays whole; cropping a split
+    layer (assisted generation) is refused with the fix."""
+    heads = [(0, 0), (1, 0), (1, 2)]  # layer 0 split, layer 1: both KV heads whole
+    plain, evict = ap.StreamingHeads(heads, sink=2, window=5), ap.StreamingHeads(heads, sink=2, window=5, evict=True)
+    ids = _ids(24, 5)
+    outs = []
+    for method in (plain, evict):
+        with torch.no_grad(), ap.patch(model, method):
+            out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, num_beams=3, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+            outs.append((out.sequences, torch.stack(out.scores, 1), out.past_key_values))
+    assert torch.equal(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-4, rtol=1e-4)
+    layers = outs[1][2].layers
+    assert layers[0].stream is not None and layers[0].stream[0].shape[2] == 2 + 5 - 1 and layers[0].keys.shape[1] == 1
+    assert not hasattr(layers[1], "stream") or layers[1].stream is None
+    with pytest.raises(ValueError, match="evict=False"):
+        layers[0].crop(-2)

@@ -9,9 +9,10 @@ of copy steps where a head's top key is the needle token being copied), saved as
 Heads are named in the model's numbering as query heads ``(layer, head)``. Under GQA a KV head whose
 group holds any retrieval head must keep its whole cache, so KV memory is counted per KV head
 (``kv_tokens``); ``retrieval_heads.top_heads(..., by_kv=True)`` picks whole groups so nothing is
-kept for a single head. ``evict=True`` trims the KV cache of every layer whose heads all stream (SinkWindow's
-eviction, logits unchanged); a layer with a retrieval head keeps its whole cache (one tensor per layer: a
-per-head cache is not built), so ``kv_tokens`` (what a per-head cache would hold) stays below what is held.
+kept for a single head. ``evict=True`` trims the KV cache of every KV head that serves no retrieval head to
+its sink + window - 1 keys (SinkWindow's eviction, logits unchanged): a layer with retrieval heads holds a
+per-head cache (the whole keys of the KV heads serving them, the trimmed keys of the others: kv_cache.py),
+whose attention runs as two calls, one per part, so the cache holds ``kv_tokens`` tokens.
 """
 from __future__ import annotations
 
@@ -73,8 +74,9 @@ class StreamingHeads(Method):
     sink: int = 4
     window: int = 2048
     block: int = 256
-    # transformers: the cache of every layer without retrieval heads keeps its first sink and last window - 1 keys
-    # (SinkEviction); layers with any retrieval head keep theirs whole; the logits equal evict=False
+    # transformers: the streaming KV heads' caches keep their first sink and last window - 1 keys (SinkEviction),
+    # per KV head in the layers with retrieval heads; KV heads serving a retrieval head keep theirs whole; the
+    # logits equal evict=False
     evict: bool = False
 
     def __post_init__(self):
@@ -130,14 +132,14 @@ class StreamingHeads(Method):
         return [(d, None), (r, self._stream.plan(q[:, r], k[:, r // rep], site))]
 
     def kv_policy(self) -> SinkEviction | None:
-        """``evict=True``: SinkWindow's eviction on the layers whose heads all stream (a layer's cache is one
-        tensor for all its KV heads, so a layer with a retrieval head keeps every key of every head)."""
-        return SinkEviction(self.sink, self.window, frozenset(self._full)) if self.evict else None
+        """``evict=True``: SinkWindow's eviction on every KV head that serves no retrieval head; in a layer
+        with retrieval heads the cache is split per KV head (the patcher binds the model's head counts)."""
+        return SinkEviction(self.sink, self.window, self._full) if self.evict else None
 
     def kv_tokens(self, layers: int, q_heads: int, kv_heads: int, context: int) -> int:
-        """Cached tokens summed over (layer, KV head) that a per-head cache would hold after
-        ``context`` tokens: a KV head serving any retrieval head keeps all, the others
-        ``min(context, sink + window - 1)`` (SinkEviction's keep). Computed, not measured."""
+        """Cached tokens summed over (layer, KV head) after ``context`` tokens under ``evict=True``: a KV head
+        serving any retrieval head keeps all, the others ``min(context, sink + window - 1)`` (SinkEviction's
+        keep, per KV head). Computed (the cache's own size is measured by the benchmarks)."""
         rep, keep = q_heads // kv_heads, min(context, self.sink + self.window - 1)
         full = sum(len({h // rep for h in self.full_heads(l)}) for l in range(layers))
         return full * context + (layers * kv_heads - full) * keep

@@ -36,19 +36,38 @@ class SinkEviction:
     ``sink`` keys and the last ``window - 1`` (the next query makes ``window``), which is all the
     mask can reach, so the logits equal the full cache's. Framework-free: the transformers patcher
     turns it into a cache layer. One object per patch (``kv_policy()`` makes a new one), so its
-    statistics (``stats()``, read through ``Handle.stats()``) are that patch's, never the method's."""
+    statistics (``stats()``, read through ``Handle.stats()``) are that patch's, never the method's.
+
+    ``full`` ({layer: query heads}, StreamingHeads' retrieval heads) keeps those heads' keys whole: once
+    ``bind(q_heads, kv_heads)`` has told the model's head counts, a layer where every KV head serves a
+    full query head stays whole, and a layer where some do is split per KV head (``split(layer)``: the
+    KV heads kept whole; the cache layer holds the others' sink + window - 1 keys beside them)."""
 
     evicts = True  # the cache layer holds slots, not positions (see kv_cache.KVCache.note)
 
-    def __init__(self, sink: int, window: int, skip: frozenset = frozenset()):
-        self.sink, self.window, self.skip = sink, window, frozenset(skip)  # skip: layers whose cache stays whole
+    def __init__(self, sink: int, window: int, full: dict | None = None):
+        self.sink, self.window, self.full = sink, window, dict(full or {})
         self.keep = sink + window - 1  # keys a layer holds between forwards
+        self.skip: frozenset = frozenset(self.full)  # layers whose cache stays whole (until bind splits them)
+        self._split: dict = {}  # layer -> KV heads kept whole (the layer's other KV heads are trimmed)
         self._lock = threading.Lock()
         self._layers: dict = {}  # layer -> (tokens seen, tokens held, bytes per token) of its latest update
 
+    def bind(self, q_heads: int, kv_heads: int) -> None:
+        """The model's head counts: a KV head serving any full query head keeps its keys whole."""
+        rep = max(1, q_heads // kv_heads)
+        kv = {layer: tuple(sorted({h // rep for h in heads})) for layer, heads in self.full.items() if heads}
+        self.skip = frozenset(layer for layer, hs in kv.items() if len(hs) >= kv_heads)
+        self._split = {layer: hs for layer, hs in kv.items() if layer not in self.skip}
+
     def applies(self, layer: int) -> bool:
-        """Whether this policy trims ``layer``'s cache (StreamingHeads: not the layers with retrieval heads)."""
+        """Whether this policy trims ``layer``'s cache (StreamingHeads: not the layers whose KV heads all serve a
+        retrieval head)."""
         return layer not in self.skip
+
+    def split(self, layer: int) -> tuple | None:
+        """The KV heads of ``layer`` whose keys stay whole while the others are trimmed, or None (all trimmed)."""
+        return self._split.get(layer)
 
     def retain(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What a layer keeps of its (B, H_kv, S, D) keys / values once this forward has used them."""
@@ -62,26 +81,29 @@ class SinkEviction:
         """Called by the cache layer after each update (a policy may keep per-layer data beside the
         cache, as Quest's page bounds): eviction needs none."""
 
-    def record(self, layer: int, seen: int, held: int, token_bytes: int) -> None:
+    def record(self, layer: int, seen: int, held: float, token_bytes: int) -> None:
+        """``held``: tokens held per KV head (a split layer's average over its KV heads)."""
         with self._lock:
             self._layers[layer] = (seen, held, token_bytes)
 
     def stats(self) -> dict:
         """``{"evicted": tokens, "before": bytes, "after": bytes}`` of the latest cache: tokens its
-        layers no longer hold, and the bytes those layers would hold without eviction and do hold."""
+        layers no longer hold (the most of any KV head), and the bytes those layers would hold without
+        eviction and do hold."""
         with self._lock:
             rows = list(self._layers.values())
-        return {"evicted": max((seen - held for seen, held, _ in rows), default=0),
-                "before": sum(seen * b for seen, _, b in rows), "after": sum(held * b for _, held, b in rows)}
+        return {"evicted": max((seen - min(seen, self.keep) if held < seen else 0 for seen, held, _ in rows), default=0),
+                "before": sum(seen * b for seen, _, b in rows), "after": int(round(sum(held * b for _, held, b in rows)))}
 
     def __deepcopy__(self, memo):  # a deep copy of a patched model counts its own cache from zero
-        new = SinkEviction(self.sink, self.window, self.skip)
+        new = SinkEviction(self.sink, self.window, self.full)
+        new.skip, new._split = self.skip, dict(self._split)
         memo[id(self)] = new
         return new
 
     def __repr__(self) -> str:
-        skip = f", skip={sorted(self.skip)}" if self.skip else ""
-        return f"SinkEviction(sink={self.sink}, window={self.window}{skip})"
+        full = f", full={ {k: sorted(v) for k, v in sorted(self.full.items())} }" if self.full else ""
+        return f"SinkEviction(sink={self.sink}, window={self.window}{full})"
 
 
 @dataclass

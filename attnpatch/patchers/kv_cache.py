@@ -10,7 +10,10 @@ causal mask is the same under that shift). ``KVCache`` is one patch's policy on 
 puts a ``PolicyLayer`` in place of each chosen full-attention layer of every cache the model is
 called with, refuses caches it cannot apply to, and tells the attention calls whose keys came
 from an evicting policy's layer (their slots are not positions: the patcher describes them in slot
-coordinates, where the method's mask is exact). A policy may also keep data of its own beside each
+coordinates, where the method's mask is exact). A policy that keeps some KV heads of a layer whole
+(``policy.split(layer)``: StreamingHeads' retrieval heads) gets a per-head cache there: ``keys`` /
+``values`` hold the whole KV heads at their positions, ``stream`` the trimmed ones' slots, and the
+attention call is told both parts (``KVCache.split_of``), which it runs as two calls. A policy may also keep data of its own beside each
 layer's keys (``policy.observe(layer, state, keys)`` after every update; Quest's page bounds), which
 whatever reorders or cuts the keys (beam search, crop, reset) clears.
 """
@@ -32,6 +35,7 @@ class PolicyLayer(DynamicLayer):
         self.kv, self.layer_idx = kv, layer_idx
         self.cumulative_length = 0  # tokens seen; reset() zeroes it
         self.state: dict = {}  # what the policy keeps beside this layer's keys (Quest's page bounds)
+        self.stream = None  # a split layer's trimmed KV heads: (keys, values) (B, H_stream, slots, D)
 
     @classmethod
     def adopt(cls, layer: DynamicLayer, kv: "KVCache", layer_idx: int) -> "PolicyLayer":
@@ -40,12 +44,37 @@ class PolicyLayer(DynamicLayer):
         new = cls(kv, layer_idx)
         new.__dict__.update({k: v for k, v in layer.__dict__.items() if k in ("keys", "values", "is_initialized", "device")})
         new.cumulative_length = layer.get_seq_length()
+        heads = new._heads(new.keys) if new.is_initialized and new.keys.dim() == 4 else None
+        if heads is not None:  # whole KV heads stay at their positions, the others keep their sink + window
+            full, stream = heads
+            new.stream = kv.policy.retain(new.keys.index_select(1, stream), new.values.index_select(1, stream))
+            new.keys, new.values = new.keys.index_select(1, full), new.values.index_select(1, full)
         return new
+
+    def _heads(self, keys) -> tuple | None:
+        """(KV heads kept whole, KV heads trimmed) as index tensors where the policy splits this layer, else None."""
+        split = getattr(self.kv.policy, "split", None)
+        full = split(self.layer_idx) if split is not None else None
+        if not full:
+            return None
+        H = self.kv.kv_heads
+        if H is not None and keys.shape[1] != H:
+            raise ValueError(f"{self.kv.owner} keeps KV heads {list(full)} of layer {self.layer_idx} whole and trims the "
+                             f"others, but this cache holds {keys.shape[1]} of the model's {H} KV heads (tensor "
+                             "parallelism): use evict=False")
+        got = self.__dict__.get("_head_idx")
+        if got is None or got[0].device != keys.device:
+            rest = [h for h in range(keys.shape[1]) if h not in full]
+            got = self._head_idx = tuple(torch.tensor(x, dtype=torch.long, device=keys.device) for x in (full, rest))
+        return got
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         policy = self.kv.policy
+        heads = self._heads(key_states)
+        if heads is not None:
+            return self._update_split(key_states, value_states, *heads)
         if policy.evicts:
             keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, held + new, D)
             values = torch.cat([self.values, value_states], dim=-2)
@@ -59,6 +88,27 @@ class PolicyLayer(DynamicLayer):
         if policy.evicts:  # slots are not positions: the patcher describes such calls in slot coordinates
             self.kv.note(self.layer_idx, keys)
         return keys, values
+
+    def _update_split(self, key_states, value_states, full, stream):
+        """A split layer's update: the whole KV heads grow in place, the others are trimmed after this forward;
+        returns the whole heads' keys / values and notes both parts for this forward's attention call."""
+        policy, new = self.kv.policy, key_states.shape[-2]
+        sk, sv = key_states.index_select(1, stream), value_states.index_select(1, stream)
+        if self.stream is not None:
+            sk, sv = torch.cat([self.stream[0], sk], 2), torch.cat([self.stream[1], sv], 2)
+        keys, values = self._append(key_states.index_select(1, full), value_states.index_select(1, full))
+        self.cumulative_length += new
+        self.keys, self.values = keys, values
+        self.stream = policy.retain(sk, sv)
+        self.kv.note_split(self.layer_idx, keys, (sk, sv, full, stream))
+        token_bytes = sum(t[..., :1, :].numel() * t.element_size() for t in (key_states, value_states))
+        held = (len(full) * keys.shape[-2] + len(stream) * self.stream[0].shape[-2]) / key_states.shape[1]
+        policy.record(self.layer_idx, self.cumulative_length, held, token_bytes)
+        return keys, values
+
+    def held(self) -> tuple:
+        """The tensors this layer holds (a split layer's trimmed heads too), for memory accounting."""
+        return tuple(t for t in (self.keys, self.values, *(self.stream or ())) if torch.is_tensor(t))
 
     def _append(self, key_states, value_states):
         """Keys / values with the new ones appended, as views of buffers with room to grow: a cache that
@@ -87,23 +137,35 @@ class PolicyLayer(DynamicLayer):
         return held + query_length, self.cumulative_length - held
 
     # whatever reorders or cuts the keys invalidates the policy's data beside them (rebuilt at the next update)
+    # (a split layer's trimmed heads follow the same batch operations)
     def reset(self) -> None:
         self.state.clear()
+        self.stream = None
         super().reset()
 
     def reorder_cache(self, beam_idx) -> None:
         self.state.clear()
         super().reorder_cache(beam_idx)
+        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices) -> None:
         self.state.clear()
         super().batch_select_indices(indices)
+        self._batch(lambda t: t[indices, ...])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.state.clear()
         super().batch_repeat_interleave(repeats)
+        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def _batch(self, fn) -> None:
+        if self.stream is not None:
+            self.stream = tuple(fn(t) for t in self.stream)
 
     def crop(self, tokens_to_remove: int) -> None:
+        if self.stream is not None:
+            raise ValueError(f"{self.kv.owner}: layer {self.layer_idx}'s cache is split per KV head (retrieval heads whole, "
+                             "the others trimmed) and cannot be cropped (assisted / speculative generation): use evict=False")
         self.state.clear()
         held = self.keys.shape[-2] if self.is_initialized else 0
         super().crop(tokens_to_remove)  # refuses a positive count
@@ -130,7 +192,11 @@ class KVCache:
     installs the policy on the cache the forward is given (a cache exists only once ``generate``
     or the caller made it; one the model makes itself gets it from its next forward)."""
 
-    def __init__(self, policy, layers, owner: str = ""):
+    def __init__(self, policy, layers, owner: str = "", heads: tuple | None = None):
+        """``heads``: the model's (query heads, KV heads), told to a policy that keeps some heads whole."""
+        if heads is not None and hasattr(policy, "bind"):
+            policy.bind(*heads)
+        self.kv_heads = None if heads is None else heads[1]
         applies = getattr(policy, "applies", None)  # a policy may leave some layers whole (StreamingHeads)
         self.policy, self.local = policy, threading.local()
         self.layers = {i for i in layers if applies is None or applies(i)}
@@ -138,6 +204,7 @@ class KVCache:
 
     def __deepcopy__(self, memo):  # a deep copy of the model applies a fresh policy of its own
         new = KVCache(copy.deepcopy(self.policy, memo), self.layers, self.owner)
+        new.kv_heads = self.kv_heads
         memo[id(self)] = new
         return new
 
@@ -154,6 +221,16 @@ class KVCache:
         """Whether ``key`` (of the attention call running now) came from a policy layer."""
         ref = self.local.__dict__.get("notes", {}).get(layer_idx)
         return ref is not None and ref() is key
+
+    def note_split(self, layer_idx: int, keys: torch.Tensor, parts: tuple) -> None:
+        """Record, for this thread, a split layer's update: the whole heads' ``keys`` it returned and
+        ``parts`` = (trimmed heads' keys, values (before trimming), whole KV heads, trimmed KV heads)."""
+        self.local.__dict__.setdefault("splits", {})[layer_idx] = (weakref.ref(keys), parts)
+
+    def split_of(self, layer_idx: int, key: torch.Tensor) -> tuple | None:
+        """The ``parts`` of ``note_split`` when ``key`` (of the attention call running now) came from a split layer."""
+        got = self.local.__dict__.get("splits", {}).get(layer_idx)
+        return got[1] if got is not None and got[0]() is key else None
 
     def _pre(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")

@@ -117,9 +117,31 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     method, backend = (layer.method, layer.backend) if layer else (_DENSE, None)
     if layer is not None and layer.counters is not None:
         layer.counters.route()
+    split = layer.kv.split_of(site.layer, key) if layer is not None and layer.kv is not None else None
+    if split is not None:
+        out = _split_call(query, key, value, split, method, backend, site, scaling, kwargs.get("softcap"))
+        return out.transpose(1, 2).contiguous(), None
     out = core.run(query, key, value, method, site, backend=backend, mask=attention_mask, scale=scaling,
                    softcap=kwargs.get("softcap"))  # (B, Hq, Sq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D)
+
+
+def _split_call(query, key, value, split, method, backend, site: Site, scaling, softcap):
+    """A layer whose cache is split per KV head (kv_cache.PolicyLayer): the query heads of the whole KV heads
+    attend to ``key`` / ``value`` at their positions, the others to the trimmed heads' slots ([sink | a run
+    ending at the query], where the method's mask is exact); each call's Site names its heads in the model's
+    numbering, so the method gives every head its own plan. No mask: the policy refuses padded batches."""
+    sk, sv, full, stream = split
+    B, H, Sq, _ = query.shape
+    rep = H // (len(full) + len(stream))
+    out = query.new_empty(B, H, Sq, value.shape[-1])
+    for kv, k, v in ((full, key, value), (stream, sk, sv)):
+        heads = (kv[:, None] * rep + torch.arange(rep, device=kv.device)).flatten()
+        part = Site.trusted(causal=True, layer=site.layer, name=site.name, kind="self", family=site.family,
+                            q_offset=k.shape[2] - Sq, decode=Sq == 1, heads=tuple(heads.tolist()), num_heads=H)
+        out.index_copy_(1, heads, core.run(query.index_select(1, heads), k, v, method, part, backend=backend,
+                                           scale=scaling, softcap=softcap))
+    return out
 
 
 def _register() -> None:
@@ -157,7 +179,9 @@ def patch_model(model, method, backend, layers, counters=None):
     entries = [(m.layer_idx, name, m) for name, m in model.named_modules()
                if getattr(m, "layer_idx", None) is not None and hasattr(m, "q_proj")]
     chosen = layer_sel.select([(l, n) for l, n, _ in entries], layers)
-    kv = _kv_cache(method, [l for l, n, _ in entries if n in chosen], len(chosen) < len(entries), counters)
+    H = getattr(config, "num_attention_heads", None)
+    heads = (H, getattr(config, "num_key_value_heads", None) or H) if H else None
+    kv = _kv_cache(method, [l for l, n, _ in entries if n in chosen], len(chosen) < len(entries), counters, heads)
     orig_impl = config._attn_implementation
     undo, names = [], []
     for _, name, m in entries:
@@ -174,7 +198,7 @@ def patch_model(model, method, backend, layers, counters=None):
     return names, undo
 
 
-def _kv_cache(method, layers: list[int], subset: bool, counters):
+def _kv_cache(method, layers: list[int], subset: bool, counters, heads=None):
     """The method's KV-cache policy (``Method.kv_policy()``) as this patch's ``KVCache``, or None;
     its statistics are reported by the patch's counters (``Handle.stats()["kv_cache"]``)."""
     policy = method.kv_policy()
@@ -187,7 +211,7 @@ def _kv_cache(method, layers: list[int], subset: bool, counters):
 
     if counters is not None:
         counters.kv = policy
-    return KVCache(policy, layers, repr(method))
+    return KVCache(policy, layers, repr(method), heads)
 
 
 class _SwitchUnpatches:
@@ -221,5 +245,5 @@ def cache_of(output):
 
 
 def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", []) for t in (layer.keys, layer.values)
-               if torch.is_tensor(t))
+    held = lambda layer: layer.held() if hasattr(layer, "held") else (layer.keys, layer.values)  # noqa: E731
+    return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", []) for t in held(layer) if torch.is_tensor(t))
