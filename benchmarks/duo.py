@@ -8,9 +8,9 @@ against uniform SinkWindow at the same KV budget and dense, on SmolLM2-135M-Inst
    teacher-forced: one forward of prompt + " " + answer per setting; a sample counts when every digit
    token of the answer is the argmax at its row (rows past the prompt attend under the method's mask exactly as decode
    over the per-head cache would). Settings in turn on each sample; Wilson 95 % intervals.
-3. KV budget: tokens a per-head cache would hold (``StreamingHeads.kv_tokens``: computed; a layer's cache is
-   one tensor, so ``evict=True`` trims only the layers whose heads all stream); uniform SinkWindow gets the
-   window that makes its evicting cache that size.
+3. KV budget: tokens StreamingHeads' evicting cache holds (``StreamingHeads.kv_tokens``: computed; the cache
+   is per KV head in the layers with retrieval heads, measured in 4.); uniform SinkWindow gets the window that
+   makes its evicting cache that size.
 4. Decode speed and KV memory held: a SmolLM2-shaped Llama with random weights decodes after a cache of S
    random keys (as benchmarks/decode.py), settings interleaved per step; each step's cache first takes one
    untimed token (an evicting policy trims it then), the next token is timed; tokens/s, the median ratio to
@@ -139,15 +139,15 @@ def render(data) -> str:
                        ("ci", "Wilson 95 %"), ("kv", "KV tokens / (layer, KV head)")])
     spd = table(data.get("speed", []), [("context", "context"), ("setting", "setting"), ("tok_s", "decode tok/s"),
                                         ("x_dense", "x dense"), ("held_mib", "KV MiB held (measured)"),
-                                        ("kv_mib", "KV MiB of a per-head cache")])
+                                        ("kv_mib", "KV MiB computed (kv_tokens)")])
     heads = data["heads"]
     return (f"Retrieval heads kept full: {len(heads)} query heads ({len({(l, h // 3) for l, h in heads})} KV groups of 90) "
             f"in layers {sorted({l for l, _ in heads})}.\n\n## Needle accuracy (niah_single, teacher-forced)\n\n{acc}\n\n"
             f"## Decode speed and KV memory (random-weight SmolLM2 shape)\n\nBoth methods evict (`evict=True`); KV MiB held "
             "is the cache's size after the timed token, measured. SinkWindow holds its budget in every layer; StreamingHeads "
-            "trims the layers whose heads all stream and keeps whole the layers with a retrieval head (a layer's cache is "
-            "one tensor for its KV heads), so it holds more than a per-head cache would (last column, computed from "
-            f"kv_tokens).\n\n{spd}")
+            "holds a per-head cache in the layers with a retrieval head (the KV heads serving one whole, the others trimmed "
+            "to sink + window - 1, run as two attention calls) and trims every KV head of the other layers; the last "
+            f"column is the size computed from kv_tokens.\n\n{spd}")
 
 
 def main() -> None:
