@@ -193,6 +193,22 @@ def run_cell(data, save, run, tok, task, L, names, n, stop, batch):
     return True
 
 
+def rekv(data, save, run, tok, want, names, p) -> None:
+    """The KV MiB of every cell of the settings ``want``, measured again on the cell's first sample (the cache's
+    size depends on the prompt length and new tokens only, the same for every sample of a cell)."""
+    unknown = [x for x in want if x not in names]
+    if unknown:
+        p.error(f"--rekv: unknown {unknown}; the settings are {names}")
+    count = lambda s: len(tok(s).input_ids)  # noqa: E731
+    for c in data["cells"].values():
+        if c["setting"] in want and c["scores"]:
+            s = ruler.generate(c["task"], c["length"], 1, count, seed=0)[0]
+            _, kv, _, _ = run(c["setting"], torch.tensor([exact(tok, s.prompt, c["length"])]), s.max_new_tokens)
+            print("rekv", c["task"], c["length"], c["setting"], round(statistics.mean(c["kv_mib"]), 2), "->", round(kv, 2), flush=True)
+            c["kv_mib"] = [kv] * len(c["scores"])
+            save()
+
+
 @torch.inference_mode()
 def _timed(model, ctx, ids, new):
     """Prefill seconds, decode tokens/s over ``new`` greedy steps (own loop: prefill noise stays out
@@ -271,6 +287,8 @@ def main(argv=None):
     p.add_argument("--merge", nargs="*", default=[], help="json files of other runs whose cells and speed rows to add")
     p.add_argument("--settings", default="", help="';'-separated setting names to run (default: all)")
     p.add_argument("--redo-speed", action="store_true", help="measure the speed table again (default: kept once measured)")
+    p.add_argument("--rekv", default="", help="';'-separated settings whose cells' KV MiB to measure again (one sample "
+                   "per cell): for a change that moves the cache's size but not the logits")
     p.add_argument("--render", action="store_true")
     p.add_argument("--notes", default=None, help="run notes kept in the json and shown under the tables")
     p.add_argument("--out", default=None)
@@ -299,6 +317,8 @@ def main(argv=None):
                 p.error(f"--settings: unknown {unknown}; the settings are {names}")
             names = [n for n in names if n in want]
         stop = time.time() + 60 * a.minutes
+        if a.rekv:
+            rekv(data, save, run, tok, [x.strip() for x in a.rekv.split(";") if x.strip()], names, p)
         for task, L, which, n in work(data, a, names):
             if time.time() > stop:
                 break
