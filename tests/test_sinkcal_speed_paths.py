@@ -186,6 +186,25 @@ def test_fast_scan_equals_the_general_loop():
     assert fast[..., 11].all() and torch.equal(fast, loop)
 
 
+@pytest.mark.parametrize("Sq,Skv,off", [(1100, 1100, 0), (700, 1300, 600), (1024, 1024, 0)])
+def test_long_causal_scan_in_two_row_groups_equals_the_score_definition(Sq, Skv, off):
+    """A long causal call's detection rows run in two groups (the earlier half against the keys it sees only):
+    the column scores equal the definition (mean over the sampled rows of p_ij n_i, float64), GQA, after a cache too."""
+    q, k, v = _qkv(1, 4, 2, Sq, Skv, 16, seed=6)  # no sink: every key's attention weighs in the comparison
+    call = S._Call(off, True, None, None, 0.25, None)
+    out, lse = dense_lse(q, k, v, causal=True, q_offset=off)
+    rows, idx = S.sample(Sq, 64, "cpu")
+    got = S.plain_col(q, k, call, lse, rows, idx, 4)
+    k2 = k.double().repeat_interleave(2, 1)
+    s = (q.double()[:, :, rows] @ k2.transpose(-1, -2)) * 0.25  # (1, 4, 64, Skv)
+    pos = torch.tensor(rows) + off
+    s = s.masked_fill(torch.arange(Skv) > pos[:, None], float("-inf"))
+    n = (pos + 1).clamp(max=Skv).double()
+    want = (s.softmax(-1) * n[:, None]).mean(-2)
+    want[..., :4] = 0  # the first keys are scored ~0 (the floor)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
 def test_plans_are_reused_per_site_geometry():
     q, k, v = _qkv(1, 2, 2, 10, 10, 16)
     m = ap.SinkCalibration()

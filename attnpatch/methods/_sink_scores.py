@@ -30,18 +30,34 @@ def plain_col(q, k, call: "_Call", lse, rows, idx, first: int):
     rows' scores: a matmul; in place, p_ij w_i = exp(s_ij - lse_i + log w_i) (w_i = n_i / rows) with
     hidden keys, the ``first`` keys and scores below the floor raised to the floor by one clamp
     against a bound cached per shape; a sum over the rows. The weights ride in the exponent: a
-    matmul of floored probabilities (1.6e-38) with weights below 1 makes subnormal products (slow)."""
+    matmul of floored probabilities (1.6e-38) with weights below 1 makes subnormal products (slow).
+    A long causal call's rows run in two groups, the earlier half against the keys it can see only
+    (a quarter of the scores fewer)."""
     B, h, Sq, D = q.shape
     hk, Skv = k.shape[1], k.shape[2]
     work = torch.promote_types(q.dtype, torch.float32)
     C, rep = Sq if rows is None else len(rows), h // hk
     lo, hi, logw = _geometry(Sq, Skv, call.off if call.causal else None, None if rows is None else C, first, q.device, work)
-    qc = (q if idx is None else q.index_select(2, idx)).to(work).reshape(B * hk, rep * C, D)
-    r = (lse if idx is None else lse.index_select(2, idx)).to(work).sub(logw).reshape(B * hk, rep * C, 1)
-    # s_ij - lse_i + log w_i in one op: the scale and the row terms ride in the matmul (few ops: small calls pay per op)
-    sc = torch.baddbmm(r, qc, k.to(work).reshape(B * hk, Skv, D).transpose(1, 2), beta=-1, alpha=call.scale).view(B, h, C, Skv)
-    # exp(-87) stays far below every sum's resolution (a column's score against the threshold): the floor hides
-    return (sc.clamp_(lo, hi) if hi is not None else sc.clamp_min_(_EXP_FLOOR)).exp_().sum(-2)
+    qc = (q if idx is None else q.index_select(2, idx)).to(work).reshape(B * hk, rep, C, D)
+    r = (lse if idx is None else lse.index_select(2, idx)).to(work).sub(logw).reshape(B * hk, rep, C, 1)
+    kt = k.to(work).reshape(B * hk, Skv, D).transpose(1, 2)
+    half = C // 2
+    # the last row of the first half and the keys it sees: worth a second group when it skips enough keys
+    K1 = min(Skv, (half - 1 if rows is None else rows[half - 1]) + call.off + 1) if call.causal and half else Skv
+    groups = [(0, C, Skv)] if Skv < 1024 or K1 > 0.75 * Skv else [(half, C, Skv), (0, half, K1)]  # the full width first
+    col = None
+    for a, b, K in groups:
+        # s_ij - lse_i + log w_i in one op: the scale and the row terms ride in the matmul (few ops: small calls pay per op)
+        qg, rg = (qc, r) if (a, b) == (0, C) else (qc[:, :, a:b], r[:, :, a:b])
+        sc = torch.baddbmm(rg.reshape(B * hk, rep * (b - a), 1), qg.reshape(B * hk, rep * (b - a), D), kt[..., :K],
+                           beta=-1, alpha=call.scale).view(B, h, b - a, K)
+        # exp(-87) stays far below every sum's resolution (a column's score against the threshold): the floor hides
+        part = (sc.clamp_(lo, hi[a:b, :K]) if hi is not None else sc.clamp_min_(_EXP_FLOOR)).exp_().sum(-2)
+        if col is None:
+            col = part
+        else:
+            col[..., :K] += part
+    return col
 
 
 def _geometry(Sq: int, Skv: int, off: int | None, R: int | None, first: int, device, dtype):
