@@ -264,3 +264,19 @@ def test_streaming_heads_split_cache_follows_beam_search_and_refuses_crop(model)
     assert not hasattr(layers[1], "stream") or layers[1].stream is None
     with pytest.raises(ValueError, match="evict=False"):
         layers[0].crop(-2)
+
+
+def test_split_cache_refuses_a_shard_of_the_kv_heads():
+    """A split layer's KV heads are the model's: a cache holding fewer (a tensor-parallel shard) is refused with
+    the fix, not split by the wrong indices; the policy binds the model's head counts (whole / split / trimmed)."""
+    from attnpatch.patchers.kv_cache import KVCache, PolicyLayer
+
+    policy = ap.StreamingHeads([(0, 1), (1, 0), (1, 3)], sink=2, window=4, evict=True).kv_policy()
+    kv = KVCache(policy, [0, 1, 2], "StreamingHeads(test)", heads=(4, 2))
+    assert kv.layers == {0, 2} and policy.split(0) == (0,) and policy.split(2) is None  # layer 1: both KV heads whole
+    layer = PolicyLayer(kv, 0)
+    k = torch.randn(1, 2, 9, 8)
+    keys, _ = layer.update(k, k.clone())
+    assert keys.shape == (1, 1, 9, 8) and layer.stream[0].shape == (1, 1, 2 + 4 - 1, 8)
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        PolicyLayer(kv, 0).update(torch.randn(1, 1, 9, 8), torch.randn(1, 1, 9, 8))
