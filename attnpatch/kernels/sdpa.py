@@ -8,7 +8,12 @@ cache holds the additive float form (0 / -inf in q's dtype), which the CPU kerne
 faster than a boolean mask (it converts a boolean mask to that form on every call), unless a row
 keeps nothing (a boolean mask is kept then, as before). A materialised mask that keeps everything
 is dropped (plain SDPA, no mask tensor), and one that equals the causal mask runs as ``is_causal``:
-both exact, and the fastest path SDPA has.
+both exact, and the fastest path SDPA has. A causal plan's own mask (upper-left aligned: q_offset 0)
+runs on the CPU flash kernel with ``is_causal`` and the additive mask together, which PyTorch's
+``scaled_dot_product_attention`` refuses but the kernel itself takes: it then skips the key blocks
+above the diagonal instead of computing them under -inf (measured, 9 heads of 64, 1 thread: 1.03x
+stock causal SDPA at 1K tokens for a mask keeping 80 % of 256-token tile pairs, against 1.84x with
+the causality folded into a non-causal mask).
 """
 from __future__ import annotations
 
@@ -95,14 +100,30 @@ def _cached_keep(plan: Plan, B, H, Sq, Skv, device, dtype, additive: bool):
 _PREPARED_MAX_BYTES = 1 << 20  # a prepared call holds its mask outside MASKS' byte bound: small masks only
 
 
-def _prepare(plan: Plan, key: tuple, keep, scale, gqa: bool) -> None:
+def _prepare(plan: Plan, key: tuple, keep, scale, gqa: bool, causal_flash: bool = False) -> None:
     """Remember on a static plan the exact SDPA call its next calls of this shape make (the
     per-call Python work is what a 64-256-token call pays on top of SDPA itself)."""
     if torch.is_tensor(keep) and keep.numel() * keep.element_size() > _PREPARED_MAX_BYTES:
         return
-    call = functools.partial(F.scaled_dot_product_attention, attn_mask=keep if torch.is_tensor(keep) else None,
-                             is_causal=keep is CAUSAL, scale=scale, enable_gqa=gqa)
+    if causal_flash:
+        call = functools.partial(_flash_causal_masked, attn_mask=keep, scale=scale)
+    else:
+        call = functools.partial(F.scaled_dot_product_attention, attn_mask=keep if torch.is_tensor(keep) else None,
+                                 is_causal=keep is CAUSAL, scale=scale, enable_gqa=gqa)
     object.__setattr__(plan, "_sdpa_call", (key, call))
+
+
+def _causal_flash(q, k, v, plan: Plan, attn_mask) -> bool:
+    """Whether a call can run the CPU flash kernel with ``is_causal`` and ``attn_mask`` together: an
+    upper-left aligned causal plan (row i sees keys j <= i, the kernel's convention) and an additive mask
+    in q's dtype. Called directly, the kernel keeps its autograd formula and its GQA (tests: equal to
+    SDPA with the causality folded into the mask, outputs and gradients)."""
+    return plan.causal and plan.q_offset == 0 and torch.is_tensor(attn_mask) and attn_mask.dtype == q.dtype \
+        and _cpu_flash(q, k, v)
+
+
+def _flash_causal_masked(q, k, v, attn_mask, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, attn_mask=attn_mask, scale=scale)[0]
 
 
 def _cpu_flash(q, k, v) -> bool:
@@ -141,8 +162,11 @@ class SDPA(Kernel):
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)  # one decode query sees the whole cache
         if plan.static or plan.mask_mod is None:
             keep = _cached_keep(plan, B, Hq, Sq, Skv, q.device, q.dtype, additive=mask is None)
+            flash = mask is None and _causal_flash(q, k, v, plan, keep)
             if mask is None and plan.q_scale is None:
-                _prepare(plan, (q.shape, k.shape, v.shape[3], q.dtype, q.device, scale), keep, scale, gqa)
+                _prepare(plan, (q.shape, k.shape, v.shape[3], q.dtype, q.device, scale), keep, scale, gqa, flash)
+            if flash:
+                return _flash_causal_masked(q, k, v, keep, scale)
             if keep is NO_MASK or (keep is CAUSAL and mask is None):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa,
                                                       is_causal=keep is CAUSAL)
@@ -161,4 +185,6 @@ class SDPA(Kernel):
                 attn_mask = additive_bias(attn_mask, q.dtype)
         else:
             attn_mask = mask + additive_bias(keep, mask.dtype)  # -inf where the plan drops a key, the call's mask elsewhere
+        if _causal_flash(q, k, v, plan, attn_mask):
+            return _flash_causal_masked(q, k, v, attn_mask, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
