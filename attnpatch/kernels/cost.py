@@ -12,9 +12,11 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
 
       call_s + E * elem_s(D) * (causal_factor if causal else 1)
 
-- ``sdpa``, masked (a materialised mask: the CPU kernel computes every score and reads the mask)::
+- ``sdpa``, masked (a materialised mask: the kernel computes every score and reads the mask; on the CPU a
+  causal plan from 0 runs the flash kernel with is_causal and the mask, skipping the blocks above the diagonal)::
 
-      call_s + E * (elem_s(D) + mask_elem_s(D))  [+ build_s + B S_q S_kv * build_s_per_elem unless cached]
+      call_s + E * (elem_s(D) + mask_elem_s(D)) * (causal_factor if that else 1)
+      [+ build_s + B S_q S_kv * build_s_per_elem unless cached]
 
   A static plan's mask is cached after its first call (``Plan.static``; kernels/sdpa.py; masks
   larger than that cache are built per call); a static plan whose BlockSparse keeps every block
@@ -161,7 +163,8 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
 
         cached = plan.static and Sq * Skv * q.element_size() <= MASKS.max_bytes
         build = 0.0 if cached else c["build_s"] + B * Sq * Skv * c["build_s_per_elem"]
-        return c["call_s"] + dense + read_mask + build
+        causal = plan.causal and plan.q_offset == 0 and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+        return c["call_s"] + (dense + read_mask) * (c["causal_factor"] if causal else 1.0) + build
     if name == "tiles":
         if stats is None:
             return math.inf
