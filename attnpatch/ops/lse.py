@@ -40,7 +40,10 @@ def dense_lse(q, k, v, *, mask=None, scale=None, causal=False, q_offset=0):
     Sq, Skv = q.shape[2], k.shape[2]
     if causal and q_offset >= Skv - 1:
         causal = False  # row 0 already sees every key
-    if causal and (q_offset != 0 or mask is not None):  # not SDPA's top-left causal: fold it into the mask
+    cpu_flash = q.device.type == "cpu" and q.dtype in _CPU_FLASH and v.shape[-1] == q.shape[-1]
+    # not SDPA's top-left causal, or a mask beside it: fold it into the mask (the CPU flash kernel takes a top-left
+    # causal call and a mask together, and skips the key blocks above the diagonal)
+    if causal and (q_offset != 0 or (mask is not None and not cpu_flash)):
         keep = torch.arange(Skv, device=q.device) <= torch.arange(q_offset, q_offset + Sq, device=q.device)[:, None]
         mask, causal = (keep if mask is None else mask & keep if mask.dtype == torch.bool
                         else mask + additive(keep, mask.dtype)), False
@@ -49,7 +52,7 @@ def dense_lse(q, k, v, *, mask=None, scale=None, causal=False, q_offset=0):
         bias = additive(mask, q.dtype)
     elif mask is not None:
         bias = mask.to(q.dtype)
-    if q.device.type == "cpu" and q.dtype in _CPU_FLASH and v.shape[-1] == q.shape[-1]:
+    if cpu_flash:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
         return out, lse
     if q.device.type == "cuda":
