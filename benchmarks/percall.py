@@ -139,7 +139,9 @@ WHY = {
                       "on small blocks), plus sorting, gathers and merges.",
     "TopKBlocks": "on 1K LLM calls its default 256-token tiles leave 4 tiles; with each query tile's own tile and the "
                   "first kept, the plan keeps 8 of the 10 causal tile pairs, and 256-row calls cost ~1.4x per score what "
-                  "one causal 1K call does. On the fixture's 80-token calls: per-call work on a 30-50 us call.",
+                  "one causal 1K call does; the masked SDPA route (causal flash with the mask since this session) pays "
+                  "the per-call mask build (the mask_mod over 1M elements, ~12 ms of a ~26 ms stock call). On the "
+                  "fixture's 80-token calls: per-call work on a 30-50 us call.",
     "Radial": "at Wan 4x16x16 / 4x32x32 (4 frames) the pattern keeps 0.906 / 0.945 of the scores: exact sparse kernels "
               "cost more than the 5-10 % they skip.",
     "Neighborhood": "fixture calls (D = 24, 4 heads) of 30-350 us, where the per-call Python work (~5-10 us) and the "
