@@ -194,7 +194,10 @@ def render(d: dict) -> str:
         parts.append("## Perplexity on long text (SmolLM2-135M-Instruct)\n\n" + table(d["perplexity"], [
             ("tokens", "tokens"), ("method", "method"), ("perplexity", "perplexity")]))
     if d.get("passkey"):
-        parts.append("## Passkey retrieval (depths 10 / 50 / 90 %)\n\n" + table(d["passkey"], [
+        parts.append("## Passkey retrieval (depths 10 / 50 / 90 %)\n\nThree prompts per cell (one per depth): a smoke "
+                     "check of each prefill method, not an accuracy estimate. The RULER-style tables below have n = 50 per "
+                     "cell with 95 % intervals, and benchmarks/results/decode.md has the decode methods' passkey at n = 50.\n\n"
+                     + table(d["passkey"], [
             ("tokens", "tokens"), ("method", "method"), ("accuracy", "accuracy")]))
     if d.get("temperature_generate"):
         m = d.get("temperature_machine") or d["machine"]
