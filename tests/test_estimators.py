@@ -74,12 +74,12 @@ def test_block_logits_share_pooled_keys_across_gqa_heads():
     torch.testing.assert_close(tk_mod._block_logits(pq, pk, sizes), want)
 
 
-@pytest.mark.parametrize("S", [64, 256, 700])
-def test_causal_rule_that_keeps_every_block_is_plain_causal_attention(S):
-    """Default blocks of 256: three blocks or fewer are all forced (first, own, one before), so no
-    estimate runs and the plan is plain causal attention (None: SDPA's is_causal, no mask tensor)."""
+@pytest.mark.parametrize("S,block", [(64, None), (256, None), (512, None), (700, 256)])
+def test_causal_rule_that_keeps_every_block_is_plain_causal_attention(S, block):
+    """Blocks of 256 (the default up to 512 keys): three blocks or fewer are all forced (first, own, one
+    before), so no estimate runs and the plan is plain causal attention (None: SDPA's is_causal, no mask tensor)."""
     q, k = torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
-    assert ap.TopKBlocks(keep=0.25).plan(q, k, Site(causal=True)) is None
+    assert ap.TopKBlocks(keep=0.25, block=block).plan(q, k, Site(causal=True)) is None
 
 
 def test_causal_selection_that_drops_a_block_is_applied_at_small_sizes():

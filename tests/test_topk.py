@@ -168,3 +168,32 @@ def test_grid_block_structures_are_shared_per_kept_pattern_and_stay_exact():
     for (b1, k1), (b2, k2) in zip(plans, plans[1:3]):
         assert (b1 is b2) == torch.equal(k1, k2)
     assert not all(torch.equal(plans[0][1], p[1]) for p in plans[1:3])
+
+
+@pytest.mark.parametrize("Sq,Skv,block", [(600, 600, 32), (48, 1100, 64), (40, 2100, 128)])
+def test_causal_default_block_follows_the_key_count(Sq, Skv, block):
+    """TopKBlocks() on a causal call: key blocks of about Skv / 16 tokens (a power of two in 32..256), equal to
+    the float64 golden with that block on every kernel that runs it; the default plan drops blocks."""
+    import goldens as G
+    import goldens_select as GS
+
+    from attnpatch.methods.topk_blocks import causal_block
+
+    assert causal_block(Skv) == block
+    q, k, v = _qkv(1, 2, 1, Skv, 16, local=0.5, seed=5)
+    q = q[:, :, Skv - Sq:]
+    site = Site(causal=True, q_offset=Skv - Sq)
+    m = ap.TopKBlocks(keep=0.25)
+    keep = GS.topk_causal_keep(q, k, Skv - Sq, keep=0.25, block=block)
+    want = G.attention(q, k, v, keep)
+    plan = m.plan(q, k, site)
+    assert plan is not None and not bool(materialise_mask(plan.with_site(True, Skv - Sq), 1, 2, Sq, Skv, "cpu").eq(
+        torch.ones(Sq, Skv, dtype=torch.bool).tril(Skv - Sq)).all())
+    for backend in ["sdpa", "reference"] + (["tiles"] if Sq == Skv else []):
+        torch.testing.assert_close(ap.core.run(q, k, v, m, site, backend=backend).double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_causal_default_block_keeps_short_calls_dense():
+    """At most 512 keys: 256-token blocks, every one the always-kept rule holds: exact causal attention, no plan."""
+    q, k, v = _qkv(1, 2, 2, 512, 16, seed=1)
+    assert ap.TopKBlocks(keep=0.25).plan(q, k, Site(causal=True)) is None
