@@ -224,7 +224,7 @@ def measure(c: Case, method: ap.Method, reps: int, device="cpu", dtype=torch.flo
     ratios = [p / s for p, s in zip(t["patched"], t["stock"])]
     r = statistics.median(ratios)
     return dict(family=c.family, dims=c.dims, shape=c.shape, tokens=c.S, heads=q.shape[1], head_dim=c.D,
-                method=label(method), name=type(method).__name__, kernel="+".join(names),
+                method=label(method), name=type(method).__name__, kernel="+".join(names) or "direct",  # no kernel: Plan.direct
                 stock_ms=1e3 * statistics.median(t["stock"]), patched_ms=1e3 * statistics.median(t["patched"]),
                 ratio=r, ratio_min=min(ratios), ratio_max=max(ratios), speedup=1 / r, slow=r > SLOW, reps=reps)
 

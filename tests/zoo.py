@@ -223,6 +223,9 @@ ZOO += [
          (1, 4, 2, 8, 38, 64), _vs(4, 3, 5, 2, 3)),
     Case("verticalslash-authors-budget", ap.VerticalSlash(verticals=3, slashes=3, last_q=6, sink=1, window=2), C,
          (1, 2, 2, 40, 40, 64), _vs(3, 3, 6, 1, 2, forced_in_budget=True), xfail=VS_BUDGET),
+    # the estimate reads every query (last_q >= S): the output comes from its scores (Plan.direct) under "auto"
+    Case("verticalslash-whole-gqa", ap.VerticalSlash(verticals=3, slashes=2, last_q=64, sink=1, window=2), C,
+         (2, 4, 2, 36, 36, 48), _vs(3, 2, 64, 1, 2), _boost(9, 3.0)),
     Case("verticalslash-decode", ap.VerticalSlash(verticals=2, slashes=2, last_q=4, sink=1, window=2), C, (1, 2, 2, 1, 20, 80),
          _dense),  # MInference: decode stays dense
     # PAG, SharedAttention

@@ -37,8 +37,9 @@ class VerticalSlash(Method):
         """(verticals (B, H, Skv), slashes (B, H, Skv)) boolean keep tables."""
         return self._top(q, k, off)[:2]
 
-    def _top(self, q, k, off: int, shift=None):
-        """(keep_v, keep_s, top columns (B, H, nv), top offsets (B, H, ns)): the tables and their indices.
+    def _top(self, q, k, off: int, shift=None, scores: bool = False):
+        """(keep_v, keep_s, top columns (B, H, nv), top offsets (B, H, ns)): the tables and their indices
+        (``scores``: and the estimate's scaled causal scores (B, H, L, Skv), -inf after each query).
         ``shift`` (B,): key j of row b holds position j + shift[b] (left padding): pad keys take no share of
         the estimate's softmax and pad query rows add nothing, so a padded row estimates what it does alone."""
         B, H, Sq, D = q.shape
@@ -53,6 +54,7 @@ class VerticalSlash(Method):
         if shift is not None:
             pad = torch.arange(Skv, device=q.device) + shift.to(q.device).view(-1, 1) < 0  # (B, Skv)
             p.masked_fill_(pad[:, None, None, :], float("-inf"))
+        raw = p if scores else None
         p = torch.softmax(p, -1)  # (B, H, L, Skv)
         if shift is not None:  # pad query rows see only pad keys: NaN rows, counted as nothing
             p = p.nan_to_num_(0.0)
@@ -60,7 +62,7 @@ class VerticalSlash(Method):
         top_s = _diagonal_sums(p, pos0).topk(min(self.slashes, Skv), -1).indices  # (B, H, ns) offsets p - j
         keep_v = torch.zeros(B, H, Skv, dtype=torch.bool, device=q.device).scatter_(2, top_v, True)
         keep_s = torch.zeros_like(keep_v).scatter_(2, top_s, True)
-        return keep_v, keep_s, top_v, top_s
+        return (keep_v, keep_s, top_v, top_s, raw) if scores else (keep_v, keep_s, top_v, top_s)
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if not site.causal:
@@ -71,7 +73,10 @@ class VerticalSlash(Method):
         off, Skv, shift = site.q_offset, k.shape[2], site.kv_shift
         if max(self.verticals, self.slashes) >= Skv or self.window >= off + Sq:
             return None  # every column, every offset or the window keeps all causal keys: exact, no estimate
-        keep_v, keep_s, top_v, top_s = self._top(q, k, off, shift)
+        # a small prefill whose estimate reads every query: its scores are the call's, so the output comes
+        # from them (a masked softmax and one matmul) instead of a kernel pass after ~40 small ops of mask work
+        whole = Sq <= self.last_q and off == 0 and Skv == Sq and shift is None and H * Sq * Skv <= DIRECT_MAX
+        keep_v, keep_s, top_v, top_s, *raw = self._top(q, k, off, shift, scores=whole)
         full = []  # the whole (B, H, Sq, Skv) mask, built on first use by index arithmetic
 
         def table():
@@ -87,7 +92,23 @@ class VerticalSlash(Method):
             pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute position: left padding is negative
             return (keep_v[b, h, kv_idx] | slash | ((pos < self.sink) & (pos >= 0)) | (d < self.window)) & (d >= 0)
 
-        return Plan(mask_mod=mask_mod, name=repr(self), lines=self._lines(top_v, top_s, Sq, off, Skv, shift))
+        direct = None
+        if whole:
+            sc, base = raw[0], _local(Sq, self.window, self.sink, q.device)
+            Hkv, dtype = k.shape[1], q.dtype
+
+            def direct(v):
+                # keep_s[i - j] through a strided view with the rows reversed (positive strides), flipped back
+                # once: a gather of the same table cost 2-4x more on a 64-token call
+                buf = torch.zeros(B, H, 2 * Sq, dtype=torch.bool, device=sc.device)
+                buf[..., :Sq] = keep_s.flip(-1)  # buf[r + j] = keep_s[i - j] for the reversed row r = Sq - 1 - i
+                rev = buf.as_strided((B, H, Sq, Skv), (H * 2 * Sq, 2 * Sq, 1, 1), buf.storage_offset())
+                keep = torch.logical_or(rev, keep_v[:, :, None, :]).flip(2) | base  # future keys: -inf in sc
+                w = torch.softmax(torch.where(keep, sc, float("-inf")), -1)  # every row keeps its own key
+                return (w.view(B, Hkv, H // Hkv * Sq, Skv) @ v.to(w.dtype)).view(B, H, Sq, -1).to(dtype)
+
+        return Plan(mask_mod=mask_mod, name=repr(self), lines=self._lines(top_v, top_s, Sq, off, Skv, shift),
+                    direct=direct)
 
     def _lines(self, top_v, top_s, Sq: int, off: int, Skv: int, shift) -> Lines | None:
         """The same pattern as columns (the top columns and each batch row's sink keys) and diagonals (the
@@ -104,6 +125,16 @@ class VerticalSlash(Method):
         cols = torch.cat([top_v, sink.expand(B, H, -1)], -1)  # (B, H, nv + ns)
         window = torch.arange(min(self.window, Skv), device=dev).expand(B, H, -1)
         return Lines(cols, torch.cat([top_s, window], -1))
+
+
+DIRECT_MAX = 1 << 18  # heads x queries x keys of the largest call whose output comes from the estimate's scores
+
+
+@functools.lru_cache(maxsize=16)
+def _local(S: int, window: int, sink: int, device):
+    """(S, S) boolean: key j within the window of query i or a sink key (causality aside), for S queries on S keys."""
+    d = torch.arange(S, device=device)[:, None] - torch.arange(S, device=device)
+    return (d < window) | (torch.arange(S, device=device) < sink)
 
 
 @functools.lru_cache(maxsize=16)
