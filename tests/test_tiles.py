@@ -150,3 +150,34 @@ def test_value_head_size_differs_from_query(method, site):
     same = reference.attention(q, k, v, plan, dtype=torch.float32).double()
     assert out.shape == (2, 4, q.shape[2], 40)
     assert (out.double() - exact).abs().max() <= 2 * (same - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("method,site", [
+    (ap.SlidingTile(tile=8, window=3), Site(grid=(32, 32), text_len=16, kind="joint")),  # full tile rows: no bias
+    (ap.Neighborhood(window=9), Site(grid=(32, 32), text_len=16, kind="joint")),  # partial runs: one bias over the gathered keys
+], ids=["sta-joint", "window"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_grid_groups_gather_where_the_cost_model_says_and_stay_exact(method, site, grad, monkeypatch):
+    """At the fixture's head dim (24) the cost constants make some grid groups copy their key runs side by
+    side for one call instead of merging one LSE part per run (tile_runs._grid_gathers); the output (and
+    its gradients) equal the float64 reference, and the merged path's, with the switch off."""
+    from attnpatch.kernels import tile_runs
+
+    S = site.grid[0] * site.grid[1] + site.text_len
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 4, S, 24, generator=g, requires_grad=grad) for _ in range(3))
+    plan = method.plan(q, k, site).with_site(False, 0)
+    work = (4, 24, 24, 4, torch.get_num_threads())
+    assert any(gr.gather for gr in tile_runs.groups(plan.blocks, plan, "cpu", work))  # the gathered path runs
+    out = ap.attend(q, k, v, method, site, backend="tiles")
+    exact = reference.attention(q.double(), k.double(), v.double(), plan, dtype=torch.float64)
+    torch.testing.assert_close(out.double(), exact, atol=2e-6, rtol=1e-5)
+    monkeypatch.setattr(tile_runs, "GRID_GATHER", False)
+    merged = ap.attend(q, k, v, method, site, backend="tiles")
+    torch.testing.assert_close(out, merged, atol=2e-6, rtol=1e-5)
+    if grad:
+        w = torch.randn(out.shape, generator=g)
+        got = torch.autograd.grad((out * w).sum(), (q, k, v))
+        want = torch.autograd.grad((exact * w.double()).sum(), (q, k, v))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=1e-4)

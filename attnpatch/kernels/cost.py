@@ -109,23 +109,23 @@ def per_d(table: dict, D: int) -> float:
     return pts[-1][1] * D / pts[-1][0]
 
 
-def block_stats(bs: BlockSparse, plan=None, device=None) -> dict:
+def block_stats(bs: BlockSparse, plan=None, device=None, work: tuple | None = None) -> dict:
     """What the tiles kernel does for ``bs`` (with ``plan``: its refined runs, ``tiles.groups``; cached
     on ``bs``): the fractions of the score matrix its calls compute with no mask (``density``, partial
     and causal-diagonal runs included), with a bias (``partial``) and as causal diagonal blocks
     (``diag``), SDPA calls, LSE parts, merged query rows (times parts), and whether there is a permutation."""
     from . import tile_runs as tiles  # same module family; groups are cached on bs
 
-    key = ("cost_stats", plan is not None and tiles.REFINE, tiles.GATHER_FACTOR, tiles.SPLIT_ROWS)
+    key = ("cost_stats", plan is not None and tiles.REFINE, tiles.GATHER_FACTOR, tiles.SPLIT_ROWS, work)
     if key in bs.cache:
         return bs.cache[key]
     calls = lse = merged = gathered = 0
     area = {False: 0, True: 0, tiles.CAUSAL: 0}  # computed score elements per run kind
-    for g in tiles.groups(bs, plan, device):
+    for g in tiles.groups(bs, plan, device, work):
         if g.gather:  # one masked call over the runs' keys copied side by side
             calls += 1
             gathered += g.n * sum(r[2] for r in g.runs)
-            area[False] += g.n * g.L * sum(r[2] for r in g.runs)
+            area[all(r[3] is True for r in g.runs)] += g.n * g.L * sum(r[2] for r in g.runs)  # unmasked when all full
             continue
         if len(g.runs) == 1 and g.runs[0][3]:
             calls += 1
@@ -152,7 +152,9 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
     E = B * Hq * Sq * Skv  # score elements
     dense = E * per_d(c["elem_s"], D)
     read_mask = E * per_d(c["mask_elem_s"], D)
-    stats = block_stats(plan.blocks, plan, q.device) if plan.blocks is not None else None
+    # the tiles kernel's groups for this call's shape (grid groups gather by it: tile_runs._grid_gathers)
+    work = (B * Hq, D, v.shape[3], q.element_size(), threads())
+    stats = block_stats(plan.blocks, plan, q.device, work) if plan.blocks is not None else None
     if name == "sdpa":
         if plan.mask_mod is None and mask is None:
             causal = plan.causal and plan.q_offset == 0

@@ -28,13 +28,16 @@ class Group:
     gather: bool = False
 
 
-def groups(bs: BlockSparse, plan: Plan | None = None, device=None) -> list[Group]:
+def groups(bs: BlockSparse, plan: Plan | None = None, device=None, work: tuple | None = None) -> list[Group]:
     """``bs.runs()`` as call groups (cached on the block structure); with ``plan``, partial runs
     are first refined by the plan's mask (``refine``; evaluated on ``device``, the inputs' device:
     a data-dependent mask_mod holds tensors there) and partial runs join groups too where their
-    mask is the same in every range (one bias for the group)."""
+    mask is the same in every range (one bias for the group). ``work`` (batch x query heads, head dim,
+    value dim, element bytes, threads) of the call lets a grid structure's groups gather (``_grid_gathers``)."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     key = "tile_groups" if plan is None or not REFINE else ("tile_groups_refined", GATHER_FACTOR, SPLIT_ROWS)
+    if plan is not None and REFINE and not bs.causal and work is not None and GRID_GATHER:
+        key = (*key, work, dev.type)  # grid gathers are decided by the call's shape and the device's constants
     if key in bs.cache:
         return bs.cache[key]
     out: list[Group] = []
@@ -56,6 +59,9 @@ def groups(bs: BlockSparse, plan: Plan | None = None, device=None) -> list[Group
     if plan is not None and REFINE and bs.causal:
         for g in out:
             g.gather = _gathers(plan, bs, g, dev)
+    elif plan is not None and REFINE and work is not None and GRID_GATHER:
+        for g in out:
+            g.gather = _grid_gathers(plan, bs, g, dev, work)
     bs.cache[key] = out
     return out
 
@@ -136,6 +142,34 @@ def _gathers(plan, bs, g: Group, device) -> bool:
     if len(g.runs) < 2 or sum(r[2] for r in g.runs) > GATHER_FACTOR * max(g.L, GATHER_MIN_ROWS) * len(g.runs):
         return False
     return bool(_gathered_mask(plan, bs, g, device).any(-1).all())
+
+
+GRID_GATHER = True  # module switch: grid (non-causal) groups may gather (benchmarks compare both)
+
+
+def _grid_gathers(plan, bs, g: Group, device, work: tuple) -> bool:
+    """Whether a grid group (a 2-D / 3-D window's query ranges: each a few key runs, one per tile row)
+    runs as one call on its runs' keys copied side by side rather than one LSE part per run merged, by
+    the device's cost constants (kernels/cost.py): the copy of keys and values (plus the bias a mixed
+    group's full runs then read) against the parts' fixed costs and merges. Measured on the 2-core CPU:
+    the fixture's SlidingTile(tile=8, window=3) at 48 x 48 tokens (D 24) 0.68x -> 0.50x stock per call,
+    at 32 x 32 1.38x -> 0.93x; at head dim 128 the copy costs what the merges save and the rule keeps
+    merging (FLUX / Wan shapes within noise, Radial's mixed groups slower gathered)."""
+    if len(g.runs) < 2:
+        return False
+    from .cost import constants, per_d  # cost imports this module
+
+    BH, D, Dv, size, threads = work
+    c = constants(device.type, threads)
+    if c is None:
+        return False
+    rows = BH * g.n * g.L
+    keys = sum(r[2] for r in g.runs)
+    merged = (len(g.runs) - 1) * c["call_s"] + len(g.runs) * c["lse_s"] + c["merge_s_per_elem"] * rows * len(g.runs) * Dv
+    full = sum(r[2] for r in g.runs if r[3] is True)
+    bias = per_d(c["mask_elem_s"], D) * rows * full if full < keys else 0.0  # one bias over every key once any is partial
+    copied = c["gather_s_per_byte"] * BH * g.n * keys * (D + Dv) * size + bias
+    return copied < merged and bool(_gathered_mask(plan, bs, g, device).any(-1).all())
 
 
 def _gathered_mask(plan, bs, g: Group, device) -> torch.Tensor:

@@ -122,7 +122,8 @@ class Tiles(Kernel):
         B, Hq = q.shape[:2]
         mergeable = B == 1 or all(x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v, ot))
         row_bytes = B * Hq * ot.shape[3] * 4  # per query row of a call's output (float32 when merged)
-        for g in groups(bs, plan, q.device):
+        work = (B * Hq, q.shape[3], ot.shape[3], q.element_size(), torch.get_num_threads())
+        for g in groups(bs, plan, q.device, work):
             # batch and heads that cannot merge into one view: one call per range; else calls whose
             # outputs stay below MAX_CALL_BYTES
             c = 1 if not mergeable else max(1, MAX_CALL_BYTES // (g.L * row_bytes))
@@ -141,7 +142,9 @@ class Tiles(Kernel):
             o = F.scaled_dot_product_attention(qv, kv[0][0], kv[0][1], scale=scale, is_causal=kv[0][4] == CAUSAL)
         elif g.gather:  # the runs' keys side by side: one call with their masks, nothing to merge
             kk, vv = (torch.cat([x[i] for x in kv], dim=-2) for i in (0, 1))
-            o = F.scaled_dot_product_attention(qv, kk, vv, attn_mask=_gathered_bias(plan, bs, g, q.dtype, q.device), scale=scale)
+            full = all(r[3] is True for r in g.runs)  # a grid window's full tile rows: nothing to mask
+            o = F.scaled_dot_product_attention(qv, kk, vv, scale=scale,
+                                               attn_mask=None if full else _gathered_bias(plan, bs, g, q.dtype, q.device))
         else:
             if len(kv) > 1 and q.element_size() < 4:  # 16-bit parts rounded before merging: twice one rounding's error
                 qv, kv = qv.float(), [(kk.float(), vv.float(), *rest) for kk, vv, *rest in kv]
