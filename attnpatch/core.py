@@ -208,12 +208,13 @@ _DENSE = Plan()
 def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
     if plan is None:
         plan = _DENSE
+    if plan.direct is not None and backend is None and mask is None and not softcap and plan.transform is None \
+            and plan.extra_kv is None and not plan.parts and plan.q_scale is None \
+            and (scale is None or scale == q.shape[-1] ** -0.5):
+        return plan.direct(v)  # the method's own scores of every row (its output step included): no kernel pass
     if not softcap and plan.transform is None and plan.extra_kv is None and plan.output is None and not plan.parts:
         # the common call, where only the site and q_scale steps apply: the same steps without the Call
         # record (per-call Python overhead is what a 64-token call pays on top of SDPA)
-        if plan.direct is not None and backend is None and mask is None and plan.q_scale is None \
-                and (scale is None or scale == q.shape[-1] ** -0.5):
-            return plan.direct(v)  # the method's own scores of every row: no kernel pass over them again
         plan = plan.with_site(site.causal, site.q_offset)
         q, scale, plan = fold_q_scale(q, scale, plan)
         return kernels.select(q, k, v, plan, mask=mask, backend=backend).run(q, k, v, plan, mask=mask, scale=scale)

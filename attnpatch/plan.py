@@ -100,9 +100,10 @@ class Plan:
     static: bool = False
     lines: Lines | None = None  # the same pattern as mask_mod, as columns and diagonals (kernels/lines.py)
     buckets: Buckets | None = None  # the same attention as pieces merged by LSE (kernels/buckets.py)
-    # v -> the call's output, from scores the method already computed for every row (VerticalSlash when its
-    # estimate covered all queries of a small call): core uses it for a call without a named backend, mask,
-    # soft cap or scale other than 1/sqrt(D); every kernel still runs mask_mod (the same attention)
+    # v -> the call's whole output (``output`` step included), from scores the method already computed for
+    # every row (small calls: VerticalSlash when its estimate covered all queries, SinkCalibration when its
+    # detection read every row): core uses it for a call without a named backend, mask, soft cap, transform,
+    # extra keys, parts or scale other than 1/sqrt(D); otherwise the plan's other fields run as usual
     direct: Callable | None = None
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":

@@ -83,6 +83,39 @@ def _geometry_build(Sq, Skv, off, R, first, device, dtype):
 _geometry_cached = lru_cache(maxsize=32)(_geometry_build)
 
 
+SMALL_CALL = 1 << 18  # heads x queries x keys of the largest call ``small_call`` serves (64 tokens x 64 heads)
+
+
+def small_call(q, k, off: int, causal: bool):
+    """(probabilities (B, H, Sq, Skv), column scores (B, H, Skv): the mean over every row of p_ij n_i) of a
+    small call without a mask or soft cap at the default scale, every row seeing a key (off >= 0): the one
+    score pass a call that detects on all its rows needs, whose probabilities then give the output too.
+    k may hold fewer (GQA) heads than q."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    work = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(work).reshape(B, Hkv, H // Hkv * Sq, D) * D ** -0.5) @ k.to(work).transpose(-1, -2)
+    s = s.view(B, H, Sq, Skv)
+    if causal and off < Skv - 1:  # the first row sees keys up to its position off: later ones are hidden
+        s = s + _hidden(Sq, Skv, off, work, q.device)
+    p = torch.softmax(s, -1)
+    return p, (_row_weights(Sq, Skv, off if causal else None, work, q.device) @ p).squeeze(-2)
+
+
+@lru_cache(maxsize=16)
+def _hidden(Sq: int, Skv: int, off: int, dtype, device):
+    """(Sq, Skv) additive: -inf where key j lies after query i's position i + off."""
+    j = torch.arange(Skv, device=device)
+    return torch.zeros(Sq, Skv, dtype=dtype, device=device).masked_fill_(j > torch.arange(Sq, device=device)[:, None] + off, float("-inf"))
+
+
+@lru_cache(maxsize=16)
+def _row_weights(Sq: int, Skv: int, off, dtype, device):
+    """(1, Sq): n_i / Sq, n_i the keys row i sees (every row sees one: off >= 0)."""
+    n = torch.full((Sq,), Skv, device=device) if off is None else (torch.arange(Sq, device=device) + off + 1).clamp(max=Skv)
+    return (n.to(dtype) / Sq).view(1, Sq)
+
+
 def masked_lse(sc):
     """(B, h, C) LSE of scores (B, h, C, K); rows that see no key (-inf everywhere) get 0, no NaN in the backward."""
     dead = ~(sc > float("-inf")).any(-1, keepdim=True)

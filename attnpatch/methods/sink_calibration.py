@@ -22,13 +22,15 @@ profile; ``bind_model`` checks the profile against the patched model.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from ..plan import Plan
 from ..site import Site
-from ._sink_scores import _EXP_FLOOR, _Call, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, sample
+from ._sink_scores import SMALL_CALL, _EXP_FLOOR, _Call, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, \
+    sample, small_call
 from .base import Method, call_heads, check_int, check_number
 
 PROFILE_KIND = "act-heads"
@@ -265,7 +267,7 @@ class SinkCalibration(Method):
         key = (site.layer, q.shape[1], site.heads, site.q_offset, site.causal, q.device)
         got = self._plans.get(key) if site.kv_shift is None else None
         if got is not None and got[0] == id(self):  # a copy of this method (deepcopy) holds plans bound to the original
-            return got[1]
+            return self._small(got[1], q, k, site)
         # heads=[(layer, head)] name the model's heads; under tensor / context parallelism the call holds a subset
         heads = call_heads(site, q.shape[1], self.heads_at(site.layer, site.model_heads(q.shape[1])[1]))
         plan = self._plan(q.shape[1], heads, site.q_offset, site.causal, site.kv_shift, q.device)
@@ -273,7 +275,36 @@ class SinkCalibration(Method):
             if len(self._plans) >= 256:
                 self._plans.clear()
             self._plans[key] = (id(self), plan)
-        return plan
+        return self._small(plan, q, k, site)
+
+    def _small(self, plan: Plan | None, q, k, site: Site) -> Plan | None:
+        """``plan`` with ``Plan.direct`` for a small call whose detection reads every row (at most
+        ``detect_rows`` queries, no left padding, every row seeing a key): one score pass gives the
+        probabilities, the column scores and the calibrated output (core runs it when the call has no mask,
+        soft cap or other scale; else the kernel and the output step, as for any call). Without it such a
+        call paid the kernel, a second pass over every score and the correction (2-3x stock at 64 tokens)."""
+        B, H, Sq, _ = q.shape
+        if plan is None or site.kv_shift is not None or (self.detect_rows is not None and Sq > self.detect_rows) \
+                or H * Sq * k.shape[2] > SMALL_CALL or (site.causal and site.q_offset < 0) \
+                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            return plan
+        heads = call_heads(site, H, self.heads_at(site.layer, site.model_heads(H)[1]))
+        p, col = small_call(q, k, site.q_offset, site.causal)
+        hidx = None if heads == list(range(H)) else torch.tensor(heads, device=q.device)
+        call = _Call(site.q_offset, site.causal, None, None, q.shape[-1] ** -0.5, None, hidx)
+        sink, m = self._pick(col if hidx is None else col[:, hidx], call)
+        if m:  # sink columns' probabilities times beta, rows renormalised: the same as log(beta) on their scores
+            scaled = torch.where(sink, self.beta, 1.0).to(p.dtype)  # (B, h, Skv)
+            if hidx is not None:
+                scaled = torch.ones(B, H, p.shape[-1], dtype=p.dtype, device=p.device).index_copy_(1, hidx, scaled)
+            p = p * scaled[:, :, None, :]
+            p = p / p.sum(-1, keepdim=True)
+        Hkv, dtype = k.shape[1], q.dtype
+
+        def direct(v):
+            return (p.view(B, Hkv, H // Hkv * Sq, -1) @ v.to(p.dtype)).view(B, H, Sq, -1).to(dtype)
+
+        return dataclasses.replace(plan, direct=direct)
 
     def _plan(self, H, heads, q_offset, causal, kv_shift, device) -> Plan | None:
         if not heads:
