@@ -64,6 +64,11 @@ ROWS += [  # SinkRedistribution: alpha of the magnets' attention moved to the ta
                                                            threshold=1.5, detect_rows=7),
          Site(**J35), (1, 2, 2, 19, 19, 48), _redist(heads=[0], alpha=0.6, targets=J35_VISUAL, candidates=J35_TEXT,
                                                      threshold=1.5, detect_rows=7), _boost(2, 4.0)),
+    # detection on every row of a small call: the output from its one score pass (Plan.direct) under "auto"
+    Case("redist-whole-joint-rows-gqa", ap.SinkRedistribution(heads=[(0, 1), (0, 2)], alpha=0.5, targets="visual",
+                                                              candidates="text", queries="visual", threshold=1.5),
+         Site(**J35), (2, 4, 2, 19, 19, 48), _redist(heads=[1, 2], alpha=0.5, targets=J35_VISUAL, candidates=J35_TEXT,
+                                                     queries=J35_VISUAL, threshold=1.5), _boost(2, 4.0)),
     Case("redist-given-visual-rows", ap.SinkRedistribution(magnets=[0, 2], alpha=0.7, targets="visual", queries="visual"),
          Site(**J35), (2, 2, 1, 19, 19, 72), _redist(magnets=[0, 2], alpha=0.7, targets=J35_VISUAL, queries=J35_VISUAL)),
     Case("redist-given-decode", ap.SinkRedistribution(magnets=[0, 5], alpha=0.4, targets=range(10, 16)), C,

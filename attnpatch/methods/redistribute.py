@@ -23,13 +23,14 @@ A profile (safetensors, ``save_profile``) holds the heads and magnet positions a
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from ..plan import Plan
 from ..site import Site
-from ._sink_scores import _Call, chunks, gather_rows, plain_col, row_lse, sample
+from ._sink_scores import SMALL_CALL, _Call, chunks, gather_rows, plain_col, row_lse, sample, small_call
 from .base import Method, call_heads, check_int, check_number, fail
 from .magnets import PROFILE_KIND, MagnetScan, load_profile, save_profile  # noqa: F401  (public here too)
 from .sink_calibration import SinkCalibration
@@ -96,14 +97,47 @@ class SinkRedistribution(Method):
                site.text_first, site.kind, q.shape[2], k.shape[2])
         got = self._plans.get(key) if site.kv_shift is None else None
         if got is not None and got[0] == id(self):
-            return got[1]
+            return self._small(got[1], q, k, site)
         heads = call_heads(site, q.shape[1], self.heads_at(site.layer, site.model_heads(q.shape[1])[1]))
         plan = self._plan(q.shape[1], heads, site, q.shape[2], k.shape[2], q.device)
         if site.kv_shift is None:
             if len(self._plans) >= 256:
                 self._plans.clear()
             self._plans[key] = (id(self), plan)
-        return plan
+        return self._small(plan, q, k, site)
+
+    def _small(self, plan: Plan | None, q, k, site: Site) -> Plan | None:
+        """``plan`` with ``Plan.direct`` for a small call that detects its magnets on every row (as
+        SinkCalibration's ``_small``): from one score pass, p' by the definition above, times v."""
+        B, H, Sq, _ = q.shape
+        Skv = k.shape[2]
+        if plan is None or self.magnets is not None or site.kv_shift is not None or H * Sq * Skv > SMALL_CALL \
+                or (self.detect_rows is not None and Sq > self.detect_rows) or (site.causal and site.q_offset < 0) \
+                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            return plan
+        heads = call_heads(site, H, self.heads_at(site.layer, site.model_heads(H)[1]))
+        hidx = None if heads == list(range(H)) else torch.tensor(heads, device=q.device)
+        tgt, cand = (_tokens(x, site, Skv, 0, q.device, keys=True) for x in (self.targets, self.candidates))
+        rows = _tokens(self.queries, site, Sq, site.q_offset, q.device, keys=False)
+        p, col = small_call(q, k, site.q_offset, site.causal)
+        ph, col = (p, col) if hidx is None else (p[:, hidx], col[:, hidx])
+        call = _Call(site.q_offset, site.causal, None, None, q.shape[-1] ** -0.5, None, hidx)
+        mag, m = self._scan._pick(col if cand is None else col.masked_fill(~cand, 0.0), call)
+        if m:
+            to = ~mag if tgt is None else tgt & ~mag  # (B, h, Skv) targets less the magnets
+            M = (ph * mag[:, :, None, :]).sum(-1, keepdim=True)  # (B, h, Sq, 1) magnet and target mass
+            T = (ph * to[:, :, None, :]).sum(-1, keepdim=True)
+            gain = 1 + self.alpha * M / T.clamp_min(torch.finfo(T.dtype).tiny)
+            w = torch.where(mag[:, :, None, :], 1 - self.alpha, torch.where(to[:, :, None, :], gain, 1.0))
+            live = T > 0 if rows is None else (T > 0) & rows[:, None]  # rows without a target, or not chosen: as they were
+            ph = torch.where(live, ph * w, ph)
+            p = ph if hidx is None else p.index_copy(1, hidx, ph)
+        Hkv, dtype = k.shape[1], q.dtype
+
+        def direct(v):
+            return (p.view(B, Hkv, H // Hkv * Sq, -1) @ v.to(p.dtype)).view(B, H, Sq, -1).to(dtype)
+
+        return dataclasses.replace(plan, direct=direct)
 
     def _plan(self, H, heads, site: Site, Sq, Skv, device) -> Plan | None:
         if not heads:
