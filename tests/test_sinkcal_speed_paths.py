@@ -206,12 +206,12 @@ def test_long_causal_scan_in_two_row_groups_equals_the_score_definition(Sq, Skv,
 
 
 def test_plans_are_reused_per_site_geometry():
-    q, k, v = _qkv(1, 2, 2, 10, 10, 16)
-    m = ap.SinkCalibration(detect_rows=4)  # 10 queries > 4 detection rows: no per-call small path
+    q, k, v = _qkv(1, 2, 2, 400, 400, 16)  # above S.SMALL_CALL scores: no per-call small path
+    m = ap.SinkCalibration()
     a, b = m.plan(q, k, Site(causal=True)), m.plan(q, k, Site(causal=True))
     assert a is b and a.direct is None and m.plan(q, k, Site(causal=True, q_offset=3)) is not a
-    small = ap.SinkCalibration()  # every row detects: a per-call direct output over the cached plan
-    a, b = small.plan(q, k, Site(causal=True)), small.plan(q, k, Site(causal=True))
+    q, k = q[:, :, :10], k[:, :, :10]  # a small call: a per-call direct output over the cached plan
+    a, b = m.plan(q, k, Site(causal=True)), m.plan(q, k, Site(causal=True))
     assert a.direct is not None and a.output is b.output
     shift = torch.tensor([0])
     assert m.plan(q, k, Site(causal=True, kv_shift=shift)) is not m.plan(q, k, Site(causal=True, kv_shift=shift))
@@ -249,8 +249,8 @@ def test_correction_matches_the_definition_with_one_and_several_sinks(cols):
     (3, 1, 30, 30, False, None),  # non-causal (a DiT's joint call), one KV head
 ], ids=["gqa-prefill", "chunk-one-head", "noncausal"])
 def test_small_calls_take_their_output_from_the_detection_scores(Hq, Hkv, Sq, Skv, causal, heads):
-    """A call whose detection reads every row (Sq <= detect_rows) gets Plan.direct: the output from its one
-    score pass equals the kernel + output step (backend named) and differs from dense (a sink was found)."""
+    """A small call gets Plan.direct: the output from its one score pass (detection on every row, or on
+    sampled rows) equals the kernel + output step (backend named) and differs from dense (a sink was found)."""
     q, k, v = _qkv(2, Hq, Hkv, Sq, Skv, 16, seed=3, sink=5)
     m = ap.SinkCalibration(heads=heads, threshold=2.0, beta=0.3)
     site = Site(causal=causal, q_offset=Skv - Sq if causal else 0)
@@ -259,5 +259,8 @@ def test_small_calls_take_their_output_from_the_detection_scores(Hq, Hkv, Sq, Sk
     want = ap.attend(q, k, v, m, site, backend="sdpa")  # a named backend: the kernel and the output step
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     assert (got - ap.attend(q, k, v, ap.Dense(), site)).abs().max() > 1e-3
-    m.detect_rows = Sq - 1  # one row fewer than the call: sampled detection, no direct path
-    assert m.plan(q, k, site).direct is None
+    m.detect_rows = Sq // 3  # sampled detection rows: still one pass, the same rows as the kernel path reads
+    assert m.plan(q, k, site).direct is not None
+    torch.testing.assert_close(ap.attend(q, k, v, m, site), ap.attend(q, k, v, m, site, backend="sdpa"), atol=2e-6, rtol=1e-5)
+    big = _qkv(1, Hq, Hkv, 400, 400, 16)[:2]
+    assert m.plan(*big, Site(causal=causal)).direct is None  # above S.SMALL_CALL scores: the kernel is cheaper

@@ -86,10 +86,10 @@ _geometry_cached = lru_cache(maxsize=32)(_geometry_build)
 SMALL_CALL = 1 << 18  # heads x queries x keys of the largest call ``small_call`` serves (64 tokens x 64 heads)
 
 
-def small_call(q, k, off: int, causal: bool):
-    """(probabilities (B, H, Sq, Skv), column scores (B, H, Skv): the mean over every row of p_ij n_i) of a
-    small call without a mask or soft cap at the default scale, every row seeing a key (off >= 0): the one
-    score pass a call that detects on all its rows needs, whose probabilities then give the output too.
+def small_call(q, k, off: int, causal: bool, R: int | None):
+    """(probabilities (B, H, Sq, Skv), column scores (B, H, Skv): the mean over the detection rows (``sample``:
+    R of them, every row for None) of p_ij n_i) of a small call without a mask or soft cap at the default
+    scale, every row seeing a key (off >= 0): one score pass gives the detection and the output.
     k may hold fewer (GQA) heads than q."""
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -99,7 +99,7 @@ def small_call(q, k, off: int, causal: bool):
     if causal and off < Skv - 1:  # the first row sees keys up to its position off: later ones are hidden
         s = s + _hidden(Sq, Skv, off, work, q.device)
     p = torch.softmax(s, -1)
-    return p, (_row_weights(Sq, Skv, off if causal else None, work, q.device) @ p).squeeze(-2)
+    return p, (_row_weights(Sq, Skv, off if causal else None, R, work, q.device) @ p).squeeze(-2)
 
 
 @lru_cache(maxsize=16)
@@ -110,10 +110,14 @@ def _hidden(Sq: int, Skv: int, off: int, dtype, device):
 
 
 @lru_cache(maxsize=16)
-def _row_weights(Sq: int, Skv: int, off, dtype, device):
-    """(1, Sq): n_i / Sq, n_i the keys row i sees (every row sees one: off >= 0)."""
+def _row_weights(Sq: int, Skv: int, off, R, dtype, device):
+    """(1, Sq): n_i / C for the C detection rows (``sample``), 0 for the others; n_i the keys row i sees
+    (every row sees one: off >= 0)."""
     n = torch.full((Sq,), Skv, device=device) if off is None else (torch.arange(Sq, device=device) + off + 1).clamp(max=Skv)
-    return (n.to(dtype) / Sq).view(1, Sq)
+    rows = sample(Sq, R, device)[1]
+    if rows is None:
+        return (n.to(dtype) / Sq).view(1, Sq)
+    return torch.zeros(Sq, dtype=dtype, device=device).index_copy_(0, rows, n[rows].to(dtype) / len(rows)).view(1, Sq)
 
 
 def masked_lse(sc):

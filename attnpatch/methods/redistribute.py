@@ -107,19 +107,19 @@ class SinkRedistribution(Method):
         return self._small(plan, q, k, site)
 
     def _small(self, plan: Plan | None, q, k, site: Site) -> Plan | None:
-        """``plan`` with ``Plan.direct`` for a small call that detects its magnets on every row (as
-        SinkCalibration's ``_small``): from one score pass, p' by the definition above, times v."""
+        """``plan`` with ``Plan.direct`` for a small call that detects its magnets (as SinkCalibration's
+        ``_small``): from one score pass over every row, p' by the definition above, times v."""
         B, H, Sq, _ = q.shape
         Skv = k.shape[2]
         if plan is None or self.magnets is not None or site.kv_shift is not None or H * Sq * Skv > SMALL_CALL \
-                or (self.detect_rows is not None and Sq > self.detect_rows) or (site.causal and site.q_offset < 0) \
+                or (site.causal and site.q_offset < 0) \
                 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             return plan
         heads = call_heads(site, H, self.heads_at(site.layer, site.model_heads(H)[1]))
         hidx = None if heads == list(range(H)) else torch.tensor(heads, device=q.device)
         tgt, cand = (_tokens(x, site, Skv, 0, q.device, keys=True) for x in (self.targets, self.candidates))
         rows = _tokens(self.queries, site, Sq, site.q_offset, q.device, keys=False)
-        p, col = small_call(q, k, site.q_offset, site.causal)
+        p, col = small_call(q, k, site.q_offset, site.causal, self.detect_rows)
         ph, col = (p, col) if hidx is None else (p[:, hidx], col[:, hidx])
         call = _Call(site.q_offset, site.causal, None, None, q.shape[-1] ** -0.5, None, hidx)
         mag, m = self._scan._pick(col if cand is None else col.masked_fill(~cand, 0.0), call)

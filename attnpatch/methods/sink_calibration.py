@@ -278,18 +278,19 @@ class SinkCalibration(Method):
         return self._small(plan, q, k, site)
 
     def _small(self, plan: Plan | None, q, k, site: Site) -> Plan | None:
-        """``plan`` with ``Plan.direct`` for a small call whose detection reads every row (at most
-        ``detect_rows`` queries, no left padding, every row seeing a key): one score pass gives the
-        probabilities, the column scores and the calibrated output (core runs it when the call has no mask,
-        soft cap or other scale; else the kernel and the output step, as for any call). Without it such a
-        call paid the kernel, a second pass over every score and the correction (2-3x stock at 64 tokens)."""
+        """``plan`` with ``Plan.direct`` for a small call (at most ``SMALL_CALL`` scores, no left padding, every
+        row seeing a key): one score pass over every row gives the probabilities, the detection rows' column
+        scores and the calibrated output (core runs it when the call has no mask, soft cap or other scale; else
+        the kernel and the output step, as for any call). Without it such a call paid the kernel, a second pass
+        over the detection rows' scores (every row, up to ``detect_rows`` queries) and the correction (2-3x stock
+        at 64 tokens); above ``SMALL_CALL`` a score pass over every row costs more than the flash kernel (3x at 256)."""
         B, H, Sq, _ = q.shape
-        if plan is None or site.kv_shift is not None or (self.detect_rows is not None and Sq > self.detect_rows) \
+        if plan is None or site.kv_shift is not None \
                 or H * Sq * k.shape[2] > SMALL_CALL or (site.causal and site.q_offset < 0) \
                 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             return plan
         heads = call_heads(site, H, self.heads_at(site.layer, site.model_heads(H)[1]))
-        p, col = small_call(q, k, site.q_offset, site.causal)
+        p, col = small_call(q, k, site.q_offset, site.causal, self.detect_rows)
         hidx = None if heads == list(range(H)) else torch.tensor(heads, device=q.device)
         call = _Call(site.q_offset, site.causal, None, None, q.shape[-1] ** -0.5, None, hidx)
         sink, m = self._pick(col if hidx is None else col[:, hidx], call)
