@@ -167,7 +167,9 @@ def test_grid_groups_gather_where_the_cost_model_says_and_stay_exact(method, sit
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, 4, S, 24, generator=g, requires_grad=grad) for _ in range(3))
     plan = method.plan(q, k, site).with_site(False, 0)
-    work = (4, 24, 24, 4, torch.get_num_threads())
+    from attnpatch.kernels.cost import work_of
+
+    work = work_of(q, v)  # (batch x heads, head dim, value dim, element bytes, the CPU's cost constants)
     assert any(gr.gather for gr in tile_runs.groups(plan.blocks, plan, "cpu", work))  # the gathered path runs
     out = ap.attend(q, k, v, method, site, backend="tiles")
     exact = reference.attention(q.double(), k.double(), v.double(), plan, dtype=torch.float64)

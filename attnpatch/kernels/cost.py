@@ -54,6 +54,7 @@ kernel's ``why_not``, and every kernel is exact, so a wrong estimate costs time,
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -109,6 +110,22 @@ def per_d(table: dict, D: int) -> float:
     return pts[-1][1] * D / pts[-1][0]
 
 
+@functools.lru_cache(maxsize=64)
+def gather_costs(device_type: str, threads: int, D: int) -> tuple | None:
+    """(call_s, lse_s, merge_s_per_elem, gather_s_per_byte, mask_elem_s at D): what tile_runs weighs to
+    gather a grid group's key runs (``tile_runs._grid_gathers``); None without constants for the device."""
+    c = constants(device_type, threads)
+    if c is None:
+        return None
+    return c["call_s"], c["lse_s"], c["merge_s_per_elem"], c["gather_s_per_byte"], per_d(c["mask_elem_s"], D)
+
+
+def work_of(q, v) -> tuple:
+    """The call facts the tiles kernel's grid groups depend on (``tile_runs.groups``' ``work``)."""
+    B, Hq, _, D = q.shape
+    return B * Hq, D, v.shape[3], q.element_size(), gather_costs(q.device.type, threads(), D)
+
+
 def block_stats(bs: BlockSparse, plan=None, device=None, work: tuple | None = None) -> dict:
     """What the tiles kernel does for ``bs`` (with ``plan``: its refined runs, ``tiles.groups``; cached
     on ``bs``): the fractions of the score matrix its calls compute with no mask (``density``, partial
@@ -153,8 +170,7 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
     dense = E * per_d(c["elem_s"], D)
     read_mask = E * per_d(c["mask_elem_s"], D)
     # the tiles kernel's groups for this call's shape (grid groups gather by it: tile_runs._grid_gathers)
-    work = (B * Hq, D, v.shape[3], q.element_size(), threads())
-    stats = block_stats(plan.blocks, plan, q.device, work) if plan.blocks is not None else None
+    stats = block_stats(plan.blocks, plan, q.device, work_of(q, v)) if plan.blocks is not None else None
     if name == "sdpa":
         if plan.mask_mod is None and mask is None:
             causal = plan.causal and plan.q_offset == 0

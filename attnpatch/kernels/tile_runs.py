@@ -33,7 +33,8 @@ def groups(bs: BlockSparse, plan: Plan | None = None, device=None, work: tuple |
     are first refined by the plan's mask (``refine``; evaluated on ``device``, the inputs' device:
     a data-dependent mask_mod holds tensors there) and partial runs join groups too where their
     mask is the same in every range (one bias for the group). ``work`` (batch x query heads, head dim,
-    value dim, element bytes, threads) of the call lets a grid structure's groups gather (``_grid_gathers``)."""
+    value dim, element bytes, cost constants: ``kernels.cost.work_of``) lets a grid structure's groups gather
+    (``_grid_gathers``)."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     key = "tile_groups" if plan is None or not REFINE else ("tile_groups_refined", GATHER_FACTOR, SPLIT_ROWS)
     if plan is not None and REFINE and not bs.causal and work is not None and GRID_GATHER:
@@ -155,20 +156,16 @@ def _grid_gathers(plan, bs, g: Group, device, work: tuple) -> bool:
     the fixture's SlidingTile(tile=8, window=3) at 48 x 48 tokens (D 24) 0.68x -> 0.50x stock per call,
     at 32 x 32 1.38x -> 0.93x; at head dim 128 the copy costs what the merges save and the rule keeps
     merging (FLUX / Wan shapes within noise, Radial's mixed groups slower gathered)."""
-    if len(g.runs) < 2:
+    BH, D, Dv, size, costs = work  # kernels/cost.work_of: the device's constants at this head dim
+    if len(g.runs) < 2 or costs is None:
         return False
-    from .cost import constants, per_d  # cost imports this module
-
-    BH, D, Dv, size, threads = work
-    c = constants(device.type, threads)
-    if c is None:
-        return False
+    call_s, lse_s, merge_s, gather_s, mask_s = costs
     rows = BH * g.n * g.L
     keys = sum(r[2] for r in g.runs)
-    merged = (len(g.runs) - 1) * c["call_s"] + len(g.runs) * c["lse_s"] + c["merge_s_per_elem"] * rows * len(g.runs) * Dv
+    merged = (len(g.runs) - 1) * call_s + len(g.runs) * lse_s + merge_s * rows * len(g.runs) * Dv
     full = sum(r[2] for r in g.runs if r[3] is True)
-    bias = per_d(c["mask_elem_s"], D) * rows * full if full < keys else 0.0  # one bias over every key once any is partial
-    copied = c["gather_s_per_byte"] * BH * g.n * keys * (D + Dv) * size + bias
+    bias = mask_s * rows * full if full < keys else 0.0  # one bias over every key once any run is partial
+    copied = gather_s * BH * g.n * keys * (D + Dv) * size + bias
     return copied < merged and bool(_gathered_mask(plan, bs, g, device).any(-1).all())
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..blocks import BlockSparse
 from ..plan import Plan, fold_q_scale
+from .cost import work_of
 from .base import Kernel, block_sparse_why_not, needs_grad
 from ..ops.bias import additive
 from ..ops.lse import merge, sdpa_lse, sdpa_lse_math
@@ -122,8 +123,7 @@ class Tiles(Kernel):
         B, Hq = q.shape[:2]
         mergeable = B == 1 or all(x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v, ot))
         row_bytes = B * Hq * ot.shape[3] * 4  # per query row of a call's output (float32 when merged)
-        work = (B * Hq, q.shape[3], ot.shape[3], q.element_size(), torch.get_num_threads())
-        for g in groups(bs, plan, q.device, work):
+        for g in groups(bs, plan, q.device, work_of(q, ot)):
             # batch and heads that cannot merge into one view: one call per range; else calls whose
             # outputs stay below MAX_CALL_BYTES
             c = 1 if not mergeable else max(1, MAX_CALL_BYTES // (g.L * row_bytes))
