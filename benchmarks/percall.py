@@ -120,15 +120,20 @@ def by_method(rows: list[dict]) -> list[dict]:
 WHY = {
     "SinkCalibration": "ACT's detection needs attention probabilities, which no fused SDPA kernel exposes: after the "
                        "kernel it re-reads the scores of `detect_rows` (64) query rows against every key. A call of at most "
-                       "64 queries re-reads every score (a second score pass, ~0.3-0.5 of an SDPA call here) plus ~10 small "
-                       "ops (~0.1 ms); at 256 tokens a quarter of the scores, at 1K 6 % (~1.5-2 ms, a long causal call's "
-                       "earlier rows against the keys they see only). Fewer rows were tried and change which sinks are "
+                       "2^18 scores (64 tokens x 64 heads) instead runs one score pass over every row and takes the "
+                       "detection and the calibrated output from it (kernel column 'direct': 25-35 % faster than the "
+                       "kernel plus a second pass, measured interleaved, yet its ~10 small ops stay 1.3-3x a 0.05-0.6 ms "
+                       "call); above that a pass over every row costs more than the flash kernel (3x at 256 tokens), so "
+                       "the kernel's LSE and the re-read stay: at 256 tokens a quarter of the scores, at 1K 6 % (~1.5-2 "
+                       "ms, a long causal call's earlier rows against the keys they see only). Fewer rows were tried and change which sinks are "
                        "found (on SmolLM2 at 256 tokens 560 columns the exact mean does not flag, against 13 with 64 rows). "
                        "A kernel that sums column probabilities while it runs (a GPU kernel) would remove the pass.",
     "SinkRedistribution": "the same detection as SinkCalibration (magnets found by ACT's rule) when no magnet positions "
                           "are given; with `magnets=[...]` it needs no detection.",
     "VerticalSlash": "its estimate (the last 64 queries against every key, softmax, column and diagonal sums, top-k) "
-                     "costs about one SDPA call at <= 256 tokens. At 1K-4K on random q / k the top diagonals spread over "
+                     "costs about one SDPA call at <= 256 tokens; at <= 64 tokens (the estimate reads every query) the "
+                     "output comes from the estimate's own scores (kernel column 'direct'; 6.4x -> ~4x), its ~15 small "
+                     "ops being the floor on a 0.1 ms call. At 1K-4K on random q / k the top diagonals spread over "
                      "every offset, so the `lines` kernel computes what stock does plus its bias; on SmolLM2's real layers "
                      "at 8K it computes 0.29-0.39 of the causal triangle for a kept 0.15 (an isolated diagonal costs a "
                      "64-key block per row; 32-row blocks ran 1.5x slower). Element-granular skipping needs a compiled "
@@ -137,17 +142,16 @@ WHY = {
                       "causal 256-row squares, 64-key blocks side by side, the drawn keys) already take about one stock "
                       "call at 1K (the CPU flash kernel gains nothing from causality at 256 rows and is less efficient "
                       "on small blocks), plus sorting, gathers and merges.",
-    "TopKBlocks": "on 1K LLM calls its default 256-token tiles leave 4 tiles; with each query tile's own tile and the "
-                  "first kept, the plan keeps 8 of the 10 causal tile pairs, and 256-row calls cost ~1.4x per score what "
-                  "one causal 1K call does; the masked SDPA route (causal flash with the mask since this session) pays "
-                  "the per-call mask build (the mask_mod over 1M elements, ~12 ms of a ~26 ms stock call). On the "
-                  "fixture's 80-token calls: per-call work on a 30-50 us call.",
+    "TopKBlocks": "the fixture's 80-token calls: per-call work on a 30-50 us call; 64-token LLM calls within the noise "
+                  "of tiny calls. (Causal calls now default to key blocks of about 1/16 of the keys: 1K LLM calls, "
+                  "1.19-1.32x with the fixed 256-token blocks that kept 8 of 10 causal block pairs, run at ~0.7x.)",
     "Radial": "at Wan 4x16x16 / 4x32x32 (4 frames) the pattern keeps 0.906 / 0.945 of the scores: exact sparse kernels "
               "cost more than the 5-10 % they skip.",
     "Neighborhood": "fixture calls (D = 24, 4 heads) of 30-350 us, where the per-call Python work (~5-10 us) and the "
                     "mask (a float bias read per head: +26 % on plain SDPA at 1,040 tokens) outweigh what is skipped.",
-    "SlidingTile": "as Neighborhood on the fixture (at 1,040 tokens it keeps 57 % of the keys; the mask costs +26 %, "
-                   "tile gathers more); FLUX 512+32x32 at 1.10-1.17 is the same near-dense case.",
+    "SlidingTile": "as Neighborhood on the fixture (at 1,040 tokens it keeps 57 % of the keys; the mask costs +26 %; "
+                   "tiles now copies a window's key runs side by side for one call where the cost constants say so, "
+                   "1.38x -> ~1.0x there); FLUX 512+32x32 at 1.10-1.17 is the same near-dense case.",
     "InwardWindow": "as SlidingTile: small fixture calls and near-dense windows at 1-1.5K tokens.",
     "Temperature": "per-call Python work (~5 us) on 30-120 us calls; spreads straddle 1.1.",
     "EntropyScale": "per-call Python work plus the per-row rescaling of q on 30-120 us calls; spreads straddle 1.1.",
