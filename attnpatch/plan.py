@@ -114,6 +114,21 @@ class Plan:
         return _derived(self, "_sited", (causal, q_offset), lambda: replace(self, causal=causal, q_offset=q_offset))
 
 
+DIRECT_MAX = 1 << 18  # heads x queries x keys of the largest call a method answers through Plan.direct: above it a
+# score pass over every row costs more than the flash kernel (3x at 256 tokens on the 2-core CPU)
+
+
+def probs_direct(p: torch.Tensor, Hkv: int, dtype) -> Callable:
+    """A ``Plan.direct`` from final probabilities p (B, H, Sq, Skv): v (B, Hkv, Skv, Dv) -> p @ v in ``dtype``,
+    each KV head serving its group of query heads (GQA) without a repeated copy."""
+    B, H, Sq, Skv = p.shape
+
+    def direct(v):
+        return (p.view(B, Hkv, H // Hkv * Sq, Skv) @ v.to(p.dtype)).view(B, H, Sq, -1).to(dtype)
+
+    return direct
+
+
 def _derived(plan: Plan, slot: str, key, make) -> Plan:
     """``make()``, remembered on ``plan`` under ``slot`` for ``key`` (the latest key only): a plan a
     method caches and returns on every call derives its variants once, not per call."""

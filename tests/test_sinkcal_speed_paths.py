@@ -206,7 +206,7 @@ def test_long_causal_scan_in_two_row_groups_equals_the_score_definition(Sq, Skv,
 
 
 def test_plans_are_reused_per_site_geometry():
-    q, k, v = _qkv(1, 2, 2, 400, 400, 16)  # above S.SMALL_CALL scores: no per-call small path
+    q, k, v = _qkv(1, 2, 2, 400, 400, 16)  # above plan.DIRECT_MAX scores: no per-call small path
     m = ap.SinkCalibration()
     a, b = m.plan(q, k, Site(causal=True)), m.plan(q, k, Site(causal=True))
     assert a is b and a.direct is None and m.plan(q, k, Site(causal=True, q_offset=3)) is not a
@@ -263,4 +263,4 @@ def test_small_calls_take_their_output_from_the_detection_scores(Hq, Hkv, Sq, Sk
     assert m.plan(q, k, site).direct is not None
     torch.testing.assert_close(ap.attend(q, k, v, m, site), ap.attend(q, k, v, m, site, backend="sdpa"), atol=2e-6, rtol=1e-5)
     big = _qkv(1, Hq, Hkv, 400, 400, 16)[:2]
-    assert m.plan(*big, Site(causal=causal)).direct is None  # above S.SMALL_CALL scores: the kernel is cheaper
+    assert m.plan(*big, Site(causal=causal)).direct is None  # above plan.DIRECT_MAX scores: the kernel is cheaper

@@ -170,7 +170,8 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
     dense = E * per_d(c["elem_s"], D)
     read_mask = E * per_d(c["mask_elem_s"], D)
     # the tiles kernel's groups for this call's shape (grid groups gather by it: tile_runs._grid_gathers)
-    stats = block_stats(plan.blocks, plan, q.device, work_of(q, v)) if plan.blocks is not None else None
+    stats = None if plan.blocks is None else \
+        block_stats(plan.blocks, plan, q.device, None if plan.blocks.causal else work_of(q, v))
     if name == "sdpa":
         if plan.mask_mod is None and mask is None:
             causal = plan.causal and plan.q_offset == 0

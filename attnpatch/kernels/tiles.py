@@ -123,7 +123,7 @@ class Tiles(Kernel):
         B, Hq = q.shape[:2]
         mergeable = B == 1 or all(x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v, ot))
         row_bytes = B * Hq * ot.shape[3] * 4  # per query row of a call's output (float32 when merged)
-        for g in groups(bs, plan, q.device, work_of(q, ot)):
+        for g in groups(bs, plan, q.device, None if bs.causal else work_of(q, ot)):  # work: grid gathers only
             # batch and heads that cannot merge into one view: one call per range; else calls whose
             # outputs stay below MAX_CALL_BYTES
             c = 1 if not mergeable else max(1, MAX_CALL_BYTES // (g.L * row_bytes))

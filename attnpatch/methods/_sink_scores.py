@@ -7,6 +7,8 @@ from functools import lru_cache
 
 import torch
 
+from ..plan import DIRECT_MAX
+
 _EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38: the smallest normal float32 is 1.2e-38
 
 
@@ -83,7 +85,11 @@ def _geometry_build(Sq, Skv, off, R, first, device, dtype):
 _geometry_cached = lru_cache(maxsize=32)(_geometry_build)
 
 
-SMALL_CALL = 1 << 18  # heads x queries x keys of the largest call ``small_call`` serves (64 tokens x 64 heads)
+def small_ok(q, k, site) -> bool:
+    """Whether a call takes ``small_call``'s one-pass path (``Plan.direct``): at most ``DIRECT_MAX`` scores, no
+    left padding, every row seeing a key, no autograd through q / k."""
+    return site.kv_shift is None and q.shape[1] * q.shape[2] * k.shape[2] <= DIRECT_MAX \
+        and not (site.causal and site.q_offset < 0) and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
 
 
 def small_call(q, k, off: int, causal: bool, R: int | None):

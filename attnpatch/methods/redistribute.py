@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plan import Plan
+from ..plan import Plan, probs_direct
 from ..site import Site
-from ._sink_scores import SMALL_CALL, _Call, chunks, gather_rows, plain_col, row_lse, sample, small_call
+from ._sink_scores import _Call, chunks, gather_rows, plain_col, row_lse, sample, small_call, small_ok
 from .base import Method, call_heads, check_int, check_number, fail
 from .magnets import PROFILE_KIND, MagnetScan, load_profile, save_profile  # noqa: F401  (public here too)
 from .sink_calibration import SinkCalibration
@@ -109,12 +109,9 @@ class SinkRedistribution(Method):
     def _small(self, plan: Plan | None, q, k, site: Site) -> Plan | None:
         """``plan`` with ``Plan.direct`` for a small call that detects its magnets (as SinkCalibration's
         ``_small``): from one score pass over every row, p' by the definition above, times v."""
-        B, H, Sq, _ = q.shape
-        Skv = k.shape[2]
-        if plan is None or self.magnets is not None or site.kv_shift is not None or H * Sq * Skv > SMALL_CALL \
-                or (site.causal and site.q_offset < 0) \
-                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        if plan is None or self.magnets is not None or not small_ok(q, k, site):
             return plan
+        H, Sq, Skv = q.shape[1], q.shape[2], k.shape[2]
         heads = call_heads(site, H, self.heads_at(site.layer, site.model_heads(H)[1]))
         hidx = None if heads == list(range(H)) else torch.tensor(heads, device=q.device)
         tgt, cand = (_tokens(x, site, Skv, 0, q.device, keys=True) for x in (self.targets, self.candidates))
@@ -132,12 +129,7 @@ class SinkRedistribution(Method):
             live = T > 0 if rows is None else (T > 0) & rows[:, None]  # rows without a target, or not chosen: as they were
             ph = torch.where(live, ph * w, ph)
             p = ph if hidx is None else p.index_copy(1, hidx, ph)
-        Hkv, dtype = k.shape[1], q.dtype
-
-        def direct(v):
-            return (p.view(B, Hkv, H // Hkv * Sq, -1) @ v.to(p.dtype)).view(B, H, Sq, -1).to(dtype)
-
-        return dataclasses.replace(plan, direct=direct)
+        return dataclasses.replace(plan, direct=probs_direct(p, k.shape[1], q.dtype))
 
     def _plan(self, H, heads, site: Site, Sq, Skv, device) -> Plan | None:
         if not heads:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plan import Plan
+from ..plan import Plan, probs_direct
 from ..site import Site
-from ._sink_scores import SMALL_CALL, _EXP_FLOOR, _Call, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, \
-    sample, small_call
+from ._sink_scores import _EXP_FLOOR, _Call, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, sample, \
+    small_call, small_ok
 from .base import Method, call_heads, check_int, check_number
 
 PROFILE_KIND = "act-heads"
@@ -278,17 +278,15 @@ class SinkCalibration(Method):
         return self._small(plan, q, k, site)
 
     def _small(self, plan: Plan | None, q, k, site: Site) -> Plan | None:
-        """``plan`` with ``Plan.direct`` for a small call (at most ``SMALL_CALL`` scores, no left padding, every
-        row seeing a key): one score pass over every row gives the probabilities, the detection rows' column
-        scores and the calibrated output (core runs it when the call has no mask, soft cap or other scale; else
-        the kernel and the output step, as for any call). Without it such a call paid the kernel, a second pass
+        """``plan`` with ``Plan.direct`` for a small call (``_sink_scores.small_ok``: at most ``DIRECT_MAX``
+        scores, no left padding, every row seeing a key): one score pass over every row gives the probabilities,
+        the detection rows' column scores and the calibrated output (core runs it when the call has no mask, soft
+        cap or other scale; else the kernel and the output step, as for any call). Without it such a call paid the kernel, a second pass
         over the detection rows' scores (every row, up to ``detect_rows`` queries) and the correction (2-3x stock
-        at 64 tokens); above ``SMALL_CALL`` a score pass over every row costs more than the flash kernel (3x at 256)."""
-        B, H, Sq, _ = q.shape
-        if plan is None or site.kv_shift is not None \
-                or H * Sq * k.shape[2] > SMALL_CALL or (site.causal and site.q_offset < 0) \
-                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        at 64 tokens); above ``DIRECT_MAX`` a score pass over every row costs more than the flash kernel (3x at 256)."""
+        if plan is None or not small_ok(q, k, site):
             return plan
+        B, H = q.shape[:2]
         heads = call_heads(site, H, self.heads_at(site.layer, site.model_heads(H)[1]))
         p, col = small_call(q, k, site.q_offset, site.causal, self.detect_rows)
         hidx = None if heads == list(range(H)) else torch.tensor(heads, device=q.device)
@@ -300,12 +298,7 @@ class SinkCalibration(Method):
                 scaled = torch.ones(B, H, p.shape[-1], dtype=p.dtype, device=p.device).index_copy_(1, hidx, scaled)
             p = p * scaled[:, :, None, :]
             p = p / p.sum(-1, keepdim=True)
-        Hkv, dtype = k.shape[1], q.dtype
-
-        def direct(v):
-            return (p.view(B, Hkv, H // Hkv * Sq, -1) @ v.to(p.dtype)).view(B, H, Sq, -1).to(dtype)
-
-        return dataclasses.replace(plan, direct=direct)
+        return dataclasses.replace(plan, direct=probs_direct(p, k.shape[1], q.dtype))
 
     def _plan(self, H, heads, q_offset, causal, kv_shift, device) -> Plan | None:
         if not heads:

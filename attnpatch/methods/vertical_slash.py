@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import Lines, Plan
+from ..plan import DIRECT_MAX, Lines, Plan, probs_direct
 from ..site import Site
 from .base import Method, check_int
 
@@ -95,7 +95,6 @@ class VerticalSlash(Method):
         direct = None
         if whole:
             sc, base = raw[0], _local(Sq, self.window, self.sink, q.device)
-            Hkv, dtype = k.shape[1], q.dtype
 
             def direct(v):
                 # keep_s[i - j] through a strided view with the rows reversed (positive strides), flipped back
@@ -105,7 +104,7 @@ class VerticalSlash(Method):
                 rev = buf.as_strided((B, H, Sq, Skv), (H * 2 * Sq, 2 * Sq, 1, 1), buf.storage_offset())
                 keep = torch.logical_or(rev, keep_v[:, :, None, :]).flip(2) | base  # future keys: -inf in sc
                 w = torch.softmax(torch.where(keep, sc, float("-inf")), -1)  # every row keeps its own key
-                return (w.view(B, Hkv, H // Hkv * Sq, Skv) @ v.to(w.dtype)).view(B, H, Sq, -1).to(dtype)
+                return probs_direct(w, k.shape[1], q.dtype)(v)
 
         return Plan(mask_mod=mask_mod, name=repr(self), lines=self._lines(top_v, top_s, Sq, off, Skv, shift),
                     direct=direct)
@@ -125,9 +124,6 @@ class VerticalSlash(Method):
         cols = torch.cat([top_v, sink.expand(B, H, -1)], -1)  # (B, H, nv + ns)
         window = torch.arange(min(self.window, Skv), device=dev).expand(B, H, -1)
         return Lines(cols, torch.cat([top_s, window], -1))
-
-
-DIRECT_MAX = 1 << 18  # heads x queries x keys of the largest call whose output comes from the estimate's scores
 
 
 @functools.lru_cache(maxsize=16)
