@@ -264,3 +264,60 @@ def test_kept_counts_the_mask(case):
     g = torch.Generator().manual_seed(sum(map(ord, case)) + 1)
     lines = random_lines(g, B, Hq, Skv, nc, nd, near)
     assert torch.equal(lines_mod.kept(lines, Sq, Skv - Sq), keep_of(lines, Sq, Skv, Skv - Sq).sum((2, 3)))
+
+
+def _layout_by_loops(lines, Sq, Skv, off, T):
+    """The layout by its definition, block by block and range by range: offset clusters (gaps over T split),
+    each cluster's key range per block, the columns a block's rows see outside its ranges."""
+    d = sorted(set(lines.diags[lines.diags >= 0].tolist()))
+    clusters = []
+    for x in d:
+        if clusters and x - clusters[-1][1] <= T:
+            clusters[-1][1] = x
+        else:
+            clusters.append([x, x])
+    ranges, area = [], 0
+    for i0 in range(0, Sq, T):
+        p0, p1 = i0 + off, min(i0 + T, Sq) - 1 + off
+        rs = [(max(0, p0 - hi), min(Skv, p1 + 1 - lo)) for lo, hi in clusters]
+        rs = [(x, y) for x, y in rs if x < y]
+        area += (p1 - p0 + 1) * sum(y - x for x, y in rs)
+        ranges.append(rs)
+    B, H, nc = lines.cols.shape
+    free = torch.zeros(len(ranges), B, H, nc, dtype=torch.bool)
+    for blk, rs in enumerate(ranges):
+        last = min((blk + 1) * T, Sq) - 1 + off
+        for b in range(B):
+            for h in range(H):
+                seen = set()
+                for c, j in enumerate(sorted(lines.cols[b, h].tolist())):
+                    if j >= 0 and j not in seen and j <= last and not any(x <= j < y for x, y in rs):
+                        free[blk, b, h, c] = True
+                    seen.add(j)
+    return ranges, area, free
+
+
+@pytest.mark.parametrize("seed", range(7))
+def test_layout_equals_its_definition(seed):
+    """``lines_layout.layout`` (tensor arithmetic over blocks x offset clusters) against the same layout built
+    block by block: ranges in order, area, calls, the free columns (with padding, repeats, offsets, queries
+    past the keys) and whole-range plans (no free columns)."""
+    g = torch.Generator().manual_seed(seed)
+    B, H = 1 + seed % 2, 1 + seed % 3
+    Skv = int(torch.randint(20, 120, (1,), generator=g))
+    Sq = int(torch.randint(1, Skv, (1,), generator=g)) if seed in (0, 3) else Skv  # 0, 3: queries at an offset
+    off, T = Skv - Sq, (4, 8, 16)[seed % 3]
+    near = None if seed % 2 else 6
+    lines = random_lines(g, B, H, Skv, 5, 7, near)
+    if seed == 5:  # a window that holds every causal key: one whole range per block
+        lines = Lines(lines.cols, torch.arange(Skv).expand(B, H, Skv))
+    if seed == 6:  # far offsets only: the first blocks have no range (no call), their columns are free
+        lines = Lines(lines.cols, torch.randint(Skv // 2, Skv, (B, H, 3), generator=g))
+    lay = lines_layout.layout(lines, Sq, Skv, off, T)
+    ranges, area, free = _layout_by_loops(lines, Sq, Skv, off, T)
+    assert lines_layout.ranges(lay) == ranges and lay["area"] == area
+    assert lay["calls"] == sum(map(bool, ranges)) + bool(free.any())
+    if seed == 5:
+        assert lay["free"] is None and lay["vertical"] == 0
+    else:
+        assert torch.equal(lay["free"], free) and lay["vertical"] == int(free.sum()) * T
