@@ -55,6 +55,13 @@ def attnpatch_settings() -> dict:
         "Quest(budget=512)": ap.Quest(budget=512),
         "StreamingHeads(duo, 4, 256, evict)": ap.StreamingHeads(str(DUO), sink=4, window=256, evict=True),
         "HyperAttention(64, 64, min_len=256)": ap.HyperAttention(block=64, samples=64, min_len=256),
+        # a second setting for the methods above that had one: sparser (VerticalSlash, Power, HyperAttention), the
+        # retrieval heads at SinkWindow(4, 512)'s window, and ACT on every head instead of the calibrated ones
+        "VerticalSlash(128, 128, window=64)": ap.VerticalSlash(verticals=128, slashes=128, window=64),
+        "Power(local=64)": ap.Power(local=64),
+        "StreamingHeads(duo, 4, 512, evict)": ap.StreamingHeads(str(DUO), sink=4, window=512, evict=True),
+        "HyperAttention(128, 128, min_len=512)": ap.HyperAttention(block=128, samples=128, min_len=512),
+        "SinkCalibration(all heads)": ap.SinkCalibration(),
     }
 
 
