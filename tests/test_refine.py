@@ -271,3 +271,36 @@ def test_a_cache_on_the_shared_transformer_runs_through_the_img2img_stage_branch
     assert not torch.equal(reused, plain)
     assert {"cond", "uncond"} <= set(seen)
     assert "forward" not in pipe.transformer.__dict__ or pipe.transformer.forward.__name__ != "forward"
+
+
+@pytest.mark.parametrize("name", ["PyramidAttentionBroadcast", "FasterCache"])
+def test_timestep_caches_see_the_img2img_stage_s_timesteps(name):
+    """PAB and FasterCache skip by the current timestep, which attnpatch supplies (``cli.caches``): in the
+    img2img stage of coarse-to-fine the text-to-image pipeline has none (None: both failed there), so the
+    callback reads the stage that runs. Every value it gives during a refine is a timestep of the stage
+    running at that moment, the img2img stage's included."""
+    from attnpatch.cli import caches
+
+    pipe = tiny.flux_pipeline()
+    cache = caches.parse(name)
+    if name == "FasterCache":
+        cache.resolved["is_guidance_distilled"] = True  # true CFG calls the negative prompt on its own
+    config = cache.config(pipe)
+    given, real = [], config.current_timestep_callback
+    i2i = rf.img2img(pipe)
+
+    def spy():
+        t = real()
+        given.append((id(i2i) in rf._RUNNING, None if t is None else float(t)))
+        return t
+
+    config.current_timestep_callback = spy
+    pipe.transformer.enable_cache(config)
+    try:
+        images = _refine(pipe, steps=6)
+    finally:
+        pipe.transformer.disable_cache()
+    assert torch.isfinite(images).all() and given and all(t is not None for _, t in given)
+    s = i2i.scheduler  # the img2img stage's schedule (its call was the last), from its begin index
+    seen = [t for stage2, t in given if stage2]  # asked once per hooked block and call: each step's value in turn
+    assert [t for i, t in enumerate(seen) if i == 0 or t != seen[i - 1]] == [float(t) for t in s.timesteps[s.begin_index:]]

@@ -14,7 +14,7 @@ import dataclasses
 import io
 from dataclasses import dataclass, field
 
-from ..tools.refine import call_source
+from ..tools.refine import call_source, current_timestep
 from .runner import UsageError, parse_call
 
 # CLI name -> config class in diffusers.hooks (those the installed diffusers lacks are not offered)
@@ -59,7 +59,9 @@ class Cache:
         cls = _config_class(self.name)
         kw = {**self.kwargs, **self.resolved}
         if pipe is not None and "current_timestep_callback" in _fields(cls):
-            kw["current_timestep_callback"] = lambda: pipe.current_timestep
+            # the timestep of whichever stage runs: coarse-to-fine's img2img stage shares the transformer (and this cache)
+            # but counts its own timestep; reading only pipe's gave None there and PAB / FasterCache failed on it
+            kw["current_timestep_callback"] = lambda: current_timestep(pipe)
         if self.name == "MagCache" and "mag_ratios" not in kw:
             kw["calibrate"] = True  # checking the other parameters before the calibration run
         return cls(**kw)

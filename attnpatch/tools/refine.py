@@ -33,6 +33,7 @@ import torch
 from ..patchers import guidance
 
 _I2I: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> its img2img counterpart
+_RUNNING: set = set()  # ids of the img2img pipelines inside a refine call (``current_timestep``)
 # call arguments the two stages set themselves; every other default of the text-to-image
 # pipeline's call (e.g. a fixture's true_cfg_scale, max_sequence_length, num_inference_steps) is
 # carried to the img2img call, so both stages run with the same settings
@@ -119,9 +120,13 @@ def refine(pipe, prompt=None, *, height: int, width: int, from_size, strength: f
     align = dict(align_corners=False) if mode in ("bilinear", "bicubic") else {}
     up = torch.nn.functional.interpolate(base.float(), size=(height, width), mode=mode, **align).clamp(0, 1)
     kw = {**_carried(pipe, i2i), **call}
-    with _cache_contexts(i2i):
-        return i2i(prompt, image=up, strength=strength, height=height, width=width, generator=generator,
-                   output_type=output_type, **kw)
+    _RUNNING.add(id(i2i))
+    try:
+        with _cache_contexts(i2i):
+            return i2i(prompt, image=up, strength=strength, height=height, width=width, generator=generator,
+                       output_type=output_type, **kw)
+    finally:
+        _RUNNING.discard(id(i2i))
 
 
 @contextlib.contextmanager
@@ -155,6 +160,22 @@ def _cache_contexts(i2i):
             del model.forward
         else:
             model.forward = own
+
+
+def current_timestep(pipe):
+    """The timestep ``pipe`` is at mid-call (diffusers' ``current_timestep``; None between calls), or, during
+    ``refine``'s img2img stage, that stage's: a cache's ``current_timestep_callback`` on the shared denoiser
+    serves both stages. FluxImg2ImgPipeline (diffusers 0.42) keeps no ``current_timestep``: its scheduler's
+    does (the step being run, from the begin index img2img sets before its first step)."""
+    t = getattr(pipe, "current_timestep", None)
+    i2i = _I2I.get(pipe)
+    if t is not None or i2i is None or id(i2i) not in _RUNNING:
+        return t
+    t = getattr(i2i, "current_timestep", None)
+    if t is None:
+        s = i2i.scheduler
+        t = s.timesteps[s.step_index if s.step_index is not None else (s.begin_index or 0)]
+    return t
 
 
 def call_source(pipe) -> str:
