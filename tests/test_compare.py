@@ -103,6 +103,13 @@ def main(monkeypatch, capsys):
     (["--methods", "Neighborhood+FirstBlockCache+MagCache"], "at most one method and one cache"),
     (["--methods", "Neighborhood", "--combine"], "--combine runs every method in --methods with every cache"),
     (["--caches", "FirstBlockCache+MagCache"], "one cache per entry"),
+    # values diffusers takes and then runs as stock (a threshold of 0 or less) or crashes on mid-run (a skip range of 0)
+    (["--caches", "MagCache(threshold=-1)"], "MagCache(threshold=-1): expected a number > 0"),
+    (["--caches", "FirstBlockCache(threshold=0)"], "so the cache would run as stock"),
+    (["--caches", "FasterCache(spatial_attention_block_skip_range=0)"], "expected an integer >= 1"),
+    (["--caches", "PyramidAttentionBroadcast(spatial_attention_timestep_skip_range=(800, 100))"], "with low < high"),
+    (["--caches", "TaylorSeerCache(cache_interval=0)"], "TaylorSeerCache(cache_interval=0): expected an integer >= 1"),
+    (["--caches", "MagCache(retention_ratio=2)"], "0 <= retention_ratio <= 1"),
     ([], "nothing to compare"),
 ])
 def test_bad_cache_input_exits_2_before_loading(main, args, msg, tmp_path):
