@@ -315,7 +315,7 @@ def test_layout_equals_its_definition(seed):
         lines = Lines(lines.cols, torch.randint(Skv // 2, Skv, (B, H, 3), generator=g))
     lay = lines_layout.layout(lines, Sq, Skv, off, T)
     ranges, area, free = _layout_by_loops(lines, Sq, Skv, off, T)
-    assert lines_layout.ranges(lay) == ranges and lay["area"] == area
+    assert lines_layout.block_ranges(lay) == ranges and lay["area"] == area
     assert lay["calls"] == sum(map(bool, ranges)) + bool(free.any())
     if seed == 5:
         assert lay["free"] is None and lay["vertical"] == 0

@@ -101,16 +101,16 @@ def _bad_value(k: str, v) -> str | None:
     that makes the cache run as stock (a threshold of 0 reuses nothing) or fail mid-run (a skip range of 0 is a
     modulo by zero), caught before any model loads; None if fine."""
     num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    integer = lambda low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
     if k == "threshold" and not (num and v > 0):
         return "expected a number > 0 (a step is reused when its change is below it: 0 or less never reuses one, so the cache would run as stock)"
     if k.endswith("timestep_skip_range") or k.endswith("timestep_range"):
         if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] < v[1]):
             return "expected a (low, high) pair of timesteps with low < high, e.g. (100, 800)"
     elif k.endswith("skip_range") or k in ("cache_interval", "max_skip_steps", "max_consecutive_cached", "num_inference_steps"):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1) and not (v is None and k.endswith("skip_range")):
+        if not integer(1) and not (v is None and k.endswith("skip_range")):  # PAB: None leaves that attention alone
             return "expected an integer >= 1 (how many steps or calls one computation serves; 0 divides by zero mid-run)"
-    elif k in ("max_order", "disable_cache_before_step", "residual_order", "retention_steps", "cache_end_steps") \
-            and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+    elif k in ("max_order", "disable_cache_before_step", "residual_order", "retention_steps", "cache_end_steps") and not integer(0):
         return "expected an integer >= 0"
     elif k == "retention_ratio" and not (num and 0 <= v <= 1):
         return "expected a fraction of the steps, 0 <= retention_ratio <= 1"

@@ -31,7 +31,7 @@ from ..ops.bias import additive
 from ..ops.lse import sdpa_lse
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, core_step_why_not, needs_grad
-from .lines_layout import BLOCK, groups, kept, layout, ranges  # noqa: F401  (kept, layout: re-exported for callers)
+from .lines_layout import BLOCK, block_ranges, groups, kept, layout  # noqa: F401  (kept, layout: re-exported for callers)
 
 MAX_BIAS_BYTES = 32 << 20
 NEG = float("-inf")
@@ -186,7 +186,7 @@ def _run_group(q, kr, vr, lines, shape: tuple, scale, dst: tuple) -> None:
     lay = layout(lines, Sq, Skv, off, T)
     tab, colf = _tables(lines, Skv, max(Skv, off + Sq) + T, T, q.dtype, q.device)
     diag0 = bool(tab[..., T].eq(0).all())  # every row and head keeps offset 0 (its own position)
-    for blk, rs in enumerate(ranges(lay)):
+    for blk, rs in enumerate(block_ranges(lay)):
         i0 = blk * T
         Tb = min(T, Sq - i0)
         _block(q, kr, vr, tab, colf, (i0, Tb, off, T), rs, scale, diag0, (out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb]))

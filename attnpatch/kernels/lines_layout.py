@@ -21,8 +21,9 @@ CALL_SCORES = 65536
 
 
 def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
-    """What a call computes (cached on ``lines``): ``ranges[blk]`` = key ranges [lo, hi) of query block blk
-    (``area``: their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a block's rows reach
+    """What a call computes (cached on ``lines``): ``bounds`` = (lo, hi, ok) (n_blk, clusters), the key range [lo, hi)
+    of each query block and offset cluster, ok where it is not empty (``block_ranges``: as lists per block; ``area``:
+    their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a block's rows reach
     outside its ranges (None: none; ``vertical``: their scores), and the fused ``calls``. Tensor arithmetic over
     (blocks x offset clusters): a data-dependent plan lays out every call, ``groups`` up to 1 + G + H times
     (a Python loop per block and range took 0.18 s of a 1 s VerticalSlash call at 8K)."""
@@ -50,8 +51,8 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     return out
 
 
-def ranges(lay: dict) -> list:
-    """``ranges[blk]``: the key ranges [lo, hi) of query block blk, in offset-cluster order, as Python ints for the
+def block_ranges(lay: dict) -> list:
+    """``block_ranges(lay)[blk]``: the key ranges [lo, hi) of query block blk, in offset-cluster order, as Python ints for the
     kernel's slicing; built once, for the head grouping a call runs (``groups`` lays out 1 + G + H candidates)."""
     if "ranges" not in lay:
         lay["ranges"] = [[(x, y) for x, y, keep in zip(*row) if keep] for row in zip(*(t.tolist() for t in lay["bounds"]))]
