@@ -302,7 +302,7 @@ def sweep(cases, a, dtype, rate: float, deadline: float, data: dict, save, where
             if only and type(m).__name__ not in only:
                 continue
             try:
-                yield measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=ROW_S)
+                yield measure(c, m, a.reps, a.device, dtype, tensors_=qkv, row_s=getattr(a, "row_s", None) or ROW_S)
             except (RuntimeError, MemoryError) as e:  # e.g. CUDA out of memory at 64K: record it, go on
                 data["skipped"].append(f"{fam} {c.shape} {label(m)}{where}: {type(e).__name__}: "
                                        f"{str(e).splitlines()[0][:200]}")

@@ -5,6 +5,8 @@ whole-model speedup of a small FLUX / Wan transformer at growing grids.
     python benchmarks/curves.py               # full run: benchmarks/results/curves.{md,json,png}
     python benchmarks/curves.py --quick       # up to ~1K tokens per call, small grids (under the temp folder)
     python benchmarks/curves.py --device cuda # on a GPU: benchmarks/results/gpu/curves_cuda.*
+    python benchmarks/curves.py --extend benchmarks/results/curves.json --from-tokens 9000 --max-call-s 0 --reps 3
+        # the sizes the committed run skipped, measured now and added to it (its rows kept as they are)
 
 Per call: the same measurement as ``percall.py`` (``attnpatch.core.run`` with automatic kernel choice
 vs ``F.scaled_dot_product_attention``, interleaved, ratio per repeat, median); speedup = stock / patched.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -43,7 +46,8 @@ def per_call(a, rate, data: dict, save) -> None:
     deadline = time.monotonic() + a.budget_s
     # rung by rung of the size ladders, every family at each: a budget cut drops the largest sizes of all, not a family
     ladder = sorted((i, n, fam, size) for n, fam in enumerate(a.families.split(",")) for i, size in enumerate(CURVES[fam]))
-    cases = [(fam, c) for _, _, fam, size in ladder for c in [sp.case(fam, size)] if not (a.quick and c.S > QUICK_TOKENS)]
+    cases = [(fam, c) for _, _, fam, size in ladder for c in [sp.case(fam, size)]
+             if not (a.quick and c.S > QUICK_TOKENS) and a.from_tokens <= c.S <= (a.to_tokens or c.S)]
     for r in sp.sweep(cases, a, dtype, rate, deadline, data, save):
         data["rows"].append(r)
         print(f"{r['family']} {r['shape']} {r['name']:<15} {r['kernel']:<10} {r['speedup']:.2f}x", flush=True)
@@ -130,30 +134,36 @@ def plot(rows, e2e, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator, ScalarFormatter
 
     fams = list(dict.fromkeys(r["family"] for r in rows))
     names = list(dict.fromkeys([r["name"] for r in rows] + [r["name"] for r in e2e]))
-    color = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per method in every panel
+    # one colour and marker per method in every panel (tab10 repeated its colours past ten methods)
+    color = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    marker = {n: "os^vDP*Xph"[i % 10] for i, n in enumerate(names)}
     n = len(fams) + bool(e2e)
     fig, axes = plt.subplots((n + 1) // 2, 2, figsize=(11, 4 * ((n + 1) // 2)), squeeze=False)
     axes = axes.ravel()
     for ax, fam in zip(axes, fams):
         for name in dict.fromkeys(r["name"] for r in rows if r["family"] == fam):
             pts = sorted((r["tokens"], r["speedup"]) for r in rows if r["family"] == fam and r["name"] == name)
-            ax.plot(*zip(*pts), marker="o", ms=3, color=color[name], label=name)
+            ax.plot(*zip(*pts), marker=marker[name], ms=3, color=color[name], label=name)
         c = sp.case(fam, CURVES[fam][0])
         ax.set_title(f"per call: {fam} ({c.dims}, H={c.H}, D={c.D}{f', {c.text} text tokens' if c.text else ''})", fontsize=9)
     ax = axes[len(fams)] if e2e else None
     for key in dict.fromkeys((r["model"], r["name"]) for r in e2e):
         pts = sorted((r["tokens"], r["speedup"]) for r in e2e if (r["model"], r["name"]) == key)
-        ax.plot(*zip(*pts), marker="s", ms=3, color=color[key[1]], ls="--" if key[0] == "wan" else "-", label=" ".join(key))
+        ax.plot(*zip(*pts), marker=marker[key[1]], ms=3, color=color[key[1]], ls="--" if key[0] == "wan" else "-",
+                label=" ".join(key))
     if e2e:
         ax.set_title("end to end: small FLUX (solid) / Wan (dashed) forward", fontsize=9)
     for ax in axes[:n]:
         ax.set_xscale("log"), ax.set_yscale("log"), ax.axhline(1.0, color="k", lw=0.8)
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(ScalarFormatter()), axis.set_minor_formatter(ScalarFormatter())
+        # tokens: labelled at powers of two (minor labels at every 100-900 ran into each other); speedup: plain numbers
+        ticks = [t for t in (2 ** e for e in range(6, 18)) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        ax.xaxis.set_major_locator(FixedLocator(ticks)), ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{t / 1024:g}K" if t >= 1024 else f"{t:g}"))
+        ax.yaxis.set_major_formatter(ScalarFormatter()), ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.tick_params(which="minor", labelsize=6)
         ax.set_xlabel("tokens per call"), ax.set_ylabel("speedup over stock (log)"), ax.legend(fontsize=6, ncol=2)
     for ax in axes[n:]:
@@ -174,17 +184,53 @@ def main(argv=None):
     p.add_argument("--max-call-s", type=float, default=None, help=f"CPU size cap (default {CPU_CALL_S}; 0: none)")
     p.add_argument("--budget-s", type=float, default=720.0, help="per-call part: larger sizes are skipped after this")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end part")
+    p.add_argument("--methods", default=None, help="comma-separated method class names (a partial run; default all)")
+    p.add_argument("--row-s", type=float, default=None, help=f"seconds a row may take before its repeats are cut "
+                                                             f"(never under 2; default {sp.ROW_S:.0f})")
+    p.add_argument("--from-tokens", type=int, default=0, help="per-call sizes from this many tokens only (a partial run)")
+    p.add_argument("--to-tokens", type=int, default=0, help="per-call sizes up to this many tokens only (0: all)")
+    p.add_argument("--extend", default=None, metavar="JSON",
+                   help="a committed curves.json to add this run's per-call sizes to: its rows, end-to-end rows and "
+                        "settings kept, the sizes measured now leave its skipped list; written back to JSON's stem "
+                        "unless --out names another place (implies --no-e2e)")
+    p.add_argument("--render", default=None, metavar="JSON", help="write JSON's .md and .png again from it, measuring nothing")
+    p.add_argument("--note", default="", help="with --extend: what this run was (kept under the tables)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.render:
+        data = json.loads(Path(a.render).read_text())
+        a = argparse.Namespace(**{**vars(a), **{k: data["args"][k] for k in ("reps", "max_call_s", "threads")}})
+        out = Path(a.render).with_suffix("")
+        data["crossover"] = crossovers(data["rows"])
+        write(out, "Speed curves: where each method pays", *render(a, out, data), data)
+        plot(data["rows"], data["e2e"], out.with_suffix(".png"), f"attnpatch speed curves ({data['machine']['cpu']}, "
+             f"{a.threads} thread(s), {data['machine'].get('gpu', data['args']['device'])})")
+        return print(f"wrote {out}.md / .png from {a.render}")
+    if a.extend:
+        if not Path(a.extend).is_file():
+            p.error(f"--extend {a.extend}: no such file (the curves.json of a full run)")
+        if a.quick:
+            p.error("--extend adds measured sizes to a full run; --quick runs would mix in smoke-test rows")
+        a.no_e2e = True
     a.device = pick_device(p, a.device)
     torch.set_num_threads(a.threads)
     a.reps = a.reps or (5 if a.device == "cpu" else 10)
+    if a.methods:
+        names = {type(m).__name__ for f in CURVES for m in sp.methods_for(sp.case(f, CURVES[f][0]))}
+        a.methods = [x.strip() for x in a.methods.split(",") if x.strip()]
+        if set(a.methods) - names:
+            p.error(f"--methods: unknown {sorted(set(a.methods) - names)}; the curves' methods are {sorted(names)}")
     a.max_call_s = (None if a.device == "cuda" else CPU_CALL_S) if a.max_call_s is None else (a.max_call_s or None)
-    partial = "--quick" if a.quick else None if a.families == ",".join(CURVES) and not a.no_e2e else "a partial"
-    out = out_stem("curves" if a.device == "cpu" else f"gpu/curves_{a.device}", a.out, partial)
+    partial = "--quick" if a.quick else None if a.families == ",".join(CURVES) and not a.no_e2e \
+        and not (a.from_tokens or a.to_tokens or a.methods) else "a partial"
+    stem = "curves" if a.device == "cpu" else f"gpu/curves_{a.device}"
+    out = Path(a.out) if a.out else Path(a.extend).with_suffix("") if a.extend else out_stem(stem, a.out, partial)
     rate = sp.sdpa_rate(a.device, bench_dtype(a.device))
-    data = dict(machine=machine(), args=dict(quick=a.quick, reps=a.reps, threads=a.threads, device=a.device,
-                                             max_call_s=a.max_call_s), crossover=[], rows=[], e2e=[], skipped=[])
+    args = dict(quick=a.quick, reps=a.reps, threads=a.threads, device=a.device, max_call_s=a.max_call_s,
+                row_s=a.row_s or sp.ROW_S, methods=a.methods)
+    data = dict(machine=machine(), args=args, crossover=[], rows=[], e2e=[], skipped=[])
+    if a.extend:
+        data = _extended(a, json.loads(Path(a.extend).read_text()), args)
 
     def save():
         data["crossover"] = crossovers(data["rows"])
@@ -194,17 +240,50 @@ def main(argv=None):
     if not a.no_e2e:
         data["e2e"] = end_to_end(a)
     save()
+    threads = a.threads if not a.extend else data["args"]["threads"]
     plot(data["rows"], data["e2e"], out.with_suffix(".png"), f"attnpatch speed curves ({data['machine']['cpu']}, "
-         f"{a.threads} thread(s), {data['machine'].get('gpu', a.device)})")
+         f"{threads} thread(s), {data['machine'].get('gpu', a.device)})")
     print(f"wrote {out}.md / .json / .png")
+
+
+def _extended(a, old: dict, args: dict) -> dict:
+    """``old`` (a committed run) ready to take this run's sizes: the same machine and device, its rows kept,
+    the sizes this run will measure taken off its skipped list, this run's settings and note recorded."""
+    if old.get("args", {}).get("device", "cpu") != a.device or old["machine"].get("cpu") != machine()["cpu"]:
+        sys.exit(f"--extend: {a.extend} was measured on {old['machine'].get('cpu')} ({old['args'].get('device')}), this "
+                 f"run is on {machine()['cpu']} ({a.device}): one table holds one machine's numbers; use --out")
+    if old["args"].get("threads") != a.threads:
+        sys.exit(f"--extend: {a.extend} ran at {old['args'].get('threads')} torch thread(s); run with --threads "
+                 f"{old['args'].get('threads')} so its rows and these compare")
+    fams = a.families.split(",")
+    inside = lambda tok: a.from_tokens <= tok <= (a.to_tokens or tok)  # noqa: E731
+    measured = {(r["family"], r["tokens"]) for r in old["rows"]}
+    for fam in fams:
+        for size in CURVES[fam]:
+            c = sp.case(fam, size)
+            if inside(c.S) and (fam, c.S) in measured:
+                sys.exit(f"--extend: {a.extend} already has {fam} at {c.S} tokens; choose --from-tokens / --to-tokens "
+                         "past the sizes it measured (it is not rewritten row by row)")
+    gone = [f"{fam} {sp.case(fam, size).shape} ({sp.case(fam, size).S} tokens)" for fam in fams for size in CURVES[fam]
+            if inside(sp.case(fam, size).S)]
+    old["skipped"] = [s for s in old["skipped"] if not any(s.startswith(g) for g in gone)]
+    old.setdefault("extensions", []).append(dict(args, families=a.families, from_tokens=a.from_tokens,
+                                                 to_tokens=a.to_tokens, date=time.strftime("%Y-%m-%d"), note=a.note))
+    return old
 
 
 def render(a, out: Path, data: dict) -> tuple[str, str]:
     cross, e2e, rows, skipped = data["crossover"], data["e2e"], data["rows"], data["skipped"]
     rows.sort(key=lambda r: (list(CURVES).index(r["family"]), r["tokens"]))
+    if data.get("extensions"):  # the first run's settings head the page; each extension says its own below
+        a = argparse.Namespace(**{**vars(a), "reps": data["args"]["reps"], "max_call_s": data["args"]["max_call_s"]})
     intro = (f"Speedup = stock time / patched time (above 1: the method pays), median of {a.reps} interleaved repeats; "
              f"parameters as a user would pick them at each size (`benchmarks/_speed.py: methods_for`). Plot: "
-             f"[{out.name}.png]({out.name}.png).")
+             f"[{out.name}.png]({out.name}.png). Inputs are seeded standard-normal q, k, v: a static plan costs the same "
+             "on any input, but the data-dependent methods see no structure in them. VerticalSlash's top diagonals then "
+             "scatter over every offset, so its `lines` kernel computes about the whole causal triangle in 64-row pieces "
+             "and falls behind stock as the size grows; on SmolLM2's real layers its diagonals cluster near the main one "
+             "and its prefill is level with dense at 8K tokens and 1.5-1.8x faster at 16K-32K ([llm.md](llm.md)).")
     if a.max_call_s is not None:
         intro += (f" CPU size cap: a stock call estimated above {a.max_call_s} s is timed with fewer heads (column H); "
                   "sizes where one KV group exceeds it are skipped (listed below; the largest size measured per family is in "
@@ -221,9 +300,20 @@ def render(a, out: Path, data: dict) -> tuple[str, str]:
         ("model", "model"), ("shape", "grid"), ("tokens", "tokens"), ("method", "method"), ("stock_ms", "stock ms"),
         ("patched_ms", "patched ms"), ("speedup", "speedup"), ("spread", "spread"), ("attention_share", "attention share"),
         ("ceiling", "ceiling 1/(1-share)")]))
+    for r in rows:  # the speedup's range over the repeats (rows of older runs may lack the per-repeat ratios)
+        r.setdefault("spread", f"{1 / r['ratio_max']:.2f}-{1 / r['ratio_min']:.2f}" if "ratio_max" in r else "")
     body += "\n\n## Per call\n\n" + table(rows, [("family", "family"), ("shape", "shape"), ("tokens", "tokens"), ("heads", "H"),
                                               ("method", "method"), ("kernel", "kernel"), ("stock_ms", "stock ms"),
-                                              ("patched_ms", "patched ms"), ("speedup", "speedup")])
+                                              ("patched_ms", "patched ms"), ("speedup", "speedup"), ("spread", "spread"),
+                                              ("reps", "reps")])
+    for x in data.get("extensions", []):
+        cap = "no size cap" if not x["max_call_s"] else f"size cap {x['max_call_s']} s"
+        span = f"{x['from_tokens']}-{x['to_tokens'] or 'max'} tokens"
+        which = ", ".join(x["methods"]) if x.get("methods") else "every method"
+        intro += (f"\n\nAdded {x['date']} (`--extend`): {x['families']} at {span}, {which}, {x['reps']} interleaved "
+                  f"repeats (fewer, never under 2, where a row would take over {x.get('row_s', sp.ROW_S):.0f} s), {cap}, "
+                  f"{x['threads']} thread(s)"
+                  + (f": {x['note']}" if x.get("note") else "."))
     if skipped:
         body += "\n\n## Skipped sizes\n\n" + "\n".join(f"- {s}" for s in skipped)
     return intro, body

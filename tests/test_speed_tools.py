@@ -89,3 +89,40 @@ def test_gpu_script_fails_fast_without_a_gpu():
 
 def test_gpu_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")]).returncode == 0
+
+
+def _committed(threads=1):
+    import curves
+    from common import machine
+
+    rows = [dict(family="smollm2", tokens=n, name="SinkWindow", speedup=1.2) for n in (256, 8192)]
+    skipped = ["smollm2 16384 (16384 tokens): stock call > 0.3 s even with one KV group",
+               "smollm2 65536 (65536 tokens): stock call > 0.3 s even with one KV group",
+               "flux 512+128x128 (16896 tokens): stock call > 0.3 s even with one KV group"]
+    return curves, dict(machine=machine(), args=dict(quick=False, reps=5, threads=threads, device="cpu", max_call_s=0.3),
+                        rows=rows, e2e=[{"model": "flux"}], skipped=skipped, crossover=[])
+
+
+def _extend_args(**kw):
+    import argparse
+
+    base = dict(device="cpu", threads=1, families="smollm2", from_tokens=9000, to_tokens=40000, extend="c.json", note="")
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_curves_extend_keeps_the_committed_rows_and_takes_measured_sizes_off_the_skipped_list():
+    curves, old = _committed()
+    a = _extend_args()
+    new = curves._extended(a, old, dict(reps=3, threads=1, device="cpu", max_call_s=2.0))
+    assert [r["tokens"] for r in new["rows"]] == [256, 8192] and new["e2e"] == [{"model": "flux"}]
+    # 16K and 32K are measured now (smollm2 only); 64K (beyond --to-tokens) and flux (another family) stay listed
+    assert [s.split(" (")[0] for s in new["skipped"]] == ["smollm2 65536", "flux 512+128x128"]
+    assert new["args"]["max_call_s"] == 0.3 and new["extensions"][0]["max_call_s"] == 2.0
+
+
+@pytest.mark.parametrize("change, says", [(dict(from_tokens=4000), "already has smollm2 at 8192"),
+                                          (dict(threads=2), "--threads 1")])
+def test_curves_extend_refuses_what_would_mix_or_rewrite_rows(change, says):
+    curves, old = _committed()
+    with pytest.raises(SystemExit, match=says):
+        curves._extended(_extend_args(**change), old, dict(reps=3, threads=1, device="cpu", max_call_s=2.0))
