@@ -63,7 +63,7 @@ def test_the_tuner_keeps_the_measured_fastest_even_against_the_cost_model(tuning
     settled = [name for name, trial in picks if not trial]
     assert settled and all(name == settled[-1] for name in settled), picks  # one final choice, kept
     assert settled[-1] != first, picks  # the slowed pick lost to a measured faster exact kernel
-    assert sum(trial for _, trial in picks) <= 1 + (1 + tune.TRIALS) * len(kernels.names()), picks
+    assert sum(trial for _, trial in picks) <= 1 + (1 + tune.MAX_TRIALS) * len(kernels.names()), picks
 
 
 def test_a_shape_seen_once_is_never_tried_and_tuning_off_keeps_the_cost_model(tuning):
@@ -82,3 +82,49 @@ def test_a_shape_seen_once_is_never_tried_and_tuning_off_keeps_the_cost_model(tu
     tune.enabled(False)
     model = _picks(q, k, v, method, site, 1)[0][0]
     assert _picks(q, k, v, method, site, 8) == [(model, False)] * 8
+
+
+class _Fake:
+    def __init__(self, name):
+        self.name = name
+
+
+def _state(*names):
+    st = tune._State()
+    st.cands = [_Fake(n) for n in names]
+    st.runs, st.times = {n: 0 for n in names}, {n: [] for n in names}
+    return st
+
+
+def _run_trials(st, seconds):
+    """Run the state's trials to the end, each candidate timing ``seconds[name](i)`` on its i-th run; the runs made."""
+    made = []
+    while st.winner is None:
+        kr = st.next()
+        made.append(kr.name)
+        st.record(kr, seconds[kr.name](st.runs[kr.name]))
+    return made
+
+
+def test_short_calls_get_more_trials_in_turn_and_a_near_tie_keeps_the_cost_model_s_pick():
+    st = _state("model", "other")
+    # 0.4 ms calls: TRIAL_S of timing needs more than TRIALS runs; the other kernel 1 % faster (within MARGIN)
+    made = _run_trials(st, {"model": lambda i: 4e-4, "other": lambda i: 4e-4 * 0.99})
+    assert all(1 + tune.TRIALS < made.count(n) <= 1 + tune.MAX_TRIALS for n in ("model", "other")), made
+    assert made[:4] == ["model", "other", "model", "other"]  # interleaved, so a slow spell hits both
+    assert st.winner.name == "model"
+    # clearly faster (10 %): it wins
+    st = _state("model", "other")
+    _run_trials(st, {"model": lambda i: 4e-4, "other": lambda i: 3.6e-4})
+    assert st.winner.name == "other"
+
+
+def test_one_noisy_run_does_not_decide_and_long_calls_keep_the_minimum_of_trials():
+    # the faster kernel's first timed run is hit by a 3x slow spell: the minimum over its trials still finds it
+    st = _state("model", "other")
+    _run_trials(st, {"model": lambda i: 1e-3, "other": lambda i: 3e-3 if i == 2 else 5e-4})
+    assert st.winner.name == "other"
+    # a long call (50 ms) gets TRIALS timed runs, not more
+    st = _state("model", "other")
+    made = _run_trials(st, {"model": lambda i: 0.05, "other": lambda i: 0.06})
+    assert made.count("model") == 1 + tune.TRIALS and st.winner.name == "model"

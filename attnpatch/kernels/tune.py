@@ -7,8 +7,10 @@ same shapes on every layer and step, so its first calls can measure instead.
 From the ``MIN_SEEN``-th call of a plan at one call shape (shapes, dtype, device, threads, mask) the next
 calls run, in turn, each candidate: the cost model's pick and every capable kernel it estimates within
 ``SPAN`` of the best estimate. Each candidate's first run is a warm-up (layouts, masks, buffers are built
-then), the next ``TRIALS`` are timed; the fastest minimum wins and stays with the plan for that shape (the
-trials live on the plan object: a static plan is one object per method, shape and geometry). Every
+then), the next ``TRIALS`` or more are timed (short calls get up to ``MAX_TRIALS``, ``TRIAL_S`` of timing
+each: two runs of a 0.3 ms call decided by noise on a loaded machine); the fastest minimum wins, but
+replaces the cost model's pick only when at least ``MARGIN`` faster, and stays with the plan for that shape
+(the trials live on the plan object: a static plan is one object per method, shape and geometry). Every
 candidate is exact, so a trial costs time, never accuracy; the calls that run trials return their own
 kernel's output. A shape seen once (decode steps, whose key length grows every call) is never tried.
 Kernels without an estimate are not tried (flex and triton compile, the reference is an oracle), except
@@ -31,7 +33,13 @@ SPAN = 2.0  # candidates: estimated within this multiple of the best estimate (m
 # capable kernels tried even without an estimate: gather's is withheld above head dim 32, where it ran
 # 0.6-1.9x the time of the kernel chosen (SmolLM2 Power at 1K: 0.93x stock where lines ran 1.15x)
 UNMODELLED = ("gather",)
-TRIALS = 2  # timed runs per candidate, after its warm-up run
+TRIALS = 2  # timed runs per candidate at least, after its warm-up run
+# short calls get more: on the 2-core CPU under load, two runs of 64-token calls picked gather for a Wan 1x8x8
+# Neighborhood (1.4x masked SDPA's time measured over 100 interleaved runs) and sdpa for the fixture's 32x32
+# SlidingTile (1.33x stock where tiles ran 1.06x); a few ms of trials per candidate cost nothing at those sizes
+MAX_TRIALS = 12
+TRIAL_S = 0.004  # timed seconds a candidate gets at least (up to MAX_TRIALS runs), from its warm-up run's time
+MARGIN = 0.03  # another kernel replaces the cost model's pick only when its best run is this much faster
 MIN_SEEN = 2  # calls of a signature before trials start
 _ENABLED = [os.environ.get("ATTNPATCH_TUNE", "1") != "0"]
 _LOCK = threading.Lock()
@@ -59,18 +67,26 @@ class _State:
 
     def __init__(self):
         self.seen, self.cands, self.runs, self.times, self.winner = 1, None, {}, {}, None
+        self.want = {}  # runs each candidate needs (its warm-up sets it)
 
     def next(self) -> Kernel | None:
-        left = [kr for kr in self.cands if self.runs[kr.name] < 1 + TRIALS]
-        return min(left, key=lambda kr: self.runs[kr.name]) if left else None
+        left = [kr for kr in self.cands if self.runs[kr.name] < self.want.get(kr.name, 1 + TRIALS)]
+        return min(left, key=lambda kr: self.runs[kr.name]) if left else None  # in turn: load hits them alike
 
     def record(self, kernel: Kernel, seconds: float) -> None:
         with _LOCK:
             self.runs[kernel.name] += 1
             if self.runs[kernel.name] > 1:  # the first run of each is its warm-up
                 self.times[kernel.name].append(seconds)
+            else:
+                self.want[kernel.name] = 1 + min(MAX_TRIALS, max(TRIALS, math.ceil(TRIAL_S / max(seconds, 1e-9))))
             if self.winner is None and self.next() is None:
-                self.winner = min(self.cands, key=lambda kr: min(self.times[kr.name]))
+                self.winner = self.fastest()
+
+    def fastest(self) -> Kernel:
+        """The candidate with the least best time; the cost model's pick (the first) unless beaten by ``MARGIN``."""
+        picked, best = self.cands[0], min(self.cands, key=lambda kr: min(self.times[kr.name]))
+        return best if min(self.times[best.name]) < (1 - MARGIN) * min(self.times[picked.name]) else picked
 
 
 def _candidates(picked: Kernel, capable: list, q, k, v, plan, mask) -> list:
