@@ -208,6 +208,11 @@ _DENSE = Plan()
 def _run_plan(q, k, v, plan, site, backend, mask, scale, softcap):
     if plan is None:
         plan = _DENSE
+    if plan.rows is not None and len(plan.rows) == q.shape[0] and backend is None:
+        # rows estimated apart: each row its own call with its own plan (a batch of different prompts must
+        # give each prompt what it gets alone); a named backend runs the whole call on mask_mod instead
+        return torch.cat([_run_plan(q[b:b + 1], k[b:b + 1], v[b:b + 1], p, site, None, _mask_slice(mask, slice(b, b + 1), None),
+                                    scale, softcap) for b, p in enumerate(plan.rows)])
     if plan.direct is not None and backend is None and mask is None and not softcap and plan.transform is None \
             and plan.extra_kv is None and not plan.parts and plan.q_scale is None \
             and (scale is None or scale == q.shape[-1] ** -0.5):

@@ -105,6 +105,11 @@ class Plan:
     # detection read every row): core uses it for a call without a named backend, mask, soft cap, transform,
     # extra keys, parts or scale other than 1/sqrt(D); otherwise the plan's other fields run as usual
     direct: Callable | None = None
+    # one Plan per batch row (None: that row dense), for a data-dependent method whose rows estimate
+    # apart (TopKBlocks on a batch of different prompts): core runs each row as a call of its own with
+    # its plan, so every row gets the block structure of its own estimate; mask_mod says the same for
+    # every other consumer (materialised masks, the reference kernel)
+    rows: tuple | None = None
 
     def with_site(self, causal: bool, q_offset: int) -> "Plan":
         """This plan with the Site's causality; the derived plan is remembered on this (frozen) plan,

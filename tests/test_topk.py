@@ -118,6 +118,47 @@ def test_left_padded_causal_rows_are_planned_alone():
         assert not torch.equal(ref[0], causal)  # sparse: some causal pairs dropped
 
 
+def test_a_batch_of_different_prompts_gives_each_row_what_it_gets_alone():
+    """Causal TopKBlocks on a batch: every row's blocks come from its own estimate (averaged over a batch of
+    RULER prompts, each prompt's needle blocks were dropped), its output equals the row run alone, and the
+    plan's mask (what the reference and masked kernels run) holds each row's own pattern."""
+    m = ap.TopKBlocks(keep=0.6, block=32)  # the first, own and previous blocks forced, plus the best free
+    site = Site(causal=True)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(3, 2, 256, 16, generator=g) for _ in range(3))
+    for b in range(3):  # row b's queries like key block 2 + 2 b: the rows' kept blocks differ
+        d = torch.randn(16, generator=g)
+        q[b] += d
+        k[b, :, 32 * (2 + 2 * b):32 * (3 + 2 * b)] += 2 * d
+    plan = m.plan(q, k, site)
+    assert plan.rows is not None and len(plan.rows) == 3
+    keep = materialise_mask(plan.with_site(True, 0), 3, 2, 256, 256, "cpu")
+    from attnpatch import kernels
+
+    orig, seen = kernels.select, []
+    kernels.select = lambda q_, k_, v_, plan_, **kw: seen.append((q_.shape[0], plan_.blocks is not None)) or orig(q_, k_, v_, plan_, **kw)
+    try:
+        got = ap.core.run(q, k, v, m, site)
+    finally:
+        kernels.select = orig
+    assert seen == [(1, True)] * 3, seen  # each row its own call, with its own block structure for the block kernels
+    for b in range(3):
+        alone = m.plan(q[b:b + 1], k[b:b + 1], site)
+        ref = materialise_mask(alone.with_site(True, 0), 1, 2, 256, 256, "cpu")[0]
+        assert torch.equal(keep[b], ref.expand_as(keep[b]))
+        assert ref[:, 255, 32 * (2 + 2 * b)].all()  # its own liked block, kept for the last query
+        want = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].double(), k[b:b + 1].double(),
+                                                                v[b:b + 1].double(), attn_mask=ref)
+        torch.testing.assert_close(got[b:b + 1], want.float(), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got[b:b + 1], ap.core.run(q[b:b + 1], k[b:b + 1], v[b:b + 1], m, site))
+    assert not torch.equal(keep[0], keep[1])  # the inputs did give other patterns per row
+    # a named backend runs the whole batch on the plan's mask: the same result
+    torch.testing.assert_close(ap.core.run(q, k, v, m, site, backend="sdpa"), got, atol=2e-5, rtol=1e-4)
+    # identical rows share one plan (one block structure for the call, as before)
+    same = m.plan(q[:1].expand(2, -1, -1, -1), k[:1].expand(2, -1, -1, -1), site)
+    assert same.rows is None and same.blocks is not None
+
+
 def test_causal_block_structures_are_shared_per_kept_pattern_and_stay_exact():
     """A causal prefill's BlockSparse is reused for a repeated kept pattern (so the kernels' derived runs are),
     never for a different one: each call's tiles output equals SDPA with that call's own mask."""

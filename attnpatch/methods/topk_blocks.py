@@ -3,8 +3,11 @@ tiles (about 256 tokens; causal calls: key blocks of about 1/16 of the keys, 32-
 ``q_blk @ k_blk^T * scale + log |k_blk|`` (the log-size term makes a block's softmax share
 estimate its total attention mass). Each query tile keeps the ``keep`` fraction of tiles with
 the largest estimated mass, or the smallest set reaching ``mass``, plus its own tile (and its
-``local`` tile neighbourhood) and the text, both ways. The estimate is averaged over batch and
-heads, so one block structure serves the whole call (what block-sparse kernels run).
+``local`` tile neighbourhood) and the text, both ways. On grids the estimate is averaged over batch and
+heads, so one block structure serves the whole call (what block-sparse kernels run; a DiT batch is one
+image's guidance branches, or images of one prompt). Causal (LLM) calls estimate per batch row, averaged
+over heads: a batch of different prompts gives each what it gets alone, each row then its own call
+(``Plan.rows``) when their blocks differ.
 Estimation is O(S * D + tiles^2 * D): well under 1 % of dense attention at 16K tokens.
 
 Options from the block-selection papers (grids only; ``_block_scores`` has the definitions):
@@ -211,9 +214,30 @@ class TopKBlocks(Sparse):
         allowed, qgroup, kblock = lay["allowed"], lay["qgroup"], lay["kblock"]
         pq = _pool(q, qgroup, lay["qcount"])
         pk = _pool(k, kblock, lay["sizes"])
-        logits = _block_logits(pq, pk, lay["sizes"]).masked_fill(~allowed, float("-inf"))
-        est = site.head_mean(torch.softmax(logits, -1))  # (nq, nk); over every rank's heads under tensor parallelism
-        keep = self.select(est, lay["forced"], allowed) & allowed
+        probs = torch.softmax(_block_logits(pq, pk, lay["sizes"]).masked_fill(~allowed, float("-inf")), -1)
+        # each batch row estimates on its own (a row of a batch of prompts gets what it gets alone: averaged over
+        # ten different RULER prompts at 4K, the blocks of each one's needle were dropped and every answer lost);
+        # over its heads, and every rank's heads under tensor parallelism
+        keeps = [self.select(site.head_mean(probs[b:b + 1]), lay["forced"], allowed) & allowed for b in range(B)]
+        if any(not torch.equal(keeps[0], kb) for kb in keeps[1:]):
+            return self._rows_plan(keeps, q, k, site, lay)
+        return self._keep_plan(keeps[0], Sq, Skv, off, site, lay)
+
+    def _rows_plan(self, keeps, q, k, site: Site, lay) -> Plan:
+        """Rows whose estimates differ: one plan per row (core runs each row as its own call) and a mask_mod
+        holding every row's blocks for the other consumers."""
+        Sq, Skv, off = q.shape[2], k.shape[2], site.q_offset
+        rows = tuple(self._keep_plan(kb, Sq, Skv, off, site, lay) for kb in keeps)
+        keep, qgroup, kblock = torch.stack(keeps), lay["qgroup"], lay["kblock"]  # (B, nq, nk)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return keep[b, qgroup[q_idx.clamp(0, Sq - 1)], kblock[kv_idx.clamp(0, Skv - 1)]] & (kv_idx <= q_idx + off)
+
+        return Plan(mask_mod=mask_mod, rows=rows, name=repr(self))
+
+    def _keep_plan(self, keep, Sq: int, Skv: int, off: int, site: Site, lay) -> Plan | None:
+        """The plan of one kept block table (nq, nk) shared by the call's rows; None when it keeps all it can see."""
+        allowed, qgroup, kblock = lay["allowed"], lay["qgroup"], lay["kblock"]
         if bool(keep.eq(allowed).all()):
             return None  # everything the call can see is kept: plain causal attention is this plan, exactly
 
