@@ -5,8 +5,10 @@ whole-model speedup of a small FLUX / Wan transformer at growing grids.
     python benchmarks/curves.py               # full run: benchmarks/results/curves.{md,json,png}
     python benchmarks/curves.py --quick       # up to ~1K tokens per call, small grids (under the temp folder)
     python benchmarks/curves.py --device cuda # on a GPU: benchmarks/results/gpu/curves_cuda.*
-    python benchmarks/curves.py --extend benchmarks/results/curves.json --from-tokens 9000 --max-call-s 0 --reps 3
-        # the sizes the committed run skipped, measured now and added to it (its rows kept as they are)
+    python benchmarks/curves.py --extend benchmarks/results/curves.json --from-tokens 9000 --to-tokens 17000 \
+        --max-call-s 2.5 --reps 3   # sizes the committed run skipped, measured now (on one KV group or head, the
+                                    # cap fits one) and added to it, its rows kept as they are
+    python benchmarks/curves.py --render benchmarks/results/curves.json   # .md / .png again from the json
 
 Per call: the same measurement as ``percall.py`` (``attnpatch.core.run`` with automatic kernel choice
 vs ``F.scaled_dot_product_attention``, interleaved, ratio per repeat, median); speedup = stock / patched.
