@@ -49,10 +49,15 @@ def per_call(a, rate, data: dict, save) -> None:
     # rung by rung of the size ladders, every family at each: a budget cut drops the largest sizes of all, not a family
     ladder = sorted((i, n, fam, size) for n, fam in enumerate(a.families.split(",")) for i, size in enumerate(CURVES[fam]))
     cases = [(fam, c) for _, _, fam, size in ladder for c in [sp.case(fam, size)]
-             if not (a.quick and c.S > QUICK_TOKENS) and a.from_tokens <= c.S <= (a.to_tokens or c.S)]
+             if not (a.quick and c.S > QUICK_TOKENS) and _in_span(a, c.S)]
     for r in sp.sweep(cases, a, dtype, rate, deadline, data, save):
         data["rows"].append(r)
         print(f"{r['family']} {r['shape']} {r['name']:<15} {r['kernel']:<10} {r['speedup']:.2f}x", flush=True)
+
+
+def _in_span(a, tokens: int) -> bool:
+    """Whether a size lies within ``--from-tokens`` / ``--to-tokens`` (0: no bound)."""
+    return a.from_tokens <= tokens <= (a.to_tokens or tokens)
 
 
 def crossovers(rows: list[dict]) -> list[dict]:
@@ -242,9 +247,8 @@ def main(argv=None):
     if not a.no_e2e:
         data["e2e"] = end_to_end(a)
     save()
-    threads = a.threads if not a.extend else data["args"]["threads"]
     plot(data["rows"], data["e2e"], out.with_suffix(".png"), f"attnpatch speed curves ({data['machine']['cpu']}, "
-         f"{threads} thread(s), {data['machine'].get('gpu', a.device)})")
+         f"{a.threads} thread(s), {data['machine'].get('gpu', a.device)})")  # --extend checked: the first run's threads
     print(f"wrote {out}.md / .json / .png")
 
 
@@ -257,17 +261,14 @@ def _extended(a, old: dict, args: dict) -> dict:
     if old["args"].get("threads") != a.threads:
         sys.exit(f"--extend: {a.extend} ran at {old['args'].get('threads')} torch thread(s); run with --threads "
                  f"{old['args'].get('threads')} so its rows and these compare")
-    fams = a.families.split(",")
-    inside = lambda tok: a.from_tokens <= tok <= (a.to_tokens or tok)  # noqa: E731
+    now = [(fam, c) for fam in a.families.split(",") for size in CURVES[fam] for c in [sp.case(fam, size)]
+           if _in_span(a, c.S)]  # the sizes this run measures
     measured = {(r["family"], r["tokens"]) for r in old["rows"]}
-    for fam in fams:
-        for size in CURVES[fam]:
-            c = sp.case(fam, size)
-            if inside(c.S) and (fam, c.S) in measured:
-                sys.exit(f"--extend: {a.extend} already has {fam} at {c.S} tokens; choose --from-tokens / --to-tokens "
-                         "past the sizes it measured (it is not rewritten row by row)")
-    gone = [f"{fam} {sp.case(fam, size).shape} ({sp.case(fam, size).S} tokens)" for fam in fams for size in CURVES[fam]
-            if inside(sp.case(fam, size).S)]
+    for fam, c in now:
+        if (fam, c.S) in measured:
+            sys.exit(f"--extend: {a.extend} already has {fam} at {c.S} tokens; choose --from-tokens / --to-tokens "
+                     "past the sizes it measured (it is not rewritten row by row)")
+    gone = [f"{fam} {c.shape} ({c.S} tokens)" for fam, c in now]
     old["skipped"] = [s for s in old["skipped"] if not any(s.startswith(g) for g in gone)]
     old.setdefault("extensions", []).append(dict(args, families=a.families, from_tokens=a.from_tokens,
                                                  to_tokens=a.to_tokens, date=time.strftime("%Y-%m-%d"), note=a.note))

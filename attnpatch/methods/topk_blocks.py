@@ -218,7 +218,8 @@ class TopKBlocks(Sparse):
         # each batch row estimates on its own (a row of a batch of prompts gets what it gets alone: averaged over
         # ten different RULER prompts at 4K, the blocks of each one's needle were dropped and every answer lost);
         # over its heads, and every rank's heads under tensor parallelism
-        keeps = [self.select(site.head_mean(probs[b:b + 1]), lay["forced"], allowed) & allowed for b in range(B)]
+        est = site.head_mean(probs.transpose(0, 1)[None])  # (B, nq, nk): one reduction over heads for every row
+        keeps = [self.select(est[b], lay["forced"], allowed) & allowed for b in range(B)]
         if any(not torch.equal(keeps[0], kb) for kb in keeps[1:]):
             return self._rows_plan(keeps, q, k, site, lay)
         return self._keep_plan(keeps[0], Sq, Skv, off, site, lay)
@@ -228,23 +229,12 @@ class TopKBlocks(Sparse):
         holding every row's blocks for the other consumers."""
         Sq, Skv, off = q.shape[2], k.shape[2], site.q_offset
         rows = tuple(self._keep_plan(kb, Sq, Skv, off, site, lay) for kb in keeps)
-        keep, qgroup, kblock = torch.stack(keeps), lay["qgroup"], lay["kblock"]  # (B, nq, nk)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return keep[b, qgroup[q_idx.clamp(0, Sq - 1)], kblock[kv_idx.clamp(0, Skv - 1)]] & (kv_idx <= q_idx + off)
-
-        return Plan(mask_mod=mask_mod, rows=rows, name=repr(self))
+        return Plan(mask_mod=_causal_mask_mod(torch.stack(keeps), lay, Sq, Skv, off), rows=rows, name=repr(self))
 
     def _keep_plan(self, keep, Sq: int, Skv: int, off: int, site: Site, lay) -> Plan | None:
         """The plan of one kept block table (nq, nk) shared by the call's rows; None when it keeps all it can see."""
-        allowed, qgroup, kblock = lay["allowed"], lay["qgroup"], lay["kblock"]
-        if bool(keep.eq(allowed).all()):
+        if bool(keep.eq(lay["allowed"]).all()):
             return None  # everything the call can see is kept: plain causal attention is this plan, exactly
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            qg = qgroup[q_idx.clamp(0, Sq - 1)]
-            return keep[qg, kblock[kv_idx.clamp(0, Skv - 1)]] & (kv_idx <= q_idx + off)
-
         blocks = None
         if lay["block_rows"] and site.kv_shift is None:
             state = keep.cpu().to(torch.uint8) * 2
@@ -253,7 +243,7 @@ class TopKBlocks(Sparse):
             # kernels derive from it (refined runs, diagonal checks, biases: ~a third of a 1K call) across calls
             blocks = _grid.shared_blocks(self._causal_blocks, (Sq, Skv, off, state.numpy().tobytes()),
                              lambda: from_states(state, lay["bounds_cpu"], None, causal=True))
-        return Plan(mask_mod=mask_mod, blocks=blocks, name=repr(self))
+        return Plan(mask_mod=_causal_mask_mod(keep, lay, Sq, Skv, off), blocks=blocks, name=repr(self))
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if site.causal:
@@ -306,6 +296,17 @@ def causal_block(Skv: int) -> int:
     if Skv <= 512:
         return 256
     return max(32, min(256, 1 << (Skv // 16).bit_length() - 1))
+
+
+def _causal_mask_mod(keep, lay, Sq: int, Skv: int, off: int):
+    """The mask_mod of kept key blocks ``keep``: (nq, nk) shared by the call's rows, or (B, nq, nk) one per row; causal."""
+    qgroup, kblock = lay["qgroup"], lay["kblock"]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qg, kb = qgroup[q_idx.clamp(0, Sq - 1)], kblock[kv_idx.clamp(0, Skv - 1)]
+        return (keep[qg, kb] if keep.dim() == 2 else keep[b, qg, kb]) & (kv_idx <= q_idx + off)
+
+    return mask_mod
 
 
 def _pool(x, idx, counts):
