@@ -144,8 +144,7 @@ def select(q, k, v, plan, *, mask=None, backend: str | None = None) -> Kernel:
     # call shape: the ranking signature and the why_not checks cost a 64-token call ~5 % of SDPA's time
     memo_key = None
     if plan.static or plan.mask_mod is None:
-        memo_key = (q.shape, k.shape, v.shape[3], q.dtype, q.device, torch.get_num_threads(),
-                    None if mask is None else (mask.dtype, mask.shape), _EPOCH[0])
+        memo_key = _memo_key(q, k, v, mask)
         memo = plan.__dict__.get("_selected")
         if memo is not None and memo[0] == memo_key:
             return memo[1]
@@ -157,6 +156,18 @@ def select(q, k, v, plan, *, mask=None, backend: str | None = None) -> Kernel:
     if memo_key is not None:
         object.__setattr__(plan, "_selected", (memo_key, kernel))  # one tuple: readers see old or new
     return kernel
+
+
+def _memo_key(q, k, v, mask) -> tuple:
+    return (q.shape, k.shape, v.shape[3], q.dtype, q.device, torch.get_num_threads(),
+            None if mask is None else (mask.dtype, mask.shape), _EPOCH[0])
+
+
+def settled(q, k, v, plan, mask=None) -> Kernel | None:
+    """The kernel ``select`` remembered on ``plan`` for calls of this shape, once final (a static plan's
+    trials done, ``tune``); None before, or for a plan that remembers none (data-dependent)."""
+    memo = plan.__dict__.get("_selected")
+    return memo[1] if memo is not None and memo[0] == _memo_key(q, k, v, mask) else None
 
 
 _EPOCH = [0]  # bumped when PREFERENCE or the cost constants may have changed (invalidates the plan memos)
@@ -187,4 +198,4 @@ def _select(q, k, v, plan, mask) -> Kernel:
     raise RuntimeError(f"no kernel can run plan {plan.name!r} on q {tuple(q.shape)}: " + "; ".join(reasons))
 
 
-__all__ = ["Kernel", "PREFERENCE", "check_qkv", "register", "names", "get", "preference", "ranked", "select"]
+__all__ = ["Kernel", "PREFERENCE", "check_qkv", "register", "names", "get", "preference", "ranked", "select", "settled"]

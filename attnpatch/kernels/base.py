@@ -23,6 +23,11 @@ class Kernel:
     def run(self, q, k, v, plan: Plan, *, mask=None, scale: float | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepared(self, q, k, v, plan: Plan, scale: float | None = None):
+        """A callable (q, k, v) -> ``run(q, k, v, plan, scale=scale)`` for later calls of this shape without
+        a mask, with this kernel's per-call checks already done, or None (core then calls ``run``)."""
+        return None
+
     def release(self) -> int:
         """Drop the buffers this kernel keeps for reuse in the calling thread; bytes released."""
         return 0

@@ -144,6 +144,14 @@ class SDPA(Kernel):
     def release(self) -> int:
         return MASKS.clear()
 
+    def prepared(self, q, k, v, plan: Plan, scale=None):
+        if plan.mask_mod is None and plan.score_mod is None and plan.q_scale is None and (not plan.causal or plan.q_offset == 0):
+            # what run does for a plain call (no mask tensor): SDPA itself, dense or is_causal
+            return functools.partial(F.scaled_dot_product_attention, scale=scale, is_causal=plan.causal,
+                                     enable_gqa=q.shape[1] != k.shape[1])
+        fast = plan.__dict__.get("_sdpa_call")
+        return fast[1] if fast is not None and fast[0] == (q.shape, k.shape, v.shape[3], q.dtype, q.device, scale) else None
+
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):
         fast = plan.__dict__.get("_sdpa_call") if mask is None else None
         if fast is not None and fast[0] == (q.shape, k.shape, v.shape[3], q.dtype, q.device, scale):

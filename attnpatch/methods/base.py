@@ -18,6 +18,7 @@ read plain attributes (never ``getattr`` probes) and write nothing back onto a m
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,21 @@ class Method:
     # the output of a query row depends on other query rows (statistics over the call's rows, as
     # SinkCalibration's column means): a call split by query rows across ranks is gathered first
     rows_coupled = False
+    # plan(q, k, site) depends only on the method's parameters, the Site's compared fields and q / k's shapes,
+    # dtype and device (never on their values, a count of calls or other state): core then remembers the kernel
+    # call of each (Site, shapes) and repeats it without asking again (attnpatch/core.py, ``_remember``);
+    # setting a parameter forgets those calls
+    plans_by_site = False
+
+    def layer_free(self) -> bool:
+        """For ``plans_by_site``: True when the plan ignores ``Site.layer`` and ``Site.name`` too, so a call
+        remembered at one layer serves every layer (a step of a pipeline, a forward of an LLM)."""
+        return False
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if not name.startswith("_"):
+            _CALLS.pop(id(self), None)
 
     def bind_model(self, model) -> None:
         """Called once by a patcher at patch time with the patched model; default: nothing."""
@@ -77,6 +93,26 @@ class Method:
     @property
     def name(self) -> str:
         return type(self).__name__
+
+
+# id(method) -> (weak reference to it, {call key: kernel call}) of ``plans_by_site`` methods, kept here and not on
+# the method (a method object carries its parameters and plan caches only); bounded, a dead reference never matches
+_CALLS: dict = {}
+_CALLS_METHODS = 64
+
+
+def remembered_calls(method: Method, create: bool = False) -> dict | None:
+    """The kernel calls core remembered for ``method`` (``plans_by_site``); a new empty table when ``create``."""
+    got = _CALLS.get(id(method))
+    if got is not None and got[0]() is method:
+        return got[1]
+    if not create:
+        return None
+    if len(_CALLS) >= _CALLS_METHODS:
+        _CALLS.clear()
+    calls: dict = {}
+    _CALLS[id(method)] = (weakref.ref(method), calls)
+    return calls
 
 
 @dataclass

@@ -41,6 +41,7 @@ class InwardWindow(Sparse):
     """The training grid's window, shifted inward at borders; FreeSwim's full branch every ``full_every`` steps."""
 
     source = "FreeSwim: Revisiting Sliding-Window Attention for Training-Free Ultra-High-Resolution Video Generation (2025)"
+    plans_by_site = True  # a pure function of parameters, Site and shapes (core remembers its kernel calls)
     llm = False  # needs a visual token grid: the transformers patcher refuses it at patch time
 
     train_grid: int | tuple = 16  # training-resolution tokens per axis; an int sets the spatial (last two) axes

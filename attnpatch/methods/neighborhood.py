@@ -29,6 +29,7 @@ class Neighborhood(Sparse):
     """Sliding / strided / dilated neighbourhood attention per grid axis (NATTEN semantics)."""
 
     source = "Generalized Neighborhood Attention (NATTEN); Faster Neighborhood Attention; DiNAT"
+    plans_by_site = True  # a pure function of parameters, Site and shapes (core remembers its kernel calls)
     llm = False  # needs a visual token grid: the transformers patcher refuses it at patch time
 
     window: int | tuple = 7

@@ -25,6 +25,7 @@ class Power(Method):
     """Local window plus keys at power-of-two distances (causal)."""
 
     source = "PowerAttention: Exponentially Scaling of Receptive Fields (2025)"
+    plans_by_site = True  # a pure function of parameters, Site and shapes (core remembers its kernel calls)
 
     local: int = 64
     sink: int = 4
@@ -33,6 +34,9 @@ class Power(Method):
         self.local = check_int("Power", "local", self.local, 1, example=64)
         self.sink = check_int("Power", "sink", self.sink, 0, example=4)
         self._plans = Memo()
+
+    def layer_free(self) -> bool:
+        return True
 
     def plan(self, q, k, site: Site) -> Plan:
         if not site.causal:

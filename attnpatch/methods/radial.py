@@ -35,6 +35,7 @@ class Radial(Sparse):
 
     source = "Radial Attention: O(n log n) Sparse Attention with Energy Decay (Li et al. 2025)"
     llm = False  # needs a video grid (T, H, W): the transformers patcher refuses it at patch time
+    plans_by_site = True  # a pure function of parameters, Site and shapes (core remembers its kernel calls)
 
     window: int | tuple | None = None  # spatial window in tiles per axis at distance <= 1 (odd)
     decay: float = 2.0

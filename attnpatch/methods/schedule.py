@@ -144,6 +144,9 @@ class Sparse(Method):
             return 0
         return math.floor(d * steps + 1e-9)
 
+    def layer_free(self) -> bool:
+        return not self.dense_layers and self._tables is None  # the layer picks dense layers and profile rows
+
     def dense_at(self, site: Site) -> bool:
         """True where the schedule says dense."""
         if site.layer in self.dense_layers:

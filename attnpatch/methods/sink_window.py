@@ -111,6 +111,7 @@ class SinkWindow(Sparse):
     """Causal: the first ``sink`` tokens plus the last ``window`` tokens (A-shape)."""
 
     source = "StreamingLLM; When Attention Sink Emerges (Gu et al. 2025); MInference A-shape"
+    plans_by_site = True  # a pure function of parameters, Site and shapes (core remembers its kernel calls)
 
     sink: int = 4
     window: int = 2048

@@ -18,6 +18,7 @@ class SlidingTile(Sparse):
     """Tile-granular sliding window: ``window`` tiles of ``tile`` tokens per axis."""
 
     source = "Fast Video Generation with Sliding Tile Attention (FastVideo, Zhang et al. 2025)"
+    plans_by_site = True  # a pure function of parameters, Site and shapes (core remembers its kernel calls)
     llm = False  # needs a visual token grid: the transformers patcher refuses it at patch time
 
     tile: int | tuple = 8

@@ -21,6 +21,7 @@ class Temperature(Method):
     """Scores divided by ``tau`` (in ``layers`` only, when given: layer indices, or one int)."""
 
     source = "Selective Attention (2024); Style Injection in Diffusion (temperature)"
+    plans_by_site = True  # a pure function of parameters, Site and shapes (core remembers its kernel calls)
 
     tau: float = 1.0
     layers: tuple | None = None
@@ -30,6 +31,9 @@ class Temperature(Method):
         if self.layers is not None:  # an int is that one layer, as in patch(..., layers=3) and PAG(layers=3)
             self.layers = check_indices("Temperature", "layers", self.layers, single=True, example=(2, 3))
         self._plans = Memo(8)
+
+    def layer_free(self) -> bool:
+        return self.layers is None
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if self.tau == 1.0 or (self.layers is not None and site.layer not in self.layers):
@@ -44,6 +48,7 @@ class EntropyScale(Method):
     """Scores times max(1, log n / log train_len), n = keys the query sees."""
 
     source = "Entropy-invariant attention scaling (log-n scaling; Selective Attention)"
+    plans_by_site = True  # a pure function of parameters, Site and shapes (core remembers its kernel calls)
 
     train_len: int = 4096
 
@@ -51,6 +56,9 @@ class EntropyScale(Method):
         self.train_len = check_int("EntropyScale", "train_len", self.train_len, 2, example=4096,
                                    expected="an integer >= 2 (the training length or tokens per image)")
         self._plans = Memo()
+
+    def layer_free(self) -> bool:
+        return True
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if k.shape[2] <= self.train_len:
