@@ -1,7 +1,7 @@
 """``Plan``: how to compute one attention call, in FlexAttention's vocabulary."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -123,13 +123,27 @@ DIRECT_MAX = 1 << 18  # heads x queries x keys of the largest call a method answ
 # score pass over every row costs more than the flash kernel (3x at 256 tokens on the 2-core CPU)
 
 
+_PLAN_FIELDS = tuple(f.name for f in fields(Plan))
+
+
+def with_direct(plan: Plan, direct: Callable) -> Plan:
+    """``dataclasses.replace(plan, direct=direct)`` without the dataclass __init__ (Plan has no __post_init__; a
+    small call's per-call plan paid ~10-30 us for it): its fields copied, none of what kernels derived and
+    remembered on it."""
+    new = object.__new__(Plan)
+    new.__dict__.update({name: plan.__dict__[name] for name in _PLAN_FIELDS})
+    new.__dict__["direct"] = direct
+    return new
+
+
 def probs_direct(p: torch.Tensor, Hkv: int, dtype) -> Callable:
     """A ``Plan.direct`` from final probabilities p (B, H, Sq, Skv): v (B, Hkv, Skv, Dv) -> p @ v in ``dtype``,
     each KV head serving its group of query heads (GQA) without a repeated copy."""
     B, H, Sq, Skv = p.shape
 
-    def direct(v):
-        return (p.view(B, Hkv, H // Hkv * Sq, Skv) @ v.to(p.dtype)).view(B, H, Sq, -1).to(dtype)
+    def direct(v):  # one bmm on 3-D views: a 4-D matmul's dispatch is a good part of a small call's
+        out = torch.bmm(p.view(B * Hkv, H // Hkv * Sq, Skv), v.to(p.dtype).reshape(B * Hkv, Skv, v.shape[-1]))
+        return out.view(B, H, Sq, -1).to(dtype)
 
     return direct
 

@@ -100,19 +100,30 @@ def small_call(q, k, off: int, causal: bool, R: int | None):
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     work = torch.promote_types(q.dtype, torch.float32)
-    s = (q.to(work).reshape(B, Hkv, H // Hkv * Sq, D) * D ** -0.5) @ k.to(work).transpose(-1, -2)
-    s = s.view(B, H, Sq, Skv)
-    if causal and off < Skv - 1:  # the first row sees keys up to its position off: later ones are hidden
-        s = s + _hidden(Sq, Skv, off, work, q.device)
+    qg = q.to(work).reshape(B * Hkv, H // Hkv * Sq, D)  # a KV head's query heads, one after another
+    kt = k.to(work).reshape(B * Hkv, Skv, D).transpose(1, 2)
+    # scale and causality ride in one op (a 64-token call pays per op): s = bias + scale * q k^T, the bias -inf on
+    # keys after each row's position (the first row sees keys up to its position off), ignored when nothing is hidden
+    hidden = causal and off < Skv - 1
+    bias = _hidden(Sq, Skv, off, H // Hkv, work, q.device) if hidden else _zero(work, q.device)
+    s = torch.baddbmm(bias, qg, kt, beta=1.0 if hidden else 0.0, alpha=D ** -0.5).view(B, H, Sq, Skv)
     p = torch.softmax(s, -1)
     return p, (_row_weights(Sq, Skv, off if causal else None, R, work, q.device) @ p).squeeze(-2)
 
 
+@lru_cache(maxsize=8)
+def _zero(dtype, device):
+    """(1, 1, 1) zero: baddbmm's bias where nothing is hidden (beta 0: ignored, only its shape must broadcast)."""
+    return torch.zeros(1, 1, 1, dtype=dtype, device=device)
+
+
 @lru_cache(maxsize=16)
-def _hidden(Sq: int, Skv: int, off: int, dtype, device):
-    """(Sq, Skv) additive: -inf where key j lies after query i's position i + off."""
+def _hidden(Sq: int, Skv: int, off: int, rep: int, dtype, device):
+    """(1, rep * Sq, Skv) additive: -inf where key j lies after query i's position i + off, for the rep query
+    heads of a KV head one after another."""
     j = torch.arange(Skv, device=device)
-    return torch.zeros(Sq, Skv, dtype=dtype, device=device).masked_fill_(j > torch.arange(Sq, device=device)[:, None] + off, float("-inf"))
+    one = torch.zeros(Sq, Skv, dtype=dtype, device=device).masked_fill_(j > torch.arange(Sq, device=device)[:, None] + off, float("-inf"))
+    return one.repeat(rep, 1)[None]
 
 
 @lru_cache(maxsize=16)

@@ -23,12 +23,11 @@ A profile (safetensors, ``save_profile``) holds the heads and magnet positions a
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from ..plan import Plan, probs_direct
+from ..plan import Plan, probs_direct, with_direct
 from ..site import Site
 from ._sink_scores import _Call, chunks, gather_rows, plain_col, row_lse, sample, small_call, small_ok
 from .base import Method, call_heads, check_int, check_number, fail
@@ -129,7 +128,7 @@ class SinkRedistribution(Method):
             live = T > 0 if rows is None else (T > 0) & rows[:, None]  # rows without a target, or not chosen: as they were
             ph = torch.where(live, ph * w, ph)
             p = ph if hidx is None else p.index_copy(1, hidx, ph)
-        return dataclasses.replace(plan, direct=probs_direct(p, k.shape[1], q.dtype))
+        return with_direct(plan, probs_direct(p, k.shape[1], q.dtype))
 
     def _plan(self, H, heads, site: Site, Sq, Skv, device) -> Plan | None:
         if not heads:

@@ -22,12 +22,12 @@ profile; ``bind_model`` checks the profile against the patched model.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
-from ..plan import Plan, probs_direct
+from ..plan import Plan, probs_direct, with_direct
 from ..site import Site
 from ._sink_scores import _EXP_FLOOR, _Call, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, sample, \
     small_call, small_ok
@@ -60,6 +60,12 @@ def load_profile(path) -> tuple[dict, dict]:
         raise ValueError(f"{path}: its heads {heads} name layers / heads beyond the {L} layers x {H} heads its metadata "
                          f"says the model has; the file is damaged or edited: {how}")
     return heads, meta
+
+
+@functools.lru_cache(maxsize=32)
+def _bounds(Skv: int, first: int, threshold: float, dtype, device) -> torch.Tensor:
+    """(Skv,) the threshold, +inf on the first ``first`` keys (never sinks)."""
+    return torch.full((Skv,), threshold, dtype=dtype, device=device).index_fill_(0, torch.arange(min(first, Skv), device=device), float("inf"))
 
 
 @dataclass
@@ -199,15 +205,17 @@ class SinkCalibration(Method):
         never the first real tokens (already scored ~0 when ``first_hidden``); the most of any head)."""
         Skv = score.shape[-1]
         if first_hidden or not self.first:
-            pass
-        elif call.shift is None:
-            score[..., :self.first] = 0.0
+            keep = score > self.threshold
+        elif call.shift is None:  # one compare against a per-column bound, +inf on the first keys (a small call pays per op)
+            keep = score > _bounds(Skv, self.first, self.threshold, score.dtype, score.device)
         else:
             pos = torch.arange(Skv, device=score.device) + call.shift.to(score.device)[:, None]  # (B, Skv): absolute
             score.masked_fill_((pos < self.first).view(-1, 1, Skv), 0.0)
-        keep = score > self.threshold
+            keep = score > self.threshold
         m = int(keep.sum(-1).max())
         if m > self.max_sinks:
+            if not first_hidden and self.first and call.shift is None:
+                score[..., :self.first] = 0.0  # never among the strongest: the first keys are not sinks
             top = score.topk(self.max_sinks, -1)  # with at most max_sinks above the threshold, keep is already these
             keep, m = torch.zeros_like(keep).scatter_(2, top.indices, top.values > self.threshold), self.max_sinks
         return keep, m
@@ -298,7 +306,7 @@ class SinkCalibration(Method):
                 scaled = torch.ones(B, H, p.shape[-1], dtype=p.dtype, device=p.device).index_copy_(1, hidx, scaled)
             p = p * scaled[:, :, None, :]
             p = p / p.sum(-1, keepdim=True)
-        return dataclasses.replace(plan, direct=probs_direct(p, k.shape[1], q.dtype))
+        return with_direct(plan, probs_direct(p, k.shape[1], q.dtype))
 
     def _plan(self, H, heads, q_offset, causal, kv_shift, device) -> Plan | None:
         if not heads:
