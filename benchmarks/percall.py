@@ -122,8 +122,9 @@ WHY = {
                        "kernel it re-reads the scores of `detect_rows` (64) query rows against every key. A call of at most "
                        "2^18 scores (64 tokens x 64 heads) instead runs one score pass over every row and takes the "
                        "detection and the calibrated output from it (kernel column 'direct': 25-35 % faster than the "
-                       "kernel plus a second pass, measured interleaved, yet its ~10 small ops stay 1.3-3x a 0.05-0.6 ms "
-                       "call); above that a pass over every row costs more than the flash kernel (3x at 256 tokens), so "
+                       "kernel plus a second pass, measured interleaved; since 12-03 scores, scale and causality in one "
+                       "baddbmm and fewer small ops: SmolLM2 64 tokens 2.35x -> 1.54x, Llama-8B 64 1.72x -> 1.16x, the "
+                       "fixture's 80 tokens 2.95x -> 1.89x, the ~10 ops left being the floor of a 0.05-0.6 ms call); above that a pass over every row costs more than the flash kernel (3x at 256 tokens), so "
                        "the kernel's LSE and the re-read stay: at 256 tokens a quarter of the scores, at 1K 6 % (~1.5-2 "
                        "ms, a long causal call's earlier rows against the keys they see only). Fewer rows were tried and change which sinks are "
                        "found (on SmolLM2 at 256 tokens 560 columns the exact mean does not flag, against 13 with 64 rows). "
@@ -148,15 +149,26 @@ WHY = {
     "Radial": "at Wan 4x16x16 / 4x32x32 (4 frames) the pattern keeps 0.906 / 0.945 of the scores: exact sparse kernels "
               "cost more than the 5-10 % they skip.",
     "Neighborhood": "fixture calls (D = 24, 4 heads) of 30-350 us, where the per-call Python work (~5-10 us) and the "
-                    "mask (a float bias read per head: +26 % on plain SDPA at 1,040 tokens) outweigh what is skipped.",
+                    "mask (a float bias read per head: +26 % on plain SDPA at 1,040 tokens) outweigh what is skipped; "
+                    "FLUX 512+16x16 / 32x32 (1.12-1.17x) the same mask cost where the text rows see every key; Wan "
+                    "4x16x16 with window 3x5x5 keeps 7 % of the keys, yet masked SDPA (1.13x) and tiles (1.10x) measured "
+                    "alike there (12-03, 1 thread, interleaved: ~75 keys per query leave too little work per block for "
+                    "tiles' calls, and gather ran 1.37x), so the trials' pick between them is noise (this run: tiles 1.27x).",
     "SlidingTile": "as Neighborhood on the fixture (at 1,040 tokens it keeps 57 % of the keys; the mask costs +26 %; "
                    "tiles now copies a window's key runs side by side for one call where the cost constants say so, "
                    "1.38x -> ~1.0x there); FLUX 512+32x32 at 1.10-1.17 is the same near-dense case.",
     "InwardWindow": "as SlidingTile: small fixture calls and near-dense windows at 1-1.5K tokens.",
     "Temperature": "per-call Python work (~5 us) on 30-120 us calls; spreads straddle 1.1.",
     "EntropyScale": "per-call Python work plus the per-row rescaling of q on 30-120 us calls; spreads straddle 1.1.",
-    "Power": "one 64-token row within the noise of tiny calls (spread 0.64-2.36).",
-    "StreamingHeads": "256-token rows within the noise of small calls (spreads 0.85-1.50).",
+    "Power": "64-256-token calls (0.1-2 ms) at 1.10-1.15x: a masked SDPA call (the mask cached) where stock runs "
+             "is_causal, plus the Python of a call (since 12-03 repeated calls skip the plan lookup and kernel selection, "
+             "`plans_by_site`); spreads straddle 1.1 (on a noisy day even Dense through attnpatch spreads tens of us "
+             "around stock: the overhead table's p10 / p90).",
+    "SinkWindow": "as Power: 64-256-token calls at 1.10-1.16x, spreads straddling 1.1.",
+    "Quest": "prefill is dense SDPA by definition: a 64-token row within the noise of tiny calls.",
+    "StreamingHeads": "a mixed layer at 64-256 tokens: its full and streaming heads run as one SDPA call with a per-head "
+                      "mask (merge_heads: cheaper than a call per head group there), a masked call where stock runs "
+                      "is_causal (1.15-1.27x); spreads straddle 1.1-1.5.",
 }
 
 
