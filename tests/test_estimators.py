@@ -23,6 +23,26 @@ def _gen(seed):
 
 # ---- VerticalSlash ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("peak", [1.0, 40.0], ids=["plain", "peaky"])
+def test_whole_prefill_output_equals_softmax_over_the_kept_keys(peak):
+    """A prefill whose estimate reads every query answers from the estimate's probabilities renormalised over
+    the kept keys; where a row's largest scores are all dropped (peaky scores: kept mass far below 1e-6) it takes
+    the masked softmax instead. Both equal float64 softmax over the plan's own mask."""
+    g = _gen(3)
+    q, k, v = torch.randn(1, 4, 48, 16, generator=g) * peak ** 0.5, torch.randn(1, 2, 48, 16, generator=g) * peak ** 0.5, \
+        torch.randn(1, 2, 48, 16, generator=g)
+    method = ap.VerticalSlash(verticals=3, slashes=2, last_q=64, sink=1, window=2)
+    plan = method.plan(q, k, Site(causal=True))
+    assert plan.direct is not None
+    keep = materialise_mask(plan.with_site(True, 0), 1, 4, 48, 48, "cpu")
+    kk, vv = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
+    s = (q.double() @ kk.transpose(-1, -2)) * 16 ** -0.5
+    kept = torch.softmax(s, -1).masked_fill(~keep, 0).sum(-1)
+    assert (kept.min() < 1e-6) == (peak > 1)  # the peaky case has rows whose kept mass the renormalisation would lose
+    want = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vv
+    torch.testing.assert_close(plan.direct(v).double(), want, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("L,Skv,pos0", [(6, 20, 14), (1, 9, 8), (5, 30, 10), (4, 12, 10)],
                          ids=["prefill", "one-query", "chunk-before-end", "past-the-keys"])
 def test_diagonal_sums_match_index_add(L, Skv, pos0):

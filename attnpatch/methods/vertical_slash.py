@@ -37,9 +37,8 @@ class VerticalSlash(Method):
         """(verticals (B, H, Skv), slashes (B, H, Skv)) boolean keep tables."""
         return self._top(q, k, off)[:2]
 
-    def _top(self, q, k, off: int, shift=None, scores: bool = False):
-        """(keep_v, keep_s, top columns (B, H, nv), top offsets (B, H, ns)): the tables and their indices
-        (``scores``: and the estimate's scaled causal scores (B, H, L, Skv), -inf after each query).
+    def _top(self, q, k, off: int, shift=None):
+        """(keep_v, keep_s, top columns (B, H, nv), top offsets (B, H, ns)): the tables and their indices.
         ``shift`` (B,): key j of row b holds position j + shift[b] (left padding): pad keys take no share of
         the estimate's softmax and pad query rows add nothing, so a padded row estimates what it does alone."""
         B, H, Sq, D = q.shape
@@ -54,15 +53,32 @@ class VerticalSlash(Method):
         if shift is not None:
             pad = torch.arange(Skv, device=q.device) + shift.to(q.device).view(-1, 1) < 0  # (B, Skv)
             p.masked_fill_(pad[:, None, None, :], float("-inf"))
-        raw = p if scores else None
         p = torch.softmax(p, -1)  # (B, H, L, Skv)
         if shift is not None:  # pad query rows see only pad keys: NaN rows, counted as nothing
             p = p.nan_to_num_(0.0)
+        return self._pick(p, pos0)
+
+    def _pick(self, p, pos0: int):
+        """(keep_v, keep_s, top_v, top_s) from the estimate's probabilities p (B, H, L, Skv), row 0 at pos0."""
+        Skv = p.shape[-1]
         top_v = p.sum(2).topk(min(self.verticals, Skv), -1).indices  # (B, H, nv) most attended columns
         top_s = _diagonal_sums(p, pos0).topk(min(self.slashes, Skv), -1).indices  # (B, H, ns) offsets p - j
-        keep_v = torch.zeros(B, H, Skv, dtype=torch.bool, device=q.device).scatter_(2, top_v, True)
+        keep_v = torch.zeros(p.shape[0], p.shape[1], Skv, dtype=torch.bool, device=p.device).scatter_(2, top_v, True)
         keep_s = torch.zeros_like(keep_v).scatter_(2, top_s, True)
-        return (keep_v, keep_s, top_v, top_s, raw) if scores else (keep_v, keep_s, top_v, top_s)
+        return keep_v, keep_s, top_v, top_s
+
+    def _top_whole(self, q, k):
+        """``_top`` of a prefill whose estimate reads every query (Sq <= last_q, no cache, no padding): the same
+        tables and indices, plus the scaled causal scores (B, H, S, S) and their softmax, the scores from one
+        baddbmm with the causal bias (a 64-token call pays per op)."""
+        B, H, S, D = q.shape
+        Hkv = k.shape[1]
+        work = torch.promote_types(q.dtype, torch.float32)
+        qg = q.to(work).reshape(B * Hkv, H // Hkv * S, D)  # a KV head's query heads one after another (GQA)
+        kt = k.to(work).reshape(B * Hkv, S, D).transpose(1, 2)
+        sc = torch.baddbmm(_causal(S, H // Hkv, work, q.device), qg, kt, alpha=D ** -0.5).view(B, H, S, S)
+        p = torch.softmax(sc, -1)
+        return (*self._pick(p, 0), sc, p)
 
     def plan(self, q, k, site: Site) -> Plan | None:
         if not site.causal:
@@ -76,7 +92,7 @@ class VerticalSlash(Method):
         # a small prefill whose estimate reads every query: its scores are the call's, so the output comes
         # from them (a masked softmax and one matmul) instead of a kernel pass after ~40 small ops of mask work
         whole = Sq <= self.last_q and off == 0 and Skv == Sq and shift is None and H * Sq * Skv <= DIRECT_MAX
-        keep_v, keep_s, top_v, top_s, *raw = self._top(q, k, off, shift, scores=whole)
+        keep_v, keep_s, top_v, top_s, *raw = self._top_whole(q, k) if whole else self._top(q, k, off, shift)
         full = []  # the whole (B, H, Sq, Skv) mask, built on first use by index arithmetic
 
         def table():
@@ -94,7 +110,7 @@ class VerticalSlash(Method):
 
         direct = None
         if whole:
-            sc, base = raw[0], _local(Sq, self.window, self.sink, q.device)
+            (sc, p), base = raw, _local(Sq, self.window, self.sink, q.device)
 
             def direct(v):
                 # keep_s[i - j] through a strided view with the rows reversed (positive strides), flipped back
@@ -102,8 +118,13 @@ class VerticalSlash(Method):
                 buf = torch.zeros(B, H, 2 * Sq, dtype=torch.bool, device=sc.device)
                 buf[..., :Sq] = keep_s.flip(-1)  # buf[r + j] = keep_s[i - j] for the reversed row r = Sq - 1 - i
                 rev = buf.as_strided((B, H, Sq, Skv), (H * 2 * Sq, 2 * Sq, 1, 1), buf.storage_offset())
-                keep = torch.logical_or(rev, keep_v[:, :, None, :]).flip(2) | base  # future keys: -inf in sc
-                w = torch.softmax(torch.where(keep, sc, float("-inf")), -1)  # every row keeps its own key
+                keep = torch.logical_or(rev, keep_v[:, :, None, :]).flip(2) | base  # future keys: 0 in p
+                # the softmax over the kept keys is the estimate's probabilities renormalised over them (3 cheap ops
+                # instead of a masked score tensor and a second softmax); where a row's kept mass is tiny (its
+                # largest scores all dropped) its renormalised probabilities would lose digits: the masked softmax
+                w = p * keep
+                z = w.sum(-1, keepdim=True)
+                w = w.div_(z) if float(z.amin()) >= 1e-6 else torch.softmax(torch.where(keep, sc, float("-inf")), -1)
                 return probs_direct(w, k.shape[1], q.dtype)(v)
 
         return Plan(mask_mod=mask_mod, name=repr(self), lines=self._lines(top_v, top_s, Sq, off, Skv, shift),
@@ -117,13 +138,17 @@ class VerticalSlash(Method):
             return None
         B, H, _ = top_v.shape
         dev = top_v.device
-        sink = torch.arange(min(self.sink, Skv), device=dev).expand(B, 1, -1)  # (B, 1, ns) positions 0 .. sink - 1
+        sink, window = _fixed_lines(B, H, min(self.sink, Skv), min(self.window, Skv), dev)  # cached: a small call pays per op
         if shift is not None:  # key j holds position j + shift[b]: the sink keys move right by the padding
             sink = sink - shift.to(dev).view(-1, 1, 1)
             sink = sink.masked_fill((sink < 0) | (sink >= Skv), -1)
-        cols = torch.cat([top_v, sink.expand(B, H, -1)], -1)  # (B, H, nv + ns)
-        window = torch.arange(min(self.window, Skv), device=dev).expand(B, H, -1)
-        return Lines(cols, torch.cat([top_s, window], -1))
+        return Lines(torch.cat([top_v, sink.expand(B, H, -1)], -1), torch.cat([top_s, window], -1))  # + sink cols, window diags
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_lines(B: int, H: int, sink: int, window: int, device):
+    """(sink columns (B, 1, sink): positions 0 .. sink - 1, window diagonals (B, H, window): offsets 0 .. window - 1)."""
+    return torch.arange(sink, device=device).expand(B, 1, -1), torch.arange(window, device=device).expand(B, H, -1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -131,6 +156,13 @@ def _local(S: int, window: int, sink: int, device):
     """(S, S) boolean: key j within the window of query i or a sink key (causality aside), for S queries on S keys."""
     d = torch.arange(S, device=device)[:, None] - torch.arange(S, device=device)
     return (d < window) | (torch.arange(S, device=device) < sink)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal(S: int, rep: int, dtype, device) -> torch.Tensor:
+    """(1, rep * S, S) additive causal bias (-inf after each query's position) for the rep query heads of a KV head."""
+    i = torch.arange(S, device=device)
+    return torch.zeros(S, S, dtype=dtype, device=device).masked_fill_(i > i[:, None], float("-inf")).repeat(rep, 1)[None]
 
 
 @functools.lru_cache(maxsize=16)
@@ -158,10 +190,7 @@ def _diagonal_sums(p: torch.Tensor, pos0: int) -> torch.Tensor:
         diag = (pos0 + torch.arange(L, device=p.device)[:, None] - torch.arange(Skv, device=p.device)).clamp(0, Skv - 1)
         return torch.zeros(B, H, Skv, device=p.device, dtype=p.dtype).index_add_(2, diag.flatten(), p.flatten(2))
     W = s0 + Skv + L  # row i at columns [s0, s0 + Skv); read from column s0 - s_i = i onwards
-    buf = p.new_empty(B, H, L, W)
-    buf[..., s0:s0 + Skv] = p
-    buf[..., :s0] = 0  # only the padding is zeroed (a whole zero fill cost as much as the copy)
-    buf[..., s0 + Skv:] = 0
+    buf = torch.nn.functional.pad(p, (s0, L))  # one op: the copy and its zero padding (sliced fills cost 25 % more)
     view = buf.as_strided((B, H, L, Skv), (H * L * W, L * W, W + 1, 1), buf.storage_offset())
     return view.sum(2).flip(-1)
 
