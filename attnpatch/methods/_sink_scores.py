@@ -85,6 +85,14 @@ def _geometry_build(Sq, Skv, off, R, first, device, dtype):
 _geometry_cached = lru_cache(maxsize=32)(_geometry_build)
 
 
+@lru_cache(maxsize=32)
+def bounds(Skv: int, first: int, threshold: float, dtype, device) -> torch.Tensor:
+    """(Skv,) ``threshold``, +inf on the first ``first`` keys (never sinks): a column is a sink where its score
+    is above its bound, one compare (a small call pays per op)."""
+    return torch.full((Skv,), threshold, dtype=dtype, device=device).index_fill_(
+        0, torch.arange(min(first, Skv), device=device), float("inf"))
+
+
 def small_ok(q, k, site) -> bool:
     """Whether a call takes ``small_call``'s one-pass path (``Plan.direct``): at most ``DIRECT_MAX`` scores, no
     left padding, every row seeing a key, no autograd through q / k."""

@@ -22,14 +22,13 @@ profile; ``bind_model`` checks the profile against the patched model.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from ..plan import Plan, probs_direct, with_direct
 from ..site import Site
-from ._sink_scores import _EXP_FLOOR, _Call, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, sample, \
+from ._sink_scores import _EXP_FLOOR, _Call, bounds as _bounds, chunks as _chunks, gather_rows, masked_lse, plain_col, row_lse, sample, \
     small_call, small_ok
 from .base import Method, call_heads, check_int, check_number
 
@@ -60,12 +59,6 @@ def load_profile(path) -> tuple[dict, dict]:
         raise ValueError(f"{path}: its heads {heads} name layers / heads beyond the {L} layers x {H} heads its metadata "
                          f"says the model has; the file is damaged or edited: {how}")
     return heads, meta
-
-
-@functools.lru_cache(maxsize=32)
-def _bounds(Skv: int, first: int, threshold: float, dtype, device) -> torch.Tensor:
-    """(Skv,) the threshold, +inf on the first ``first`` keys (never sinks)."""
-    return torch.full((Skv,), threshold, dtype=dtype, device=device).index_fill_(0, torch.arange(min(first, Skv), device=device), float("inf"))
 
 
 @dataclass
