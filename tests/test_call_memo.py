@@ -122,3 +122,20 @@ def test_layers_share_a_remembered_call_unless_the_layer_changes_the_plan():
     dense = core.run(q, k, v, layered, Site(grid=(8, 8), layer=2, **step))  # a dense layer: plain attention
     torch.testing.assert_close(dense, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-4)
     assert (dense - sparse).abs().max() > 1e-2
+
+
+def test_a_collected_method_takes_its_remembered_calls_with_it():
+    import gc
+
+    from attnpatch.methods import base
+
+    q, k, v = _qkv(64)
+    site = Site(grid=(8, 8), layer=0, step=10, steps=20, timestep=0.5)
+    method = ap.Neighborhood(window=(3, 3), dense_steps=0)
+    for _ in range(6):
+        core.run(q, k, v, method, site)
+    key = id(method)
+    assert key in base._CALLS
+    del method
+    gc.collect()
+    assert key not in base._CALLS  # its plans (and the masks they hold) are not kept for a method that is gone

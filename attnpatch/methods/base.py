@@ -111,7 +111,13 @@ def remembered_calls(method: Method, create: bool = False) -> dict | None:
     if len(_CALLS) >= _CALLS_METHODS:
         _CALLS.clear()
     calls: dict = {}
-    _CALLS[id(method)] = (weakref.ref(method), calls)
+    key = id(method)
+
+    def forget(ref):  # the method is gone: drop its calls (their plans hold masks) unless the id serves a newer one
+        if _CALLS.get(key, (None,))[0] is ref:
+            _CALLS.pop(key, None)
+
+    _CALLS[key] = (weakref.ref(method, forget), calls)
     return calls
 
 
