@@ -124,7 +124,10 @@ class VerticalSlash(Method):
                 # largest scores all dropped) its renormalised probabilities would lose digits: the masked softmax
                 w = p * keep
                 z = w.sum(-1, keepdim=True)
-                w = w.div_(z) if float(z.amin()) >= 1e-6 else torch.softmax(torch.where(keep, sc, float("-inf")), -1)
+                if float(z.detach().amin()) < 1e-6:
+                    w = torch.softmax(torch.where(keep, sc, float("-inf")), -1)
+                else:  # in place without autograd (the division's backward reads w as it was)
+                    w = w / z if w.requires_grad else w.div_(z)
                 return probs_direct(w, k.shape[1], q.dtype)(v)
 
         return Plan(mask_mod=mask_mod, name=repr(self), lines=self._lines(top_v, top_s, Sq, off, Skv, shift),
