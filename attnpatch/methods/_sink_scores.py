@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import torch
 
+from ..ops.bias import scores
 from ..plan import DIRECT_MAX
 
 _EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38: the smallest normal float32 is 1.2e-38
@@ -105,33 +106,8 @@ def small_call(q, k, off: int, causal: bool, R: int | None):
     R of them, every row for None) of p_ij n_i) of a small call without a mask or soft cap at the default
     scale, every row seeing a key (off >= 0): one score pass gives the detection and the output.
     k may hold fewer (GQA) heads than q."""
-    B, H, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
-    work = torch.promote_types(q.dtype, torch.float32)
-    qg = q.to(work).reshape(B * Hkv, H // Hkv * Sq, D)  # a KV head's query heads, one after another
-    kt = k.to(work).reshape(B * Hkv, Skv, D).transpose(1, 2)
-    # scale and causality ride in one op (a 64-token call pays per op): s = bias + scale * q k^T, the bias -inf on
-    # keys after each row's position (the first row sees keys up to its position off), ignored when nothing is hidden
-    hidden = causal and off < Skv - 1
-    bias = _hidden(Sq, Skv, off, H // Hkv, work, q.device) if hidden else _zero(work, q.device)
-    s = torch.baddbmm(bias, qg, kt, beta=1.0 if hidden else 0.0, alpha=D ** -0.5).view(B, H, Sq, Skv)
-    p = torch.softmax(s, -1)
-    return p, (_row_weights(Sq, Skv, off if causal else None, R, work, q.device) @ p).squeeze(-2)
-
-
-@lru_cache(maxsize=8)
-def _zero(dtype, device):
-    """(1, 1, 1) zero: baddbmm's bias where nothing is hidden (beta 0: ignored, only its shape must broadcast)."""
-    return torch.zeros(1, 1, 1, dtype=dtype, device=device)
-
-
-@lru_cache(maxsize=16)
-def _hidden(Sq: int, Skv: int, off: int, rep: int, dtype, device):
-    """(1, rep * Sq, Skv) additive: -inf where key j lies after query i's position i + off, for the rep query
-    heads of a KV head one after another."""
-    j = torch.arange(Skv, device=device)
-    one = torch.zeros(Sq, Skv, dtype=dtype, device=device).masked_fill_(j > torch.arange(Sq, device=device)[:, None] + off, float("-inf"))
-    return one.repeat(rep, 1)[None]
+    p = torch.softmax(scores(q, k, off if causal else None), -1)
+    return p, (_row_weights(q.shape[2], k.shape[2], off if causal else None, R, p.dtype, q.device) @ p).squeeze(-2)
 
 
 @lru_cache(maxsize=16)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.bias import scores
 from ..plan import DIRECT_MAX, Lines, Plan, probs_direct
 from ..site import Site
 from .base import Method, check_int
@@ -71,12 +72,7 @@ class VerticalSlash(Method):
         """``_top`` of a prefill whose estimate reads every query (Sq <= last_q, no cache, no padding): the same
         tables and indices, plus the scaled causal scores (B, H, S, S) and their softmax, the scores from one
         baddbmm with the causal bias (a 64-token call pays per op)."""
-        B, H, S, D = q.shape
-        Hkv = k.shape[1]
-        work = torch.promote_types(q.dtype, torch.float32)
-        qg = q.to(work).reshape(B * Hkv, H // Hkv * S, D)  # a KV head's query heads one after another (GQA)
-        kt = k.to(work).reshape(B * Hkv, S, D).transpose(1, 2)
-        sc = torch.baddbmm(_causal(S, H // Hkv, work, q.device), qg, kt, alpha=D ** -0.5).view(B, H, S, S)
+        sc = scores(q, k, 0)
         p = torch.softmax(sc, -1)
         return (*self._pick(p, 0), sc, p)
 
@@ -159,13 +155,6 @@ def _local(S: int, window: int, sink: int, device):
     """(S, S) boolean: key j within the window of query i or a sink key (causality aside), for S queries on S keys."""
     d = torch.arange(S, device=device)[:, None] - torch.arange(S, device=device)
     return (d < window) | (torch.arange(S, device=device) < sink)
-
-
-@functools.lru_cache(maxsize=16)
-def _causal(S: int, rep: int, dtype, device) -> torch.Tensor:
-    """(1, rep * S, S) additive causal bias (-inf after each query's position) for the rep query heads of a KV head."""
-    i = torch.arange(S, device=device)
-    return torch.zeros(S, S, dtype=dtype, device=device).masked_fill_(i > i[:, None], float("-inf")).repeat(rep, 1)[None]
 
 
 @functools.lru_cache(maxsize=16)
