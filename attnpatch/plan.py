@@ -18,11 +18,15 @@ class Lines:
     """A causal pattern of whole key columns and whole diagonals (VerticalSlash; SinkWindow is sink
     columns + window diagonals): ``keep[b, h, i, j] = j <= p_i & (j in cols[b, h] | p_i - j in diags[b, h])``
     with ``p_i = i + q_offset``. Both are long tensors (B, H_q, n), padded with -1 (no line); duplicates are
-    allowed. Kernels that know it (kernels/lines.py) never build the (S_q, S_kv) mask; the plan's mask_mod
-    must describe the same pattern (every other kernel runs that)."""
+    allowed. ``block`` > 0: diagonals at the granularity of MInference's GPU kernel: the call's rows go in
+    blocks of ``block`` (row i in block i // block, the last one shorter) and a row keeps every key j that a
+    kept diagonal reaches in some row of its block, ``p_first - o <= j <= p_last - o`` (causal still applies),
+    so a block's key ranges hold no holes. Kernels that know it (kernels/lines.py) never build the (S_q, S_kv)
+    mask; the plan's mask_mod must describe the same pattern (every other kernel runs that)."""
 
     cols: torch.Tensor  # (B, H_q, n_cols) key indices j
     diags: torch.Tensor  # (B, H_q, n_diags) offsets p_i - j >= 0
+    block: int = 0  # 0: exact diagonals; else rows per block of block-granular diagonals
     cache: dict = field(default_factory=dict, repr=False)  # what kernels derive from it (one call's plan)
 
     @staticmethod

@@ -226,6 +226,13 @@ ZOO += [
     # the estimate reads every query (last_q >= S): the output comes from its scores (Plan.direct) under "auto"
     Case("verticalslash-whole-gqa", ap.VerticalSlash(verticals=3, slashes=2, last_q=64, sink=1, window=2), C,
          (2, 4, 2, 36, 36, 48), _vs(3, 2, 64, 1, 2), _boost(9, 3.0)),
+    # MInference's kernel granularity: a row keeps what its block's diagonals reach (the last block shorter)
+    Case("verticalslash-blocks", ap.VerticalSlash(verticals=3, slashes=2, last_q=6, sink=1, window=2, block=8), C,
+         (1, 2, 2, 44, 44, 48), _vs(3, 2, 6, 1, 2, block=8), _boost(11, 3.0)),
+    Case("verticalslash-blocks-chunk-gqa", ap.VerticalSlash(verticals=4, slashes=3, last_q=5, sink=2, window=3, block=4), C,
+         (1, 4, 2, 10, 38, 64), _vs(4, 3, 5, 2, 3, block=4)),
+    Case("verticalslash-blocks-whole", ap.VerticalSlash(verticals=3, slashes=2, last_q=64, sink=1, window=2, block=16), C,
+         (1, 4, 2, 36, 36, 48), _vs(3, 2, 64, 1, 2, block=16), _boost(9, 3.0)),
     Case("verticalslash-decode", ap.VerticalSlash(verticals=2, slashes=2, last_q=4, sink=1, window=2), C, (1, 2, 2, 1, 20, 80),
          _dense),  # MInference: decode stays dense
     # PAG, SharedAttention

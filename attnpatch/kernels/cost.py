@@ -239,7 +239,7 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     B, Hq, Sq, D = q.shape
     G = k.shape[1] if q.device.type == "cpu" and v.shape[3] == D else Hq  # elsewhere k, v are repeated per head
     copies = c["gather_s_per_byte"] * B * G * k.shape[2] * (D + v.shape[3]) * q.element_size()
-    T = min(BLOCK, Sq)
+    T = min(plan.lines.block or BLOCK, Sq)
     subs = groups(plan.lines, G, Sq, k.shape[2], plan.q_offset, T)
     lays = [layout(sub, Sq, k.shape[2], plan.q_offset, T) for sub in subs]
     G = len(subs)

@@ -68,12 +68,15 @@ def _scratch(name: str, shape, dtype, device) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, dst: tuple) -> None:
+def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, dst: tuple, grain: int = 1) -> None:
     """Query rows [i0, i0 + Tb) over their key ranges [lo, hi) into ``dst`` = (out (B, H, Tb, Dv), lse (B, H, Tb)):
     one fused call per group of whole KV heads under ``MAX_BIAS_BYTES``. One range runs on a view of the
     reversed keys (kr rows Skv - hi .. Skv - lo); several are copied side by side first, so a block is one
     call with no LSE merge (merging a block's parts cost ~30 % of a Power call at 8K, the copy a few %).
-    ``blk`` = (i0, Tb, off, T); ``diag0``: every row and head keeps offset 0 (its own position)."""
+    ``blk`` = (i0, Tb, off, T); ``diag0``: every row and head keeps offset 0 (its own position). ``grain``: 1
+    for exact diagonals (row t reads the table at its own offset); 0 for block-granular ones, whose ``tab`` is
+    dilated over the block's rows (every row reads row 0's offsets); -1 for block-granular ones of a single
+    head, whose ranges hold only kept keys (no table read: the bias is the causal triangle alone)."""
     (i0, Tb, off, T), (o_dst, l_dst) = blk, dst
     if not ranges:
         return  # no key in any range: the caller zeroes rows left at lse -inf
@@ -100,12 +103,15 @@ def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, d
     for h0 in range(0, H, g):
         h1 = min(H, h0 + g)
         bias = _scratch("bias", (B, h1 - h0, Tb, n), tab.dtype, tab.device)  # contiguous: the kernel copies others
+        if grain < 0:
+            bias.zero_()
         c0 = 0  # a strided view and one maximum per range (one index_select gather of the table ran 3x slower)
         for lo, hi in ranges:
             span = hi - lo
-            # reversed key s is j = hi - 1 - s: offset p_i - j = (p0 - hi + 1) + t + s, stored at + T
-            diag = tab.as_strided((B, h1 - h0, Tb, span), (H * L1, L1, 1, 1), tab.storage_offset() + h0 * L1 + p0 - hi + 1 + T)
-            torch.maximum(diag, colf[:, h0:h1, None, Skv - hi:Skv - lo], out=bias[..., c0:c0 + span])
+            if grain >= 0:  # reversed key s is j = hi - 1 - s: offset p_i - j = (p0 - hi + 1) + t + s, stored at + T
+                diag = tab.as_strided((B, h1 - h0, Tb, span), (H * L1, L1, grain, 1),
+                                      tab.storage_offset() + h0 * L1 + p0 - hi + 1 + T)
+                torch.maximum(diag, colf[:, h0:h1, None, Skv - hi:Skv - lo], out=bias[..., c0:c0 + span])
             c = hi - 1 - p0  # keys past row t's position: reversed columns s < c - t (c <= span: lo <= p0)
             if c > 0:
                 bias[..., c0:c0 + c].add_(_triangle(Tb, c, bias.dtype, q.device))  # additive: 3x a masked_fill's speed
@@ -117,6 +123,13 @@ def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, d
             out, lse = out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG)
         o_dst[:, h0:h1] = out
         l_dst[:, h0:h1] = lse
+
+
+def _dilate(tab: torch.Tensor, Tb: int) -> torch.Tensor:
+    """The diagonal table with index x kept (0) where any of x .. x + Tb - 1 is; the padding slot stays -inf."""
+    t = tab.clone()
+    t[..., -1] = NEG  # the slot padding (-1) writes to: no view may read it through the dilation
+    return torch.nn.functional.max_pool1d(torch.nn.functional.pad(t, (0, Tb - 1), value=NEG), Tb, 1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -186,10 +199,18 @@ def _run_group(q, kr, vr, lines, shape: tuple, scale, dst: tuple) -> None:
     lay = layout(lines, Sq, Skv, off, T)
     tab, colf = _tables(lines, Skv, max(Skv, off + Sq) + T, T, q.dtype, q.device)
     diag0 = bool(tab[..., T].eq(0).all())  # every row and head keeps offset 0 (its own position)
+    # block-granular diagonals: one head's ranges hold only kept keys; several heads read a table dilated over
+    # the block's rows (offset o kept for all of them when any of o .. o + Tb - 1 is)
+    grain = (-1 if lines.cols.shape[:2] == (1, 1) else 0) if lines.block else 1
+    dilated = {}
     for blk, rs in enumerate(block_ranges(lay)):
         i0 = blk * T
         Tb = min(T, Sq - i0)
-        _block(q, kr, vr, tab, colf, (i0, Tb, off, T), rs, scale, diag0, (out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb]))
+        gr = 0 if grain < 0 and Tb < T else grain  # a shorter last block's merged ranges may hold gaps: read the table
+        if gr == 0 and Tb not in dilated:
+            dilated[Tb] = _dilate(tab, Tb)
+        _block(q, kr, vr, dilated[Tb] if gr == 0 else tab, colf, (i0, Tb, off, T), rs, scale, diag0,
+               (out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb]), gr)
     dead = lse == NEG  # (B, r, Sq) rows that keep no key so far (a fused kernel may leave NaN)
     if bool(dead.any()):
         out.masked_fill_(dead[..., None], 0.0)
@@ -225,7 +246,7 @@ class Lines(Kernel):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         dtype, work = q.dtype, torch.promote_types(q.dtype, torch.float32)  # parts merge in float32
         B, H, Sq, D = q.shape
-        Skv, off, T = k.shape[2], plan.q_offset, min(BLOCK, q.shape[2])
+        Skv, off, T = k.shape[2], plan.q_offset, min(plan.lines.block or BLOCK, q.shape[2])
         if H != k.shape[1] and (q.device.type != "cpu" or v.shape[3] != D):  # only the CPU flash kernel takes GQA
             k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
         q = q.to(work)

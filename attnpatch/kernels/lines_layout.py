@@ -59,10 +59,13 @@ def block_ranges(lay: dict) -> list:
     return lay["ranges"]
 
 
-def kept(lines, Sq: int, off: int) -> torch.Tensor:
+def kept(lines, Sq: int, off: int, Skv: int | None = None) -> torch.Tensor:
     """(B, H) number of (row, key) scores ``lines`` keeps for Sq rows at positions off .. off + Sq - 1 (keys
     up to each row's position), without the mask: per column the rows at or after it, per diagonal the rows
-    at or past its offset, less the pairs (column c, offset d) with c + d a row's position (counted twice)."""
+    at or past its offset, less the pairs (column c, offset d) with c + d a row's position (counted twice).
+    Block-granular diagonals (``lines.block``): from each head's own layout (``Skv`` then needed)."""
+    if lines.block:
+        return _kept_blocks(lines, Sq, off, off + Sq if Skv is None else Skv)
     P = off + Sq  # one past the last row's position
 
     def distinct(x):  # sorted, repeats and padding (-1) moved past every real value
@@ -76,6 +79,34 @@ def kept(lines, Sq: int, off: int) -> torch.Tensor:
     hi = torch.searchsorted(d, (P - c).contiguous())
     pairs = ((hi - lo).clamp(min=0) * (c < P)).sum(-1)
     return rows(c).sum(-1) + rows(d).sum(-1) - pairs
+
+
+def _kept_blocks(lines, Sq: int, off: int, Skv: int) -> torch.Tensor:
+    """``kept`` of block-granular diagonals: per (batch row, head), the scores of its own key ranges up to each
+    row's position (a range [lo, hi) gives row p min(hi, p + 1) - lo) plus its free columns' rows at or past them;
+    a shorter last block (its merged ranges may hold gaps) by its definition, key by key."""
+    B, H = lines.cols.shape[:2]
+    T = min(lines.block, Sq)
+    full = Sq // T
+    out = torch.zeros(B, H, dtype=torch.long)
+    p = torch.arange(full * T).view(full, T) + off  # full blocks' rows' positions
+    for b in range(B):
+        for h in range(H):
+            sub = type(lines)(lines.cols[b:b + 1, h:h + 1], lines.diags[b:b + 1, h:h + 1], lines.block)
+            lay = layout(sub, Sq, Skv, off, T)
+            lo, hi, ok = (x[:full] for x in lay["bounds"])
+            n = int(((torch.minimum(hi[:, :, None], p[:, None] + 1) - lo[:, :, None]).clamp(min=0) * ok[:, :, None]).sum())
+            if lay["free"] is not None:
+                j = lay["cols"][0, 0].clamp(min=0)  # (nc,)
+                n += int(((p[:, None, :] >= j[None, :, None]).sum(-1) * lay["free"][:full, 0, 0]).sum())
+            if full * T < Sq:  # the last block: any kept offset in [first - j, last - j], or a column
+                d = lines.diags[b, h][lines.diags[b, h] >= 0]
+                j = torch.arange(Skv)
+                first, last = full * T + off, Sq - 1 + off
+                hit = ((j[:, None] >= first - d) & (j[:, None] <= last - d)).any(1) | torch.isin(j, lines.cols[b, h])
+                n += int(((torch.arange(first, last + 1)[:, None] >= j) & hit).sum())
+            out[b, h] = n
+    return out
 
 
 def _free_columns(cols, lo, hi, Sq: int, off: int, T: int):
@@ -104,8 +135,8 @@ def groups(lines, G: int, Sq: int, Skv: int, off: int, T: int = BLOCK) -> list:
         best, cost = None, math.inf
         for n in sorted({1, G, H}):
             r = H // n
-            subs = [lines] if n == 1 else [type(lines)(lines.cols[:, g * r:(g + 1) * r], lines.diags[:, g * r:(g + 1) * r])
-                                           for g in range(n)]
+            subs = [lines] if n == 1 else [type(lines)(lines.cols[:, g * r:(g + 1) * r], lines.diags[:, g * r:(g + 1) * r],
+                                                       lines.block) for g in range(n)]
             lays = [layout(sub, Sq, Skv, off, T) for sub in subs]
             c = sum(lay["area"] * r + lay["vertical"] + CALL_SCORES * lay["calls"] for lay in lays)
             if c < cost:

@@ -2,6 +2,10 @@
 ``last_q`` queries, per batch row and head, estimate the most attended key columns (verticals)
 and diagonals (slashes, by offset i - j); every query then sees those, the first ``sink`` keys
 and its last ``window`` keys (causal). Decode calls (one query) stay dense, as in MInference.
+``block``: the granularity of MInference's GPU kernel instead of exact diagonals: queries go in blocks of
+``block`` rows and each sees every key that one of the picked diagonals (or the window's) reaches in some row
+of its block (the block's key ranges, as the kernel's block offsets), so the sparse kernel computes no score
+it then masks; columns stay exact.
 The plan carries the pattern twice: a mask_mod (every kernel, the goldens) and ``Plan.lines`` (columns +
 diagonals), which the ``lines`` kernel runs without building the (S_q, S_kv) mask."""
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.bias import scores
-from ..plan import DIRECT_MAX, Lines, Plan, probs_direct
+from ..plan import DIRECT_MAX, Lines, Plan, index_grids, probs_direct
 from ..site import Site
 from .base import Method, check_int
 
@@ -28,11 +32,15 @@ class VerticalSlash(Method):
     last_q: int = 64
     sink: int = 4
     window: int = 64
+    block: int | None = None  # None: exact diagonals (the paper's pattern); rows per block of block-granular ones
 
     def __post_init__(self):
         for name, example in (("verticals", 256), ("slashes", 256), ("last_q", 64), ("window", 64)):
             setattr(self, name, check_int("VerticalSlash", name, getattr(self, name), 1, example=example))
         self.sink = check_int("VerticalSlash", "sink", self.sink, 0, example=4)
+        if self.block is not None:
+            self.block = check_int("VerticalSlash", "block", self.block, 1, example=64,
+                                   expected="None (exact diagonals) or an integer >= 1 (rows per query block)")
 
     def estimate(self, q, k, off: int):
         """(verticals (B, H, Skv), slashes (B, H, Skv)) boolean keep tables."""
@@ -91,30 +99,43 @@ class VerticalSlash(Method):
         keep_v, keep_s, top_v, top_s, *raw = self._top_whole(q, k) if whole else self._top(q, k, off, shift)
         full = []  # the whole (B, H, Sq, Skv) mask, built on first use by index arithmetic
 
+        T = min(self.block, Sq) if self.block else 0
+        if T:  # kept offsets below each index (block-granular diagonals: any kept offset in a row range)
+            below = torch.nn.functional.pad(keep_s.cumsum(-1), (1, 0))  # (B, H, Skv + 1)
+
         def table():
             if not full:
-                full.append(_keep_table(keep_v, keep_s, Sq, off, self.sink, self.window, shift))
+                full.append(_keep_table(keep_v, keep_s, Sq, off, self.sink, self.window, shift) if not T else
+                            mask_mod(*index_grids(B, H, Sq, Skv, q.device)))
             return full[0]
 
         def mask_mod(b, h, q_idx, kv_idx):
-            if _whole(b, B) and _whole(h, H) and _whole(q_idx, Sq) and _whole(kv_idx, Skv):
+            if _whole(b, B) and _whole(h, H) and _whole(q_idx, Sq) and _whole(kv_idx, Skv) and (full or not T):
                 return table()  # the grid every dense kernel asks for: no per-element gather
             d = q_idx + off - kv_idx
-            slash = keep_s[b, h, d.clamp(0, Skv - 1)]
+            if T:  # the block's first and last rows: some kept offset in [first - j, last - j]
+                first = q_idx - q_idx % T + off
+                d0, d1 = first - kv_idx, (first + T).clamp(max=Sq + off) - 1 - kv_idx
+                slash = below[b, h, (d1 + 1).clamp(0, Skv)] > below[b, h, d0.clamp(0, Skv)]
+                near = d0 < self.window
+            else:
+                slash, near = keep_s[b, h, d.clamp(0, Skv - 1)], d < self.window
             pos = kv_idx + shift[b] if shift is not None else kv_idx  # absolute position: left padding is negative
-            return (keep_v[b, h, kv_idx] | slash | ((pos < self.sink) & (pos >= 0)) | (d < self.window)) & (d >= 0)
+            return (keep_v[b, h, kv_idx] | slash | ((pos < self.sink) & (pos >= 0)) | near) & (d >= 0)
 
         direct = None
         if whole:
             (sc, p), base = raw, _local(Sq, self.window, self.sink, q.device)
 
             def direct(v):
-                # keep_s[i - j] through a strided view with the rows reversed (positive strides), flipped back
-                # once: a gather of the same table cost 2-4x more on a 64-token call
-                buf = torch.zeros(B, H, 2 * Sq, dtype=torch.bool, device=sc.device)
-                buf[..., :Sq] = keep_s.flip(-1)  # buf[r + j] = keep_s[i - j] for the reversed row r = Sq - 1 - i
-                rev = buf.as_strided((B, H, Sq, Skv), (H * 2 * Sq, 2 * Sq, 1, 1), buf.storage_offset())
-                keep = torch.logical_or(rev, keep_v[:, :, None, :]).flip(2) | base  # future keys: 0 in p
+                if T:
+                    keep = table()
+                else:  # keep_s[i - j] through a strided view with the rows reversed (positive strides), flipped back
+                    # once: a gather of the same table cost 2-4x more on a 64-token call
+                    buf = torch.zeros(B, H, 2 * Sq, dtype=torch.bool, device=sc.device)
+                    buf[..., :Sq] = keep_s.flip(-1)  # buf[r + j] = keep_s[i - j] for the reversed row r = Sq - 1 - i
+                    rev = buf.as_strided((B, H, Sq, Skv), (H * 2 * Sq, 2 * Sq, 1, 1), buf.storage_offset())
+                    keep = torch.logical_or(rev, keep_v[:, :, None, :]).flip(2) | base  # future keys: 0 in p
                 # the softmax over the kept keys is the estimate's probabilities renormalised over them (3 cheap ops
                 # instead of a masked score tensor and a second softmax); where a row's kept mass is tiny (its
                 # largest scores all dropped) its renormalised probabilities would lose digits: the masked softmax
@@ -141,7 +162,8 @@ class VerticalSlash(Method):
         if shift is not None:  # key j holds position j + shift[b]: the sink keys move right by the padding
             sink = sink - shift.to(dev).view(-1, 1, 1)
             sink = sink.masked_fill((sink < 0) | (sink >= Skv), -1)
-        return Lines(torch.cat([top_v, sink.expand(B, H, -1)], -1), torch.cat([top_s, window], -1))  # + sink cols, window diags
+        return Lines(torch.cat([top_v, sink.expand(B, H, -1)], -1), torch.cat([top_s, window], -1),  # + sink cols, window diags
+                     self.block or 0)
 
 
 @functools.lru_cache(maxsize=16)
