@@ -6,7 +6,6 @@ import torch
 
 import attnpatch as ap
 from attnpatch import kernels
-from attnpatch.kernels import lines as lines_mod
 from attnpatch.kernels import lines_layout
 from attnpatch.kernels.reference import attention
 from attnpatch.plan import Lines, Plan, materialise_mask
