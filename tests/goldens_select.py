@@ -168,8 +168,8 @@ def vertical_slash_keep(q, k, off, verticals, slashes, last_q, sink, window, for
     """MInference vertical-slash: per (row, head), softmax of the last ``last_q`` queries (causal);
     vertical score = column sum, slash score = sum along each diagonal offset p - j; keep the top
     ``verticals`` columns, top ``slashes`` offsets, sink and local window (causal).
-    ``block``: MInference's kernel granularity: rows in blocks of ``block``; a row keeps every key one of
-    the kept offsets (top slashes, window) reaches in some row of its block.
+    ``block``: MInference's kernel granularity: rows in blocks of ``block`` positions; a row keeps every key
+    one of the kept offsets (top slashes, window) reaches in some row of its block (within the call).
     ``forced_in_budget``: the authors' code (``vertical[..., :30] = inf``, ``slash[..., -100:] = inf``
     before ``topk``): the sink columns and window diagonals count inside the two budgets."""
     B, H, Sq, D = q.shape
@@ -196,9 +196,8 @@ def vertical_slash_keep(q, k, off, verticals, slashes, last_q, sink, window, for
     def keep(b, h, i, j):
         p = i + off
         top_v, top_s = tables[b, h]
-        if block:
-            T = min(block, Sq)
-            first, last = i - i % T + off, min(i - i % T + T, Sq) - 1 + off
+        if block:  # blocks of positions, cut at the call's first and last rows
+            first, last = max(p - p % block, off), min(p - p % block + block - 1, Sq - 1 + off)
             diag = any(first - o <= j <= last - o for o in top_s | set(range(window)))
         else:
             diag = (p - j) in top_s or p - j < window

@@ -11,6 +11,8 @@ from attnpatch.kernels.reference import attention
 from attnpatch.plan import Lines, Plan, materialise_mask
 from attnpatch.site import Site
 
+import goldens_select as GS
+
 
 def keep_of_blocks(lines: Lines, Sq: int, Skv: int, off: int) -> torch.Tensor:
     """(B, H, Sq, Skv) keep, row by row and diagonal by diagonal."""
@@ -91,31 +93,40 @@ def test_block_diagonals_keep_a_superset_and_block_one_is_exact():
     assert torch.equal(lines_layout.kept(Lines(base.cols, base.diags, 8), 60, 0, 60), eight.sum((2, 3)))
 
 
-SITES = {  # (B, Hq, Hkv, Sq, Skv), site
+SITES = {  # (B, Hq, Hkv, Sq, Skv), site: blocks of positions on the call's rows (lines) or not (mask_mod only)
     "prefill": ((1, 4, 2, 150, 150), Site(causal=True)),
-    "chunk": ((1, 3, 1, 70, 130), Site(causal=True, q_offset=60)),
+    "chunk-on-a-block": ((1, 3, 1, 70, 134), Site(causal=True, q_offset=64)),
+    "chunk-off-blocks": ((1, 3, 1, 70, 130), Site(causal=True, q_offset=60)),
     "left-padding-batch2": ((2, 4, 4, 90, 90), Site(causal=True, kv_shift=torch.tensor([0, -9]))),
 }
 
 
-@pytest.mark.parametrize("block", [16, 48])
+@pytest.mark.parametrize("block", [16, 32])
 @pytest.mark.parametrize("site_id", list(SITES))
 def test_vertical_slash_blocks_mask_is_the_definition(site_id, block):
-    """VerticalSlash(block=...): its mask_mod (every other kernel) is the definition applied to its own picks
-    (Plan.lines), and the lines kernel gives the float64 reference's output."""
+    """VerticalSlash(block=...): its mask_mod (every other kernel) is the float64 golden's definition (blocks of
+    positions); where those blocks start at the call's first row its Plan.lines is the same pattern and the
+    lines kernel gives the reference's output; elsewhere it has no Plan.lines (the kernel blocks rows from 0)."""
     (B, Hq, Hkv, Sq, Skv), site = SITES[site_id]
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(B, h, s, 32, generator=g, dtype=torch.float64) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
     m = ap.VerticalSlash(verticals=5, slashes=4, last_q=8, sink=2, window=3, block=block)
     plan = m.plan(q, k, site).with_site(True, site.q_offset)
-    assert plan.lines is not None and plan.lines.block == block
     want = materialise_mask(plan, B, Hq, Sq, Skv, "cpu").expand(B, Hq, Sq, Skv)
-    assert torch.equal(keep_of_blocks(plan.lines, Sq, Skv, site.q_offset), want)
     exact = ap.VerticalSlash(verticals=5, slashes=4, last_q=8, sink=2, window=3).plan(q, k, site).with_site(True, site.q_offset)
     assert bool((want & ~materialise_mask(exact, B, Hq, Sq, Skv, "cpu")).any())  # the blocks add keys
+    if site.kv_shift is None:
+        golden = GS.vertical_slash_keep(q, k, site.q_offset, 5, 4, 8, 2, 3, block=block)
+        assert all(bool(want[b, h, i, j]) == golden(b, h, i, j) for b in range(B) for h in range(Hq)
+                   for i in range(0, Sq, 7) for j in range(Skv))
+    aligned = site.kv_shift is None and site.q_offset % block == 0
+    assert (plan.lines is not None) == aligned
+    if aligned:
+        assert plan.lines.block == block and torch.equal(keep_of_blocks(plan.lines, Sq, Skv, site.q_offset), want)
     ref = ap.attend(q, k, v, m, site, backend="reference")
-    got = ap.attend(q, k, v, m, site, backend="lines")
-    assert (got - ref).abs().max() < 1e-12
+    assert (ap.attend(q, k, v, m, site) - ref).abs().max() < 1e-12
+    if aligned:
+        assert (ap.attend(q, k, v, m, site, backend="lines") - ref).abs().max() < 1e-12
 
 
 def test_vertical_slash_blocks_small_prefill_is_its_mask():

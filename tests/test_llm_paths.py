@@ -27,6 +27,7 @@ METHODS = {  # parameters small enough to bite on 20-30 tokens
     "topkblocks": lambda: ap.TopKBlocks(keep=0.5, block=4, local=1),
     "power": lambda: ap.Power(local=3, sink=1),
     "verticalslash": lambda: ap.VerticalSlash(verticals=3, slashes=2, last_q=4, sink=1, window=2),
+    "verticalslash-blocks": lambda: ap.VerticalSlash(verticals=3, slashes=2, last_q=4, sink=1, window=2, block=4),
     "sinkcalibration": lambda: ap.SinkCalibration(threshold=0.8, beta=0.3),  # a random model attends ~uniformly: scores ~1
     "temperature": lambda: ap.Temperature(tau=0.6),
     "entropyscale": lambda: ap.EntropyScale(train_len=8),

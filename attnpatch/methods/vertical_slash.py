@@ -99,7 +99,7 @@ class VerticalSlash(Method):
         keep_v, keep_s, top_v, top_s, *raw = self._top_whole(q, k) if whole else self._top(q, k, off, shift)
         full = []  # the whole (B, H, Sq, Skv) mask, built on first use by index arithmetic
 
-        T = min(self.block, Sq) if self.block else 0
+        T = self.block or 0
         if T:  # kept offsets below each index (block-granular diagonals: any kept offset in a row range)
             below = torch.nn.functional.pad(keep_s.cumsum(-1), (1, 0))  # (B, H, Skv + 1)
 
@@ -113,9 +113,9 @@ class VerticalSlash(Method):
             if _whole(b, B) and _whole(h, H) and _whole(q_idx, Sq) and _whole(kv_idx, Skv) and (full or not T):
                 return table()  # the grid every dense kernel asks for: no per-element gather
             d = q_idx + off - kv_idx
-            if T:  # the block's first and last rows: some kept offset in [first - j, last - j]
-                first = q_idx - q_idx % T + off
-                d0, d1 = first - kv_idx, (first + T).clamp(max=Sq + off) - 1 - kv_idx
+            if T:  # blocks of positions (a padded row's as the row alone's); some kept offset in [first - j, last - j]
+                start = q_idx - torch.remainder(q_idx + off + (shift[b] if shift is not None else 0), T)
+                d0, d1 = start.clamp(min=0) + off - kv_idx, (start + T).clamp(max=Sq) - 1 + off - kv_idx
                 slash = below[b, h, (d1 + 1).clamp(0, Skv)] > below[b, h, d0.clamp(0, Skv)]
                 near = d0 < self.window
             else:
@@ -153,8 +153,13 @@ class VerticalSlash(Method):
     def _lines(self, top_v, top_s, Sq: int, off: int, Skv: int, shift) -> Lines | None:
         """The same pattern as columns (the top columns and each batch row's sink keys) and diagonals (the
         top offsets and the window's 0 .. window - 1), repeats allowed; None when queries reach past the
-        last key (mask_mod clamps their offsets to the table)."""
+        last key (mask_mod clamps their offsets to the table) and for blocks of positions that do not start at
+        the call's first row (a chunk at an offset or a left-padded row not on a block boundary: the lines
+        kernel blocks the call's rows from row 0; the other kernels run the mask_mod)."""
         if off + Sq > Skv:
+            return None
+        if self.block and bool(torch.remainder(off + (shift if shift is not None else torch.zeros(1, dtype=torch.long)),
+                                               self.block).any()):
             return None
         B, H, _ = top_v.shape
         dev = top_v.device
