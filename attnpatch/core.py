@@ -42,7 +42,10 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
         return out
     one = merged(groups, q, k, v, site, mask, backend)  # small static groups: one masked call is cheaper
     if one is not None:
-        return _run_plan(q, k, v, one, site, backend, mask, scale, softcap)
+        out = _run_plan(q, k, v, one, site, backend, mask, scale, softcap)
+        if key is not None:  # a static merged plan (StreamingHeads' mixed layer): its call, remembered the same way
+            _remember(method, key, q, k, v, one, site, scale)
+        return out
     rep = q.shape[1] // k.shape[1]
     out = q.new_empty(*q.shape[:3], v.shape[3])
     for heads, plan in groups:  # per-head profiles: one plan per group of heads with equal parameters

@@ -139,3 +139,27 @@ def test_a_collected_method_takes_its_remembered_calls_with_it():
     del method
     gc.collect()
     assert key not in base._CALLS  # its plans (and the masks they hold) are not kept for a method that is gone
+
+
+def test_a_mixed_streaming_heads_layer_is_remembered_per_layer():
+    """StreamingHeads: a layer with retrieval heads runs its merged per-head plan; remembered, it equals the
+    float64 golden (full heads causal, the others sink + window) and skips planning; another layer (other
+    retrieval heads) is planned on its own."""
+    q, k, v = _qkv(48, H=4, Hkv=2)
+    method = ap.StreamingHeads([(0, 1), (1, 2), (1, 3)], sink=2, window=6)
+    count = _planned(method)
+    i = torch.arange(48)
+    causal = i[:, None] >= i
+    local = causal & ((i[:, None] - i < 6) | (i < 2))
+    for layer, full in ((0, {1}), (1, {2, 3})):
+        site = Site(causal=True, layer=layer)
+        keep = torch.stack([causal if h in full else local for h in range(4)])[None]
+        rk, rv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        want = F.scaled_dot_product_attention(q.double(), rk.double(), rv.double(), attn_mask=keep).float()
+        for _ in range(6):
+            torch.testing.assert_close(core.run(q, k, v, method, site), want, atol=2e-5, rtol=1e-4)
+    assert len(remembered_calls(method) or {}) == 2  # one per layer
+    before = count[0]
+    for layer in (0, 1):
+        core.run(q, k, v, method, Site(causal=True, layer=layer))
+    assert count[0] == before

@@ -69,6 +69,7 @@ class StreamingHeads(Method):
     """Retrieval heads full; every other head SinkWindow(sink, window) (DuoAttention's split)."""
 
     source = "Retrieval Head (Wu et al. 2024) scoring; DuoAttention (Xiao et al. 2024) head split, training-free"
+    plans_by_site = True  # head groups and plans a function of parameters, Site (its layer) and shapes
 
     heads: object = ()  # [(layer, head), ...] query heads kept full, or a profile path (save_heads)
     sink: int = 4
