@@ -70,18 +70,24 @@ REMEMBER = [True]  # False: every call plans and selects (benchmarks and tests t
 def _remember(method: Method, key: tuple, q, k, v, plan: Plan | None, site: Site, scale) -> None:
     plan = _DENSE if plan is None else plan
     if plan.output is not None or plan.transform is not None or plan.extra_kv is not None or plan.parts \
-            or plan.rows is not None or plan.direct is not None or torch.is_tensor(plan.q_scale) \
-            or not (plan.static or plan.mask_mod is None):
+            or plan.rows is not None or plan.direct is not None or not (plan.static or plan.mask_mod is None):
         return
-    q2, sc, plan = fold_q_scale(q, scale, plan.with_site(site.causal, site.q_offset))  # a float q_scale: the scale
+    whole = plan.with_site(site.causal, site.q_offset)
+    q2, sc, plan = fold_q_scale(q, scale, whole)  # a float q_scale: the scale; a tensor: q's rows, per call below
     kernel = kernels.settled(q2, k, v, plan)
     if kernel is None:  # not chosen for good yet (a static plan's first calls measure kernels: kernels/tune.py)
         return
     fast = kernel.prepared(q2, k, v, plan, sc) or functools.partial(_kernel_call, kernel, plan, sc)
+    if torch.is_tensor(whole.q_scale):  # per-row scales (EntropyScale on a causal call): q scaled, then the call
+        fast = functools.partial(_scaled_call, fast, whole)
     calls = remembered_calls(method, create=True)
     if len(calls) >= _CALLS_MAX:
         calls.clear()  # bounded: a method sees a Site per layer, step and role
     calls[key] = fast
+
+
+def _scaled_call(call, plan, q, k, v):
+    return call(fold_q_scale(q, None, plan)[0], k, v)
 
 
 def _kernel_call(kernel, plan, scale, q, k, v):

@@ -163,3 +163,23 @@ def test_a_mixed_streaming_heads_layer_is_remembered_per_layer():
     for layer in (0, 1):
         core.run(q, k, v, method, Site(causal=True, layer=layer))
     assert count[0] == before
+
+
+def test_per_row_q_scales_are_remembered_and_applied_per_call():
+    """EntropyScale on a causal call scales each query row by max(1, log n_i / log train_len) (a tensor
+    q_scale): the remembered call applies it to each new q (not to the first call's), equal to float64 SDPA
+    on the rescaled rows, without planning again."""
+    method = ap.EntropyScale(train_len=8)
+    count = _planned(method)
+    site = Site(causal=True, layer=3)
+    n = torch.arange(1, 41, dtype=torch.float64)
+    factor = (n.log() / torch.tensor(8.0, dtype=torch.float64).log()).clamp_min(1.0).view(1, 1, -1, 1)
+    for seed in range(6):  # fresh tensors each call: a remembered q would show
+        q, k, v = _qkv(40, H=4, Hkv=2, seed=seed)
+        rk, rv = k.repeat_interleave(2, 1).double(), v.repeat_interleave(2, 1).double()
+        want = F.scaled_dot_product_attention(q.double() * factor, rk, rv, is_causal=True).float()
+        torch.testing.assert_close(core.run(q, k, v, method, site), want, atol=2e-5, rtol=1e-4)
+    assert remembered_calls(method)
+    before = count[0]
+    core.run(q, k, v, method, site)
+    assert count[0] == before
