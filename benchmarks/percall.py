@@ -161,7 +161,10 @@ WHY = {
                    "1.38x -> ~1.0x there); FLUX 512+32x32 at 1.10-1.17 is the same near-dense case.",
     "InwardWindow": "as SlidingTile: small fixture calls and near-dense windows at 1-1.5K tokens.",
     "Temperature": "per-call Python work (~5 us) on 30-120 us calls; spreads straddle 1.1.",
-    "EntropyScale": "per-call Python work plus the per-row rescaling of q on 30-120 us calls; spreads straddle 1.1.",
+    "EntropyScale": "per-call Python work plus the per-row rescaling of q on 30-120 us calls; spreads straddle 1.1. "
+                    "After this run core.run remembers the call with its per-row scales (64 tokens: 1.19x -> 1.14x on 1 "
+                    "thread, 1.28x -> 1.22x on 2, SmolLM2 heads); the multiply itself (~110 us for Llama-8B's 64-token q on "
+                    "one thread) is the rest.",
     "Power": "64-256-token calls (0.1-2 ms) at 1.10-1.15x: a masked SDPA call (the mask cached) where stock runs "
              "is_causal, plus the Python of a call (since 12-03 repeated calls skip the plan lookup and kernel selection, "
              "`plans_by_site`); spreads straddle 1.1 (on a noisy day even Dense through attnpatch spreads tens of us "
@@ -170,7 +173,9 @@ WHY = {
     "Quest": "prefill is dense SDPA by definition: a 64-token row within the noise of tiny calls.",
     "StreamingHeads": "a mixed layer at 64-256 tokens: its full and streaming heads run as one SDPA call with a per-head "
                       "mask (merge_heads: cheaper than a call per head group there), a masked call where stock runs "
-                      "is_causal (1.15-1.27x); spreads straddle 1.1-1.5.",
+                      "is_causal (1.15-1.27x); spreads straddle 1.1-1.5. After this run core.run remembers that merged "
+                      "call per layer (interleaved, 64 tokens: 1.12x -> 1.05x on 1 thread, 1.26x -> 1.13x on 2; 256 "
+                      "tokens 1.17-1.22x -> 1.13-1.20x).",
 }
 
 
