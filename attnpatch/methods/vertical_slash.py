@@ -3,9 +3,9 @@
 and diagonals (slashes, by offset i - j); every query then sees those, the first ``sink`` keys
 and its last ``window`` keys (causal). Decode calls (one query) stay dense, as in MInference.
 ``block``: the granularity of MInference's GPU kernel instead of exact diagonals: queries go in blocks of
-``block`` rows and each sees every key that one of the picked diagonals (or the window's) reaches in some row
-of its block (the block's key ranges, as the kernel's block offsets), so the sparse kernel computes no score
-it then masks; columns stay exact.
+``block`` positions and each sees every key that one of the picked diagonals (or the window's) reaches in some
+row of its block (the block's key ranges, as the kernel's block offsets), so the sparse kernel computes no
+score it then masks; columns stay exact.
 The plan carries the pattern twice: a mask_mod (every kernel, the goldens) and ``Plan.lines`` (columns +
 diagonals), which the ``lines`` kernel runs without building the (S_q, S_kv) mask."""
 from __future__ import annotations
@@ -32,7 +32,7 @@ class VerticalSlash(Method):
     last_q: int = 64
     sink: int = 4
     window: int = 64
-    block: int | None = None  # None: exact diagonals (the paper's pattern); rows per block of block-granular ones
+    block: int | None = None  # None: exact diagonals (the paper's pattern); positions per block of block-granular ones
 
     def __post_init__(self):
         for name, example in (("verticals", 256), ("slashes", 256), ("last_q", 64), ("window", 64)):
@@ -40,7 +40,7 @@ class VerticalSlash(Method):
         self.sink = check_int("VerticalSlash", "sink", self.sink, 0, example=4)
         if self.block is not None:
             self.block = check_int("VerticalSlash", "block", self.block, 1, example=64,
-                                   expected="None (exact diagonals) or an integer >= 1 (rows per query block)")
+                                   expected="None (exact diagonals) or an integer >= 1 (positions per query block)")
 
     def estimate(self, q, k, off: int):
         """(verticals (B, H, Skv), slashes (B, H, Skv)) boolean keep tables."""
