@@ -72,7 +72,7 @@ class _Density:
         tri = S * (S + 1) / 2
         for heads, p in groups:
             if p is not None and p.lines is not None:
-                self.values.append(float(lines_k.kept(p.lines, S, site.q_offset, k.shape[2]).float().mean()) / tri)
+                self.values.append(float(lines_k.kept(p.lines, S, site.q_offset).float().mean()) / tri)
                 T = min(p.lines.block or lines_k.BLOCK, S)
                 subs = lines_k.groups(p.lines, k.shape[1], S, k.shape[2], site.q_offset, T)
                 lays = [lines_k.layout(sub, S, k.shape[2], site.q_offset, T) for sub in subs]

@@ -75,7 +75,7 @@ def test_block_lines_kernel_matches_the_definition(case, dtype, groups, monkeypa
     got = kernels.get("lines").run(q.to(dtype), k.to(dtype), v.to(dtype), plan)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     assert (got.double() - ref).abs().max() < tol
-    assert torch.equal(lines_layout.kept(lines, Sq, Skv - Sq, Skv), plan_of(lines, Sq, Skv, Skv - Sq).mask_mod(
+    assert torch.equal(lines_layout.kept(lines, Sq, Skv - Sq), plan_of(lines, Sq, Skv, Skv - Sq).mask_mod(
         *[torch.arange(n).view(*(n if d == a else 1 for d in range(4))) for a, n in enumerate((B, Hq, Sq, Skv))]).sum((2, 3)))
 
 
@@ -90,7 +90,7 @@ def test_block_diagonals_keep_a_superset_and_block_one_is_exact():
     one, eight = (keep_of_blocks(Lines(base.cols, base.diags, b), 60, 60, 0) for b in (1, 8))
     assert torch.equal(one, exact)
     assert bool((eight & ~exact).any()) and not bool((exact & ~eight).any())
-    assert torch.equal(lines_layout.kept(Lines(base.cols, base.diags, 8), 60, 0, 60), eight.sum((2, 3)))
+    assert torch.equal(lines_layout.kept(Lines(base.cols, base.diags, 8), 60, 0), eight.sum((2, 3)))
 
 
 SITES = {  # (B, Hq, Hkv, Sq, Skv), site: blocks of positions on the call's rows (lines) or not (mask_mod only)

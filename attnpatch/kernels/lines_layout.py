@@ -59,13 +59,13 @@ def block_ranges(lay: dict) -> list:
     return lay["ranges"]
 
 
-def kept(lines, Sq: int, off: int, Skv: int | None = None) -> torch.Tensor:
+def kept(lines, Sq: int, off: int) -> torch.Tensor:
     """(B, H) number of (row, key) scores ``lines`` keeps for Sq rows at positions off .. off + Sq - 1 (keys
     up to each row's position), without the mask: per column the rows at or after it, per diagonal the rows
     at or past its offset, less the pairs (column c, offset d) with c + d a row's position (counted twice).
-    Block-granular diagonals (``lines.block``): from each head's own layout (``Skv`` then needed)."""
+    Block-granular diagonals (``lines.block``): from each head's own layout over the keys the rows can see."""
     if lines.block:
-        return _kept_blocks(lines, Sq, off, off + Sq if Skv is None else Skv)
+        return _kept_blocks(lines, Sq, off, off + Sq)
     P = off + Sq  # one past the last row's position
 
     def distinct(x):  # sorted, repeats and padding (-1) moved past every real value

@@ -106,12 +106,15 @@ class VerticalSlash(Method):
         def table():
             if not full:
                 full.append(_keep_table(keep_v, keep_s, Sq, off, self.sink, self.window, shift) if not T else
-                            mask_mod(*index_grids(B, H, Sq, Skv, q.device)))
+                            keep(*index_grids(B, H, Sq, Skv, q.device)))
             return full[0]
 
         def mask_mod(b, h, q_idx, kv_idx):
-            if _whole(b, B) and _whole(h, H) and _whole(q_idx, Sq) and _whole(kv_idx, Skv) and (full or not T):
-                return table()  # the grid every dense kernel asks for: no per-element gather
+            if _whole(b, B) and _whole(h, H) and _whole(q_idx, Sq) and _whole(kv_idx, Skv):
+                return table()  # the grid every dense kernel asks for: built once
+            return keep(b, h, q_idx, kv_idx)
+
+        def keep(b, h, q_idx, kv_idx):  # the pattern, element by element
             d = q_idx + off - kv_idx
             if T:  # blocks of positions (a padded row's as the row alone's); some kept offset in [first - j, last - j]
                 start = q_idx - torch.remainder(q_idx + off + (shift[b] if shift is not None else 0), T)
@@ -158,8 +161,7 @@ class VerticalSlash(Method):
         kernel blocks the call's rows from row 0; the other kernels run the mask_mod)."""
         if off + Sq > Skv:
             return None
-        if self.block and bool(torch.remainder(off + (shift if shift is not None else torch.zeros(1, dtype=torch.long)),
-                                               self.block).any()):
+        if self.block and (off % self.block if shift is None else bool(((shift + off) % self.block).any())):
             return None
         B, H, _ = top_v.shape
         dev = top_v.device

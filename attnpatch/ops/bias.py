@@ -1,8 +1,8 @@
 """Boolean keep masks as additive biases (0 where kept, -inf elsewhere), the form the fused SDPA kernels
-take, and ``scores``: a small call's scaled scores with the causal bias in one op. On CPU ``masked_fill`` / ``torch.where`` with -inf run at ~1.3 GB/s (1.75 ms for a 9 x 256 x 256 mask,
-longer than the 256-token attention call it feeds; SDPA converts a boolean mask the same way); the same
-values written as integer bit patterns run ~8x faster: keep - 1 is 0 or all ones, and all ones AND the bit
-pattern of -inf is -inf."""
+take, and ``scores``: a small call's scaled scores with the causal bias in one op. On CPU ``masked_fill`` /
+``torch.where`` with -inf run at ~1.3 GB/s (1.75 ms for a 9 x 256 x 256 mask, longer than the 256-token
+attention call it feeds; SDPA converts a boolean mask the same way); the same values written as integer bit
+patterns run ~8x faster: keep - 1 is 0 or all ones, and all ones AND the bit pattern of -inf is -inf."""
 from __future__ import annotations
 
 import functools
