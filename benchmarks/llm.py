@@ -76,7 +76,7 @@ class _Density:
                 T = min(p.lines.block or lines_k.BLOCK, S)
                 subs = lines_k.groups(p.lines, k.shape[1], S, k.shape[2], site.q_offset, T)
                 lays = [lines_k.layout(sub, S, k.shape[2], site.q_offset, T) for sub in subs]
-                area = sum(lay["area"] * sub.cols.shape[1] + lay["vertical"] for sub, lay in zip(subs, lays))
+                area = sum((lay["area"] + lay["diagonal"]) * sub.cols.shape[1] + lay["vertical"] for sub, lay in zip(subs, lays))
                 self.computed.append(area / (p.lines.cols.shape[0] * p.lines.cols.shape[1]) / tri)
             else:
                 self.values.append(1.0 if p is None or p.blocks is None else p.blocks.density() / ((S + 1) / (2 * S)))

@@ -60,11 +60,15 @@ def _qkv(g, B, Hq, Hkv, Sq, Skv, D):
     return (torch.randn(B, h, s, d, generator=g, dtype=torch.float64) for h, s, d in ((Hq, Sq, D), (Hkv, Skv, D), (Hkv, Skv, Dv)))
 
 
+# DIAG_KEYS: the default (no diagonal runs apart at these block sizes), 8 (sparse clusters apart), 1 (every one)
+@pytest.mark.parametrize("apart", [None, 8, 1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_lines_kernel_matches_the_reference(case, dtype, monkeypatch):
+def test_lines_kernel_matches_the_reference(case, dtype, apart, monkeypatch):
     B, Hq, Hkv, Sq, Skv, D, nc, nd, near, block = CASES[case]
     monkeypatch.setattr(lines_mod, "BLOCK", block)
+    if apart:
+        monkeypatch.setattr(lines_layout, "DIAG_KEYS", apart)
     g = torch.Generator().manual_seed(sum(map(ord, case)))
     q, k, v = _qkv(g, B, Hq, Hkv, Sq, Skv, D)
     plan = plan_of(random_lines(g, B, Hq, Skv, nc, nd, near), Sq, Skv, Skv - Sq)
@@ -80,13 +84,16 @@ def test_lines_kernel_matches_the_reference(case, dtype, monkeypatch):
         assert err <= 2 * (same.double() - ref).abs().max().item() + 1e-6
 
 
+@pytest.mark.parametrize("apart", [None, 8])
 @pytest.mark.parametrize("case", list(CASES))
-def test_calls_split_by_heads_and_row_chunks_give_the_same(case, monkeypatch):
+def test_calls_split_by_heads_and_row_chunks_give_the_same(case, apart, monkeypatch):
     """A bias cap of one byte: each range runs one KV head's query heads per call and the gathered
     columns one block of rows per call; the output is the reference's all the same."""
     B, Hq, Hkv, Sq, Skv, D, nc, nd, near, block = CASES[case]
     monkeypatch.setattr(lines_mod, "BLOCK", block)
     monkeypatch.setattr(lines_mod, "MAX_BIAS_BYTES", 1)
+    if apart:
+        monkeypatch.setattr(lines_layout, "DIAG_KEYS", apart)
     g = torch.Generator().manual_seed(sum(map(ord, case)))
     q, k, v = _qkv(g, B, Hq, Hkv, Sq, Skv, D)
     plan = plan_of(random_lines(g, B, Hq, Skv, nc, nd, near), Sq, Skv, Skv - Sq)
@@ -266,9 +273,10 @@ def test_kept_counts_the_mask(case):
     assert torch.equal(lines_mod.kept(lines, Sq, Skv - Sq), keep_of(lines, Sq, Skv, Skv - Sq).sum((2, 3)))
 
 
-def _layout_by_loops(lines, Sq, Skv, off, T):
+def _layout_by_loops(lines, Sq, Skv, off, T, diag_keys=lines_layout.DIAG_KEYS):
     """The layout by its definition, block by block and range by range: offset clusters (gaps over T split),
-    each cluster's key range per block, the columns a block's rows see outside its ranges."""
+    those whose n offsets cost less elementwise (n * diag_keys < width + T) apart, each other cluster's key
+    range per block, the columns a block's rows see outside its ranges."""
     d = sorted(set(lines.diags[lines.diags >= 0].tolist()))
     clusters = []
     for x in d:
@@ -276,6 +284,8 @@ def _layout_by_loops(lines, Sq, Skv, off, T):
             clusters[-1][1] = x
         else:
             clusters.append([x, x])
+    apart = [x for lo, hi in clusters if sum(lo <= y <= hi for y in d) * diag_keys < hi - lo + T for x in d if lo <= x <= hi]
+    clusters = [[lo, hi] for lo, hi in clusters if not any(lo <= x <= hi for x in apart)]
     ranges, area = [], 0
     for i0 in range(0, Sq, T):
         p0, p1 = i0 + off, min(i0 + T, Sq) - 1 + off
@@ -294,11 +304,13 @@ def _layout_by_loops(lines, Sq, Skv, off, T):
                     if j >= 0 and j not in seen and j <= last and not any(x <= j < y for x, y in rs):
                         free[blk, b, h, c] = True
                     seen.add(j)
-    return ranges, area, free
+    diagonal = sum(1 for o in apart for i in range(Sq) if 0 <= i + off - o < Skv)
+    return ranges, area, free, apart, diagonal
 
 
+@pytest.mark.parametrize("diag_keys", [None, 4])
 @pytest.mark.parametrize("seed", range(7))
-def test_layout_equals_its_definition(seed):
+def test_layout_equals_its_definition(seed, diag_keys, monkeypatch):
     """``lines_layout.layout`` (tensor arithmetic over blocks x offset clusters) against the same layout built
     block by block: ranges in order, area, calls, the free columns (with padding, repeats, offsets, queries
     past the keys) and whole-range plans (no free columns)."""
@@ -313,11 +325,30 @@ def test_layout_equals_its_definition(seed):
         lines = Lines(lines.cols, torch.arange(Skv).expand(B, H, Skv))
     if seed == 6:  # far offsets only: the first blocks have no range (no call), their columns are free
         lines = Lines(lines.cols, torch.randint(Skv // 2, Skv, (B, H, 3), generator=g))
+    if diag_keys:
+        monkeypatch.setattr(lines_layout, "DIAG_KEYS", diag_keys)
     lay = lines_layout.layout(lines, Sq, Skv, off, T)
-    ranges, area, free = _layout_by_loops(lines, Sq, Skv, off, T)
+    ranges, area, free, apart, diagonal = _layout_by_loops(lines, Sq, Skv, off, T, lines_layout.DIAG_KEYS)
     assert lines_layout.block_ranges(lay) == ranges and lay["area"] == area
+    assert lay["apart"] == apart and lay["diagonal"] == diagonal
     assert lay["calls"] == sum(map(bool, ranges)) + bool(free.any())
     if seed == 5:
         assert lay["free"] is None and lay["vertical"] == 0
     else:
         assert torch.equal(lay["free"], free) and lay["vertical"] == int(free.sum()) * T
+
+
+@pytest.mark.parametrize("Sq, Skv", [(600, 600), (150, 700)])
+def test_powers_far_diagonals_run_apart_and_match_the_reference(Sq, Skv):
+    """Power(local=16) at 600-700 tokens at the default DIAG_KEYS: its far powers of two (256, 512) are lone
+    offsets more than a block apart, so they leave the block ranges and run elementwise, merged into the rows
+    they reach (a chunk at an offset too; GQA; the sink columns, which some of those keys are, counted once);
+    the output is the float64 reference's."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = _qkv(g, 1, 6, 2, Sq, Skv, 16)
+    site = Site(causal=True, q_offset=Skv - Sq)
+    plan = ap.Power(local=16, sink=300).plan(q, k, site).with_site(True, Skv - Sq)  # sink columns under the diagonals
+    lay = lines_layout.layout(plan.lines, Sq, Skv, Skv - Sq, lines_layout.BLOCK)
+    assert lay["apart"] == [256, 512] and lay["diagonal"] > 0
+    got = kernels.get("lines").run(q, k, v, plan)
+    assert (got - attention(q, k, v, plan)).abs().max() < 1e-12

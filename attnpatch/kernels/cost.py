@@ -234,7 +234,7 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     Analytic, from the calibrated constants (no fit of its own)."""
     if plan.lines is None:
         return math.inf
-    from .lines_layout import BLOCK, groups, layout  # same module family; the layouts are cached on plan.lines
+    from .lines_layout import BLOCK, DIAG_KEYS, groups, layout  # same module family; layouts cached on plan.lines
 
     B, Hq, Sq, D = q.shape
     G = k.shape[1] if q.device.type == "cpu" and v.shape[3] == D else Hq  # elsewhere k, v are repeated per head
@@ -248,9 +248,11 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     vertical = sum(lay["vertical"] for lay in lays)  # scores of the gathered columns (batch and heads counted)
     ranges = area * (elem * c["tiles_factor"] + 2 * bias)
     cols = vertical * (elem + bias + c["build_s_per_elem"])
-    merge = c["merge_s_per_elem"] * 2 * B * Hq * Sq * v.shape[3] * sum(bool(lay["vertical"]) for lay in lays) / G
+    merge = c["merge_s_per_elem"] * 2 * B * Hq * Sq * v.shape[3] * sum(bool(lay["vertical"]) + bool(lay["apart"]) for lay in lays) / G
+    # diagonals run apart: each of their scores costs DIAG_KEYS scores of a range (the layout's own rule)
+    apart = DIAG_KEYS * B * (Hq // G) * sum(lay["diagonal"] for lay in lays) * (elem * c["tiles_factor"] + 2 * bias)
     calls = sum(lay["calls"] for lay in lays)
-    return c["call_s"] * (LINES_FIXED_CALLS + GROUP_FIXED_CALLS * (G - 1) + calls) + ranges + cols + merge + copies
+    return c["call_s"] * (LINES_FIXED_CALLS + GROUP_FIXED_CALLS * (G - 1) + calls) + ranges + cols + merge + apart + copies
 
 
 def rank(names: list[str], c: dict | None, q, k, v, plan, mask=None) -> tuple[list[str], dict]:

@@ -18,12 +18,20 @@ BLOCK = 64
 # how to group heads: on SmolLM2's real layer-1 q, k at 8K (1 thread, interleaved, per call / stock SDPA)
 # per-query-head groups (this at 16384) ran 1.03-1.57x, per-KV-head groups (65536) 0.84-0.86x, all heads 1.11-1.26x
 CALL_SCORES = 65536
+# one diagonal run elementwise (``layout``'s "lines": a shifted row-wise product for its scores, one axpy of the
+# shifted values, merged by the LSE) costs about this many keys per row of a fused call. A cluster of n offsets
+# spanning offsets a .. b costs a block call b - a + BLOCK keys per row; it runs elementwise when
+# n * DIAG_KEYS is less. Measured (Power(local=512)'s far powers of two, 9 / 3 heads of 64, against the kernel
+# without them): 8K 1 thread 3 diagonals 0.12 s in blocks, 0.03 s elementwise; 32K 2 threads 5 diagonals
+# 0.40 s, 0.22 s (the products are memory-bound: they gain less from the second thread)
+DIAG_KEYS = 32
 
 
 def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     """What a call computes (cached on ``lines``): ``bounds`` = (lo, hi, ok) (n_blk, clusters), the key range [lo, hi)
     of each query block and offset cluster, ok where it is not empty (``block_ranges``: as lists per block; ``area``:
-    their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a block's rows reach
+    their scores per head), ``apart`` the offsets of sparse clusters (``DIAG_KEYS``) that run elementwise instead,
+    over every row at once (``diagonal``: their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a block's rows reach
     outside its ranges (None: none; ``vertical``: their scores), and the fused ``calls``. Tensor arithmetic over
     (blocks x offset clusters): a data-dependent plan lays out every call, ``groups`` up to 1 + G + H times
     (a Python loop per block and range took 0.18 s of a 1 s VerticalSlash call at 8K)."""
@@ -33,6 +41,13 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     d = lines.diags[lines.diags >= 0].unique().cpu()  # sorted offsets used by any row / head
     cut = ((d[1:] - d[:-1]) > T).nonzero().flatten()  # a gap over a block: a separate key range
     a, b = torch.cat([d[:1], d[cut + 1]]), torch.cat([d[cut], d[-1:]])  # clusters [a, b] of offsets, ascending
+    apart = []  # offsets of sparse clusters (far, isolated diagonals: Power's powers of two), run elementwise
+    if not lines.block and len(d):  # block-granular diagonals keep whole ranges: always block calls
+        n_in = torch.searchsorted(d, b, right=True) - torch.searchsorted(d, a)  # offsets per cluster
+        line = n_in * DIAG_KEYS < b - a + T
+        if bool(line.any()):
+            apart = d[line[torch.searchsorted(a, d, right=True) - 1]].tolist()
+            a, b = a[~line], b[~line]
     n_blk = -(-Sq // T)
     i0 = torch.arange(n_blk) * T
     p0, p1 = i0 + off, (i0 + T).clamp(max=Sq) - 1 + off  # positions of each block's first and last rows
@@ -42,7 +57,10 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     # every block's one range holds all keys up to its last row: no column is outside any
     whole = bool(((n_ok == 1) & ((lo * ok).sum(1) == 0) & ((hi * ok).sum(1) == (p1 + 1).clamp(max=Skv))).all())
     area = int(((p1 - p0 + 1)[:, None] * (hi - lo).clamp(min=0)).sum())
-    out = dict(bounds=(lo, hi, ok), area=area, calls=int((n_ok > 0).sum()), clusters=len(a), cols=None, free=None, vertical=0)
+    # the elementwise diagonals' scores: offset o reaches rows at positions o .. o + Skv - 1
+    diagonal = sum(max(0, min(Sq, Skv + o - off) - max(0, o - off)) for o in apart)
+    out = dict(bounds=(lo, hi, ok), area=area, calls=int((n_ok > 0).sum()), clusters=len(a), cols=None, free=None, vertical=0,
+               apart=apart, diagonal=diagonal)
     if not whole:
         out["cols"], out["free"] = _free_columns(lines.cols, lo, torch.maximum(lo, hi), Sq, off, T)
         out["vertical"] = int(out["free"].sum()) * T  # computed scores, about (columns x block rows)
@@ -138,7 +156,7 @@ def groups(lines, G: int, Sq: int, Skv: int, off: int, T: int = BLOCK) -> list:
             subs = [lines] if n == 1 else [type(lines)(lines.cols[:, g * r:(g + 1) * r], lines.diags[:, g * r:(g + 1) * r],
                                                        lines.block) for g in range(n)]
             lays = [layout(sub, Sq, Skv, off, T) for sub in subs]
-            c = sum(lay["area"] * r + lay["vertical"] + CALL_SCORES * lay["calls"] for lay in lays)
+            c = sum((lay["area"] + DIAG_KEYS * lay["diagonal"]) * r + lay["vertical"] + CALL_SCORES * lay["calls"] for lay in lays)
             if c < cost:
                 best, cost = subs, c
         lines.cache[key] = best
