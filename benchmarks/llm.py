@@ -9,8 +9,8 @@ SmolLM2-135M-Instruct, each dense vs patched, in one process.
 Speed: prefill of 8K / 16K / 32K tokens through SmolLM2-135M-Instruct's own first layers (576 wide,
 9 query / 3 KV heads of 64) on real text (``--speed-weights random``: random weights, random tokens);
 density is the fraction of the causal triangle a block plan computes, or a line plan (Power,
-VerticalSlash: Plan.lines) keeps; Amdahl bound 1 / ((1 - share) + share * density) with share = dense
-causal SDPA time / dense forward time on the same shapes.
+VerticalSlash: Plan.lines) keeps; Amdahl bound 1 / ((1 - share) + share * density) with share = 1 - the
+forward with attention returning zeros / the dense forward, both in the same interleaved rounds.
 Quality: perplexity on Python's own documentation text (pydoc_data, shipped with Python) at
 2K-8K tokens; passkey retrieval (a 5-digit number hidden at 10 / 50 / 90 % depth in filler text)
 at 1K-8K; SinkCalibration (heads picked by attnpatch.tools.calibrate) on an offline cloze set.
@@ -20,6 +20,7 @@ turn within every repetition (the order alternating), median and spread of the p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -96,12 +97,32 @@ def speed_model(layers: int, weights: str, device):
     return model.to(device, bench_dtype(device)), tok(doc_text(), return_tensors="pt").input_ids
 
 
-def speed(lengths, layers: int, quick: bool, device="cpu", weights="real") -> list[dict]:
-    """Per length: each method's forward (after an untimed one: plans and their caches are built per shape)
-    timed right after a dense one, so a slow spell of the shared machine hits both; speedup = that dense time
-    / the method's; attention share = dense causal SDPA time x layers / the median dense forward. A prefill
-    computes the last token's logits only, as ``generate``'s does (all 32K tokens' logits would cost a 6 GB
-    (S, vocab) tensor and dilute the attention share)."""
+@contextlib.contextmanager
+def _no_attention(model):
+    """The model with attention that returns zeros (and builds no mask): the rest of its forward's cost."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("bench_none", lambda module, q, k, v, mask, **kw: (q.new_zeros(
+        q.shape[0], q.shape[2], q.shape[1], v.shape[-1]), None))
+    AttentionMaskInterface.register("bench_none", lambda *a, **kw: None)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("bench_none")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def speed(lengths, layers: int, quick: bool, device="cpu", weights="real", rounds: int = 3) -> list[dict]:
+    """Per length, ``rounds`` rounds (the method order reversed every other round), after one untimed forward
+    per method (plans and their caches are built per shape): in each round a forward whose attention returns
+    zeros (what the model costs without attention), then per method a dense forward and the method's right
+    after it, so a slow spell of the shared machine hits both; speedup = the median over rounds of that dense
+    time / the method's (min-max spread reported); attention share = the median over rounds of 1 - the
+    attention-free forward / the round's median dense forward. A prefill computes the last token's logits
+    only, as ``generate``'s does (all 32K tokens' logits would cost a 6 GB (S, vocab) tensor and dilute the
+    attention share)."""
     model, text = speed_model(layers, weights, device)
     rows = []
     for S in lengths:
@@ -109,31 +130,39 @@ def speed(lengths, layers: int, quick: bool, device="cpu", weights="real") -> li
                else torch.randint(0, 49152, (1, S), generator=torch.Generator().manual_seed(S))).to(device)
         with torch.inference_mode():
             fwd = lambda: model(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-            denses = [timeit(fwd, reps=1)]
-            q, k, v = (torch.randn(1, 9, S, 64, device=device, dtype=bench_dtype(device)) for _ in range(3))
-            attn = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-                          reps=3 if S <= 16384 else 1) * layers
-            new = []
-            for m in SPEED_METHODS(quick):
-                probe = _Density()
+            timeit(fwd, reps=1)  # untimed warm-up of the dense path
+            methods = SPEED_METHODS(quick)
+            probes = [_Density() for _ in methods]
+            for m, probe in zip(methods, probes):
                 with ap.patch(model, Observed(m, probe)):
                     fwd()  # untimed: the plans' per-shape caches
-                dense = timeit(fwd, reps=1, warmup=0)
-                denses.append(dense)
-                probe.values, probe.computed = [], []
-                with ap.patch(model, Observed(m, probe)):
-                    t = timeit(fwd, reps=1, warmup=0)
-                new.append(dict(tokens=S, method=repr(m), density=sum(probe.values) / len(probe.values), dense_s=dense,
-                                method_s=t, speedup=dense / t,
-                                computed=sum(probe.computed) / len(probe.computed) if probe.computed else None))
-                print({k: round(v, 3) if isinstance(v, float) else v for k, v in new[-1].items()}, flush=True)
-            # the share from the median of this length's dense forwards (one shared-machine spell moves one of them)
-            share = min(attn / statistics.median(denses), 1.0)
-            print(f"prefill {S}: dense median {statistics.median(denses):.2f} s, attention share {share:.3f}", flush=True)
-            for row in new:
-                bound = 1 / ((1 - share) + share * row["density"])
-                row.update(attention_share=share, bound=bound, fraction=row["speedup"] / bound)
-            rows += new
+            pairs = [[] for _ in methods]  # (dense s, method s) per round
+            shares = []
+            for r in range(rounds):
+                with _no_attention(model):
+                    other = timeit(fwd, reps=1, warmup=0)
+                order = list(range(len(methods)))[::1 if r % 2 == 0 else -1]
+                for i in order:
+                    dense = timeit(fwd, reps=1, warmup=0)
+                    probes[i].values, probes[i].computed = [], []
+                    with ap.patch(model, Observed(methods[i], probes[i])):
+                        pairs[i].append((dense, timeit(fwd, reps=1, warmup=0)))
+                shares.append(max(0.0, 1 - other / statistics.median(d for d, _ in (p[r] for p in pairs))))
+                print(f"prefill {S} round {r + 1}/{rounds}: " + ", ".join(f"{d / t:.2f}x" for d, t in (p[r] for p in pairs)),
+                      flush=True)
+            share = statistics.median(shares)
+            print(f"prefill {S}: attention share {share:.3f} (rounds {', '.join(f'{x:.3f}' for x in shares)})", flush=True)
+            for m, probe, pr in zip(methods, probes, pairs):
+                ratios = [d / t for d, t in pr]
+                density = sum(probe.values) / len(probe.values)
+                bound = 1 / ((1 - share) + share * density)
+                speedup = statistics.median(ratios)
+                rows.append(dict(tokens=S, method=repr(m), density=density, rounds=rounds,
+                                 dense_s=statistics.median(d for d, _ in pr), method_s=statistics.median(t for _, t in pr),
+                                 speedup=speedup, speedup_min=min(ratios), speedup_max=max(ratios),
+                                 computed=sum(probe.computed) / len(probe.computed) if probe.computed else None,
+                                 attention_share=share, bound=bound, fraction=speedup / bound))
+                print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     return rows
 
 
@@ -169,7 +198,7 @@ def decode(prompt: int, new: int, layers: int, device="cpu") -> list[dict]:
 INTRO = ("Speed: SmolLM2-135M-Instruct's own first layers (576 wide, 9 / 3 heads of 64) on Python's documentation text "
          "(`--speed-weights random`: a SmolLM2-shaped Llama with random weights on random tokens), float32, batch 1; prefill = "
          "one forward without cache computing the last token's logits (as `generate`'s prefill), each method's timed "
-         "(after an untimed one) right after a dense one in this process. Density: for a block plan "
+         "(after an untimed one) right after a dense one in this process, over interleaved rounds. Density: for a block plan "
          "the fraction of the causal triangle its blocks compute, for a line plan (Power, VerticalSlash) the fraction of "
          "scores it keeps; 'computed by lines' is the fraction the lines kernel computes for it. Amdahl bound = "
          "1 / ((1 - share) + share x density). Quality: the real SmolLM2-135M-Instruct "
@@ -182,13 +211,16 @@ def render(d: dict) -> str:
         m = d.get("speed_machine") or d["machine"]
         parts.append("## Prefill speed\n\n"
                      f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads) with "
-                     "`python benchmarks/llm.py --part speed` (which also measures the decode rows): one forward per method, paired with the dense forward "
-                     "run just before it; the share uses the median of the length's dense forwards. On a shared machine "
-                     "under load, dense forwards of one length vary by up to 1.5x: a fraction of bound above 1 is that "
-                     "noise.\n\n" + table(d["speed"], [
+                     "`python benchmarks/llm.py --part speed` (which also measures the decode rows): per length, rounds of one "
+                     "forward without attention then, per method, a dense forward and the method's right after it (order reversed every "
+                     "other round); speedup = the median over rounds of dense / method, spread min - max; attention share = "
+                     "the median over rounds of 1 - a forward whose attention returns zeros / the round's median dense forward. On a shared "
+                     "machine under load dense forwards of one length vary by up to 1.5x: a fraction of bound above 1 is "
+                     "that noise.\n\n" + table(d["speed"], [
             ("tokens", "tokens"), ("method", "method"), ("density", "density (of the causal triangle)"),
             ("computed", "computed by lines"), ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"), ("speedup", "speedup"),
-            ("bound", "Amdahl bound"), ("fraction", "fraction of bound")]))
+            ("speedup_min", "min"), ("speedup_max", "max"), ("rounds", "rounds"), ("bound", "Amdahl bound"),
+            ("fraction", "fraction of bound")]))
     if d.get("decode"):
         parts.append("## Decode speed and KV memory\n\n" + table(d["decode"], [
             ("method", "method"), ("prompt", "prompt tokens"), ("new_tokens", "new tokens"), ("tokens_per_s", "tokens / s"),
@@ -247,6 +279,7 @@ def main(argv=None):
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--tau", type=float, default=0.8, help="Temperature(tau) of the generate timing")
     p.add_argument("--reps", type=int, default=7, help="repetitions of the generate timing")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the prefill speed part (--quick: 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="speed part only (bf16 on a GPU; writes benchmarks/results/gpu/llm_cuda); quality runs on the CPU")
     p.add_argument("--out", default=None, help="output stem; default benchmarks/results/llm, under the temp folder for --quick")
@@ -269,7 +302,7 @@ def main(argv=None):
     if a.part in ("speed", "all"):
         lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [1024, 2048] if a.quick else [8192, 16384, 32768]
         data["speed_machine"] = machine()
-        new = speed(lengths, 1 if a.quick else a.layers, a.quick, a.device, a.speed_weights)
+        new = speed(lengths, 1 if a.quick else a.layers, a.quick, a.device, a.speed_weights, 1 if a.quick else a.rounds)
         done = {r["tokens"] for r in new}  # --lengths: the other lengths' rows are kept
         data["speed"] = sorted([r for r in data["speed"] if r["tokens"] not in done] + new, key=lambda r: r["tokens"])
         data["decode"] = decode(512 if a.quick else 4096, 8 if a.quick else 64, 1 if a.quick else a.layers, a.device)
