@@ -74,7 +74,7 @@ class _Density:
         for heads, p in groups:
             if p is not None and p.lines is not None:
                 self.values.append(float(lines_k.kept(p.lines, S, site.q_offset).float().mean()) / tri)
-                T = min(p.lines.block or lines_k.BLOCK, S)
+                T = lines_k.block_rows(p.lines, S, q.device)
                 subs = lines_k.groups(p.lines, k.shape[1], S, k.shape[2], site.q_offset, T)
                 lays = [lines_k.layout(sub, S, k.shape[2], site.q_offset, T) for sub in subs]
                 area = sum((lay["area"] + lay["diagonal"]) * sub.cols.shape[1] + lay["vertical"] for sub, lay in zip(subs, lays))

@@ -352,3 +352,24 @@ def test_powers_far_diagonals_run_apart_and_match_the_reference(Sq, Skv):
     assert lay["apart"] == [256, 512] and lay["diagonal"] > 0
     got = kernels.get("lines").run(q, k, v, plan)
     assert (got - attention(q, k, v, plan)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_calls_run_bigger_blocks_and_match_the_reference(threads):
+    """From LONG_ROWS queries a CPU call runs exact diagonals in blocks of LONG_BLOCK[threads > 1] rows (128 / 256:
+    merged ranges, fewer calls); a chunk at an offset, GQA, scattered columns and diagonals (some apart) give the
+    float64 reference's output."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        Sq, Skv = lines_layout.LONG_ROWS + 37, lines_layout.LONG_ROWS + 100
+        g = torch.Generator().manual_seed(21)
+        lines = Lines(torch.randint(-1, Skv, (1, 2, 12), generator=g),
+                      torch.cat([torch.arange(40).expand(1, 2, 40), torch.randint(0, Skv, (1, 2, 20), generator=g)], -1))
+        assert lines_layout.block_rows(lines, Sq, "cpu") == lines_layout.LONG_BLOCK[threads > 1]
+        assert lines_layout.block_rows(lines, lines_layout.LONG_ROWS - 1, "cpu") == lines_layout.BLOCK
+        q, k, v = _qkv(g, 1, 2, 1, Sq, Skv, 16)
+        plan = plan_of(lines, Sq, Skv, Skv - Sq)
+        assert (kernels.get("lines").run(q, k, v, plan) - attention(q, k, v, plan)).abs().max() < 1e-12
+    finally:
+        torch.set_num_threads(before)

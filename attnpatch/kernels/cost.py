@@ -234,12 +234,12 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     Analytic, from the calibrated constants (no fit of its own)."""
     if plan.lines is None:
         return math.inf
-    from .lines_layout import BLOCK, DIAG_KEYS, groups, layout  # same module family; layouts cached on plan.lines
+    from .lines_layout import DIAG_KEYS, block_rows, groups, layout  # same module family; layouts cached on plan.lines
 
     B, Hq, Sq, D = q.shape
     G = k.shape[1] if q.device.type == "cpu" and v.shape[3] == D else Hq  # elsewhere k, v are repeated per head
     copies = c["gather_s_per_byte"] * B * G * k.shape[2] * (D + v.shape[3]) * q.element_size()
-    T = min(plan.lines.block or BLOCK, Sq)
+    T = block_rows(plan.lines, Sq, q.device)
     subs = groups(plan.lines, G, Sq, k.shape[2], plan.q_offset, T)
     lays = [layout(sub, Sq, k.shape[2], plan.q_offset, T) for sub in subs]
     G = len(subs)

@@ -2,8 +2,8 @@
 Power, sink + window patterns) that never builds the (S_q, S_kv) mask.
 
 Heads run in groups (``groups``: all at once, one KV head's query heads, or one query head, whichever
-computes least counting a call's fixed work), query rows in blocks of ``BLOCK``. A group's diagonal offsets
-(the union over its batch rows and heads) are clustered (gaps under a block merged): for a query block, a
+computes least counting a call's fixed work), query rows in blocks (``lines_layout.block_rows``: ``BLOCK``,
+larger on long CPU calls). A group's diagonal offsets (the union over its batch rows and heads) are clustered (gaps under a block merged): for a query block, a
 cluster of offsets [a, b] covers one contiguous key range; a block's ranges are copied side by side (one
 range: a view) and run as ONE fused SDPA call with an additive bias of that block's rows only, so no
 per-block merge. The bias is the diagonal table read through a strided view per range (offset p_i - j
@@ -35,7 +35,7 @@ from ..ops.lse import sdpa_lse
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, core_step_why_not, needs_grad
 from .lines_apart import diagonal_part
-from .lines_layout import BLOCK, block_ranges, groups, kept, layout  # noqa: F401  (kept, layout: re-exported for callers)
+from .lines_layout import BLOCK, block_ranges, block_rows, groups, kept, layout  # noqa: F401  (kept, layout: re-exported for callers)
 
 MAX_BIAS_BYTES = 32 << 20
 NEG = float("-inf")
@@ -254,7 +254,7 @@ class Lines(Kernel):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         dtype, work = q.dtype, torch.promote_types(q.dtype, torch.float32)  # parts merge in float32
         B, H, Sq, D = q.shape
-        Skv, off, T = k.shape[2], plan.q_offset, min(plan.lines.block or BLOCK, q.shape[2])
+        Skv, off, T = k.shape[2], plan.q_offset, block_rows(plan.lines, Sq, q.device, BLOCK)
         if H != k.shape[1] and (q.device.type != "cpu" or v.shape[3] != D):  # only the CPU flash kernel takes GQA
             k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
         q, k, v = q.to(work), k.to(work), v.to(work)

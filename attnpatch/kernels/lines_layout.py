@@ -12,6 +12,15 @@ import torch
 # 1024-4096 tokens (64 a little ahead), 32 ~1.5x slower; splitting a call's heads to keep its bias in cache
 # did not help
 BLOCK = 64
+# exact diagonals on calls of at least LONG_ROWS queries on a CPU: bigger blocks (LONG_BLOCK[threads > 1]), since a
+# block's fixed work (a call, a bias view and a key copy per range) is serial while its scores split over the
+# threads. Measured (VerticalSlash(512, 512, window=512) on SmolLM2's real layer-0 / layer-1 q, k, per call against
+# stock, interleaved, 12-03): 2 threads 256 best at 2K-32K (16K: 0.43 / 0.57 at 64, 0.35 / 0.48 at 128, 0.32 / 0.41
+# at 256; 32K 0.58 -> 0.31), 1 thread 128 (16K 0.37, 0.30, 0.33; 4K 1.59, 1.36, 1.49); at 1K 64 is as fast or
+# faster; Power(local=512) alike at every size (one range per block). From 4K: at 2K the gain is smaller and the
+# cost model (which counts a range's scores, not its fixed work) would rank lines behind tiles for Power(local=16)
+LONG_ROWS = 4096
+LONG_BLOCK = (128, 256)
 # bias bytes one fused call may take (heads of a range split, gathered-column rows chunked): a whole
 # block's bias for 32 heads at 64K tokens would be 0.5 GB, the gathered columns' several GB
 # a call's fixed work (bias views, copies, slicing: ~20 small ops) in scores of a fused call, when choosing
@@ -25,6 +34,16 @@ CALL_SCORES = 65536
 # without them): 8K 1 thread 3 diagonals 0.12 s in blocks, 0.03 s elementwise; 32K 2 threads 5 diagonals
 # 0.40 s, 0.22 s (the products are memory-bound: they gain less from the second thread)
 DIAG_KEYS = 32
+
+
+def block_rows(lines, Sq: int, device, base: int = BLOCK) -> int:
+    """Query rows per block of a call of Sq queries: the diagonals' own block (block-granular ``lines``), else
+    ``base`` (``BLOCK``), or on a CPU from LONG_ROWS queries up LONG_BLOCK by thread count."""
+    if lines.block:
+        return min(lines.block, Sq)
+    if torch.device(device).type == "cpu" and Sq >= LONG_ROWS:
+        return min(LONG_BLOCK[torch.get_num_threads() > 1], Sq)
+    return min(base, Sq)
 
 
 def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
