@@ -72,7 +72,8 @@ def _scratch(name: str, shape, dtype, device) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, dst: tuple, grain: int = 1) -> None:
+def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, dst: tuple, grain: int = 1,
+           memo: dict | None = None) -> None:
     """Query rows [i0, i0 + Tb) over their key ranges [lo, hi) into ``dst`` = (out (B, H, Tb, Dv), lse (B, H, Tb)):
     one fused call per group of whole KV heads under ``MAX_BIAS_BYTES``. One range runs on a view of the
     reversed keys (kr rows Skv - hi .. Skv - lo); several are copied side by side first, so a block is one
@@ -80,12 +81,15 @@ def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, d
     ``blk`` = (i0, Tb, off, T); ``diag0``: every row and head keeps offset 0 (its own position). ``grain``: 1
     for exact diagonals (row t reads the table at its own offset); 0 for block-granular ones, whose ``tab`` is
     dilated over the block's rows (every row reads row 0's offsets); -1 for block-granular ones of a single
-    head, whose ranges hold only kept keys (no table read: the bias is the causal triangle alone)."""
+    head, whose ranges hold only kept keys (no table read: the bias is the causal triangle alone). ``memo``: a dict
+    where no column lies in the block's ranges: its bias is then a function of the ranges' places relative to the
+    block's first row (the table is read by offset), built once per such geometry and reused (Power: every block
+    past the first ones)."""
     (i0, Tb, off, T), (o_dst, l_dst) = blk, dst
     if not ranges:
         return  # no key in any range: the caller zeroes rows left at lse -inf
     B, H = q.shape[:2]
-    Skv, L1 = kr.shape[2], tab.shape[2]
+    Skv = kr.shape[2]
     r = H // kr.shape[1]
     p0 = i0 + off  # position of the block's first row
     if len(ranges) == 1:
@@ -106,27 +110,45 @@ def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, d
     g = min(H, max(1, MAX_BIAS_BYTES // (B * r * Tb * n * tab.element_size())) * r)  # query heads per call
     for h0 in range(0, H, g):
         h1 = min(H, h0 + g)
-        bias = _scratch("bias", (B, h1 - h0, Tb, n), tab.dtype, tab.device)  # contiguous: the kernel copies others
-        if grain < 0:
-            bias.zero_()
-        c0 = 0  # a strided view and one maximum per range (one index_select gather of the table ran 3x slower)
-        for lo, hi in ranges:
-            span = hi - lo
-            if grain >= 0:  # reversed key s is j = hi - 1 - s: offset p_i - j = (p0 - hi + 1) + t + s, stored at + T
-                diag = tab.as_strided((B, h1 - h0, Tb, span), (H * L1, L1, grain, 1),
-                                      tab.storage_offset() + h0 * L1 + p0 - hi + 1 + T)
-                torch.maximum(diag, colf[:, h0:h1, None, Skv - hi:Skv - lo], out=bias[..., c0:c0 + span])
-            c = hi - 1 - p0  # keys past row t's position: reversed columns s < c - t (c <= span: lo <= p0)
-            if c > 0:
-                bias[..., c0:c0 + c].add_(_triangle(Tb, c, bias.dtype, q.device))  # additive: 3x a masked_fill's speed
-            c0 += span
+        key = None if memo is None else (Tb, grain, h0, h1, tuple((lo - p0, hi - p0) for lo, hi in ranges))
+        got = None if key is None else memo.get(key)
+        if got is None:
+            got = _bias(tab, colf, (p0, Tb, T), ranges, (h0, h1, n), grain, check, fresh=key is not None and len(memo) < 8)
+            if key is not None and len(memo) < 8:
+                memo[key] = got
+        bias, dead = got
         kv = slice(h0 // r, h1 // r)
         out, lse = sdpa_lse(q[:, h0:h1, i0:i0 + Tb], kg[:, kv], vg[:, kv], bias, scale)
-        if check:
-            dead = bias.amax(-1) == NEG  # (B, g, Tb) rows with no key here: zero, not NaN
+        if check:  # rows with no key here: zero, not NaN
             out, lse = out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, NEG)
         o_dst[:, h0:h1] = out
         l_dst[:, h0:h1] = lse
+
+
+def _bias(tab, colf, geo: tuple, ranges: list, heads: tuple, grain: int, check: bool, fresh: bool):
+    """(the additive bias (B, h1 - h0, Tb, n) of a block's ranges for heads h0 .. h1, the rows that keep no key
+    (B, h, Tb) or None unless ``check``): per range a strided view of the diagonal table OR the column table,
+    plus the causal triangle where the range reaches the block's diagonal (see ``_block``). ``fresh``: a new
+    tensor (kept for reuse), else the per-thread scratch buffer."""
+    (p0, Tb, T), (h0, h1, n) = geo, heads
+    B, H, L1 = tab.shape[0], tab.shape[1], tab.shape[2]
+    Skv = colf.shape[2] - 1
+    shape = (B, h1 - h0, Tb, n)  # contiguous: the kernel copies others
+    bias = torch.empty(shape, dtype=tab.dtype, device=tab.device) if fresh else _scratch("bias", shape, tab.dtype, tab.device)
+    if grain < 0:
+        bias.zero_()
+    c0 = 0  # a strided view and one maximum per range (one index_select gather of the table ran 3x slower)
+    for lo, hi in ranges:
+        span = hi - lo
+        if grain >= 0:  # reversed key s is j = hi - 1 - s: offset p_i - j = (p0 - hi + 1) + t + s, stored at + T
+            diag = tab.as_strided((B, h1 - h0, Tb, span), (H * L1, L1, grain, 1),
+                                  tab.storage_offset() + h0 * L1 + p0 - hi + 1 + T)
+            torch.maximum(diag, colf[:, h0:h1, None, Skv - hi:Skv - lo], out=bias[..., c0:c0 + span])
+        c = hi - 1 - p0  # keys past row t's position: reversed columns s < c - t (c <= span: lo <= p0)
+        if c > 0:
+            bias[..., c0:c0 + c].add_(_triangle(Tb, c, bias.dtype, bias.device))  # additive: 3x a masked_fill's speed
+        c0 += span
+    return bias, (bias.amax(-1) == NEG if check else None)
 
 
 def _dilate(tab: torch.Tensor, Tb: int) -> torch.Tensor:
@@ -207,7 +229,7 @@ def _run_group(q, kv: tuple, lines, shape: tuple, scale, dst: tuple) -> None:
     # block-granular diagonals: one head's ranges hold only kept keys; several heads read a table dilated over
     # the block's rows (offset o kept for all of them when any of o .. o + Tb - 1 is)
     grain = (-1 if lines.cols.shape[:2] == (1, 1) else 0) if lines.block else 1
-    dilated = {}
+    dilated, memo, inside = {}, {}, lay["inside"]  # memo: biases of blocks with no column in their ranges, by geometry
     for blk, rs in enumerate(block_ranges(lay)):
         i0 = blk * T
         Tb = min(T, Sq - i0)
@@ -215,7 +237,7 @@ def _run_group(q, kv: tuple, lines, shape: tuple, scale, dst: tuple) -> None:
         if gr == 0 and Tb not in dilated:
             dilated[Tb] = _dilate(tab, Tb)
         _block(q, kr, vr, dilated[Tb] if gr == 0 else tab, colf, (i0, Tb, off, T), rs, scale, diag0,
-               (out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb]), gr)
+               (out[:, :, i0:i0 + Tb], lse[:, :, i0:i0 + Tb]), gr, None if inside is None or inside[blk] else memo)
     dead = lse == NEG  # (B, r, Sq) rows that keep no key so far (a fused kernel may leave NaN)
     if bool(dead.any()):
         out.masked_fill_(dead[..., None], 0.0)

@@ -51,7 +51,8 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     of each query block and offset cluster, ok where it is not empty (``block_ranges``: as lists per block; ``area``:
     their scores per head), ``apart`` the offsets of sparse clusters (``DIAG_KEYS``) that run elementwise instead,
     over every row at once (``diagonal``: their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a block's rows reach
-    outside its ranges (None: none; ``vertical``: their scores), and the fused ``calls``. Tensor arithmetic over
+    outside its ranges (None: none; ``vertical``: their scores; ``inside``: per block whether some column (or
+    padding, as key 0) lies in its ranges, None where every block's range holds all its keys), and the fused ``calls``. Tensor arithmetic over
     (blocks x offset clusters): a data-dependent plan lays out every call, ``groups`` up to 1 + G + H times
     (a Python loop per block and range took 0.18 s of a 1 s VerticalSlash call at 8K)."""
     key = ("layout", Sq, Skv, off, T)
@@ -78,10 +79,10 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     area = int(((p1 - p0 + 1)[:, None] * (hi - lo).clamp(min=0)).sum())
     # the elementwise diagonals' scores: offset o reaches rows at positions o .. o + Skv - 1
     diagonal = sum(max(0, min(Sq, Skv + o - off) - max(0, o - off)) for o in apart)
-    out = dict(bounds=(lo, hi, ok), area=area, calls=int((n_ok > 0).sum()), clusters=len(a), cols=None, free=None, vertical=0,
+    out = dict(bounds=(lo, hi, ok), area=area, calls=int((n_ok > 0).sum()), clusters=len(a), cols=None, free=None, inside=None, vertical=0,
                apart=apart, diagonal=diagonal)
     if not whole:
-        out["cols"], out["free"] = _free_columns(lines.cols, lo, torch.maximum(lo, hi), Sq, off, T)
+        out["cols"], out["free"], out["inside"] = _free_columns(lines.cols, lo, torch.maximum(lo, hi), Sq, off, T)
         out["vertical"] = int(out["free"].sum()) * T  # computed scores, about (columns x block rows)
         out["calls"] += bool(out["vertical"])
     lines.cache[key] = out
@@ -149,7 +150,8 @@ def _kept_blocks(lines, Sq: int, off: int, Skv: int) -> torch.Tensor:
 def _free_columns(cols, lo, hi, Sq: int, off: int, T: int):
     """(the columns sorted, repeats as -1 (B, H, nc); (n_blk, B, H, nc) True where a block's rows see a column
     (some row's position reaches it) that none of the block's ranges [lo, hi) (n_blk, clusters; disjoint, empty
-    ones with lo == hi) holds): per block, the ranges starting at or before a column less those ending there."""
+    ones with lo == hi) holds): per block, the ranges starting at or before a column less those ending there;
+    per block whether any column of any head (padding counted as key 0) lies in its ranges)."""
     cols = cols.sort(-1).values
     cols[..., 1:].masked_fill_(cols[..., 1:] == cols[..., :-1], -1)  # a repeated column counts once
     j = cols.clamp(min=0)
@@ -158,7 +160,7 @@ def _free_columns(cols, lo, hi, Sq: int, off: int, T: int):
     covered = torch.searchsorted(lo.sort(1).values, at, right=True) > torch.searchsorted(hi.sort(1).values, at, right=True)
     last = torch.arange(1, lo.shape[0] + 1).mul_(T).clamp_(max=Sq).add_(off - 1)  # each block's last position
     free = (~covered)[:, inv].view(lo.shape[0], *j.shape).to(cols.device)
-    return cols, free & (cols >= 0) & (j <= last.to(cols.device).view(-1, 1, 1, 1))
+    return cols, free & (cols >= 0) & (j <= last.to(cols.device).view(-1, 1, 1, 1)), covered.any(1).tolist()
 
 
 def groups(lines, G: int, Sq: int, Skv: int, off: int, T: int = BLOCK) -> list:
