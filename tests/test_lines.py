@@ -365,9 +365,12 @@ def test_long_calls_run_bigger_blocks_and_match_the_reference(threads):
         Sq, Skv = lines_layout.LONG_ROWS + 37, lines_layout.LONG_ROWS + 100
         g = torch.Generator().manual_seed(21)
         lines = Lines(torch.randint(-1, Skv, (1, 2, 12), generator=g),
-                      torch.cat([torch.arange(40).expand(1, 2, 40), torch.randint(0, Skv, (1, 2, 20), generator=g)], -1))
+                      torch.cat([torch.arange(40).expand(1, 2, 40), torch.arange(300, 331).expand(1, 2, 31),
+                                 torch.randint(0, Skv, (1, 2, 20), generator=g)], -1))  # two clusters, lone offsets
         assert lines_layout.block_rows(lines, Sq, "cpu") == lines_layout.LONG_BLOCK[threads > 1]
         assert lines_layout.block_rows(lines, lines_layout.LONG_ROWS - 1, "cpu") == lines_layout.BLOCK
+        window = Lines(lines.cols, torch.arange(40).expand(1, 2, 40))  # one range per block: a bigger one only adds keys
+        assert lines_layout.block_rows(window, Sq, "cpu") == lines_layout.BLOCK
         q, k, v = _qkv(g, 1, 2, 1, Sq, Skv, 16)
         plan = plan_of(lines, Sq, Skv, Skv - Sq)
         assert (kernels.get("lines").run(q, k, v, plan) - attention(q, k, v, plan)).abs().max() < 1e-12

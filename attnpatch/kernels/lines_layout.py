@@ -17,7 +17,7 @@ BLOCK = 64
 # threads. Measured (VerticalSlash(512, 512, window=512) on SmolLM2's real layer-0 / layer-1 q, k, per call against
 # stock, interleaved, 12-03): 2 threads 256 best at 2K-32K (16K: 0.43 / 0.57 at 64, 0.35 / 0.48 at 128, 0.32 / 0.41
 # at 256; 32K 0.58 -> 0.31), 1 thread 128 (16K 0.37, 0.30, 0.33; 4K 1.59, 1.36, 1.49); at 1K 64 is as fast or
-# faster; Power(local=512) alike at every size (one range per block). From 4K: at 2K the gain is smaller and the
+# faster; Power(local=512) alike at every size (one range per block: it keeps BLOCK). From 4K: at 2K the gain is smaller and the
 # cost model (which counts a range's scores, not its fixed work) would rank lines behind tiles for Power(local=16)
 LONG_ROWS = 4096
 LONG_BLOCK = (128, 256)
@@ -38,12 +38,32 @@ DIAG_KEYS = 32
 
 def block_rows(lines, Sq: int, device, base: int = BLOCK) -> int:
     """Query rows per block of a call of Sq queries: the diagonals' own block (block-granular ``lines``), else
-    ``base`` (``BLOCK``), or on a CPU from LONG_ROWS queries up LONG_BLOCK by thread count."""
+    ``base`` (``BLOCK``), or on a CPU from LONG_ROWS queries LONG_BLOCK by thread count where blocks would hold
+    several ranges (one cluster of offsets, as Power's window, only gains keys per row from a bigger block)."""
     if lines.block:
         return min(lines.block, Sq)
-    if torch.device(device).type == "cpu" and Sq >= LONG_ROWS:
+    if torch.device(device).type == "cpu" and Sq >= LONG_ROWS and len(_clusters(lines, base)[0]) > 1:
         return min(LONG_BLOCK[torch.get_num_threads() > 1], Sq)
     return min(base, Sq)
+
+
+def _clusters(lines, T: int) -> tuple:
+    """(a, b, apart) of ``lines``' offsets at block size T (cached): clusters [a, b] (gaps over T split) that run
+    as block ranges, and the offsets of sparse clusters (``DIAG_KEYS``) that run apart."""
+    key = ("clusters", T)
+    if key not in lines.cache:
+        d = lines.diags[lines.diags >= 0].unique().cpu()  # sorted offsets used by any row / head
+        cut = ((d[1:] - d[:-1]) > T).nonzero().flatten()  # a gap over a block: a separate key range
+        a, b = torch.cat([d[:1], d[cut + 1]]), torch.cat([d[cut], d[-1:]])  # clusters [a, b] of offsets, ascending
+        apart = []  # offsets of sparse clusters (far, isolated diagonals: Power's powers of two), run elementwise
+        if not lines.block and len(d):  # block-granular diagonals keep whole ranges: always block calls
+            n_in = torch.searchsorted(d, b, right=True) - torch.searchsorted(d, a)  # offsets per cluster
+            line = n_in * DIAG_KEYS < b - a + T
+            if bool(line.any()):
+                apart = d[line[torch.searchsorted(a, d, right=True) - 1]].tolist()
+                a, b = a[~line], b[~line]
+        lines.cache[key] = (a, b, apart)
+    return lines.cache[key]
 
 
 def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
@@ -58,16 +78,7 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     key = ("layout", Sq, Skv, off, T)
     if key in lines.cache:
         return lines.cache[key]
-    d = lines.diags[lines.diags >= 0].unique().cpu()  # sorted offsets used by any row / head
-    cut = ((d[1:] - d[:-1]) > T).nonzero().flatten()  # a gap over a block: a separate key range
-    a, b = torch.cat([d[:1], d[cut + 1]]), torch.cat([d[cut], d[-1:]])  # clusters [a, b] of offsets, ascending
-    apart = []  # offsets of sparse clusters (far, isolated diagonals: Power's powers of two), run elementwise
-    if not lines.block and len(d):  # block-granular diagonals keep whole ranges: always block calls
-        n_in = torch.searchsorted(d, b, right=True) - torch.searchsorted(d, a)  # offsets per cluster
-        line = n_in * DIAG_KEYS < b - a + T
-        if bool(line.any()):
-            apart = d[line[torch.searchsorted(a, d, right=True) - 1]].tolist()
-            a, b = a[~line], b[~line]
+    a, b, apart = _clusters(lines, T)
     n_blk = -(-Sq // T)
     i0 = torch.arange(n_blk) * T
     p0, p1 = i0 + off, (i0 + T).clamp(max=Sq) - 1 + off  # positions of each block's first and last rows
