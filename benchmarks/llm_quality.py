@@ -62,7 +62,7 @@ def attnpatch_settings() -> dict:
         "StreamingHeads(duo, 4, 512, evict)": ap.StreamingHeads(str(DUO), sink=4, window=512, evict=True),
         "HyperAttention(128, 128, min_len=512)": ap.HyperAttention(block=128, samples=128, min_len=512),
         "SinkCalibration(all heads)": ap.SinkCalibration(),
-        # VerticalSlash at MInference's GPU-kernel granularity (64-row blocks) and at the CPU's fastest (256)
+        # VerticalSlash at MInference's GPU-kernel granularity (64-row blocks) and at 256 (the CPU's fastest before 12-03)
         "VerticalSlash(128, 128, window=64, block=64)": ap.VerticalSlash(verticals=128, slashes=128, window=64, block=64),
         "VerticalSlash(128, 128, window=64, block=256)": ap.VerticalSlash(verticals=128, slashes=128, window=64, block=256),
     }

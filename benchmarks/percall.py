@@ -138,9 +138,12 @@ WHY = {
                      "every offset, so the `lines` kernel computes what stock does plus its bias; on SmolLM2's real layers "
                      "at 8K it computes 0.29-0.39 of the causal triangle for a kept 0.15 (an isolated diagonal costs a "
                      "64-key block per row; 32-row blocks ran 1.5x slower). Element-granular skipping needs a compiled "
-                     "kernel (Triton on a GPU). `block=` (MInference's GPU-kernel granularity: whole key ranges per "
-                     "query block, no hole masked) is the CPU's faster long-prefill option (llm.md); these rows are the "
-                     "exact pattern.",
+                     "kernel (Triton on a GPU). After this run (12-03) the kernel runs lone far diagonals apart as "
+                     "row-wise products, reuses a block's bias where no column lies in its ranges and, from 4K tokens on "
+                     "a CPU, runs blocks of 128 / 256 rows (1 / 2+ threads) where they hold several ranges: on SmolLM2's "
+                     "real layers at 4K (1 thread) 1.59x -> 1.36x stock, at 16K 0.37x -> 0.30x (llm.md). `block=` "
+                     "(MInference's GPU-kernel granularity: whole key ranges per query block) keeps more keys and is no "
+                     "faster on the CPU since; these rows are the exact pattern.",
     "HyperAttention": "`min_len=256` forces the sorted path at 1K-4K, below its default: the pieces' fused calls (four "
                       "causal 256-row squares, 64-key blocks side by side, the drawn keys) already take about one stock "
                       "call at 1K (the CPU flash kernel gains nothing from causality at 256 rows and is less efficient "
