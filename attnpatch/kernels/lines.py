@@ -3,8 +3,8 @@ Power, sink + window patterns) that never builds the (S_q, S_kv) mask.
 
 Heads run in groups (``groups``: all at once, one KV head's query heads, or one query head, whichever
 computes least counting a call's fixed work), query rows in blocks (``lines_layout.block_rows``: ``BLOCK``,
-larger on long CPU calls). A group's diagonal offsets (the union over its batch rows and heads) are clustered (gaps under a block merged): for a query block, a
-cluster of offsets [a, b] covers one contiguous key range; a block's ranges are copied side by side (one
+larger on long CPU calls). A group's diagonal offsets (the union over its batch rows and heads) are clustered
+(gaps under a block merged): for a query block, a cluster of offsets [a, b] covers one contiguous key range; a block's ranges are copied side by side (one
 range: a view) and run as ONE fused SDPA call with an additive bias of that block's rows only, so no
 per-block merge. The bias is the diagonal table read through a strided view per range (offset p_i - j
 along a row and a column), OR the column table (max of 0 / -inf), plus the causal triangle where a range

@@ -17,8 +17,9 @@ BLOCK = 64
 # threads. Measured (VerticalSlash(512, 512, window=512) on SmolLM2's real layer-0 / layer-1 q, k, per call against
 # stock, interleaved, 12-03): 2 threads 256 best at 2K-32K (16K: 0.43 / 0.57 at 64, 0.35 / 0.48 at 128, 0.32 / 0.41
 # at 256; 32K 0.58 -> 0.31), 1 thread 128 (16K 0.37, 0.30, 0.33; 4K 1.59, 1.36, 1.49); at 1K 64 is as fast or
-# faster; Power(local=512) alike at every size (one range per block: it keeps BLOCK). From 4K: at 2K the gain is smaller and the
-# cost model (which counts a range's scores, not its fixed work) would rank lines behind tiles for Power(local=16)
+# faster; Power(local=512) alike at every size (one range per block: it keeps BLOCK). From 4K: at 2K the gain is
+# smaller and the cost model (which counts a range's scores, not its fixed work) ranked lines behind tiles for
+# Power(local=16)
 LONG_ROWS = 4096
 LONG_BLOCK = (128, 256)
 # bias bytes one fused call may take (heads of a range split, gathered-column rows chunked): a whole
@@ -27,7 +28,7 @@ LONG_BLOCK = (128, 256)
 # how to group heads: on SmolLM2's real layer-1 q, k at 8K (1 thread, interleaved, per call / stock SDPA)
 # per-query-head groups (this at 16384) ran 1.03-1.57x, per-KV-head groups (65536) 0.84-0.86x, all heads 1.11-1.26x
 CALL_SCORES = 65536
-# one diagonal run elementwise (``layout``'s "lines": a shifted row-wise product for its scores, one axpy of the
+# one diagonal run elementwise (``layout``'s "apart": a shifted row-wise product for its scores, one axpy of the
 # shifted values, merged by the LSE) costs about this many keys per row of a fused call. A cluster of n offsets
 # spanning offsets a .. b costs a block call b - a + BLOCK keys per row; it runs elementwise when
 # n * DIAG_KEYS is less. Measured (Power(local=512)'s far powers of two, 9 / 3 heads of 64, against the kernel
@@ -70,10 +71,10 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     """What a call computes (cached on ``lines``): ``bounds`` = (lo, hi, ok) (n_blk, clusters), the key range [lo, hi)
     of each query block and offset cluster, ok where it is not empty (``block_ranges``: as lists per block; ``area``:
     their scores per head), ``apart`` the offsets of sparse clusters (``DIAG_KEYS``) that run elementwise instead,
-    over every row at once (``diagonal``: their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a block's rows reach
-    outside its ranges (None: none; ``vertical``: their scores; ``inside``: per block whether some column (or
-    padding, as key 0) lies in its ranges, None where every block's range holds all its keys), and the fused ``calls``. Tensor arithmetic over
-    (blocks x offset clusters): a data-dependent plan lays out every call, ``groups`` up to 1 + G + H times
+    over every row at once (``diagonal``: their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a
+    block's rows reach outside its ranges (None: none; ``vertical``: their scores; ``inside``: per block whether some
+    column (or padding, as key 0) lies in its ranges, None where every block's range holds all its keys), and the
+    fused ``calls``. Tensor arithmetic over (blocks x offset clusters): a data-dependent plan lays out every call, ``groups`` up to 1 + G + H times
     (a Python loop per block and range took 0.18 s of a 1 s VerticalSlash call at 8K)."""
     key = ("layout", Sq, Skv, off, T)
     if key in lines.cache:
@@ -90,8 +91,8 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     area = int(((p1 - p0 + 1)[:, None] * (hi - lo).clamp(min=0)).sum())
     # the elementwise diagonals' scores: offset o reaches rows at positions o .. o + Skv - 1
     diagonal = sum(max(0, min(Sq, Skv + o - off) - max(0, o - off)) for o in apart)
-    out = dict(bounds=(lo, hi, ok), area=area, calls=int((n_ok > 0).sum()), clusters=len(a), cols=None, free=None, inside=None, vertical=0,
-               apart=apart, diagonal=diagonal)
+    out = dict(bounds=(lo, hi, ok), area=area, calls=int((n_ok > 0).sum()), clusters=len(a), cols=None, free=None,
+               inside=None, vertical=0, apart=apart, diagonal=diagonal)
     if not whole:
         out["cols"], out["free"], out["inside"] = _free_columns(lines.cols, lo, torch.maximum(lo, hi), Sq, off, T)
         out["vertical"] = int(out["free"].sum()) * T  # computed scores, about (columns x block rows)
