@@ -113,8 +113,9 @@ def _block(q, kr, vr, tab, colf, blk: tuple, ranges: list, scale, diag0: bool, d
         key = None if memo is None else (Tb, grain, h0, h1, tuple((lo - p0, hi - p0) for lo, hi in ranges))
         got = None if key is None else memo.get(key)
         if got is None:
-            got = _bias(tab, colf, (p0, Tb, T), ranges, (h0, h1, n), grain, check, fresh=key is not None and len(memo) < 8)
-            if key is not None and len(memo) < 8:
+            store = key is not None and len(memo) < 8  # at most 8 biases kept per group call
+            got = _bias(tab, colf, (p0, Tb, T), ranges, (h0, h1, n), grain, check, fresh=store)
+            if store:
                 memo[key] = got
         bias, dead = got
         kv = slice(h0 // r, h1 // r)
