@@ -52,7 +52,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it under timeout, log it, record
 PT=(-q -p no:cacheprovider)
 [ $SMOKE = 1 ] && PT+=(--collect-only)
 step pytest-cuda 120 $PY -m pytest "${PT[@]}" -m cuda tests          # conftest marks test_triton.py and every case parametrised on the cuda device
-step kernels 90 $PY benchmarks/kernels.py "${DEV[@]}" "${Q[@]}" --grids 128x128,13x30x52 --natten none --reps 10 --out "$OUT/kernels_cuda"
+step kernels 90 $PY benchmarks/kernel_speed.py "${DEV[@]}" "${Q[@]}" --grids 128x128,13x30x52 --natten none --reps 10 --out "$OUT/kernels_cuda"
 step pipelines 70 $PY benchmarks/pipelines.py "${DEV[@]}" "${Q[@]}" --part speed --reps 3 --out "$OUT/pipelines_cuda"
 step llm 50 $PY benchmarks/llm.py "${DEV[@]}" "${Q[@]}" --part speed --out "$OUT/llm_cuda"
 step percall 75 $PY benchmarks/percall.py "${DEV[@]}" "${Q[@]}" "${PQ[@]}" --budget-s 55 --out "$OUT/percall_cuda"

@@ -20,6 +20,25 @@ def test_demo_runs_and_checks_every_family():
     assert r.stdout.strip().endswith("OK")
 
 
+def test_no_benchmark_script_shadows_an_installed_module():
+    """A benchmark runs with benchmarks/ first on sys.path: a script named like an installed module replaces it for
+    every import, e.g. a kernels.py broke transformers (>= 5.25 imports the ``kernels`` package) in every LLM benchmark."""
+    import importlib.util
+
+    bench = ROOT / "benchmarks"
+    path = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() not in (bench, ROOT, ROOT / "tests")]
+    names = sorted(f.stem for f in bench.glob("*.py"))
+    saved = sys.path[:]
+    try:
+        sys.path[:] = path
+        taken = {n: importlib.util.find_spec(n).origin for n in names if n not in sys.modules and importlib.util.find_spec(n)}
+    finally:
+        sys.path[:] = saved
+    taken.update({n: getattr(sys.modules[n], "__file__", n) for n in names if n in sys.modules
+                  and Path(getattr(sys.modules[n], "__file__", "") or "").resolve().parent != bench})
+    assert not taken, f"benchmark scripts named like installed modules (rename them): {taken}"
+
+
 def test_methods_lists_parameters():
     r = cli_main("methods")  # in process (test_cli.py runs the console entry point as a subprocess)
     assert r.returncode == 0 and "SinkWindow(dense_steps=0, dense_layers=(), sink=4, window=2048, block=256, evict=False)" in r.stdout
@@ -52,7 +71,7 @@ def test_locality_method_files_print_masks():
 
 
 def test_kernel_benchmark_quick(tmp_path):
-    r = _run(sys.executable, "benchmarks/kernels.py", "--quick", "--natten", "none", "--no-flex", "--out", str(tmp_path / "k"))
+    r = _run(sys.executable, "benchmarks/kernel_speed.py", "--quick", "--natten", "none", "--no-flex", "--out", str(tmp_path / "k"))
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "k.md").read_text()
     assert "| 16x16 | sliding-tile |" in md and "tiles / ideal" in md
@@ -76,9 +95,9 @@ def _bench_copy(tmp_path, *scripts):
 
 
 def test_quick_and_partial_kernel_runs_leave_committed_results_alone(tmp_path):
-    bench, env = _bench_copy(tmp_path, "kernels.py")
+    bench, env = _bench_copy(tmp_path, "kernel_speed.py")
     for extra in (["--quick"], ["--grids", "4x8"]):  # a smoke test; a subset of the grids without --update
-        r = subprocess.run([sys.executable, str(bench / "kernels.py"), *extra, "--no-flex", "--natten", "none", "--reps", "1"],
+        r = subprocess.run([sys.executable, str(bench / "kernel_speed.py"), *extra, "--no-flex", "--natten", "none", "--reps", "1"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         assert (bench / "results" / "kernels.md").read_text() == "committed"
@@ -103,7 +122,7 @@ def test_kernel_benchmark_triton_column_under_the_interpreter(tmp_path):
     import os
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    r = _run(sys.executable, "benchmarks/kernels.py", "--quick", "--natten", "none", "--no-flex", "--triton", "on",
+    r = _run(sys.executable, "benchmarks/kernel_speed.py", "--quick", "--natten", "none", "--no-flex", "--triton", "on",
              "--out", str(tmp_path / "k"))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "k.json").read_text())["rows"]
@@ -118,10 +137,10 @@ def test_kernel_benchmark_refuses_a_missing_gpu_and_triton_without_interpreter(t
     import torch
 
     if not torch.cuda.is_available():
-        r = _run(sys.executable, "benchmarks/kernels.py", "--device", "cuda", "--out", str(tmp_path / "k"))
+        r = _run(sys.executable, "benchmarks/kernel_speed.py", "--device", "cuda", "--out", str(tmp_path / "k"))
         assert r.returncode == 2 and "no CUDA GPU is visible" in r.stderr
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--quick", "--triton", "on", "--out", str(tmp_path / "k")],
+        r = subprocess.run([sys.executable, "benchmarks/kernel_speed.py", "--quick", "--triton", "on", "--out", str(tmp_path / "k")],
                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 2 and "triton kernel cannot run here" in r.stderr and "CUDA GPU" in r.stderr
     assert not (tmp_path / "k.json").exists()

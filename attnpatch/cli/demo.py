@@ -101,7 +101,7 @@ def demo(seed: int = 0) -> int:
     rows, ok3 = _sparse_rows(ap, torch)
     print(_table(["sparse attention, 64x64 grid, 4 heads x 128", "block density", "speedup vs dense SDPA",
                   "ideal", "max abs diff vs masked SDPA"], rows))
-    print("\nFull kernel tables: benchmarks/results/kernels.md (python benchmarks/kernels.py).")
+    print("\nFull kernel tables: benchmarks/results/kernels.md (python benchmarks/kernel_speed.py).")
     ok = ok1 and ok2 and ok3
     print("OK" if ok else "MISMATCH: see the tables above")
     return EXIT_OK if ok else EXIT_FAIL

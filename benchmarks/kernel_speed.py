@@ -2,10 +2,10 @@
 side by side in one process, on 2-D image grids and a 3-D video latent, at block densities
 near 5 / 10 / 25 / 50 %.
 
-    python benchmarks/kernels.py                 # full run, writes benchmarks/results/kernels.{md,json}
-    python benchmarks/kernels.py --quick         # small grids, for a smoke test (writes under the temp folder)
-    python benchmarks/kernels.py --grids 128x128 --update   # one grid again, merged into the committed table
-    python benchmarks/kernels.py --device cuda   # on a GPU, with attnpatch's Triton kernel as well:
+    python benchmarks/kernel_speed.py                 # full run, writes benchmarks/results/kernels.{md,json}
+    python benchmarks/kernel_speed.py --quick         # small grids, for a smoke test (writes under the temp folder)
+    python benchmarks/kernel_speed.py --grids 128x128 --update   # one grid again, merged into the committed table
+    python benchmarks/kernel_speed.py --device cuda   # on a GPU, with attnpatch's Triton kernel as well:
                                                  # writes benchmarks/results/kernels_cuda.{md,json}
 
 Speedup = dense time / kernel time, both measured here; ideal = 1 / block density (the
