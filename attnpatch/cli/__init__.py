@@ -155,13 +155,18 @@ def _compare(args) -> int:
     return EXIT_OK if status == "complete" else EXIT_FAIL
 
 
+BENCH_SCRIPTS = {"kernels": "kernel_speed"}  # `attnpatch bench NAME` -> benchmarks/SCRIPT.py where the two differ
+
+
 def _bench(args) -> int:
     import runpy
 
     from .runner import UsageError
 
     root = Path(__file__).resolve().parents[2] / "benchmarks"
-    script = root / f"{args.which}.py"
+    # the kernel table's script is not named kernels.py: run with benchmarks/ first on sys.path, it would replace the
+    # 'kernels' package that transformers imports
+    script = root / f"{BENCH_SCRIPTS.get(args.which, args.which)}.py"
     if not script.is_file():
         raise UsageError(f"{script} not found: the benchmark scripts live in the source checkout (git clone the repo)")
     sys.argv = [str(script), *args.rest]
