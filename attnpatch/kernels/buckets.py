@@ -38,9 +38,7 @@ class Buckets(Kernel):
         scale = 1.0 / math.sqrt(D) if scale is None else scale
         if plan.q_scale is not None:
             q = q * plan.q_scale  # a q_scale left on the plan (core folds it first; direct callers may not)
-        rep = Hq // k.shape[1]
-        if rep > 1:  # every piece gathers per query head (sorted orders differ by head)
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        rep = Hq // k.shape[1]  # GQA: k / v keep their heads; pieces read a query head's KV head (no repeated copy)
         work = torch.promote_types(q.dtype, torch.float32)
         dtype = q.dtype
         if dtype != work:  # half / bfloat16: every piece in float32 (each piece's rounding would add up over the merges)
@@ -51,11 +49,11 @@ class Buckets(Kernel):
         for piece in plan.buckets.pieces:
             rows = slice(piece.q0, piece.q0 + piece.nq)
             qs, ks, vs = q[:, :, rows], k[:, :, piece.k0:piece.k0 + piece.nk], v[:, :, piece.k0:piece.k0 + piece.nk]
-            o, l = _exact(qs, ks, vs, piece.causal, scale) if piece.order_q is None else _sorted(qs, ks, vs, piece, scale)
+            o, l = _exact(qs, ks, vs, piece.causal, scale) if piece.order_q is None else _sorted(qs, ks, vs, piece, scale, rep)
             if not any(seen[rows]):
                 out[:, :, rows], lse[:, :, rows] = o, l
-            else:
-                out[:, :, rows], lse[:, :, rows] = _merge2((out[:, :, rows], lse[:, :, rows]), (o, l))
+            else:  # merged into the rows' running result in place (views of out / lse: no copies back)
+                _merge_into(out[:, :, rows], lse[:, :, rows], o, l)
             seen[rows] = [True] * piece.nq
         return out.to(dtype)
 
@@ -72,12 +70,23 @@ def _merge2(a, b):
     return o, m + torch.log(total)
 
 
-def _rows(x, idx):
-    """x (B, H, S, D) rows ``idx`` (B, H, n) per (batch, head), as (B, H, n, D): one index_select on the
-    flattened rows (a 4-D gather with an expanded index costs ~3x as much on CPU)."""
-    B, H, S, D = x.shape
-    base = (torch.arange(B * H, device=x.device) * S).view(B, H, 1)
-    return x.reshape(B * H * S, D).index_select(0, (idx + base).reshape(-1)).view(B, H, idx.shape[-1], D)
+def _merge_into(o1, l1, o2, l2) -> None:
+    """``_merge2`` written into ``o1`` / ``l1`` (views of the call's result): one softmax over both parts' keys."""
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)  # w2 = 0 where the new part sees no key
+    total = w1 + w2
+    torch.lerp(o1, o2.to(o1.dtype), (w2 / total)[..., None], out=o1)
+    torch.add(m, torch.log(total), out=l1)
+
+
+def _rows(x, idx, rep: int = 1):
+    """Rows ``idx`` (B, H, n) per (batch, query head) of x (B, H / rep, S, D), query head h reading head h // rep
+    (GQA), as (B, H, n, D): one index_select on the flattened rows (a 4-D gather with an expanded index costs ~3x
+    as much on CPU; a repeated copy of k / v per query head cost ~0.12 of a 1K call)."""
+    B, Hx, S, D = x.shape
+    H = idx.shape[1]
+    base = ((torch.arange(B, device=x.device)[:, None] * Hx + torch.arange(H, device=x.device) // rep) * S).view(B, H, 1)
+    return x.reshape(B * Hx * S, D).index_select(0, (idx + base).reshape(-1)).view(B, H, idx.shape[-1], D)
 
 
 def _exact(q, k, v, causal: bool, scale):
@@ -87,12 +96,16 @@ def _exact(q, k, v, causal: bool, scale):
         if causal:
             keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             bias = additive(keep, q.dtype)
+        rep = q.shape[1] // k.shape[1]  # the explicit path has no GQA: each query head gets its KV head's copy
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         return sdpa_lse_math(q, k, v, bias, scale)
     return got
 
 
-def _sorted(q, k, v, p: Piece, scale):
-    """(out, lse) of one sorted piece: its block part merged with its drawn keys."""
+def _sorted(q, k, v, p: Piece, scale, rep: int = 1):
+    """(out, lse) of one sorted piece: its block part merged with its drawn keys. k / v may hold fewer (GQA)
+    heads than q (query head h reads KV head h // rep)."""
     B, H, nq, D = q.shape
     nk, block = p.nk, p.block
     nb = -(-nk // block)
@@ -109,25 +122,25 @@ def _sorted(q, k, v, p: Piece, scale):
     kslot = torch.arange(nb * block, device=dev).clamp_max(nk - 1)
     ki = p.order_k.gather(2, kslot.expand(B, H, -1))  # (B, H, nb * block)
     qb = _rows(q, qi).view(B, H * nb, per, D)
-    kb = _rows(k, ki).view(B, H * nb, block, D)
-    vb = _rows(v, ki).view(B, H * nb, block, v.shape[3])
+    kb = _rows(k, ki, rep).view(B, H * nb, block, D)
+    vb = _rows(v, ki, rep).view(B, H * nb, block, v.shape[3])
     bias = None
     if nb * block > nk:  # the last block is short: its padding keys are masked
         pad = torch.arange(nb * block, device=dev).reshape(nb, block) >= nk
         bias = torch.zeros(nb, 1, block, dtype=q.dtype, device=dev).masked_fill_(pad[:, None], float("-inf"))
         bias = bias.repeat(H, 1, 1).unsqueeze(0)  # (1, H * nb, 1, block)
     ob, lb = sdpa_lse(qb, kb, vb, bias, scale)
-    ob = ob.reshape(B, H, nb * per, -1)[:, :, valid.reshape(-1)]  # (B, H, nq, Dv) in place order
-    lb = lb.reshape(B, H, nb * per)[:, :, valid.reshape(-1)]
-    order = p.order_q  # place -> row
-    o_rows = torch.empty_like(ob).scatter_(2, order[..., None].expand_as(ob), ob)
-    l_rows = torch.empty_like(lb).scatter_(2, order, lb)
+    # back to row order in one gather: row r sits at place order_q^-1[r], i.e. slot blk * per + (place - first[blk])
+    at = q_blk_of_place * per + place - first[q_blk_of_place]  # (nq,) slot of each place
+    slot_of_row = torch.empty_like(p.order_q).scatter_(2, p.order_q, at.expand(B, H, nq))  # (B, H, nq)
+    o_rows = _rows(ob.reshape(B, H, nb * per, -1), slot_of_row)
+    l_rows = lb.reshape(B, H, nb * per).gather(2, slot_of_row)
     if p.drawn is None or nb == 1:
         return o_rows, l_rows
-    return _with_drawn(q, k, v, p, nb, scale, (o_rows, l_rows))
+    return _with_drawn(q, k, v, p, nb, scale, (o_rows, l_rows), rep)
 
 
-def _with_drawn(q, k, v, p: Piece, nb: int, scale, blocks):
+def _with_drawn(q, k, v, p: Piece, nb: int, scale, blocks, rep: int = 1):
     """The block part merged with the drawn keys outside each query's block, weight nk / m each."""
     B, H, nq, D = q.shape
     m = p.drawn.shape[-1]
@@ -137,6 +150,6 @@ def _with_drawn(q, k, v, p: Piece, nb: int, scale, blocks):
     q_blk = torch.empty_like(p.order_q).scatter_(2, p.order_q, (torch.arange(nq, device=q.device) * nb // nq).expand(B, H, nq))
     own = q_blk[..., :, None] == k_blk[..., None, :]  # (B, H, nq, m): in the query's own block, counted there
     bias = torch.full(own.shape, math.log(p.nk / m), dtype=q.dtype, device=q.device).masked_fill_(own, float("-inf"))
-    od, ld = sdpa_lse(q, _rows(k, keys), _rows(v, keys), bias, scale)
+    od, ld = sdpa_lse(q, _rows(k, keys, rep), _rows(v, keys, rep), bias, scale)
     ld = ld.masked_fill(own.all(-1), float("-inf"))  # rows whose every draw is in their block: no residual
     return _merge2(blocks, (od, ld))
