@@ -205,3 +205,21 @@ def test_buckets_kernel_runs_without_the_score_table(monkeypatch):
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
     dense = ap.attend(q, k, v, ap.Dense(), site)
     assert (got - dense).abs().max() > 1e-3  # the pattern applies: not dense
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_buckets_kernel_rows_whose_every_draw_is_in_their_block(causal):
+    """One draw and 2-4 blocks: a quarter to a half of the rows drew a key of their own block, so they have no residual
+    (their drawn part sees no key) and are their block's attention alone; GQA 4 / 2. The buckets kernel equals
+    the reference kernel on the score table."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, h, 64, 16, generator=g) for h in (4, 2, 2))
+    m = ap.HyperAttention(block=16, samples=1, hashes=2, min_len=16)
+    site = ap.Site(causal=causal, layer=2)
+    plan = m.plan(q, k, site)
+    pieces = [p for p in plan.buckets.pieces if p.order_q is not None and p.drawn is not None]
+    assert pieces and all(2 <= -(-p.nk // p.block) <= 4 for p in pieces)  # one draw in 2-4 blocks
+    assert ap.kernels.select(q, k, v, plan.with_site(causal, 0)).name == "buckets"
+    got = ap.attend(q, k, v, m, site)
+    ref = ap.attend(q, k, v, m, site, backend="reference")
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
