@@ -3,11 +3,11 @@ residual and causal recursion) run at the cost of what the pieces hold, never bu
 (S_q, S_kv) score table the plan's mask_mod / score_mod describe for the other kernels.
 
 Per piece, an exact one is one fused attention call that returns each row's log-sum-exp (causal
-squares run as ``is_causal``); a sorted one gathers its queries and keys into block order (``nb``
-blocks side by side in the batch axis, the uneven query counts padded, the short last key block
-masked) for one call, and its drawn keys (weight nk / m each, the keys of a query's own block
-masked) for another; the parts merge by their LSE, scattered back to the rows' order, and merged
-again with the other pieces of the same rows. float32 accumulation.
+squares run as ``is_causal``); a sorted one gathers its queries into block order (``nb`` blocks side by side
+in the batch axis, the uneven query counts padded) and, per block, its block's keys followed by the drawn keys
+(weight nk / m each, masked in their own block; the short last key block's padding masked) for one fused call:
+no separate residual pass and no merge. Its rows go back to their order by one gather, and merge by the LSE with
+the other pieces of the same rows, in place. float32 accumulation.
 """
 from __future__ import annotations
 
@@ -93,8 +93,10 @@ def _exact(q, k, v, causal: bool, scale):
 
 
 def _sorted(q, k, v, p: Piece, scale, rep: int = 1):
-    """(out, lse) of one sorted piece: its block part merged with its drawn keys. k / v may hold fewer (GQA)
-    heads than q (query head h reads KV head h // rep)."""
+    """(out, lse) of one sorted piece: each query block on its block's keys and the drawn keys outside the block
+    (weight nk / m each), one fused call for all blocks: a draw is a key of every block's call, masked in its own
+    block (there it counts among the block's keys). k / v may hold fewer (GQA) heads than q (query head h reads
+    KV head h // rep)."""
     B, H, nq, D = q.shape
     nk, block = p.nk, p.block
     nb = -(-nk // block)
@@ -109,42 +111,23 @@ def _sorted(q, k, v, p: Piece, scale, rep: int = 1):
     slot = torch.where(valid, slot, first[:, None])  # padding rows repeat the block's first query (dropped)
     qi = p.order_q.gather(2, slot.reshape(1, 1, -1).expand(B, H, -1))  # (B, H, nb * per) row of each slot
     kslot = torch.arange(nb * block, device=dev).clamp_max(nk - 1)
-    ki = p.order_k.gather(2, kslot.expand(B, H, -1))  # (B, H, nb * block)
-    qb = _rows(q, qi).view(B, H * nb, per, D)
-    kb = _rows(k, ki, rep).view(B, H * nb, block, D)
-    vb = _rows(v, ki, rep).view(B, H * nb, block, v.shape[3])
-    bias = None
+    ki = p.order_k.gather(2, kslot.expand(B, H, -1)).view(B, H, nb, block)  # each block's keys
+    bias = torch.zeros(nb, block, dtype=q.dtype, device=dev)
     if nb * block > nk:  # the last block is short: its padding keys are masked
-        pad = torch.arange(nb * block, device=dev).reshape(nb, block) >= nk
-        bias = torch.zeros(nb, 1, block, dtype=q.dtype, device=dev).masked_fill_(pad[:, None], float("-inf"))
-        bias = bias.repeat(H, 1, 1).unsqueeze(0)  # (1, H * nb, 1, block)
-    ob, lb = sdpa_lse(qb, kb, vb, bias, scale)
+        bias.masked_fill_(torch.arange(nb * block, device=dev).reshape(nb, block) >= nk, float("-inf"))
+    bias = bias.expand(H, nb, block)
+    if p.drawn is not None and nb > 1:  # the draws (H, m) are sorted key places, the same for every batch row
+        m, drawn = p.drawn.shape[-1], p.drawn.to(dev)
+        dk = p.order_k.gather(2, drawn.expand(B, H, m))  # (B, H, m) key of each draw
+        ki = torch.cat([ki, dk[:, :, None, :].expand(B, H, nb, m)], 3)  # (B, H, nb, block + m)
+        own = (drawn // block)[:, None, :] == torch.arange(nb, device=dev)[:, None]  # (H, nb, m): in that block
+        bias = torch.cat([bias, torch.where(own, float("-inf"), math.log(nk / m)).to(q.dtype)], 2)
+    width = ki.shape[3]
+    qb = _rows(q, qi).view(B, H * nb, per, D)
+    kb = _rows(k, ki.view(B, H, -1), rep).view(B, H * nb, width, D)
+    vb = _rows(v, ki.view(B, H, -1), rep).view(B, H * nb, width, v.shape[3])
+    ob, lb = sdpa_lse(qb, kb, vb, bias.reshape(1, H * nb, 1, width), scale)
     # back to row order in one gather: row r sits at place order_q^-1[r], i.e. slot blk * per + (place - first[blk])
     at = q_blk_of_place * per + place - first[q_blk_of_place]  # (nq,) slot of each place
     slot_of_row = torch.empty_like(p.order_q).scatter_(2, p.order_q, at.expand(B, H, nq))  # (B, H, nq)
-    o_rows = _rows(ob.reshape(B, H, nb * per, -1), slot_of_row)
-    l_rows = lb.reshape(B, H, nb * per).gather(2, slot_of_row)
-    if p.drawn is None or nb == 1:
-        return o_rows, l_rows
-    return _with_drawn(q, k, v, p, nb, scale, (o_rows, l_rows), rep)
-
-
-def _with_drawn(q, k, v, p: Piece, nb: int, scale, blocks, rep: int = 1):
-    """The block part merged with the drawn keys outside each query's block, weight nk / m each."""
-    B, H, nq, D = q.shape
-    m = p.drawn.shape[-1]
-    drawn = p.drawn.to(q.device).expand(B, H, m)
-    keys = p.order_k.gather(2, drawn)  # (B, H, m) key index of each draw
-    k_blk = drawn // p.block  # a drawn place's block
-    q_blk = torch.empty_like(p.order_q).scatter_(2, p.order_q, (torch.arange(nq, device=q.device) * nb // nq).expand(B, H, nq))
-    own = q_blk[..., :, None] == k_blk[..., None, :]  # (B, H, nq, m): in the query's own block, counted there
-    bias = torch.where(own, float("-inf"), math.log(p.nk / m)).to(q.dtype)
-    od, ld = sdpa_lse(q, _rows(k, keys, rep), _rows(v, keys, rep), bias, scale)
-    # rows whose every draw is in their block have no residual: their block's draw count is m (a reduction of own
-    # over the draws cost ~1 ms of a 30 ms SmolLM2 call at 1K)
-    per_block = torch.zeros(B, H, nb, dtype=torch.int32, device=q.device).scatter_add_(
-        2, k_blk, torch.ones(k_blk.shape, dtype=torch.int32, device=q.device))
-    ld = ld.masked_fill(per_block.gather(2, q_blk) == m, float("-inf"))
-    o, l = blocks  # fresh tensors of this piece: merged in place
-    _merge_into(o, l, od, ld)
-    return o, l
+    return _rows(ob.reshape(B, H, nb * per, -1), slot_of_row), lb.reshape(B, H, nb * per).gather(2, slot_of_row)
