@@ -138,21 +138,25 @@ WHY = {
                      "every offset, so the `lines` kernel computes what stock does plus its bias; on SmolLM2's real layers "
                      "at 8K it computes 0.29-0.39 of the causal triangle for a kept 0.15 (an isolated diagonal costs a "
                      "64-key block per row; 32-row blocks ran 1.5x slower). Element-granular skipping needs a compiled "
-                     "kernel (Triton on a GPU). After this run (12-03) the kernel runs lone far diagonals apart as "
+                     "kernel (Triton on a GPU). Since 12-03 (in this run) the kernel runs lone far diagonals apart as "
                      "row-wise products, reuses a block's bias where no column lies in its ranges and, from 4K tokens on "
-                     "a CPU, runs blocks of 128 / 256 rows (1 / 2+ threads) where they hold several ranges: on SmolLM2's "
-                     "real layers at 4K (1 thread) 1.59x -> 1.36x stock, at 16K 0.37x -> 0.30x (llm.md). `block=` "
+                     "a CPU, runs blocks of 128 / 256 rows (1 / 2+ threads) where they hold several ranges: 4K rows "
+                     "1.52-1.89x -> 1.35-1.41x; on SmolLM2's real layers at 16K 0.37x -> 0.30x (llm.md). `block=` "
                      "(MInference's GPU-kernel granularity: whole key ranges per query block) keeps more keys and is no "
                      "faster on the CPU since; these rows are the exact pattern.",
-    "HyperAttention": "`min_len=256` forces the sorted path at 1K-4K, below its default: the pieces' fused calls (four "
-                      "causal 256-row squares, 64-key blocks side by side, the drawn keys) already take about one stock "
-                      "call at 1K (the CPU flash kernel gains nothing from causality at 256 rows and is less efficient "
-                      "on small blocks), plus sorting, gathers and merges.",
+    "HyperAttention": "`min_len=256` forces the sorted path at 1K, below its default: at 2 threads the four causal "
+                      "256-row squares on the CPU flash kernel (which gains little from causality at 256 rows and splits "
+                      "9 heads unevenly over 2 threads) and the serial plan (LSH ranks and sorts, ~2.5 ms) weigh on an "
+                      "18 ms call; at 1 thread the row is 0.96x, at 4K 0.51-0.63x. Since 12-03 (in this run) the buckets "
+                      "kernel reads a query head's KV head in its gathers (no repeated k / v), runs each sorted piece's "
+                      "blocks and drawn keys in one fused call (no residual pass over every row, no merge) and merges "
+                      "pieces in place, and the plan hashes each token once per call: SmolLM2 1K 1.69x / 1.94x -> 0.96x "
+                      "/ 1.38x (1 / 2 threads), Llama-8B 1K 1.80x / 1.60x -> 0.83x / 0.99x.",
     "TopKBlocks": "the fixture's 80-token calls: per-call work on a 30-50 us call; 64-token LLM calls within the noise "
                   "of tiny calls. (Causal calls now default to key blocks of about 1/16 of the keys: 1K LLM calls, "
                   "1.19-1.32x with the fixed 256-token blocks that kept 8 of 10 causal block pairs, run at ~0.7x.)",
     "Radial": "at Wan 4x16x16 / 4x32x32 (4 frames) the pattern keeps 0.906 / 0.945 of the scores: exact sparse kernels "
-              "cost more than the 5-10 % they skip.",
+              "cost more than the 5-10 % they skip (masked SDPA 1.11-1.13x, tiles 1.24-1.38x at 4x32x32).",
     "Neighborhood": "fixture calls (D = 24, 4 heads) of 30-350 us, where the per-call Python work (~5-10 us) and the "
                     "mask (a float bias read per head: +26 % on plain SDPA at 1,040 tokens) outweigh what is skipped; "
                     "FLUX 512+16x16 / 32x32 (1.12-1.17x) the same mask cost where the text rows see every key; Wan "
@@ -165,9 +169,8 @@ WHY = {
     "InwardWindow": "as SlidingTile: small fixture calls and near-dense windows at 1-1.5K tokens.",
     "Temperature": "per-call Python work (~5 us) on 30-120 us calls; spreads straddle 1.1.",
     "EntropyScale": "per-call Python work plus the per-row rescaling of q on 30-120 us calls; spreads straddle 1.1. "
-                    "After this run core.run remembers the call with its per-row scales (64 tokens: 1.19x -> 1.14x on 1 "
-                    "thread, 1.28x -> 1.22x on 2, SmolLM2 heads); the multiply itself (~110 us for Llama-8B's 64-token q on "
-                    "one thread) is the rest.",
+                    "Since 12-03 core.run remembers the call with its per-row scales; the multiply itself (~110 us for "
+                    "Llama-8B's 64-token q on one thread) is the rest.",
     "Power": "64-256-token calls (0.1-2 ms) at 1.10-1.15x: a masked SDPA call (the mask cached) where stock runs "
              "is_causal, plus the Python of a call (since 12-03 repeated calls skip the plan lookup and kernel selection, "
              "`plans_by_site`); spreads straddle 1.1 (on a noisy day even Dense through attnpatch spreads tens of us "
@@ -176,9 +179,8 @@ WHY = {
     "Quest": "prefill is dense SDPA by definition: a 64-token row within the noise of tiny calls.",
     "StreamingHeads": "a mixed layer at 64-256 tokens: its full and streaming heads run as one SDPA call with a per-head "
                       "mask (merge_heads: cheaper than a call per head group there), a masked call where stock runs "
-                      "is_causal (1.15-1.27x); spreads straddle 1.1-1.5. After this run core.run remembers that merged "
-                      "call per layer (interleaved, 64 tokens: 1.12x -> 1.05x on 1 thread, 1.26x -> 1.13x on 2; 256 "
-                      "tokens 1.17-1.22x -> 1.13-1.20x).",
+                      "is_causal (1.15-1.27x); spreads straddle 1.1-1.5. Since 12-03 core.run remembers that merged "
+                      "call per layer (64 tokens 1.10x, 256 tokens 1.11-1.15x in this run).",
 }
 
 
