@@ -223,3 +223,18 @@ def test_buckets_kernel_rows_whose_every_draw_is_in_their_block(causal):
     got = ap.attend(q, k, v, m, site)
     ref = ap.attend(q, k, v, m, site, backend="reference")
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("n", [64, 60], ids=["whole-blocks", "short-last-block"])
+def test_buckets_kernel_without_draws(n):
+    """samples=0: each query sees its block only (no bias at all when the blocks are whole, the short last block's
+    padding masked otherwise); equals the reference kernel on the score table."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h in (4, 2, 2))
+    m = ap.HyperAttention(block=16, samples=0, hashes=2, min_len=16)
+    site = ap.Site(causal=False, layer=0)
+    plan = m.plan(q, k, site)
+    assert all(p.drawn is None for p in plan.buckets.pieces)
+    assert ap.kernels.select(q, k, v, plan.with_site(False, 0)).name == "buckets"
+    torch.testing.assert_close(ap.attend(q, k, v, m, site), ap.attend(q, k, v, m, site, backend="reference"),
+                               atol=2e-5, rtol=2e-5)

@@ -126,7 +126,8 @@ def _sorted(q, k, v, p: Piece, scale, rep: int = 1):
     qb = _rows(q, qi).view(B, H * nb, per, D)
     kb = _rows(k, ki.view(B, H, -1), rep).view(B, H * nb, width, D)
     vb = _rows(v, ki.view(B, H, -1), rep).view(B, H * nb, width, v.shape[3])
-    ob, lb = sdpa_lse(qb, kb, vb, bias.reshape(1, H * nb, 1, width), scale)
+    masked = width > block or nb * block > nk  # draws or a short last block: else no bias (a masked call costs more)
+    ob, lb = sdpa_lse(qb, kb, vb, bias.reshape(1, H * nb, 1, width) if masked else None, scale)
     # back to row order in one gather: row r sits at place order_q^-1[r], i.e. slot blk * per + (place - first[blk])
     at = q_blk_of_place * per + place - first[q_blk_of_place]  # (nq,) slot of each place
     slot_of_row = torch.empty_like(p.order_q).scatter_(2, p.order_q, at.expand(B, H, nq))  # (B, H, nq)
