@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..ops.bias import additive
-from ..ops.lse import dense_lse, sdpa_lse, sdpa_lse_math
+from ..ops.lse import dense_lse, merge_into, sdpa_lse, sdpa_lse_math
 from ..plan import Piece, Plan
 from .base import Kernel
 
@@ -53,19 +53,9 @@ class Buckets(Kernel):
             if not any(seen[rows]):
                 out[:, :, rows], lse[:, :, rows] = o, l
             else:  # merged into the rows' running result in place (views of out / lse: no copies back)
-                _merge_into(out[:, :, rows], lse[:, :, rows], o, l)
+                merge_into(out[:, :, rows], lse[:, :, rows], o, l)
             seen[rows] = [True] * piece.nq
         return out.to(dtype)
-
-
-def _merge_into(o1, l1, o2, l2) -> None:
-    """One softmax over two parts' keys, written into the first part ``o1`` / ``l1`` (views of the call's result, or
-    a piece's own fresh tensors): ``o1``'s rows all see a key, ``o2``'s may not (lse -inf)."""
-    m = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)  # w2 = 0 where the new part sees no key
-    total = w1 + w2
-    torch.lerp(o1, o2.to(o1.dtype), (w2 / total)[..., None], out=o1)
-    torch.add(m, torch.log(total), out=l1)
 
 
 def _rows(x, idx, rep: int = 1):

@@ -31,7 +31,7 @@ import threading
 import torch
 
 from ..ops.bias import additive
-from ..ops.lse import sdpa_lse
+from ..ops.lse import merge_into, sdpa_lse
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, core_step_why_not, needs_grad
 from .lines_apart import diagonal_part
@@ -201,21 +201,7 @@ def _vertical_part(q, kr, vr, lay, off: int, T: int, scale, dst: tuple) -> None:
         out, lse = sdpa_lse(q[:, :, r0:r1], kcc, vcc, bias, scale)
         if bool(dead.any()):  # rows with no column here: a fused kernel may leave NaN
             out.masked_fill_(dead[..., None], 0.0)
-        _merge_into(dst[0][:, :, r0:r1], dst[1][:, :, r0:r1], out, lse.masked_fill(dead, NEG))
-
-
-def _merge_into(o_acc, l_acc, o_new, l_new) -> None:
-    """(o_acc, l_acc) <- the exact softmax over both parts' keys, in place: weights per row, two passes over
-    the outputs (``ops.lse.merge`` stacks and allocates: ~5 passes over full-size tensors, each page-faulted
-    fresh). Rows with no key in a part have lse -inf and output 0; in both parts they stay 0, -inf."""
-    m = torch.maximum(l_acc, l_new)
-    m.masked_fill_(m == NEG, 0.0)
-    w_acc, w_new = (l_acc - m).exp_(), (l_new - m).exp_()
-    tot = w_acc + w_new
-    l_acc.copy_(tot.log().add_(m))
-    tot.masked_fill_(tot == 0, 1.0)
-    o_acc.mul_(w_acc.div_(tot)[..., None])
-    o_acc.addcmul_(o_new, w_new.div_(tot)[..., None])
+        merge_into(dst[0][:, :, r0:r1], dst[1][:, :, r0:r1], out, lse.masked_fill(dead, NEG))
 
 
 def _run_group(q, kv: tuple, lines, shape: tuple, scale, dst: tuple) -> None:

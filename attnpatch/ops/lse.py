@@ -95,3 +95,18 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     w = torch.exp(lse - total).masked_fill(dead, 0.0)
     out = sum(o.to(work) * w[r, ..., None] for r, (o, _) in enumerate(parts))
     return out
+
+
+def merge_into(o_acc, l_acc, o_new, l_new) -> None:
+    """(o_acc, l_acc) <- the exact softmax over both parts' keys, in place (views allowed: the lines and buckets
+    kernels merge into row ranges of a call's result): weights per row, two passes over
+    the outputs (``merge`` stacks and allocates: ~5 passes over full-size tensors, each page-faulted
+    fresh). Rows with no key in a part have lse -inf and output 0; in both parts they stay 0, -inf."""
+    m = torch.maximum(l_acc, l_new)
+    m.masked_fill_(m == float("-inf"), 0.0)
+    w_acc, w_new = (l_acc - m).exp_(), (l_new - m).exp_()
+    tot = w_acc + w_new
+    l_acc.copy_(tot.log().add_(m))
+    tot.masked_fill_(tot == 0, 1.0)
+    o_acc.mul_(w_acc.div_(tot)[..., None])
+    o_acc.addcmul_(o_new, w_new.div_(tot)[..., None])
