@@ -229,8 +229,10 @@ def test_head_groups_split_where_their_diagonals_differ(monkeypatch):
 
 
 PEAK = """
-import resource, sys, torch, attnpatch as ap
+import sys, torch, attnpatch as ap
 from attnpatch.site import Site
+def peak():  # KiB; this process's own high-water mark (ru_maxrss keeps the pytest parent's peak across fork + exec)
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1])
 S = 8192
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, h, S, 16, generator=g) for h in (2, 1, 1))
@@ -238,12 +240,12 @@ site = Site(causal=True)
 methods = [ap.Power(local=64), ap.VerticalSlash(verticals=32, slashes=32, window=64)]
 for m in methods:  # warm-up at a small size: libraries, kernels' first-use buffers
     ap.attend(q[:, :, :512], k[:, :, :512], v[:, :, :512], m, site, backend="lines")
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+base = peak()
 for m in methods:
     ap.attend(q, k, v, m, site, backend="lines")
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+    print(peak() - base)
 ap.attend(q, k, v, methods[0], site, backend="sdpa")  # the control: the materialised (S, S) mask
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+print(peak() - base)
 """
 
 
