@@ -65,6 +65,8 @@ def attnpatch_settings() -> dict:
         # VerticalSlash at MInference's GPU-kernel granularity (64-row blocks) and at 256 (the CPU's fastest before 12-03)
         "VerticalSlash(128, 128, window=64, block=64)": ap.VerticalSlash(verticals=128, slashes=128, window=64, block=64),
         "VerticalSlash(128, 128, window=64, block=256)": ap.VerticalSlash(verticals=128, slashes=128, window=64, block=256),
+        # Quest at the budget of decode.md's speed rows (1024 keys: 3.3x dense decode at 16K), where accuracy is the question
+        "Quest(budget=1024)": ap.Quest(budget=1024),
     }
 
 
