@@ -67,6 +67,9 @@ def attnpatch_settings() -> dict:
         "VerticalSlash(128, 128, window=64, block=256)": ap.VerticalSlash(verticals=128, slashes=128, window=64, block=256),
         # Quest at the budget of decode.md's speed rows (1024 keys: 3.3x dense decode at 16K), where accuracy is the question
         "Quest(budget=1024)": ap.Quest(budget=1024),
+        # half its pages by mean key score: the bound alone is loose on SmolLM2's keys (quest.py's docstring)
+        "Quest(budget=1024, pooled=0.5)": ap.Quest(budget=1024, pooled=0.5),
+        "Quest(budget=512, pooled=0.5)": ap.Quest(budget=512, pooled=0.5),
     }
 
 

@@ -2,15 +2,15 @@
 per page, the elementwise max / min of its keys; a page's criticality for query q is
 sum_d max(q_d * max_d, q_d * min_d) (GQA: the largest over the query heads sharing the KV head); the first
 page and the query's own (last) page are always read, plus the most critical others, budget // page
-pages in all; attention over the keys of the read pages."""
+pages in all; attention over the keys of the read pages. ``pooled``: round(pooled x chosen) of the chosen pages
+are instead those of largest mean-key score q . mean(keys) (GQA: the largest over the group) among the pages
+the bound did not pick."""
 from __future__ import annotations
 
 import math
 
-import torch
 
-
-def quest_keep(q, k, off, budget, page, dense=False):
+def quest_keep(q, k, off, budget, page, dense=False, pooled=0.0):
     """keep(b, h, i, j) of a Quest decode call (one query at position ``off``); ``dense``: every key."""
     B, H, Sq, D = q.shape
     Skv, rep = k.shape[2], H // k.shape[1]
@@ -26,7 +26,14 @@ def quest_keep(q, k, off, budget, page, dense=False):
                 mx, mn = keys.amax(0).tolist(), keys.amin(0).tolist()
                 score[p] = max(sum(max(x * a, x * c) for x, a, c in zip(q[b, h, 0].double().tolist(), mx, mn))
                                for h in range(g * rep, (g + 1) * rep))
-            top = sorted(score, key=lambda p: -score[p])[:budget // page - 2]
+            chosen = budget // page - 2
+            by_mean = round(chosen * pooled)
+            top = sorted(score, key=lambda p: -score[p])[:chosen - by_mean]
+            mean = {}
+            for p in set(score) - set(top):
+                mu = k[b, g, p * page:(p + 1) * page].double().mean(0).tolist()
+                mean[p] = max(sum(x * m for x, m in zip(q[b, h, 0].double().tolist(), mu)) for h in range(g * rep, (g + 1) * rep))
+            top += sorted(mean, key=lambda p: -mean[p])[:by_mean]
             kept[b, g] = {0, last, *top}
     return lambda b, h, i, j: j <= i + off and j // page in kept[b, h // rep]
 

@@ -68,12 +68,50 @@ def test_page_bounds_grow_incrementally_and_equal_fresh_bounds():
     for S in (9, 10, 13, 30, 31, 50):  # prefill, then pages completing one decode step at a time
         keys = k[:, :, :S].clone()
         pol.observe(5, state, keys)
-        mx, mn = pol.bounds(5, keys)
+        mx, mn, mu = pol.bounds(5, keys)
         pages = keys[:, :, :S // 4 * 4].unflatten(2, (S // 4, 4))
-        assert torch.equal(mx, pages.amax(3)) and torch.equal(mn, pages.amin(3))
+        assert torch.equal(mx, pages.amax(3)) and torch.equal(mn, pages.amin(3)) and mu is None
         assert pol.bounds(5, keys.clone()) is None  # other keys (another cache, attend): computed afresh
     pol.observe(5, state, torch.randn(2, 3, 7, 8))  # shorter: a cropped / new cache starts over
     assert state["n"] == 1
+
+
+def test_page_means_grow_incrementally_and_equal_fresh_means():
+    """With ``pooled`` the policy also keeps each full page's mean key (float32, also for bfloat16 keys)."""
+    pol, state = PageBounds(4, __import__("weakref").WeakSet(), means=True), {}
+    k = torch.randn(1, 2, 41, 8).bfloat16()
+    for S in (9, 13, 14, 41):
+        keys = k[:, :, :S].clone()
+        pol.observe(2, state, keys)
+        mx, mn, mu = pol.bounds(2, keys)
+        pages = keys[:, :, :S // 4 * 4].unflatten(2, (S // 4, 4))
+        assert torch.equal(mx, pages.amax(3)) and mu.dtype == torch.float32
+        assert torch.allclose(mu, pages.float().mean(3), atol=1e-6)
+    assert PageBounds(4, __import__("weakref").WeakSet()).means is False  # pooled 0: no mean table kept
+
+
+def test_pooled_pages_find_the_page_a_loose_bound_misses():
+    """The bound sum_d max(q_d M_d, q_d m_d) is loose where a page's keys spread over many channels: noise pages
+    with wide channels outrank a page whose every key aligns with the query. ``pooled`` picks that page by its
+    mean key; the bound alone does not."""
+    g = torch.Generator().manual_seed(3)
+    D, P, S = 32, 4, 4 * 40
+    q = torch.randn(1, 1, 1, D, generator=g)
+    k = 3 * torch.randn(1, 1, S, D, generator=g)  # wide noise: every page's bound is large
+    needle = 20
+    k[:, :, needle * P:(needle + 1) * P] = 2 * q[0, 0, 0] + 0.05 * torch.randn(P, D, generator=g)
+    site = _decode_site(S)
+    scores = (q @ k.transpose(-1, -2))[0, 0, 0]
+    assert int(scores.argmax()) // P == needle  # the needle's keys score highest
+    plain = ap.Quest(budget=24, page=P, dense_layers=()).select(q, k, site)
+    pooled = ap.Quest(budget=24, page=P, dense_layers=(), pooled=0.5).select(q, k, site)
+    assert needle * P not in plain[0, 0].tolist()
+    assert needle * P in pooled[0, 0].tolist() and pooled.shape == plain.shape  # same budget
+
+
+def test_quest_pooled_rejects_a_share_outside_0_1():
+    with pytest.raises(ValueError, match="pooled"):
+        ap.Quest(pooled=1.5)
 
 
 @torch.no_grad()
@@ -91,12 +129,13 @@ def _greedy_logits(model, ids, n):
     return torch.stack(logits, 1)
 
 
-def test_quest_bounds_beside_the_cache_change_nothing(monkeypatch):
-    """A patched model's decode reads the bounds its cache layers keep (no pass over the keys), and its
-    logits equal those of the same method computing every bound afresh from the keys."""
+@pytest.mark.parametrize("pooled", [0.0, 0.5])
+def test_quest_bounds_beside_the_cache_change_nothing(monkeypatch, pooled):
+    """A patched model's decode reads the bounds (and mean keys) its cache layers keep (no pass over the keys),
+    and its logits equal those of the same method computing every table afresh from the keys."""
     model = llm("llama", num_hidden_layers=3)
     ids = torch.randint(3, 97, (1, 45), generator=torch.Generator().manual_seed(1))
-    method = ap.Quest(budget=16, page=4, dense_layers=(0,))
+    method = ap.Quest(budget=16, page=4, dense_layers=(0,), pooled=pooled)
     hits = []
     real = PageBounds.bounds
 
@@ -110,7 +149,8 @@ def test_quest_bounds_beside_the_cache_change_nothing(monkeypatch):
         kept = _greedy_logits(model, ids, 12)
     assert hits and all(hits), "a decode call recomputed its bounds instead of reading the cache's"
     stats = handle.stats()["kv_cache"]
-    assert stats["evicted"] == 0 and 0 < stats["bounds"] <= stats["after"] // 2  # 2 / page of the keys' bytes
+    # 2 / page of the keys' bytes (3 / page with the mean keys): pages of 4, keys half of a token's K + V
+    assert stats["evicted"] == 0 and 0 < stats["bounds"] <= stats["after"] * (3 if pooled else 2) // 8 + 1
     monkeypatch.setattr(PageBounds, "bounds", lambda self, layer, keys: None)
     with ap.patch(model, method):
         fresh = _greedy_logits(model, ids, 12)

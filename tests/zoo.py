@@ -291,8 +291,8 @@ ZOO += [  # HyperAttention: sorted LSH blocks + weighted samples; causal by recu
 ]
 
 
-def _quest(budget, page, dense=False):
-    return lambda q, k, v, s: G.attention(q, k, v, GQ.quest_keep(q, k, s.q_offset, budget, page, dense))
+def _quest(budget, page, dense=False, pooled=0.0):
+    return lambda q, k, v, s: G.attention(q, k, v, GQ.quest_keep(q, k, s.q_offset, budget, page, dense, pooled))
 
 
 ZOO += [  # Quest: decode reads the sink page, its own page and the pages with the largest key bounds
@@ -300,6 +300,11 @@ ZOO += [  # Quest: decode reads the sink page, its own page and the pages with t
     Case("quest-decode-full-page", ap.Quest(budget=12, page=4, dense_layers=()), C, (1, 4, 1, 1, 40, 64), _quest(12, 4)),
     Case("quest-prefill", ap.Quest(budget=8, page=4, dense_layers=()), C, (1, 2, 2, 30, 30, 80), _quest(8, 4)),
     Case("quest-dense-layer", ap.Quest(budget=8, page=4), C, (1, 2, 1, 1, 33, 16), _quest(8, 4, dense=True)),
+    # half the chosen pages by mean key score (pooled keys), the rest by bound
+    Case("quest-decode-pooled", ap.Quest(budget=28, page=4, dense_layers=(), pooled=0.5), C, (2, 6, 2, 1, 61, 48),
+         _quest(28, 4, pooled=0.5)),
+    Case("quest-decode-pooled-only", ap.Quest(budget=16, page=4, dense_layers=(), pooled=1.0), C, (1, 4, 1, 1, 45, 32),
+         _quest(16, 4, pooled=1.0)),
 ]
 
 
