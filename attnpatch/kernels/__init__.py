@@ -20,13 +20,14 @@ from .base import Kernel, check_qkv
 from .reference import Reference
 from .flex import Flex
 from .buckets import Buckets
+from .classes import Classes
 from .gather import Gather
 from .lines import Lines
 from .sdpa import SDPA
 from .tiles import Tiles
 from .triton import Triton
 
-_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Gather(), Buckets(), Flex(), Reference()]
+_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Gather(), Classes(), Buckets(), Flex(), Reference()]
 
 # Preference order: {(device kind, plan kind): kernel names, first tried first}. A "plain" plan has no
 # mask_mod (dense, causal, score-only): SDPA runs it at full speed, with no mask tensor or a causal one.
@@ -39,13 +40,14 @@ _REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Gather(), Buckets
 # buckets leads the masked lists: only a plan with Plan.buckets (HyperAttention) has it, and for that plan
 # every other kernel builds the (S_q, S_kv) score table. gather follows sdpa: where the cost model has no
 # estimate for it (head dims above cost.MAX_MODELLED_D, uncalibrated devices) masked SDPA runs first.
+# classes (one call per class of rows with identical keys) has no estimate: kernels/tune.py measures it.
 PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cpu", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("cpu", "masked"): ["buckets", "tiles", "lines", "sdpa", "gather", "flex", "triton", "reference"],
+    ("cpu", "masked"): ["buckets", "tiles", "lines", "sdpa", "gather", "classes", "flex", "triton", "reference"],
     ("cuda", "plain"): ["sdpa", "triton", "flex", "tiles", "reference"],
-    ("cuda", "masked"): ["buckets", "triton", "lines", "flex", "tiles", "sdpa", "gather", "reference"],
+    ("cuda", "masked"): ["buckets", "triton", "lines", "flex", "tiles", "sdpa", "gather", "classes", "reference"],
     ("default", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("default", "masked"): ["buckets", "tiles", "sdpa", "lines", "gather", "flex", "triton", "reference"],
+    ("default", "masked"): ["buckets", "tiles", "sdpa", "lines", "gather", "classes", "flex", "triton", "reference"],
 }
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.bias import additive
-from ..plan import Plan, materialise_mask
+from ..plan import Plan, fold_q_scale, materialise_mask
 from .base import Kernel
 
 MAX_ELEMS = 1 << 25  # 32M mask elements (e.g. 5.6K x 5.6K): the one-off layout reads the whole mask
@@ -124,8 +124,7 @@ class Gather(Kernel):
         nb, T = lay["nb"], lay["rows"]
         if lay["slot"] is not None or nb * T != Sq:
             q = q.index_select(2, lay["qidx"])
-        if plan.q_scale is not None:
-            q = q * plan.q_scale
+        q, scale, _ = fold_q_scale(q, scale, plan)  # 16-bit q stays 16-bit (a float32 q_scale would widen it)
         qb = q.reshape(B * Hq, nb, T, D)
         out = None if len(lay["groups"]) == 1 else q.new_empty(B * Hq, nb, T, Dv)
         for g in lay["groups"]:

@@ -14,7 +14,7 @@ replaces the cost model's pick only when at least ``MARGIN`` faster, and stays w
 candidate is exact, so a trial costs time, never accuracy; the calls that run trials return their own
 kernel's output. A shape seen once (decode steps, whose key length grows every call) is never tried.
 Kernels without an estimate are not tried (flex and triton compile, the reference is an oracle), except
-``UNMODELLED`` ones (gather, whose estimate is withheld above head dim 32); devices without cost constants
+``UNMODELLED`` ones (gather, whose estimate is withheld above head dim 32; classes, never estimated); devices without cost constants
 (CUDA today) keep the model's preference order. ``ATTNPATCH_TUNE=0`` (or ``enabled(False)``) keeps the
 cost model's choice alone (the test suite does, so kernel choices in tests are deterministic)."""
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .base import Kernel
 SPAN = 2.0  # candidates: estimated within this multiple of the best estimate (misses seen: up to 1.5x)
 # capable kernels tried even without an estimate: gather's is withheld above head dim 32, where it ran
 # 0.6-1.9x the time of the kernel chosen (SmolLM2 Power at 1K: 0.93x stock where lines ran 1.15x)
-UNMODELLED = ("gather",)
+UNMODELLED = ("gather", "classes")  # classes: a few near-dense calls, which the model does not rate
 TRIALS = 2  # timed runs per candidate at least, after its warm-up run
 # short calls get more: on the 2-core CPU under load, two runs of 64-token calls picked gather for a Wan 1x8x8
 # Neighborhood (1.4x masked SDPA's time measured over 100 interleaved runs) and sdpa for the fixture's 32x32
