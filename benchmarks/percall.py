@@ -155,15 +155,20 @@ WHY = {
     "TopKBlocks": "the fixture's 80-token calls: per-call work on a 30-50 us call; 64-token LLM calls within the noise "
                   "of tiny calls. (Causal calls now default to key blocks of about 1/16 of the keys: 1K LLM calls, "
                   "1.19-1.32x with the fixed 256-token blocks that kept 8 of 10 causal block pairs, run at ~0.7x.)",
-    "Radial": "at Wan 4x16x16 / 4x32x32 (4 frames) the pattern keeps 0.906 / 0.945 of the scores: exact sparse kernels "
-              "cost more than the 5-10 % they skip (masked SDPA 1.11-1.13x, tiles 1.24-1.38x at 4x32x32).",
+    "Radial": "at Wan 4x16x16 / 4x32x32 (4 frames) the pattern keeps 0.906 / 0.945 of the scores: the sparse kernels "
+              "cost about what the 5-10 % they skip saves. Since 12-04 the `classes` kernel runs the pattern as one "
+              "unmasked call per class of queries keeping the same keys (9 classes at 4x32x32): 1.02-1.08x there "
+              "measured alone, 1.24-1.38x on tiles before; measured choice keeps tiles when the trials put them within "
+              "3 %, which on a loaded 2-thread run can come out 1.1-1.2x.",
     "Neighborhood": "fixture calls (D = 24, 4 heads) of 30-350 us, where the per-call Python work (~5-10 us) and the "
                     "mask (a float bias read per head: +26 % on plain SDPA at 1,040 tokens) outweigh what is skipped; "
                     "FLUX 512+16x16 / 32x32 (1.12-1.17x) the same mask cost where the text rows see every key; Wan "
                     "4x16x16 with window 3x5x5 keeps 7 % of the keys, yet masked SDPA (1.13x) and tiles (1.10x) measured "
                     "alike there (12-03, 1 thread, interleaved: ~75 keys per query leave too little work per block for "
                     "tiles' calls, and gather ran 1.37x), so the trials' pick between them is noise (this run: tiles 1.27x).",
-    "SlidingTile": "as Neighborhood on the fixture (at 1,040 tokens it keeps 57 % of the keys; the mask costs +26 %; "
+    "SlidingTile": "(since 12-04 most sizes from 1K tokens run on the `classes` kernel, a tile's queries keeping the "
+                   "same window: Wan 4x32x32 0.63-0.69x -> 0.47-0.52x, the fixture's 1,040 tokens 0.83-1.01x -> "
+                   "0.67-0.79x, FLUX 512+64x64 0.79-0.81x -> 0.69-0.70x) as Neighborhood on the fixture (at 1,040 tokens it keeps 57 % of the keys; the mask costs +26 %; "
                    "tiles now copies a window's key runs side by side for one call where the cost constants say so, "
                    "1.38x -> ~1.0x there); FLUX 512+32x32 at 1.10-1.17 is the same near-dense case.",
     "InwardWindow": "as SlidingTile: small fixture calls and near-dense windows at 1-1.5K tokens.",
