@@ -123,3 +123,14 @@ def test_measured_choice_runs_radial_exactly():
             torch.testing.assert_close(ap.core.run(q, k, v, m, site).double(), want, atol=2e-6, rtol=1e-5)
     finally:
         kernels.tune.enabled(was)
+
+
+def test_a_projection_collision_never_merges_different_rows(monkeypatch):
+    """With a degenerate projection (every row maps to 0) the check against each class's first row
+    refuses the plan instead of running different rows as one class."""
+    keep = torch.ones(64, 64, dtype=torch.bool).tril()
+    real_rand = torch.rand
+    monkeypatch.setattr(classes.torch, "rand", lambda *a, **kw: real_rand(*a, **kw) * 0)
+    assert "collision" in classes.find(keep)
+    monkeypatch.setattr(classes.torch, "rand", real_rand)
+    assert isinstance(classes.find(keep), str) and "query classes" in classes.find(keep)  # 64 distinct rows

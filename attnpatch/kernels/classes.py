@@ -44,13 +44,16 @@ def find(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
     """(class of each row (Sq,), first row of each class (n,)) of a (Sq, Skv) boolean mask, or why not."""
     Sq, Skv = keep.shape
     w = torch.rand(Skv, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(keep.device)
-    names, cls = torch.unique(keep.to(torch.float64) @ w, return_inverse=True)
+    step = max(1, (1 << 22) // max(Skv, 1))  # rows per chunk: a float64 copy of 4M elements (32 MB) at a time
+    proj = torch.cat([keep[i:i + step].to(torch.float64) @ w for i in range(0, Sq, step)])
+    names, cls = torch.unique(proj, return_inverse=True)
     n = names.numel()
     if n > MAX_CLASSES or Sq < MIN_ROWS * n:
         return f"{n} query classes of distinct kept keys in {Sq} rows (at most {MAX_CLASSES}, {MIN_ROWS}+ rows each on average)"
     first = torch.full((n,), Sq, dtype=torch.long, device=keep.device).scatter_reduce_(
         0, cls, torch.arange(Sq, device=keep.device), "amin")
-    if not bool((keep == keep.index_select(0, first.index_select(0, cls))).all()):
+    rep = first.index_select(0, cls)  # each row's class representative
+    if not all(bool((keep[i:i + step] == keep.index_select(0, rep[i:i + step])).all()) for i in range(0, Sq, step)):
         return "rows of one projection differ (a float64 collision): no exact classes"
     return cls, first
 
