@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..ops.bias import additive
 from ..plan import Plan, fold_q_scale
 from .base import Kernel, core_step_why_not
-from .gather import MAX_ELEMS, _capable, _keep
+from .gather import _capable, _keep, static_mask_why_not
 
 MAX_CLASSES = 64
 MIN_ROWS = 32  # mean query rows per class
@@ -90,18 +90,10 @@ class Classes(Kernel):
     name = "classes"
 
     def why_not(self, q, k, v, plan: Plan, mask=None):
-        if plan.mask_mod is None:
-            return "plan has no mask_mod (plain SDPA runs it exactly)"
-        if not plan.static:
-            return "data-dependent plan (the classes are derived once per static plan)"
-        if plan.score_mod is not None or mask is not None:
-            return "score_mod or a model mask"
-        reason = core_step_why_not(plan)
+        reason = static_mask_why_not(q, k, plan, mask, "the classes") or core_step_why_not(plan)
         if reason:
             return reason
         Sq, Skv = q.shape[2], k.shape[2]
-        if Sq * Skv > MAX_ELEMS:
-            return f"{Sq} x {Skv} mask elements exceed the layout's limit ({MAX_ELEMS})"
         verdict = plan.__dict__.setdefault("_classes_ok", {})
         key = (q.shape[0], q.shape[1], Sq, Skv, str(q.device), MAX_CLASSES, MIN_ROWS)
         if key not in verdict:

@@ -101,15 +101,10 @@ class Gather(Kernel):
     name = "gather"
 
     def why_not(self, q, k, v, plan: Plan, mask=None):
-        if plan.mask_mod is None:
-            return "plan has no mask_mod (plain SDPA runs it exactly)"
-        if not plan.static:
-            return "data-dependent plan (the layout is derived once per static plan)"
-        if plan.score_mod is not None or mask is not None:
-            return "score_mod or a model mask"
+        reason = static_mask_why_not(q, k, plan, mask, "the layout")
+        if reason:
+            return reason
         Sq, Skv = q.shape[2], k.shape[2]
-        if Sq * Skv > MAX_ELEMS:
-            return f"{Sq} x {Skv} mask elements exceed the layout's limit ({MAX_ELEMS})"
         verdict = plan.__dict__.setdefault("_gather_ok", {})
         key = (Sq, Skv, str(q.device))
         if key not in verdict:
@@ -151,6 +146,20 @@ def _flat(g: dict, B: int, Hq: int, Hkv: int, Skv: int, device) -> torch.Tensor:
         kv_head = torch.arange(B * Hq, device=device) // Hq * Hkv + torch.arange(Hq, device=device).repeat(B) // (Hq // Hkv)
         flat[key] = (kv_head.view(-1, 1, 1) * Skv + g["cols"][None]).reshape(-1)
     return flat[key]
+
+
+def static_mask_why_not(q, k, plan: Plan, mask, what: str) -> str | None:
+    """Why a kernel that derives ``what`` once from a static plan's materialised mask cannot run the call."""
+    if plan.mask_mod is None:
+        return "plan has no mask_mod (plain SDPA runs it exactly)"
+    if not plan.static:
+        return f"data-dependent plan ({what} is derived once per static plan)"
+    if plan.score_mod is not None or mask is not None:
+        return "score_mod or a model mask"
+    Sq, Skv = q.shape[2], k.shape[2]
+    if Sq * Skv > MAX_ELEMS:
+        return f"{Sq} x {Skv} mask elements exceed the layout's limit ({MAX_ELEMS})"
+    return None
 
 
 def _capable(plan: Plan, B: int, H: int, Sq: int, Skv: int, device) -> str | None:
