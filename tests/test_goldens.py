@@ -49,9 +49,6 @@ def test_golden(case, backend, dtype, device, monkeypatch, request):
     monkeypatch.setenv("ATTNPATCH_FLEX_COMPILE", "0")  # compiled flex: test_sparse.py (a compile per shape is minutes)
     if case.xfail and backend == "reference":
         request.applymarker(pytest.mark.xfail(strict=True, reason=case.xfail))
-    if backend == "classes":  # its class-size floor is a speed rule: the zoo's small rows check its exactness
-        monkeypatch.setattr(ap.kernels.classes, "MIN_ROWS", 1)
-        monkeypatch.setattr(ap.kernels.classes, "MAX_CLASSES", 1 << 20)
     site, qkv, want = _setup(case)
     q, k, v = (x.to(device, dtype) for x in qkv)
     out = _run(q, k, v, case.method, site, backend)
