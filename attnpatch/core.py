@@ -27,8 +27,8 @@ def check_method(method) -> Method:
 def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=None, softcap=None) -> torch.Tensor:
     """Attention of ``method`` at ``site`` on ``(B, H, S, D)`` tensors; returns ``(B, H_q, S_q, D_v)``."""
     key = None
-    if REMEMBER[0] and method.plans_by_site and backend is None and mask is None and not softcap and site.kv_shift is None \
-            and site.head_sum is None:
+    if REMEMBER[0] and (method.plans_by_site or method.some_static) and backend is None and mask is None and not softcap \
+            and site.kv_shift is None and site.head_sum is None:
         key = (_LAYERLESS(site) if method.layer_free() else site, q.shape, k.shape, v.shape, q.dtype, q.device, scale,
                torch.get_num_threads(), kernels._EPOCH[0])
         fast = (remembered_calls(method) or _NONE).get(key)
@@ -37,13 +37,13 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
     groups = method.head_plans(q, k, site)
     if len(groups) == 1 and groups[0][0] is None:
         out = _run_plan(q, k, v, groups[0][1], site, backend, mask, scale, softcap)
-        if key is not None:
+        if key is not None and (method.plans_by_site or method.static_at(q, k, site)):
             _remember(method, key, q, k, v, groups[0][1], site, scale)
         return out
     one = merged(groups, q, k, v, site, mask, backend)  # small static groups: one masked call is cheaper
     if one is not None:
         out = _run_plan(q, k, v, one, site, backend, mask, scale, softcap)
-        if key is not None:  # a static merged plan (StreamingHeads' mixed layer): its call, remembered the same way
+        if key is not None and method.plans_by_site:  # a static merged plan (StreamingHeads' mixed layer): remembered too
             _remember(method, key, q, k, v, one, site, scale)
         return out
     rep = q.shape[1] // k.shape[1]

@@ -1,6 +1,7 @@
 """core.run remembers the kernel call of a ``plans_by_site`` method per (Site, shapes, scale) (attnpatch/core.py,
 ``_remember``): a remembered call gives what planning gives, another Site, shape, mask or a changed parameter is
-planned again, and data-dependent methods are never remembered."""
+planned again, and data-dependent methods are remembered only on calls whose plan does not depend on the data
+(``some_static`` / ``static_at``: a dense step or layer, a grid of one tile)."""
 import torch
 import torch.nn.functional as F
 
@@ -183,3 +184,32 @@ def test_per_row_q_scales_are_remembered_and_applied_per_call():
     before = count[0]
     core.run(q, k, v, method, site)
     assert count[0] == before
+
+
+def test_a_data_dependent_method_is_remembered_only_where_its_plan_ignores_the_data():
+    """TopKBlocks on a grid of one tile (its default tile covers an 8 x 8 grid) and on its dense steps: remembered,
+    equal to dense attention; on a grid of several tiles (an estimate per call): never remembered, and calls with
+    other q / k give their own plans (each equal to the method's plan for those q / k)."""
+    one = ap.TopKBlocks()
+    site = Site(grid=(8, 8), text_len=16, kind="joint", layer=0, step=10, steps=20, timestep=0.5)
+    q, k, v = _qkv(80)
+    assert one.static_at(q, k, site)
+    count = _planned(one)
+    for _ in range(4):
+        torch.testing.assert_close(core.run(q, k, v, one, site), F.scaled_dot_product_attention(q, k, v), atol=2e-6, rtol=1e-5)
+    before = count[0]
+    core.run(q, k, v, one, site)
+    assert remembered_calls(one) and count[0] == before
+    stepped = ap.TopKBlocks(keep=0.25, block=(4, 4), dense_steps=5)
+    grid = Site(grid=(16, 16), layer=0, step=2, steps=20, timestep=0.9)
+    q, k, v = _qkv(256)
+    assert stepped.static_at(q, k, grid)  # a dense step
+    for _ in range(4):
+        core.run(q, k, v, stepped, grid)
+    assert remembered_calls(stepped)
+    sparse = ap.TopKBlocks(keep=0.25, block=(4, 4), dense_steps=0)
+    assert not sparse.static_at(q, k, grid)
+    for seed in range(4):
+        q, k, v = _qkv(256, seed=seed)
+        torch.testing.assert_close(core.run(q, k, v, sparse, grid), _golden(sparse, q, k, v, grid), atol=2e-5, rtol=1e-4)
+    assert not remembered_calls(sparse)

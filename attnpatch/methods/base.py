@@ -52,6 +52,14 @@ class Method:
     # call of each (Site, shapes) and repeats it without asking again (attnpatch/core.py, ``_remember``);
     # setting a parameter forgets those calls
     plans_by_site = False
+    # a data-dependent method some of whose calls are not (``static_at``: a schedule's dense step or layer, a grid of
+    # one tile): core remembers those calls as it does for ``plans_by_site``
+    some_static = False
+
+    def static_at(self, q: torch.Tensor, k: torch.Tensor, site: Site) -> bool:
+        """For ``some_static``: True when this call's plan follows from the parameters, ``site`` and the shapes
+        alone, as a ``plans_by_site`` method's always does (``layer_free`` then says whether the layer matters)."""
+        return False
 
     def layer_free(self) -> bool:
         """For ``plans_by_site``: True when the plan ignores ``Site.layer`` and ``Site.name`` too, so a call

@@ -147,6 +147,11 @@ class Sparse(Method):
     def layer_free(self) -> bool:
         return not self.dense_layers and self._tables is None  # the layer picks dense layers and profile rows
 
+    some_static = True  # a data-dependent subclass's dense steps and layers are fixed by the Site (static_at)
+
+    def static_at(self, q, k, site: Site) -> bool:
+        return self.dense_at(site)
+
     def dense_at(self, site: Site) -> bool:
         """True where the schedule says dense."""
         if site.layer in self.dense_layers:

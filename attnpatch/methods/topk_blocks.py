@@ -88,6 +88,18 @@ class TopKBlocks(Sparse):
         shown = [f for f in dataclasses.fields(self) if f.repr and (f.name not in _OPTIONS or getattr(self, f.name) != f.default)]
         return f"TopKBlocks({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 
+    def layer_free(self) -> bool:
+        return super().layer_free() and self.partition is None  # a partition picks each layer's tile
+
+    def static_at(self, q, k, site: Site) -> bool:
+        """Dense steps and layers, and a grid call whose layout is one tile or keeps every tile (no estimate)."""
+        if super().static_at(q, k, site):
+            return True
+        if site.causal or site.grid is None:
+            return False
+        grid_site = _grid.site_grid(site, q, k, self.name)
+        return grid_site is not None and bool(self._layouts.get(grid_site, q.shape[2], q.device)["dense"])
+
     def _tile(self, site: Site) -> tuple:
         """This call's tile per grid axis: ``block`` (default about 256 tokens), or the partition of
         the call's layer."""
