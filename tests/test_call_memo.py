@@ -213,3 +213,11 @@ def test_a_data_dependent_method_is_remembered_only_where_its_plan_ignores_the_d
         q, k, v = _qkv(256, seed=seed)
         torch.testing.assert_close(core.run(q, k, v, sparse, grid), _golden(sparse, q, k, v, grid), atol=2e-5, rtol=1e-4)
     assert not remembered_calls(sparse)
+    llm = ap.TopKBlocks(keep=0.25)  # a 64-token prefill: the first, own and previous blocks are every block it sees
+    q, k, v = _qkv(64)
+    assert llm.static_at(q, k, Site(causal=True, layer=0))
+    for _ in range(4):
+        torch.testing.assert_close(core.run(q, k, v, llm, Site(causal=True, layer=0)),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-6, rtol=1e-5)
+    assert remembered_calls(llm)
+    assert not llm.static_at(q[:, :, -1:], k, Site(causal=True, layer=0, q_offset=63))  # a decode step: seen once

@@ -38,7 +38,10 @@ TRIALS = 2  # timed runs per candidate at least, after its warm-up run
 # Neighborhood (1.4x masked SDPA's time measured over 100 interleaved runs) and sdpa for the fixture's 32x32
 # SlidingTile (1.33x stock where tiles ran 1.06x); a few ms of trials per candidate cost nothing at those sizes
 MAX_TRIALS = 12
-TRIAL_S = 0.004  # timed seconds a candidate gets at least (up to MAX_TRIALS runs), from its warm-up run's time
+# timed seconds a candidate gets at least (up to MAX_TRIALS runs), from its warm-up run's time; 4 ms gave a 5 ms call
+# two runs, and a full per-call run on 2 threads once kept tiles (1.18x stock) for the fixture's 32x32 SlidingTile
+# where classes ran 0.79x: 15 ms gives those calls three or four runs each, ~0.1 s once per plan and shape
+TRIAL_S = 0.015
 MARGIN = 0.03  # another kernel replaces the cost model's pick only when its best run is this much faster
 MIN_SEEN = 2  # calls of a signature before trials start
 _ENABLED = [os.environ.get("ATTNPATCH_TUNE", "1") != "0"]

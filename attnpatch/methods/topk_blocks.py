@@ -92,10 +92,15 @@ class TopKBlocks(Sparse):
         return super().layer_free() and self.partition is None  # a partition picks each layer's tile
 
     def static_at(self, q, k, site: Site) -> bool:
-        """Dense steps and layers, and a grid call whose layout is one tile or keeps every tile (no estimate)."""
+        """Dense steps and layers, a prefill whose always-kept blocks are every block it sees (calls of at most
+        512 keys) and a grid call whose layout is one tile or keeps every tile: no estimate in any of them.
+        Decode steps are not (each key length is seen once)."""
         if super().static_at(q, k, site):
             return True
-        if site.causal or site.grid is None:
+        if site.causal:
+            return q.shape[2] > 1 and site.kv_shift is None and bool(
+                self._causal_layout(q.shape[2], k.shape[2], site.q_offset, q.device)["dense"])
+        if site.grid is None:
             return False
         grid_site = _grid.site_grid(site, q, k, self.name)
         return grid_site is not None and bool(self._layouts.get(grid_site, q.shape[2], q.device)["dense"])
