@@ -152,7 +152,9 @@ WHY = {
                       "blocks and drawn keys in one fused call (no residual pass over every row, no merge) and merges "
                       "pieces in place, and the plan hashes each token once per call: SmolLM2 1K 1.69x / 1.94x -> 0.96x "
                       "/ 1.38x (1 / 2 threads), Llama-8B 1K 1.80x / 1.60x -> 0.83x / 0.99x.",
-    "TopKBlocks": "the fixture's 80-token calls: per-call work on a 30-50 us call; 64-token LLM calls within the noise "
+    "TopKBlocks": "the fixture's 80-token calls: per-call work on a 30-50 us call (since 12-04 a call whose layout is "
+                  "one tile or keeps every tile, and a prefill of at most 512 keys, is remembered as static by core: "
+                  "1.26x -> 1.07x on the fixture's 80 tokens in a full run); 64-token LLM calls within the noise "
                   "of tiny calls. (Causal calls now default to key blocks of about 1/16 of the keys: 1K LLM calls, "
                   "1.19-1.32x with the fixed 256-token blocks that kept 8 of 10 causal block pairs, run at ~0.7x.)",
     "Radial": "at Wan 4x16x16 / 4x32x32 (4 frames) the pattern keeps 0.906 / 0.945 of the scores: the sparse kernels "
