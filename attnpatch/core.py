@@ -37,7 +37,8 @@ def run(q, k, v, method: Method, site: Site, *, backend=None, mask=None, scale=N
     groups = method.head_plans(q, k, site)
     if len(groups) == 1 and groups[0][0] is None:
         out = _run_plan(q, k, v, groups[0][1], site, backend, mask, scale, softcap)
-        if key is not None and (method.plans_by_site or method.static_at(q, k, site)):
+        # a some_static method's data-independent calls all plan None: only those ask static_at (no work on a sparse call)
+        if key is not None and (method.plans_by_site or (groups[0][1] is None and method.static_at(q, k, site))):
             _remember(method, key, q, k, v, groups[0][1], site, scale)
         return out
     one = merged(groups, q, k, v, site, mask, backend)  # small static groups: one masked call is cheaper

@@ -58,7 +58,8 @@ class Method:
 
     def static_at(self, q: torch.Tensor, k: torch.Tensor, site: Site) -> bool:
         """For ``some_static``: True when this call's plan follows from the parameters, ``site`` and the shapes
-        alone, as a ``plans_by_site`` method's always does (``layer_free`` then says whether the layer matters)."""
+        alone, as a ``plans_by_site`` method's always does (``layer_free`` then says whether the layer matters).
+        core asks only after a call planned None (dense): the data-independent calls of such methods all do."""
         return False
 
     def layer_free(self) -> bool:
