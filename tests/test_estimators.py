@@ -45,7 +45,10 @@ def test_whole_prefill_output_equals_softmax_over_the_kept_keys(peak):
 
 @pytest.mark.parametrize("L,Skv,pos0", [(6, 20, 14), (1, 9, 8), (5, 30, 10), (4, 12, 10)],
                          ids=["prefill", "one-query", "chunk-before-end", "past-the-keys"])
-def test_diagonal_sums_match_index_add(L, Skv, pos0):
+@pytest.mark.parametrize("pad_max", [None, 0], ids=["padded", "by-row"])
+def test_diagonal_sums_match_index_add(L, Skv, pos0, pad_max, monkeypatch):
+    if pad_max is not None:  # the row-by-row path that large estimates take
+        monkeypatch.setattr(vs_mod, "_PAD_MAX_BYTES", pad_max)
     p = torch.rand(2, 3, L, Skv, generator=_gen(0), dtype=torch.float64)
     pos = pos0 + torch.arange(L)[:, None]
     p = p.masked_fill(torch.arange(Skv) > pos, 0.0)  # causal: keys after a query's position hold nothing

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # query rows per call: fewer cost more calls, more compute more of each block's triangle. Measured on the
@@ -50,18 +51,21 @@ def block_rows(lines, Sq: int, device, base: int = BLOCK) -> int:
 
 def _clusters(lines, T: int) -> tuple:
     """(a, b, apart) of ``lines``' offsets at block size T (cached): clusters [a, b] (gaps over T split) that run
-    as block ranges, and the offsets of sparse clusters (``DIAG_KEYS``) that run apart."""
+    as block ranges (int64 arrays), and the offsets of sparse clusters (``DIAG_KEYS``) that run apart. In numpy:
+    this index arithmetic runs up to 1 + G + H times a call (``groups``) on arrays of a few hundred offsets, where a
+    torch op's fixed cost (5-130 us: a batched searchsorted the most) made ``groups`` ~9 ms of a 36 ms 1K call."""
     key = ("clusters", T)
     if key not in lines.cache:
-        d = lines.diags[lines.diags >= 0].unique().cpu()  # sorted offsets used by any row / head
-        cut = ((d[1:] - d[:-1]) > T).nonzero().flatten()  # a gap over a block: a separate key range
-        a, b = torch.cat([d[:1], d[cut + 1]]), torch.cat([d[cut], d[-1:]])  # clusters [a, b] of offsets, ascending
+        d = np.unique(lines.diags.cpu().numpy())
+        d = d[d >= 0]  # sorted offsets used by any row / head
+        cut = np.flatnonzero(np.diff(d) > T)  # a gap over a block: a separate key range
+        a, b = np.concatenate([d[:1], d[cut + 1]]), np.concatenate([d[cut], d[-1:]])  # clusters [a, b], ascending
         apart = []  # offsets of sparse clusters (far, isolated diagonals: Power's powers of two), run elementwise
         if not lines.block and len(d):  # block-granular diagonals keep whole ranges: always block calls
-            n_in = torch.searchsorted(d, b, right=True) - torch.searchsorted(d, a)  # offsets per cluster
+            n_in = np.searchsorted(d, b, "right") - np.searchsorted(d, a)  # offsets per cluster
             line = n_in * DIAG_KEYS < b - a + T
-            if bool(line.any()):
-                apart = d[line[torch.searchsorted(a, d, right=True) - 1]].tolist()
+            if line.any():
+                apart = d[line[np.searchsorted(a, d, "right") - 1]].tolist()
                 a, b = a[~line], b[~line]
         lines.cache[key] = (a, b, apart)
     return lines.cache[key]
@@ -79,24 +83,36 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     key = ("layout", Sq, Skv, off, T)
     if key in lines.cache:
         return lines.cache[key]
-    a, b, apart = _clusters(lines, T)
-    n_blk = -(-Sq // T)
-    i0 = torch.arange(n_blk) * T
-    p0, p1 = i0 + off, (i0 + T).clamp(max=Sq) - 1 + off  # positions of each block's first and last rows
-    lo, hi = (p0[:, None] - b).clamp(min=0), (p1[:, None] + 1 - a).clamp(max=Skv)  # (n_blk, clusters)
-    ok = lo < hi
-    n_ok = ok.sum(1)
-    # every block's one range holds all keys up to its last row: no column is outside any
-    whole = bool(((n_ok == 1) & ((lo * ok).sum(1) == 0) & ((hi * ok).sum(1) == (p1 + 1).clamp(max=Skv))).all())
-    area = int(((p1 - p0 + 1)[:, None] * (hi - lo).clamp(min=0)).sum())
-    # the elementwise diagonals' scores: offset o reaches rows at positions o .. o + Skv - 1
-    diagonal = sum(max(0, min(Sq, Skv + o - off) - max(0, o - off)) for o in apart)
-    out = dict(bounds=(lo, hi, ok), area=area, calls=int((n_ok > 0).sum()), clusters=len(a), cols=None, free=None,
-               inside=None, vertical=0, apart=apart, diagonal=diagonal)
-    if not whole:
+    out = dict(_ranges(lines, Sq, Skv, off, T))
+    if not out.pop("whole"):
+        lo, hi, _ = out["bounds"]
         out["cols"], out["free"], out["inside"] = _free_columns(lines.cols, lo, torch.maximum(lo, hi), Sq, off, T)
         out["vertical"] = int(out["free"].sum()) * T  # computed scores, about (columns x block rows)
         out["calls"] += bool(out["vertical"])
+    lines.cache[key] = out
+    return out
+
+
+def _ranges(lines, Sq: int, Skv: int, off: int, T: int) -> dict:
+    """``layout`` without the columns (cached): the block ranges, their area and calls, the diagonals run apart,
+    and ``whole`` (every block's one range holds all keys up to its last row: no column lies outside any)."""
+    key = ("ranges", Sq, Skv, off, T)
+    if key in lines.cache:
+        return lines.cache[key]
+    a, b, apart = _clusters(lines, T)
+    n_blk = -(-Sq // T)
+    i0 = np.arange(n_blk, dtype=np.int64) * T
+    p0, p1 = i0 + off, np.minimum(i0 + T, Sq) - 1 + off  # positions of each block's first and last rows
+    lo, hi = np.maximum(p0[:, None] - b, 0), np.minimum(p1[:, None] + 1 - a, Skv)  # (n_blk, clusters)
+    ok = lo < hi
+    n_ok = ok.sum(1)
+    whole = bool(((n_ok == 1) & ((lo * ok).sum(1) == 0) & ((hi * ok).sum(1) == np.minimum(p1 + 1, Skv))).all())
+    area = int(((p1 - p0 + 1)[:, None] * np.maximum(hi - lo, 0)).sum())
+    # the elementwise diagonals' scores: offset o reaches rows at positions o .. o + Skv - 1
+    diagonal = sum(max(0, min(Sq, Skv + o - off) - max(0, o - off)) for o in apart)
+    lo, hi, ok = torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(ok)
+    out = dict(bounds=(lo, hi, ok), area=area, calls=int((n_ok > 0).sum()), clusters=len(a), cols=None, free=None,
+               inside=None, vertical=0, apart=apart, diagonal=diagonal, whole=whole)
     lines.cache[key] = out
     return out
 
@@ -167,11 +183,16 @@ def _free_columns(cols, lo, hi, Sq: int, off: int, T: int):
     cols = cols.sort(-1).values
     cols[..., 1:].masked_fill_(cols[..., 1:] == cols[..., :-1], -1)  # a repeated column counts once
     j = cols.clamp(min=0)
-    uj, inv = j.cpu().flatten().unique(return_inverse=True)  # membership per distinct column, not per (B, H) slot
-    at = uj.expand(lo.shape[0], -1).contiguous()
-    covered = torch.searchsorted(lo.sort(1).values, at, right=True) > torch.searchsorted(hi.sort(1).values, at, right=True)
-    last = torch.arange(1, lo.shape[0] + 1).mul_(T).clamp_(max=Sq).add_(off - 1)  # each block's last position
-    free = (~covered)[:, inv].view(lo.shape[0], *j.shape).to(cols.device)
+    uj, inv = np.unique(j.cpu().numpy().ravel(), return_inverse=True)  # membership per distinct column, not per slot
+    n_blk, big = lo.shape[0], max(int(hi.max()) if hi.numel() else 0, int(uj[-1])) + 1
+    # every block's ranges in one sorted array (block x shifted past the previous block's values): one searchsorted
+    # per bound for all blocks, counting the ranges starting at or before a column less those ending there
+    shift = np.arange(n_blk, dtype=np.int64)[:, None] * big
+    at = (uj[None, :] + shift).ravel()
+    count = lambda x: np.searchsorted((np.sort(x.numpy(), 1) + shift).ravel(), at, "right")  # noqa: E731
+    covered = torch.from_numpy((count(lo) > count(hi)).reshape(n_blk, -1))
+    last = torch.arange(1, n_blk + 1).mul_(T).clamp_(max=Sq).add_(off - 1)  # each block's last position
+    free = (~covered)[:, torch.from_numpy(inv.reshape(-1))].view(n_blk, *j.shape).to(cols.device)
     return cols, free & (cols >= 0) & (j <= last.to(cols.device).view(-1, 1, 1, 1)), covered.any(1).tolist()
 
 
@@ -183,14 +204,27 @@ def groups(lines, G: int, Sq: int, Skv: int, off: int, T: int = BLOCK) -> list:
     key = ("groups", G, Sq, Skv, off, T)
     if key not in lines.cache:
         H = lines.cols.shape[1]
-        best, cost = None, math.inf
+        cands = []
         for n in sorted({1, G, H}):
             r = H // n
             subs = [lines] if n == 1 else [type(lines)(lines.cols[:, g * r:(g + 1) * r], lines.diags[:, g * r:(g + 1) * r],
                                                        lines.block) for g in range(n)]
-            lays = [layout(sub, Sq, Skv, off, T) for sub in subs]
-            c = sum((lay["area"] + DIAG_KEYS * lay["diagonal"]) * r + lay["vertical"] + CALL_SCORES * lay["calls"] for lay in lays)
-            if c < cost:
-                best, cost = subs, c
+            # a bound from the ranges alone (the columns outside them only add): whole layouts (their free columns:
+            # ~15 small ops each) only for candidates that can still win, 13 of them at 9 heads of 3 groups
+            low = sum(_cost(_ranges(sub, Sq, Skv, off, T), r) for sub in subs)
+            cands.append((low, n, r, subs))
+        best, cost, best_n = None, math.inf, 0
+        for low, n, r, subs in sorted(cands, key=lambda c: (c[0], c[1])):
+            if (low, n) >= (cost, best_n):
+                break  # no later candidate can cost less (equal costs: the fewest groups, as before the bound)
+            c = sum(_cost(layout(sub, Sq, Skv, off, T), r) for sub in subs)
+            if (c, n) < (cost, best_n):
+                best, cost, best_n = subs, c, n
         lines.cache[key] = best
     return lines.cache[key]
+
+
+def _cost(lay: dict, r: int) -> int:
+    """``groups``' measure of a group's work: its scores (``r`` query heads over its ranges, the diagonals run apart
+    and the free columns) plus ``CALL_SCORES`` per call."""
+    return (lay["area"] + DIAG_KEYS * lay["diagonal"]) * r + lay["vertical"] + CALL_SCORES * lay["calls"]
