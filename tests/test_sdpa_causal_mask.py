@@ -34,6 +34,18 @@ def spy(monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(sdpa_mod, "_flash_causal_masked", wrapped)
+    # these calls' 120-160 keys are one block of the CPU kernel, where the path is not taken (below): lowered so
+    # that small tensors exercise it
+    monkeypatch.setattr(sdpa_mod, "_ONE_KV_BLOCK", 64)
+    sdpa_mod.MASKS.clear()
+    return calls
+
+
+@pytest.fixture
+def spy_default(monkeypatch):
+    calls = []
+    real = sdpa_mod._flash_causal_masked
+    monkeypatch.setattr(sdpa_mod, "_flash_causal_masked", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     sdpa_mod.MASKS.clear()
     return calls
 
@@ -48,6 +60,18 @@ def test_causal_plan_mask_runs_with_is_causal_and_equals_the_reference(case, spy
     ref = ap.attend(q, k, v, m, site, backend="reference")
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert len(spy) == 2 and (got - ref).abs().max() < 1e-5 and (got - dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("S, taken", [(150, False), (600, True)])
+def test_the_path_needs_more_keys_than_one_kernel_block(S, taken, spy_default):
+    """At most ``_ONE_KV_BLOCK`` keys the kernel's causal skip has nothing to skip: SDPA runs the folded mask
+    alone (faster there); above it the kernel with ``is_causal``; both equal the reference."""
+    m, site = ap.SinkWindow(sink=3, window=20, block=16), Site(causal=True, family="llama")
+    q, k, v = _qkv(4, 2, S)
+    for _ in range(2):  # and the static plan's prepared call
+        got = ap.attend(q, k, v, m, site, backend="sdpa")
+    ref = ap.attend(q, k, v, m, site, backend="reference")
+    assert bool(spy_default) == taken and (got - ref).abs().max() < 1e-5
 
 
 def test_gradients_and_float16_equal_the_folded_mask(spy):
