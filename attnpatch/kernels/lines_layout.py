@@ -56,8 +56,8 @@ def _clusters(lines, T: int) -> tuple:
     torch op's fixed cost (5-130 us: a batched searchsorted the most) made ``groups`` ~9 ms of a 36 ms 1K call."""
     key = ("clusters", T)
     if key not in lines.cache:
-        d = np.unique(lines.diags.cpu().numpy())
-        d = d[d >= 0]  # sorted offsets used by any row / head
+        d = np.sort(lines.diags.cpu().numpy(), axis=None)
+        d = d[(d >= 0) & np.append(True, d[1:] != d[:-1])]  # sorted distinct offsets used by any row / head
         cut = np.flatnonzero(np.diff(d) > T)  # a gap over a block: a separate key range
         a, b = np.concatenate([d[:1], d[cut + 1]]), np.concatenate([d[cut], d[-1:]])  # clusters [a, b], ascending
         apart = []  # offsets of sparse clusters (far, isolated diagonals: Power's powers of two), run elementwise
@@ -204,22 +204,24 @@ def groups(lines, G: int, Sq: int, Skv: int, off: int, T: int = BLOCK) -> list:
     key = ("groups", G, Sq, Skv, off, T)
     if key not in lines.cache:
         H = lines.cols.shape[1]
-        cands = []
-        for n in sorted({1, G, H}):
+        best, cost = None, math.inf
+        for n in sorted({1, G, H}):  # equal costs: the fewest groups (the first to reach a cost keeps it)
             r = H // n
             subs = [lines] if n == 1 else [type(lines)(lines.cols[:, g * r:(g + 1) * r], lines.diags[:, g * r:(g + 1) * r],
                                                        lines.block) for g in range(n)]
-            # a bound from the ranges alone (the columns outside them only add): whole layouts (their free columns:
-            # ~15 small ops each) only for candidates that can still win, 13 of them at 9 heads of 3 groups
-            low = sum(_cost(_ranges(sub, Sq, Skv, off, T), r) for sub in subs)
-            cands.append((low, n, r, subs))
-        best, cost, best_n = None, math.inf, 0
-        for low, n, r, subs in sorted(cands, key=lambda c: (c[0], c[1])):
-            if (low, n) >= (cost, best_n):
-                break  # no later candidate can cost less (equal costs: the fewest groups, as before the bound)
+            # a bound from the ranges alone (the columns outside them only add), summed group by group until it
+            # reaches the best cost so far: the whole layouts (free columns: ~15 small ops each) and most of the
+            # groups of a candidate that cannot win are never laid out (32 heads: 41 layouts a call before)
+            low = 0
+            for sub in subs:
+                low += _cost(_ranges(sub, Sq, Skv, off, T), r)
+                if low >= cost:
+                    break
+            if low >= cost:
+                continue
             c = sum(_cost(layout(sub, Sq, Skv, off, T), r) for sub in subs)
-            if (c, n) < (cost, best_n):
-                best, cost, best_n = subs, c, n
+            if c < cost:
+                best, cost = subs, c
         lines.cache[key] = best
     return lines.cache[key]
 
