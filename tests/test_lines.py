@@ -228,6 +228,28 @@ def test_head_groups_split_where_their_diagonals_differ(monkeypatch):
     assert len(lines_mod.groups(Lines(lines.cols, lines.diags), 2, 200, 200, 0, 16)) == 1  # a fresh cache
 
 
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("call_scores", [1, 200, 10**4])
+def test_head_grouping_is_the_exhaustive_choice(seed, call_scores, monkeypatch):
+    """``groups`` stops summing a candidate's bound once it reaches the best cost so far and lays out only
+    candidates that can win: its choice is the argmin over every candidate's full layout (all heads, one group
+    per KV head, one per query head; equal costs: the fewest groups), on random and banded line tables at call
+    costs that favour each (checked: every candidate wins somewhere in this grid)."""
+    monkeypatch.setattr(lines_layout, "CALL_SCORES", call_scores)
+    g = torch.Generator().manual_seed(seed)
+    H, G, S, T = 8, 2, 160, 16
+    lines = random_lines(g, 1, H, S, 5, 6, near=None if seed % 2 else 12)
+    if seed % 3 == 2:  # a KV head's query heads share their offsets: a group per KV head computes no more than one per head
+        lines = Lines(lines.cols, lines.diags[:, ::H // G].repeat_interleave(H // G, 1))
+    costs = {}
+    for n in (1, G, H):
+        r = H // n
+        subs = [Lines(lines.cols[:, i * r:(i + 1) * r], lines.diags[:, i * r:(i + 1) * r]) for i in range(n)]
+        costs[n] = sum(lines_layout._cost(lines_layout.layout(s, S, S, 0, T), r) for s in subs)
+    want = min(costs, key=lambda n: (costs[n], n))
+    assert len(lines_layout.groups(Lines(lines.cols, lines.diags), G, S, S, 0, T)) == want
+
 PEAK = """
 import sys, torch, attnpatch as ap
 from attnpatch.site import Site
