@@ -143,7 +143,14 @@ WHY = {
                      "a CPU, runs blocks of 128 / 256 rows (1 / 2+ threads) where they hold several ranges: 4K rows "
                      "1.52-1.89x -> 1.35-1.41x; on SmolLM2's real layers at 16K 0.37x -> 0.30x (llm.md). `block=` "
                      "(MInference's GPU-kernel granularity: whole key ranges per query block) keeps more keys and is no "
-                     "faster on the CPU since; these rows are the exact pattern.",
+                     "faster on the CPU since; these rows are the exact pattern. Since 12-04 (in this run) the estimate's "
+                     "diagonal sums no longer build a fresh padded copy per call above 4 MB (row by row instead: 38 ms of "
+                     "an 8K estimate) and the kernel's head grouping is chosen from a bound on each candidate before "
+                     "whole layouts, in numpy (41 layouts per call at 32 heads before): measured on the quiet machine, old "
+                     "and new code in turn, 1K rows 1.37x / 2.01x -> 1.25x / 1.32x (SmolLM2, 1 / 2 threads), Llama-8B 1K "
+                     "1.27x / 1.76x -> 1.19x / 1.17-1.51x. On random q, k at 1K the 16 block calls (64 rows, every key "
+                     "computed) alone take 0.9-1.1x stock's one call; the estimate (~10 ms at Llama-8B 1K) and the "
+                     "per-block bias are the rest.",
     "HyperAttention": "`min_len=256` forces the sorted path at 1K, below its default: at 2 threads the four causal "
                       "256-row squares on the CPU flash kernel (which gains little from causality at 256 rows and splits "
                       "9 heads unevenly over 2 threads) and the serial plan (LSH ranks and sorts, ~2.5 ms) weigh on an "
@@ -182,7 +189,11 @@ WHY = {
              "is_causal, plus the Python of a call (since 12-03 repeated calls skip the plan lookup and kernel selection, "
              "`plans_by_site`); spreads straddle 1.1 (on a noisy day even Dense through attnpatch spreads tens of us "
              "around stock: the overhead table's p10 / p90).",
-    "SinkWindow": "as Power: 64-256-token calls at 1.10-1.16x, spreads straddling 1.1.",
+    "SinkWindow": "as Power: 64-256-token calls at 1.10-1.16x, spreads straddling 1.1. Since 12-04 a causal plan's "
+                  "mask over at most 512 keys (one key block of the CPU flash kernel, where its causal skip has nothing "
+                  "to skip) runs on SDPA with the mask alone, 1-5 % faster than the kernel called with is_causal and the "
+                  "mask (64 tokens: 189 -> 179 us against stock's 177; SinkWindow / Power at 64 tokens 1.10-1.11x -> "
+                  "1.04-1.06x measured old and new in turn); the rest is core's ~5 us per call.",
     "Quest": "prefill is dense SDPA by definition: a 64-token row within the noise of tiny calls.",
     "StreamingHeads": "a mixed layer at 64-256 tokens: its full and streaming heads run as one SDPA call with a per-head "
                       "mask (merge_heads: cheaper than a call per head group there), a masked call where stock runs "
