@@ -130,3 +130,16 @@ def test_one_noisy_run_does_not_decide_and_long_calls_keep_the_minimum_of_trials
     st = _state("model", "other")
     made = _run_trials(st, {"model": lambda i: 0.05, "other": lambda i: 0.06})
     assert made.count("model") == 1 + tune.TRIALS and st.winner.name == "model"
+
+
+def test_a_close_call_gets_more_runs_and_a_clear_one_does_not():
+    # 5 ms calls, the faster kernel's first three timed runs in a slow spell (5.5 ms, within CLOSE of the model's
+    # 5 ms): without more runs the model's pick would stay; with them the faster kernel's later runs decide
+    st = _state("model", "other")
+    made = _run_trials(st, {"model": lambda i: 5e-3, "other": lambda i: 5.5e-3 if i <= 3 else 4.5e-3})
+    assert st.winner.name == "other" and made.count("other") > 1 + 3, made
+    assert all(made.count(n) <= 1 + tune.MAX_TRIALS for n in ("model", "other"))
+    # 30 % apart: decided on the first runs (15 ms of timing each: four runs with the warm-up)
+    st = _state("model", "other")
+    made = _run_trials(st, {"model": lambda i: 5e-3, "other": lambda i: 6.5e-3})
+    assert st.winner.name == "model" and made.count("model") == 4 and made.count("other") == 4, made
