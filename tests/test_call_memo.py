@@ -2,6 +2,7 @@
 ``_remember``): a remembered call gives what planning gives, another Site, shape, mask or a changed parameter is
 planned again, and data-dependent methods are remembered only on calls whose plan does not depend on the data
 (``some_static`` / ``static_at``: a dense step or layer, a grid of one tile)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -185,6 +186,21 @@ def test_per_row_q_scales_are_remembered_and_applied_per_call():
     core.run(q, k, v, method, site)
     assert count[0] == before
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_remembered_per_row_scales_equal_the_planned_call_in_every_dtype(dtype, monkeypatch):
+    """The remembered call casts the scales once (float32 or wider, q's own dtype after the product, as
+    fold_q_scale): bitwise the output of a call that plans and selects afresh."""
+    method, site = ap.EntropyScale(train_len=8), Site(causal=True, layer=1)
+    for seed in range(3):
+        q, k, v = (x.to(dtype) for x in _qkv(40, H=4, Hkv=2, seed=seed))
+        got = core.run(q, k, v, method, site)
+        monkeypatch.setattr(core, "REMEMBER", [False])
+        want = core.run(q, k, v, method, site)
+        monkeypatch.setattr(core, "REMEMBER", [True])
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert remembered_calls(method)
 
 def test_a_data_dependent_method_is_remembered_only_where_its_plan_ignores_the_data():
     """TopKBlocks on a grid of one tile (its default tile covers an 8 x 8 grid) and on its dense steps: remembered,
