@@ -78,7 +78,7 @@ def layout(lines, Sq: int, Skv: int, off: int, T: int = BLOCK) -> dict:
     over every row at once (``diagonal``: their scores per head), ``free`` (n_blk, B, H, nc) the columns ``cols`` a
     block's rows reach outside its ranges (None: none; ``vertical``: their scores; ``inside``: per block whether some
     column (or padding, as key 0) lies in its ranges, None where every block's range holds all its keys), and the
-    fused ``calls``. Tensor arithmetic over (blocks x offset clusters): a data-dependent plan lays out every call, ``groups`` up to 1 + G + H times
+    fused ``calls``. Array arithmetic (numpy, see ``_clusters``) over (blocks x offset clusters): a data-dependent plan lays out every call, ``groups`` up to 1 + G + H times
     (a Python loop per block and range took 0.18 s of a 1 s VerticalSlash call at 8K)."""
     key = ("layout", Sq, Skv, off, T)
     if key in lines.cache:
