@@ -128,7 +128,14 @@ WHY = {
                        "the kernel's LSE and the re-read stay: at 256 tokens a quarter of the scores, at 1K 6 % (~1.5-2 "
                        "ms, a long causal call's earlier rows against the keys they see only). Fewer rows were tried and change which sinks are "
                        "found (on SmolLM2 at 256 tokens 560 columns the exact mean does not flag, against 13 with 64 rows). "
-                       "A kernel that sums column probabilities while it runs (a GPU kernel) would remove the pass.",
+                       "A kernel that sums column probabilities while it runs (a GPU kernel) would remove the pass. "
+                       "Tried on 12-04 (19th session, 1 thread, interleaved, the background run paused) and not kept: "
+                       "(a) the flash kernel on every row but the detection rows, whose output then comes from their own "
+                       "scores (exact: the same rows, no second pass): fixture 272 tokens 1.58x as before, Wan 4x8x8 "
+                       "1.35x (1.31x before), FLUX 576 1.11x (1.14x): 64 rows fewer in the kernel save about what those "
+                       "rows' softmax and P V cost as separate ops, plus the row gathers; (b) fewer detection rows: with "
+                       "16 rows the 256-token rows are still 1.13-1.41x (64 rows: 1.25-1.57x), so at these sizes the "
+                       "floor is the ~15 small ops of detection and correction, not the rows' scores.",
     "SinkRedistribution": "the same detection as SinkCalibration (magnets found by ACT's rule) when no magnet positions "
                           "are given; with `magnets=[...]` it needs no detection.",
     "VerticalSlash": "its estimate (the last 64 queries against every key, softmax, column and diagonal sums, top-k) "
@@ -150,7 +157,14 @@ WHY = {
                      "and new code in turn, 1K rows 1.37x / 2.01x -> 1.25x / 1.32x (SmolLM2, 1 / 2 threads), Llama-8B 1K "
                      "1.27x / 1.76x -> 1.19x / 1.17-1.51x. On random q, k at 1K the 16 block calls (64 rows, every key "
                      "computed) alone take 0.9-1.1x stock's one call; the estimate (~10 ms at Llama-8B 1K) and the "
-                     "per-block bias are the rest.",
+                     "per-block bias are the rest. Element-exact windows without a compiled kernel were measured on "
+                     "12-04 (SmolLM2 8K shapes, 3 query heads of one KV head): each row's keys as an overlapping strided "
+                     "view (no copy) and one batched matrix-vector product per row run at 14.8 GFLOP/s on one thread "
+                     "against ~50 for the flash kernel's 64-row blocks, 3.4x less per score for 2.5x fewer scores "
+                     "(0.16 kept vs 0.40 computed); batching a head's full-band blocks into one flash call over the "
+                     "same view (a bias per block) was 8-15 % faster than one call per block on synthetic full bands, "
+                     "but on SmolLM2's real layer 1 at 8K only 119 of the 576 block calls (one head, 128 rows each) share "
+                     "a geometry (the window alone, the cheapest), 391 hold 2-5 ranges: not built.",
     "HyperAttention": "`min_len=256` forces the sorted path at 1K, below its default: at 2 threads the four causal "
                       "256-row squares on the CPU flash kernel (which gains little from causality at 256 rows and splits "
                       "9 heads unevenly over 2 threads) and the serial plan (LSH ranks and sorts, ~2.5 ms) weigh on an "
