@@ -12,7 +12,7 @@ from .kernels.base import check_mask, check_qkv, check_scale
 from .merge_heads import merged
 from .methods.base import Method, remembered_calls
 from .ops.lse import dense_lse
-from .plan import Plan, _derived, fold_q_scale, q_scale_as_score_mod
+from .plan import Plan, _derived, fold_q_scale, q_scale_as, q_scale_as_score_mod, scale_rows
 from .site import Site
 
 
@@ -80,18 +80,17 @@ def _remember(method: Method, key: tuple, q, k, v, plan: Plan | None, site: Site
         return
     fast = kernel.prepared(q2, k, v, plan, sc) or functools.partial(_kernel_call, kernel, plan, sc)
     if torch.is_tensor(whole.q_scale):  # per-row scales (EntropyScale on a causal call): q scaled, then the call
-        work = torch.promote_types(q.dtype, torch.float32)  # as fold_q_scale: float32 or wider, one rounding to q's dtype
-        fast = functools.partial(_scaled_call, fast, whole.q_scale.to(q.device, work), q.dtype != work)
+        fast = functools.partial(_scaled_call, fast, q_scale_as(whole, q))
     calls = remembered_calls(method, create=True)
     if len(calls) >= _CALLS_MAX:
         calls.clear()  # bounded: a method sees a Site per layer, step and role
     calls[key] = fast
 
 
-def _scaled_call(call, qs, cast: bool, q, k, v):
+def _scaled_call(call, qs, q, k, v):
     """``fold_q_scale``'s product with the scales cast once (the key holds q's dtype and device): ~4 us less
     of Python on a 64-token call."""
-    return call((q.to(qs.dtype) * qs).to(q.dtype) if cast else q * qs, k, v)
+    return call(scale_rows(q, qs), k, v)
 
 
 def _kernel_call(kernel, plan, scale, q, k, v):

@@ -185,11 +185,18 @@ def fold_q_scale(q: torch.Tensor, scale, plan: Plan):
     if not torch.is_tensor(qs):
         base = q.shape[-1] ** -0.5 if scale is None else scale
         return q, base * float(qs), unscaled
-    work = torch.promote_types(q.dtype, torch.float32)  # float32 at least, float64 stays float64
-    qs = _derived(plan, "_q_scale_as", (q.device, work), lambda: qs.to(q.device, work))  # cast once per plan
-    if q.dtype == work:
-        return q * qs, scale, unscaled  # (B, H, Sq, D) * (B|1, H|1, Sq|1, 1)
-    return (q.to(work) * qs).to(q.dtype), scale, unscaled
+    return scale_rows(q, q_scale_as(plan, q)), scale, unscaled
+
+
+def q_scale_as(plan: Plan, q: torch.Tensor) -> torch.Tensor:
+    """The plan's per-row q scales on q's device in float32 or wider (float64 stays float64), cast once per plan."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    return _derived(plan, "_q_scale_as", (q.device, work), lambda: plan.q_scale.to(q.device, work))
+
+
+def scale_rows(q: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """q (B, H, Sq, D) times the scales ``q_scale_as`` gives (B|1, H|1, Sq|1, 1), in their dtype, one rounding to q's."""
+    return q * qs if q.dtype == qs.dtype else (q.to(qs.dtype) * qs).to(q.dtype)
 
 
 def q_scale_as_score_mod(plan: Plan, B: int, H: int, Sq: int) -> Plan:

@@ -187,7 +187,6 @@ def test_per_row_q_scales_are_remembered_and_applied_per_call():
     assert count[0] == before
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_remembered_per_row_scales_equal_the_planned_call_in_every_dtype(dtype, monkeypatch):
     """The remembered call casts the scales once (float32 or wider, q's own dtype after the product, as
@@ -201,6 +200,7 @@ def test_remembered_per_row_scales_equal_the_planned_call_in_every_dtype(dtype, 
         monkeypatch.setattr(core, "REMEMBER", [True])
         assert got.dtype == dtype and torch.equal(got, want)
     assert remembered_calls(method)
+
 
 def test_a_data_dependent_method_is_remembered_only_where_its_plan_ignores_the_data():
     """TopKBlocks on a grid of one tile (its default tile covers an 8 x 8 grid) and on its dense steps: remembered,
