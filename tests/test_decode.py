@@ -212,3 +212,51 @@ def test_quest_cache_layer_appends_in_place_and_equals_dynamic_layer():
             ours.reorder_cache(torch.tensor([1, 0])), plain.reorder_cache(torch.tensor([1, 0]))
     assert len(ptrs) <= 2  # one buffer, re-seated once by the reordering
     assert torch.equal(ours.keys, plain.keys) and ours.get_seq_length() == plain.get_seq_length()
+
+
+@pytest.mark.parametrize("method", [ap.SinkWindow(sink=2, window=8), ap.StreamingHeads([(0, 1), (1, 2)], sink=2, window=8)],
+                         ids=["SinkWindow", "StreamingHeads"])
+def test_sinkwindow_keeps_every_key_appended_in_place(method):
+    """evict=False: the cache holds every key (KeepAll) in buffers that decode steps append to (no copy of the
+    whole cache per token as DynamicLayer's cat), and the logits equal the same method over transformers' own
+    StaticCache, which the policy leaves as it is."""
+    from transformers import StaticCache
+
+    from attnpatch.patchers.kv_cache import PolicyLayer
+
+    model = llm("llama", num_hidden_layers=2)
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(4))
+    with ap.patch(model, method) as handle, torch.no_grad():
+        from transformers import DynamicCache
+
+        cache, ptrs, logits = DynamicCache(config=model.config), set(), []
+        out = model(ids, cache=cache, use_cache=True)
+        for _ in range(10):
+            logits.append(out.logits[:, -1])
+            out = model(logits[-1].argmax(-1, keepdim=True), cache=cache, use_cache=True)
+            ptrs.add(cache.layers[1].keys.data_ptr())
+        assert all(isinstance(layer, PolicyLayer) for layer in cache.layers)
+        assert len(ptrs) == 1 and cache.get_seq_length() == 40 and cache.layers[1].keys.shape[2] == 40
+        stats = handle.stats()["kv_cache"]
+        assert stats["evicted"] == 0 and stats["before"] == stats["after"] > 0
+        static, want = StaticCache(config=model.config, max_cache_len=64), []
+        out = model(ids, cache=static, use_cache=True, cache_position=torch.arange(30))
+        for i in range(10):
+            want.append(out.logits[:, -1])
+            out = model(want[-1].argmax(-1, keepdim=True), cache=static, use_cache=True, cache_position=torch.tensor([30 + i]))
+        assert not any(isinstance(layer, PolicyLayer) for layer in static.layers)
+    assert (torch.stack(logits) - torch.stack(want)).abs().max() < 1e-4
+    assert not torch.allclose(torch.stack(logits), torch.stack([_greedy_logits(model, ids, 9)[0, i][None] for i in range(10)]))
+
+
+def test_sinkwindow_keepall_allows_patching_some_layers():
+    """KeepAll trims nothing, so layers=... stays allowed (an evicting policy needs every layer: it refuses)."""
+    model = llm("llama", num_hidden_layers=2)
+    ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(5))
+    with ap.patch(model, ap.SinkWindow(sink=2, window=4), layers=[1]):
+        a = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with ap.patch(model, ap.SinkWindow(sink=2, window=4), layers=[1], backend="reference"):
+        b = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs every layer patched"):
+        ap.patch(model, ap.SinkWindow(sink=2, window=4, evict=True), layers=[1])

@@ -256,7 +256,9 @@ class KVCache:
             if layer is None or getattr(layer, "is_sliding", False) or (isinstance(layer, PolicyLayer) and layer.kv is self):
                 continue
             if type(layer) is not DynamicLayer and not isinstance(layer, PolicyLayer):
+                if getattr(self.policy, "optional", False):  # the method is the same without it (KeepAll)
+                    continue
                 raise ValueError(f"{self.owner} keeps its KV policy in the default DynamicCache; layer {i} of this cache is a "
                                  f"{type(layer).__name__}: generate without cache_implementation=... / a custom "
-                                 "cache, or use evict=False")
+                                 "cache" + (", or use evict=False" if self.policy.evicts else ""))
             layers[i] = PolicyLayer.adopt(layer, self, i)

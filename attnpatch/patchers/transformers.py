@@ -59,6 +59,33 @@ def _site(module, key, Sq: int, attention_mask, kwargs, layer: "_Layer | None", 
                 heads=heads, num_heads=total, head_sum=head_sum)
 
 
+def _visible(module, key, value, mask, Sq: int, kwargs) -> tuple:
+    """(keys, values, mask) without the slots after the last key the last query can see: views, no copy.
+    Why: transformers' StaticCache (``cache_implementation="static"``, what torch.compile users run) hands
+    every call all its slots, keys at their cache positions and empty slots after them. Methods read a
+    call's keys as ending at its last query (``q_offset = Skv - Sq``); over the empty slots a decode query
+    sat at the last slot and SinkWindow's window / Power's distances missed the real keys. The last key
+    seen: from the mask (one element read when the keys do end at the query), or, for a causal call
+    without one (upper-left aligned: query i sees keys <= i), key Sq - 1."""
+    Skv = key.shape[2]
+    if Skv <= Sq:
+        return key, value, mask
+    if mask is None:
+        is_causal = kwargs.get("is_causal")
+        if Sq == 1 or not bool(getattr(module, "is_causal", True) if is_causal is None else is_causal):
+            return key, value, mask
+        end = Sq
+    else:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != Skv or bool(mask[..., -1, -1].any()):
+            return key, value, mask
+        seen = mask[..., -1, :].reshape(-1, Skv).any(0)  # keys some row's last query sees
+        if not bool(seen.any()):
+            return key, value, mask
+        end = int(seen.nonzero().max()) + 1
+        mask = mask[..., :end]
+    return key[:, :, :end], value[:, :, :end], mask
+
+
 def _model_heads(module, H: int, layer: "_Layer") -> tuple:
     """(the model's index of each of the call's ``H`` query heads, the model's head count, a sum over the
     ranks sharing the heads), or Nones when the call holds every head. Under tensor parallelism
@@ -107,6 +134,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
         raise NotImplementedError("attnpatch does not support learned attention sinks or position biases yet")
     layer = getattr(module, "_attnpatch", None)
+    if layer is None or layer.kv is None or not layer.kv.policy.evicts:  # an evicting policy refuses a static cache
+        key, value, attention_mask = _visible(module, key, value, attention_mask, query.shape[2], kwargs)
     site = _site(module, key, query.shape[2], attention_mask, kwargs, layer, query.shape[1])
     if attention_mask is not None and layer is not None and layer.kv is not None and layer.kv.policy.evicts \
             and attention_mask.shape[-1] != key.shape[2]:
@@ -204,7 +233,7 @@ def _kv_cache(method, layers: list[int], subset: bool, counters, heads=None):
     policy = method.kv_policy()
     if policy is None:
         return None
-    if subset:
+    if subset and not getattr(policy, "optional", False):  # KeepAll keeps every key: any layers
         raise ValueError(f"{method}: its KV-cache policy trims the cache of every layer (the model sizes its masks from "
                          "one cache length), so it needs every layer patched; drop layers=... or use evict=False")
     from .kv_cache import KVCache
