@@ -60,3 +60,18 @@ def test_quest_refuses_a_static_cache_without_naming_evict(model):
     with pytest.raises(ValueError, match="StaticLayer") as err:
         _scores(model, ap.Quest(budget=8, page=4, dense_layers=()), ids, torch.ones_like(ids), "static")
     assert "evict" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["SinkWindow", "Power", "VerticalSlash", "TopKBlocks", "StreamingHeads"])
+def test_static_cache_chunked_prefill_equals_the_dynamic_cache(model, name):
+    """Prefill in chunks (12 and 7 tokens after 20, then decode): the chunks' mask places their queries."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(6))
+    got = {}
+    for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=64)):
+        with ap.patch(model, METHODS[name]()), torch.no_grad():
+            kw = (lambda a, b: dict(cache_position=torch.arange(a, b))) if isinstance(cache, StaticCache) else (lambda a, b: {})
+            got[type(cache).__name__] = torch.cat([model(ids[:, a:b], cache=cache, use_cache=True, **kw(a, b)).logits
+                                                   for a, b in [(0, 20), (20, 32), (32, 33), (33, 40)]], 1)
+    assert (got["StaticCache"] - got["DynamicCache"]).abs().max() < 1e-5
