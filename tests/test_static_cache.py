@@ -29,9 +29,9 @@ def model():
     return llm("llama", num_hidden_layers=2)
 
 
-def _scores(model, method, ids, mask, impl):
+def _scores(model, method, ids, mask, impl, n=6):
     with ap.patch(model, method):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              cache_implementation=impl, output_scores=True, return_dict_in_generate=True)
     return out.sequences, torch.stack(out.scores, 1)
 
@@ -75,3 +75,18 @@ def test_static_cache_chunked_prefill_equals_the_dynamic_cache(model, name):
             got[type(cache).__name__] = torch.cat([model(ids[:, a:b], cache=cache, use_cache=True, **kw(a, b)).logits
                                                    for a, b in [(0, 20), (20, 32), (32, 33), (33, 40)]], 1)
     assert (got["StaticCache"] - got["DynamicCache"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("name", ["SinkWindow", "Power"])
+def test_static_cache_with_sliding_window_layers(family, name):
+    """Sliding-window layers (window 16 < 42 tokens) roll their static slots; the full-attention layers' slots stay
+    at their positions: both kinds give what the dynamic cache gives."""
+    m = llm(family, num_hidden_layers=2, sliding_window=16)
+    ids = torch.randint(3, 97, (2, 30), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    got = {impl: _scores(m, METHODS[name](), ids, mask, impl, n=12) for impl in (None, "static")}
+    assert torch.equal(got["static"][0], got[None][0])
+    want = got[None][1]
+    assert (got["static"][1] - want)[want.isfinite()].abs().max() < 1e-5
