@@ -38,8 +38,8 @@ SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidde
             num_key_value_heads=3, head_dim=64, max_position_embeddings=65536, rope_theta=100000.0)
 SPEED = {  # setting -> method (None: stock transformers, sdpa + DynamicCache)
     "stock": None,
-    # dense attention over Quest's in-place cache (budget above any length): what the cache alone saves
-    "dense, in-place cache": ap.Quest(budget=1 << 30, page=16),
+    # stock attention through attnpatch: the patcher's default KV policy (KeepAll) appends in place, what the cache alone saves
+    "Dense() (in-place cache)": ap.Dense(),
     "Quest(budget=1024)": ap.Quest(budget=1024, page=16),
     "Quest(budget=2048)": ap.Quest(budget=2048, page=16),
     # half the pages by mean key score (the bound alone misses needles on SmolLM2: llm_quality.md)
@@ -80,7 +80,9 @@ def _kv_bytes(method, S: int, layers: int, per_key: int) -> tuple[float, float]:
         return read * per_key, layers * per_key  # appends in place
     if isinstance(method, ap.SinkWindow):  # evict=False: every key kept (KeepAll), appended in place
         return layers * min(S, method.sink + method.window) * per_key, layers * per_key
-    return layers * S * per_key, layers * 2 * S * per_key  # cat reads and writes the whole cache
+    if method is not None:  # patched: KeepAll appends in place
+        return layers * S * per_key, layers * per_key
+    return layers * S * per_key, layers * 2 * S * per_key  # stock: DynamicLayer's cat reads and writes the whole cache
 
 
 @torch.no_grad()

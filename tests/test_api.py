@@ -121,7 +121,7 @@ def test_protocol_defaults_are_declared_on_method():
     assert dense.llm and dense.bind_model(object()) is None
     assert (ap.PAG().guidance, ap.PAG().needs_roles, ap.PAG().llm) == (True, True, False)
     assert (ap.SharedAttention().guidance, ap.SharedAttention().needs_roles) == (False, True)
-    assert type(ap.SinkWindow().kv_policy()).__name__ == "KeepAll"  # every key, appended in place
+    assert ap.SinkWindow().kv_policy() is None  # the patcher's default, KeepAll
     assert (m.guides(3), m.guidance_weight(), ap.PAG(scale=2.5).guidance_weight(), ap.PAG(steps=[1]).guides(2)) == (
         False, 0.0, 2.5, False)
     evict = ap.SinkWindow(sink=2, window=5, evict=True)

@@ -18,6 +18,7 @@ read plain attributes (never ``getattr`` probes) and write nothing back onto a m
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -85,7 +86,8 @@ class Method:
 
     def kv_policy(self):
         """The KV-cache policy the transformers patcher applies (an object with the interface of
-        ``attnpatch.methods.sink_window.SinkEviction``), or None: the cache is left alone."""
+        ``attnpatch.methods.sink_window.SinkEviction``), or None: the patcher's default, ``KeepAll``
+        (every key, appended in place)."""
         return None
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, site: Site) -> Plan | None:
@@ -162,3 +164,43 @@ def ascii_mask(method: Method, site: Site, Sq: int, Skv: int | None = None, max_
     keep = keep.expand(1, 1, Sq, Skv)[0, 0, :, :max_cols]  # (Sq, min(Skv, max_cols))
     rows = ["".join("#" if x else "." for x in row.tolist()) for row in keep]
     return f"{method} at {site.kind} site, {Sq}x{Skv}:\n" + "\n".join(rows)
+
+
+class KeepAll:
+    """The KV-cache policy the transformers patcher gives a method without one of its own (``kv_policy()`` None):
+    every key stays (the logits are the stock cache's) and the cache layer appends in place
+    (``kv_cache.PolicyLayer._append``: buffers with room to grow once decoding starts). Why: transformers'
+    ``DynamicLayer`` copies the whole cache on every update (``torch.cat``): at 32K on SmolLM2 shapes that copy moved
+    2,880 MB a token, against the 45 MB SinkWindow(4, 1024)'s decode step reads and the 1,440 MB dense attention reads
+    (benchmarks/results/decode.md). ``optional``: the method is the same without it, so a cache type the patcher
+    cannot take (a static or quantized cache) is left as it is and ``patch(..., layers=...)`` stays allowed."""
+
+    evicts = False
+    optional = True
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._layers: dict = {}  # layer -> (tokens seen, bytes per token) of its latest update
+
+    def retain(self, keys, values):
+        return keys, values
+
+    def observe(self, layer: int, state: dict, keys: torch.Tensor) -> None:
+        """Nothing is kept beside the keys."""
+
+    def record(self, layer: int, seen: int, held: float, token_bytes: int) -> None:
+        with self._lock:
+            self._layers[layer] = (seen, token_bytes)
+
+    def stats(self) -> dict:
+        """``{"evicted": 0, "before": bytes, "after": bytes}``: the cache is kept whole."""
+        with self._lock:
+            kv = sum(seen * b for seen, b in self._layers.values())
+        return {"evicted": 0, "before": kv, "after": kv}
+
+    def __deepcopy__(self, memo):  # a deep copy of a patched model counts its own cache from zero
+        new = memo[id(self)] = KeepAll()
+        return new
+
+    def __repr__(self) -> str:
+        return "KeepAll()"

@@ -23,7 +23,7 @@ import torch
 from ..checks import read_safetensors
 from ..site import Site
 from .base import Method, ParameterTypeError, check_bool, check_int, fail
-from .sink_window import KeepAll, SinkEviction, SinkWindow
+from .sink_window import SinkEviction, SinkWindow
 
 KIND = "retrieval-heads"
 HOW = ("write one with attnpatch.tools.retrieval_heads (python -m attnpatch.tools.retrieval_heads --out heads.safetensors) "
@@ -132,11 +132,10 @@ class StreamingHeads(Method):
         d, r = (torch.tensor(x, dtype=torch.long, device=q.device) for x in (dense, rest))
         return [(d, None), (r, self._stream.plan(q[:, r], k[:, r // rep], site))]
 
-    def kv_policy(self) -> SinkEviction | KeepAll:
+    def kv_policy(self) -> SinkEviction | None:
         """``evict=True``: SinkWindow's eviction on every KV head that serves no retrieval head; in a layer
-        with retrieval heads the cache is split per KV head (the patcher binds the model's head counts).
-        Else ``KeepAll``: every key, appended in place (SinkWindow's)."""
-        return SinkEviction(self.sink, self.window, self._full) if self.evict else KeepAll()
+        with retrieval heads the cache is split per KV head (the patcher binds the model's head counts)."""
+        return SinkEviction(self.sink, self.window, self._full) if self.evict else None
 
     def kv_tokens(self, layers: int, q_heads: int, kv_heads: int, context: int) -> int:
         """Cached tokens summed over (layer, KV head) after ``context`` tokens under ``evict=True``: a KV head

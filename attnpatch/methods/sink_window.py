@@ -106,46 +106,6 @@ class SinkEviction:
         return f"SinkEviction(sink={self.sink}, window={self.window}{full})"
 
 
-class KeepAll:
-    """The KV-cache policy of ``SinkWindow(evict=False)`` (and ``StreamingHeads(evict=False)``): every key stays
-    (the logits are the stock cache's), and the cache layer appends in place (``kv_cache.PolicyLayer._append``:
-    buffers with room to grow). Why: a decode step of these methods reads only its sink + window keys, but
-    transformers' ``DynamicLayer`` copies the whole cache on every update (``torch.cat``): at 32K on SmolLM2 that copy
-    moved 2,880 MB a token against the 45 MB the step reads (benchmarks/results/decode.md). ``optional``: the method is
-    the same without it, so a cache type the patcher cannot take (a static cache) is left as it is and
-    ``patch(..., layers=...)`` stays allowed."""
-
-    evicts = False
-    optional = True
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._layers: dict = {}  # layer -> (tokens seen, bytes per token) of its latest update
-
-    def retain(self, keys, values):
-        return keys, values
-
-    def observe(self, layer: int, state: dict, keys: torch.Tensor) -> None:
-        """Nothing is kept beside the keys."""
-
-    def record(self, layer: int, seen: int, held: float, token_bytes: int) -> None:
-        with self._lock:
-            self._layers[layer] = (seen, token_bytes)
-
-    def stats(self) -> dict:
-        """``{"evicted": 0, "before": bytes, "after": bytes}``: the cache is kept whole."""
-        with self._lock:
-            kv = sum(seen * b for seen, b in self._layers.values())
-        return {"evicted": 0, "before": kv, "after": kv}
-
-    def __deepcopy__(self, memo):  # a deep copy of a patched model counts its own cache from zero
-        new = memo[id(self)] = KeepAll()
-        return new
-
-    def __repr__(self) -> str:
-        return "KeepAll()"
-
-
 @dataclass
 class SinkWindow(Sparse):
     """Causal: the first ``sink`` tokens plus the last ``window`` tokens (A-shape)."""
@@ -174,10 +134,10 @@ class SinkWindow(Sparse):
         self._blocks: tuple = (None, None)  # (S, structure) of the latest prefill length
         self._plans = Memo()  # static plans per (parameters, shape, q_offset, device); see plan()
 
-    def kv_policy(self) -> SinkEviction | KeepAll:
-        """A new policy for the patch that asks (its statistics are that patch's): ``evict=True`` a
-        ``SinkEviction``, else ``KeepAll`` (every key, appended in place: decode reads the window only)."""
-        return SinkEviction(self.sink, self.window) if self.evict else KeepAll()
+    def kv_policy(self) -> SinkEviction | None:
+        """``evict=True``: a new ``SinkEviction`` for the patch that asks (its statistics are that patch's);
+        else None: the patcher's default (``KeepAll``, every key appended in place: decode reads the window only)."""
+        return SinkEviction(self.sink, self.window) if self.evict else None
 
     def blocks(self, S: int):
         """Causal block structure of a prefill of S tokens (the latest length cached). Threads

@@ -112,8 +112,8 @@ class PolicyLayer(DynamicLayer):
 
     def _append(self, key_states, value_states):
         """Keys / values with the new ones appended, as views of buffers with room to grow: a cache that
-        keeps every key (Quest reads a budget of them per step) then costs O(new tokens) per update, not
-        the O(length) copy of DynamicLayer's cat. Buffers are re-seated whenever the held keys are not a
+        keeps every key (KeepAll, Quest) then costs O(new tokens) per update, not the O(length) copy of
+        DynamicLayer's cat. Buffers are re-seated whenever the held keys are not a
         prefix of them (reordered, cropped then regrown elsewhere, adopted) or full (grown by 1/4)."""
         held = self.keys if self.keys.dim() == 4 else None  # lazy_initialization leaves an empty 1-D tensor
         n, new = (0 if held is None else held.shape[-2]), key_states.shape[-2]
@@ -121,7 +121,9 @@ class PolicyLayer(DynamicLayer):
         if bufs is None or held is None or bufs[0].shape[-2] < n + new or held.data_ptr() != bufs[0].data_ptr() \
                 or held.stride() != bufs[0].stride() or bufs[0].shape[:2] != key_states.shape[:2] \
                 or bufs[0].dtype != key_states.dtype or bufs[0].device != key_states.device:
-            cap = n + new + max(256, (n + new) // 4)
+            # the first fill (a prefill) exactly: a cache that never decodes holds what DynamicLayer holds; room
+            # comes with the first append after it (one copy, then a quarter more: below cat's 2x per step)
+            cap = n + new + (max(256, (n + new) // 4) if held is not None else 0)
             bufs = tuple(t.new_empty(*t.shape[:-2], cap, t.shape[-1]) for t in (key_states, value_states))
             if held is not None:
                 bufs[0][..., :n, :], bufs[1][..., :n, :] = held, self.values

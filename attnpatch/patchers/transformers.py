@@ -16,7 +16,7 @@ import torch
 from .. import core
 from .._log import warning
 from ..handle import SharesMethod, handle_of, pop_attr
-from ..methods.base import Dense
+from ..methods.base import Dense, KeepAll
 from ..site import Site
 from . import SUPPORTED, layers as layer_sel
 from .route import eager
@@ -228,11 +228,9 @@ def patch_model(model, method, backend, layers, counters=None):
 
 
 def _kv_cache(method, layers: list[int], subset: bool, counters, heads=None):
-    """The method's KV-cache policy (``Method.kv_policy()``) as this patch's ``KVCache``, or None;
+    """The method's KV-cache policy (``Method.kv_policy()``, by default ``KeepAll``) as this patch's ``KVCache``;
     its statistics are reported by the patch's counters (``Handle.stats()["kv_cache"]``)."""
-    policy = method.kv_policy()
-    if policy is None:
-        return None
+    policy = method.kv_policy() or KeepAll()  # every key, appended in place (no whole-cache copy per token)
     if subset and not getattr(policy, "optional", False):  # KeepAll keeps every key: any layers
         raise ValueError(f"{method}: its KV-cache policy trims the cache of every layer (the model sizes its masks from "
                          "one cache length), so it needs every layer patched; drop layers=... or use evict=False")
