@@ -6,7 +6,7 @@ by prefill would take the CPU minutes per length and the same numbers). Each set
 the model (patched once) and its own cache over the same tensors; the settings decode one token each in
 turn (two untimed rounds first: Quest's cache layers then copy the cache into their buffers and bound
 every page, once per generation, as after a prefill), ``--steps`` timed rounds, tokens/s the median
-step and "x stock" the median of the per-round ratios (a busy machine slows every setting of a round). "KV
+step and "x stock" the median (min - max) of the per-round ratios (a busy machine slows every setting of a round). "KV
 read" is what attention reads per token over all layers (keys + values, Quest's bounds included);
 "cache write" what the cache update copies per token (DynamicLayer's cat copies the whole cache).
 
@@ -109,7 +109,7 @@ def speed(lengths, steps: int) -> list[dict]:
             ratios = [s / t for s, t in zip(times["stock"], times[name])]
             read, write_ = _kv_bytes(method, S, L, 2 * Hkv * D * 4)
             rows.append(dict(context=S, setting=name, tok_s=1 / statistics.median(times[name]),
-                             speedup=statistics.median(ratios), kv_read_mb=read / 2**20, cache_write_mb=write_ / 2**20))
+                             speedup=statistics.median(ratios), min=min(ratios), max=max(ratios), kv_read_mb=read / 2**20, cache_write_mb=write_ / 2**20))
             print(rows[-1], flush=True)
         del base, caches
     for h in handles:
@@ -176,14 +176,14 @@ def _greedy(model, cache, first, method, new: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768])
-    p.add_argument("--steps", type=int, default=8, help="timed decode steps per setting (interleaved)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per setting (interleaved)")
     p.add_argument("--samples", type=int, default=30)
     p.add_argument("--needle-tokens", type=int, default=3000)
     p.add_argument("--keep-speed", action="store_true", help="reuse the speed rows of the committed decode.json")
     p.add_argument("--keep-accuracy", action="store_true", help="reuse the passkey rows of the committed decode.json")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    full = (a.keep_speed or a.lengths == [8192, 16384, 32768] and a.steps >= 8) and (a.keep_accuracy or a.samples >= 30)
+    full = (a.keep_speed or a.lengths == [8192, 16384, 32768] and a.steps >= 16) and (a.keep_accuracy or a.samples >= 30)
     out = out_stem("decode", a.out, None if full else "quick")
     old = json.loads((RESULTS / "decode.json").read_text()) if a.keep_speed or a.keep_accuracy else {}
     if a.keep_accuracy:  # the table's heading names the committed run's prompts
@@ -192,7 +192,7 @@ def main() -> None:
                 speed=old["speed"] if a.keep_speed else speed(a.lengths, a.steps) if a.lengths else [],
                 accuracy=old["accuracy"] if a.keep_accuracy else accuracy(a.samples, a.needle_tokens) if a.samples else [])
     body = "## Decode speed (SmolLM2-135M shapes, random weights, batch 1, float32)\n\n" + table(data["speed"], [
-        ("context", "context"), ("setting", "setting"), ("tok_s", "tokens/s"), ("speedup", "x stock"),
+        ("context", "context"), ("setting", "setting"), ("tok_s", "tokens/s"), ("speedup", "x stock"), ("min", "min"), ("max", "max"),
         ("kv_read_mb", "KV read / token (MB)"), ("cache_write_mb", "cache write / token (MB)")])
     body += f"\n\n## Passkey retrieval (SmolLM2-135M-Instruct, {a.needle_tokens} tokens, {a.samples} samples)\n\n" + table(
         data["accuracy"], [("setting", "setting"), ("correct", "correct"), ("accuracy", "accuracy"),
