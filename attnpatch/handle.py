@@ -35,8 +35,8 @@ class Counters:
     """Calls of one patch, counted from any thread: routed through the method, handed back to
     stock attention (and why: each new reason is logged once at WARNING unless the method is
     dense), and not applicable (calls the patcher declines, e.g. text-only attention, and why).
-    ``kv``: the KV-cache policy a patcher applies for the method (``Method.kv_policy()``), whose
-    ``stats()`` join the snapshot as ``"kv_cache"``; None without one."""
+    ``kv``: the KV-cache policy a patcher applies for the method (``Method.kv_policy()``, the transformers
+    patcher's default ``KeepAll``), whose ``stats()`` join the snapshot as ``"kv_cache"``; None without one."""
 
     def __init__(self, label: str = "", warn: bool = True):
         self.label, self.warn = label, warn
@@ -111,9 +111,10 @@ class Handle:
         """``{"routed": n, "handed_back": {reason: n}, "skipped": {reason: n}}`` since ``patch``:
         attention calls computed by the method, calls handed back to stock attention (e.g.
         ``dropout_p > 0``, context parallelism, an unsupported processor) and calls the method does
-        not apply to (e.g. text-only attention). A method with a KV-cache policy
-        (``SinkWindow(evict=True)``) adds ``"kv_cache": {"evicted": tokens, "before": bytes,
-        "after": bytes}``: what the latest cache's policed layers dropped, would hold, and hold."""
+        not apply to (e.g. text-only attention). A transformers patch (every method has a KV-cache
+        policy there, by default ``KeepAll``; ``SinkWindow(evict=True)`` evicts) adds ``"kv_cache":
+        {"evicted": tokens, "before": bytes, "after": bytes}``: what the latest cache's policed layers
+        dropped, would hold, and hold."""
         return self._counters.snapshot()
 
     def summary(self) -> str:
