@@ -266,3 +266,10 @@ def test_sinkwindow_keepall_allows_patching_some_layers():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="needs every layer patched"):
         ap.patch(model, ap.SinkWindow(sink=2, window=4, evict=True), layers=[1])
+
+
+def test_quest_on_some_layers_names_dense_layers():
+    """Quest's page tables sit beside every layer's cache: layers=... is refused with its own fix (not evict=False)."""
+    with pytest.raises(ValueError, match="dense_layers") as err:
+        ap.patch(llm("llama", num_hidden_layers=2), ap.Quest(budget=8, page=4), layers=[1])
+    assert "evict" not in str(err.value)

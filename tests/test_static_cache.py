@@ -90,3 +90,4 @@ def test_static_cache_with_sliding_window_layers(family, name):
     assert torch.equal(got["static"][0], got[None][0])
     want = got[None][1]
     assert (got["static"][1] - want)[want.isfinite()].abs().max() < 1e-5
+

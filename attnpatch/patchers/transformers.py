@@ -232,6 +232,9 @@ def _kv_cache(method, layers: list[int], subset: bool, counters, heads=None):
     its statistics are reported by the patch's counters (``Handle.stats()["kv_cache"]``)."""
     policy = method.kv_policy() or KeepAll()  # every key, appended in place (no whole-cache copy per token)
     if subset and not getattr(policy, "optional", False):  # KeepAll keeps every key: any layers
+        if not policy.evicts:  # Quest: its page tables sit beside every layer's cache
+            raise ValueError(f"{method}: its KV-cache policy covers every layer, so it needs every layer patched; drop "
+                             "layers=... and keep layers dense with the method's dense_layers=...")
         raise ValueError(f"{method}: its KV-cache policy trims the cache of every layer (the model sizes its masks from "
                          "one cache length), so it needs every layer patched; drop layers=... or use evict=False")
     from .kv_cache import KVCache
