@@ -4,8 +4,8 @@ Speed: a SmolLM2-135M-shaped Llama (30 layers, GQA 9/3, head dim 64; random weig
 depend on them) decodes one token at a time after a KV cache of S random keys (8K, 16K, 32K: building it
 by prefill would take the CPU minutes per length and the same numbers). Each setting has its own copy of
 the model (patched once) and its own cache over the same tensors; the settings decode one token each in
-turn (two untimed rounds first: Quest's cache layers then copy the cache into their buffers and bound
-every page, once per generation, as after a prefill), ``--steps`` timed rounds, tokens/s the median
+turn (two untimed rounds first: a patched model's cache layers then copy the cache into their buffers,
+Quest's also bound every page, once per generation, as after a prefill), ``--steps`` timed rounds, tokens/s the median
 step and "x stock" the median (min - max) of the per-round ratios (a busy machine slows every setting of a round). "KV
 read" is what attention reads per token over all layers (keys + values, Quest's bounds included);
 "cache write" what the cache update copies per token (DynamicLayer's cat copies the whole cache).
