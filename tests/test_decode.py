@@ -221,15 +221,13 @@ def test_cache_keeps_every_key_appended_in_place(method):
     every key, exactly as many as DynamicLayer after the prefill, then in buffers that decode steps append to (no
     copy of the whole cache per token as DynamicLayer's cat); the logits equal the same method over transformers'
     own StaticCache, which the policy leaves as it is."""
-    from transformers import StaticCache
+    from transformers import DynamicCache, StaticCache
 
     from attnpatch.patchers.kv_cache import PolicyLayer
 
     model = llm("llama", num_hidden_layers=2)
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(4))
     with ap.patch(model, method) as handle, torch.no_grad():
-        from transformers import DynamicCache
-
         cache, ptrs, logits = DynamicCache(config=model.config), set(), []
         out = model(ids, cache=cache, use_cache=True)
         assert cache.layers[1]._bufs[0].shape[2] == 30  # a prefill holds what DynamicLayer holds, no room yet
@@ -248,7 +246,7 @@ def test_cache_keeps_every_key_appended_in_place(method):
             out = model(want[-1].argmax(-1, keepdim=True), cache=static, use_cache=True, cache_position=torch.tensor([30 + i]))
         assert not any(isinstance(layer, PolicyLayer) for layer in static.layers)
     assert (torch.stack(logits) - torch.stack(want)).abs().max() < 1e-4
-    stock = torch.stack([_greedy_logits(model, ids, 9)[0, i][None] for i in range(10)])
+    stock = _greedy_logits(model, ids, 9).transpose(0, 1)  # (10 steps, 1, V) as the lists above
     if isinstance(method, ap.Dense):  # stock attention: the in-place cache changes nothing
         assert (torch.stack(logits) - stock).abs().max() < 1e-5
     else:  # the method matters here (so the equality above is not that of two dense runs)
