@@ -188,7 +188,8 @@ def main() -> None:
     old = json.loads((RESULTS / "decode.json").read_text()) if a.keep_speed or a.keep_accuracy else {}
     if a.keep_accuracy:  # the table's heading names the committed run's prompts
         a.samples, a.needle_tokens = old["args"]["samples"], old["args"]["needle_tokens"]
-    data = dict(machine=machine(), args=vars(a),
+    # reused speed rows keep the machine that measured them (the passkey rows do not depend on it)
+    data = dict(machine=old["machine"] if a.keep_speed else machine(), args=vars(a),
                 speed=old["speed"] if a.keep_speed else speed(a.lengths, a.steps) if a.lengths else [],
                 accuracy=old["accuracy"] if a.keep_accuracy else accuracy(a.samples, a.needle_tokens) if a.samples else [])
     body = "## Decode speed (SmolLM2-135M shapes, random weights, batch 1, float32)\n\n" + table(data["speed"], [

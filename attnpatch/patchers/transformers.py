@@ -28,9 +28,9 @@ _registered = False
 
 
 class _Layer(SharesMethod):  # a deep copy of the model shares the method (see attnpatch.handle)
-    def __init__(self, method, backend, name, family, kv=None, counters=None):
+    def __init__(self, method, backend, name, family, kv, counters=None):
         self.method, self.backend, self.name, self.family = method, backend, name, family
-        self.kv = kv  # the patch's kv_cache.KVCache when the method has a KV-cache policy, else None
+        self.kv = kv  # the patch's kv_cache.KVCache (the method's KV-cache policy, KeepAll by default)
         self.counters = counters  # the patch's attnpatch.handle.Counters
         self.heads: dict = {}  # query heads of a call -> (the model's index of each, the model's head count)
 
@@ -47,7 +47,7 @@ def _site(module, key, Sq: int, attention_mask, kwargs, layer: "_Layer | None", 
     pos = kwargs.get("position_ids")
     # keys from a KV-policy cache layer (SinkWindow(evict=True): [sink keys | a run ending at the
     # query]) are slots no single shift maps to positions: such calls are described in slot coordinates
-    slots = layer is not None and layer.kv is not None and layer.kv.in_slots(idx, key)
+    slots = layer is not None and layer.kv.in_slots(idx, key)
     if pos is not None and pos.dim() == 2 and not slots:
         # (B,) absolute position minus key index of the last query: -left padding, or what a
         # rolling cache has dropped
@@ -134,10 +134,10 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
         raise NotImplementedError("attnpatch does not support learned attention sinks or position biases yet")
     layer = getattr(module, "_attnpatch", None)
-    if layer is None or layer.kv is None or not layer.kv.policy.evicts:  # an evicting policy refuses a static cache
+    if layer is None or not layer.kv.policy.evicts:  # an evicting policy refuses a static cache
         key, value, attention_mask = _visible(module, key, value, attention_mask, query.shape[2], kwargs)
     site = _site(module, key, query.shape[2], attention_mask, kwargs, layer, query.shape[1])
-    if attention_mask is not None and layer is not None and layer.kv is not None and layer.kv.policy.evicts \
+    if attention_mask is not None and layer is not None and layer.kv.policy.evicts \
             and attention_mask.shape[-1] != key.shape[2]:
         # transformers sizes one mask for all full-attention layers from the first one's cache; under a policy that
         # trims some layers only (StreamingHeads) the others hold more keys. The policy refuses padded batches, so
@@ -146,7 +146,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     method, backend = (layer.method, layer.backend) if layer else (_DENSE, None)
     if layer is not None and layer.counters is not None:
         layer.counters.route()
-    split = layer.kv.split_of(site.layer, key) if layer is not None and layer.kv is not None else None
+    split = layer.kv.split_of(site.layer, key) if layer is not None else None
     if split is not None:
         out = _split_call(query, key, value, split, method, backend, site, scaling, kwargs.get("softcap"))
         return out.transpose(1, 2).contiguous(), None
@@ -220,8 +220,7 @@ def patch_model(model, method, backend, layers, counters=None):
             names.append(name)
     model.set_attn_implementation(NAME)
     undo.insert(0, functools.partial(model.set_attn_implementation, orig_impl))
-    if kv is not None:
-        undo += kv.install(model)
+    undo += kv.install(model)
     model.set_attn_implementation = _SwitchUnpatches(model)
     undo.append(functools.partial(pop_attr, model, "set_attn_implementation"))
     return names, undo
