@@ -97,7 +97,7 @@ def test_named_backend_that_cannot_run_raises_with_reason():
     q, k, v = _inputs(1, 2, 2, 8, 8, 8, torch.float32)
     with pytest.raises(RuntimeError, match="backend 'sdpa' cannot run.*score_mod"):
         ap.attend(q, k, v, _score_plan_method(), backend="sdpa")
-    with pytest.raises(ValueError, match="unknown backend 'nope'; available: sdpa, triton, tiles, lines, gather, classes, buckets, flex, reference"):
+    with pytest.raises(ValueError, match="unknown backend 'nope'; available: sdpa, triton, tiles, lines_native, lines, gather, classes, buckets, flex, reference"):
         ap.attend(q, k, v, ap.Dense(), backend="nope")
 
 

@@ -7,7 +7,7 @@ import attnpatch as ap
 from attnpatch import kernels
 from attnpatch.kernels import cost
 from attnpatch.kernels import lines as lines_mod
-from attnpatch.kernels import lines_layout
+from attnpatch.kernels import lines_layout, native
 from attnpatch.kernels.reference import attention
 from attnpatch.plan import Lines, Plan, materialise_mask
 from attnpatch.site import Site
@@ -128,15 +128,22 @@ def test_vertical_slash_that_keeps_every_causal_key_plans_dense():
     assert ap.VerticalSlash(verticals=4, slashes=4, window=8).plan(q, q, Site(causal=True)) is not None
 
 
-def test_the_cost_model_ranks_lines_before_a_materialised_mask():
+def test_the_cost_model_ranks_lines_before_a_materialised_mask(monkeypatch):
     """On the committed CPU constants a VerticalSlash plan at 1024 tokens (SmolLM2 heads) is estimated
-    cheaper by lines than by SDPA with its (S, S) mask, and select runs lines."""
+    cheaper by lines than by SDPA with its (S, S) mask, and select runs lines where the native kernel declines
+    (lines_native first where it builds)."""
     c = cost.constants("cpu", 1)
     q, k = torch.randn(1, 9, 1024, 64), torch.randn(1, 3, 1024, 64)
     plan = ap.VerticalSlash().plan(q, k, Site(causal=True)).with_site(True, 0)
     assert cost.estimate("lines", c, q, k, k, plan) < cost.estimate("sdpa", c, q, k, k, plan)
     assert cost.estimate("lines", c, q, k, k, Plan(causal=True)) == float("inf")
+    built = native.library("lines_native")[0] is not None  # where it builds, the cheaper of the two by the model
+    cheaper = min(("lines_native", "lines"), key=lambda n: cost.estimate(n, c, q, k, k, plan))
+    assert kernels.select(q, k, k, plan).name == (cheaper if built else "lines")
+    monkeypatch.setitem(native._LOADED, "lines_native", (None, "off in this test"))
+    kernels.invalidate()
     assert kernels.select(q, k, k, plan).name == "lines"
+    kernels.invalidate()
 
 
 def test_the_cost_model_keeps_a_tiny_call_on_sdpa():

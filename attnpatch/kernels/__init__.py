@@ -23,11 +23,12 @@ from .buckets import Buckets
 from .classes import Classes
 from .gather import Gather
 from .lines import Lines
+from .lines_native import LinesNative
 from .sdpa import SDPA
 from .tiles import Tiles
 from .triton import Triton
 
-_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Gather(), Classes(), Buckets(), Flex(), Reference()]
+_REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), LinesNative(), Lines(), Gather(), Classes(), Buckets(), Flex(), Reference()]
 
 # Preference order: {(device kind, plan kind): kernel names, first tried first}. A "plain" plan has no
 # mask_mod (dense, causal, score-only): SDPA runs it at full speed, with no mask tensor or a causal one.
@@ -43,7 +44,7 @@ _REGISTRY: list[Kernel] = [SDPA(), Triton(), Tiles(), Lines(), Gather(), Classes
 # classes (one call per class of rows with identical keys) has no estimate: kernels/tune.py measures it.
 PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cpu", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],
-    ("cpu", "masked"): ["buckets", "tiles", "lines", "sdpa", "gather", "classes", "flex", "triton", "reference"],
+    ("cpu", "masked"): ["buckets", "lines_native", "tiles", "lines", "sdpa", "gather", "classes", "flex", "triton", "reference"],
     ("cuda", "plain"): ["sdpa", "triton", "flex", "tiles", "reference"],
     ("cuda", "masked"): ["buckets", "triton", "lines", "flex", "tiles", "sdpa", "gather", "classes", "reference"],
     ("default", "plain"): ["sdpa", "tiles", "flex", "triton", "reference"],

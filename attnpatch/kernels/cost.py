@@ -40,6 +40,7 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
   ``tiles_factor`` is fitted on a video sliding-tile plan (its shorter calls run below the dense rate).
 
 - ``lines`` (``Plan.lines``: columns and diagonals, kernels/lines.py): ``_lines_estimate`` below.
+- ``lines_native`` (the same plans in C, kernels/lines_native.py): ``_native_estimate`` below.
 - ``gather`` (static masked plans, kernels/gather.py): one masked call over each query block's gathered
   keys, ``3 call_s + B H_q nb T K (elem_s(D) + mask_elem_s(D)) (1 + 8 / T) + gather_s_per_byte * gathered
   k / v bytes`` (``nb`` blocks of ``T`` queries, ``K`` keys in the widest block of each of at most two
@@ -72,6 +73,11 @@ MAX_MODELLED_D = 32  # the gather kernel's estimate holds up to this head dim (f
 # ~0.3 ms at 64 tokens on the 2-core CPU, where one masked SDPA call is cheaper
 LINES_FIXED_CALLS = 40
 GROUP_FIXED_CALLS = 10  # and per further KV head group (its tables and row checks: ~10 small ops)
+# lines_native: its fixed work (per head: numpy runs and offset table, the columns' gather; threads) in SDPA call
+# overheads, and its time per computed score over dense SDPA's per element (measured on the 2-core CPU, 9 / 3 heads
+# of 64: VerticalSlash at 64 tokens ~1.2-1.6 ms a call; SmolLM2's layer 1 at 8K: 60 M computed scores in 0.52 s
+# where causal SDPA took 1.45 s for 604 M elements)
+NATIVE_FIXED_CALLS, NATIVE_HEAD_CALLS, NATIVE_FACTOR = 40, 10, 2.8
 KEYS = ("call_s", "elem_s", "causal_factor", "mask_elem_s", "build_s", "build_s_per_elem", "tiles_factor",
         "lse_s", "merge_s_per_elem", "gather_s_per_byte")
 _TABLES: dict = {}
@@ -201,6 +207,8 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
         return _lines_estimate(c, q, k, v, plan)
     if name == "gather":
         return _gather_estimate(c, q, k, v, plan, mask)
+    if name == "lines_native":
+        return _native_estimate(c, q, k, v, plan)
     return math.inf
 
 
@@ -253,6 +261,21 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     apart = DIAG_KEYS * B * (Hq // G) * sum(lay["diagonal"] for lay in lays) * (elem * c["tiles_factor"] + 2 * bias)
     calls = sum(lay["calls"] for lay in lays)
     return c["call_s"] * (LINES_FIXED_CALLS + GROUP_FIXED_CALLS * (G - 1) + calls) + ranges + cols + merge + apart + copies
+
+
+def _native_estimate(c: dict, q, k, v, plan) -> float:
+    """kernels/lines_native.py: its fixed work per call and per head, and the scores it computes (the kept ones, plus
+    ``ROWS`` - 1 keys per row for each run of offsets on the rows it reaches) at ``NATIVE_FACTOR``."""
+    if plan.lines is None or plan.lines.block:
+        return math.inf
+    from .lines_layout import kept  # same module family
+    from .lines_native import ROWS, layout
+
+    B, Hq, Sq, D = q.shape
+    lay = layout(plan.lines, k.shape[2])
+    first = lay["run_a"].clamp(min=plan.q_offset)  # a run reaches the rows at or past its first offset
+    computed = float(kept(plan.lines, Sq, plan.q_offset).sum()) + (ROWS - 1) * float((plan.q_offset + Sq - first).clamp(min=0).sum())
+    return c["call_s"] * (NATIVE_FIXED_CALLS + NATIVE_HEAD_CALLS * B * Hq) + computed * per_d(c["elem_s"], D) * NATIVE_FACTOR
 
 
 def rank(names: list[str], c: dict | None, q, k, v, plan, mask=None) -> tuple[list[str], dict]:

@@ -1,0 +1,141 @@
+"""The native lines kernel (kernels/lines_native.c via kernels/native.py) against a float64 golden: SDPA with the plan's
+materialised mask, and against the torch ``lines`` kernel; its refusals and the build's reasons."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnpatch as ap
+from attnpatch import kernels
+from attnpatch.kernels import native
+from attnpatch.plan import Lines, Plan, materialise_mask
+from attnpatch.site import Site
+
+LIB, WHY = native.library("lines_native")
+needs_lib = pytest.mark.skipif(LIB is None, reason=f"native kernel not built here: {WHY}")
+KERNEL = kernels.get("lines_native")
+
+
+def golden(q, k, v, plan):
+    """float64 attention under the plan's mask (rows with no key: 0)."""
+    B, H, Sq, _ = q.shape
+    mask = materialise_mask(plan, B, H, Sq, k.shape[2], "cpu")
+    r = H // k.shape[1]
+    k, v = k.double().repeat_interleave(r, 1), v.double().repeat_interleave(r, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    return p @ v
+
+
+CASES = [  # (B, H, G, Sq, Skv, D, Dv, method)
+    (1, 9, 3, 700, 700, 64, 64, ap.VerticalSlash(verticals=40, slashes=40, window=24, last_q=32)),
+    (2, 4, 2, 333, 333, 32, 64, ap.VerticalSlash(verticals=17, slashes=30, window=5, last_q=16)),  # rows of a batch differ
+    (1, 4, 1, 400, 400, 64, 128, ap.Power(local=16)),  # Dv != D, far powers of two
+    (1, 2, 2, 257, 257, 128, 128, ap.VerticalSlash(verticals=8, slashes=64, window=3, last_q=8)),
+    (1, 6, 3, 96, 480, 64, 64, ap.VerticalSlash(verticals=24, slashes=24, window=16, last_q=32)),  # a chunk after 384 cached keys
+]
+
+
+@needs_lib
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_native_equals_the_float64_golden_and_the_lines_kernel(case):
+    B, H, G, Sq, Skv, D, Dv, m = CASES[case]
+    g = torch.Generator().manual_seed(case)
+    q, k, v = (torch.randn(B, h, s, d, generator=g) for h, s, d in ((H, Sq, D), (G, Skv, D), (G, Skv, Dv)))
+    k[:, :, 7] += 3 * q[:, ::H // G, -8:].mean(2)  # a key the last queries like: a vertical the estimate picks
+    plan = m.plan(q, k, Site(causal=True, q_offset=Skv - Sq)).with_site(True, Skv - Sq)
+    assert plan.lines is not None and KERNEL.why_not(q, k, v, plan) is None
+    out = KERNEL.run(q, k, v, plan)
+    assert out.dtype == q.dtype and out.shape == (B, H, Sq, Dv)
+    torch.testing.assert_close(out.double(), golden(q, k, v, plan), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out, kernels.get("lines").run(q, k, v, plan), atol=2e-6, rtol=1e-5)
+
+
+@needs_lib
+def test_rows_with_no_key_are_zero_and_repeats_count_once():
+    """Lines with a column past the first rows and no diagonal: rows before it keep nothing (0, not NaN); a column
+    that is also a kept offset's key, and repeated entries, are computed once (equal to the golden)."""
+    q, k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 64)
+    cols = torch.tensor([[[9, 9, -1, 30], [3, 20, 20, 3]]])
+    diags = torch.tensor([[[-1, -1], [0, 6]]])  # head 0: columns only; head 1: offsets 0 and 6, columns 3 and 20
+    lines = Lines(cols, diags)
+    keep = torch.zeros(1, 2, 40, 40, dtype=torch.bool)
+    i, j = torch.arange(40)[:, None], torch.arange(40)
+    for h in range(2):
+        for c in cols[0, h].tolist():
+            if c >= 0:
+                keep[0, h] |= (j == c) & (j <= i)
+        for d in diags[0, h].tolist():
+            if d >= 0:
+                keep[0, h] |= i - j == d
+    plan = Plan(mask_mod=lambda b, h, i, j: keep[b, h, i, j], causal=True, lines=lines)
+    out = KERNEL.run(q, k, v, plan)
+    assert torch.equal(out[0, 0, :9], torch.zeros(9, 64)) and not out.isnan().any()
+    torch.testing.assert_close(out.double(), golden(q, k, v, plan), atol=2e-6, rtol=1e-5)
+
+
+@needs_lib
+def test_threads_split_the_work_without_changing_it():
+    q, k = torch.randn(1, 6, 1100, 64), torch.randn(1, 2, 1100, 64)
+    plan = ap.VerticalSlash(verticals=64, slashes=64, window=32).plan(q, k, Site(causal=True)).with_site(True, 0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = KERNEL.run(q, k, k, plan)
+        torch.set_num_threads(3)
+        three = KERNEL.run(q, k, k, plan)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, three)  # each row is computed by one thread, the same way
+
+
+@needs_lib
+def test_bfloat16_in_bfloat16_out():
+    q, k = torch.randn(1, 4, 300, 64), torch.randn(1, 2, 300, 64)
+    plan = ap.Power(local=32).plan(q, k, Site(causal=True)).with_site(True, 0)
+    out = KERNEL.run(q.bfloat16(), k.bfloat16(), k.bfloat16(), plan)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), golden(q.bfloat16().float(), k.bfloat16().float(), k.bfloat16().float(), plan),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_declines_what_it_does_not_compute():
+    q, k = torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64)
+    plan = ap.Power(local=8).plan(q, k, Site(causal=True)).with_site(True, 0)
+    assert "float32" in KERNEL.why_not(q.double(), k.double(), k.double(), plan)
+    q48 = torch.randn(1, 2, 64, 48)
+    assert "head dims" in KERNEL.why_not(q48, q48, q48, ap.Power(local=8).plan(q48, q48, Site(causal=True)).with_site(True, 0))
+    assert "mask" in KERNEL.why_not(q, k, k, plan, torch.ones(1, 1, 64, 64, dtype=torch.bool))
+    assert "line structure" in KERNEL.why_not(q, k, k, Plan(causal=True))
+    block = ap.VerticalSlash(verticals=4, slashes=4, window=8, block=16).plan(q, k, Site(causal=True)).with_site(True, 0)
+    assert "block-granular" in KERNEL.why_not(q, k, k, block)
+    g = q.clone().requires_grad_()
+    assert "backward" in KERNEL.why_not(g, k, k, plan)
+
+
+def test_the_build_says_why_it_cannot(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNPATCH_NATIVE", "0")
+    assert native._build("lines_native") == (None, "native kernels are off (ATTNPATCH_NATIVE=0)")
+    monkeypatch.setenv("ATTNPATCH_NATIVE", "1")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    lib, why = native._build("lines_native")
+    assert lib is None and "no C compiler" in why
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("ATTNPATCH_CACHE", str(tmp_path))
+    lib, why = native._build("lines_native")
+    assert lib is None and "failed" in why and not list(tmp_path.rglob("*.so"))
+
+
+@needs_lib
+def test_a_declined_native_kernel_falls_back_to_lines(monkeypatch):
+    q, k = torch.randn(1, 9, 512, 64), torch.randn(1, 3, 512, 64)
+    plan = ap.Power(local=16).plan(q, k, Site(causal=True)).with_site(True, 0)
+    kernels.invalidate()
+    monkeypatch.setitem(native._LOADED, "lines_native", (None, "off in this test"))
+    try:
+        assert kernels.select(q, k, k, plan).name != "lines_native"
+        with pytest.raises(RuntimeError, match="off in this test"):
+            kernels.select(q, k, k, plan, backend="lines_native")
+    finally:
+        kernels.invalidate()
