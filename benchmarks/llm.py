@@ -63,21 +63,29 @@ SPEED_METHODS = lambda quick: [  # noqa: E731
 class _Density:
     """A watcher for ``Observed``: each plan's density relative to the causal triangle: for a block plan the
     fraction its blocks compute; for a line plan (Plan.lines: Power, VerticalSlash) the fraction of scores it
-    keeps (``kept``, the bound's input) and, apart, the fraction the lines kernel computes (``computed``); for a
+    keeps (``kept``, the bound's input) and, apart, the fraction the kernel that runs it computes (``computed``: lines_native
+    or lines, ``kernel``); for a
     plan of pieces (Plan.buckets: HyperAttention) the scores its pieces compute (exact squares, and per sorted
     query its block's keys plus the draws)."""
 
     def __init__(self):
-        self.values, self.computed = [], []
+        self.values, self.computed, self.kernels = [], [], set()
 
     def __call__(self, q, k, site, groups):
-        from attnpatch.kernels import lines as lines_k
+        from attnpatch import kernels
+        from attnpatch.kernels import lines as lines_k, lines_native
 
         S = q.shape[2]
         tri = S * (S + 1) / 2
         for heads, p in groups:
             if p is not None and p.lines is not None:
                 self.values.append(float(lines_k.kept(p.lines, S, site.q_offset).float().mean()) / tri)
+                qg = q[:, heads] if heads is not None else q
+                name = kernels.select(qg, k, k, p.with_site(True, site.q_offset)).name
+                self.kernels.add(name)
+                if name == "lines_native":
+                    self.computed.append(lines_native.computed(p.lines, S, site.q_offset, k.shape[2]) / tri)
+                    continue
                 T = lines_k.block_rows(p.lines, S, q.device)
                 subs = lines_k.groups(p.lines, k.shape[1], S, k.shape[2], site.q_offset, T)
                 lays = [lines_k.layout(sub, S, k.shape[2], site.q_offset, T) for sub in subs]
@@ -163,7 +171,7 @@ def speed(lengths, layers: int, quick: bool, device="cpu", weights="real", round
                 order = list(range(len(methods)))[::1 if r % 2 == 0 else -1]
                 for i in order:
                     dense = timeit(fwd, reps=1, warmup=0)
-                    probes[i].values, probes[i].computed = [], []
+                    probes[i].values, probes[i].computed, probes[i].kernels = [], [], set()
                     with ap.patch(model, Observed(methods[i], probes[i])):
                         pairs[i].append((dense, timeit(fwd, reps=1, warmup=0)))
                 shares.append(max(0.0, 1 - other / statistics.median(d for d, _ in (p[r] for p in pairs))))
@@ -180,6 +188,7 @@ def speed(lengths, layers: int, quick: bool, device="cpu", weights="real", round
                                  dense_s=statistics.median(d for d, _ in pr), method_s=statistics.median(t for _, t in pr),
                                  speedup=speedup, speedup_min=min(ratios), speedup_max=max(ratios),
                                  computed=sum(probe.computed) / len(probe.computed) if probe.computed else None,
+                                 kernel=", ".join(sorted(probe.kernels)) or None,
                                  attention_share=share, bound=bound, fraction=speedup / bound))
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     return rows
@@ -244,7 +253,7 @@ def render(d: dict) -> str:
                      "machine under load dense forwards of one length vary by up to 1.5x: a fraction of bound above 1 is "
                      "that noise.\n\n" + table(d["speed"], [
             ("tokens", "tokens"), ("method", "method"), ("density", "density (of the causal triangle)"),
-            ("computed", "computed by lines"), ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"), ("speedup", "speedup"),
+            ("computed", "computed by its kernel"), ("kernel", "kernel"), ("attention_share", "attention share"), ("dense_s", "dense (s)"), ("method_s", "patched (s)"), ("speedup", "speedup"),
             ("speedup_min", "min"), ("speedup_max", "max"), ("rounds", "rounds"), ("bound", "Amdahl bound"),
             ("fraction", "fraction of bound")]))
     if d.get("decode"):

@@ -2,7 +2,6 @@
 materialised mask, and against the torch ``lines`` kernel; its refusals and the build's reasons."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attnpatch as ap
 from attnpatch import kernels

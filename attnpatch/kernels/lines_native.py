@@ -80,6 +80,24 @@ def layout(lines, Skv: int) -> dict:
     return out
 
 
+def computed(lines, Sq: int, off: int, Skv: int) -> float:
+    """Scores the kernel computes for Sq rows at positions off .., averaged over (batch row, query head): per block of
+    ``ROWS`` rows each run's key range and the columns up to the block's last row (what ``lines_native.c`` scores)."""
+    lay = layout(lines, Skv)
+    p0 = np.arange(0, Sq, ROWS) + off
+    pl = np.minimum(p0 + ROWS, off + Sq) - 1
+    rows = pl - p0 + 1
+    rp, cp = lay["run_ptr"].numpy(), lay["col_ptr"].numpy()
+    a, b, cols = lay["run_a"].numpy().astype(np.int64), lay["run_b"].numpy().astype(np.int64), lay["cols"].numpy()
+    total = 0
+    for h in range(len(rp) - 1):
+        ah, bh = a[rp[h]:rp[h + 1]], b[rp[h]:rp[h + 1]]
+        width = (pl[:, None] - ah + 1) - np.maximum(p0[:, None] - bh, 0)  # (blocks, runs): the block's key range
+        total += int((rows[:, None] * np.where(ah <= pl[:, None], width, 0)).sum())
+        total += int((rows * np.searchsorted(cols[cp[h]:cp[h + 1]], pl, "right")).sum())
+    return total / (len(rp) - 1)
+
+
 class LinesNative(Kernel):
     name = "lines_native"
 
