@@ -17,8 +17,12 @@
 #error "the native lines kernel needs AVX2 and FMA (x86-64)"
 #endif
 
+#ifndef R
 #define R 4          /* query rows per block: a run of offsets costs R - 1 extra keys per row */
+#endif
+#ifndef CHUNK
 #define CHUNK 64     /* key rows per chunk: its K (or V) rows stay in L1 while every row of the block uses them */
+#endif
 #define NEG (-INFINITY)
 
 static inline __m256 exp256(__m256 x) {
