@@ -4,7 +4,7 @@
 Why a compiled kernel: with torch ops the smallest unit of work is a fused SDPA call over a block of 64-256 query
 rows, so every scattered diagonal costs a block of keys per row (kernels/lines.py: VerticalSlash(512, 512) on
 SmolLM2's real layer at 8K computes 0.40 of the causal triangle for a kept 0.16, and stayed at 0.62-0.73 of its
-Amdahl bound over three sessions of tuning). Here a run of kept offsets costs 3 extra keys per row (blocks of 4 rows),
+Amdahl bound over three sessions of tuning). Here a run of kept offsets costs 7 extra keys per row (blocks of 8 rows),
 so the kernel computes ~1.2x the kept scores. Measured on the 2-core AMD EPYC (real SmolLM2 layer-1 q, k, v at 8K,
 9 / 3 heads, per call): 0.33-0.37x stock causal SDPA at 1 and 2 threads, against 0.65-0.85x for ``lines``.
 
@@ -25,7 +25,7 @@ from ..plan import Plan, fold_q_scale
 from . import native
 from .base import Kernel, core_step_why_not, needs_grad
 
-ROWS = 4  # the C kernel's rows per block (R): runs of offsets closer than this share a key range
+ROWS = 8  # the C kernel's rows per block (R): runs of offsets closer than this share a key range
 ITEM_ROWS = 256  # query rows per work item
 
 
