@@ -36,6 +36,7 @@ from ..plan import Plan, fold_q_scale
 from .base import Kernel, core_step_why_not, needs_grad
 from .lines_apart import diagonal_part
 from .lines_layout import BLOCK, block_ranges, block_rows, groups, kept, layout  # noqa: F401  (kept, layout: re-exported for callers)
+from .lines_layout import why_not as line_why_not
 
 MAX_BIAS_BYTES = 32 << 20
 NEG = float("-inf")
@@ -243,19 +244,11 @@ class Lines(Kernel):
         return sum(b.numel() * b.element_size() for b in bufs.values())
 
     def why_not(self, q, k, v, plan, mask=None):
-        lines = plan.lines
-        if lines is None:
-            return "plan has no line structure (Plan.lines)"
-        if not plan.causal:
-            return "a line structure is causal"
-        if mask is not None:
-            return "an external attention mask (e.g. padding) is not supported"
-        if plan.score_mod is not None:
-            return "plan.score_mod is not supported"
+        why = line_why_not(q, plan, mask)
+        if why:
+            return why
         if needs_grad(q, k, v):
             return "no backward: the fused SDPA calls give no gradient through their LSE"
-        if tuple(lines.cols.shape[:2]) != tuple(q.shape[:2]) or tuple(lines.diags.shape[:2]) != tuple(q.shape[:2]):
-            return f"line tables {tuple(lines.cols.shape[:2])} do not match (B, H_q) = {tuple(q.shape[:2])}"
         return core_step_why_not(plan)
 
     def run(self, q, k, v, plan: Plan, *, mask=None, scale=None):

@@ -38,6 +38,23 @@ CALL_SCORES = 65536
 DIAG_KEYS = 32
 
 
+def why_not(q, plan, mask) -> str | None:
+    """What no line kernel (``lines``, ``lines_native``) runs: no line structure, a non-causal plan, an external mask,
+    a ``score_mod``, line tables of another (B, H_q)."""
+    lines = plan.lines
+    if lines is None:
+        return "plan has no line structure (Plan.lines)"
+    if not plan.causal:
+        return "a line structure is causal"
+    if mask is not None:
+        return "an external attention mask (e.g. padding) is not supported"
+    if plan.score_mod is not None:
+        return "plan.score_mod is not supported"
+    if tuple(lines.cols.shape[:2]) != tuple(q.shape[:2]) or tuple(lines.diags.shape[:2]) != tuple(q.shape[:2]):
+        return f"line tables {tuple(lines.cols.shape[:2])} do not match (B, H_q) = {tuple(q.shape[:2])}"
+    return None
+
+
 def block_rows(lines, Sq: int, device, base: int = BLOCK) -> int:
     """Query rows per block of a call of Sq queries: the diagonals' own block (block-granular ``lines``), else
     ``base`` (``BLOCK``), or on a CPU from LONG_ROWS queries LONG_BLOCK by thread count where blocks would hold

@@ -24,6 +24,7 @@ import torch
 from ..plan import Plan, fold_q_scale
 from . import native
 from .base import Kernel, core_step_why_not, needs_grad
+from .lines_layout import why_not as line_why_not
 
 ROWS = 8  # the C kernel's rows per block (R): runs of offsets closer than this share a key range
 ITEM_ROWS = 256  # query rows per work item
@@ -102,19 +103,13 @@ class LinesNative(Kernel):
     name = "lines_native"
 
     def why_not(self, q, k, v, plan, mask=None):
-        lines = plan.lines
-        if lines is None:
-            return "plan has no line structure (Plan.lines)"
+        why = line_why_not(q, plan, mask)
+        if why:
+            return why
         if q.device.type != "cpu":
             return "a CPU kernel"
-        if not plan.causal:
-            return "a line structure is causal"
-        if lines.block:
+        if plan.lines.block:
             return "block-granular diagonals (Lines.block) run on the lines kernel"
-        if mask is not None:
-            return "an external attention mask (e.g. padding) is not supported"
-        if plan.score_mod is not None:
-            return "plan.score_mod is not supported"
         if needs_grad(q, k, v):
             return "no backward"
         if q.dtype == torch.float64:
@@ -124,8 +119,6 @@ class LinesNative(Kernel):
             return f"head dims D = {D} (needs a multiple of 32, <= 256), Dv = {Dv} (a multiple of 64) not built"
         if plan.q_offset + q.shape[2] > k.shape[2]:
             return "queries past the last key"
-        if tuple(lines.cols.shape[:2]) != tuple(q.shape[:2]) or tuple(lines.diags.shape[:2]) != tuple(q.shape[:2]):
-            return f"line tables {tuple(lines.cols.shape[:2])} do not match (B, H_q) = {tuple(q.shape[:2])}"
         why = core_step_why_not(plan)
         if why:
             return why
