@@ -264,18 +264,15 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
 
 
 def _native_estimate(c: dict, q, k, v, plan) -> float:
-    """kernels/lines_native.py: its fixed work per call and per head, and the scores it computes (the kept ones, plus
-    ``ROWS`` - 1 keys per row for each run of offsets on the rows it reaches) at ``NATIVE_FACTOR``."""
+    """kernels/lines_native.py: its fixed work per call and per head, and the scores it computes (``computed``: each
+    block's key ranges and columns) at ``NATIVE_FACTOR``."""
     if plan.lines is None or plan.lines.block:
         return math.inf
-    from .lines_layout import kept  # same module family
-    from .lines_native import ROWS, layout
+    from .lines_native import computed  # same module family
 
     B, Hq, Sq, D = q.shape
-    lay = layout(plan.lines, k.shape[2])
-    first = lay["run_a"].clamp(min=plan.q_offset)  # a run reaches the rows at or past its first offset
-    computed = float(kept(plan.lines, Sq, plan.q_offset).sum()) + (ROWS - 1) * float((plan.q_offset + Sq - first).clamp(min=0).sum())
-    return c["call_s"] * (NATIVE_FIXED_CALLS + NATIVE_HEAD_CALLS * B * Hq) + computed * per_d(c["elem_s"], D) * NATIVE_FACTOR
+    scores = B * Hq * computed(plan.lines, Sq, plan.q_offset, k.shape[2])
+    return c["call_s"] * (NATIVE_FIXED_CALLS + NATIVE_HEAD_CALLS * B * Hq) + scores * per_d(c["elem_s"], D) * NATIVE_FACTOR
 
 
 def rank(names: list[str], c: dict | None, q, k, v, plan, mask=None) -> tuple[list[str], dict]:

@@ -73,8 +73,12 @@ def layout(lines, Skv: int) -> dict:
         c = np.unique(cs[bh][(cs[bh] >= 0) & (cs[bh] < Skv)])
         cols.append(c), cp.append(cp[-1] + len(c))
     i32 = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int32))  # noqa: E731
+    per_head = np.diff(cp)
+    col_head = np.repeat(np.arange(B * H), per_head)  # each column's (batch row, query head) and its slot there
+    col_slot = np.arange(cp[-1]) - np.repeat(cp[:-1], per_head)
     out = dict(run_a=i32(ra), run_b=i32(rb), run_full=torch.from_numpy(np.concatenate(full).astype(np.uint8)),
                run_ptr=i32([rp]), cols=i32(cols), col_ptr=i32([cp]), offmask=torch.from_numpy(om),
+               col_head=torch.from_numpy(col_head), col_slot=torch.from_numpy(col_slot),
                max_runs=max(len(a) for a in ra), max_cols=max(len(c) for c in cols),
                width=max(int((b - a + ROWS).sum()) for a, b in zip(ra, rb)))  # a block's widest key ranges
     lines.cache[key] = out
@@ -138,9 +142,7 @@ class LinesNative(Kernel):
         cols = lay["cols"].long()
         kc, vc = torch.zeros(B * H, ldc, D), torch.zeros(B * H, ldc, Dv)
         if cols.numel():
-            cp = lay["col_ptr"].tolist()
-            head = torch.repeat_interleave(torch.arange(B * H), torch.tensor(np.diff(cp)))  # each column's query head
-            slot = torch.arange(cols.numel()) - torch.tensor(cp[:-1]).repeat_interleave(torch.tensor(np.diff(cp)))
+            head, slot = lay["col_head"], lay["col_slot"]
             kv = (head // H) * G + (head % H) // (H // G)  # its KV head, flattened over the batch
             kc[head, slot] = kf.reshape(B * G, Skv, D)[kv, cols]
             vc[head, slot] = vf.reshape(B * G, Skv, Dv)[kv, cols]
