@@ -70,6 +70,12 @@ def attnpatch_settings() -> dict:
         # half its pages by mean key score: the bound alone is loose on SmolLM2's keys (quest.py's docstring)
         "Quest(budget=1024, pooled=0.5)": ap.Quest(budget=1024, pooled=0.5),
         "Quest(budget=512, pooled=0.5)": ap.Quest(budget=512, pooled=0.5),
+        # the calibrated logit scalings: sharper attention everywhere, and log-n scaling from a shorter "training"
+        # length (an identity for queries that see <= train_len keys, 256 and 512 act on every prompt here)
+        "Temperature(tau=0.9)": ap.Temperature(tau=0.9),
+        "Temperature(tau=0.8)": ap.Temperature(tau=0.8),
+        "EntropyScale(train_len=256)": ap.EntropyScale(train_len=256),
+        "EntropyScale(train_len=512)": ap.EntropyScale(train_len=512),
     }
 
 
