@@ -146,16 +146,18 @@ def test_computed_counts_each_blocks_ranges_and_columns():
     from attnpatch.kernels.lines_layout import kept
 
     q, k = torch.randn(2, 4, 203, 32), torch.randn(2, 2, 203, 32)
-    plan = ap.VerticalSlash(verticals=12, slashes=20, window=6, last_q=16).plan(q, k, Site(causal=True)).with_site(True, 0)
+    plan = ap.VerticalSlash(verticals=12, slashes=20, window=16, last_q=16).plan(q, k, Site(causal=True)).with_site(True, 0)
     lay = lines_native.layout(plan.lines, 203)
     R, total = lines_native.ROWS, 0
-    rp, cp = lay["run_ptr"].tolist(), lay["col_ptr"].tolist()
+    rp, cp, dp = lay["run_ptr"].tolist(), lay["col_ptr"].tolist(), lay["diag_ptr"].tolist()
+    assert dp[-1] > 0 and rp[-1] > 0  # both kinds: lone offsets (one key per row) and key ranges
     for h in range(8):
         runs = list(zip(lay["run_a"][rp[h]:rp[h + 1]].tolist(), lay["run_b"][rp[h]:rp[h + 1]].tolist()))
-        cols = lay["cols"][cp[h]:cp[h + 1]].tolist()
+        cols, lone = lay["cols"][cp[h]:cp[h + 1]].tolist(), lay["diags"][dp[h]:dp[h + 1]].tolist()
         for p0 in range(0, 203, R):
             pl = min(p0 + R, 203) - 1
-            width = sum(pl - a + 1 - max(0, p0 - b) for a, b in runs if a <= pl) + sum(c <= pl for c in cols)
+            width = sum(pl - a + 1 - max(0, p0 - b) for a, b in runs if a <= pl) + sum(c <= pl for c in cols) \
+                + sum(d <= pl for d in lone)
             total += (pl - p0 + 1) * width
     assert lines_native.computed(plan.lines, 203, 0, 203) == total / 8
     assert total / 8 >= float(kept(plan.lines, 203, 0).float().mean())

@@ -3,8 +3,9 @@
 
    Per query head, rows in blocks of R: each run of kept offsets [a, b] (gaps under R merged, so runs' key ranges are
    disjoint within a block) is one contiguous key range [p_first - b, p_last - a] for the block, scored against its R
-   rows (entries whose offset is not kept masked); then the columns (gathered key rows) that no kept offset already
-   covers for that row. One softmax per row over all its scores, then the values, chunk by chunk so a chunk's key /
+   rows (entries whose offset is not kept masked); a sparse run (few kept offsets for its range's width: the layout's
+   DIAG_COST rule) is scored one key per row per offset instead (pairwise products); then the columns (gathered key
+   rows) that no kept offset already covers for that row. One softmax per row over all its scores, then the values, chunk by chunk so a chunk's key /
    value rows stay in L1 for every row of the block. The torch kernels pay a block of 64-256 rows per scattered
    diagonal (kernels/lines.py); here a run costs R - 1 extra keys per row. Work items (head, 256 rows) are taken from a
    shared counter by every calling thread. */
@@ -62,6 +63,22 @@ static inline __m256 dot8(const float *q, const float *k0, const float *k1, cons
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* 8 scores (q_t . k_t, t = 0..7): eight rows against eight keys pairwise (a diagonal: row r of a block and key p0 + r - d) */
+static inline __m256 dot8p(const float *const *q, const float *const *k, int D) {
+    __m256 a[8];
+    for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 32)
+        for (int t = 0; t < 8; t++) {
+            a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + d), _mm256_loadu_ps(k[t] + d), a[t]);
+            a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + d + 8), _mm256_loadu_ps(k[t] + d + 8), a[t]);
+            a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + d + 16), _mm256_loadu_ps(k[t] + d + 16), a[t]);
+            a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + d + 24), _mm256_loadu_ps(k[t] + d + 24), a[t]);
+        }
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]), t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 /* scores of nr query rows (q: rows of D, pre-scaled) against n contiguous key rows k (natural layout) into s (row stride lds) */
 static void qk(const float *q, int nr, const float *k, int D, int n, float *s, int lds) {
     for (int c = 0; c < n; c += CHUNK) {
@@ -89,6 +106,7 @@ typedef struct {
     const uint8_t *run_full;                  /* per run: every offset a .. b kept (no mask table read) */
     const int32_t *col_ptr, *cols;            /* per head (CSR): distinct columns, ascending */
     const uint8_t *offmask;                   /* (BH, Skv): 1 where the head keeps that offset */
+    const int32_t *diag_ptr, *diags;          /* per head (CSR): offsets scored one key per row (sparse runs), ascending */
     int rows_per_item, lds;                   /* rows per work item; floats per score row of the scratch */
     int *counter;                             /* next work item, shared by the threads */
     float *scratch;                           /* per thread: R * lds floats of scores, then 2 ints per run */
@@ -119,19 +137,32 @@ static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) 
         }
         tl[2 * nt] = lo; tl[2 * nt + 1] = hi; nt++; n += hi - lo;
     }
+    /* lone offsets: one key per row each (a range would score R - 1 more per row), pairwise products of 8 rows */
+    int nd = 0;
+    const int32_t *dg = A->diags + A->diag_ptr[bh];
+    while (A->diag_ptr[bh] + nd < A->diag_ptr[bh + 1] && dg[nd] <= pl) nd++;
+    for (int x = 0; x < nd; x++) {
+        const float *qp[8], *kp[8];
+        for (int r = 0; r < 8; r++) {
+            int rr = r < nr ? r : nr - 1, j = p0 + rr - dg[x];
+            qp[r] = qs + rr * D; kp[r] = kk + (int64_t)(j < 0 ? 0 : j) * D;
+        }
+        float t8[8]; _mm256_storeu_ps(t8, dot8p(qp, kp, D));
+        for (int r = 0; r < nr; r++) S[r * lds + n + x] = p0 + r - dg[x] >= 0 ? t8[r] : NEG;
+    }
     /* columns up to the last row's position, each row's only where no kept offset of that row reaches it */
     int nc = 0;
     const int32_t *cols = A->cols + A->col_ptr[bh];
     while (A->col_ptr[bh] + nc < A->col_ptr[bh + 1] && cols[nc] <= pl) nc++;
     const float *kc = A->kc + (int64_t)bh * A->ldc * D, *vc = A->vc + (int64_t)bh * A->ldc * Dv;
     if (nc) {
-        qk(qs, nr, kc, D, nc, S + n, lds);
+        qk(qs, nr, kc, D, nc, S + n + nd, lds);
         for (int r = 0; r < nr; r++) {
-            float *s = S + r * lds + n; int p = p0 + r;
+            float *s = S + r * lds + n + nd; int p = p0 + r;
             for (int x = 0; x < nc; x++) { int c = cols[x]; if (c > p || om[p - c]) s[x] = NEG; }
         }
     }
-    int ntot = n + nc;
+    int ntot = n + nd + nc;
     float inv[R];
     for (int r = 0; r < nr; r++) {  /* softmax numerators in place; rows with no key keep 0 weights */
         float *s = S + r * lds;
@@ -153,6 +184,21 @@ static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) 
         for (int r = 0; r < nr; r++) { float *o = A->out + ((int64_t)bh * A->Sq + i0 + r) * Dv + d0; memset(o, 0, 64 * sizeof(float)); }
         int base = 0;
         for (int t = 0; t <= nt; t++) {
+            if (t == nt && nd) {  /* the lone offsets (after the ranges, before the columns): each row its own value rows */
+                for (int r = 0; r < nr; r++) {
+                    float *o = A->out + ((int64_t)bh * A->Sq + i0 + r) * Dv + d0;
+                    const float *sw = S + r * lds + base;
+                    __m256 c[8];
+                    for (int u = 0; u < 8; u++) c[u] = _mm256_loadu_ps(o + 8 * u);
+                    for (int x = 0; x < nd; x++) {
+                        float w = sw[x]; if (w == 0.f) continue;
+                        __m256 wb = _mm256_set1_ps(w); const float *vj = vv + (int64_t)(p0 + r - dg[x]) * Dv + d0;
+                        for (int u = 0; u < 8; u++) c[u] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vj + 8 * u), c[u]);
+                    }
+                    for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + 8 * u, c[u]);
+                }
+                base += nd;
+            }
             int len = t < nt ? tl[2 * t + 1] - tl[2 * t] : nc;
             const float *vs = t < nt ? vv + (int64_t)tl[2 * t] * Dv : vc;
             for (int c = 0; c < len; c += CHUNK) {

@@ -5,7 +5,7 @@ Why a compiled kernel: with torch ops the smallest unit of work is a fused SDPA 
 rows, so every scattered diagonal costs a block of keys per row (kernels/lines.py: VerticalSlash(512, 512) on
 SmolLM2's real layer at 8K computes 0.40 of the causal triangle for a kept 0.16, and stayed at 0.62-0.73 of its
 Amdahl bound over three sessions of tuning). Here a run of kept offsets costs 7 extra keys per row (blocks of 8 rows),
-so the kernel computes ~1.2x the kept scores. Measured on the 2-core AMD EPYC (real SmolLM2 layer-1 q, k, v at 8K,
+and a lone offset (or a sparse run of them) one key per row, so the kernel computes ~1.1x the kept scores. Measured on the 2-core AMD EPYC (real SmolLM2 layer-1 q, k, v at 8K,
 9 / 3 heads, per call): 0.33-0.37x stock causal SDPA at 1 and 2 threads, against 0.65-0.85x for ``lines``.
 
 Python prepares per head the runs of kept offsets (gaps under the row block merged), the offset table and the
@@ -28,13 +28,17 @@ from .lines_layout import why_not as line_why_not
 
 ROWS = 8  # the C kernel's rows per block (R): runs of offsets closer than this share a key range
 ITEM_ROWS = 256  # query rows per work item
+# a run whose kept offsets n and key range (width + ROWS - 1 per row) satisfy DIAG_COST * n < width + ROWS - 1 is scored
+# one key per row per offset (pairwise products: q and k rows both loaded, ~DIAG_COST x a range score's time)
+DIAG_COST = 1.5
 
 
 class _Args(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "kc", "vc", "out")]
                 + [(n, ctypes.c_int) for n in ("BH", "rep", "Sq", "Skv", "D", "Dv", "off")]
                 + [("scale", ctypes.c_float), ("ldc", ctypes.c_int64)]
-                + [(n, ctypes.c_void_p) for n in ("run_ptr", "run_a", "run_b", "run_full", "col_ptr", "cols", "offmask")]
+                + [(n, ctypes.c_void_p) for n in ("run_ptr", "run_a", "run_b", "run_full", "col_ptr", "cols", "offmask",
+                                                  "diag_ptr", "diags")]
                 + [("rows_per_item", ctypes.c_int), ("lds", ctypes.c_int), ("counter", ctypes.c_void_p),
                    ("scratch", ctypes.c_void_p), ("scratch_per_thread", ctypes.c_int64)])
 
@@ -55,20 +59,24 @@ def _pool(n: int) -> ThreadPoolExecutor:
 def layout(lines, Skv: int) -> dict:
     """Per (batch row, query head), flattened: the runs [a, b] of kept offsets below Skv (ascending; two runs less than
     ``ROWS`` apart merged, so a block's key ranges stay disjoint), whether each run keeps every offset in it, the
-    offset table (BH, Skv) and the distinct columns below Skv (ascending). Cached on ``lines``."""
-    key = ("native", Skv)
+    offsets of the sparse runs scored one key per row instead (``DIAG_COST``), the offset table (BH, Skv) and the
+    distinct columns below Skv (ascending). Cached on ``lines``."""
+    key = ("native", Skv, DIAG_COST)
     if key in lines.cache:
         return lines.cache[key]
     B, H = lines.cols.shape[:2]
     dg, cs = lines.diags.reshape(B * H, -1).cpu().numpy(), lines.cols.reshape(B * H, -1).cpu().numpy()
     om = np.zeros((B * H, Skv), dtype=np.uint8)
-    ra, rb, full, cols, rp, cp = [], [], [], [], [0], [0]
+    ra, rb, full, cols, rp, cp, dgs, dp = [], [], [], [], [0], [0], [], [0]
     for bh in range(B * H):
         d = np.unique(dg[bh][(dg[bh] >= 0) & (dg[bh] < Skv)])
         om[bh, d] = 1
         cut = np.flatnonzero(np.diff(d) >= ROWS)  # offsets ROWS or more apart: separate key ranges
         a, b = np.concatenate([d[:1], d[cut + 1]]), np.concatenate([d[cut], d[-1:]])
         n_in = np.diff(np.concatenate([[0], cut + 1, [len(d)]])) if len(d) else np.zeros(0, np.int64)
+        lone = DIAG_COST * n_in < b - a + ROWS  # cheaper one key per row per offset than as a key range
+        dgs.append(d[np.repeat(lone, n_in)]), dp.append(dp[-1] + len(dgs[-1]))
+        a, b, n_in = a[~lone], b[~lone], n_in[~lone]
         ra.append(a), rb.append(b), full.append(n_in == b - a + 1), rp.append(rp[-1] + len(a))
         c = np.unique(cs[bh][(cs[bh] >= 0) & (cs[bh] < Skv)])
         cols.append(c), cp.append(cp[-1] + len(c))
@@ -78,21 +86,23 @@ def layout(lines, Skv: int) -> dict:
     col_slot = np.arange(cp[-1]) - np.repeat(cp[:-1], per_head)
     out = dict(run_a=i32(ra), run_b=i32(rb), run_full=torch.from_numpy(np.concatenate(full).astype(np.uint8)),
                run_ptr=i32([rp]), cols=i32(cols), col_ptr=i32([cp]), offmask=torch.from_numpy(om),
+               diags=i32(dgs), diag_ptr=i32([dp]),
                col_head=torch.from_numpy(col_head), col_slot=torch.from_numpy(col_slot),
                max_runs=max(len(a) for a in ra), max_cols=max(len(c) for c in cols),
-               width=max(int((b - a + ROWS).sum()) for a, b in zip(ra, rb)))  # a block's widest key ranges
+               width=max(int((b - a + ROWS).sum()) + len(g) for a, b, g in zip(ra, rb, dgs)))  # a block's widest score row
     lines.cache[key] = out
     return out
 
 
 def computed(lines, Sq: int, off: int, Skv: int) -> float:
     """Scores the kernel computes for Sq rows at positions off .., averaged over (batch row, query head): per block of
-    ``ROWS`` rows each run's key range and the columns up to the block's last row (what ``lines_native.c`` scores)."""
+    ``ROWS`` rows each run's key range, one key per row for each lone offset, and the columns up to the block's last
+    row (what ``lines_native.c`` scores)."""
     lay = layout(lines, Skv)
     p0 = np.arange(0, Sq, ROWS) + off
     pl = np.minimum(p0 + ROWS, off + Sq) - 1
     rows = pl - p0 + 1
-    rp, cp = lay["run_ptr"].numpy(), lay["col_ptr"].numpy()
+    rp, cp, dp = lay["run_ptr"].numpy(), lay["col_ptr"].numpy(), lay["diag_ptr"].numpy()
     a, b, cols = lay["run_a"].numpy().astype(np.int64), lay["run_b"].numpy().astype(np.int64), lay["cols"].numpy()
     total = 0
     for h in range(len(rp) - 1):
@@ -100,6 +110,7 @@ def computed(lines, Sq: int, off: int, Skv: int) -> float:
         width = (pl[:, None] - ah + 1) - np.maximum(p0[:, None] - bh, 0)  # (blocks, runs): the block's key range
         total += int((rows[:, None] * np.where(ah <= pl[:, None], width, 0)).sum())
         total += int((rows * np.searchsorted(cols[cp[h]:cp[h + 1]], pl, "right")).sum())
+        total += int((rows * np.searchsorted(lay["diags"].numpy()[dp[h]:dp[h + 1]], pl, "right")).sum())
     return total / (len(rp) - 1)
 
 
@@ -155,7 +166,7 @@ class LinesNative(Kernel):
         p = lambda t: t.data_ptr()  # noqa: E731
         args = _Args(p(qf), p(kf), p(vf), p(kc), p(vc), p(out), B * H, H // G, Sq, Skv, D, Dv, plan.q_offset, float(scale),
                      ldc, p(lay["run_ptr"]), p(lay["run_a"]), p(lay["run_b"]), p(lay["run_full"]), p(lay["col_ptr"]),
-                     p(lay["cols"]), p(lay["offmask"]), ITEM_ROWS, lds, ctypes.addressof(counter), p(scratch), per)
+                     p(lay["cols"]), p(lay["offmask"]), p(lay["diag_ptr"]), p(lay["diags"]), ITEM_ROWS, lds, ctypes.addressof(counter), p(scratch), per)
         ref = ctypes.byref(args)
         if threads == 1:
             lib.run(ref, 0)
