@@ -105,8 +105,10 @@ typedef struct {
     const int32_t *run_ptr, *run_a, *run_b;   /* per head (CSR): runs [a, b] of kept offsets, ascending */
     const uint8_t *run_full;                  /* per run: every offset a .. b kept (no mask table read) */
     const int32_t *col_ptr, *cols;            /* per head (CSR): distinct columns, ascending */
-    const uint8_t *offmask;                   /* (BH, Skv): 1 where the head keeps that offset */
     const int32_t *diag_ptr, *diags;          /* per head (CSR): offsets scored one key per row (sparse runs), ascending */
+    const uint8_t *offbits;                   /* (BH, ldb): the head's kept offsets as bits (bit i of byte b: offset 8 b + i);
+                                                 Skv / 8 bytes, so they stay in cache; 2 bytes of padding */
+    int ldb;
     int rows_per_item, lds;                   /* rows per work item; floats per score row of the scratch */
     int *counter;                             /* next work item, shared by the threads */
     float *scratch;                           /* per thread: R * lds floats of scores, then 2 ints per run */
@@ -117,7 +119,7 @@ static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) 
     int D = A->D, Dv = A->Dv, kv = bh / A->rep, lds = A->lds;
     const float *q = A->q + ((int64_t)bh * A->Sq + i0) * D;
     const float *kk = A->k + (int64_t)kv * A->Skv * D, *vv = A->v + (int64_t)kv * A->Skv * Dv;
-    const uint8_t *om = A->offmask + (int64_t)bh * A->Skv;
+    const uint8_t *ob = A->offbits + (int64_t)bh * A->ldb;
     float qs[R * 256];
     for (int r = 0; r < nr; r++) for (int d = 0; d < D; d++) qs[r * D + d] = q[r * D + d] * A->scale;
     int p0 = i0 + A->off, pl = p0 + nr - 1, n = 0, nt = 0;
@@ -132,7 +134,7 @@ static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) 
                 for (int j = lo; j < p - b; j++) s[j] = NEG;
                 for (int j = p - a + 1 > lo ? p - a + 1 : lo; j < hi; j++) s[j] = NEG;
             } else {
-                for (int j = lo; j < hi; j++) { int d = p - j; if (d < 0 || !om[d]) s[j] = NEG; }
+                for (int j = lo; j < hi; j++) { int d = p - j; if (d < 0 || !(ob[d >> 3] >> (d & 7) & 1)) s[j] = NEG; }
             }
         }
         tl[2 * nt] = lo; tl[2 * nt + 1] = hi; nt++; n += hi - lo;
@@ -157,9 +159,15 @@ static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) 
     const float *kc = A->kc + (int64_t)bh * A->ldc * D, *vc = A->vc + (int64_t)bh * A->ldc * Dv;
     if (nc) {
         qk(qs, nr, kc, D, nc, S + n + nd, lds);
-        for (int r = 0; r < nr; r++) {
-            float *s = S + r * lds + n + nd; int p = p0 + r;
-            for (int x = 0; x < nc; x++) { int c = cols[x]; if (c > p || om[p - c]) s[x] = NEG; }
+        /* a column's 8 rows have 8 consecutive offsets p0 - c .. p0 - c + 7: one 16-bit read of the head's offset bits
+           (cache resident: Skv / 8 bytes) instead of a byte-table read per row and column */
+        float *s = S + n + nd;
+        for (int x = 0; x < nc; x++) {
+            int d0 = p0 - cols[x];  /* >= -(R - 1): only columns up to the block's last row are here */
+            unsigned m;
+            if (d0 >= 0) m = ((unsigned)ob[d0 >> 3] | (unsigned)ob[(d0 >> 3) + 1] << 8) >> (d0 & 7);
+            else m = (((unsigned)ob[0] | (unsigned)ob[1] << 8) << -d0) | ((1u << -d0) - 1);  /* rows before the column */
+            for (int r = 0; r < nr; r++) if (m >> r & 1) s[r * lds + x] = NEG;
         }
     }
     int ntot = n + nd + nc;

@@ -37,8 +37,9 @@ class _Args(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "kc", "vc", "out")]
                 + [(n, ctypes.c_int) for n in ("BH", "rep", "Sq", "Skv", "D", "Dv", "off")]
                 + [("scale", ctypes.c_float), ("ldc", ctypes.c_int64)]
-                + [(n, ctypes.c_void_p) for n in ("run_ptr", "run_a", "run_b", "run_full", "col_ptr", "cols", "offmask",
-                                                  "diag_ptr", "diags")]
+                + [(n, ctypes.c_void_p) for n in ("run_ptr", "run_a", "run_b", "run_full", "col_ptr", "cols", "diag_ptr",
+                                                  "diags", "offbits")]
+                + [("ldb", ctypes.c_int)]
                 + [("rows_per_item", ctypes.c_int), ("lds", ctypes.c_int), ("counter", ctypes.c_void_p),
                    ("scratch", ctypes.c_void_p), ("scratch_per_thread", ctypes.c_int64)])
 
@@ -59,8 +60,8 @@ def _pool(n: int) -> ThreadPoolExecutor:
 def layout(lines, Skv: int) -> dict:
     """Per (batch row, query head), flattened: the runs [a, b] of kept offsets below Skv (ascending; two runs less than
     ``ROWS`` apart merged, so a block's key ranges stay disjoint), whether each run keeps every offset in it, the
-    offsets of the sparse runs scored one key per row instead (``DIAG_COST``), the offset table (BH, Skv) and the
-    distinct columns below Skv (ascending). Cached on ``lines``."""
+    offsets of the sparse runs scored one key per row instead (``DIAG_COST``), the offset table as bits (BH, Skv / 8
+    + 2 bytes) and the distinct columns below Skv (ascending). Cached on ``lines``."""
     key = ("native", Skv, DIAG_COST)
     if key in lines.cache:
         return lines.cache[key]
@@ -85,8 +86,9 @@ def layout(lines, Skv: int) -> dict:
     col_head = np.repeat(np.arange(B * H), per_head)  # each column's (batch row, query head) and its slot there
     col_slot = np.arange(cp[-1]) - np.repeat(cp[:-1], per_head)
     out = dict(run_a=i32(ra), run_b=i32(rb), run_full=torch.from_numpy(np.concatenate(full).astype(np.uint8)),
-               run_ptr=i32([rp]), cols=i32(cols), col_ptr=i32([cp]), offmask=torch.from_numpy(om),
+               run_ptr=i32([rp]), cols=i32(cols), col_ptr=i32([cp]),
                diags=i32(dgs), diag_ptr=i32([dp]),
+               offbits=torch.from_numpy(np.ascontiguousarray(np.pad(np.packbits(om, axis=1, bitorder="little"), ((0, 0), (0, 2))))),
                col_head=torch.from_numpy(col_head), col_slot=torch.from_numpy(col_slot),
                max_runs=max(len(a) for a in ra), max_cols=max(len(c) for c in cols),
                width=max(int((b - a + ROWS).sum()) + len(g) for a, b, g in zip(ra, rb, dgs)))  # a block's widest score row
@@ -166,7 +168,8 @@ class LinesNative(Kernel):
         p = lambda t: t.data_ptr()  # noqa: E731
         args = _Args(p(qf), p(kf), p(vf), p(kc), p(vc), p(out), B * H, H // G, Sq, Skv, D, Dv, plan.q_offset, float(scale),
                      ldc, p(lay["run_ptr"]), p(lay["run_a"]), p(lay["run_b"]), p(lay["run_full"]), p(lay["col_ptr"]),
-                     p(lay["cols"]), p(lay["offmask"]), p(lay["diag_ptr"]), p(lay["diags"]), ITEM_ROWS, lds, ctypes.addressof(counter), p(scratch), per)
+                     p(lay["cols"]), p(lay["diag_ptr"]), p(lay["diags"]),
+                     p(lay["offbits"]), lay["offbits"].shape[1], ITEM_ROWS, lds, ctypes.addressof(counter), p(scratch), per)
         ref = ctypes.byref(args)
         if threads == 1:
             lib.run(ref, 0)
