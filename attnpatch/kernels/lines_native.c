@@ -5,10 +5,10 @@
    disjoint within a block) is one contiguous key range [p_first - b, p_last - a] for the block, scored against its R
    rows (entries whose offset is not kept masked); a sparse run (few kept offsets for its range's width: the layout's
    DIAG_COST rule) is scored one key per row per offset instead (pairwise products); then the columns (gathered key
-   rows) that no kept offset already covers for that row. One softmax per row over all its scores, then the values, chunk by chunk so a chunk's key /
-   value rows stay in L1 for every row of the block. The torch kernels pay a block of 64-256 rows per scattered
-   diagonal (kernels/lines.py); here a run costs R - 1 extra keys per row. Work items (head, 256 rows) are taken from a
-   shared counter by every calling thread. */
+   rows) that no kept offset already covers for that row. One softmax per row over all its scores, then the values,
+   chunk by chunk so a chunk's key / value rows stay in L1 for every row of the block. The torch kernels pay a block of
+   64-256 rows per scattered diagonal (kernels/lines.py); here a run costs R - 1 extra keys per row. Work items (head,
+   256 rows) are taken from a shared counter by every calling thread. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -46,6 +46,13 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_andnot_ps(isneg, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+/* the 8 sums of 8 accumulators, one per lane (a horizontal-add tree) */
+static inline __m256 sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3), t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 /* 8 scores (q . k[0..7]) with q (D floats, D % 32 == 0) and key rows k[t] = k + t * D (natural layout): per 32 dims
    q in 4 registers, each key's 4 products into its own accumulator, reduced once at the end by a horizontal-add tree */
 static inline __m256 dot8(const float *q, const float *k0, const float *k1, const float *k2, const float *k3,
@@ -58,9 +65,7 @@ static inline __m256 dot8(const float *q, const float *k0, const float *k1, cons
         DOT4(a0, k0) DOT4(a1, k1) DOT4(a2, k2) DOT4(a3, k3) DOT4(a4, k4) DOT4(a5, k5) DOT4(a6, k6) DOT4(a7, k7)
 #undef DOT4
     }
-    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3), t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
-    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    return sum8(a0, a1, a2, a3, a4, a5, a6, a7);
 }
 
 /* 8 scores (q_t . k_t, t = 0..7): eight rows against eight keys pairwise (a diagonal: row r of a block and key p0 + r - d) */
@@ -74,9 +79,7 @@ static inline __m256 dot8p(const float *const *q, const float *const *k, int D) 
             a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + d + 16), _mm256_loadu_ps(k[t] + d + 16), a[t]);
             a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + d + 24), _mm256_loadu_ps(k[t] + d + 24), a[t]);
         }
-    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]), t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    return sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
 }
 
 /* scores of nr query rows (q: rows of D, pre-scaled) against n contiguous key rows k (natural layout) into s (row stride lds) */

@@ -5,8 +5,9 @@ Why a compiled kernel: with torch ops the smallest unit of work is a fused SDPA 
 rows, so every scattered diagonal costs a block of keys per row (kernels/lines.py: VerticalSlash(512, 512) on
 SmolLM2's real layer at 8K computes 0.40 of the causal triangle for a kept 0.16, and stayed at 0.62-0.73 of its
 Amdahl bound over three sessions of tuning). Here a run of kept offsets costs 7 extra keys per row (blocks of 8 rows),
-and a lone offset (or a sparse run of them) one key per row, so the kernel computes ~1.1x the kept scores. Measured on the 2-core AMD EPYC (real SmolLM2 layer-1 q, k, v at 8K,
-9 / 3 heads, per call): 0.33-0.37x stock causal SDPA at 1 and 2 threads, against 0.65-0.85x for ``lines``.
+and a lone offset (or a sparse run of them) one key per row, so the kernel computes ~1.1x the kept scores. Measured on
+the 2-core AMD EPYC (real SmolLM2 layer-1 q, k, v at 8K, 9 / 3 heads, per call): 0.33-0.37x stock causal SDPA at 1
+and 2 threads, against 0.65-0.85x for ``lines`` (measured before the lone-offset path, which took its time to 0.77-0.87x).
 
 Python prepares per head the runs of kept offsets (gaps under the row block merged), the offset table and the
 gathered column keys / values; the C code runs the work items (head, 256 rows) from a shared counter on
@@ -88,7 +89,7 @@ def layout(lines, Skv: int) -> dict:
     out = dict(run_a=i32(ra), run_b=i32(rb), run_full=torch.from_numpy(np.concatenate(full).astype(np.uint8)),
                run_ptr=i32([rp]), cols=i32(cols), col_ptr=i32([cp]),
                diags=i32(dgs), diag_ptr=i32([dp]),
-               offbits=torch.from_numpy(np.ascontiguousarray(np.pad(np.packbits(om, axis=1, bitorder="little"), ((0, 0), (0, 2))))),
+               offbits=torch.from_numpy(np.pad(np.packbits(om, axis=1, bitorder="little"), ((0, 0), (0, 2)))),
                col_head=torch.from_numpy(col_head), col_slot=torch.from_numpy(col_slot),
                max_runs=max(len(a) for a in ra), max_cols=max(len(c) for c in cols),
                width=max(int((b - a + ROWS).sum()) + len(g) for a, b, g in zip(ra, rb, dgs)))  # a block's widest score row
@@ -106,13 +107,14 @@ def computed(lines, Sq: int, off: int, Skv: int) -> float:
     rows = pl - p0 + 1
     rp, cp, dp = lay["run_ptr"].numpy(), lay["col_ptr"].numpy(), lay["diag_ptr"].numpy()
     a, b, cols = lay["run_a"].numpy().astype(np.int64), lay["run_b"].numpy().astype(np.int64), lay["cols"].numpy()
+    lone = lay["diags"].numpy()
     total = 0
     for h in range(len(rp) - 1):
         ah, bh = a[rp[h]:rp[h + 1]], b[rp[h]:rp[h + 1]]
         width = (pl[:, None] - ah + 1) - np.maximum(p0[:, None] - bh, 0)  # (blocks, runs): the block's key range
         total += int((rows[:, None] * np.where(ah <= pl[:, None], width, 0)).sum())
         total += int((rows * np.searchsorted(cols[cp[h]:cp[h + 1]], pl, "right")).sum())
-        total += int((rows * np.searchsorted(lay["diags"].numpy()[dp[h]:dp[h + 1]], pl, "right")).sum())
+        total += int((rows * np.searchsorted(lone[dp[h]:dp[h + 1]], pl, "right")).sum())
     return total / (len(rp) - 1)
 
 
