@@ -230,3 +230,22 @@ def test_gather_kernel_on_joint_attention_splits_wide_text_blocks_and_is_exact()
     q128, k128 = torch.randn(1, 4, 1040, 128), torch.randn(1, 4, 1040, 128)
     assert cost.estimate("gather", c, q128, k128, k128, plan) == float("inf")
     kernels.invalidate()
+
+
+def test_masked_sdpa_estimate_follows_what_the_kernel_runs():
+    """A data-dependent VerticalSlash plan: SDPA builds its per-head mask every call and computes every score under it
+    (no is_causal skip, which only a static plan's cached mask gets), so its estimate is the full masked call plus a
+    per-head build; the same plan marked static is cheaper by the causal skip and the cached build. Before 12-05 both
+    were estimated alike and 256-token VerticalSlash calls ran on masked SDPA at 2.5x the native kernel's time."""
+    import dataclasses
+
+    q, k, v = _qkv(1024, H=8, Hkv=2)
+    site = ap.Site(causal=True)
+    dyn = _plan(ap.VerticalSlash(verticals=64, slashes=64, window=64), q, k, site)
+    assert dyn.lines is not None and not dyn.static
+    c = CONSTANTS
+    E = 8 * 1024 * 1024
+    full = c["call_s"] + E * (c["elem_s"]["64"] + c["mask_elem_s"]["64"]) + c["build_s"] + E * c["build_s_per_elem"]
+    assert cost.estimate("sdpa", c, q, k, v, dyn) == pytest.approx(full)
+    static = dataclasses.replace(dyn, static=True)
+    assert cost.estimate("sdpa", c, q, k, v, static) < full * c["causal_factor"]

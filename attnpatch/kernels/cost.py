@@ -13,10 +13,12 @@ additive mask, measured per head dim (the CPU kernel's rate differs several-fold
       call_s + E * elem_s(D) * (causal_factor if causal else 1)
 
 - ``sdpa``, masked (a materialised mask: the kernel computes every score and reads the mask; on the CPU a
-  causal plan from 0 runs the flash kernel with is_causal and the mask, skipping the blocks above the diagonal)::
+  static causal plan from 0 over more than one key block runs the flash kernel with is_causal and its cached
+  mask, skipping the blocks above the diagonal)::
 
       call_s + E * (elem_s(D) + mask_elem_s(D)) * (causal_factor if that else 1)
-      [+ build_s + B S_q S_kv * build_s_per_elem unless cached]
+      [+ build_s + B H' S_q S_kv * build_s_per_elem unless cached; H' = H_q for a data-dependent lines plan's
+      per-head mask, else 1]
 
   A static plan's mask is cached after its first call (``Plan.static``; kernels/sdpa.py; masks
   larger than that cache are built per call); a static plan whose BlockSparse keeps every block
@@ -74,10 +76,11 @@ MAX_MODELLED_D = 32  # the gather kernel's estimate holds up to this head dim (f
 LINES_FIXED_CALLS = 40
 GROUP_FIXED_CALLS = 10  # and per further KV head group (its tables and row checks: ~10 small ops)
 # lines_native: its fixed work (per head: numpy runs and offset table, the columns' gather; threads) in SDPA call
-# overheads, and its time per computed score over dense SDPA's per element (measured on the 2-core CPU, 9 / 3 heads
-# of 64: VerticalSlash at 64 tokens ~1.2-1.6 ms a call; SmolLM2's layer 1 at 8K: 60 M computed scores in 0.52 s
-# where causal SDPA took 1.45 s for 604 M elements)
-NATIVE_FIXED_CALLS, NATIVE_HEAD_CALLS, NATIVE_FACTOR = 40, 10, 2.8
+# overheads, and its time per computed score over dense SDPA's per element. Fitted (least squares on relative error)
+# to the kernel alone on its plans, VerticalSlash and Power at 64-4K tokens with 9 heads of 64 and 32 of 128, one
+# thread, on the 2-core AMD EPYC (2026-12-05): the call costs ~0.1 ms plus ~8 us per head (64 tokens, 9 heads:
+# 0.25 ms measured), a computed score ~3.5 dense elements (4K: VerticalSlash 4.0, Power 2.7)
+NATIVE_FIXED_CALLS, NATIVE_HEAD_CALLS, NATIVE_FACTOR = 13, 1, 3.5
 KEYS = ("call_s", "elem_s", "causal_factor", "mask_elem_s", "build_s", "build_s_per_elem", "tiles_factor",
         "lse_s", "merge_s_per_elem", "gather_s_per_byte")
 _TABLES: dict = {}
@@ -184,11 +187,17 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
             return c["call_s"] + dense * (c["causal_factor"] if causal else 1.0)
         if stats is not None and stats["keeps_all"] and plan.static and mask is None and not plan.causal:
             return c["call_s"] + dense  # the cached mask keeps everything: plain SDPA
-        from .sdpa import MASKS  # a static plan's mask is cached unless it is larger than the cache
+        from .sdpa import _ONE_KV_BLOCK, MASKS  # a static plan's mask is cached unless it is larger than the cache
 
         cached = plan.static and Sq * Skv * q.element_size() <= MASKS.max_bytes
-        build = 0.0 if cached else c["build_s"] + B * Sq * Skv * c["build_s_per_elem"]
-        causal = plan.causal and plan.q_offset == 0 and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+        # a data-dependent lines plan (VerticalSlash: columns and diagonals picked per head) builds a mask per query
+        # head; a static one (Power) one mask for every head
+        per_head = plan.lines is not None and not plan.static
+        build = 0.0 if cached else c["build_s"] + B * (Hq if per_head else 1) * Sq * Skv * c["build_s_per_elem"]
+        # only a static plan's cached mask runs the CPU flash kernel with is_causal (kernels/sdpa.py: _causal_flash);
+        # a data-dependent one computes every score under its materialised mask
+        causal = plan.static and plan.causal and plan.q_offset == 0 and q.device.type == "cpu" and q.shape[-1] == v.shape[-1] \
+            and Skv > _ONE_KV_BLOCK
         return c["call_s"] + (dense + read_mask) * (c["causal_factor"] if causal else 1.0) + build
     if name == "tiles":
         if stats is None:

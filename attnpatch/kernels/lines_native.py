@@ -45,6 +45,7 @@ class _Args(ctypes.Structure):
                    ("scratch", ctypes.c_void_p), ("scratch_per_thread", ctypes.c_int64)])
 
 
+THREAD_WORK = 150_000  # bounding scores per further thread (see run; at 2 threads 256-token calls of ~0.1 M ran 5-20 % slower)
 _POOL: list = [None, 0]  # (executor, its workers)
 _POOL_LOCK = threading.Lock()
 
@@ -162,7 +163,10 @@ class LinesNative(Kernel):
             kc[head, slot] = kf.reshape(B * G, Skv, D)[kv, cols]
             vc[head, slot] = vf.reshape(B * G, Skv, Dv)[kv, cols]
         out = torch.empty(B, H, Sq, Dv, dtype=torch.float32)
-        threads = max(1, min(torch.get_num_threads(), B * H * -(-Sq // ITEM_ROWS)))
+        # a further thread pays its hand-off (~0.1-0.3 ms on the 2-core CPU) only on enough scores: rows x the widest
+        # block's keys bounds them
+        work = B * H * Sq * (lay["width"] + ldc)
+        threads = max(1, min(torch.get_num_threads(), B * H * -(-Sq // ITEM_ROWS), 1 + work // THREAD_WORK))
         lds = lay["width"] + ldc + 16  # a block's scores: every key range (runs plus ROWS - 1) and the columns, + a tail
         per = ROWS * lds + 2 * lay["max_runs"] + 16  # then its ranges' bounds (int32)
         scratch = torch.empty(threads * per, dtype=torch.float32)
