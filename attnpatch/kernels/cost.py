@@ -75,6 +75,10 @@ MAX_MODELLED_D = 32  # the gather kernel's estimate holds up to this head dim (f
 # ~0.3 ms at 64 tokens on the 2-core CPU, where one masked SDPA call is cheaper
 LINES_FIXED_CALLS = 40
 GROUP_FIXED_CALLS = 10  # and per further KV head group (its tables and row checks: ~10 small ops)
+# the analytic sum above against the kernel measured alone on its plans (VerticalSlash / Power, 64-8K tokens, 9 heads
+# of 64 and 32 of 128, 1 and 2 threads, AMD EPYC 2-core, 2026-12-05): 1.3-3.3x, median 1.9 (it ranked lines ahead of
+# lines_native for Power at 4K-8K, where lines took 1.5-1.9x lines_native's time)
+LINES_FACTOR = 1.9
 # lines_native: its fixed work (per head: numpy runs and offset table, the columns' gather; threads) in SDPA call
 # overheads, and its time per computed score over dense SDPA's per element. Fitted (least squares on relative error)
 # to the kernel alone on its plans, VerticalSlash and Power at 64-4K tokens with 9 heads of 64 and 32 of 128, one
@@ -248,7 +252,7 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     by side when there are several) read a bias built in one pass (``2 * mask_elem_s`` per element: the
     build and the kernel's read; rated like a tiles call), one call over the gathered columns outside those
     ranges (a mask built per element), the reversed copies of k and v, and a merge where there are columns.
-    Analytic, from the calibrated constants (no fit of its own)."""
+    From the calibrated constants, scaled by ``LINES_FACTOR`` (measured against the sum)."""
     if plan.lines is None:
         return math.inf
     from .lines_layout import DIAG_KEYS, block_rows, groups, layout  # same module family; layouts cached on plan.lines
@@ -269,7 +273,8 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
     # diagonals run apart: each of their scores costs DIAG_KEYS scores of a range (the layout's own rule)
     apart = DIAG_KEYS * B * (Hq // G) * sum(lay["diagonal"] for lay in lays) * (elem * c["tiles_factor"] + 2 * bias)
     calls = sum(lay["calls"] for lay in lays)
-    return c["call_s"] * (LINES_FIXED_CALLS + GROUP_FIXED_CALLS * (G - 1) + calls) + ranges + cols + merge + apart + copies
+    return LINES_FACTOR * (c["call_s"] * (LINES_FIXED_CALLS + GROUP_FIXED_CALLS * (G - 1) + calls) + ranges + cols + merge
+                           + apart + copies)
 
 
 def _native_estimate(c: dict, q, k, v, plan) -> float:
