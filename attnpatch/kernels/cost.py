@@ -191,7 +191,7 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
             return c["call_s"] + dense * (c["causal_factor"] if causal else 1.0)
         if stats is not None and stats["keeps_all"] and plan.static and mask is None and not plan.causal:
             return c["call_s"] + dense  # the cached mask keeps everything: plain SDPA
-        from .sdpa import _ONE_KV_BLOCK, MASKS  # a static plan's mask is cached unless it is larger than the cache
+        from .sdpa import MASKS, flash_skips_causal  # a static plan's mask is cached unless it is larger than the cache
 
         cached = plan.static and Sq * Skv * q.element_size() <= MASKS.max_bytes
         # a data-dependent lines plan (VerticalSlash: columns and diagonals picked per head) builds a mask per query
@@ -200,8 +200,7 @@ def estimate(name: str, c: dict, q, k, v, plan, mask=None) -> float:
         build = 0.0 if cached else c["build_s"] + B * (Hq if per_head else 1) * Sq * Skv * c["build_s_per_elem"]
         # only a static plan's cached mask runs the CPU flash kernel with is_causal (kernels/sdpa.py: _causal_flash);
         # a data-dependent one computes every score under its materialised mask
-        causal = plan.static and plan.causal and plan.q_offset == 0 and q.device.type == "cpu" and q.shape[-1] == v.shape[-1] \
-            and Skv > _ONE_KV_BLOCK
+        causal = plan.static and flash_skips_causal(q, k, v, plan)
         return c["call_s"] + (dense + read_mask) * (c["causal_factor"] if causal else 1.0) + build
     if name == "tiles":
         if stats is None:

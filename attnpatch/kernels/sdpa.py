@@ -118,8 +118,13 @@ def _causal_flash(q, k, v, plan: Plan, attn_mask) -> bool:
     upper-left aligned causal plan (row i sees keys j <= i, the kernel's convention) and an additive mask
     in q's dtype. Called directly, the kernel keeps its autograd formula and its GQA (tests: equal to
     SDPA with the causality folded into the mask, outputs and gradients)."""
-    return plan.causal and plan.q_offset == 0 and torch.is_tensor(attn_mask) and attn_mask.dtype == q.dtype \
-        and k.shape[2] > _ONE_KV_BLOCK and _cpu_flash(q, k, v)
+    return torch.is_tensor(attn_mask) and attn_mask.dtype == q.dtype and flash_skips_causal(q, k, v, plan)
+
+
+def flash_skips_causal(q, k, v, plan: Plan) -> bool:
+    """The call's side of ``_causal_flash`` (the mask's aside): an upper-left aligned causal plan over more than one key
+    block where the CPU flash kernel runs; kernels/cost.py rates a static plan's masked call by it."""
+    return plan.causal and plan.q_offset == 0 and k.shape[2] > _ONE_KV_BLOCK and _cpu_flash(q, k, v)
 
 
 # the CPU flash kernel's key block (its kvSplitSize): a call with no more keys has one, so ``is_causal`` skips
