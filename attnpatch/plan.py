@@ -21,7 +21,7 @@ class Lines:
     allowed. ``block`` > 0: diagonals at the granularity of MInference's GPU kernel: the call's rows go in
     blocks of ``block`` (row i in block i // block, the last one shorter) and a row keeps every key j that a
     kept diagonal reaches in some row of its block, ``p_first - o <= j <= p_last - o`` (causal still applies),
-    so a block's key ranges hold no holes. Kernels that know it (kernels/lines.py) never build the (S_q, S_kv)
+    so a block's key ranges hold no holes. Kernels that know it (kernels/lines.py, lines_native.py) never build the (S_q, S_kv)
     mask; the plan's mask_mod must describe the same pattern (every other kernel runs that)."""
 
     cols: torch.Tensor  # (B, H_q, n_cols) key indices j

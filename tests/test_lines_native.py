@@ -49,6 +49,45 @@ def test_native_equals_the_float64_golden_and_the_lines_kernel(case):
     torch.testing.assert_close(out, kernels.get("lines").run(q, k, v, plan), atol=2e-6, rtol=1e-5)
 
 
+BLOCK_CASES = {  # B, Hq, Hkv, Sq, Skv, D, n_cols, block
+    "tail-block": (1, 4, 2, 300, 300, 64, 5, 64),  # 300 = 4 x 64 + 44: the last block's runs merge at 44
+    "batch2-chunk": (2, 3, 1, 200, 264, 64, 6, 16),  # rows at positions 64 ..; rows of a batch differ
+    "block-past-rows": (1, 2, 2, 30, 30, 64, 3, 64),  # one block of the call's 30 rows
+    "smollm2-heads": (1, 9, 3, 512, 512, 64, 8, 256),
+}
+
+
+@needs_lib
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_block_granular_diagonals_equal_their_definition(case):
+    """Block-granular diagonals (``Lines.block``: a row keeps every key a kept offset reaches from some row of its
+    block) against the float64 golden on the mask written key by key from that definition (tests/test_lines_blocks.py),
+    with offsets a block or less apart (merged ranges), far ones, padding and repeated columns."""
+    from test_lines_blocks import lines_with_gaps, plan_of
+
+    B, Hq, Hkv, Sq, Skv, D, nc, block = BLOCK_CASES[case]
+    g = torch.Generator().manual_seed(sum(map(ord, case)))
+    q, k, v = (torch.randn(B, h, s, D, generator=g) for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    plan = plan_of(lines_with_gaps(g, B, Hq, Skv, nc, block), Sq, Skv, Skv - Sq)
+    assert KERNEL.why_not(q, k, v, plan) is None
+    torch.testing.assert_close(KERNEL.run(q, k, v, plan).double(), golden(q, k, v, plan), atol=2e-6, rtol=1e-5)
+
+
+@needs_lib
+@pytest.mark.parametrize("block", [64, 256])
+def test_vertical_slash_blocks_on_the_native_kernel(block):
+    """VerticalSlash(block=...)'s own plan (window and slashes as block-granular diagonals, sink and verticals as
+    columns) on the native kernel equals the golden of its mask_mod and the torch ``lines`` kernel."""
+    g = torch.Generator().manual_seed(block)
+    q, k, v = torch.randn(1, 9, 1000, 64, generator=g), torch.randn(1, 3, 1000, 64, generator=g), torch.randn(1, 3, 1000, 64, generator=g)
+    plan = ap.VerticalSlash(verticals=30, slashes=30, window=40, last_q=32, block=block).plan(q, k, Site(causal=True))
+    plan = plan.with_site(True, 0)
+    assert plan.lines.block == block and KERNEL.why_not(q, k, v, plan) is None
+    out = KERNEL.run(q, k, v, plan)
+    torch.testing.assert_close(out.double(), golden(q, k, v, plan), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out, kernels.get("lines").run(q, k, v, plan), atol=2e-6, rtol=1e-5)
+
+
 @needs_lib
 def test_rows_with_no_key_are_zero_and_repeats_count_once():
     """Lines with a column past the first rows and no diagonal: rows before it keep nothing (0, not NaN); a column
@@ -108,8 +147,11 @@ def test_declines_what_it_does_not_compute():
     assert "head dims" in KERNEL.why_not(q48, q48, q48, ap.Power(local=8).plan(q48, q48, Site(causal=True)).with_site(True, 0))
     assert "mask" in KERNEL.why_not(q, k, k, plan, torch.ones(1, 1, 64, 64, dtype=torch.bool))
     assert "line structure" in KERNEL.why_not(q, k, k, Plan(causal=True))
-    block = ap.VerticalSlash(verticals=4, slashes=4, window=8, block=16).plan(q, k, Site(causal=True)).with_site(True, 0)
-    assert "block-granular" in KERNEL.why_not(q, k, k, block)
+    block = ap.VerticalSlash(verticals=4, slashes=4, window=8, block=12).plan(q, k, Site(causal=True)).with_site(True, 0)
+    assert "not a multiple of 8" in KERNEL.why_not(q, k, k, block)  # an 8-row block of the C code would span two
+    q60 = q[:, :, :12]  # one block of 12 rows: the call's rows, no 8-row block spans two
+    one = ap.VerticalSlash(verticals=4, slashes=4, window=8, block=12).plan(q60, k[:, :, :12], Site(causal=True))
+    assert KERNEL.why_not(q60, k[:, :, :12], k[:, :, :12], one.with_site(True, 0)) is None
     g = q.clone().requires_grad_()
     assert "backward" in KERNEL.why_not(g, k, k, plan)
 
@@ -164,3 +206,28 @@ def test_computed_counts_each_blocks_ranges_and_columns():
             total += (pl - p0 + 1) * width
     assert lines_native.computed(plan.lines, 203, 0, 203) == total / 8
     assert total / 8 >= float(kept(plan.lines, 203, 0).float().mean())
+
+
+def test_computed_counts_block_granular_ranges():
+    """``computed`` of block-granular diagonals (a shorter last block, a chunk after cached keys) against a loop over
+    the kernel's 8-row blocks and their T-block's ranges, and never below the kept scores."""
+    from attnpatch.kernels import lines_native
+    from attnpatch.kernels.lines_layout import kept
+    from test_lines_blocks import lines_with_gaps
+
+    g = torch.Generator().manual_seed(4)
+    Sq, Skv, T = 300, 364, 64
+    lines = lines_with_gaps(g, 1, 3, Skv, 4, T)
+    br, lay = lines_native.block_runs(lines, Sq, Skv), lines_native.layout(lines, Skv)
+    R, off, total = lines_native.ROWS, Skv - Sq, 0
+    for h in range(3):
+        cols = lay["cols"][lay["col_ptr"][h]:lay["col_ptr"][h + 1]].tolist()
+        for i0 in range(0, Sq, R):
+            b0 = i0 // T * T
+            P0, P1, p0, pl = b0 + off, min(b0 + T, Sq) - 1 + off, i0 + off, min(i0 + R, Sq) - 1 + off
+            ptr, ra, rb = ("tail_ptr", "tail_a", "tail_b") if b0 >= br["tail0"] else ("run_ptr", "run_a", "run_b")
+            runs = zip(br[ra][br[ptr][h]:br[ptr][h + 1]].tolist(), br[rb][br[ptr][h]:br[ptr][h + 1]].tolist())
+            width = sum(max(0, min(P1 - a, pl) + 1 - max(P0 - b, 0)) for a, b in runs) + sum(c <= pl for c in cols)
+            total += (pl - p0 + 1) * width
+    assert br["tail0"] == 256 and lines_native.computed(lines, Sq, off, Skv) == total / 3
+    assert total / 3 >= float(kept(lines, Sq, off).float().mean())

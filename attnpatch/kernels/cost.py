@@ -279,7 +279,7 @@ def _lines_estimate(c: dict, q, k, v, plan) -> float:
 def _native_estimate(c: dict, q, k, v, plan) -> float:
     """kernels/lines_native.py: its fixed work per call and per head, and the scores it computes (``computed``: each
     block's key ranges and columns) at ``NATIVE_FACTOR``."""
-    if plan.lines is None or plan.lines.block:
+    if plan.lines is None:
         return math.inf
     from .lines_native import computed  # same module family
 

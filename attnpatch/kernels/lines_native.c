@@ -8,7 +8,10 @@
    rows) that no kept offset already covers for that row. One softmax per row over all its scores, then the values,
    chunk by chunk so a chunk's key / value rows stay in L1 for every row of the block. The torch kernels pay a block of
    64-256 rows per scattered diagonal (kernels/lines.py); here a run costs R - 1 extra keys per row. Work items (head,
-   256 rows) are taken from a shared counter by every calling thread. */
+   256 rows) are taken from a shared counter by every calling thread. Block-granular diagonals (Lines.block = T, MInference's
+   GPU granularity): rows in blocks of T, every row of one keeping each run's whole range [P_first - b, P_last - a] over
+   the T-block's first / last positions (runs merged at gaps up to T, so the ranges hold no hole), causal; the columns
+   outside those ranges as before. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -116,6 +119,9 @@ typedef struct {
     int *counter;                             /* next work item, shared by the threads */
     float *scratch;                           /* per thread: R * lds floats of scores, then 2 ints per run */
     int64_t scratch_per_thread;
+    int T, tail0;                             /* T > 0: block-granular diagonals, call rows in blocks of T from row 0 (T a
+                                                 multiple of R, or one block); tail0: first row of a shorter last block */
+    const int32_t *tail_ptr, *tail_a, *tail_b; /* that block's runs (merged at its own length, see block_runs) */
 } Args;
 
 static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) {
@@ -126,14 +132,27 @@ static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) 
     float qs[R * 256];
     for (int r = 0; r < nr; r++) for (int d = 0; d < D; d++) qs[r * D + d] = q[r * D + d] * A->scale;
     int p0 = i0 + A->off, pl = p0 + nr - 1, n = 0, nt = 0;
-    for (int t = A->run_ptr[bh]; t < A->run_ptr[bh + 1]; t++) {
-        int a = A->run_a[t], b = A->run_b[t];
-        if (a > pl) break;  /* runs ascend: the rest start past the block's last row */
-        int lo = p0 - b < 0 ? 0 : p0 - b, hi = pl - a + 1;
+    /* exact diagonals: a run [a, b] reaches keys p0 - b .. pl - a of this block. Block-granular ones (A->T): every row
+       of the block of T rows holding this one keeps the run's whole range [P0 - b, P1 - a] (the runs were merged so
+       that range has no hole), cut to the keys up to this block's last row; causality below */
+    int P0 = p0, P1 = pl, gran = A->T;
+    const int32_t *rptr = A->run_ptr, *ra = A->run_a, *rb = A->run_b;
+    if (gran) {
+        int b0 = i0 / gran * gran;
+        P0 = b0 + A->off; P1 = (b0 + gran < A->Sq ? b0 + gran : A->Sq) - 1 + A->off;
+        if (b0 >= A->tail0) { rptr = A->tail_ptr; ra = A->tail_a; rb = A->tail_b; }
+    }
+    for (int t = rptr[bh]; t < rptr[bh + 1]; t++) {
+        int a = ra[t], b = rb[t];
+        if (a > P1) break;  /* runs ascend: the rest start past the last row */
+        int lo = P0 - b < 0 ? 0 : P0 - b, hi = (P1 - a < pl ? P1 - a : pl) + 1;
+        if (lo >= hi) continue;  /* block-granular: a range past this block's rows (a later run's lies lower) */
         qk(qs, nr, kk + (int64_t)lo * D, D, hi - lo, S + n, lds);
         for (int r = 0; r < nr; r++) {
             float *s = S + r * lds + n - lo; int p = p0 + r;
-            if (A->run_full[t]) {  /* row p keeps exactly keys p - b .. p - a of the range */
+            if (gran) {  /* the whole range, causal */
+                for (int j = p + 1 > lo ? p + 1 : lo; j < hi; j++) s[j] = NEG;
+            } else if (A->run_full[t]) {  /* row p keeps exactly keys p - b .. p - a of the range */
                 for (int j = lo; j < p - b; j++) s[j] = NEG;
                 for (int j = p - a + 1 > lo ? p - a + 1 : lo; j < hi; j++) s[j] = NEG;
             } else {
@@ -165,7 +184,12 @@ static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) 
         /* a column's 8 rows have 8 consecutive offsets p0 - c .. p0 - c + 7: one 16-bit read of the head's offset bits
            (cache resident: Skv / 8 bytes) instead of a byte-table read per row and column */
         float *s = S + n + nd;
-        for (int x = 0; x < nc; x++) {
+        for (int x = 0, u = nt - 1; gran && x < nc; x++) {  /* block-granular: a column a range holds is scored there */
+            while (u >= 0 && tl[2 * u + 1] <= cols[x]) u--;  /* ranges descend in keys as t ascends: skip those below */
+            int in = u >= 0 && tl[2 * u] <= cols[x];
+            for (int r = 0; r < nr; r++) if (in || p0 + r < cols[x]) s[r * lds + x] = NEG;
+        }
+        for (int x = 0; x < nc && !gran; x++) {
             int d0 = p0 - cols[x];  /* >= -(R - 1): only columns up to the block's last row are here */
             unsigned m;
             if (d0 >= 0) m = ((unsigned)ob[d0 >> 3] | (unsigned)ob[(d0 >> 3) + 1] << 8) >> (d0 & 7);

@@ -42,7 +42,9 @@ class _Args(ctypes.Structure):
                                                   "diags", "offbits")]
                 + [("ldb", ctypes.c_int)]
                 + [("rows_per_item", ctypes.c_int), ("lds", ctypes.c_int), ("counter", ctypes.c_void_p),
-                   ("scratch", ctypes.c_void_p), ("scratch_per_thread", ctypes.c_int64)])
+                   ("scratch", ctypes.c_void_p), ("scratch_per_thread", ctypes.c_int64)]
+                + [("T", ctypes.c_int), ("tail0", ctypes.c_int)]
+                + [(n, ctypes.c_void_p) for n in ("tail_ptr", "tail_a", "tail_b")])
 
 
 THREAD_WORK = 150_000  # bounding scores per further thread (see run; at 2 threads 256-token calls of ~0.1 M ran 5-20 % slower)
@@ -57,6 +59,38 @@ def _pool(n: int) -> ThreadPoolExecutor:
                 _POOL[0].shutdown(wait=False)
             _POOL[:] = [ThreadPoolExecutor(n, thread_name_prefix="attnpatch-native"), n]
         return _POOL[0]
+
+
+def block_runs(lines, Sq: int, Skv: int) -> dict:
+    """Block-granular diagonals (``lines.block``) for a call of Sq rows, per (batch row, query head) flattened: the runs
+    [a, b] of kept offsets merged across gaps up to the block's length T (so a block's range [P_first - b, P_last - a]
+    holds no hole: any T consecutive offsets of a gap hold a kept one; and two runs' ranges stay disjoint), as CSR; again
+    merged at the length of a shorter last block for its rows (``tail``). Cached on ``lines``."""
+    T = min(lines.block, Sq)
+    key = ("native-blocks", Sq, Skv, T)
+    if key in lines.cache:
+        return lines.cache[key]
+    B, H = lines.cols.shape[:2]
+    dg = lines.diags.reshape(B * H, -1).cpu().numpy()
+    last = Sq % T
+
+    def runs(gap):
+        ra, rb, rp, width = [], [], [0], 0
+        for bh in range(B * H):
+            d = np.unique(dg[bh][(dg[bh] >= 0) & (dg[bh] < Skv)])
+            cut = np.flatnonzero(np.diff(d) > gap)
+            a, b = np.concatenate([d[:1], d[cut + 1]]), np.concatenate([d[cut], d[-1:]])
+            ra.append(a), rb.append(b), rp.append(rp[-1] + len(a))
+            width = max(width, int((b - a + gap).sum()))  # a range's keys: b - a + the block's rows
+        i32 = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int32))  # noqa: E731
+        return i32(ra), i32(rb), i32([rp]), width, max(map(len, ra))
+
+    out = dict(zip(("run_a", "run_b", "run_ptr", "width", "max_runs"), runs(T)))
+    tail = runs(last) if last else (out["run_a"], out["run_b"], out["run_ptr"], 0, 0)
+    out.update(tail_a=tail[0], tail_b=tail[1], tail_ptr=tail[2], width=max(out["width"], tail[3]),
+               max_runs=max(out["max_runs"], tail[4]), T=T, tail0=Sq - last)
+    lines.cache[key] = out
+    return out
 
 
 def layout(lines, Skv: int) -> dict:
@@ -74,6 +108,8 @@ def layout(lines, Skv: int) -> dict:
     for bh in range(B * H):
         d = np.unique(dg[bh][(dg[bh] >= 0) & (dg[bh] < Skv)])
         om[bh, d] = 1
+        if lines.block:  # block-granular: the runs depend on the call's rows (block_runs), no offset runs alone
+            d = d[:0]
         cut = np.flatnonzero(np.diff(d) >= ROWS)  # offsets ROWS or more apart: separate key ranges
         a, b = np.concatenate([d[:1], d[cut + 1]]), np.concatenate([d[cut], d[-1:]])
         n_in = np.diff(np.concatenate([[0], cut + 1, [len(d)]])) if len(d) else np.zeros(0, np.int64)
@@ -100,20 +136,34 @@ def layout(lines, Skv: int) -> dict:
 
 def computed(lines, Sq: int, off: int, Skv: int) -> float:
     """Scores the kernel computes for Sq rows at positions off .., averaged over (batch row, query head): per block of
-    ``ROWS`` rows each run's key range, one key per row for each lone offset, and the columns up to the block's last
-    row (what ``lines_native.c`` scores)."""
+    ``ROWS`` rows each run's key range (block-granular: its T-block's), one key per row for each lone offset, and the
+    columns up to the block's last row (what ``lines_native.c`` scores)."""
     lay = layout(lines, Skv)
-    p0 = np.arange(0, Sq, ROWS) + off
+    i0 = np.arange(0, Sq, ROWS)
+    p0 = i0 + off
     pl = np.minimum(p0 + ROWS, off + Sq) - 1
     rows = pl - p0 + 1
     rp, cp, dp = lay["run_ptr"].numpy(), lay["col_ptr"].numpy(), lay["diag_ptr"].numpy()
     a, b, cols = lay["run_a"].numpy().astype(np.int64), lay["run_b"].numpy().astype(np.int64), lay["cols"].numpy()
     lone = lay["diags"].numpy()
+    if lines.block:  # each block's rows over their T-block's ranges [P0 - b, P1 - a], cut at the block's last row
+        br = block_runs(lines, Sq, Skv)
+        T, tail = br["T"], i0 >= br["tail0"]
+        P0 = i0 // T * T + off
+        P1 = np.minimum(i0 // T * T + T, Sq) - 1 + off
     total = 0
     for h in range(len(rp) - 1):
-        ah, bh = a[rp[h]:rp[h + 1]], b[rp[h]:rp[h + 1]]
-        width = (pl[:, None] - ah + 1) - np.maximum(p0[:, None] - bh, 0)  # (blocks, runs): the block's key range
-        total += int((rows[:, None] * np.where(ah <= pl[:, None], width, 0)).sum())
+        if lines.block:
+            for sel, (ptr, ra, rb) in ((~tail, ("run_ptr", "run_a", "run_b")), (tail, ("tail_ptr", "tail_a", "tail_b"))):
+                r0, r1 = br[ptr][h].item(), br[ptr][h + 1].item()
+                ah, bh = br[ra][r0:r1].numpy().astype(np.int64), br[rb][r0:r1].numpy().astype(np.int64)
+                hi = np.minimum(P1[sel, None] - ah, pl[sel, None]) + 1
+                width = np.maximum(hi - np.maximum(P0[sel, None] - bh, 0), 0)
+                total += int((rows[sel, None] * width).sum())
+        else:
+            ah, bh = a[rp[h]:rp[h + 1]], b[rp[h]:rp[h + 1]]
+            width = (pl[:, None] - ah + 1) - np.maximum(p0[:, None] - bh, 0)  # (blocks, runs): the block's key range
+            total += int((rows[:, None] * np.where(ah <= pl[:, None], width, 0)).sum())
         total += int((rows * np.searchsorted(cols[cp[h]:cp[h + 1]], pl, "right")).sum())
         total += int((rows * np.searchsorted(lone[dp[h]:dp[h + 1]], pl, "right")).sum())
     return total / (len(rp) - 1)
@@ -128,8 +178,9 @@ class LinesNative(Kernel):
             return why
         if q.device.type != "cpu":
             return "a CPU kernel"
-        if plan.lines.block:
-            return "block-granular diagonals (Lines.block) run on the lines kernel"
+        T = min(plan.lines.block, q.shape[2])
+        if T and T < q.shape[2] and T % ROWS:
+            return f"block-granular diagonals in blocks of {plan.lines.block} rows (not a multiple of {ROWS}) run on the lines kernel"
         if needs_grad(q, k, v):
             return "no backward"
         if q.dtype == torch.float64:
@@ -153,6 +204,9 @@ class LinesNative(Kernel):
         f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731  (a view when already float32, contiguous)
         qf, kf, vf = f32(q), f32(k), f32(v)
         lay = layout(plan.lines, Skv)
+        # block-granular diagonals: their runs (the layout above then has none) and blocks
+        runs = block_runs(plan.lines, Sq, Skv) if plan.lines.block else dict(lay, T=0, tail0=Sq, tail_a=lay["run_a"],
+                                                                             tail_b=lay["run_b"], tail_ptr=lay["run_ptr"])
         # the columns' keys and values gathered per query head: (BH, ldc, D), (BH, ldc, Dv)
         ldc = max(1, lay["max_cols"])
         cols = lay["cols"].long()
@@ -165,17 +219,19 @@ class LinesNative(Kernel):
         out = torch.empty(B, H, Sq, Dv, dtype=torch.float32)
         # a further thread pays its hand-off (~0.1-0.3 ms on the 2-core CPU) only on enough scores: rows x the widest
         # block's keys bounds them
-        work = B * H * Sq * (lay["width"] + ldc)
+        width = lay["width"] + (runs["width"] if plan.lines.block else 0)
+        work = B * H * Sq * (width + ldc)
         threads = max(1, min(torch.get_num_threads(), B * H * -(-Sq // ITEM_ROWS), 1 + work // THREAD_WORK))
-        lds = lay["width"] + ldc + 16  # a block's scores: every key range (runs plus ROWS - 1) and the columns, + a tail
-        per = ROWS * lds + 2 * lay["max_runs"] + 16  # then its ranges' bounds (int32)
+        lds = width + ldc + 16  # a block's scores: every key range (runs plus ROWS - 1) and the columns, + a tail
+        per = ROWS * lds + 2 * runs["max_runs"] + 16  # then its ranges' bounds (int32)
         scratch = torch.empty(threads * per, dtype=torch.float32)
         counter = (ctypes.c_int * 1)(0)
         p = lambda t: t.data_ptr()  # noqa: E731
         args = _Args(p(qf), p(kf), p(vf), p(kc), p(vc), p(out), B * H, H // G, Sq, Skv, D, Dv, plan.q_offset, float(scale),
-                     ldc, p(lay["run_ptr"]), p(lay["run_a"]), p(lay["run_b"]), p(lay["run_full"]), p(lay["col_ptr"]),
+                     ldc, p(runs["run_ptr"]), p(runs["run_a"]), p(runs["run_b"]), p(lay["run_full"]), p(lay["col_ptr"]),
                      p(lay["cols"]), p(lay["diag_ptr"]), p(lay["diags"]),
-                     p(lay["offbits"]), lay["offbits"].shape[1], ITEM_ROWS, lds, ctypes.addressof(counter), p(scratch), per)
+                     p(lay["offbits"]), lay["offbits"].shape[1], ITEM_ROWS, lds, ctypes.addressof(counter), p(scratch), per,
+                     runs["T"], runs["tail0"], p(runs["tail_ptr"]), p(runs["tail_a"]), p(runs["tail_b"]))
         ref = ctypes.byref(args)
         if threads == 1:
             lib.run(ref, 0)
