@@ -231,3 +231,33 @@ def test_computed_counts_block_granular_ranges():
             total += (pl - p0 + 1) * width
     assert br["tail0"] == 256 and lines_native.computed(lines, Sq, off, Skv) == total / 3
     assert total / 3 >= float(kept(lines, Sq, off).float().mean())
+
+
+@needs_lib
+@pytest.mark.parametrize("method", [ap.VerticalSlash(verticals=64, slashes=64, window=64), ap.Power(local=64),
+                                    ap.VerticalSlash(verticals=64, slashes=64, window=64, block=64)], ids=repr)
+def test_the_automatic_choice_never_asks_for_the_mask(method):
+    """VerticalSlash (exact and block-granular) and Power at 2K on SmolLM2's heads: choosing and running the automatic
+    kernel (a line kernel) never asks the plan's mask_mod for a whole (S_q, S_kv) grid (the way to an S x S mask: made to
+    fail here; the tiles kernel's cost estimate reads it tile by tile for Power's block structure); it equals the golden."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(7)
+    S = 2048
+    q, k, v = torch.randn(1, 9, S, 64, generator=g), torch.randn(1, 3, S, 64, generator=g), torch.randn(1, 3, S, 64, generator=g)
+    plan = method.plan(q, k, Site(causal=True)).with_site(True, 0)
+    asked = []
+
+    def guarded(b, h, qi, kv):
+        n = torch.broadcast_shapes(torch.as_tensor(qi).shape, torch.as_tensor(kv).shape).numel()
+        asked.append(n)
+        if n >= S * S:
+            raise AssertionError("the (S_q, S_kv) mask was asked for")
+        return plan.mask_mod(b, h, qi, kv)
+
+    blind = dataclasses.replace(plan, mask_mod=guarded)
+    kernels.invalidate()
+    kernel = kernels.select(q, k, v, blind)
+    assert kernel.name in ("lines_native", "lines")
+    assert isinstance(method, ap.Power) == bool(asked)  # only Power's tiles estimate reads tiles (the guard is live)
+    torch.testing.assert_close(kernel.run(q, k, v, blind).double(), golden(q, k, v, plan), atol=2e-6, rtol=1e-5)
