@@ -278,8 +278,10 @@ def render(data, level: str = "##") -> str:
             ("chance", "chance"), ("kv_mib", "KV at the end (MiB)")]
     parts = [f"{level} RULER-style accuracy (SmolLM2-135M-Instruct, greedy)\n\n" + table(rows, cols)]
     if data.get("speed"):
+        m = data.get("speed_machine")
+        where = f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads).\n\n" if m else ""
         parts.append(f"{level} Prefill, decode and KV memory at {data['speed'][0]['tokens']} tokens (one process, settings in turn)\n\n"
-                     + table(data["speed"], [("setting", "setting"), ("tokens", "prompt tokens"), ("prefill_s", "prefill (s)"),
+                     + where + table(data["speed"], [("setting", "setting"), ("tokens", "prompt tokens"), ("prefill_s", "prefill (s)"),
                                              ("decode_tps", "decode tokens / s"), ("kv_mib", "KV cache (MiB)"),
                                              ("reps", "repetitions")]))
     if data.get("notes"):
@@ -346,6 +348,7 @@ def main(argv=None):
             if task == "speed":
                 if not data["speed"]:
                     data["speed"] = speed(model, run, tok, names, a.speed_length, a.new, 2)
+                    data["speed_machine"] = machine()  # the accuracy cells do not depend on the machine; times do
                     save()
                 continue
             run_cell(data, save, run, tok, task, L, which, n, stop, min(a.batch, n))
