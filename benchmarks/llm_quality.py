@@ -51,8 +51,8 @@ def attnpatch_settings() -> dict:
         "SinkCalibration(smollm2_act)": ap.SinkCalibration(heads=str(SINKCAL)),
         # query-aware decode (prefill dense), retrieval / streaming heads (benchmarks/duo.py's profile) and
         # HyperAttention sparse from 256 tokens (its default min_len=4096 is exact dense at these lengths)
-        "Quest(budget=256)": ap.Quest(budget=256),
-        "Quest(budget=512)": ap.Quest(budget=512),
+        "Quest(budget=256, pooled=0)": ap.Quest(budget=256, pooled=0.0),
+        "Quest(budget=512, pooled=0)": ap.Quest(budget=512, pooled=0.0),
         "StreamingHeads(duo, 4, 256, evict)": ap.StreamingHeads(str(DUO), sink=4, window=256, evict=True),
         "HyperAttention(64, 64, min_len=256)": ap.HyperAttention(block=64, samples=64, min_len=256),
         # a second setting for the methods above that had one: sparser (VerticalSlash, Power, HyperAttention), the
@@ -66,7 +66,7 @@ def attnpatch_settings() -> dict:
         "VerticalSlash(128, 128, window=64, block=64)": ap.VerticalSlash(verticals=128, slashes=128, window=64, block=64),
         "VerticalSlash(128, 128, window=64, block=256)": ap.VerticalSlash(verticals=128, slashes=128, window=64, block=256),
         # Quest at the budget of decode.md's speed rows (1024 keys: 3.3x dense decode at 16K), where accuracy is the question
-        "Quest(budget=1024)": ap.Quest(budget=1024),
+        "Quest(budget=1024, pooled=0)": ap.Quest(budget=1024, pooled=0.0),
         # half its pages by mean key score: the bound alone is loose on SmolLM2's keys (quest.py's docstring)
         "Quest(budget=1024, pooled=0.5)": ap.Quest(budget=1024, pooled=0.5),
         "Quest(budget=512, pooled=0.5)": ap.Quest(budget=512, pooled=0.5),

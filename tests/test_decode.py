@@ -103,7 +103,7 @@ def test_pooled_pages_find_the_page_a_loose_bound_misses():
     site = _decode_site(S)
     scores = (q @ k.transpose(-1, -2))[0, 0, 0]
     assert int(scores.argmax()) // P == needle  # the needle's keys score highest
-    plain = ap.Quest(budget=24, page=P, dense_layers=()).select(q, k, site)
+    plain = ap.Quest(budget=24, page=P, dense_layers=(), pooled=0.0).select(q, k, site)
     pooled = ap.Quest(budget=24, page=P, dense_layers=(), pooled=0.5).select(q, k, site)
     assert needle * P not in plain[0, 0].tolist()
     assert needle * P in pooled[0, 0].tolist() and pooled.shape == plain.shape  # same budget

@@ -296,10 +296,12 @@ def _quest(budget, page, dense=False, pooled=0.0):
 
 
 ZOO += [  # Quest: decode reads the sink page, its own page and the pages with the largest key bounds
-    Case("quest-decode-gqa", ap.Quest(budget=16, page=4, dense_layers=()), C, (2, 6, 2, 1, 37, 48), _quest(16, 4)),
-    Case("quest-decode-full-page", ap.Quest(budget=12, page=4, dense_layers=()), C, (1, 4, 1, 1, 40, 64), _quest(12, 4)),
-    Case("quest-prefill", ap.Quest(budget=8, page=4, dense_layers=()), C, (1, 2, 2, 30, 30, 80), _quest(8, 4)),
-    Case("quest-dense-layer", ap.Quest(budget=8, page=4), C, (1, 2, 1, 1, 33, 16), _quest(8, 4, dense=True)),
+    Case("quest-decode-gqa", ap.Quest(budget=16, page=4, dense_layers=(), pooled=0.0), C, (2, 6, 2, 1, 37, 48), _quest(16, 4)),
+    Case("quest-decode-pooled-default", ap.Quest(budget=16, page=4, dense_layers=()), C, (2, 6, 2, 1, 37, 48),
+         _quest(16, 4, pooled=0.5)),
+    Case("quest-decode-full-page", ap.Quest(budget=12, page=4, dense_layers=(), pooled=0.0), C, (1, 4, 1, 1, 40, 64), _quest(12, 4)),
+    Case("quest-prefill", ap.Quest(budget=8, page=4, dense_layers=(), pooled=0.0), C, (1, 2, 2, 30, 30, 80), _quest(8, 4)),
+    Case("quest-dense-layer", ap.Quest(budget=8, page=4, pooled=0.0), C, (1, 2, 1, 1, 33, 16), _quest(8, 4, dense=True)),
     # half the chosen pages by mean key score (pooled keys), the rest by bound
     Case("quest-decode-pooled", ap.Quest(budget=28, page=4, dense_layers=(), pooled=0.5), C, (2, 6, 2, 1, 61, 48),
          _quest(28, 4, pooled=0.5)),

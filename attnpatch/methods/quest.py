@@ -12,14 +12,16 @@ dense, as in the paper; so do ``dense_layers`` (the paper leaves the first two d
 (``Site.kv_shift``) each row's pages are cut from its first real key, so a padded row reads what it reads alone
 (bounds then come from its keys, at dense read cost).
 
-``pooled`` (0 by default: the paper's rule) picks that share of the chosen pages by the mean-pooled key score
+``pooled`` (0.5 by default; 0: the paper's rule, by bound only) picks that share of the chosen pages by the mean-pooled key score
 ``q . mean(k)`` instead (the largest over the group's query heads; "pooled keys", as InfLLM's / HiP's page
 representatives), among the pages the bound did not pick. Why: the bound is an upper bound, exact only when
 one key holds every channel's extreme; on SmolLM2 it is loose by 4-6x (layer 18, 4K needle prompt: the needle's
 page takes 0.95 of a head's attention, its true best score 69 against a bound of 335, ranked 174th of 254 pages
 by bound), so at budget 1024 of 4K a decoding copy head loses the needle's page and the number is cut short. Half
 the pages by bound, half by mean (``pooled=0.5``) kept every needle on the prompts that failed (benchmarks/results/
-llm_quality.md). The mean costs one more (B, H_kv, pages, D) table beside the bounds (3 / page of the keys).
+llm_quality.md: 8K niah_single 0.98 at budget 512 and 1024, dense 0.98, against 0.38 / 0.52 by bound only), so it is
+the default. The mean costs one more (B, H_kv, pages, D) table beside the bounds (3 / page of the keys; decode
+tokens/s within ~5 % of the bound-only rule in benchmarks/results/decode.md).
 
 Under ``attnpatch.patch`` the bounds are kept incrementally beside the cache (``kv_policy()``: a
 ``PageBounds`` per patch; the transformers patcher makes each cache layer update them as pages fill),
@@ -127,7 +129,7 @@ class Quest(Method):
     budget: int = 1024  # keys a decode query reads (whole pages, the sink and own page included)
     page: int = 16  # keys per page
     dense_layers: tuple = (0, 1)  # layers left dense (the paper's first two)
-    pooled: float = 0.0  # share of the chosen pages picked by the mean-pooled key score (0: by bound only, the paper)
+    pooled: float = 0.5  # share of the chosen pages picked by the mean-pooled key score (0: by bound only, the paper)
 
     def __post_init__(self):
         self.page = check_int("Quest", "page", self.page, 1, example=16)
