@@ -112,12 +112,13 @@ def test_rows_with_no_key_are_zero_and_repeats_count_once():
 
 
 @needs_lib
-def test_threads_split_the_work_without_changing_it(monkeypatch):
+@pytest.mark.parametrize("block", [None, 64, 512])  # 512: a block of rows spans two work items (256 rows each)
+def test_threads_split_the_work_without_changing_it(monkeypatch, block):
     from attnpatch.kernels import lines_native
 
     monkeypatch.setattr(lines_native, "THREAD_WORK", 1)  # every thread takes part, however small the call
     q, k = torch.randn(1, 6, 1100, 64), torch.randn(1, 2, 1100, 64)
-    plan = ap.VerticalSlash(verticals=64, slashes=64, window=32).plan(q, k, Site(causal=True)).with_site(True, 0)
+    plan = ap.VerticalSlash(verticals=64, slashes=64, window=32, block=block).plan(q, k, Site(causal=True)).with_site(True, 0)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -127,6 +128,7 @@ def test_threads_split_the_work_without_changing_it(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, three)  # each row is computed by one thread, the same way
+    torch.testing.assert_close(three.double(), golden(q, k, k, plan), atol=2e-6, rtol=1e-5)
 
 
 @needs_lib
