@@ -184,12 +184,12 @@ static void block(const Args *A, int bh, int i0, int nr, float *S, int32_t *tl) 
         /* a column's 8 rows have 8 consecutive offsets p0 - c .. p0 - c + 7: one 16-bit read of the head's offset bits
            (cache resident: Skv / 8 bytes) instead of a byte-table read per row and column */
         float *s = S + n + nd;
-        for (int x = 0, u = nt - 1; gran && x < nc; x++) {  /* block-granular: a column a range holds is scored there */
+        if (gran) for (int x = 0, u = nt - 1; x < nc; x++) {  /* block-granular: a column a range holds is scored there */
             while (u >= 0 && tl[2 * u + 1] <= cols[x]) u--;  /* ranges descend in keys as t ascends: skip those below */
             int in = u >= 0 && tl[2 * u] <= cols[x];
             for (int r = 0; r < nr; r++) if (in || p0 + r < cols[x]) s[r * lds + x] = NEG;
         }
-        for (int x = 0; x < nc && !gran; x++) {
+        else for (int x = 0; x < nc; x++) {
             int d0 = p0 - cols[x];  /* >= -(R - 1): only columns up to the block's last row are here */
             unsigned m;
             if (d0 >= 0) m = ((unsigned)ob[d0 >> 3] | (unsigned)ob[(d0 >> 3) + 1] << 8) >> (d0 & 7);

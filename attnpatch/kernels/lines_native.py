@@ -72,12 +72,12 @@ def block_runs(lines, Sq: int, Skv: int) -> dict:
         return lines.cache[key]
     B, H = lines.cols.shape[:2]
     dg = lines.diags.reshape(B * H, -1).cpu().numpy()
+    offsets = [np.unique(x[(x >= 0) & (x < Skv)]) for x in dg]  # per head, for both merges below
     last = Sq % T
 
     def runs(gap):
         ra, rb, rp, width = [], [], [0], 0
-        for bh in range(B * H):
-            d = np.unique(dg[bh][(dg[bh] >= 0) & (dg[bh] < Skv)])
+        for d in offsets:
             cut = np.flatnonzero(np.diff(d) > gap)
             a, b = np.concatenate([d[:1], d[cut + 1]]), np.concatenate([d[cut], d[-1:]])
             ra.append(a), rb.append(b), rp.append(rp[-1] + len(a))
@@ -219,7 +219,7 @@ class LinesNative(Kernel):
         out = torch.empty(B, H, Sq, Dv, dtype=torch.float32)
         # a further thread pays its hand-off (~0.1-0.3 ms on the 2-core CPU) only on enough scores: rows x the widest
         # block's keys bounds them
-        width = lay["width"] + (runs["width"] if plan.lines.block else 0)
+        width = runs["width"]  # block-granular: the layout's own is 0 (no offset runs or lone offsets there)
         work = B * H * Sq * (width + ldc)
         threads = max(1, min(torch.get_num_threads(), B * H * -(-Sq // ITEM_ROWS), 1 + work // THREAD_WORK))
         lds = width + ldc + 16  # a block's scores: every key range (runs plus ROWS - 1) and the columns, + a tail
